@@ -1,0 +1,1 @@
+"""Stage kinds. Each module has one public entry point and no CLI code."""
