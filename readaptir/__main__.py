@@ -1,0 +1,3 @@
+from readaptir.cli import main
+
+main()

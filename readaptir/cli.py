@@ -1,0 +1,134 @@
+"""The ``readaptir`` command: a thin layer over the library (parse, call, print)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from readaptir import dvcfile, report, workspace
+from readaptir.plan import plan_recipes
+from readaptir.recipe import load_recipes
+
+LOG = logging.getLogger("readaptir")
+
+# Problems of the user's input: one clear line, exit 1. Anything else is a bug: full traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ValueError, OSError, KeyError, RuntimeError, subprocess.CalledProcessError,
+)
+
+
+def user_errors(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            raise click.ClickException(str(message)) from err
+
+    return wrapper
+
+
+root_option = click.option(
+    "--root", type=click.Path(file_okay=False, path_type=Path), default=".",
+    show_default=True, help="Project root (holds recipes/, dvc.yaml, params.yaml).",
+)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Readapt dense retrievers with unlabeled text: recipes → DVC stages → nDCG@10."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+@main.command()
+@root_option
+@user_errors
+def init(root: Path) -> None:
+    """Set up a git repository for readaptir: DVC, its cache links, recipes/."""
+    for line in workspace.init(root):
+        click.echo(line)
+
+
+def _plan(root: Path):
+    recipes = load_recipes(root / "recipes")
+    return recipes, plan_recipes(recipes, root)
+
+
+@main.command()
+@root_option
+@user_errors
+def validate(root: Path) -> None:
+    """Check every recipe: schema, paths, shapes. Errors name the file and key."""
+    recipes, plan = _plan(root)
+    click.echo(f"{len(recipes)} recipes valid; {len(plan.stages)} stages")
+
+
+@main.command()
+@root_option
+@user_errors
+def build(root: Path) -> None:
+    """Expand recipes/*.yaml into dvc.yaml and params.yaml."""
+    recipes, plan = _plan(root)
+    changed = dvcfile.write(plan, root)
+    kinds: dict[str, int] = {}
+    for stage in plan.stages.values():
+        kinds[stage.kind] = kinds.get(stage.kind, 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    state = ", ".join(p.name for p in changed) + " written" if changed else "nothing changed"
+    click.echo(f"{len(recipes)} recipes -> {len(plan.stages)} stages ({summary}); {state}")
+
+
+@main.group()
+def stage() -> None:
+    """Stage commands (called by dvc repro)."""
+
+
+@stage.command("run")
+@click.argument("name")
+@root_option
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when present).")
+@user_errors
+def stage_run(name: str, root: Path, device: str | None) -> None:
+    """Run one stage of dvc.yaml by NAME."""
+    from readaptir.runner import run_stage
+
+    out = run_stage(root, name, device=device)
+    click.echo(f"{name}: wrote {out}")
+
+
+@main.command("report")
+@root_option
+@click.option("--metric", default="nDCG@10", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md",
+              show_default=True)
+@user_errors
+def report_cmd(root: Path, metric: str, fmt: str) -> None:
+    """Recipe × dataset table: retriever alone vs readapted, and the change."""
+    click.echo(report.table(report.collect(root), metric=metric, fmt=fmt))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path),
+                default="demo-workspace")
+@click.option("--force", is_flag=True, help="Replace DIRECTORY if it exists.")
+@user_errors
+def demo(directory: Path, force: bool) -> None:
+    """Build and run the offline demo workspace end to end (tiny models, generated data)."""
+    from readaptir.demo import run_demo
+
+    click.echo(run_demo(directory, force=force))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Identity of external inputs: content hashes of local files and folders, hub ids at revisions.
+
+Hashing a multi-GB model folder takes seconds, so hashes are cached by (path, size, mtime) in
+``.readaptir/fingerprints.json`` under the project root; an unchanged file is never read twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from readaptir.artifacts import atomic_write_text
+
+LOG = logging.getLogger(__name__)
+
+CACHE_FILE = Path(".readaptir") / "fingerprints.json"
+CHUNK = 1 << 22
+
+
+class Fingerprints:
+    """Content hashes with a persistent (path, size, mtime) cache."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.cache_path = self.root / CACHE_FILE
+        try:
+            self._cache: dict[str, list] = json.loads(self.cache_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            self._cache = {}
+        self._dirty = False
+
+    def file(self, path: Path) -> str:
+        path = Path(path).resolve()
+        stat = path.stat()
+        key = str(path)
+        hit = self._cache.get(key)
+        if hit and hit[0] == stat.st_size and hit[1] == stat.st_mtime_ns:
+            return hit[2]
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while block := handle.read(CHUNK):
+                digest.update(block)
+        value = digest.hexdigest()
+        self._cache[key] = [stat.st_size, stat.st_mtime_ns, value]
+        self._dirty = True
+        return value
+
+    def path(self, path: Path) -> str:
+        """sha256 of a file, or of a folder's relative file names and contents (hidden files skipped)."""
+        path = Path(path)
+        if path.is_file():
+            return "sha256:" + self.file(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} does not exist")
+        digest = hashlib.sha256()
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            rel = child.relative_to(path)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            digest.update(f"{rel.as_posix()}\0{self.file(child)}\n".encode())
+        return "sha256:" + digest.hexdigest()
+
+    def save(self) -> None:
+        if self._dirty:
+            atomic_write_text(self.cache_path, json.dumps(self._cache, sort_keys=True))
+            self._dirty = False

@@ -1,0 +1,277 @@
+"""Recipe schema: YAML validated by pydantic, with ``extends`` and errors that name file and key.
+
+Defaults are the RE-AdaptIR paper's. A minimal recipe is ``base``, ``retriever`` and ``corpus``.
+Files whose name starts with ``_`` are partial recipes: used through ``extends``, never built alone.
+Relative paths in a recipe are relative to the project root (the folder holding ``recipes/``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from readaptir.families import FAMILIES, Encoding
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class RecipeError(ValueError):
+    """A recipe problem, located by file, key and (when known) line."""
+
+    def __init__(self, file: Path | str, key: str | None, message: str, line: int | None = None):
+        self.file, self.key, self.line = str(file), key, line
+        where = self.file + (f":{line}" if line else "") + (f": {key}" if key else "")
+        super().__init__(f"{where}: {message}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _shorthand(field: str):
+    """Let ``key: value`` stand for ``key: {field: value}``."""
+
+    def before(cls, value: Any) -> Any:
+        return {field: value} if isinstance(value, str) else value
+
+    return model_validator(mode="before")(classmethod(before))
+
+
+class ModelSpec(_Strict):
+    """A model: a hub id or a local folder, with an optional pinned revision."""
+
+    source: str
+    revision: str | None = None
+    dtype: Dtype = "auto"
+    _from_str = _shorthand("source")
+
+
+class RetrieverSpec(ModelSpec):
+    """The retriever: a full model or a PEFT LoRA adapter over ``base``, and how it encodes."""
+
+    family: Literal[FAMILIES] = "custom"  # type: ignore[valid-type]
+    encoding: dict[str, Any] = Field(default_factory=dict)
+    _from_str = _shorthand("source")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        Encoding(**value)  # every override must be a known field of the right type
+        return value
+
+
+class CorpusSpec(_Strict):
+    """A BEIR-format folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
+
+    path: str
+    split: str = "test"
+    name: str | None = None
+    _from_str = _shorthand("path")
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).name
+
+
+class AdapterSpec(_Strict):
+    """The knowledge adapter Ψ, trained with next-token prediction on unlabeled passages."""
+
+    method: Literal["dora", "lora"] = "dora"
+    r: int = Field(32, gt=0)
+    lora_alpha: float = Field(64, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(4, gt=0)
+    epochs: float = Field(1, gt=0)
+    max_length: int = Field(1024, gt=1)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    max_steps: int | None = Field(None, gt=0)
+    train_corpus: CorpusSpec | None = None
+
+
+class ReadaptSpec(_Strict):
+    alpha: float = 0.5
+    beta: float = 1.0
+
+
+class EvalSpec(_Strict):
+    k: int = Field(100, gt=0)
+    metrics: list[str] = ["nDCG@10", "Recall@100", "MRR@10"]
+    ignore_identical_ids: bool = True
+
+
+class Recipe(_Strict):
+    name: str
+    base: ModelSpec
+    retriever: RetrieverSpec
+    corpus: CorpusSpec
+    adapter: AdapterSpec = AdapterSpec()
+    readapt: ReadaptSpec = ReadaptSpec()
+    eval: EvalSpec = EvalSpec()
+    _file: str = PrivateAttr("<recipe>")
+
+    @property
+    def file(self) -> str:
+        """The YAML file this recipe came from (for error messages)."""
+        return self._file
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_readable(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError("must use only letters, digits, '-' and '_'")
+        return value
+
+    @property
+    def train_corpus(self) -> CorpusSpec:
+        return self.adapter.train_corpus or self.corpus
+
+
+def deep_merge(parent: dict, child: dict) -> dict:
+    """``child`` over ``parent``; nested mappings merge, everything else is replaced."""
+    merged = dict(parent)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> tuple[dict, yaml.Node | None]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(path, None, "file not found") from None
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise RecipeError(path, None, f"not valid YAML: {getattr(err, 'problem', err)}", line) from None
+    _no_duplicate_keys(path, node)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(path, None, "a recipe must be a mapping of keys to values")
+    return data, node
+
+
+def _no_duplicate_keys(path: Path, node: yaml.Node | None, prefix: str = "") -> None:
+    """YAML keeps the last of two equal keys silently; a recipe must not."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            if key_node.value in seen:
+                line = key_node.start_mark.line + 1
+                raise RecipeError(path, key, "the same key appears twice", line)
+            seen.add(key_node.value)
+            _no_duplicate_keys(path, value_node, key + ".")
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _no_duplicate_keys(path, item, prefix)
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
+    """The line of the deepest key of ``loc`` found in the YAML node tree."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(part)]
+            if not match:
+                break
+            line, node = match[0][0].start_mark.line + 1, match[0][1]
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def resolve_data(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, yaml.Node | None]:
+    """The recipe's data with its ``extends`` chain merged in (parents first)."""
+    path = path.resolve()
+    if path in _seen:
+        chain = " -> ".join(p.name for p in (*_seen, path))
+        raise RecipeError(path, "extends", f"circular extends: {chain}")
+    data, node = _read_yaml(path)
+    parent_ref = data.pop("extends", None)
+    if parent_ref is None:
+        return data, node
+    if not isinstance(parent_ref, str):
+        raise RecipeError(path, "extends", "expected the path of another recipe file")
+    parent_path = path.parent / parent_ref
+    if not parent_path.is_file():
+        line = _line_of(node, ("extends",))
+        raise RecipeError(path, "extends", f"no recipe file {parent_ref!r} beside this one", line)
+    parent, _ = resolve_data(parent_path, (*_seen, path))
+    return deep_merge(parent, data), node
+
+
+def load_recipe(path: Path) -> Recipe:
+    path = Path(path)
+    data, node = resolve_data(path)
+    data.setdefault("name", path.stem)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = tuple(p for p in first["loc"] if not str(p).startswith("function-"))
+        key = ".".join(str(p) for p in loc) or None
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling and indentation)"
+        elif first["type"] == "missing":
+            message = "required key is missing"
+        elif "input" in first and first["type"] not in ("value_error",):
+            message += f", got {first['input']!r}"
+        more = len(err.errors()) - 1
+        if more:
+            message += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise RecipeError(path, key, message, _line_of(node, loc)) from None
+    recipe._file = str(path)
+    return recipe
+
+
+def recipe_files(recipes_dir: Path) -> list[Path]:
+    """The buildable recipes of a folder (recursively), partial ``_*.yaml`` files excluded."""
+    files = sorted(p for ext in ("*.yaml", "*.yml") for p in Path(recipes_dir).rglob(ext))
+    return [p for p in files if not p.name.startswith("_")]
+
+
+def load_recipes(recipes_dir: Path) -> list[Recipe]:
+    """Every buildable recipe; names must be unique."""
+    files = recipe_files(recipes_dir)
+    if not files:
+        raise RecipeError(recipes_dir, None, "no recipes (*.yaml) found")
+    recipes, seen = [], {}
+    for path in files:
+        recipe = load_recipe(path)
+        if recipe.name in seen:
+            raise RecipeError(
+                path, "name", f"{recipe.name!r} is already the name of {seen[recipe.name]}"
+            )
+        seen[recipe.name] = path
+        recipes.append(recipe)
+    return recipes

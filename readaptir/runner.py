@@ -1,0 +1,171 @@
+"""``readaptir stage run NAME``: execute one planned stage from its spec in params.yaml.
+
+Each stage verifies that its external inputs still have the content they had at build time, then
+writes its output folder atomically (see ``artifacts.atomic_output``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from readaptir.artifacts import atomic_output, resolve_device, write_json
+from readaptir.dvcfile import read_stage_spec
+from readaptir.fingerprint import Fingerprints
+from readaptir.plan import stage_output
+
+LOG = logging.getLogger(__name__)
+
+
+class StaleInputError(RuntimeError):
+    pass
+
+
+class Context:
+    """What a stage needs besides its own parameters: paths, fingerprints, the device."""
+
+    def __init__(self, root: Path, spec: dict, device: str | None):
+        self.root = Path(root)
+        self.spec = spec
+        self.params = spec["params"]
+        self.device = resolve_device(device)
+        self.fingerprints = Fingerprints(self.root)
+        self.inputs = {
+            role: self.root / stage_output(read_stage_spec(self.root, name))
+            for role, name in spec["inputs"].items()
+        }
+
+    def local(self, path: str) -> Path:
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else self.root / candidate
+
+    def check(self, path: Path, expected: str, what: str) -> None:
+        if self.fingerprints.path(path) != expected:
+            raise StaleInputError(
+                f"{what} {path} changed since `readaptir build`; run `readaptir build` again"
+            )
+
+    def model_dir(self, ident: dict | None) -> Path | None:
+        """A model's folder, verified against its build-time fingerprint (hub: the snapshot)."""
+        if ident is None:
+            return None
+        if "fingerprint" in ident:
+            path = self.local(ident["source"])
+            self.check(path, ident["fingerprint"], "model")
+            return path
+        from readaptir.models import local_dir
+
+        return local_dir(ident["source"], ident.get("revision"))
+
+    def dataset_dir(self, ident: dict) -> Path:
+        folder = self.local(ident["path"])
+        for name, expected in ident["fingerprints"].items():
+            self.check(folder / name, expected, "corpus file")
+        return folder
+
+
+def _adapter(ctx: Context, out: Path) -> dict:
+    from readaptir.stages.adapter import train_adapter
+
+    p = ctx.params
+    return train_adapter(
+        ctx.model_dir(p["base"]), ctx.dataset_dir(p["train_corpus"]), out,
+        dtype=p["dtype"], device=ctx.device, **p["hyper"],
+    )
+
+
+def _delta(ctx: Context, out: Path) -> dict:
+    from readaptir.stages.delta import compute_delta
+
+    p = ctx.params
+    return compute_delta(
+        ctx.model_dir(p["base"]), ctx.model_dir(p["retriever"]), out, device=ctx.device
+    )
+
+
+def _merge(ctx: Context, out: Path) -> dict:
+    from readaptir.stages.merge import merge
+
+    p = ctx.params
+    return merge(
+        ctx.model_dir(p["base"]), out, alpha=p["alpha"], beta=p["beta"],
+        adapter_dir=ctx.inputs.get("adapter"), delta_dir=ctx.inputs.get("delta"),
+        retriever_dir=ctx.model_dir(p["retriever"]), dtype=p["dtype"], device=ctx.device,
+    )
+
+
+def _embed(ctx: Context, out: Path) -> dict:
+    from readaptir.families import Encoding
+    from readaptir.stages.embed import embed
+
+    p = ctx.params
+    model = ctx.inputs.get("model") or ctx.model_dir(p["model"]["retriever"])
+    return embed(
+        model, ctx.dataset_dir(p["dataset"]), p["dataset"]["split"], Encoding(**p["encoding"]), out,
+        base_dir=ctx.model_dir(p["model"]["base"]), device=ctx.device,
+    )
+
+
+def _search(ctx: Context, out: Path) -> None:
+    from readaptir.stages.search import search
+
+    search(ctx.inputs["embeddings"], out, k=ctx.params["k"], device=ctx.device)
+
+
+def _score(ctx: Context, out: Path) -> dict:
+    from readaptir.stages.score import score
+
+    p = ctx.params
+    folder = ctx.dataset_dir(p["dataset"])
+    results = {
+        role: score(
+            ctx.inputs[role] / "run.trec", folder, p["dataset"]["split"], p["metrics"],
+            ignore_identical_ids=p["ignore_identical_ids"],
+        )
+        for role in ("baseline", "readapted")
+    }
+    write_json(out / "per_query.json", {role: r["per_query"] for role, r in results.items()})
+    base, ra = results["baseline"]["metrics"], results["readapted"]["metrics"]
+    metrics = {
+        "recipe": p["recipe"],
+        "dataset": p["dataset"]["name"],
+        "split": p["dataset"]["split"],
+        "alpha": p["alpha"],
+        "beta": p["beta"],
+        "queries": results["baseline"]["queries"],
+        "retriever": base,
+        "readapted": ra,
+        "change": {name: ra[name] - base[name] for name in base},
+    }
+    warnings = sorted(set(results["baseline"]["warnings"]))
+    if warnings:
+        metrics["warnings"] = warnings
+    write_json(ctx.root / "metrics" / f"{p['recipe']}.json", metrics)
+    return metrics
+
+
+RUNNERS: dict[str, Callable[[Context, Path], object]] = {
+    "adapter": _adapter,
+    "delta": _delta,
+    "merge": _merge,
+    "embed": _embed,
+    "search": _search,
+    "score": _score,
+}
+
+
+def run_stage(root: Path, name: str, device: str | None = None) -> Path:
+    """Run stage ``name`` of the built plan; returns its output folder."""
+    spec = read_stage_spec(root, name)
+    ctx = Context(root, spec, device)
+    for role, path in ctx.inputs.items():
+        if not path.is_dir():
+            raise FileNotFoundError(f"input {role!r} of {name} is missing: {path} (run `dvc repro`)")
+    out = Path(root) / stage_output(spec)
+    LOG.info("stage %s (%s) -> %s", name, spec["kind"], out)
+    with atomic_output(out) as tmp:
+        summary = RUNNERS[spec["kind"]](ctx, tmp)
+        write_json(tmp / "stage.json", {"name": name, **spec, "summary": summary})
+    ctx.fingerprints.save()
+    return out

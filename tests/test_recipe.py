@@ -1,0 +1,101 @@
+from pathlib import Path
+
+import pytest
+
+from readaptir.recipe import Recipe, RecipeError, load_recipe, load_recipes
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "base: meta-llama/Llama-2-7b-hf\nretriever: castorini/repllama-v1-7b-lora-passage\ncorpus: data/scifact\n"
+
+
+def test_minimal_recipe_gets_the_papers_defaults(tmp_path):
+    recipe = load_recipe(write(tmp_path / "scifact.yaml", MINIMAL))
+    assert recipe.name == "scifact"
+    assert recipe.base.source == "meta-llama/Llama-2-7b-hf" and recipe.base.revision is None
+    a = recipe.adapter
+    assert (a.method, a.r, a.lora_alpha, a.dropout, a.lr, a.batch_size, a.epochs, a.max_length) == (
+        "dora", 32, 64, 0.05, 2e-4, 4, 1, 1024)
+    assert a.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert a.scheduler == "linear"
+    assert (recipe.readapt.alpha, recipe.readapt.beta) == (0.5, 1.0)
+    assert recipe.eval.k == 100 and recipe.eval.metrics == ["nDCG@10", "Recall@100", "MRR@10"]
+    assert recipe.eval.ignore_identical_ids is True
+    assert recipe.corpus.split == "test" and recipe.train_corpus == recipe.corpus
+
+
+def test_extends_merges_nested_keys_and_child_wins(tmp_path):
+    write(tmp_path / "_base.yaml", MINIMAL + "adapter: {r: 16, lr: 0.001}\nreadapt: {beta: 0.9}\n")
+    child = write(tmp_path / "x.yaml", "extends: _base.yaml\nadapter: {r: 8}\nreadapt: {alpha: 0.25}\n")
+    recipe = load_recipe(child)
+    assert recipe.name == "x"
+    assert (recipe.adapter.r, recipe.adapter.lr) == (8, 0.001)
+    assert (recipe.readapt.alpha, recipe.readapt.beta) == (0.25, 0.9)
+
+
+def test_partial_recipes_are_not_built_and_names_must_be_unique(tmp_path):
+    write(tmp_path / "r" / "_base.yaml", MINIMAL)
+    write(tmp_path / "r" / "a.yaml", "extends: _base.yaml\n")
+    write(tmp_path / "r" / "sub" / "b.yaml", "extends: ../_base.yaml\nname: a\n")
+    with pytest.raises(RecipeError, match=r"b\.yaml: name: 'a' is already the name of"):
+        load_recipes(tmp_path / "r")
+    (tmp_path / "r" / "sub" / "b.yaml").unlink()
+    assert [r.name for r in load_recipes(tmp_path / "r")] == ["a"]
+
+
+@pytest.mark.parametrize(
+    "extra, key, line, fragment",
+    [
+        ("adapter:\n  rank: 8\n", "adapter.rank", 5, "unknown key"),
+        ("adapter:\n  r: many\n", "adapter.r", 5, "valid integer"),
+        ("readapt: {alpha: high}\n", "readapt.alpha", 4, "valid number"),
+        ("adapter: {method: qlora}\n", "adapter.method", 4, "'dora' or 'lora'"),
+        ("retriever: {source: x, family: colbert}\n", "retriever.family", 4, "repllama"),
+        ("corpus: other\n", "corpus", 4, "appears twice"),
+        ("eval: {k: 0}\n", "eval.k", 4, "greater than 0"),
+        ("name: 'bad name!'\n", "name", 4, "letters, digits"),
+    ],
+)
+def test_bad_values_name_file_key_and_line(tmp_path, extra, key, line, fragment):
+    text = MINIMAL if "retriever" not in extra else MINIMAL.replace("retriever: castorini", "#")
+    path = write(tmp_path / "bad.yaml", text + extra)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:{line}: {key}:"), message
+    assert fragment in message
+
+
+def test_unknown_encoding_field_is_an_error(tmp_path):
+    path = write(tmp_path / "bad.yaml", MINIMAL.replace(
+        "retriever: castorini/repllama-v1-7b-lora-passage",
+        "retriever: {source: x, encoding: {poolin: last}}"))
+    with pytest.raises(RecipeError, match=r"retriever\.encoding.*poolin"):
+        load_recipe(path)
+
+
+def test_missing_required_key_and_broken_files(tmp_path):
+    with pytest.raises(RecipeError, match=r"corpus: required key is missing"):
+        load_recipe(write(tmp_path / "a.yaml", "base: x\nretriever: y\n"))
+    with pytest.raises(RecipeError, match=r"b\.yaml:2: not valid YAML"):
+        load_recipe(write(tmp_path / "b.yaml", "base: x\n  retriever: [y\n"))
+    with pytest.raises(RecipeError, match=r"c\.yaml.*extends.*'nope.yaml'"):
+        load_recipe(write(tmp_path / "c.yaml", "extends: nope.yaml\n"))
+    write(tmp_path / "d.yaml", "extends: e.yaml\n")
+    with pytest.raises(RecipeError, match="circular extends"):
+        load_recipe(write(tmp_path / "e.yaml", "extends: d.yaml\n"))
+    with pytest.raises(RecipeError, match="no recipes"):
+        load_recipes(tmp_path / "empty")
+
+
+def test_recipe_is_immutable_and_round_trips():
+    recipe = Recipe(name="x", base="b", retriever="r", corpus="c")
+    again = Recipe.model_validate(recipe.model_dump(mode="json"))
+    assert again == recipe
+    with pytest.raises(Exception):
+        recipe.name = "y"
