@@ -69,8 +69,8 @@ def tiny_beir(tmp_path) -> Path:
     """Twelve passages, four judged queries, one unjudged query."""
     texts = _sentences(12, seed=3)
     corpus = [{"_id": f"d{i}", "title": f"doc {i}", "text": t} for i, t in enumerate(texts)]
-    queries = [{"_id": f"q{i}", "text": texts[i * 3][:30]} for i in range(5)]
-    qrels = [(f"q{i}", f"d{i * 3}", 1) for i in range(4)] + [("q0", "d1", 2)]
+    queries = [{"_id": f"q{i}", "text": texts[i * 2][:30]} for i in range(5)]
+    qrels = [(f"q{i}", f"d{i * 2}", 1) for i in range(4)] + [("q0", "d1", 2)]
     return write_beir(tmp_path / "beir", corpus, queries, qrels)
 
 

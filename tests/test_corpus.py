@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import write_beir
+
+from readaptir.corpus import (
+    Collection,
+    CorpusError,
+    Passage,
+    load_collection,
+    load_corpus,
+    load_qrels,
+    load_queries,
+    passage_text,
+    query_text,
+)
+
+CORPUS = [
+    {"_id": "0042", "title": "Numbers", "text": "an id that looks numeric"},
+    {"_id": "d1", "text": "no title at all"},
+    {"_id": "d2", "title": "Empty", "text": ""},
+    {"_id": 7, "title": None, "text": "a JSON number as id"},
+]
+QUERIES = [{"_id": "q1", "text": "first"}, {"_id": "007", "text": "second"}, {"_id": "q3", "text": "x"}]
+QRELS = [("q1", "0042", 2), ("q1", "d1", 1), ("007", "d2", 0), ("007", "7", -1)]
+
+
+@pytest.fixture
+def beir(tmp_path: Path) -> Path:
+    return write_beir(tmp_path / "beir", CORPUS, QUERIES, QRELS)
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_corpus_quirks(beir):
+    passages = load_corpus(beir)
+    assert [p.id for p in passages] == ["0042", "d1", "d2", "7"]
+    assert all(isinstance(p.id, str) for p in passages)
+    assert passages[1] == Passage("d1", "", "no title at all")
+    assert passages[2].text == "" and passages[3].title == ""
+
+
+def test_queries_keep_order_and_string_ids(beir):
+    assert load_queries(beir) == {"q1": "first", "007": "second", "q3": "x"}
+
+
+def test_qrels_graded_and_header_optional(beir):
+    expected = {"q1": {"0042": 2, "d1": 1}, "007": {"d2": 0, "7": -1}}
+    assert load_qrels(beir, "test") == expected
+    # Without the header line, and with blank lines, the result is the same.
+    path = beir / "qrels" / "test.tsv"
+    _write_lines(path, [f"{q}\t{d}\t{s}" for q, d, s in QRELS] + [""])
+    assert load_qrels(beir, "test") == expected
+
+
+def test_passage_text_strips_empty_title():
+    p = Passage("x", "", "body")
+    assert passage_text(p, "{title} {text}") == "body"
+    assert passage_text(Passage("x", "T", "body"), "passage: {title} {text}") == "passage: T body"
+    assert query_text("q", "Instruct: {instruction}\nQuery: {text}", "find") == "Instruct: find\nQuery: q"
+    with pytest.raises(ValueError, match="instruction"):
+        passage_text(p, "{instruction} {text}")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"_id": "a", "text": ', r"corpus\.jsonl line 3: not valid JSON"),
+        ('["a", "b"]', r"corpus\.jsonl line 3: expected a JSON object"),
+        ('{"title": "t", "text": "no id"}', r"corpus\.jsonl line 3: missing or empty '_id'"),
+        ('{"_id": "a", "text": "again"}', r"corpus\.jsonl line 3: duplicate id 'a'"),
+        ('{"_id": "c", "text": 5}', r"corpus\.jsonl line 3: 'text' must be a string"),
+    ],
+)
+def test_malformed_corpus_names_the_line(beir, line, message):
+    _write_lines(beir / "corpus.jsonl", ['{"_id": "a", "text": "t"}', "", line])
+    with pytest.raises(CorpusError, match=message):
+        load_corpus(beir)
+
+
+def test_malformed_queries_name_the_line(beir):
+    _write_lines(beir / "queries.jsonl", ['{"_id": "q", "text": "t"}', '{"_id": "q", "text": "u"}'])
+    with pytest.raises(CorpusError, match=r"queries\.jsonl line 2: duplicate id 'q'"):
+        load_queries(beir)
+
+
+def test_missing_and_empty_files(tmp_path, beir):
+    with pytest.raises(CorpusError, match="corpus.jsonl: file not found"):
+        load_corpus(tmp_path / "nowhere")
+    (beir / "corpus.jsonl").write_text("\n\n")
+    with pytest.raises(CorpusError, match="no passages"):
+        load_corpus(beir)
+    with pytest.raises(CorpusError, match=r"split 'dev' \(available splits: test\)"):
+        load_qrels(beir, "dev")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [("q1\td1", "line 3: expected"), ("q1\td1\thigh", "line 3: score 'high' is not a number")],
+)
+def test_malformed_qrels_name_the_line(beir, line, message):
+    _write_lines(beir / "qrels" / "test.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t1", line])
+    with pytest.raises(CorpusError, match=r"qrels/test\.tsv " + message):
+        load_qrels(beir, "test")
+
+
+def test_collection_drops_unknown_ids_with_a_warning(beir, caplog):
+    qrels = [*QRELS, ("q1", "x1", 1), ("q1", "x2", 1), ("007", "x1", 1), ("ghost", "d1", 1)]
+    write_beir(beir, CORPUS, QUERIES, qrels)
+    with caplog.at_level(logging.WARNING, logger="readaptir.corpus"):
+        col = load_collection(beir, "test")
+    assert isinstance(col, Collection)
+    assert col.qrels == {"q1": {"0042": 2, "d1": 1}, "007": {"d2": 0, "7": -1}}
+    assert "q3" in col.queries and "q3" not in col.qrels  # unjudged queries are simply absent
+    assert col.warnings == [
+        "qrels/test.tsv: 1 judgments name 1 unknown queries (e.g. 'ghost'); ignored",
+        "qrels/test.tsv: 3 judgments name 2 unknown documents (e.g. 'x1', 'x2'); ignored",
+    ]
+    assert "unknown documents" in caplog.text
+
+
+def test_collection_drops_queries_left_without_judgments(beir):
+    write_beir(beir, CORPUS, QUERIES, [("q1", "d1", 1), ("q3", "gone", 1)])
+    col = load_collection(beir, "test")
+    assert col.qrels == {"q1": {"d1": 1}}
+    assert any("1 queries have no judgments left" in w for w in col.warnings)
+
+
+def test_corpus_lines_are_json_objects(beir):
+    # write_beir writes one object a line; a pretty-printed file is rejected with its line.
+    (beir / "corpus.jsonl").write_text(json.dumps(CORPUS[0], indent=1))
+    with pytest.raises(CorpusError, match="line 1"):
+        load_corpus(beir)

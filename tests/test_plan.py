@@ -1,0 +1,137 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from readaptir import dvcfile
+from readaptir.plan import plan_recipes
+from readaptir.recipe import RecipeError, load_recipes
+
+
+@pytest.fixture
+def project(tmp_path, tiny_base, tiny_retriever, tiny_beir) -> Path:
+    root = tmp_path / "proj"
+    shutil.copytree(tiny_base, root / "models" / "base")
+    shutil.copytree(tiny_retriever, root / "models" / "retriever")
+    shutil.copytree(tiny_beir, root / "data" / "toy")
+    recipes = root / "recipes"
+    recipes.mkdir()
+    common = {"base": "models/base", "retriever": {"source": "models/retriever",
+              "family": "repllama"}, "corpus": "data/toy", "adapter": {"r": 4}}
+    (recipes / "_common.yaml").write_text(yaml.safe_dump(common))
+    for name, alpha in (("ra-half", 0.5), ("ra-full", 1.0)):
+        (recipes / f"{name}.yaml").write_text(
+            f"extends: _common.yaml\nreadapt: {{alpha: {alpha}}}\n")
+    return root
+
+
+def plan_of(root):
+    return plan_recipes(load_recipes(root / "recipes"), root)
+
+
+def by_kind(plan):
+    out = {}
+    for stage in plan.stages.values():
+        out.setdefault(stage.kind, []).append(stage)
+    return out
+
+
+def edit(root, name, text):
+    (root / "recipes" / f"{name}.yaml").write_text(text)
+
+
+def test_sweep_shares_adapter_delta_and_baseline(project):
+    kinds = by_kind(plan_of(project))
+    assert {k: len(v) for k, v in kinds.items()} == {
+        "embed": 3, "search": 3, "adapter": 1, "delta": 1, "merge": 2, "score": 2}
+    names = [s.name for s in kinds["score"]]
+    assert names == ["score-ra-full", "score-ra-half"]
+    baselines = {s.inputs["baseline"] for s in kinds["score"]}
+    assert len(baselines) == 1  # one baseline for both recipes
+
+
+def test_stage_names_are_readable_and_ids_stable(project):
+    first, second = plan_of(project), plan_of(project)
+    assert list(first.stages) == list(second.stages)
+    assert [s.id for s in first.stages.values()] == [s.id for s in second.stages.values()]
+    for name in first.stages:
+        assert all(c.isalnum() or c in "-_" for c in name), name
+    assert dvcfile.render(first) == dvcfile.render(second)
+
+
+def ids(plan):
+    return {(s.kind, s.desc): s.id for s in plan.stages.values()}
+
+
+def changed_kinds(before, after):
+    a, b = by_kind(before), by_kind(after)
+    return {k for k in a if sorted(s.id for s in a[k]) != sorted(s.id for s in b.get(k, []))}
+
+
+def test_alpha_change_touches_only_merge_embed_search_score(project):
+    before = plan_of(project)
+    edit(project, "ra-half", "extends: _common.yaml\nreadapt: {alpha: 0.25}\n")
+    after = plan_of(project)
+    assert changed_kinds(before, after) == {"merge", "embed", "search", "score"}
+    # exactly one stage of each changed kind is new: the other recipe is untouched
+    old = {(s.name, s.id) for s in before.stages.values()}
+    new = [s for s in after.stages.values() if (s.name, s.id) not in old]
+    assert sorted(s.kind for s in new) == ["embed", "merge", "score", "search"]
+
+
+def test_adapter_hyperparameter_changes_adapter_not_delta(project):
+    before = plan_of(project)
+    edit(project, "ra-half", "extends: _common.yaml\nadapter: {lr: 0.001}\n")
+    after = plan_of(project)
+    assert "delta" not in changed_kinds(before, after)
+    assert len(by_kind(after)["adapter"]) == 2
+
+
+def test_corpus_content_changes_embeddings_and_adapter(project):
+    before = plan_of(project)
+    corpus = project / "data" / "toy" / "corpus.jsonl"
+    corpus.write_text(corpus.read_text() + '{"_id": "extra", "title": "", "text": "more"}\n')
+    after = plan_of(project)
+    assert changed_kinds(before, after) == {"adapter", "embed", "search", "merge", "score"}
+
+
+def test_eval_k_changes_search_not_embed(project):
+    before = plan_of(project)
+    edit(project, "ra-half", "extends: _common.yaml\neval: {k: 5}\n")
+    assert changed_kinds(before, plan_of(project)) == {"search", "score"}
+
+
+def test_retriever_alone_needs_no_merge(project):
+    edit(project, "ra-full", "extends: _common.yaml\nreadapt: {alpha: 0.0, beta: 1.0}\n")
+    plan = plan_of(project)
+    score = plan.stages["score-ra-full"]
+    assert score.inputs["baseline"] == score.inputs["readapted"]
+    assert len(by_kind(plan)["merge"]) == 1
+
+
+def test_generated_files_are_byte_stable(project):
+    plan = plan_of(project)
+    assert {p.name for p in dvcfile.write(plan, project)} == {"dvc.yaml", "params.yaml"}
+    before = {n: (project / n).read_bytes() for n in ("dvc.yaml", "params.yaml")}
+    assert dvcfile.write(plan_of(project), project) == []
+    assert before == {n: (project / n).read_bytes() for n in ("dvc.yaml", "params.yaml")}
+    dvc = yaml.safe_load(before["dvc.yaml"])
+    score = dvc["stages"]["score-ra-half"]
+    assert score["metrics"] == [{"metrics/ra-half.json": {"cache": False}}]
+    assert "recipes.ra-half" in score["params"]
+    params = yaml.safe_load(before["params.yaml"])
+    assert params["recipes"]["ra-half"]["readapt"] == {"alpha": 0.5, "beta": 1.0}
+    assert all("desc" in s for s in dvc["stages"].values())
+
+
+def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, tokenizer):
+    from readaptir import tiny
+
+    edit(project, "ra-full", "extends: _common.yaml\ncorpus: data/nowhere\n")
+    with pytest.raises(RecipeError, match=r"ra-full\.yaml: corpus: corpus folder 'data/nowhere'"):
+        plan_of(project)
+    tiny.make_llama(project / "models" / "wide", tokenizer, causal_lm=False, hidden=32)
+    edit(project, "ra-full", "extends: _common.yaml\nretriever: {source: models/wide}\n")
+    with pytest.raises(RecipeError, match=r"ra-full\.yaml: retriever: its hidden_size is 32"):
+        plan_of(project)
