@@ -25,7 +25,9 @@ TRAIN_TEMPLATE = "{title} {text}"
 def _tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the base model's tokenizer has no EOS token; passages cannot be delimited")
+        raise ValueError(
+            "the base model's tokenizer has no EOS token; passages cannot be delimited"
+        )
     encoded = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length - 1)
     return [ids + [eos] for ids in encoded["input_ids"]]
 
@@ -59,7 +61,13 @@ def train_adapter(
     r: int = 32,
     lora_alpha: float = 64,
     dropout: float = 0.05,
-    target_modules: list[str] | tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
+    target_modules: list[str] | tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "up_proj",
+        "down_proj",
+    ),
     lr: float = 2e-4,
     batch_size: int = 4,
     epochs: float = 1,
@@ -79,7 +87,9 @@ def train_adapter(
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     passages = [p for p in load_corpus(corpus_dir) if (p.title or p.text).strip()]
     texts = [passage_text(p, TRAIN_TEMPLATE) for p in passages]
     sequences = _tokenize(tokenizer, texts, max_length)
@@ -119,13 +129,14 @@ def train_adapter(
             input_ids, attention, labels = (t.to(device) for t in _collate(batch, pad_id))
             loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
             loss.backward()
+            loss_value = loss.item()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens += int(attention.sum())
-            log_rows.append((step, epoch, float(loss), schedule.get_last_lr()[0], tokens))
-            progress.set_postfix(loss=f"{float(loss):.3f}")
+            log_rows.append((step, epoch, loss_value, schedule.get_last_lr()[0], tokens))
+            progress.set_postfix(loss=f"{loss_value:.3f}")
             progress.update()
         epoch += 1
     progress.close()
