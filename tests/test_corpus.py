@@ -25,7 +25,11 @@ CORPUS = [
     {"_id": "d2", "title": "Empty", "text": ""},
     {"_id": 7, "title": None, "text": "a JSON number as id"},
 ]
-QUERIES = [{"_id": "q1", "text": "first"}, {"_id": "007", "text": "second"}, {"_id": "q3", "text": "x"}]
+QUERIES = [
+    {"_id": "q1", "text": "first"},
+    {"_id": "007", "text": "second"},
+    {"_id": "q3", "text": "x"},
+]
 QRELS = [("q1", "0042", 2), ("q1", "d1", 1), ("007", "d2", 0), ("007", "7", -1)]
 
 
@@ -63,7 +67,10 @@ def test_passage_text_strips_empty_title():
     p = Passage("x", "", "body")
     assert passage_text(p, "{title} {text}") == "body"
     assert passage_text(Passage("x", "T", "body"), "passage: {title} {text}") == "passage: T body"
-    assert query_text("q", "Instruct: {instruction}\nQuery: {text}", "find") == "Instruct: find\nQuery: q"
+    assert (
+        query_text("q", "Instruct: {instruction}\nQuery: {text}", "find")
+        == "Instruct: find\nQuery: q"
+    )
     with pytest.raises(ValueError, match="instruction"):
         passage_text(p, "{instruction} {text}")
 

@@ -17,12 +17,17 @@ def project(tmp_path, tiny_base, tiny_retriever, tiny_beir) -> Path:
     shutil.copytree(tiny_beir, root / "data" / "toy")
     recipes = root / "recipes"
     recipes.mkdir()
-    common = {"base": "models/base", "retriever": {"source": "models/retriever",
-              "family": "repllama"}, "corpus": "data/toy", "adapter": {"r": 4}}
+    common = {
+        "base": "models/base",
+        "retriever": {"source": "models/retriever", "family": "repllama"},
+        "corpus": "data/toy",
+        "adapter": {"r": 4},
+    }
     (recipes / "_common.yaml").write_text(yaml.safe_dump(common))
     for name, alpha in (("ra-half", 0.5), ("ra-full", 1.0)):
         (recipes / f"{name}.yaml").write_text(
-            f"extends: _common.yaml\nreadapt: {{alpha: {alpha}}}\n")
+            f"extends: _common.yaml\nreadapt: {{alpha: {alpha}}}\n"
+        )
     return root
 
 
@@ -44,7 +49,13 @@ def edit(root, name, text):
 def test_sweep_shares_adapter_delta_and_baseline(project):
     kinds = by_kind(plan_of(project))
     assert {k: len(v) for k, v in kinds.items()} == {
-        "embed": 3, "search": 3, "adapter": 1, "delta": 1, "merge": 2, "score": 2}
+        "embed": 3,
+        "search": 3,
+        "adapter": 1,
+        "delta": 1,
+        "merge": 2,
+        "score": 2,
+    }
     names = [s.name for s in kinds["score"]]
     assert names == ["score-ra-full", "score-ra-half"]
     baselines = {s.inputs["baseline"] for s in kinds["score"]}

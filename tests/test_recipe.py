@@ -20,7 +20,15 @@ def test_minimal_recipe_gets_the_papers_defaults(tmp_path):
     assert recipe.base.source == "meta-llama/Llama-2-7b-hf" and recipe.base.revision is None
     a = recipe.adapter
     assert (a.method, a.r, a.lora_alpha, a.dropout, a.lr, a.batch_size, a.epochs, a.max_length) == (
-        "dora", 32, 64, 0.05, 2e-4, 4, 1, 1024)
+        "dora",
+        32,
+        64,
+        0.05,
+        2e-4,
+        4,
+        1,
+        1024,
+    )
     assert a.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
     assert a.scheduler == "linear"
     assert (recipe.readapt.alpha, recipe.readapt.beta) == (0.5, 1.0)
@@ -31,7 +39,9 @@ def test_minimal_recipe_gets_the_papers_defaults(tmp_path):
 
 def test_extends_merges_nested_keys_and_child_wins(tmp_path):
     write(tmp_path / "_base.yaml", MINIMAL + "adapter: {r: 16, lr: 0.001}\nreadapt: {beta: 0.9}\n")
-    child = write(tmp_path / "x.yaml", "extends: _base.yaml\nadapter: {r: 8}\nreadapt: {alpha: 0.25}\n")
+    child = write(
+        tmp_path / "x.yaml", "extends: _base.yaml\nadapter: {r: 8}\nreadapt: {alpha: 0.25}\n"
+    )
     recipe = load_recipe(child)
     assert recipe.name == "x"
     assert (recipe.adapter.r, recipe.adapter.lr) == (8, 0.001)
@@ -72,9 +82,13 @@ def test_bad_values_name_file_key_and_line(tmp_path, extra, key, line, fragment)
 
 
 def test_unknown_encoding_field_is_an_error(tmp_path):
-    path = write(tmp_path / "bad.yaml", MINIMAL.replace(
-        "retriever: castorini/repllama-v1-7b-lora-passage",
-        "retriever: {source: x, encoding: {poolin: last}}"))
+    path = write(
+        tmp_path / "bad.yaml",
+        MINIMAL.replace(
+            "retriever: castorini/repllama-v1-7b-lora-passage",
+            "retriever: {source: x, encoding: {poolin: last}}",
+        ),
+    )
     with pytest.raises(RecipeError, match=r"retriever\.encoding.*poolin"):
         load_recipe(path)
 

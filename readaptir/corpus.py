@@ -1,0 +1,232 @@
+"""BEIR-format collections: ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv``.
+
+Real collections are untidy (missing titles, empty documents, ids that look like numbers, judgments
+naming documents that are not in the corpus), so the loaders accept what is harmless, report what is
+dropped, and fail with the file and line for what cannot be read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOG = logging.getLogger(__name__)
+
+CORPUS_FILE = "corpus.jsonl"
+QUERIES_FILE = "queries.jsonl"
+QRELS_DIR = "qrels"
+QRELS_HEADER = "query-id"
+
+
+class CorpusError(ValueError):
+    """A collection file that cannot be read; the message names the file (and line)."""
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: str
+    title: str
+    text: str
+
+
+@dataclass
+class Collection:
+    passages: list[Passage]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSONL file."""
+    if not path.is_file():
+        raise CorpusError(f"{path}: file not found")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CorpusError(f"{path.name} line {lineno}: not valid JSON ({err})") from None
+            if not isinstance(obj, dict):
+                kind = type(obj).__name__
+                raise CorpusError(f"{path.name} line {lineno}: expected a JSON object, got {kind}")
+            yield lineno, obj
+
+
+def _id(obj: dict, where: str) -> str:
+    value = obj.get("_id")
+    # JSON numbers are accepted as ids but kept as text, like ids that merely look numeric.
+    if value is None or isinstance(value, (bool, dict, list)) or value == "":
+        raise CorpusError(f"{where}: missing or empty '_id'")
+    return str(value)
+
+
+def _str_field(obj: dict, key: str, where: str) -> str:
+    value = obj.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise CorpusError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def load_corpus(dataset_dir: Path) -> list[Passage]:
+    """Every passage of ``corpus.jsonl`` in file order."""
+    path = Path(dataset_dir) / CORPUS_FILE
+    passages: list[Passage] = []
+    seen: set[str] = set()
+    for lineno, obj in _records(path):
+        where = f"{path.name} line {lineno}"
+        pid = _id(obj, where)
+        if pid in seen:
+            raise CorpusError(f"{where}: duplicate id {pid!r}")
+        seen.add(pid)
+        passages.append(
+            Passage(pid, _str_field(obj, "title", where), _str_field(obj, "text", where))
+        )
+    if not passages:
+        raise CorpusError(f"{path}: no passages")
+    return passages
+
+
+def load_queries(dataset_dir: Path) -> dict[str, str]:
+    """Query id → text, in file order."""
+    path = Path(dataset_dir) / QUERIES_FILE
+    queries: dict[str, str] = {}
+    for lineno, obj in _records(path):
+        where = f"{path.name} line {lineno}"
+        qid = _id(obj, where)
+        if qid in queries:
+            raise CorpusError(f"{where}: duplicate id {qid!r}")
+        queries[qid] = _str_field(obj, "text", where)
+    if not queries:
+        raise CorpusError(f"{path}: no queries")
+    return queries
+
+
+def _grade(raw: str, where: str) -> int:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise CorpusError(f"{where}: score {raw!r} is not a number") from None
+    if not value.is_integer():
+        raise CorpusError(f"{where}: score {raw!r} is not a whole number")
+    return int(value)
+
+
+def load_qrels(dataset_dir: Path, split: str) -> dict[str, dict[str, int]]:
+    """Query id → {document id → grade} from ``qrels/<split>.tsv`` (header line optional)."""
+    qdir = Path(dataset_dir) / QRELS_DIR
+    path = qdir / f"{split}.tsv"
+    if not path.is_file():
+        available = sorted(p.stem for p in qdir.glob("*.tsv")) if qdir.is_dir() else []
+        listed = ", ".join(available) if available else "none"
+        raise CorpusError(f"{path}: no judgments for split {split!r} (available splits: {listed})")
+    name = f"{QRELS_DIR}/{path.name}"
+    qrels: dict[str, dict[str, int]] = {}
+    conflicts = 0
+    first = True
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\r\n").split("\t")
+            if len(fields) != 3:
+                fields = line.split()
+            if first:
+                first = False
+                if fields[0].strip() == QRELS_HEADER:
+                    continue
+            where = f"{name} line {lineno}"
+            if len(fields) != 3:
+                raise CorpusError(f"{where}: expected 'query-id<TAB>corpus-id<TAB>score'")
+            qid, did, raw = (f.strip() for f in fields)
+            if not qid or not did:
+                raise CorpusError(f"{where}: empty query or document id")
+            grade = _grade(raw, where)
+            judged = qrels.setdefault(qid, {})
+            if did in judged and judged[did] != grade:
+                conflicts += 1
+                grade = max(grade, judged[did])
+            judged[did] = grade
+    if conflicts:
+        LOG.warning("%s: %d repeated judgments disagree; kept the highest grade", name, conflicts)
+    if not qrels:
+        raise CorpusError(f"{path}: no judgments")
+    return qrels
+
+
+def passage_text(p: Passage, template: str) -> str:
+    """The passage as the model reads it; an empty title leaves no stray whitespace."""
+    return _fill(template, title=p.title, text=p.text)
+
+
+def query_text(text: str, template: str, instruction: str = "") -> str:
+    """The query as the model reads it, with the task instruction filled in."""
+    return _fill(template, text=text, instruction=instruction)
+
+
+def _fill(template: str, **values: str) -> str:
+    try:
+        return template.format_map(values).strip()
+    except KeyError as err:
+        known = ", ".join("{" + k + "}" for k in values)
+        raise ValueError(f"template {template!r} uses {{{err.args[0]}}}; known: {known}") from None
+
+
+def _sample(ids: set[str], n: int = 3) -> str:
+    return ", ".join(repr(i) for i in sorted(ids)[:n])
+
+
+def load_collection(dataset_dir: Path, split: str) -> Collection:
+    """Corpus, queries and the split's judgments, with judgments on unknown ids dropped.
+
+    Dropped judgments are counted in ``warnings`` (and logged) rather than raised: public
+    collections routinely judge documents that were later removed from the corpus.
+    """
+    dataset_dir = Path(dataset_dir)
+    passages = load_corpus(dataset_dir)
+    queries = load_queries(dataset_dir)
+    raw = load_qrels(dataset_dir, split)
+    doc_ids = {p.id for p in passages}
+    name = f"{QRELS_DIR}/{split}.tsv"
+    warnings: list[str] = []
+
+    unknown_q = {q for q in raw if q not in queries}
+    if unknown_q:
+        n = sum(len(raw[q]) for q in unknown_q)
+        warnings.append(
+            f"{name}: {n} judgments name {len(unknown_q)} unknown queries "
+            f"(e.g. {_sample(unknown_q)}); ignored"
+        )
+
+    qrels: dict[str, dict[str, int]] = {}
+    unknown_d: set[str] = set()
+    dropped = 0
+    for qid, judged in raw.items():
+        if qid in unknown_q:
+            continue
+        kept = {d: g for d, g in judged.items() if d in doc_ids}
+        missing = judged.keys() - kept.keys()
+        if missing:
+            unknown_d |= missing
+            dropped += len(missing)
+        if kept:
+            qrels[qid] = kept
+    if dropped:
+        warnings.append(
+            f"{name}: {dropped} judgments name {len(unknown_d)} unknown documents "
+            f"(e.g. {_sample(unknown_d)}); ignored"
+        )
+    emptied = len(raw) - len(unknown_q) - len(qrels)
+    if emptied:
+        warnings.append(f"{name}: {emptied} queries have no judgments left on known documents")
+
+    for w in warnings:
+        LOG.warning("%s", w)
+    return Collection(passages=passages, queries=queries, qrels=qrels, warnings=warnings)
