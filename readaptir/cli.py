@@ -18,7 +18,11 @@ LOG = logging.getLogger("readaptir")
 
 # Problems of the user's input: one clear line, exit 1. Anything else is a bug: full traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (
-    ValueError, OSError, KeyError, RuntimeError, subprocess.CalledProcessError,
+    ValueError,
+    OSError,
+    KeyError,
+    RuntimeError,
+    subprocess.CalledProcessError,
 )
 
 
@@ -35,8 +39,11 @@ def user_errors(func):
 
 
 root_option = click.option(
-    "--root", type=click.Path(file_okay=False, path_type=Path), default=".",
-    show_default=True, help="Project root (holds recipes/, dvc.yaml, params.yaml).",
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=".",
+    show_default=True,
+    help="Project root (holds recipes/, dvc.yaml, params.yaml).",
 )
 
 
@@ -110,8 +117,9 @@ def stage_run(name: str, root: Path, device: str | None) -> None:
 @main.command("report")
 @root_option
 @click.option("--metric", default="nDCG@10", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md",
-              show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True
+)
 @user_errors
 def report_cmd(root: Path, metric: str, fmt: str) -> None:
     """Recipe × dataset table: retriever alone vs readapted, and the change."""
@@ -119,8 +127,9 @@ def report_cmd(root: Path, metric: str, fmt: str) -> None:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path),
-                default="demo-workspace")
+@click.argument(
+    "directory", type=click.Path(file_okay=False, path_type=Path), default="demo-workspace"
+)
 @click.option("--force", is_flag=True, help="Replace DIRECTORY if it exists.")
 @user_errors
 def demo(directory: Path, force: bool) -> None:

@@ -37,8 +37,14 @@ DOMAIN_B = {
     "colour": ["violet", "amber", "pale green", "crimson", "silver"],
     "season": ["spring", "the wet season", "late autumn", "midwinter"],
 }
-DEMO_ADAPTER = {"r": 8, "lora_alpha": 16, "max_length": 96, "batch_size": 8, "epochs": 2,
-                "lr": 1e-3}
+DEMO_ADAPTER = {
+    "r": 8,
+    "lora_alpha": 16,
+    "max_length": 96,
+    "batch_size": 8,
+    "epochs": 2,
+    "lr": 1e-3,
+}
 
 
 def _name(rng: random.Random) -> str:
@@ -50,10 +56,17 @@ def domain_a(rng: random.Random, n: int) -> list[tuple[str, str]]:
     pairs = []
     for _ in range(n):
         who, v = _name(rng).title(), {k: rng.choice(vals) for k, vals in DOMAIN_A.items()}
-        passage = (f"{who} is a {v['trait']} {v['role']} from {v['place']}. {who} makes "
-                   f"{v['thing']} every week and sells them at the market.")
-        query = rng.choice([f"who makes {v['thing']} in {v['place']}",
-                            f"what does {who} make", f"{v['trait']} {v['role']} {who}"])
+        passage = (
+            f"{who} is a {v['trait']} {v['role']} from {v['place']}. {who} makes "
+            f"{v['thing']} every week and sells them at the market."
+        )
+        query = rng.choice(
+            [
+                f"who makes {v['thing']} in {v['place']}",
+                f"what does {who} make",
+                f"{v['trait']} {v['role']} {who}",
+            ]
+        )
         pairs.append((query, passage))
     return pairs
 
@@ -63,15 +76,24 @@ def domain_b(rng: random.Random, n: int) -> tuple[list[dict], list[dict], list[t
     corpus, queries, qrels = [], [], []
     for i in range(n):
         sp, v = _name(rng), {k: rng.choice(vals) for k, vals in DOMAIN_B.items()}
-        corpus.append({
-            "_id": f"b{i}",
-            "title": f"The {sp} {v['kind']}",
-            "text": (f"The {sp} is a {v['colour']} {v['kind']} of {v['habitat']}. It feeds on "
-                     f"{v['food']} and breeds in {v['season']}."),
-        })
+        corpus.append(
+            {
+                "_id": f"b{i}",
+                "title": f"The {sp} {v['kind']}",
+                "text": (
+                    f"The {sp} is a {v['colour']} {v['kind']} of {v['habitat']}. It feeds on "
+                    f"{v['food']} and breeds in {v['season']}."
+                ),
+            }
+        )
         if i % 3 == 0:
-            question = rng.choice([f"what does the {sp} feed on", f"where does the {sp} live",
-                                   f"when does the {sp} {v['kind']} breed"])
+            question = rng.choice(
+                [
+                    f"what does the {sp} feed on",
+                    f"where does the {sp} live",
+                    f"when does the {sp} {v['kind']} breed",
+                ]
+            )
             queries.append({"_id": f"q{i}", "text": question})
             qrels.append((f"q{i}", f"b{i}", 1))
     return corpus, queries, qrels
@@ -88,8 +110,9 @@ def pretrain_base(out: Path, tokenizer, texts: list[str], steps: int = 150, seed
     rng = random.Random(seed)
     model.train()
     for _ in range(steps):
-        batch = tokenizer(rng.sample(texts, 16), padding=True, truncation=True, max_length=64,
-                          return_tensors="pt")
+        batch = tokenizer(
+            rng.sample(texts, 16), padding=True, truncation=True, max_length=64, return_tensors="pt"
+        )
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         model(**batch, labels=labels).loss.backward()
         optim.step()
@@ -146,8 +169,11 @@ def _write_beir(root: Path, corpus: list[dict], queries: list[dict], qrels: list
 RECIPES = {
     "_common.yaml": {
         "base": "models/base",
-        "retriever": {"source": "models/retriever", "family": "repllama",
-                      "encoding": {"max_query_length": 64, "max_passage_length": 96}},
+        "retriever": {
+            "source": "models/retriever",
+            "family": "repllama",
+            "encoding": {"max_query_length": 64, "max_passage_length": 96},
+        },
         "corpus": "data/species",
         "adapter": DEMO_ADAPTER,
     },

@@ -25,7 +25,11 @@ class _Dumper(yaml.SafeDumper):
 
 def _dump(data: dict) -> str:
     return HEADER + yaml.dump(
-        data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000,
+        data,
+        Dumper=_Dumper,
+        sort_keys=False,
+        default_flow_style=False,
+        width=1000,
         allow_unicode=True,
     )
 

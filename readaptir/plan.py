@@ -86,8 +86,15 @@ class PlanError(ValueError):
 
 
 # Config fields that must agree for Θ, Ψ and Δ to be added tensor by tensor.
-SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "vocab_size")
+SHAPE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 
 
 def check_same_shape(base_dir: Path, retriever_dir: Path) -> None:
@@ -210,7 +217,10 @@ class Planner:
         if (alpha, beta) == (0.0, 1.0):
             readapted = baseline  # the retriever itself: nothing to merge
         else:
-            base_dir, retriever_dir = self._local(recipe.base.source), self._local(recipe.retriever.source)
+            base_dir, retriever_dir = (
+                self._local(recipe.base.source),
+                self._local(recipe.retriever.source),
+            )
             if base_dir and retriever_dir and not peft_retriever:
                 check_same_shape(base_dir, retriever_dir)
             merge_inputs: dict[str, Stage] = {}

@@ -165,7 +165,9 @@ def _read_yaml(path: Path) -> tuple[dict, yaml.Node | None]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark else None
-        raise RecipeError(path, None, f"not valid YAML: {getattr(err, 'problem', err)}", line) from None
+        raise RecipeError(
+            path, None, f"not valid YAML: {getattr(err, 'problem', err)}", line
+        ) from None
     _no_duplicate_keys(path, node)
     if data is None:
         data = {}

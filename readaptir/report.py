@@ -36,28 +36,47 @@ def table(rows: list[dict], metric: str = "nDCG@10", fmt: str = "md") -> str:
     for row in rows:
         base = row.get("retriever", {}).get(metric)
         ra = row.get("readapted", {}).get(metric)
-        records.append({
-            "recipe": row["recipe"],
-            "dataset": row.get("dataset", "-"),
-            "alpha": row.get("alpha"),
-            "beta": row.get("beta"),
-            "retriever": base,
-            "readapted": ra,
-            "change": None if base is None or ra is None else ra - base,
-        })
+        records.append(
+            {
+                "recipe": row["recipe"],
+                "dataset": row.get("dataset", "-"),
+                "alpha": row.get("alpha"),
+                "beta": row.get("beta"),
+                "retriever": base,
+                "readapted": ra,
+                "change": None if base is None or ra is None else ra - base,
+            }
+        )
     if fmt == "json":
         return json.dumps({"metric": metric, "rows": records}, indent=2)
-    header = ["recipe", "dataset", "alpha", "beta", f"retriever {metric}", f"readapted {metric}",
-              "change"]
+    header = [
+        "recipe",
+        "dataset",
+        "alpha",
+        "beta",
+        f"retriever {metric}",
+        f"readapted {metric}",
+        "change",
+    ]
     lines = []
     for r in records:
-        lines.append([r["recipe"], r["dataset"], "-" if r["alpha"] is None else f"{r['alpha']:g}",
-                      "-" if r["beta"] is None else f"{r['beta']:g}", _fmt(r["retriever"]),
-                      _fmt(r["readapted"]), _fmt(r["change"], signed=True)])
+        lines.append(
+            [
+                r["recipe"],
+                r["dataset"],
+                "-" if r["alpha"] is None else f"{r['alpha']:g}",
+                "-" if r["beta"] is None else f"{r['beta']:g}",
+                _fmt(r["retriever"]),
+                _fmt(r["readapted"]),
+                _fmt(r["change"], signed=True),
+            ]
+        )
     if fmt == "csv":
         return "\n".join(",".join(cells) for cells in [header, *lines])
     widths = [max(len(c[i]) for c in [header, *lines]) for i in range(len(header))]
-    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
-           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
     out += ["| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |" for cells in lines]
     return "\n".join(out)

@@ -70,8 +70,12 @@ def _adapter(ctx: Context, out: Path) -> dict:
 
     p = ctx.params
     return train_adapter(
-        ctx.model_dir(p["base"]), ctx.dataset_dir(p["train_corpus"]), out,
-        dtype=p["dtype"], device=ctx.device, **p["hyper"],
+        ctx.model_dir(p["base"]),
+        ctx.dataset_dir(p["train_corpus"]),
+        out,
+        dtype=p["dtype"],
+        device=ctx.device,
+        **p["hyper"],
     )
 
 
@@ -89,9 +93,15 @@ def _merge(ctx: Context, out: Path) -> dict:
 
     p = ctx.params
     return merge(
-        ctx.model_dir(p["base"]), out, alpha=p["alpha"], beta=p["beta"],
-        adapter_dir=ctx.inputs.get("adapter"), delta_dir=ctx.inputs.get("delta"),
-        retriever_dir=ctx.model_dir(p["retriever"]), dtype=p["dtype"], device=ctx.device,
+        ctx.model_dir(p["base"]),
+        out,
+        alpha=p["alpha"],
+        beta=p["beta"],
+        adapter_dir=ctx.inputs.get("adapter"),
+        delta_dir=ctx.inputs.get("delta"),
+        retriever_dir=ctx.model_dir(p["retriever"]),
+        dtype=p["dtype"],
+        device=ctx.device,
     )
 
 
@@ -102,8 +112,13 @@ def _embed(ctx: Context, out: Path) -> dict:
     p = ctx.params
     model = ctx.inputs.get("model") or ctx.model_dir(p["model"]["retriever"])
     return embed(
-        model, ctx.dataset_dir(p["dataset"]), p["dataset"]["split"], Encoding(**p["encoding"]), out,
-        base_dir=ctx.model_dir(p["model"]["base"]), device=ctx.device,
+        model,
+        ctx.dataset_dir(p["dataset"]),
+        p["dataset"]["split"],
+        Encoding(**p["encoding"]),
+        out,
+        base_dir=ctx.model_dir(p["model"]["base"]),
+        device=ctx.device,
     )
 
 
@@ -120,7 +135,10 @@ def _score(ctx: Context, out: Path) -> dict:
     folder = ctx.dataset_dir(p["dataset"])
     results = {
         role: score(
-            ctx.inputs[role] / "run.trec", folder, p["dataset"]["split"], p["metrics"],
+            ctx.inputs[role] / "run.trec",
+            folder,
+            p["dataset"]["split"],
+            p["metrics"],
             ignore_identical_ids=p["ignore_identical_ids"],
         )
         for role in ("baseline", "readapted")
@@ -161,7 +179,9 @@ def run_stage(root: Path, name: str, device: str | None = None) -> Path:
     ctx = Context(root, spec, device)
     for role, path in ctx.inputs.items():
         if not path.is_dir():
-            raise FileNotFoundError(f"input {role!r} of {name} is missing: {path} (run `dvc repro`)")
+            raise FileNotFoundError(
+                f"input {role!r} of {name} is missing: {path} (run `dvc repro`)"
+            )
     out = Path(root) / stage_output(spec)
     LOG.info("stage %s (%s) -> %s", name, spec["kind"], out)
     with atomic_output(out) as tmp:

@@ -73,7 +73,9 @@ def make_llama(out: Path, tokenizer, seed: int = 0, causal_lm: bool = True, **co
     return Path(out)
 
 
-def make_bert(out: Path, tokenizer, seed: int = 0, masked_lm: bool = False, hidden: int = 64) -> Path:
+def make_bert(
+    out: Path, tokenizer, seed: int = 0, masked_lm: bool = False, hidden: int = 64
+) -> Path:
     """Save a random-init BERT (with MLM head when ``masked_lm``) and its tokenizer to ``out``."""
     import torch
     from transformers import BertConfig, BertForMaskedLM, BertModel

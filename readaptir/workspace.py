@@ -23,8 +23,12 @@ def tool_env() -> dict[str, str]:
 def dvc(root: Path, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
     """Run ``dvc ARGS`` in ``root``; raises CalledProcessError on failure."""
     return subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, env=tool_env(), check=True,
-        text=True, capture_output=capture,
+        [sys.executable, "-m", "dvc", *args],
+        cwd=root,
+        env=tool_env(),
+        check=True,
+        text=True,
+        capture_output=capture,
     )
 
 

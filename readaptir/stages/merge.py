@@ -1,0 +1,191 @@
+"""Readapt a retriever: W = Θ + α·Ψ + β·Δ for every body tensor of Θ, one tensor at a time.
+
+Ψ is the change the knowledge adapter makes to Θ and Δ the stored retriever − Θ. The sum is
+taken in float64 and cast once to the output dtype; the result is a bare Hugging Face model folder
+(plus the retriever's tokenizer and sentence-transformers files) that ``AutoModel`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from readaptir.artifacts import resolve_device, write_json
+from readaptir.models import is_peft_adapter, torch_dtype
+from readaptir.stages.delta import DELTA_JSON
+from readaptir.weights import (
+    Adapter,
+    Body,
+    Checkpoint,
+    ShardWriter,
+    WeightError,
+    auto_model_class,
+    check_same_body,
+    dtype_name,
+    is_buffer,
+)
+
+LOG = logging.getLogger(__name__)
+
+READAPT_JSON = "readapt.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def readapt(
+    theta: torch.Tensor,
+    alpha: float,
+    psi: torch.Tensor | None,
+    beta: float,
+    delta: torch.Tensor | None,
+) -> torch.Tensor:
+    """Θ + α·Ψ + β·Δ in float64; a missing term is zero."""
+    out = theta.double()
+    if psi is not None and alpha != 0:
+        out = out + alpha * psi.double()
+    if delta is not None and beta != 0:
+        out = out + beta * delta.double()
+    return out
+
+
+def merge(
+    base_dir: Path,
+    out: Path,
+    *,
+    alpha: float,
+    beta: float,
+    adapter_dir: Path | None,
+    delta_dir: Path | None,
+    retriever_dir: Path,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> dict:
+    """Write the readapted retriever into ``out`` and return what ``readapt.json`` records."""
+    if alpha != 0 and adapter_dir is None:
+        raise ValueError(f"alpha={alpha} needs a knowledge adapter (adapter_dir)")
+    if beta != 0 and delta_dir is None:
+        raise ValueError(f"beta={beta} needs a retriever delta (delta_dir)")
+    base_dir, out, retriever_dir = Path(base_dir), Path(out), Path(retriever_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise FileExistsError(f"output folder {out} is not empty")
+
+    # Everything is checked on headers alone before a single tensor is read or written.
+    base = Body(base_dir)
+    peft_retriever = is_peft_adapter(retriever_dir)
+    if peft_retriever:
+        Adapter(retriever_dir, base.prefix).check(base)
+        out_dtype = torch_dtype(dtype) or base.ckpt.float_dtype()
+    else:
+        retriever = Body(retriever_dir)
+        check_same_body(base, retriever)
+        out_dtype = torch_dtype(dtype) or retriever.ckpt.float_dtype()
+    adapter = Adapter(Path(adapter_dir), base.prefix) if alpha != 0 else None
+    if adapter is not None:
+        adapter.check(base)
+    delta = _open_delta(Path(delta_dir), base) if beta != 0 else None
+
+    names = [n for n in base.names() if not is_buffer(n)]
+    dropped = base.heads + [n for n in base.names() if is_buffer(n)]
+    if dropped:
+        LOG.info("not written to the readapted model: %s", dropped)
+    dev = resolve_device(device)
+    total = sum(base.nbytes(n) for n in names)
+    with (
+        ShardWriter(out) as writer,
+        tqdm(total=total, unit="B", unit_scale=True, desc="merge") as bar,
+    ):
+        for name in names:
+            theta = base.get(name).to(dev)
+            if not theta.is_floating_point():
+                writer.add(name, theta)  # integer tensors carry no update
+            else:
+                theta64 = theta.double()
+                psi = adapter.update(name, theta64) if adapter is not None else None
+                d = delta.get(name).to(dev) if delta is not None and name in delta else None
+                writer.add(name, readapt(theta64, alpha, psi, beta, d).to(out_dtype))
+            bar.update(base.nbytes(name))
+
+    config_src = base_dir if peft_retriever else retriever_dir
+    _write_config(config_src, out, out_dtype)
+    _copy_support_files(retriever_dir, base_dir, out)
+    info = {
+        "alpha": alpha,
+        "beta": beta,
+        "dtype": dtype_name(out_dtype),
+        "tensors": len(names),
+        "dropped": dropped,
+    }
+    write_json(out / READAPT_JSON, info)
+    LOG.info("readapted model (α=%s, β=%s, %s) written to %s", alpha, beta, info["dtype"], out)
+    return info
+
+
+def _open_delta(delta_dir: Path, base: Body) -> Checkpoint:
+    """The stored Δ, checked to cover every body tensor of Θ with matching shapes."""
+    meta_path = delta_dir / DELTA_JSON
+    if not meta_path.is_file():
+        raise WeightError(f"{delta_dir} has no {DELTA_JSON}; is it a delta stage output?")
+    meta = json.loads(meta_path.read_text())
+    delta = Checkpoint(delta_dir)
+    for name in delta.names():
+        if name not in base:
+            raise WeightError(f"Δ tensor {name} in {delta_dir} is not in {base.folder}")
+        if delta.shape(name) != base.shape(name):
+            raise WeightError(
+                f"Δ tensor {name} has shape {delta.shape(name)} in {delta_dir} "
+                f"but {base.shape(name)} in {base.folder}"
+            )
+    known = set(delta.names()) | set(meta.get("zero", [])) | set(meta.get("buffers", []))
+    for name in base.names():
+        if name not in known and not is_buffer(name):
+            raise WeightError(f"{delta_dir} has no Δ for tensor {name} of {base.folder}")
+    return delta
+
+
+def _write_config(src: Path, out: Path, dtype: torch.dtype) -> None:
+    # The output holds the bare model, whatever class the source was saved as.
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = [auto_model_class(src).__name__]
+    config["dtype"] = dtype_name(dtype)
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype_name(dtype)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_support_files(retriever_dir: Path, base_dir: Path, out: Path) -> None:
+    """Tokenizer files (the retriever's, else the base's) and sentence-transformers modules."""
+    tok_src = retriever_dir
+    if not any((retriever_dir / f).is_file() for f in TOKENIZER_FILES):
+        LOG.info("%s has no tokenizer files; using the base's", retriever_dir)
+        tok_src = base_dir
+    for name in TOKENIZER_FILES:
+        if (tok_src / name).is_file():
+            shutil.copy2(tok_src / name, out / name)
+    modules = retriever_dir / "modules.json"
+    if not modules.is_file():
+        return
+    for name in ST_FILES:
+        if (retriever_dir / name).is_file():
+            shutil.copy2(retriever_dir / name, out / name)
+    for module in json.loads(modules.read_text()):
+        sub = module.get("path", "")
+        if sub and (retriever_dir / sub).is_dir():  # modules without files have no folder
+            shutil.copytree(retriever_dir / sub, out / sub)

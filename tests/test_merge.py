@@ -1,0 +1,339 @@
+"""Δ and readapted merges on tiny models, checked against the checkpoints and PEFT's own merge."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from readaptir.stages.delta import compute_delta, storage_dtype
+from readaptir.stages.merge import merge, readapt
+from readaptir.weights import Adapter, Body, Checkpoint, WeightError
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(model, out: Path, *, dora: bool, seed: int, **extra) -> Path:
+    """Save a PEFT adapter over ``model`` with every trainable tensor moved off its init."""
+    from peft import LoraConfig, get_peft_model
+
+    extra.setdefault("target_modules", TARGETS)
+    config = LoraConfig(use_dora=dora, r=4, lora_alpha=8, lora_dropout=0.0, **extra)
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+            elif p.requires_grad:  # lora_B starts at zero; modules_to_save at Θ
+                p.add_(0.05 * torch.randn_like(p))
+    peft_model.save_pretrained(out)
+    return out
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    """Canonical (bare-model) names → tensors of a loaded model, LM head left out."""
+    sd = model.state_dict()
+    prefix = model.base_model_prefix + "."
+    if any(k.startswith(prefix) for k in sd):
+        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def peft_merged(base_dir: Path, adapter_dir: Path, causal: bool = True) -> dict:
+    from peft import PeftModel
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if causal else AutoModel
+    model = PeftModel.from_pretrained(cls.from_pretrained(base_dir), adapter_dir)
+    return state(model.merge_and_unload())
+
+
+def load_state(model_dir: Path) -> dict:
+    from transformers import AutoModel
+
+    return state(AutoModel.from_pretrained(model_dir))
+
+
+@pytest.fixture(scope="module")
+def dora_adapter(tmp_path_factory, tiny_base) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    return make_adapter(model, tmp_path_factory.mktemp("dora"), dora=True, seed=3)
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tmp_path_factory, tiny_base) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    return make_adapter(model, tmp_path_factory.mktemp("lora"), dora=False, seed=4)
+
+
+@pytest.fixture(scope="module")
+def lora_retriever(tmp_path_factory, tiny_base) -> Path:
+    """A RepLLaMA-style retriever: a LoRA adapter over the bare LlamaModel."""
+    from transformers import AutoModel
+
+    out = tmp_path_factory.mktemp("lora_retriever")
+    return make_adapter(AutoModel.from_pretrained(tiny_base), out, dora=False, seed=5)
+
+
+@pytest.fixture(scope="module")
+def full_delta(tmp_path_factory, tiny_base, tiny_retriever) -> Path:
+    out = tmp_path_factory.mktemp("delta")
+    compute_delta(tiny_base, tiny_retriever, out)
+    return out
+
+
+def run_merge(out: Path, base: Path, retriever: Path, **kw) -> dict:
+    kw.setdefault("adapter_dir", None)
+    kw.setdefault("delta_dir", None)
+    return merge(base, out, retriever_dir=retriever, **kw)
+
+
+def test_delta_output(full_delta, tiny_base, tiny_retriever):
+    info = json.loads((full_delta / "delta.json").read_text())
+    assert info["kind"] == "full" and info["retriever_dtype"] == "float32"
+    assert info["dropped"]["base"] == ["lm_head.weight"]
+    body = Body(tiny_base)
+    assert sorted(info["storage"]) == sorted(body.names())
+    assert sorted(Checkpoint(full_delta).names()) == sorted(body.names())
+    name = "layers.0.self_attn.q_proj.weight"
+    d = Checkpoint(full_delta).get(name).double()
+    want = Body(tiny_retriever).get(name).double() - body.get(name).double()
+    assert torch.allclose(d, want, atol=1e-9)
+
+
+def test_storage_dtype_falls_back_to_float64():
+    base = torch.tensor([1.0, 2.0**20]).double()
+    target = torch.tensor([1.5, 2.0**-10], dtype=torch.float32)
+    delta = target.double() - base
+    assert storage_dtype(base[:1], delta[:1], target[:1]) == torch.float32
+    assert storage_dtype(base, delta, target) == torch.float64
+
+
+def test_beta_one_gives_the_retriever_bit_for_bit(tmp_path, tiny_base, tiny_retriever, full_delta):
+    info = run_merge(tmp_path, tiny_base, tiny_retriever, alpha=0.0, beta=1.0, delta_dir=full_delta)
+    assert info["dtype"] == "float32" and "lm_head.weight" in info["dropped"]
+    assert "lm_head.weight" not in Checkpoint(tmp_path).names()
+    got, want = load_state(tmp_path), load_state(tiny_retriever)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaModel"]
+    assert (tmp_path / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "readapt.json").read_text()) == info
+
+
+def test_zero_gives_the_base_body(tmp_path, tiny_base, tiny_retriever):
+    run_merge(tmp_path, tiny_base, tiny_retriever, alpha=0.0, beta=0.0)
+    got, base = Checkpoint(tmp_path), Body(tiny_base)
+    assert sorted(got.names()) == sorted(base.names())
+    assert all(torch.equal(got.get(n), base.get(n)) for n in base.names())
+
+
+@pytest.mark.parametrize("kind", ["dora_adapter", "lora_adapter"])
+def test_alpha_one_matches_peft_merge(request, tmp_path, tiny_base, tiny_retriever, kind):
+    adapter = request.getfixturevalue(kind)
+    run_merge(tmp_path, tiny_base, tiny_retriever, alpha=1.0, beta=0.0, adapter_dir=adapter)
+    got, want = load_state(tmp_path), peft_merged(tiny_base, adapter)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
+    assert not torch.equal(
+        got["layers.0.mlp.up_proj.weight"], load_state(tiny_base)["layers.0.mlp.up_proj.weight"]
+    )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {
+            "use_dora": True,
+            "target_modules": ["q_proj", "embed_tokens"],
+            "modules_to_save": ["norm"],
+        },
+        {
+            "use_dora": False,
+            "target_modules": ["q_proj", "down_proj", "embed_tokens"],
+            "rank_pattern": {"q_proj": 2},
+            "alpha_pattern": {r"layers\.1\.mlp\.down_proj": 3},
+        },
+        {"use_dora": True, "target_modules": ["v_proj", "lm_head"], "use_rslora": True},
+    ],
+    ids=["dora-embedding-saved-modules", "lora-patterns", "dora-rslora-head"],
+)
+def test_adapter_variants_match_peft_merge(tmp_path, tiny_base, tiny_retriever, extra):
+    from transformers import AutoModelForCausalLM
+
+    dora = extra.pop("use_dora")
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    adapter = make_adapter(model, tmp_path / "adapter", dora=dora, seed=6, **extra)
+    out = tmp_path / "out"
+    run_merge(out, tiny_base, tiny_retriever, alpha=1.0, beta=0.0, adapter_dir=adapter)
+    got, want, theta = load_state(out), peft_merged(tiny_base, adapter), load_state(tiny_base)
+    changed = [k for k in want if not torch.equal(want[k], theta[k])]
+    assert "embed_tokens.weight" in changed or "v_proj" in extra["target_modules"]
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_general_combination(tmp_path, tiny_base, tiny_retriever, dora_adapter, full_delta):
+    alpha, beta = 0.5, 0.7
+    run_merge(
+        tmp_path,
+        tiny_base,
+        tiny_retriever,
+        alpha=alpha,
+        beta=beta,
+        adapter_dir=dora_adapter,
+        delta_dir=full_delta,
+    )
+    theta, ret = load_state(tiny_base), load_state(tiny_retriever)
+    knowledge, got = peft_merged(tiny_base, dora_adapter), load_state(tmp_path)
+    for k in theta:
+        t = theta[k].double()
+        want = t + alpha * (knowledge[k].double() - t) + beta * (ret[k].double() - t)
+        torch.testing.assert_close(got[k].double(), want, atol=2e-6, rtol=0, msg=k)
+
+
+def test_readapt_is_float64_sum():
+    theta = torch.tensor([1.0, 2.0])
+    out = readapt(theta, 2.0, torch.tensor([0.5, 0.5]), 0.0, None)
+    assert out.dtype == torch.float64 and out.tolist() == [2.0, 3.0]
+
+
+def test_lora_retriever(tmp_path, tiny_base, lora_retriever):
+    delta_dir = tmp_path / "delta"
+    info = compute_delta(tiny_base, lora_retriever, delta_dir)
+    assert info["kind"] == "lora"
+    assert "layers.0.self_attn.o_proj.weight" in info["zero"]
+    merged = peft_merged(tiny_base, lora_retriever, causal=False)
+    theta, delta = load_state(tiny_base), Checkpoint(delta_dir)
+    assert sorted(delta.names()) == sorted(info["storage"])
+    assert len(delta.names()) == 2 * len(TARGETS)
+    for name in delta.names():
+        want = merged[name].double() - theta[name].double()
+        torch.testing.assert_close(delta.get(name).double(), want, atol=1e-6, rtol=0)
+    out = tmp_path / "merged"
+    run_merge(out, tiny_base, lora_retriever, alpha=0.0, beta=1.0, delta_dir=delta_dir)
+    got = load_state(out)
+    assert got.keys() == merged.keys()
+    for k in merged:
+        torch.testing.assert_close(got[k], merged[k], atol=1e-6, rtol=0, msg=k)
+    assert (out / "tokenizer.json").is_file()  # the adapter has none: the base's
+
+
+def test_adapter_over_bare_or_causal_model_agree(tiny_base, dora_adapter, lora_retriever):
+    causal, bare = Adapter(dora_adapter, "model"), Adapter(lora_retriever, "model")
+    assert sorted(causal.targets()) == sorted(bare.targets())
+    assert "layers.1.mlp.down_proj.weight" in causal.targets()
+    assert causal.scaling("layers.0.self_attn.q_proj.weight") == 2.0
+    causal.check(Body(tiny_base))
+
+
+# -- mismatches: each fails before anything is written ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resized_vocab(tmp_path_factory, tiny_retriever) -> Path:
+    from transformers import LlamaModel
+
+    model = LlamaModel.from_pretrained(tiny_retriever)
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    out = tmp_path_factory.mktemp("resized")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory, tokenizer) -> Path:
+    from readaptir import tiny
+
+    return tiny.make_bert(tmp_path_factory.mktemp("bert"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def missing_tensor(tmp_path_factory, tiny_retriever) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("missing")
+    tensors = load_file(tiny_retriever / "model.safetensors")
+    del tensors["layers.1.mlp.up_proj.weight"]
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(tiny_retriever / "config.json", out / "config.json")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("retriever", "tensor"),
+    [
+        ("resized_vocab", "embed_tokens.weight"),
+        ("bert", "embeddings."),
+        ("missing_tensor", "layers.1.mlp.up_proj.weight"),
+    ],
+)
+def test_mismatches_fail_up_front(request, tmp_path, tiny_base, retriever, tensor):
+    retriever_dir = request.getfixturevalue(retriever)
+    out = tmp_path / "delta"
+    with pytest.raises(WeightError, match=tensor.replace(".", r"\.")):
+        compute_delta(tiny_base, retriever_dir, out)
+    assert not any(out.iterdir())
+    out = tmp_path / "merged"
+    with pytest.raises(WeightError, match=tensor.replace(".", r"\.")):
+        run_merge(out, tiny_base, retriever_dir, alpha=0.0, beta=0.0)
+    assert not any(out.iterdir())
+
+
+def test_adapter_for_another_base_fails(tmp_path, tokenizer, tiny_retriever, dora_adapter):
+    from readaptir import tiny
+
+    small = tiny.make_llama(tmp_path / "small", tokenizer, layers=1)
+    out = tmp_path / "out"
+    with pytest.raises(WeightError, match=r"layers\.1\."):
+        run_merge(out, small, tiny_retriever, alpha=1.0, beta=0.0, adapter_dir=dora_adapter)
+    assert not any(out.iterdir())
+
+
+def test_missing_inputs(tmp_path, tiny_base, tiny_retriever):
+    with pytest.raises(ValueError, match="adapter"):
+        run_merge(tmp_path, tiny_base, tiny_retriever, alpha=1.0, beta=0.0)
+    with pytest.raises(ValueError, match="delta"):
+        run_merge(tmp_path, tiny_base, tiny_retriever, alpha=0.0, beta=1.0)
+
+
+def test_output_dtype(tmp_path, tiny_base, tiny_retriever, full_delta):
+    from transformers import AutoModel
+
+    info = run_merge(
+        tmp_path, tiny_base, tiny_retriever, alpha=0, beta=1, delta_dir=full_delta, dtype="bfloat16"
+    )
+    assert info["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    model = AutoModel.from_pretrained(tmp_path)
+    assert model.dtype == torch.bfloat16
+    want = Body(tiny_retriever).get("norm.weight").to(torch.bfloat16)
+    assert torch.equal(model.state_dict()["norm.weight"], want)
+
+
+def test_minilm_sentence_transformer(tmp_path, minilm_dir):
+    st = pytest.importorskip("sentence_transformers")
+    model = st.SentenceTransformer(str(minilm_dir), device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.001 * torch.randn_like(p))
+    retriever = tmp_path / "retriever"
+    model.save(str(retriever))
+    delta_dir, out = tmp_path / "delta", tmp_path / "merged"
+    compute_delta(minilm_dir, retriever, delta_dir)
+    run_merge(out, minilm_dir, retriever, alpha=0.0, beta=1.0, delta_dir=delta_dir)
+    readapted = st.SentenceTransformer(str(out), device="cpu")
+    texts = ["a protein in the cell", "the river and the mountain"]
+    torch.testing.assert_close(
+        readapted.encode(texts, convert_to_tensor=True), model.encode(texts, convert_to_tensor=True)
+    )

@@ -1,0 +1,128 @@
+"""A real workspace: git + DVC, `readaptir build`, `dvc repro`, and what reruns after a change."""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from readaptir import workspace
+from readaptir.cli import main
+
+pytestmark = pytest.mark.slow
+
+COMMON = {
+    "base": "models/base",
+    "retriever": {"source": "models/retriever", "family": "repllama"},
+    "corpus": "data/toy",
+    "adapter": {"r": 4, "lora_alpha": 8, "max_length": 32, "batch_size": 4},
+}
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=root, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def repro(root: Path) -> list[str]:
+    """Names of the stages whose command dvc ran."""
+    out = workspace.dvc(root, "repro", capture=True).stdout
+    return re.findall(r"Running stage '([^']+)'", out)
+
+
+def set_alpha(root: Path, alpha: float) -> None:
+    (root / "recipes" / "ra.yaml").write_text(
+        f"extends: _common.yaml\nreadapt: {{alpha: {alpha}}}\n"
+    )
+    cli("build", "--root", str(root))
+
+
+@pytest.fixture
+def ws(tmp_path, tiny_base, tiny_retriever, tiny_beir) -> Path:
+    root = tmp_path / "ws"
+    root.mkdir()
+    git(root, "init", "-q")
+    git(root, "config", "user.email", "t@localhost")
+    git(root, "config", "user.name", "t")
+    cli("init", "--root", str(root))
+    shutil.copytree(tiny_base, root / "models" / "base")
+    shutil.copytree(tiny_retriever, root / "models" / "retriever")
+    shutil.copytree(tiny_beir, root / "data" / "toy")
+    (root / "recipes" / "_common.yaml").write_text(yaml.safe_dump(COMMON))
+    (root / "recipes" / "alone.yaml").write_text(
+        "extends: _common.yaml\nreadapt: {alpha: 0.0, beta: 1.0}\n"
+    )
+    set_alpha(root, 0.5)
+    return root
+
+
+def test_build_repro_noop_and_alpha_change(ws):
+    dvc = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]
+    ran = repro(ws)
+    assert sorted(ran) == sorted(dvc)  # everything built once, shared stages once
+    for name in ("alone", "ra"):
+        metrics = json.loads((ws / "metrics" / f"{name}.json").read_text())
+        assert 0 <= metrics["retriever"]["nDCG@10"] <= 1 and metrics["queries"] == 4
+    alone = json.loads((ws / "metrics" / "alone.json").read_text())
+    assert alone["readapted"] == alone["retriever"]  # α=0, β=1 is the retriever itself
+    report = cli("report", "--root", str(ws))
+    assert "| alone" in report and "| ra" in report
+
+    # outputs are linked from DVC's cache, not copied: a model file exists once on disk
+    merged = next((ws / "artifacts" / "merge").glob("*/*.safetensors"))
+    assert merged.is_symlink() or merged.stat().st_nlink > 1
+
+    git(ws, "add", "-A")
+    git(ws, "commit", "-qm", "first")
+    assert repro(ws) == []  # nothing changed: nothing runs
+
+    set_alpha(ws, 0.25)
+    ran = repro(ws)
+    assert sorted(re.sub(r"-[^-]+$", "", n) if n != "score-ra" else n for n in ran) == [
+        "embed-ra-toy",
+        "merge-retriever",
+        "score-ra",
+        "search-ra-toy",
+    ]
+    diff = workspace.dvc(ws, "params", "diff", capture=True).stdout
+    assert "recipes.ra.readapt.alpha" in diff and "0.25" in diff
+
+    set_alpha(ws, 0.5)  # back to a version built before: restored, not recomputed
+    ran = repro(ws)
+    assert [n for n in ran if not n.startswith("score-")] == []
+    assert json.loads((ws / "metrics" / "ra.json").read_text())["alpha"] == 0.5
+
+
+def test_failed_stage_leaves_no_output_and_exits_nonzero(ws):
+    corpus = ws / "data" / "toy" / "corpus.jsonl"
+    corpus.write_text(corpus.read_text() + "{not json\n")
+    cli("build", "--root", str(ws))
+    embed = next(
+        n for n in yaml.safe_load((ws / "dvc.yaml").read_text())["stages"] if n.startswith("embed-")
+    )
+    result = CliRunner().invoke(main, ["stage", "run", embed, "--root", str(ws)])
+    assert result.exit_code != 0
+    assert "corpus.jsonl line 13" in result.output
+    embed_dir = ws / "artifacts" / "embed"
+    assert not embed_dir.exists() or not any(embed_dir.iterdir())
+
+
+def test_validate_reports_file_key_and_fails(ws):
+    (ws / "recipes" / "broken.yaml").write_text("extends: _common.yaml\nadapter: {r: -1}\n")
+    result = CliRunner().invoke(main, ["validate", "--root", str(ws)])
+    assert result.exit_code == 1
+    assert "broken.yaml:2: adapter.r: Input should be greater than 0" in result.output
+    before = (ws / "dvc.yaml").read_bytes()
+    assert CliRunner().invoke(main, ["build", "--root", str(ws)]).exit_code == 1
+    assert (ws / "dvc.yaml").read_bytes() == before  # nothing half-written

@@ -1,0 +1,164 @@
+"""Checkpoint reading, canonical names, adapter maths and sharded writing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from readaptir import tiny
+from readaptir.weights import (
+    Body,
+    Checkpoint,
+    ShardWriter,
+    WeightError,
+    _pattern_value,
+    base_model_prefix,
+    dora_update,
+    lora_product,
+    split_head,
+)
+
+
+def test_split_head_causal_and_bare():
+    causal = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
+    body, heads = split_head(causal, "model")
+    assert body == {
+        "embed_tokens.weight": "model.embed_tokens.weight",
+        "layers.0.mlp.up_proj.weight": "model.layers.0.mlp.up_proj.weight",
+    }
+    assert heads == ["lm_head.weight"]
+    bare = ["embed_tokens.weight", "layers.0.mlp.up_proj.weight"]
+    assert split_head(bare, "model") == ({n: n for n in bare}, [])
+
+
+def test_split_head_bert():
+    mlm = ["bert.encoder.layer.0.output.dense.weight", "cls.predictions.bias"]
+    body, heads = split_head(mlm, "bert")
+    assert list(body) == ["encoder.layer.0.output.dense.weight"]
+    assert heads == ["cls.predictions.bias"]
+
+
+def test_body_names_agree(tiny_base, tiny_retriever):
+    base, retriever = Body(tiny_base), Body(tiny_retriever)
+    assert base.prefix == "model" and base.heads == ["lm_head.weight"]
+    assert retriever.heads == []
+    assert sorted(base.names()) == sorted(retriever.names())
+    name = "layers.0.self_attn.q_proj.weight"
+    assert base.shape(name) == (64, 64) and base.dtype(name) == torch.float32
+    assert base.get(name).shape == (64, 64)
+    assert base.nbytes(name) == 64 * 64 * 4
+
+
+def test_bert_mlm_and_bare_agree(tmp_path, tokenizer):
+    mlm = Body(tiny.make_bert(tmp_path / "mlm", tokenizer, masked_lm=True))
+    bare = Body(tiny.make_bert(tmp_path / "bare", tokenizer))
+    assert base_model_prefix(tmp_path / "mlm") == "bert"
+    assert mlm.heads and all(h.startswith("cls.") for h in mlm.heads)
+    assert set(mlm.names()) <= set(bare.names())
+    assert set(bare.names()) - set(mlm.names()) == {"pooler.dense.weight", "pooler.dense.bias"}
+
+
+def test_pytorch_bin_is_refused(tmp_path):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(WeightError, match="safetensors"):
+        Checkpoint(tmp_path)
+    with pytest.raises(WeightError, match="no model.safetensors"):
+        Checkpoint(tmp_path / "missing")
+
+
+def test_checkpoint_reports_unknown_tensor(tiny_retriever):
+    with pytest.raises(WeightError, match="nope"):
+        Checkpoint(tiny_retriever).shape("nope")
+
+
+def _write(out: Path, tensors: dict[str, torch.Tensor], max_bytes: int) -> list[Path]:
+    writer = ShardWriter(out, max_shard_bytes=max_bytes)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    return writer.close()
+
+
+def test_shard_writer_single_file(tmp_path):
+    files = _write(tmp_path, {"a": torch.ones(3), "b": torch.zeros(2, 2)}, 1 << 20)
+    assert files == [tmp_path / "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    assert torch.equal(Checkpoint(tmp_path).get("b"), torch.zeros(2, 2))
+
+
+def test_shard_writer_refuses_duplicates(tmp_path):
+    writer = ShardWriter(tmp_path)
+    writer.add("a", torch.ones(1))
+    with pytest.raises(WeightError, match="a"):
+        writer.add("a", torch.ones(1))
+
+
+def test_shard_writer_shards_load_with_transformers(tmp_path, tiny_retriever):
+    from transformers import AutoModel
+
+    source = Checkpoint(tiny_retriever)
+    out = tmp_path / "sharded"
+    files = _write(out, {n: source.get(n) for n in source.names()}, 40_000)
+    assert len(files) > 3
+    assert files[0].name == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(source.names())
+    assert set(index["weight_map"].values()) == {f.name for f in files}
+    assert index["metadata"]["total_size"] == sum(source.nbytes(n) for n in source.names())
+    assert not list(out.glob(".shard-*"))
+    (out / "config.json").write_text((tiny_retriever / "config.json").read_text())
+    model = AutoModel.from_pretrained(out)
+    sd = model.state_dict()
+    assert all(torch.equal(sd[n], source.get(n)) for n in source.names())
+    assert sorted(Checkpoint(out).names()) == sorted(source.names())
+
+
+def test_lora_product_layouts():
+    a, b = torch.randn(2, 5), torch.randn(3, 2)
+    assert torch.allclose(lora_product(a, b, 0.5, embedding=False), 0.5 * b @ a)
+    assert lora_product(a, b, 1.0, embedding=True).shape == (5, 3)
+
+
+def test_dora_update_rescales_rows():
+    weight = torch.tensor([[3.0, 4.0], [0.0, 2.0]], dtype=torch.float64)
+    lora = torch.zeros_like(weight)
+    magnitude = torch.tensor([10.0, 1.0], dtype=torch.float64)
+    psi = dora_update(weight, lora, magnitude, embedding=False)
+    assert torch.allclose(weight + psi, torch.tensor([[6.0, 8.0], [0.0, 1.0]], dtype=torch.float64))
+    # Magnitudes equal to the row norms leave the weight as it is.
+    same = dora_update(weight, lora, torch.tensor([5.0, 2.0], dtype=torch.float64), False)
+    assert torch.allclose(same, torch.zeros_like(weight))
+    # Embeddings (num, dim) are normed per column.
+    cols = dora_update(weight, lora, torch.tensor([3.0, 1.0], dtype=torch.float64), True)
+    want = torch.tensor([[3.0, 4 / (20**0.5)], [0.0, 2 / (20**0.5)]], dtype=torch.float64)
+    assert torch.allclose(weight + cols, want)
+
+
+def test_dora_update_matches_peft_layer():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False))
+    config = LoraConfig(use_dora=True, r=2, lora_alpha=4, target_modules=["0"])
+    peft_model = get_peft_model(net, config)
+    layer = peft_model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+        layer.lora_magnitude_vector["default"].weight.mul_(1.3)
+    w = layer.base_layer.weight.detach().double()
+    a = layer.lora_A["default"].weight.detach().double()
+    b = layer.lora_B["default"].weight.detach().double()
+    m = layer.lora_magnitude_vector["default"].weight.detach().double()
+    psi = dora_update(w, lora_product(a, b, 2.0, False), m, False)
+    merged = peft_model.merge_and_unload()[0].weight.detach().double()
+    torch.testing.assert_close(w + psi, merged, atol=1e-6, rtol=0)
+
+
+def test_rank_and_alpha_patterns():
+    patterns = {"q_proj": 8, r"layers\.1\.mlp\.up_proj": 2}
+    assert _pattern_value(patterns, "model.layers.0.self_attn.q_proj", 4) == 8
+    assert _pattern_value(patterns, "model.layers.1.mlp.up_proj", 4) == 2
+    assert _pattern_value(patterns, "model.layers.0.mlp.up_proj", 4) == 4
+    assert _pattern_value(patterns, "model.layers.0.self_attn.xq_proj", 4) == 4
