@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 # On ext4 DVC copies outputs into its cache by default: every multi-GB model would exist twice.
-# Links keep one copy (DVC marks linked outputs read-only to protect the cache).
-CACHE_TYPES = "reflink,hardlink,symlink"
+# Links keep one copy (DVC marks linked outputs read-only to protect the cache). Hardlink must
+# come first: DVC moves a stage's fresh output into the cache by hardlink only when hardlink is
+# the first type listed (with reflink first it copies, and ext4 cannot reflink).
+CACHE_TYPES = "hardlink,symlink"
 IGNORED = (".readaptir/",)
 
 
@@ -21,15 +23,16 @@ def tool_env() -> dict[str, str]:
 
 
 def dvc(root: Path, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
-    """Run ``dvc ARGS`` in ``root``; raises CalledProcessError on failure."""
-    return subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=root,
-        env=tool_env(),
-        check=True,
-        text=True,
+    """Run ``dvc ARGS`` in ``root``; a failure raises RuntimeError with dvc's own last words."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, env=tool_env(), text=True,
         capture_output=capture,
     )
+    if result.returncode != 0:
+        said = "\n".join(((result.stdout or "") + (result.stderr or "")).splitlines()[-20:])
+        raise RuntimeError(f"`dvc {' '.join(args)}` failed in {root} (exit {result.returncode})"
+                           + (f":\n{said}" if said else ""))
+    return result
 
 
 def git_root(path: Path) -> Path:
