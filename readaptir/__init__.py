@@ -1,3 +1,3 @@
-"""readaptir: reverse-engineered adaptation of dense retrievers, built as content-addressed DVC stages."""
+"""readaptir: reverse-engineered adaptation of dense retrievers, as content-addressed DVC stages."""
 
 __version__ = "0.1.0"

@@ -62,7 +62,7 @@ def render(plan: Plan) -> tuple[str, str]:
 def write(plan: Plan, root: Path) -> list[Path]:
     """Write both files; an unchanged file is left untouched. Returns the files that changed."""
     changed = []
-    for name, text in zip(("dvc.yaml", "params.yaml"), render(plan)):
+    for name, text in zip(("dvc.yaml", "params.yaml"), render(plan), strict=True):
         path = Path(root) / name
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             atomic_write_text(path, text)

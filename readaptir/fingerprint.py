@@ -48,7 +48,7 @@ class Fingerprints:
         return value
 
     def path(self, path: Path) -> str:
-        """sha256 of a file, or of a folder's relative file names and contents (hidden files skipped)."""
+        """sha256 of a file, or of a folder's file names and contents (hidden files skipped)."""
         path = Path(path)
         if path.is_file():
             return "sha256:" + self.file(path)

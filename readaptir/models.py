@@ -49,7 +49,7 @@ def torch_dtype(name: str | None):
 def load_encoder(model_dir: Path, base_dir: Path | None = None, dtype=None, device: str = "cpu"):
     """A bare transformer (AutoModel, no LM head) ready for encoding, and its tokenizer.
 
-    ``model_dir`` may be a full model or a PEFT LoRA adapter; an adapter is merged onto ``base_dir``.
+    ``model_dir`` is a full model or a PEFT LoRA adapter, which is merged onto ``base_dir``.
     """
     from transformers import AutoModel, AutoTokenizer
 

@@ -75,8 +75,11 @@ def table(rows: list[dict], metric: str = "nDCG@10", fmt: str = "md") -> str:
         return "\n".join(",".join(cells) for cells in [header, *lines])
     widths = [max(len(c[i]) for c in [header, *lines]) for i in range(len(header))]
     out = [
-        "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+        "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
         "|" + "|".join("-" * (w + 2) for w in widths) + "|",
     ]
-    out += ["| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |" for cells in lines]
+    out += [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+        for cells in lines
+    ]
     return "\n".join(out)

@@ -25,13 +25,18 @@ def tool_env() -> dict[str, str]:
 def dvc(root: Path, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
     """Run ``dvc ARGS`` in ``root``; a failure raises RuntimeError with dvc's own last words."""
     result = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, env=tool_env(), text=True,
+        [sys.executable, "-m", "dvc", *args],
+        cwd=root,
+        env=tool_env(),
+        text=True,
         capture_output=capture,
     )
     if result.returncode != 0:
         said = "\n".join(((result.stdout or "") + (result.stderr or "")).splitlines()[-20:])
-        raise RuntimeError(f"`dvc {' '.join(args)}` failed in {root} (exit {result.returncode})"
-                           + (f":\n{said}" if said else ""))
+        raise RuntimeError(
+            f"`dvc {' '.join(args)}` failed in {root} (exit {result.returncode})"
+            + (f":\n{said}" if said else "")
+        )
     return result
 
 

@@ -53,7 +53,9 @@ def tiny_retriever(tmp_path_factory, tokenizer, tiny_base) -> Path:
     return out
 
 
-def write_beir(root: Path, corpus: list[dict], queries: list[dict], qrels: list[tuple], split="test"):
+def write_beir(
+    root: Path, corpus: list[dict], queries: list[dict], qrels: list[tuple], split="test"
+):
     """Write a BEIR-format folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from readaptir.lora import Adapter
 from readaptir.stages.delta import compute_delta, storage_dtype
 from readaptir.stages.merge import merge, readapt
-from readaptir.weights import Adapter, Body, Checkpoint, WeightError
+from readaptir.weights import Body, Checkpoint, WeightError
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 

@@ -9,15 +9,13 @@ import pytest
 import torch
 
 from readaptir import tiny
+from readaptir.lora import _pattern_value, dora_update, lora_product
 from readaptir.weights import (
     Body,
     Checkpoint,
     ShardWriter,
     WeightError,
-    _pattern_value,
     base_model_prefix,
-    dora_update,
-    lora_product,
     split_head,
 )
 

@@ -13,9 +13,9 @@ import torch
 from tqdm import tqdm
 
 from readaptir.artifacts import resolve_device, write_json
+from readaptir.lora import Adapter
 from readaptir.models import is_peft_adapter
 from readaptir.weights import (
-    Adapter,
     Body,
     ShardWriter,
     WeightError,

@@ -16,10 +16,10 @@ import torch
 from tqdm import tqdm
 
 from readaptir.artifacts import resolve_device, write_json
+from readaptir.lora import Adapter
 from readaptir.models import is_peft_adapter, torch_dtype
 from readaptir.stages.delta import DELTA_JSON
 from readaptir.weights import (
-    Adapter,
     Body,
     Checkpoint,
     ShardWriter,

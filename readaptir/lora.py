@@ -1,0 +1,166 @@
+"""PEFT LoRA/DoRA adapters read per target tensor: the change Ψ each makes to a base weight.
+
+The math follows PEFT's definitions (``lora_product``, ``dora_update``) and is checked against
+PEFT's own ``merge_and_unload`` in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from readaptir.weights import Body, Checkpoint, WeightError, split_head
+
+LOG = logging.getLogger(__name__)
+
+_PEFT_LEAD = "base_model.model."
+_ADAPTER_KEY = re.compile(
+    r"(?P<path>.+?)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A"
+    r"|lora_embedding_B|lora_magnitude_vector(?:\.weight)?|base_layer\.\w+)"
+)
+_ROLES = {
+    "lora_A.weight": "A",
+    "lora_B.weight": "B",
+    "lora_embedding_A": "A",
+    "lora_embedding_B": "B",
+    "lora_magnitude_vector": "m",
+    "lora_magnitude_vector.weight": "m",
+}
+
+
+def lora_product(a: torch.Tensor, b: torch.Tensor, scaling: float, embedding: bool) -> torch.Tensor:
+    """scaling · B @ A, laid out like the target weight (embedding adapters store it transposed)."""
+    product = b @ a
+    return scaling * (product.T if embedding else product)
+
+
+def dora_update(
+    weight: torch.Tensor, lora: torch.Tensor, magnitude: torch.Tensor, embedding: bool
+) -> torch.Tensor:
+    """W' − W with W' = m / ‖W + ΔW‖ ⊙ (W + ΔW), the norm taken as PEFT takes it.
+
+    Linear weights (out, in) are normed per output row; embeddings (num, dim) per column.
+    """
+    merged = weight + lora
+    norm = torch.linalg.norm(merged, dim=0 if embedding else 1, keepdim=True)
+    return magnitude.reshape(norm.shape) / norm * merged - weight
+
+
+def _pattern_value(patterns: dict, path: str, default: float) -> float:
+    # PEFT matches rank/alpha pattern keys against the end of the module path.
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+class Adapter:
+    """A PEFT LoRA/DoRA adapter read per target tensor, never merged into a whole model.
+
+    Targets are canonical names; ``update`` gives the float64 change made to one of them.
+    """
+
+    def __init__(self, adapter_dir: Path, prefix: str) -> None:
+        self.folder = Path(adapter_dir)
+        self.config = json.loads((self.folder / "adapter_config.json").read_text())
+        if self.config.get("peft_type") != "LORA":
+            raise WeightError(f"{adapter_dir}: only LoRA/DoRA adapters are supported")
+        if self.config.get("fan_in_fan_out"):
+            raise WeightError(f"{adapter_dir}: fan_in_fan_out (Conv1D) adapters are not supported")
+        self.ckpt = Checkpoint(adapter_dir)
+        by_target: dict[str, dict[str, str]] = {}  # stored target name → role → adapter key
+        embeddings: set[str] = set()  # targets whose factors are stored as (r, num), (dim, r)
+        for key in self.ckpt.names():
+            if not key.startswith(_PEFT_LEAD):
+                raise WeightError(f"unexpected key {key} in {self.folder}")
+            rest = key[len(_PEFT_LEAD) :]
+            match = _ADAPTER_KEY.fullmatch(rest)
+            if match is None:  # a whole replacement tensor (modules_to_save)
+                by_target.setdefault(rest, {})["full"] = key
+            elif match["role"] == "lora_B.bias":
+                by_target.setdefault(match["path"] + ".bias", {})["bias"] = key
+            elif not match["role"].startswith("base_layer"):  # base_layer: a copy of Θ's own
+                roles = by_target.setdefault(match["path"] + ".weight", {})
+                roles[_ROLES[match["role"]]] = key
+                if "embedding" in match["role"]:
+                    embeddings.add(match["path"] + ".weight")
+        canon, self.heads = split_head(list(by_target), prefix)
+        if self.heads:
+            LOG.info("%s: dropping updates to head tensors %s", self.folder, self.heads)
+        self._targets = {name: by_target[stored] for name, stored in canon.items()}
+        self._paths = {name: stored.rsplit(".", 1)[0] for name, stored in canon.items()}
+        self._embeddings = {name for name, stored in canon.items() if stored in embeddings}
+
+    def targets(self) -> list[str]:
+        return list(self._targets)
+
+    def _rank(self, name: str) -> int:
+        return _pattern_value(
+            self.config.get("rank_pattern") or {}, self._paths[name], self.config["r"]
+        )
+
+    def scaling(self, name: str) -> float:
+        """lora_alpha / r (or / √r with rsLoRA), per-module patterns applied."""
+        r = self._rank(name)
+        alpha = _pattern_value(
+            self.config.get("alpha_pattern") or {}, self._paths[name], self.config["lora_alpha"]
+        )
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+    def check(self, base: Body) -> None:
+        """Every target exists in ``base`` with the shape the adapter's factors produce."""
+        for name, roles in self._targets.items():
+            key = next(iter(roles.values()))
+            if name not in base:
+                raise WeightError(
+                    f"adapter tensor {key} in {self.folder} updates {name}, "
+                    f"which is not in {base.folder}"
+                )
+            want, got = base.shape(name), self._shape(name, roles)
+            if got != want:
+                raise WeightError(
+                    f"adapter tensor {key} in {self.folder} makes {name} of shape {got}, "
+                    f"but it is {want} in {base.folder}"
+                )
+
+    def _shape(self, name: str, roles: dict[str, str]) -> tuple[int, ...]:
+        shape = self.ckpt.shape
+        if "full" in roles:
+            return shape(roles["full"])
+        if "bias" in roles:
+            if "m" in self._targets.get(name.rsplit(".", 1)[0] + ".weight", {}):
+                raise WeightError(f"{self.folder}: DoRA with lora_bias ({name}) is not supported")
+            return shape(roles["bias"])
+        if "A" not in roles or "B" not in roles:
+            raise WeightError(f"{self.folder}: {name} lacks lora_A or lora_B")
+        (rank, fan_in), (fan_out, rank_b) = shape(roles["A"]), shape(roles["B"])
+        if not rank == rank_b == self._rank(name):
+            raise WeightError(
+                f"{self.folder}: {name} has rank {rank}/{rank_b}, config says {self._rank(name)}"
+            )
+        emb = name in self._embeddings
+        if "m" in roles and shape(roles["m"]) != (fan_out,):
+            raise WeightError(f"{self.folder}: {roles['m']} has shape {shape(roles['m'])}")
+        return (fan_in, fan_out) if emb else (fan_out, fan_in)
+
+    def update(self, name: str, weight: torch.Tensor) -> torch.Tensor | None:
+        """The float64 change to ``name`` given its float64 base ``weight``; None if untouched."""
+        roles = self._targets.get(name)
+        if roles is None:
+            return None
+
+        def get(role: str) -> torch.Tensor:
+            return self.ckpt.get(roles[role]).to(weight.device, torch.float64)
+
+        if "full" in roles:
+            return get("full") - weight
+        if "bias" in roles:
+            return self.scaling(name) * get("bias")
+        emb = name in self._embeddings
+        lora = lora_product(get("A"), get("B"), self.scaling(name), emb)
+        return dora_update(weight, lora, get("m"), emb) if "m" in roles else lora
