@@ -2,9 +2,9 @@
 
 A stage's id hashes everything that can change its output: its kind and that kind's version, its
 own parameters (external inputs by identity: a local file's content hash, a hub id at a revision)
-and the ids of the stages it reads. Identical stages of different recipes are therefore one stage: an α/β
-sweep trains one adapter and computes one Δ, and the retriever's baseline is shared by all recipes
-with the same retriever and corpus.
+and the ids of the stages it reads. Identical stages of different recipes are therefore one stage:
+an α/β sweep trains one adapter and computes one Δ, and the retriever's baseline is shared by all
+recipes with the same retriever and corpus.
 """
 
 from __future__ import annotations

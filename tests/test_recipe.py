@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from readaptir.recipe import Recipe, RecipeError, load_recipe, load_recipes
 
@@ -11,7 +12,11 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-MINIMAL = "base: meta-llama/Llama-2-7b-hf\nretriever: castorini/repllama-v1-7b-lora-passage\ncorpus: data/scifact\n"
+MINIMAL = (
+    "base: meta-llama/Llama-2-7b-hf\n"
+    "retriever: castorini/repllama-v1-7b-lora-passage\n"
+    "corpus: data/scifact\n"
+)
 
 
 def test_minimal_recipe_gets_the_papers_defaults(tmp_path):
@@ -111,5 +116,5 @@ def test_recipe_is_immutable_and_round_trips():
     recipe = Recipe(name="x", base="b", retriever="r", corpus="c")
     again = Recipe.model_validate(recipe.model_dump(mode="json"))
     assert again == recipe
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         recipe.name = "y"
