@@ -230,3 +230,15 @@ def load_collection(dataset_dir: Path, split: str) -> Collection:
     for w in warnings:
         LOG.warning("%s", w)
     return Collection(passages=passages, queries=queries, qrels=qrels, warnings=warnings)
+
+
+def write_collection(
+    root: Path, corpus: list[dict], queries: list[dict], qrels: list[tuple], split: str = "test"
+) -> Path:
+    """Write a BEIR-format folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv (with header)."""
+    (root / "qrels").mkdir(parents=True, exist_ok=True)
+    (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
+    (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    rows = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{s}" for q, d, s in qrels]
+    (root / "qrels" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root

@@ -10,7 +10,6 @@ Deterministic for its seeds; nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import shutil
@@ -18,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 from readaptir import dvcfile, report, tiny, workspace
+from readaptir.corpus import write_collection
 from readaptir.plan import plan_recipes
 from readaptir.recipe import load_recipes
 
@@ -158,14 +158,6 @@ def finetune_retriever(base: Path, out: Path, tokenizer, pairs, steps: int = 120
     return out
 
 
-def _write_beir(root: Path, corpus: list[dict], queries: list[dict], qrels: list[tuple]) -> None:
-    (root / "qrels").mkdir(parents=True, exist_ok=True)
-    (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
-    (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    rows = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{s}" for q, d, s in qrels]
-    (root / "qrels" / "test.tsv").write_text("\n".join(rows) + "\n")
-
-
 RECIPES = {
     "_common.yaml": {
         "base": "models/base",
@@ -202,7 +194,7 @@ def make_workspace(directory: Path, seed: int = 0) -> Path:
     tokenizer = tiny.train_tokenizer(general + species_text, vocab_size=600)
     base = pretrain_base(root / "models" / "base", tokenizer, general, seed=seed)
     finetune_retriever(base, root / "models" / "retriever", tokenizer, pairs, seed=seed)
-    _write_beir(root / "data" / "species", corpus, queries, qrels)
+    write_collection(root / "data" / "species", corpus, queries, qrels)
     for name, body in RECIPES.items():
         (root / "recipes" / name).write_text(yaml.safe_dump(body, sort_keys=False))
     return root

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
 from readaptir import tiny
+from readaptir.corpus import write_collection as write_beir
 
 SHARED_DATA = Path(os.environ.get("READAPTIR_DATA", Path(__file__).parents[2] / "shared" / "data"))
 
@@ -51,19 +51,6 @@ def tiny_retriever(tmp_path_factory, tokenizer, tiny_base) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def write_beir(
-    root: Path, corpus: list[dict], queries: list[dict], qrels: list[tuple], split="test"
-):
-    """Write a BEIR-format folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
-    (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    (root / "qrels").mkdir(exist_ok=True)
-    lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{s}" for q, d, s in qrels]
-    (root / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return root
 
 
 @pytest.fixture
