@@ -72,30 +72,35 @@ def domain_a(rng: random.Random, n: int) -> list[tuple[str, str]]:
 
 
 def domain_b(rng: random.Random, n: int) -> tuple[list[dict], list[dict], list[tuple]]:
-    """Corpus, queries and judgments about invented species of domain B."""
+    """Corpus, queries and judgments about invented species of domain B.
+
+    Each species has a profile passage (what it looks like, where it lives) and a diet passage that
+    names it without describing it. Queries ask what a species eats, naming it or describing it:
+    a described one needs the link between name and description that only the profiles teach.
+    """
     corpus, queries, qrels = [], [], []
     for i in range(n):
         sp, v = _name(rng), {k: rng.choice(vals) for k, vals in DOMAIN_B.items()}
         corpus.append(
             {
-                "_id": f"b{i}",
-                "title": f"The {sp} {v['kind']}",
-                "text": (
-                    f"The {sp} is a {v['colour']} {v['kind']} of {v['habitat']}. It feeds on "
-                    f"{v['food']} and breeds in {v['season']}."
-                ),
+                "_id": f"p{i}",
+                "title": f"The {sp}",
+                "text": f"The {sp} is a {v['colour']} {v['kind']} of {v['habitat']}.",
             }
         )
-        if i % 3 == 0:
-            question = rng.choice(
-                [
-                    f"what does the {sp} feed on",
-                    f"where does the {sp} live",
-                    f"when does the {sp} {v['kind']} breed",
-                ]
-            )
-            queries.append({"_id": f"q{i}", "text": question})
-            qrels.append((f"q{i}", f"b{i}", 1))
+        corpus.append(
+            {
+                "_id": f"d{i}",
+                "title": "",
+                "text": f"The {sp} feeds on {v['food']} and breeds in {v['season']}.",
+            }
+        )
+        # half the queries name the species (the retriever matches names), half describe it
+        described = f"the {v['colour']} {v['kind']} of {v['habitat']}"
+        queries.append(
+            {"_id": f"q{i}", "text": f"what does {described if i % 2 else f'the {sp}'} eat"}
+        )
+        qrels.append((f"q{i}", f"d{i}", 1))
     return corpus, queries, qrels
 
 
@@ -187,7 +192,7 @@ def make_workspace(directory: Path, seed: int = 0) -> Path:
     workspace.init(root)
 
     pairs = domain_a(rng, 600)
-    corpus, queries, qrels = domain_b(rng, 240)
+    corpus, queries, qrels = domain_b(rng, 120)
     general = [p for _, p in pairs] + [q for q, _ in pairs]
     species_text = [f"{d['title']}. {d['text']}" for d in corpus]
     LOG.info("demo: training a tokenizer, pretraining Θ, fine-tuning the retriever")

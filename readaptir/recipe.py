@@ -234,14 +234,18 @@ def resolve_data(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, yaml.N
 def load_recipe(path: Path) -> Recipe:
     path = Path(path)
     data, node = resolve_data(path)
-    data.setdefault("name", path.stem)
+    if "name" not in data:
+        data["name"] = path.stem
+        if not NAME_RE.match(path.stem):
+            raise RecipeError(path, "name", "the file name is not a valid recipe name (letters, "
+                              "digits, '-', '_'): rename the file or set `name:`")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         loc = tuple(p for p in first["loc"] if not str(p).startswith("function-"))
         key = ".".join(str(p) for p in loc) or None
-        message = first["msg"]
+        message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             message = "unknown key (check its spelling and indentation)"
         elif first["type"] == "missing":
