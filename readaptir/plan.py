@@ -113,6 +113,22 @@ def check_same_shape(base_dir: Path, retriever_dir: Path) -> None:
             )
 
 
+@dataclass(frozen=True)
+class Sources:
+    """A recipe's external inputs, resolved once: identities and dependency paths."""
+
+    base: dict
+    base_deps: tuple[str, ...]
+    retriever: dict
+    retriever_deps: tuple[str, ...]
+    dataset: dict
+    dataset_deps: tuple[str, ...]
+    encoding: dict
+    retriever_name: str
+    dataset_name: str
+    retriever_is_peft: bool
+
+
 class Planner:
     """Adds each recipe's stages to one plan, resolving external identities once."""
 
@@ -185,91 +201,132 @@ class Planner:
         return self.plan.add(stage)
 
     def add_recipe(self, recipe: Recipe) -> None:
-        base, base_deps = self.model(recipe.base, "base")
-        retriever, retriever_deps = self.model(recipe.retriever, "retriever")
-        dataset, dataset_deps = self.dataset(recipe.corpus, "corpus")
-        encoding = resolve_encoding(recipe.retriever.family, recipe.retriever.encoding).model_dump()
-        ret_name, data_name = slug(recipe.retriever.source), slug(recipe.corpus.label)
-        peft_retriever = self.is_peft(recipe.retriever)
-
-        def embed_and_search(model: dict, inputs: dict, deps: tuple, who: str) -> Stage:
-            embed = self.add(
-                "embed",
-                f"{who}-{data_name}",
-                f"Embed {data_name} ({recipe.corpus.split}) with {who}",
-                {"model": model, "dataset": dataset, "encoding": encoding},
-                inputs,
-                deps + dataset_deps,
-            )
-            return self.add(
-                "search",
-                f"{who}-{data_name}",
-                f"Exact top-{recipe.eval.k} search, {who} on {data_name}",
-                {"k": recipe.eval.k},
-                {"embeddings": embed},
-            )
-
-        retriever_model = {"retriever": retriever, "base": base if peft_retriever else None}
-        retriever_model_deps = retriever_deps + (base_deps if peft_retriever else ())
-        baseline = embed_and_search(retriever_model, {}, retriever_model_deps, ret_name)
-
-        alpha, beta = recipe.readapt.alpha, recipe.readapt.beta
-        if (alpha, beta) == (0.0, 1.0):
-            readapted = baseline  # the retriever itself: nothing to merge
+        src = self.sources(recipe)
+        peft = src.retriever_is_peft
+        baseline = self.embed_and_search(
+            recipe,
+            src,
+            {"retriever": src.retriever, "base": src.base if peft else None},
+            {},
+            src.retriever_deps + (src.base_deps if peft else ()),
+            src.retriever_name,
+        )
+        readapt = recipe.readapt
+        params = {
+            "recipe": recipe.name,
+            "dataset": src.dataset,
+            "metrics": list(recipe.eval.metrics),
+            "ignore_identical_ids": recipe.eval.ignore_identical_ids,
+            "alpha": readapt.alpha,
+            "beta": readapt.beta,
+            "label": recipe.column,
+            "in_domain": recipe.corpus.in_domain,
+            "sweep": recipe.sweep,
+        }
+        inputs = {"baseline": baseline}
+        if readapt.auto:
+            grid = {f"alpha-{i}": a for i, a in enumerate(readapt.alpha_grid)}
+            for role, alpha in grid.items():
+                inputs[role] = self.readapted(recipe, src, alpha, readapt.beta, baseline)
+            params["select"] = {
+                "grid": grid,
+                "fraction": readapt.tune_fraction,
+                "seed": readapt.tune_seed,
+                "metric": readapt.tune_metric,
+            }
         else:
-            base_dir, retriever_dir = (
-                self._local(recipe.base.source),
-                self._local(recipe.retriever.source),
-            )
-            if base_dir and retriever_dir and not peft_retriever:
-                check_same_shape(base_dir, retriever_dir)
-            merge_inputs: dict[str, Stage] = {}
-            if alpha != 0:
-                merge_inputs["adapter"] = self.add_adapter(recipe, base, base_deps)
-            if beta != 0:
-                merge_inputs["delta"] = self.add(
-                    "delta",
-                    ret_name,
-                    f"Retriever delta: {recipe.retriever.source} - {recipe.base.source}",
-                    {"base": base, "retriever": retriever},
-                    {},
-                    base_deps + retriever_deps,
-                )
-            merge = self.add(
-                "merge",
-                ret_name,
-                f"Readapt {ret_name}: base + {alpha:g}*adapter + {beta:g}*delta",
-                {
-                    "base": base,
-                    "retriever": retriever,
-                    "alpha": alpha,
-                    "beta": beta,
-                    "dtype": recipe.retriever.dtype,
-                },
-                merge_inputs,
-                base_deps + retriever_deps,
-            )
-            readapted = embed_and_search(
-                {"retriever": None, "base": None}, {"model": merge}, (), "ra"
-            )
-
+            inputs["readapted"] = self.readapted(recipe, src, readapt.alpha, readapt.beta, baseline)
         self.add(
             "score",
             recipe.name,
             f"Score {recipe.name}: retriever alone vs readapted",
-            {
-                "recipe": recipe.name,
-                "dataset": dataset,
-                "metrics": list(recipe.eval.metrics),
-                "ignore_identical_ids": recipe.eval.ignore_identical_ids,
-                "alpha": alpha,
-                "beta": beta,
-            },
-            {"baseline": baseline, "readapted": readapted},
-            dataset_deps,
+            params,
+            inputs,
+            src.dataset_deps,
             name=f"score-{recipe.name}",
         )
-        self.plan.recipes[recipe.name] = recipe.model_dump(mode="json")
+        self.plan.recipes[recipe.name] = recipe.resolved()
+
+    def sources(self, recipe: Recipe) -> Sources:
+        base, base_deps = self.model(recipe.base, "base")
+        retriever, retriever_deps = self.model(recipe.retriever, "retriever")
+        dataset, dataset_deps = self.dataset(recipe.corpus, "corpus")
+        return Sources(
+            base,
+            base_deps,
+            retriever,
+            retriever_deps,
+            dataset,
+            dataset_deps,
+            encoding=resolve_encoding(
+                recipe.retriever.family, recipe.retriever.encoding
+            ).model_dump(),
+            retriever_name=slug(recipe.retriever.source),
+            dataset_name=slug(recipe.corpus.label),
+            retriever_is_peft=self.is_peft(recipe.retriever),
+        )
+
+    def embed_and_search(
+        self, recipe: Recipe, src: Sources, model: dict, inputs: dict, deps: tuple, who: str
+    ) -> Stage:
+        where = src.dataset_name
+        embed = self.add(
+            "embed",
+            f"{who}-{where}",
+            f"Embed {where} ({recipe.corpus.split}) with {who}",
+            {"model": model, "dataset": src.dataset, "encoding": src.encoding},
+            inputs,
+            deps + src.dataset_deps,
+        )
+        return self.add(
+            "search",
+            f"{who}-{where}",
+            f"Exact top-{recipe.eval.k} search, {who} on {where}",
+            {"k": recipe.eval.k},
+            {"embeddings": embed},
+        )
+
+    def readapted(
+        self, recipe: Recipe, src: Sources, alpha: float, beta: float, baseline: Stage
+    ) -> Stage:
+        """The search stage of Θ + αΨ + βΔ (the baseline's when α=0, β=1: nothing to merge)."""
+        if (alpha, beta) == (0.0, 1.0):
+            return baseline
+        base_dir, retriever_dir = (
+            self._local(recipe.base.source),
+            self._local(recipe.retriever.source),
+        )
+        if base_dir and retriever_dir and not src.retriever_is_peft:
+            check_same_shape(base_dir, retriever_dir)
+        merge_inputs: dict[str, Stage] = {}
+        if alpha != 0:
+            merge_inputs["adapter"] = self.add_adapter(recipe, src.base, src.base_deps)
+        if beta != 0:
+            merge_inputs["delta"] = self.add(
+                "delta",
+                src.retriever_name,
+                f"Retriever delta: {recipe.retriever.source} - {recipe.base.source}",
+                {"base": src.base, "retriever": src.retriever},
+                {},
+                src.base_deps + src.retriever_deps,
+            )
+        merge = self.add(
+            "merge",
+            src.retriever_name,
+            f"Readapt {src.retriever_name}: base + {alpha:g}*adapter + {beta:g}*delta",
+            {
+                "base": src.base,
+                "retriever": src.retriever,
+                "alpha": alpha,
+                "beta": beta,
+                "dtype": recipe.retriever.dtype,
+            },
+            merge_inputs,
+            src.base_deps + src.retriever_deps,
+        )
+        return self.embed_and_search(
+            recipe, src, {"retriever": None, "base": None}, {"model": merge}, (), "ra"
+        )
 
     def add_adapter(self, recipe: Recipe, base: dict, base_deps: tuple[str, ...]) -> Stage:
         train = recipe.train_corpus

@@ -79,6 +79,7 @@ class CorpusSpec(_Strict):
     path: str
     split: str = "test"
     name: str | None = None
+    in_domain: bool = False  # excluded from the report's zero-shot average
     _from_str = _shorthand("path")
 
     @property
@@ -106,8 +107,36 @@ class AdapterSpec(_Strict):
 
 
 class ReadaptSpec(_Strict):
-    alpha: float = 0.5
-    beta: float = 1.0
+    """The scalars of Θ + αΨ + βΔ.
+
+    A list sweeps (one variant recipe per value, sharing adapter and Δ). ``alpha: auto`` picks α
+    from ``alpha_grid`` by ``tune_metric`` on a deterministic ``tune_fraction`` of the judged
+    queries and reports on the other queries only.
+    """
+
+    alpha: float | list[float] | Literal["auto"] = 0.5
+    beta: float | list[float] = 1.0
+    alpha_grid: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    tune_fraction: float = Field(0.5, gt=0, lt=1)
+    tune_seed: int = 0
+    tune_metric: str = "nDCG@10"
+
+    @model_validator(mode="after")
+    def _sweeps_are_sensible(self) -> ReadaptSpec:
+        for key in ("alpha", "beta"):
+            value = getattr(self, key)
+            if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+                raise ValueError(f"{key}: a sweep needs distinct values")
+        if self.alpha == "auto":
+            if isinstance(self.beta, list):
+                raise ValueError("alpha: auto takes one beta, not a sweep")
+            if len(self.alpha_grid) < 2:
+                raise ValueError("alpha_grid: alpha: auto needs at least two values")
+        return self
+
+    @property
+    def auto(self) -> bool:
+        return self.alpha == "auto"
 
 
 class EvalSpec(_Strict):
@@ -118,6 +147,7 @@ class EvalSpec(_Strict):
 
 class Recipe(_Strict):
     name: str
+    label: str | None = None  # the recipe's column in report tables (default: the retriever)
     base: ModelSpec
     retriever: RetrieverSpec
     corpus: CorpusSpec
@@ -125,11 +155,21 @@ class Recipe(_Strict):
     readapt: ReadaptSpec = ReadaptSpec()
     eval: EvalSpec = EvalSpec()
     _file: str = PrivateAttr("<recipe>")
+    _sweep: str | None = PrivateAttr(None)
 
     @property
     def file(self) -> str:
         """The YAML file this recipe came from (for error messages)."""
         return self._file
+
+    @property
+    def sweep(self) -> str | None:
+        """The name of the recipe whose α/β sweep made this variant, if any."""
+        return self._sweep
+
+    @property
+    def column(self) -> str:
+        return self.label or Path(self.retriever.source.rstrip("/")).name
 
     @field_validator("name")
     @classmethod
@@ -137,6 +177,12 @@ class Recipe(_Strict):
         if not NAME_RE.match(value):
             raise ValueError("must use only letters, digits, '-' and '_'")
         return value
+
+    def resolved(self) -> dict:
+        """Every value this recipe builds with (α-selection settings only when α is auto)."""
+        auto_only = {"alpha_grid", "tune_fraction", "tune_seed", "tune_metric"}
+        exclude = None if self.readapt.auto else {"readapt": auto_only}
+        return self.model_dump(mode="json", exclude=exclude)
 
     @property
     def train_corpus(self) -> CorpusSpec:
@@ -231,31 +277,54 @@ def resolve_data(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, yaml.N
     return deep_merge(parent, data), node
 
 
+_TYPE_TAG = re.compile(r"^(function-|literal\[|list\[|dict\[)|^(float|int|str|bool)$")
+
+
+def _located(path: Path, node: yaml.Node | None, err: ValidationError) -> RecipeError:
+    """The first problem of a validation error, at its key and line, in a user's words.
+
+    Errors of one key that come from the members of a union (``alpha: 0.5 | [..] | auto``) are
+    one problem: their messages are joined.
+    """
+    problems: dict[tuple, list[dict]] = {}
+    for error in err.errors():
+        loc = tuple(p for p in error["loc"] if not _TYPE_TAG.search(str(p)))
+        problems.setdefault(loc, []).append(error)
+    loc, errors = next(iter(problems.items()))
+    first = errors[0]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key (check its spelling and indentation)"
+    elif first["type"] == "missing":
+        message = "required key is missing"
+    else:
+        message = "; or ".join(
+            dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors)
+        )
+        if "input" in first and first["type"] != "value_error":
+            message += f", got {first['input']!r}"
+    if len(problems) > 1:
+        more = len(problems) - 1
+        message += f" (and {more} more problem{'s' if more > 1 else ''})"
+    key = ".".join(str(p) for p in loc) or None
+    return RecipeError(path, key, message, _line_of(node, loc))
+
+
 def load_recipe(path: Path) -> Recipe:
     path = Path(path)
     data, node = resolve_data(path)
     if "name" not in data:
         data["name"] = path.stem
         if not NAME_RE.match(path.stem):
-            raise RecipeError(path, "name", "the file name is not a valid recipe name (letters, "
-                              "digits, '-', '_'): rename the file or set `name:`")
+            raise RecipeError(
+                path,
+                "name",
+                "the file name is not a valid recipe name (letters, "
+                "digits, '-', '_'): rename the file or set `name:`",
+            )
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = tuple(p for p in first["loc"] if not str(p).startswith("function-"))
-        key = ".".join(str(p) for p in loc) or None
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown key (check its spelling and indentation)"
-        elif first["type"] == "missing":
-            message = "required key is missing"
-        elif "input" in first and first["type"] not in ("value_error",):
-            message += f", got {first['input']!r}"
-        more = len(err.errors()) - 1
-        if more:
-            message += f" (and {more} more problem{'s' if more > 1 else ''})"
-        raise RecipeError(path, key, message, _line_of(node, loc)) from None
+        raise _located(path, node, err) from None
     recipe._file = str(path)
     return recipe
 
@@ -266,18 +335,43 @@ def recipe_files(recipes_dir: Path) -> list[Path]:
     return [p for p in files if not p.name.startswith("_")]
 
 
+def _value_tag(value: float) -> str:
+    """0.25 -> '0p25': a number in a name that DVC parameter paths accept (no dots)."""
+    return f"{value:g}".replace(".", "p").replace("-", "m")
+
+
+def expand_sweeps(recipe: Recipe) -> list[Recipe]:
+    """One recipe per (α, β) of a sweep, named ``<name>-a<α>[-b<β>]``; others unchanged."""
+    alphas, betas = recipe.readapt.alpha, recipe.readapt.beta
+    if not isinstance(alphas, list) and not isinstance(betas, list):
+        return [recipe]
+    variants = []
+    for alpha in alphas if isinstance(alphas, list) else [alphas]:
+        for beta in betas if isinstance(betas, list) else [betas]:
+            name = recipe.name
+            if isinstance(alphas, list):
+                name += f"-a{_value_tag(alpha)}"
+            if isinstance(betas, list):
+                name += f"-b{_value_tag(beta)}"
+            readapt = recipe.readapt.model_copy(update={"alpha": alpha, "beta": beta})
+            variant = recipe.model_copy(update={"name": name, "readapt": readapt})
+            variant._file, variant._sweep = recipe.file, recipe.name
+            variants.append(variant)
+    return variants
+
+
 def load_recipes(recipes_dir: Path) -> list[Recipe]:
-    """Every buildable recipe; names must be unique."""
+    """Every buildable recipe, sweeps expanded into variants; names must be unique."""
     files = recipe_files(recipes_dir)
     if not files:
         raise RecipeError(recipes_dir, None, "no recipes (*.yaml) found")
     recipes, seen = [], {}
     for path in files:
-        recipe = load_recipe(path)
-        if recipe.name in seen:
-            raise RecipeError(
-                path, "name", f"{recipe.name!r} is already the name of {seen[recipe.name]}"
-            )
-        seen[recipe.name] = path
-        recipes.append(recipe)
+        for recipe in expand_sweeps(load_recipe(path)):
+            if recipe.name in seen:
+                raise RecipeError(
+                    path, "name", f"{recipe.name!r} is already the name of {seen[recipe.name]}"
+                )
+            seen[recipe.name] = path
+            recipes.append(recipe)
     return recipes

@@ -129,36 +129,29 @@ def _search(ctx: Context, out: Path) -> None:
 
 
 def _score(ctx: Context, out: Path) -> dict:
-    from readaptir.stages.score import score
+    from readaptir.evaluation import evaluate
 
     p = ctx.params
-    folder = ctx.dataset_dir(p["dataset"])
-    results = {
-        role: score(
-            ctx.inputs[role] / "run.trec",
-            folder,
-            p["dataset"]["split"],
-            p["metrics"],
-            ignore_identical_ids=p["ignore_identical_ids"],
-        )
-        for role in ("baseline", "readapted")
-    }
-    write_json(out / "per_query.json", {role: r["per_query"] for role, r in results.items()})
-    base, ra = results["baseline"]["metrics"], results["readapted"]["metrics"]
+    summary, details = evaluate(
+        {role: path / "run.trec" for role, path in ctx.inputs.items()},
+        ctx.dataset_dir(p["dataset"]),
+        p["dataset"]["split"],
+        p["metrics"],
+        p["ignore_identical_ids"],
+        p.get("select"),
+    )
+    write_json(out / "per_query.json", details)
     metrics = {
         "recipe": p["recipe"],
+        "label": p["label"],
+        "sweep": p["sweep"],
         "dataset": p["dataset"]["name"],
+        "in_domain": p["in_domain"],
         "split": p["dataset"]["split"],
         "alpha": p["alpha"],
         "beta": p["beta"],
-        "queries": results["baseline"]["queries"],
-        "retriever": base,
-        "readapted": ra,
-        "change": {name: ra[name] - base[name] for name in base},
+        **summary,
     }
-    warnings = sorted(set(results["baseline"]["warnings"]))
-    if warnings:
-        metrics["warnings"] = warnings
     write_json(ctx.root / "metrics" / f"{p['recipe']}.json", metrics)
     return metrics
 
