@@ -114,16 +114,62 @@ def stage_run(name: str, root: Path, device: str | None) -> None:
     click.echo(f"{name}: wrote {out}")
 
 
+metric_option = click.option("--metric", default="nDCG@10", show_default=True)
+
+
 @main.command("report")
 @root_option
-@click.option("--metric", default="nDCG@10", show_default=True)
+@metric_option
+@click.option(
+    "--table",
+    "kind",
+    type=click.Choice(["paper", "recipes", "alpha"]),
+    default="paper",
+    show_default=True,
+    help="paper: datasets × retriever Base/RA (Table 1); recipes: one row per recipe "
+    "with per-query win/tie/loss; alpha: sweeps, a column per α.",
+)
 @click.option(
     "--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True
 )
+@click.option(
+    "--rev",
+    default=report.WORKSPACE,
+    show_default=True,
+    help="A git revision to report instead of the workspace.",
+)
 @user_errors
-def report_cmd(root: Path, metric: str, fmt: str) -> None:
-    """Recipe × dataset table: retriever alone vs readapted, and the change."""
-    click.echo(report.table(report.collect(root), metric=metric, fmt=fmt))
+def report_cmd(root: Path, metric: str, kind: str, fmt: str, rev: str) -> None:
+    """Tables of results from the metrics files."""
+    _, metrics = report.load(root, rev)
+    if not metrics:
+        raise click.ClickException("no metrics yet: run `dvc repro` first")
+    click.echo(report.table(metrics, kind=kind, metric=metric, fmt=fmt))
+
+
+@main.command("diff")
+@click.argument("rev_a")
+@click.argument("rev_b", default=report.WORKSPACE)
+@root_option
+@metric_option
+@user_errors
+def diff_cmd(rev_a: str, rev_b: str, root: Path, metric: str) -> None:
+    """Per recipe between two versions (git revisions; REV_B defaults to the workspace):
+    changed parameters beside the change in scores."""
+    click.echo(report.diff(root, rev_a, rev_b, metric=metric))
+
+
+@main.command("plots")
+@root_option
+@metric_option
+@user_errors
+def plots_cmd(root: Path, metric: str) -> None:
+    """Write α curves and adapter loss curves: plots/*.png and the CSV `dvc plots show` reads."""
+    from readaptir.plots import write_plots
+
+    _, metrics = report.load(root)
+    for path in write_plots(root, metrics, metric):
+        click.echo(f"wrote {path}")
 
 
 @main.command()

@@ -218,5 +218,5 @@ def run_demo(directory: Path, force: bool = False) -> str:
     workspace.dvc(root, "repro")
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
     subprocess.run(["git", "commit", "-qm", "demo: built"], cwd=root, check=True)
-    table = report.table(report.collect(root))
+    table = report.table(report.load(root)[1], kind="recipes")
     return f"{table}\n\nworkspace: {root.resolve()}  (try: cd {root} && dvc metrics show)"

@@ -1,85 +1,266 @@
-"""Tables of results: recipe × dataset, retriever alone vs readapted."""
+"""Tables of results, read from the metrics files of a workspace or of a git revision.
+
+- ``paper``: the RE-AdaptIR Table 1 layout: a row per dataset, ``Base`` and ``RA`` columns per
+  retriever label, an average row and a zero-shot average (datasets not marked ``in_domain``);
+  RA cells marked † where the paired randomisation test gives p < 0.05.
+- ``recipes``: a row per recipe with α, β, both scores, the change and per-query win/tie/loss.
+- ``alpha``: sweeps: a row per (label, dataset), a column per α.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import subprocess
 from pathlib import Path
 
 import yaml
 
+SIGNIFICANCE = 0.05
+WORKSPACE = "workspace"
 
-def collect(root: Path) -> list[dict]:
-    """The metrics of every built recipe (those in params.yaml), in recipe-name order."""
-    params_path = Path(root) / "params.yaml"
-    if not params_path.is_file():
-        raise FileNotFoundError(f"{params_path} not found: run `readaptir build` first")
-    recipes = (yaml.safe_load(params_path.read_text()) or {}).get("recipes") or {}
-    rows = []
+
+class ReportError(ValueError):
+    pass
+
+
+def _git_show(root: Path, rev: str, path: str) -> str | None:
+    result = subprocess.run(
+        ["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True
+    )
+    return result.stdout if result.returncode == 0 else None
+
+
+def _read(root: Path, rev: str, path: str) -> str | None:
+    if rev == WORKSPACE:
+        file = Path(root) / path
+        return file.read_text() if file.is_file() else None
+    return _git_show(root, rev, path)
+
+
+def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(resolved recipes, metrics) by recipe name, from the workspace or a git revision."""
+    text = _read(root, rev, "params.yaml")
+    if text is None:
+        where = f"{root}/params.yaml" if rev == WORKSPACE else f"params.yaml at {rev}"
+        raise ReportError(f"{where} not found: run `readaptir build` (and commit) first")
+    recipes = (yaml.safe_load(text) or {}).get("recipes") or {}
+    metrics = {}
     for name in sorted(recipes):
-        path = Path(root) / "metrics" / f"{name}.json"
-        if path.is_file():
-            rows.append(json.loads(path.read_text()))
-        else:
-            rows.append({"recipe": name, "missing": True})
-    return rows
+        found = _read(root, rev, f"metrics/{name}.json")
+        if found is not None:
+            metrics[name] = json.loads(found)
+    return recipes, metrics
 
 
-def _fmt(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{value:+.4f}" if signed else f"{value:.4f}"
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
-def table(rows: list[dict], metric: str = "nDCG@10", fmt: str = "md") -> str:
-    """Markdown, CSV or JSON; recipes not yet scored show as missing."""
-    records = []
-    for row in rows:
-        base = row.get("retriever", {}).get(metric)
-        ra = row.get("readapted", {}).get(metric)
-        records.append(
-            {
-                "recipe": row["recipe"],
-                "dataset": row.get("dataset", "-"),
-                "alpha": row.get("alpha"),
-                "beta": row.get("beta"),
-                "retriever": base,
-                "readapted": ra,
-                "change": None if base is None or ra is None else ra - base,
-            }
+def _is_retriever_alone(m: dict) -> bool:
+    return m.get("alpha") == 0 and m.get("beta") == 1
+
+
+def paper_cells(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[str], dict]:
+    """Datasets, retriever labels, and {(dataset, label): metrics} of the non-sweep recipes."""
+    cells: dict[tuple[str, str], dict] = {}
+    # a retriever-alone recipe (α=0, β=1) fills a cell only when no readapted recipe does
+    ordered = sorted(metrics.items(), key=lambda item: _is_retriever_alone(item[1]))
+    for name, m in ordered:
+        if m.get("sweep") or metric not in m.get("retriever", {}):
+            continue
+        key = (m["dataset"], m.get("label") or name)
+        if key in cells and _is_retriever_alone(m):
+            continue
+        if key in cells:
+            raise ReportError(
+                f"recipes {cells[key]['recipe']!r} and {name!r} both fill {key[1]} on {key[0]}: "
+                "give one a different `label:` (or see `readaptir report --table recipes`)"
+            )
+        cells[key] = m
+    datasets = sorted({d for d, _ in cells})
+    labels = list(dict.fromkeys(label for _, label in sorted(cells, key=lambda k: k[1])))
+    return datasets, labels, cells
+
+
+def paper_rows(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[list]]:
+    """Header and rows (floats or None) of the Table 1 layout, averages last."""
+    datasets, labels, cells = paper_cells(metrics, metric)
+    header = ["dataset"] + [f"{label} {col}" for label in labels for col in ("Base", "RA")]
+    rows: list[list] = []
+    for dataset in datasets:
+        row: list = [dataset]
+        for label in labels:
+            m = cells.get((dataset, label))
+            row += [m["retriever"][metric], m["readapted"][metric]] if m else [None, None]
+        rows.append(row)
+    in_domain = {d for (d, _), m in cells.items() if m.get("in_domain")}
+    averages = [("Average", rows)]
+    if in_domain:
+        averages.append(("Zero-shot average", [r for r in rows if r[0] not in in_domain]))
+    for title, chosen in averages:
+        columns = [[r[col] for r in chosen] for col in range(1, len(header))]
+        rows_avg = [None if not v or None in v else _mean(v) for v in columns]
+        rows = [*rows, [title, *rows_avg]]
+    return header, rows
+
+
+def _significant(metrics: dict[str, dict], dataset: str, label: str, metric: str) -> bool:
+    _, _, cells = paper_cells(metrics, metric)
+    m = cells.get((dataset, label))
+    comparison = (m or {}).get("comparison", {}).get(metric)
+    return bool(comparison) and comparison["p_value"] < SIGNIFICANCE
+
+
+def recipe_rows(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[list]]:
+    header = ["recipe", "dataset", "alpha", "beta", "Base", "RA", "change", "W/T/L", "p"]
+    rows = []
+    for name, m in metrics.items():
+        base, ra = m.get("retriever", {}).get(metric), m.get("readapted", {}).get(metric)
+        comparison = m.get("comparison", {}).get(metric, {})
+        wtl = (
+            f"{comparison['wins']}/{comparison['ties']}/{comparison['losses']}"
+            if comparison
+            else None
         )
-    if fmt == "json":
-        return json.dumps({"metric": metric, "rows": records}, indent=2)
-    header = [
-        "recipe",
-        "dataset",
-        "alpha",
-        "beta",
-        f"retriever {metric}",
-        f"readapted {metric}",
-        "change",
-    ]
-    lines = []
-    for r in records:
-        lines.append(
+        rows.append(
             [
-                r["recipe"],
-                r["dataset"],
-                "-" if r["alpha"] is None else f"{r['alpha']:g}",
-                "-" if r["beta"] is None else f"{r['beta']:g}",
-                _fmt(r["retriever"]),
-                _fmt(r["readapted"]),
-                _fmt(r["change"], signed=True),
+                name,
+                m.get("dataset"),
+                m.get("alpha"),
+                m.get("beta"),
+                base,
+                ra,
+                None if base is None or ra is None else ra - base,
+                wtl,
+                comparison.get("p_value"),
             ]
         )
+    return header, rows
+
+
+def alpha_rows(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[list]]:
+    """Sweeps: RA score per α; the α=0 (β=1) column is the retriever alone."""
+    curves: dict[tuple[str, str, str], dict[float, float]] = {}
+    for m in metrics.values():
+        if m.get("sweep") and metric in m.get("readapted", {}):
+            key = (m["sweep"], m.get("label", ""), m["dataset"])
+            curves.setdefault(key, {})[m["alpha"]] = m["readapted"][metric]
+    alphas = sorted({a for c in curves.values() for a in c})
+    header = ["sweep", "label", "dataset"] + [f"a={a:g}" for a in alphas]
+    rows = [[*key, *(curve.get(a) for a in alphas)] for key, curve in sorted(curves.items())]
+    return header, rows
+
+
+def _fmt(value, column: str, scale: float) -> str:
+    if value is None:
+        return "-"
+    if column in ("alpha", "beta", "p") or column.startswith("a="):
+        return f"{value:.3g}" if column == "p" else f"{value:g}"
+    if isinstance(value, float):
+        text = f"{value * scale:.1f}" if scale != 1 else f"{value:.4f}"
+        return ("+" if value >= 0 else "") + text if "change" in column else text
+    return str(value)
+
+
+def render(
+    header: list[str],
+    rows: list[list],
+    fmt: str,
+    scale: float = 1.0,
+    marks: dict[tuple[int, int], str] | None = None,
+) -> str:
+    if fmt == "json":
+        return json.dumps([dict(zip(header, row, strict=True)) for row in rows], indent=2)
     if fmt == "csv":
-        return "\n".join(",".join(cells) for cells in [header, *lines])
-    widths = [max(len(c[i]) for c in [header, *lines]) for i in range(len(header))]
-    out = [
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+        return buffer.getvalue().rstrip("\n")
+    marks = marks or {}
+    text = [
+        [_fmt(v, header[j], scale) + marks.get((i, j), "") for j, v in enumerate(row)]
+        for i, row in enumerate(rows)
+    ]
+    widths = [max(len(c[k]) for c in [header, *text]) for k in range(len(header))]
+    lines = [
         "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
         "|" + "|".join("-" * (w + 2) for w in widths) + "|",
     ]
-    out += [
+    lines += [
         "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-        for cells in lines
+        for cells in text
     ]
-    return "\n".join(out)
+    return "\n".join(lines)
+
+
+def table(
+    metrics: dict[str, dict], kind: str = "paper", metric: str = "nDCG@10", fmt: str = "md"
+) -> str:
+    if kind == "paper":
+        header, rows = paper_rows(metrics, metric)
+        marks = {}
+        for i, row in enumerate(rows):
+            for j, column in enumerate(header):
+                if column.endswith(" RA") and _significant(metrics, row[0], column[:-3], metric):
+                    marks[(i, j)] = "†"
+        body = render(header, rows, fmt, scale=100.0 if fmt == "md" else 1.0, marks=marks)
+        if fmt == "md":
+            body += (
+                f"\n\n{metric} ×100; † RA differs from Base with p < {SIGNIFICANCE} "
+                "(paired randomisation test over queries)."
+            )
+        return body
+    if kind == "recipes":
+        return render(*recipe_rows(metrics, metric), fmt)
+    if kind == "alpha":
+        return render(*alpha_rows(metrics, metric), fmt)
+    raise ReportError(f"unknown table {kind!r}; expected paper, recipes or alpha")
+
+
+def _flatten(data, prefix: str = "") -> dict[str, object]:
+    if isinstance(data, dict):
+        out: dict[str, object] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def diff(root: Path, rev_a: str, rev_b: str = WORKSPACE, metric: str = "nDCG@10") -> str:
+    """Per recipe: what changed in its parameters beside how its scores moved."""
+    recipes_a, metrics_a = load(root, rev_a)
+    recipes_b, metrics_b = load(root, rev_b)
+    header = [
+        "recipe",
+        "changed parameters",
+        f"Base {rev_a}",
+        f"Base {rev_b}",
+        f"RA {rev_a}",
+        f"RA {rev_b}",
+        "RA change",
+    ]
+    rows = []
+    for name in sorted(set(recipes_a) | set(recipes_b)):
+        if name not in recipes_a or name not in recipes_b:
+            changed = "added" if name not in recipes_a else "removed"
+        else:
+            flat_a, flat_b = _flatten(recipes_a[name]), _flatten(recipes_b[name])
+            keys = sorted(k for k in set(flat_a) | set(flat_b) if flat_a.get(k) != flat_b.get(k))
+            changed = ", ".join(f"{k}: {flat_a.get(k)} -> {flat_b.get(k)}" for k in keys) or "-"
+        a, b = metrics_a.get(name, {}), metrics_b.get(name, {})
+        ra_a, ra_b = a.get("readapted", {}).get(metric), b.get("readapted", {}).get(metric)
+        rows.append(
+            [
+                name,
+                changed,
+                a.get("retriever", {}).get(metric),
+                b.get("retriever", {}).get(metric),
+                ra_a,
+                ra_b,
+                None if ra_a is None or ra_b is None else ra_b - ra_a,
+            ]
+        )
+    return render(header, rows, "md")

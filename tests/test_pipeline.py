@@ -76,7 +76,7 @@ def test_build_repro_noop_and_alpha_change(ws):
         assert 0 <= metrics["retriever"]["nDCG@10"] <= 1 and metrics["queries"] == 4
     alone = json.loads((ws / "metrics" / "alone.json").read_text())
     assert alone["readapted"] == alone["retriever"]  # α=0, β=1 is the retriever itself
-    report = cli("report", "--root", str(ws))
+    report = cli("report", "--root", str(ws), "--table", "recipes")
     assert "| alone" in report and "| ra" in report
 
     # outputs are linked from DVC's cache, not copied: a model file exists once on disk

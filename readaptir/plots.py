@@ -1,0 +1,89 @@
+"""Plots: α curves (score against α per dataset) and the knowledge adapter's loss curves.
+
+Written as CSV files that ``dvc plots show`` renders (dvc.yaml lists them) and as PNG files.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import yaml
+
+from readaptir.plan import stage_output
+
+LOG = logging.getLogger(__name__)
+
+PLOTS_DIR = "plots"
+ALPHA_CSV = f"{PLOTS_DIR}/alpha_curves.csv"
+
+
+def alpha_points(metrics: dict[str, dict], metric: str) -> list[dict]:
+    """One point per sweep variant: its α, the readapted score and the retriever's."""
+    points = []
+    for m in metrics.values():
+        if m.get("sweep") and metric in m.get("readapted", {}):
+            points.append(
+                {
+                    "curve": f"{m['sweep']} ({m.get('label', '')}, {m['dataset']})",
+                    "alpha": m["alpha"],
+                    metric: m["readapted"][metric],
+                    "retriever": m["retriever"][metric],
+                }
+            )
+    return sorted(points, key=lambda p: (p["curve"], p["alpha"]))
+
+
+def adapter_logs(root: Path) -> dict[str, Path]:
+    """Training logs of the adapters the built plan names, by stage name (existing ones only)."""
+    params = yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}
+    logs = {}
+    for name, spec in (params.get("stages") or {}).items():
+        if spec["kind"] == "adapter":
+            log = Path(root) / stage_output(spec) / "training_log.csv"
+            if log.is_file():
+                logs[name] = log
+    return logs
+
+
+def write_plots(root: Path, metrics: dict[str, dict], metric: str = "nDCG@10") -> list[Path]:
+    """Write the α-curve CSV and the PNG files; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(root) / PLOTS_DIR
+    out.mkdir(exist_ok=True)
+    written = []
+    points = alpha_points(metrics, metric)
+    with (Path(root) / ALPHA_CSV).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["curve", "alpha", "retriever", metric])
+        writer.writeheader()
+        writer.writerows(points)
+    written.append(Path(root) / ALPHA_CSV)
+    if points:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for curve in dict.fromkeys(p["curve"] for p in points):
+            mine = [p for p in points if p["curve"] == curve]
+            line = ax.plot(
+                [p["alpha"] for p in mine], [p[metric] for p in mine], marker="o", label=curve
+            )[0]
+            ax.axhline(mine[0]["retriever"], color=line.get_color(), linestyle=":", linewidth=1)
+        ax.set(xlabel="α", ylabel=metric, title=f"{metric} against α (dotted: retriever alone)")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(out / "alpha_curves.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "alpha_curves.png")
+    for name, log in adapter_logs(root).items():
+        rows = list(csv.DictReader(log.open()))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
+        ax.set(xlabel="step", ylabel="loss", title=f"{name}: training loss")
+        fig.tight_layout()
+        fig.savefig(out / f"loss_{name}.png", dpi=120)
+        plt.close(fig)
+        written.append(out / f"loss_{name}.png")
+    return written

@@ -1,0 +1,188 @@
+"""Sweeps, α chosen on withheld queries, report tables and diffs across recipe versions."""
+
+import json
+import re
+import subprocess
+
+import numpy as np
+import pytest
+import yaml
+from test_plan import by_kind, project  # noqa: F401  (fixture)
+
+from readaptir import report
+from readaptir.evaluation import evaluate
+from readaptir.plan import plan_recipes
+from readaptir.recipe import load_recipes
+from readaptir.stats import compare, query_split, randomization_test
+
+
+def test_sweep_expands_to_named_variants_sharing_adapter_and_delta(project):  # noqa: F811
+    (project / "recipes" / "ra-full.yaml").unlink()
+    (project / "recipes" / "ra-half.yaml").write_text(
+        "extends: _common.yaml\nreadapt: {alpha: [0, 0.25, 0.5], beta: [1.0, 0.5]}\n"
+    )
+    recipes = load_recipes(project / "recipes")
+    assert [r.name for r in recipes] == [
+        "ra-half-a0-b1",
+        "ra-half-a0-b0p5",
+        "ra-half-a0p25-b1",
+        "ra-half-a0p25-b0p5",
+        "ra-half-a0p5-b1",
+        "ra-half-a0p5-b0p5",
+    ]
+    assert {r.sweep for r in recipes} == {"ra-half"}
+    kinds = by_kind(plan_recipes(recipes, project))
+    assert len(kinds["adapter"]) == 1 and len(kinds["delta"]) == 1
+    assert len(kinds["merge"]) == 5  # α=0, β=1 is the retriever itself
+    assert len(kinds["score"]) == 6
+
+
+def test_alpha_auto_builds_the_grid_and_one_score(project):  # noqa: F811
+    (project / "recipes" / "ra-full.yaml").unlink()
+    (project / "recipes" / "ra-half.yaml").write_text(
+        "extends: _common.yaml\nreadapt: {alpha: auto, alpha_grid: [0, 0.5, 1]}\n"
+    )
+    plan = plan_recipes(load_recipes(project / "recipes"), project)
+    score = plan.stages["score-ra-half"]
+    assert set(score.inputs) == {"baseline", "alpha-0", "alpha-1", "alpha-2"}
+    assert score.inputs["alpha-0"] == score.inputs["baseline"]
+    assert score.params["select"]["grid"] == {"alpha-0": 0.0, "alpha-1": 0.5, "alpha-2": 1.0}
+    assert len(by_kind(plan)["merge"]) == 2
+
+
+def write_run(path, scores: dict[str, dict[str, float]]):
+    lines = []
+    for qid, docs in scores.items():
+        ranked = sorted(docs.items(), key=lambda kv: -kv[1])
+        lines += [f"{qid} Q0 {d} {i + 1} {s} test" for i, (d, s) in enumerate(ranked)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_alpha_auto_never_reports_on_tuning_queries(tmp_path):
+    from conftest import write_beir
+
+    n = 40
+    corpus = [{"_id": f"d{i}", "title": "", "text": f"doc {i}"} for i in range(n)]
+    queries = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(n)]
+    data = write_beir(tmp_path / "beir", corpus, queries, [(f"q{i}", f"d{i}", 1) for i in range(n)])
+    rng = np.random.default_rng(0)
+
+    def run(name, hit_rate):  # the relevant doc ranks first for a share of queries
+        scores = {}
+        for i in range(n):
+            docs = {f"d{j}": float(rng.random()) for j in rng.choice(n, 5, replace=False)}
+            docs[f"d{i}"] = 2.0 if rng.random() < hit_rate else -1.0
+            scores[f"q{i}"] = docs
+        return write_run(tmp_path / f"{name}.trec", scores)
+
+    runs = {"baseline": run("b", 0.3), "alpha-0": run("a0", 0.2), "alpha-1": run("a1", 0.9)}
+    select = {
+        "grid": {"alpha-0": 0.25, "alpha-1": 0.75},
+        "fraction": 0.5,
+        "seed": 3,
+        "metric": "nDCG@10",
+    }
+    summary, details = evaluate(runs, data, "test", ["nDCG@10", "MRR@10"], True, select)
+    tune, held = query_split([f"q{i}" for i in range(n)], 0.5, 3)
+    assert summary["alpha"] == 0.75
+    assert summary["alpha_selection"]["tuning_queries"] == len(tune) == 20
+    assert details["tuning_queries"] == tune
+    assert set(details["baseline"]) == set(details["readapted"]) == set(held)
+    assert not set(held) & set(tune) and summary["queries"] == len(held)
+    # the reported figure is the mean over the evaluation queries only
+    held_mean = np.mean([details["readapted"][q]["nDCG@10"] for q in held])
+    assert summary["readapted"]["nDCG@10"] == pytest.approx(held_mean)
+    c = summary["comparison"]["nDCG@10"]
+    assert c["wins"] + c["ties"] + c["losses"] == len(held)
+
+
+def test_query_split_is_deterministic_disjoint_and_order_free():
+    ids = [f"q{i}" for i in range(101)]
+    tune, held = query_split(ids, 0.3, seed=1)
+    assert (tune, held) == query_split(list(reversed(ids)), 0.3, seed=1)
+    assert len(tune) == 30 and sorted(tune + held) == sorted(ids)
+    assert query_split(ids, 0.3, seed=2) != (tune, held)
+
+
+def test_randomization_test_and_win_tie_loss():
+    base = {f"q{i}": 0.5 for i in range(50)}
+    assert compare(base, dict(base)) == {"wins": 0, "ties": 50, "losses": 0, "p_value": 1.0}
+    better = {q: v + 0.2 for q, v in base.items()}
+    better["q0"] = 0.1
+    result = compare(base, better)
+    assert (result["wins"], result["ties"], result["losses"]) == (49, 0, 1)
+    assert result["p_value"] < 0.001
+    noise = np.random.default_rng(0).normal(0, 0.1, 200)
+    assert randomization_test(np.zeros(200), noise) > 0.05
+
+
+def metrics_file(name, dataset, label, base, ra, alpha=0.5, in_domain=False, p=0.5):
+    return {
+        "recipe": name,
+        "dataset": dataset,
+        "label": label,
+        "alpha": alpha,
+        "beta": 1.0,
+        "in_domain": in_domain,
+        "sweep": None,
+        "queries": 10,
+        "retriever": {"nDCG@10": base},
+        "readapted": {"nDCG@10": ra},
+        "change": {"nDCG@10": ra - base},
+        "comparison": {"nDCG@10": {"wins": 5, "ties": 3, "losses": 2, "p_value": p}},
+    }
+
+
+METRICS = {
+    "r-marco": metrics_file("r-marco", "msmarco", "RepLLaMA", 0.40, 0.41, in_domain=True),
+    "r-sf": metrics_file("r-sf", "scifact", "RepLLaMA", 0.745, 0.763, p=0.01),
+    "e-sf": metrics_file("e-sf", "scifact", "e5", 0.714, 0.733),
+    "e-marco": metrics_file("e-marco", "msmarco", "e5", 0.43, 0.42, in_domain=True),
+    "r-sweep": {**metrics_file("r-sweep", "scifact", "RepLLaMA", 0.745, 0.70), "sweep": "x"},
+}
+
+
+def test_paper_table_numbers_equal_the_metrics_files():
+    header, rows = report.paper_rows(METRICS, "nDCG@10")
+    assert header == ["dataset", "RepLLaMA Base", "RepLLaMA RA", "e5 Base", "e5 RA"]
+    assert rows[0] == ["msmarco", 0.40, 0.41, 0.43, 0.42]
+    assert rows[1] == ["scifact", 0.745, 0.763, 0.714, 0.733]  # the sweep variant stays out
+    assert rows[2][0] == "Average" and rows[2][2] == pytest.approx((0.41 + 0.763) / 2)
+    assert rows[3] == ["Zero-shot average", 0.745, 0.763, 0.714, 0.733]
+    md = report.table(METRICS, "paper", fmt="md")
+    assert re.search(r"\| scifact +\| 74\.5 +\| 76\.3† +\| 71\.4 +\| 73\.3 +\|", md)  # † p<0.05
+    data = json.loads(report.table(METRICS, "paper", fmt="json"))
+    assert data[1]["e5 RA"] == 0.733
+    csv_text = report.table(METRICS, "recipes", fmt="csv")
+    assert "r-sf,scifact,0.5,1.0,0.745,0.763" in csv_text
+
+
+def test_two_recipes_in_one_cell_is_an_error():
+    clash = {**METRICS, "r-sf2": metrics_file("r-sf2", "scifact", "RepLLaMA", 0.7, 0.71)}
+    with pytest.raises(report.ReportError, match="'r-sf' and 'r-sf2' both fill RepLLaMA"):
+        report.paper_rows(clash, "nDCG@10")
+
+
+def test_diff_between_two_committed_recipe_versions(tmp_path):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    def commit(alpha, ra, message):
+        params = {"recipes": {"r-sf": {"readapt": {"alpha": alpha, "beta": 1.0}}}}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        (tmp_path / "metrics").mkdir(exist_ok=True)
+        (tmp_path / "metrics" / "r-sf.json").write_text(
+            json.dumps(metrics_file("r-sf", "scifact", "R", 0.745, ra, alpha=alpha))
+        )
+        git("add", "-A")
+        git("-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", message)
+
+    git("init", "-q")
+    commit(0.5, 0.763, "a")
+    commit(0.25, 0.770, "b")
+    text = report.diff(tmp_path, "HEAD~1", "HEAD")
+    row = next(line for line in text.splitlines() if line.startswith("| r-sf"))
+    assert "readapt.alpha: 0.5 -> 0.25" in row and "+0.0070" in row
+    with pytest.raises(report.ReportError, match="params.yaml at nope"):
+        report.diff(tmp_path, "nope")
