@@ -1,37 +1,144 @@
 import csv
 
+import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, LlamaConfig
 
-from readaptir.stages.adapter import train_adapter
+from readaptir import tiny
+from readaptir.corpus import Passage, load_qrels
+from readaptir.stages.adapter import select_passages, train_adapter
+from readaptir.training import CAUSAL, MASKED, objective_for, resolve_targets
 
 SMALL = dict(r=4, lora_alpha=8, batch_size=4, max_length=32, lr=1e-3, epochs=2)
 
 
-def test_dora_adapter_trains_logs_and_loads(tmp_path, tiny_base, tiny_beir):
-    out = tmp_path / "adapter"
+def _train(tmp_path, name, base, corpus, **kwargs):
+    out = tmp_path / name
     out.mkdir()
-    summary = train_adapter(tiny_base, tiny_beir, out, **SMALL)
-    assert summary["steps"] == 6  # 12 passages / batch 4 × 2 epochs
-    rows = list(csv.DictReader((out / "training_log.csv").open()))
+    summary = train_adapter(base, corpus, out, **{**SMALL, **kwargs})
+    return summary, out, load_file(out / "adapter_model.safetensors")
+
+
+def _log(out):
+    return list(csv.DictReader((out / "training_log.csv").open()))
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dora_adapter_trains_logs_and_loads(tmp_path, tiny_base, tiny_beir):
+    args = dict(max_length=128)  # no passage truncated: packed or not, the same tokens
+    summary, out, tensors = _train(tmp_path, "padded", tiny_base, tiny_beir, packing=False, **args)
+    assert summary["steps"] == 6  # one passage per row: 12 passages / batch 4 × 2 epochs
+    rows = _log(out)
+    assert list(rows[0]) == ["step", "epoch", "loss", "lr", "tokens"]
     assert [int(r["step"]) for r in rows] == list(range(1, 7))
     assert all(float(r["loss"]) > 0 for r in rows)
-    tensors = load_file(out / "adapter_model.safetensors")
     assert any("lora_magnitude_vector" in k for k in tensors)
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in tensors.items())
+    assert not any("lm_head" in k for k in tensors)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), out)
     assert model.peft_config["default"].use_dora
 
+    # packed rows carry the same real tokens in fewer steps
+    packed, out, _ = _train(tmp_path, "packed", tiny_base, tiny_beir, **args)
+    assert packed["tokens"] == summary["tokens"] and packed["steps"] < summary["steps"]
+    assert int(_log(out)[-1]["tokens"]) == packed["tokens"]
+
 
 def test_same_seed_same_adapter_and_lora_option(tmp_path, tiny_base, tiny_beir):
-    outs = []
-    for i, method in enumerate(("lora", "lora", "dora")):
-        out = tmp_path / f"a{i}"
-        out.mkdir()
-        train_adapter(tiny_base, tiny_beir, out, method=method, max_steps=2, **SMALL)
-        outs.append(load_file(out / "adapter_model.safetensors"))
-    assert outs[0].keys() == outs[1].keys()
-    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    outs = [
+        _train(tmp_path, f"a{i}", tiny_base, tiny_beir, method=method, max_steps=2)[2]
+        for i, method in enumerate(("lora", "lora", "dora"))
+    ]
+    assert _same(outs[0], outs[1])
     assert not any("magnitude" in k for k in outs[0]) and any("magnitude" in k for k in outs[2])
+
+
+def test_batch_tokens_sets_rows_per_step(tmp_path, tiny_base, tiny_beir):
+    by_rows = _train(tmp_path, "rows", tiny_base, tiny_beir, batch_size=2, max_steps=2)[2]
+    by_tokens = _train(tmp_path, "tokens", tiny_base, tiny_beir, batch_tokens=64 + 31, max_steps=2)
+    assert _same(by_rows, by_tokens[2])
+
+
+def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_base, tiny_beir):
+    args = dict(method="dora", packing=False, epochs=3, batch_size=3)  # 12 steps over 3 epochs
+    _, whole_out, whole = _train(tmp_path, "whole", tiny_base, tiny_beir, **args)
+    ckpt = tmp_path / "ckpt"
+
+    def kill_at_7(step: int) -> None:
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, "killed", tiny_base, tiny_beir, **args,
+               checkpoint_dir=ckpt, checkpoint_every=3, on_step=kill_at_7)  # fmt: skip
+    assert (ckpt / "checkpoint.pt").is_file()
+    summary, out, resumed = _train(
+        tmp_path, "resumed", tiny_base, tiny_beir, **args, checkpoint_dir=ckpt, checkpoint_every=3
+    )
+    assert summary["resumed_from"] == 6 and summary["steps"] == 12
+    assert _same(whole, resumed)
+    assert _log(out) == _log(whole_out)
+    assert not (ckpt / "checkpoint.pt").exists()
+
+
+def test_bf16_base_trains_bf16_adapter_with_checkpointing(tmp_path, tiny_base, tiny_beir):
+    _, _, tensors = _train(
+        tmp_path, "bf16", tiny_base, tiny_beir, dtype="bfloat16", gradient_checkpointing=True,
+        max_steps=2,
+    )  # fmt: skip
+    assert {v.dtype for v in tensors.values()} == {torch.bfloat16}
+
+
+def test_encoder_base_trains_masked_lm_adapter(tmp_path, tokenizer, tiny_beir):
+    base = tiny.make_bert(tmp_path / "bert", tokenizer)  # no MLM head: one is made for training
+    summary, out, tensors = _train(tmp_path, "mlm", base, tiny_beir, max_steps=3)
+    assert summary["objective"] == MASKED and summary["steps"] == 3
+    targets = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors}
+    assert targets == {"query", "key", "value", "dense"}
+    assert not any(k.startswith("base_model.model.cls") for k in tensors)  # the head is not Ψ
+    model = PeftModel.from_pretrained(AutoModelForMaskedLM.from_pretrained(base), out)
+    assert model.peft_config["default"].use_dora
+    again = _train(tmp_path, "mlm2", base, tiny_beir, max_steps=3)[2]
+    assert _same(tensors, again)
+
+
+def test_objective_by_architecture_and_target_errors(tokenizer, tiny_base, tiny_beir, tmp_path):
+    assert objective_for(LlamaConfig()) == CAUSAL
+    assert objective_for(BertConfig()) == MASKED
+    assert objective_for(BertConfig(is_decoder=True)) == CAUSAL
+    body = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert resolve_targets(body, ["lm_head"], ["q_proj"]) == []
+    head = ["cls.predictions.transform.dense"]
+    assert resolve_targets(["bert.encoder.layer.0.output.dense"], head, ["dense"]) == head
+    with pytest.raises(ValueError, match=r"match no Linear.*model\.layers\.\*\.self_attn\.q_proj"):
+        resolve_targets(body, [], ["query"])
+    with pytest.raises(ValueError, match="up_proj"):
+        _train(tmp_path, "bad", tiny_base, tiny_beir, target_modules=["query"], max_steps=1)
+
+
+def test_passage_selection_by_judgments(tmp_path, tiny_base, tiny_beir):
+    passages = [Passage(f"d{i}", "", f"text {i}") for i in range(5)]
+    qrels = {"q0": {"d0": 1, "d1": 0}, "q1": {"d3": 2, "d9": 1}}
+    assert [p.id for p in select_passages(passages, "judged", qrels)] == ["d0", "d3"]
+    assert [p.id for p in select_passages(passages, "unjudged", qrels)] == ["d1", "d2", "d4"]
+    assert select_passages(passages, "all", None) == passages
+    with pytest.raises(ValueError, match="needs the judgments"):
+        select_passages(passages, "judged", None)
+    with pytest.raises(ValueError, match="leaves no passage"):
+        select_passages(passages[:1], "unjudged", qrels)
+    with pytest.raises(ValueError, match="expected one of"):
+        select_passages(passages, "some", qrels)
+
+    judged = {d for docs in load_qrels(tiny_beir, "test").values() for d in docs}
+    summary = _train(tmp_path, "judged", tiny_base, tiny_beir, passages="judged", max_steps=1)[0]
+    assert summary["passages"] == len(judged) == 5
+    summary = _train(
+        tmp_path, "unjudged", tiny_base, tiny_beir, passages="unjudged", qrels_dir=tiny_beir,
+        qrels_split="test", max_steps=1,
+    )[0]  # fmt: skip
+    assert summary["passages"] == 12 - 5

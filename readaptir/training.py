@@ -1,0 +1,296 @@
+"""The model side of knowledge-adapter training: objective, adapter, step, checkpoints and ranks.
+
+Decoder bases learn by next-token prediction, encoder bases (BERT-style) by masked-LM; the LM head
+serves only the loss and is never adapted, since Ψ is applied to a retriever that has none.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LOG = logging.getLogger(__name__)
+
+CAUSAL, MASKED = "causal", "masked"
+DEFAULT_TARGETS = {
+    CAUSAL: ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
+    MASKED: ("query", "key", "value", "dense"),
+}
+
+
+def objective_for(config: Any) -> str:
+    """``causal`` for decoders, ``masked`` for encoders with a masked-LM architecture."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = config.model_type
+    causal = kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    masked = kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    # BERT-like types register a causal head too; only their decoder configs want it
+    if causal and (getattr(config, "is_decoder", False) or not masked):
+        return CAUSAL
+    if masked:
+        return MASKED
+    raise ValueError(f"model type {kind!r} has neither a causal-LM nor a masked-LM architecture")
+
+
+def load_model(base_dir: Path, objective: str, dtype: torch.dtype | None) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    cls = AutoModelForCausalLM if objective == CAUSAL else AutoModelForMaskedLM
+    model = cls.from_pretrained(base_dir, dtype=dtype)
+    if objective == CAUSAL:
+        # a KV cache in training would also stop transformers from reading packed position ids
+        model.config.use_cache = False
+    return model
+
+
+def linear_modules(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Names of the Linear modules in the body and in the head (outside the base-model prefix)."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    body, head = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            (body if name.startswith(prefix) else head).append(name)
+    return body, head
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)  # PEFT's rule for a list of names
+
+
+def resolve_targets(body: list[str], head: list[str], targets: list[str]) -> list[str]:
+    """The head modules that ``targets`` would also wrap (to exclude); fails when no body module
+    matches, listing the body's Linear modules with layer numbers collapsed."""
+    if not any(_matches(n, t) for n in body for t in targets):
+        shapes = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in body})
+        raise ValueError(
+            f"adapter target_modules {targets} match no Linear module of the base model; "
+            f"its Linear modules are: {', '.join(shapes)}"
+        )
+    return [n for n in head if any(_matches(n, t) for t in targets)]
+
+
+def attach_adapter(
+    model: torch.nn.Module,
+    *,
+    objective: str,
+    method: str,
+    r: int,
+    lora_alpha: float,
+    dropout: float,
+    target_modules: list[str],
+    float32_adapter: bool | None = None,
+) -> torch.nn.Module:
+    """Wrap ``model`` with a PEFT LoRA/DoRA adapter over the body's ``target_modules``.
+
+    Adapter weights are float32 (PEFT's default) unless the base is bf16, where they follow it;
+    ``float32_adapter`` forces either choice.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    body, head = linear_modules(model)
+    excluded = resolve_targets(body, head, list(target_modules))
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        exclude_modules=excluded or None,
+        use_dora=method == "dora",
+        task_type="CAUSAL_LM" if objective == CAUSAL else None,
+    )
+    if float32_adapter is None:
+        # bf16 adapter weights on a bf16 base: PEFT's float32 ones make DoRA ~3.7× slower there
+        float32_adapter = next(model.parameters()).dtype != torch.bfloat16
+    return get_peft_model(model, config, autocast_adapter_dtype=float32_adapter)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant checkpointing)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def position_offset(model: torch.nn.Module) -> int:
+    """Where the model's position ids start: RoBERTa-style embeddings count from padding_idx + 1."""
+    embeddings = getattr(model.base_model, "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    return padding_idx + 1 if isinstance(padding_idx, int) else 0
+
+
+def train_step(
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    device: torch.device | str,
+) -> float:
+    """One optimizer step on one batch of model inputs; returns the loss."""
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    loss = model(**moved).loss
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+class Meter:
+    """Real tokens per second and time left, over the steps of this process."""
+
+    def __init__(self, total_steps: int, start_step: int, report_every_s: float = 60.0) -> None:
+        self.total, self.start_step = total_steps, start_step
+        self.started = self.reported = time.perf_counter()
+        self.report_every_s = report_every_s
+        self.tokens = 0
+
+    def due(self) -> bool:
+        """True at most once per ``report_every_s`` seconds."""
+        now = time.perf_counter()
+        if now - self.reported < self.report_every_s:
+            return False
+        self.reported = now
+        return True
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def rate(self) -> float:
+        return self.tokens / max(self.elapsed(), 1e-9)
+
+    def eta(self, step: int) -> float:
+        done = step - self.start_step
+        return self.elapsed() / done * (self.total - step) if done else float("nan")
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    progress: dict[str, Any],
+) -> Path:
+    """Everything a resumed run needs, written to a temporary file and renamed into place."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = {
+        "adapter": trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": schedule.state_dict(),
+        "rng": rng,
+        "progress": progress,
+    }
+    path = folder / CHECKPOINT_FILE
+    tmp = folder / f".{CHECKPOINT_FILE}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(
+    folder: Path, fingerprint: str, device: torch.device | str
+) -> dict[str, Any] | None:
+    """The checkpoint in ``folder`` when one was made by a run with the same ``fingerprint``."""
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location=device, weights_only=True)
+    if state["progress"].get("fingerprint") != fingerprint:
+        LOG.warning("%s belongs to a run with other settings; starting afresh", path)
+        return None
+    return state
+
+
+def restore_checkpoint(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+) -> dict[str, Any]:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state["adapter"].items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    return state["progress"]
+
+
+# --- several GPUs (torchrun) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Ranks:
+    """Join the process group when launched by torchrun with WORLD_SIZE > 1; else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return Ranks(dist.get_rank(), world, local)
+
+
+def wrap_distributed(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
+    if ranks.world <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ranks.local] if torch.cuda.is_available() else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def sum_across_ranks(value: int, ranks: Ranks, device: torch.device | str) -> int:
+    if ranks.world <= 1:
+        return value
+    import torch.distributed as dist
+
+    total = torch.tensor([value], device=device)
+    dist.all_reduce(total)
+    return int(total.item())
