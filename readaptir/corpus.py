@@ -75,10 +75,9 @@ def _str_field(obj: dict, key: str, where: str) -> str:
     return value
 
 
-def load_corpus(dataset_dir: Path) -> list[Passage]:
-    """Every passage of ``corpus.jsonl`` in file order."""
+def iter_passages(dataset_dir: Path) -> Iterator[Passage]:
+    """Every passage of ``corpus.jsonl`` in file order, read lazily (ids checked for duplicates)."""
     path = Path(dataset_dir) / CORPUS_FILE
-    passages: list[Passage] = []
     seen: set[str] = set()
     for lineno, obj in _records(path):
         where = f"{path.name} line {lineno}"
@@ -86,11 +85,22 @@ def load_corpus(dataset_dir: Path) -> list[Passage]:
         if pid in seen:
             raise CorpusError(f"{where}: duplicate id {pid!r}")
         seen.add(pid)
-        passages.append(
-            Passage(pid, _str_field(obj, "title", where), _str_field(obj, "text", where))
-        )
+        yield Passage(pid, _str_field(obj, "title", where), _str_field(obj, "text", where))
+
+
+def count_passages(dataset_dir: Path) -> int:
+    """The number of passages in ``corpus.jsonl``, every line checked as ``iter_passages`` does.
+
+    A cheap first pass (no text is kept) so that a bad line fails before hours of encoding.
+    """
+    return sum(1 for _ in iter_passages(dataset_dir))
+
+
+def load_corpus(dataset_dir: Path) -> list[Passage]:
+    """Every passage of ``corpus.jsonl`` in file order."""
+    passages = list(iter_passages(dataset_dir))
     if not passages:
-        raise CorpusError(f"{path}: no passages")
+        raise CorpusError(f"{Path(dataset_dir) / CORPUS_FILE}: no passages")
     return passages
 
 
@@ -193,10 +203,32 @@ def load_collection(dataset_dir: Path, split: str) -> Collection:
     passages = load_corpus(dataset_dir)
     queries = load_queries(dataset_dir)
     raw = load_qrels(dataset_dir, split)
-    doc_ids = {p.id for p in passages}
+    qrels, warnings = usable_judgments(raw, queries, {p.id for p in passages}, split)
+    return Collection(passages=passages, queries=queries, qrels=qrels, warnings=warnings)
+
+
+def load_judgments(dataset_dir: Path, split: str) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """The split's usable judgments and the warnings of ``usable_judgments``.
+
+    The corpus is only streamed for its ids, so scoring MS MARCO does not hold its 8.8M passages.
+    """
+    queries = load_queries(dataset_dir)
+    raw = load_qrels(dataset_dir, split)
+    doc_ids = {p.id for p in iter_passages(dataset_dir)}
+    if not doc_ids:
+        raise CorpusError(f"{Path(dataset_dir) / CORPUS_FILE}: no passages")
+    return usable_judgments(raw, queries, doc_ids, split)
+
+
+def usable_judgments(
+    raw: dict[str, dict[str, int]], queries: dict[str, str], doc_ids: set[str], split: str
+) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """The judgments naming known queries and documents, and a warning for each kind dropped.
+
+    A query left with no judgment on a known document is dropped too: it cannot be scored.
+    """
     name = f"{QRELS_DIR}/{split}.tsv"
     warnings: list[str] = []
-
     unknown_q = {q for q in raw if q not in queries}
     if unknown_q:
         n = sum(len(raw[q]) for q in unknown_q)
@@ -229,7 +261,7 @@ def load_collection(dataset_dir: Path, split: str) -> Collection:
 
     for w in warnings:
         LOG.warning("%s", w)
-    return Collection(passages=passages, queries=queries, qrels=qrels, warnings=warnings)
+    return qrels, warnings
 
 
 def write_collection(

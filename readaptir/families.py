@@ -1,21 +1,85 @@
 """Retriever families: how each one turns queries and passages into vectors.
 
 A family is a preset of encoding fields; a recipe may override any of them. ``None`` for pooling,
-normalisation or a max length in the ``sentence-transformers`` preset means "as the model's own
-sentence-transformers configuration says" (read at encoding time from the model folder).
+normalisation, lower-casing or a max length in the ``sentence-transformers`` preset means "as the
+model's own sentence-transformers configuration says" (read at encoding time from the model folder).
+
+Some settings depend on the collection, as their authors published them. They are looked up by the
+collection's name (``corpus.name``, else its folder name), matched without regard to case or
+punctuation, so ``scifact``, ``SciFact`` and ``sci-fact`` agree, and BEIR's folder names
+(``trec-covid``, ``webis-touche2020``, ``dbpedia-entity``) agree with MTEB's task names
+(``TRECCOVID``, ``Touche2020``, ``DBPedia``). Precedence, lowest first: the family preset, the
+per-collection table below, the recipe's ``retriever.encoding``.
+
+- e5-mistral: the query instruction of each of the 14 collections its authors evaluated on
+  (MS MARCO and 13 BEIR sets); an unknown collection gets a generic instruction and a warning.
+- RepLLaMA: 512 tokens for queries and passages (its authors' BEIR setting); on MS MARCO, the
+  lengths it was trained with (32 / 196).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+import re
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
+
+LOG = logging.getLogger(__name__)
 
 Pooling = Literal["last", "mean", "cls"]
 FAMILIES = ("repllama", "e5-mistral", "sentence-transformers", "custom")
 
-# Used by e5-mistral when the recipe names no task instruction.
+# Used by e5-mistral on a collection without a published instruction.
 E5_DEFAULT_INSTRUCTION = "Given a query, retrieve relevant passages that answer the query"
+
+# e5-mistral's query instructions, per collection. Source: microsoft/unilm, e5/utils.py,
+# get_task_def_by_task_name_and_type (task type "Retrieval"); mteb ships the same strings as the
+# model's prompts. Documents get no instruction.
+E5_INSTRUCTIONS: dict[str, str] = {
+    "msmarco": "Given a web search query, retrieve relevant passages that answer the query",
+    "arguana": "Given a claim, find documents that refute the claim",
+    "climatefever": (
+        "Given a claim about climate change, retrieve documents that support or refute the claim"
+    ),
+    "dbpediaentity": "Given a query, retrieve relevant entity descriptions from DBPedia",
+    "fever": "Given a claim, retrieve documents that support or refute the claim",
+    "fiqa": "Given a financial question, retrieve user replies that best answer the question",
+    "hotpotqa": "Given a multi-hop question, retrieve documents that can help answer the question",
+    "nfcorpus": "Given a question, retrieve relevant documents that best answer the question",
+    "nq": "Given a question, retrieve Wikipedia passages that answer the question",
+    "quora": (
+        "Given a question, retrieve questions that are semantically equivalent to "
+        "the given question"
+    ),
+    "scidocs": (
+        "Given a scientific paper title, retrieve paper abstracts that are cited by the given paper"
+    ),
+    "scifact": "Given a scientific claim, retrieve documents that support or refute the claim",
+    "treccovid": "Given a query on COVID-19, retrieve documents that answer the query",
+    "webistouche2020": (
+        "Given a question, retrieve detailed and persuasive arguments that answer the question"
+    ),
+}
+
+# RepLLaMA (castorini/repllama-v1-7b-lora-passage) max lengths (query, passage) in tokens, BOS and
+# EOS included. Sources: texttron/tevatron examples/repllama/README.md (MS MARCO training:
+# q_max_len 32, p_max_len 196) and examples/example_repllama.md (BEIR: query_max_len and
+# passage_max_len 512). Tevatron's later generic MS MARCO recipe uses 156 for passages; 196 is the
+# one this checkpoint was trained with.
+REPLLAMA_DEFAULT_LENGTHS = (512, 512)
+REPLLAMA_LENGTHS: dict[str, tuple[int, int]] = {"msmarco": (32, 196)}
+
+# Other spellings of the collections above: MTEB task names, BEIR folder names, common variants.
+_ALIASES = {
+    "dbpedia": "dbpediaentity",
+    "fiqa2018": "fiqa",
+    "quoraretrieval": "quora",
+    "touche2020": "webistouche2020",
+    "touche": "webistouche2020",
+    "msmarcopassage": "msmarco",
+    "naturalquestions": "nq",
+}
 
 
 class Encoding(BaseModel):
@@ -23,6 +87,7 @@ class Encoding(BaseModel):
 
     Templates use ``{text}`` (query or passage body), ``{title}`` (passages) and ``{instruction}``
     (queries). A passage whose title is empty has the result stripped of surrounding whitespace.
+    ``lowercase`` lower-cases the text before tokenisation (uncased sentence-transformers models).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -35,17 +100,18 @@ class Encoding(BaseModel):
     append_eos: bool = False
     max_query_length: int | None = 512
     max_passage_length: int | None = 512
+    lowercase: bool | None = False
 
 
-PRESETS: dict[str, dict] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "repllama": dict(
         query_template="query: {text}",
         passage_template="passage: {title} {text}",
         pooling="last",
         normalize=True,
         append_eos=True,
-        max_query_length=512,
-        max_passage_length=512,
+        max_query_length=REPLLAMA_DEFAULT_LENGTHS[0],
+        max_passage_length=REPLLAMA_DEFAULT_LENGTHS[1],
     ),
     "e5-mistral": dict(
         query_template="Instruct: {instruction}\nQuery: {text}",
@@ -54,6 +120,7 @@ PRESETS: dict[str, dict] = {
         pooling="last",
         normalize=True,
         append_eos=True,
+        # microsoft/unilm e5/utils.py create_batch_dict: max_length=512 in its MTEB/BEIR runs.
         max_query_length=512,
         max_passage_length=512,
     ),
@@ -65,13 +132,46 @@ PRESETS: dict[str, dict] = {
         append_eos=False,
         max_query_length=None,
         max_passage_length=None,
+        lowercase=None,
     ),
     "custom": {},
 }
 
 
-def resolve_encoding(family: str, overrides: dict | None = None) -> Encoding:
-    """The family's preset with the recipe's overrides applied."""
+def dataset_key(name: str | None) -> str | None:
+    """The canonical key of a collection name (``"TREC-COVID"`` → ``"treccovid"``), or None."""
+    if not name:
+        return None
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    return _ALIASES.get(key, key) or None
+
+
+def collection_defaults(
+    family: str, dataset: str | None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The fields a family's authors set for this collection (empty when nothing is known)."""
+    key = dataset_key(dataset)
+    if family == "e5-mistral":
+        if key in E5_INSTRUCTIONS:
+            return {"query_instruction": E5_INSTRUCTIONS[key]}
+        if dataset is not None and "query_instruction" not in (overrides or {}):
+            LOG.warning(
+                "e5-mistral has no published instruction for collection %r; using %r "
+                "(set retriever.encoding.query_instruction to choose one)",
+                dataset,
+                E5_DEFAULT_INSTRUCTION,
+            )
+    if family == "repllama":
+        query_len, passage_len = REPLLAMA_LENGTHS.get(key or "", REPLLAMA_DEFAULT_LENGTHS)
+        return {"max_query_length": query_len, "max_passage_length": passage_len}
+    return {}
+
+
+def resolve_encoding(
+    family: str, overrides: dict[str, Any] | None = None, dataset: str | None = None
+) -> Encoding:
+    """The family's preset, its settings for collection ``dataset``, then the recipe's overrides."""
     if family not in PRESETS:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
-    return Encoding(**{**PRESETS[family], **(overrides or {})})
+    fields = {**PRESETS[family], **collection_defaults(family, dataset, overrides)}
+    return Encoding(**{**fields, **(overrides or {})})

@@ -11,12 +11,15 @@ from readaptir.corpus import (
     Collection,
     CorpusError,
     Passage,
+    count_passages,
+    iter_passages,
     load_collection,
     load_corpus,
     load_qrels,
     load_queries,
     passage_text,
     query_text,
+    usable_judgments,
 )
 
 CORPUS = [
@@ -144,3 +147,29 @@ def test_corpus_lines_are_json_objects(beir):
     (beir / "corpus.jsonl").write_text(json.dumps(CORPUS[0], indent=1))
     with pytest.raises(CorpusError, match="line 1"):
         load_corpus(beir)
+
+
+def test_passages_are_read_lazily(beir):
+    lines = ['{"_id": "a", "text": "t"}', "", '{"_id": "b", "text": "u"}', "not json"]
+    _write_lines(beir / "corpus.jsonl", lines)
+    with pytest.raises(CorpusError, match="line 4: not valid JSON"):
+        count_passages(beir)  # the checking pass fails at once
+    passages = iter_passages(beir)
+    assert [next(passages).id, next(passages).id] == ["a", "b"]  # read before the bad line
+    with pytest.raises(CorpusError, match="line 4: not valid JSON"):
+        next(passages)
+    _write_lines(beir / "corpus.jsonl", lines[:3])
+    assert count_passages(beir) == 2  # blank lines do not count
+    with pytest.raises(CorpusError, match="file not found"):
+        count_passages(beir / "nowhere")
+
+
+def test_usable_judgments_without_loading_the_corpus():
+    raw = {"q1": {"d1": 1, "gone": 2}, "q2": {"gone": 1}, "ghost": {"d1": 1}}
+    qrels, warnings = usable_judgments(raw, {"q1": "a", "q2": "b"}, {"d1", "d2"}, "dev")
+    assert qrels == {"q1": {"d1": 1}}
+    assert warnings == [
+        "qrels/dev.tsv: 1 judgments name 1 unknown queries (e.g. 'ghost'); ignored",
+        "qrels/dev.tsv: 2 judgments name 1 unknown documents (e.g. 'gone'); ignored",
+        "qrels/dev.tsv: 1 queries have no judgments left on known documents",
+    ]

@@ -7,25 +7,24 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import write_beir
 from tokenizers import processors
 
 from readaptir.corpus import load_corpus, passage_text
-from readaptir.families import Encoding, resolve_encoding
-from readaptir.models import load_encoder
-from readaptir.stages.embed import (
-    STConfig,
-    embed,
+from readaptir.encoding import (
+    appends_eos,
     encode_texts,
     last_token_index,
-    load_embeddings,
-    load_queries_embeddings,
     pad_batch,
     plan_batches,
     pool,
-    read_st_config,
-    resolve_fields,
     tokenize,
 )
+from readaptir.families import Encoding, resolve_encoding
+from readaptir.models import load_encoder
+from readaptir.st_config import STConfig, read_st_config, resolve_fields
+from readaptir.stages import embed as embed_module
+from readaptir.stages.embed import embed, load_embeddings, load_queries_embeddings
 
 TEXTS = [
     "what is a gene?",
@@ -76,7 +75,7 @@ def test_st_config_newer_layout(tmp_path):
 
 def test_missing_st_files_fall_back_with_a_warning(tiny_retriever, caplog):
     assert read_st_config(tiny_retriever) is None
-    with caplog.at_level(logging.WARNING, logger="readaptir.stages.embed"):
+    with caplog.at_level(logging.WARNING, logger="readaptir.st_config"):
         resolved = resolve_fields(resolve_encoding("sentence-transformers"), None)
     assert (resolved.pooling, resolved.normalize, resolved.max_passage_length) == (
         "mean",
@@ -150,30 +149,63 @@ def test_last_token_pooling_takes_eos(tiny_retriever):
     pooled_ids = ids[torch.arange(len(seqs)), last_token_index(mask)]
     assert pooled_ids.tolist() == [tok.eos_token_id] * len(seqs)
 
-    # The batched vectors equal the EOS state of each text run alone, without padding.
-    vecs = encode_texts(
-        model, tok, texts, pooling="last", normalize=False, max_length=64, append_eos=True
+    # The batched vectors equal the EOS state of each text run alone, without padding, whether
+    # the tokenizer appends EOS itself or not, and whichever padding side it asks for.
+    left = copy.deepcopy(tok)
+    left.padding_side = "left"
+    for variant in (tok, _appending_eos(tok), left):
+        vecs = encode_texts(
+            model, variant, texts, pooling="last", normalize=False, max_length=64, append_eos=True
+        )
+        with torch.inference_mode():
+            for row, s in enumerate(seqs):
+                alone = model(input_ids=torch.tensor([s])).last_hidden_state[0, -1]
+                np.testing.assert_allclose(vecs[row], alone.numpy(), atol=1e-5)
+
+
+def _appending_eos(tokenizer):
+    """A copy of ``tokenizer`` whose own post-processor appends EOS (as older transformers did for
+    Llama/Mistral tokenizers configured with ``add_eos_token``)."""
+    appends = copy.deepcopy(tokenizer)
+    bos, eos = appends.bos_token_id, appends.eos_token_id
+    appends.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
     )
-    with torch.inference_mode():
-        for row, s in enumerate(seqs):
-            alone = model(input_ids=torch.tensor([s])).last_hidden_state[0, -1]
-            np.testing.assert_allclose(vecs[row], alone.numpy(), atol=1e-5)
+    return appends
 
 
 def test_eos_survives_truncation_and_is_never_doubled(tokenizer):
     long = " ".join(["protein cell gene"] * 50)
-    (seq,) = tokenize(tokenizer, [long], max_length=8, append_eos=True)
-    assert len(seq) == 8 and seq[-1] == tokenizer.eos_token_id
-    # A tokenizer whose own post-processor already appends EOS.
-    appends = copy.deepcopy(tokenizer)
-    eos = appends.eos_token_id
-    appends.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", appends.bos_token_id), ("</s>", eos)]
-    )
-    assert appends("cell gene")["input_ids"][-1] == eos
+    texts = ["cell gene", long, "", "river </s>"]
+    appends = _appending_eos(tokenizer)
+    assert not appends_eos(tokenizer) and appends_eos(appends)
+    eos = tokenizer.eos_token_id
     for max_length in (8, 64):
-        (seq,) = tokenize(appends, [long if max_length == 8 else "cell gene"], max_length, True)
-        assert seq[-1] == eos and seq.count(eos) == 1 and len(seq) <= max_length
+        plain = tokenize(tokenizer, texts, max_length, append_eos=True)
+        own = tokenize(appends, texts, max_length, append_eos=True)
+        # Whoever appends it, each sequence ends with exactly one EOS and the ids agree.
+        assert plain == own
+        for seq in plain:
+            assert seq[-1] == eos and seq.count(eos) == 1 and len(seq) <= max_length
+        assert len(plain[1]) == max_length  # truncated texts use the whole budget
+    with pytest.raises(ValueError, match="no room for EOS"):
+        tokenize(tokenizer, texts, 1, append_eos=True)
+
+
+def test_lowercase_before_tokenizing(tokenizer, tmp_path):
+    assert tokenize(tokenizer, ["Cell GENE"], 16, False, lowercase=True) == tokenize(
+        tokenizer, ["cell gene"], 16, False
+    )
+    (tmp_path / "modules.json").write_text(json.dumps([{"path": "", "type": "x.Transformer"}]))
+    (tmp_path / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": 64, "do_lower_case": True})
+    )
+    st = read_st_config(tmp_path)
+    assert st == STConfig(None, False, 64, do_lower_case=True)
+    assert resolve_fields(resolve_encoding("sentence-transformers"), st).lowercase is True
+    # A recipe's explicit setting wins; other families never lower-case unless asked.
+    assert not resolve_fields(Encoding(lowercase=False), st).lowercase
+    assert not resolve_fields(resolve_encoding("repllama"), st).lowercase
 
 
 def test_embed_writes_float16_shards(tiny_retriever, tiny_beir, tmp_path):
@@ -192,6 +224,7 @@ def test_embed_writes_float16_shards(tiny_retriever, tiny_beir, tmp_path):
         "normalize": True,
         "max_query_length": 512,
         "max_passage_length": 512,
+        "lowercase": False,
     }
     assert info["encoding"] == encoding.model_dump()
     shards = list(load_embeddings(out))
@@ -199,9 +232,8 @@ def test_embed_writes_float16_shards(tiny_retriever, tiny_beir, tmp_path):
     assert [i for ids, _ in shards for i in ids] == [f"d{i}" for i in range(12)]
     assert all(v.dtype == np.float16 and v.shape[1] == info["dim"] for _, v in shards)
     qids, qvecs = load_queries_embeddings(out)
-    assert (
-        qids == ["q0", "q1", "q2", "q3"] and qvecs.shape
-    )  # q4 has no judgments == (4, info["dim"])
+    assert qids == ["q0", "q1", "q2", "q3"]  # q4 has no judgments
+    assert qvecs.shape == (4, info["dim"]) and qvecs.dtype == np.float16
 
     # The stored vectors are the float32 encodings rounded to float16.
     model, tok = load_encoder(tiny_retriever)
@@ -224,3 +256,55 @@ def test_embed_sentence_transformers_family(minilm_dir, st_model, tiny_beir, tmp
     ((_, stored),) = load_embeddings(tmp_path / "emb")
     theirs = st_model.encode(texts, convert_to_numpy=True)
     np.testing.assert_allclose(stored.astype(np.float32), theirs, atol=1e-3)
+
+
+def test_embed_streams_the_corpus_shard_by_shard(tiny_retriever, tiny_beir, tmp_path, monkeypatch):
+    read = 0
+    consumed_at_save: list[int] = []
+
+    def counting(dataset_dir):
+        nonlocal read
+        for p in load_corpus(dataset_dir):
+            read += 1
+            yield p
+
+    real_save = np.save
+
+    def spy_save(path, arr):
+        consumed_at_save.append(read)
+        real_save(path, arr)
+
+    monkeypatch.setattr(embed_module, "iter_passages", counting)
+    monkeypatch.setattr(embed_module.np, "save", spy_save)
+    info = embed(
+        tiny_retriever,
+        tiny_beir,
+        "test",
+        resolve_encoding("repllama"),
+        tmp_path / "e",
+        shard_size=5,
+    )
+    assert info["shards"] == 3
+    # Each shard is written before the next one is read: passages 5, 10, 12, then the queries.
+    assert consumed_at_save == [5, 10, 12, 12]
+
+
+def test_embed_handles_empty_documents_and_missing_titles(tiny_retriever, tmp_path):
+    corpus = [
+        {"_id": "0042", "title": "", "text": ""},
+        {"_id": "42", "text": "no title at all"},
+        {"_id": "d3", "title": "Only a title", "text": ""},
+    ]
+    queries = [{"_id": "007", "text": "title"}, {"_id": "q2", "text": "unjudged"}]
+    root = write_beir(tmp_path / "beir", corpus, queries, [("007", "42", 2)])
+    info = embed(tiny_retriever, root, "test", resolve_encoding("repllama"), tmp_path / "emb")
+    ((ids, vecs),) = load_embeddings(tmp_path / "emb")
+    assert ids == ["0042", "42", "d3"] and info["queries"] == 1
+    norms = np.linalg.norm(vecs.astype(np.float32), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-3)
+    # The empty document is read as "passage:" and its EOS: a real vector, not a padding artefact.
+    model, tok = load_encoder(tiny_retriever)
+    alone = encode_texts(
+        model, tok, ["passage:"], pooling="last", normalize=True, max_length=512, append_eos=True
+    )
+    np.testing.assert_allclose(vecs[0].astype(np.float32), alone[0], atol=1e-3)

@@ -9,20 +9,37 @@ import numpy as np
 import pytest
 from conftest import write_beir
 
+from readaptir.stages import search as search_module
 from readaptir.stages.score import parse_metric, read_run, score
-from readaptir.stages.search import format_run, merge_topk, search
+from readaptir.stages.search import (
+    choose_backend,
+    faiss_topk,
+    format_run,
+    merge_topk,
+    search,
+    torch_topk,
+)
 
 
-def _write_embeddings(out: Path, corpus: np.ndarray, queries: np.ndarray, shard_size: int) -> None:
+def _write_embeddings(
+    out: Path,
+    corpus: np.ndarray,
+    queries: np.ndarray,
+    shard_size: int,
+    doc_ids: list[str] | None = None,
+    query_ids: list[str] | None = None,
+) -> None:
     """An ``embed``-style folder holding the given float16 vectors."""
     out.mkdir(parents=True)
     shards = 0
     for start in range(0, len(corpus), shard_size):
         np.save(out / f"corpus-{shards:05d}.npy", corpus[start : start + shard_size])
         shards += 1
-    (out / "corpus_ids.json").write_text(json.dumps([f"doc{i:03d}" for i in range(len(corpus))]))
+    doc_ids = doc_ids or [f"doc{i:03d}" for i in range(len(corpus))]
+    query_ids = query_ids or [f"q{i}" for i in range(len(queries))]
+    (out / "corpus_ids.json").write_text(json.dumps(doc_ids))
     np.save(out / "queries.npy", queries)
-    (out / "query_ids.json").write_text(json.dumps([f"q{i}" for i in range(len(queries))]))
+    (out / "query_ids.json").write_text(json.dumps(query_ids))
     info = {"dim": corpus.shape[1], "passages": len(corpus), "shards": shards}
     (out / "info.json").write_text(json.dumps({**info, "queries": len(queries)}))
 
@@ -61,6 +78,97 @@ def test_k_larger_than_the_corpus(tmp_path):
     rows = _read_trec(tmp_path / "run" / "run.trec")
     assert len(rows) == 10 and [r[3] for r in rows[:5]] == ["1", "2", "3", "4", "5"]
     assert rows[0][2] == "doc000" and rows[5][2] == "doc001"  # a vector is its own best match
+
+
+def test_torch_search_equals_faiss():
+    rng = np.random.default_rng(2)
+    corpus = rng.standard_normal((300, 32)).astype(np.float16)
+    queries = rng.standard_normal((17, 32)).astype(np.float16)
+    want_s, want_i = faiss_topk(queries, corpus, 10)
+    # Small chunks, so the running top-k is merged across query and passage blocks.
+    got_s, got_i = torch_topk(queries, corpus, 10, "cpu", query_chunk=4, passage_chunk=64)
+    assert got_i.dtype == np.int64 and got_s.dtype == np.float32
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_s, want_s, rtol=0, atol=1e-5)
+    # k beyond the corpus gives the whole corpus, ranked.
+    s, i = torch_topk(queries[:2], corpus[:5], 100, "cpu", passage_chunk=2)
+    assert i.shape == (2, 5) and sorted(i[0].tolist()) == [0, 1, 2, 3, 4]
+    assert (np.diff(s, axis=1) <= 0).all()
+
+
+def test_search_backends_write_the_same_run(tmp_path):
+    rng = np.random.default_rng(3)
+    corpus = rng.standard_normal((41, 8)).astype(np.float16)
+    queries = rng.standard_normal((5, 8)).astype(np.float16)
+    _write_embeddings(tmp_path / "emb", corpus, queries, shard_size=9)
+    for backend in ("faiss", "torch"):
+        search(tmp_path / "emb", tmp_path / backend, k=7, device="cpu", backend=backend)
+    faiss_rows = _read_trec(tmp_path / "faiss" / "run.trec")
+    torch_rows = _read_trec(tmp_path / "torch" / "run.trec")
+    assert [r[:4] for r in torch_rows] == [r[:4] for r in faiss_rows]
+    for a, b in zip(torch_rows, faiss_rows, strict=True):
+        assert abs(float(a[4]) - float(b[4])) < 1e-5
+
+
+def test_choose_backend(monkeypatch):
+    def machine(cuda: bool, faiss_gpus: int) -> None:
+        monkeypatch.setattr(search_module, "_cuda", lambda: cuda)
+        monkeypatch.setattr(search_module, "_faiss_gpus", lambda: faiss_gpus)
+
+    machine(cuda=False, faiss_gpus=0)
+    assert choose_backend(None) == ("faiss-cpu", "cpu")
+    assert choose_backend("auto", "torch") == ("torch", "cpu")
+    machine(cuda=True, faiss_gpus=0)  # the lent GPUs: CUDA, but FAISS without GPU support
+    assert choose_backend(None) == ("torch", "cuda")
+    assert choose_backend("cuda:1") == ("torch", "cuda:1")
+    assert choose_backend("cpu") == ("faiss-cpu", "cpu")
+    assert choose_backend(None, "faiss") == ("faiss-cpu", "cpu")
+    machine(cuda=True, faiss_gpus=1)
+    assert choose_backend(None) == ("faiss-gpu", "cuda")
+    assert choose_backend(None, "torch") == ("torch", "cuda")
+    with pytest.raises(ValueError, match="unknown search backend 'annoy'"):
+        choose_backend(None, "annoy")
+
+
+def test_run_file_is_what_trec_eval_reads(tmp_path):
+    import pytrec_eval
+
+    rng = np.random.default_rng(4)
+    corpus = rng.standard_normal((30, 8))
+    corpus = (corpus / np.linalg.norm(corpus, axis=1, keepdims=True)).astype(np.float16)
+    # Ids that look numeric keep their leading zeros; "42" and "0042" are different documents.
+    doc_ids = ["0042", "42"] + [f"{i}" for i in range(100, 128)]
+    corpus[1] = corpus[0]  # a tie: trec_eval puts the larger id (by strcmp) first
+    queries = np.stack([corpus[0], corpus[5]])
+    _write_embeddings(tmp_path / "emb", corpus, queries, 7, doc_ids, ["007", "7"])
+    search(tmp_path / "emb", tmp_path / "run", k=10, device="cpu")
+    path = tmp_path / "run" / "run.trec"
+    rows = _read_trec(path)
+    assert all(len(r) == 6 and r[1] == "Q0" and r[5] == "readaptir" for r in rows)
+    for qid in ("007", "7"):
+        mine = [r for r in rows if r[0] == qid]
+        assert [int(r[3]) for r in mine] == list(range(1, 11))
+        assert all(float(a[4]) >= float(b[4]) for a, b in zip(mine, mine[1:], strict=False))
+    assert [r[2] for r in rows[:2]] == ["42", "0042"]
+    with path.open() as fh:
+        assert pytrec_eval.parse_run(fh) == read_run(path)
+
+    root = write_beir(
+        tmp_path / "beir",
+        [{"_id": d, "text": "x"} for d in doc_ids],
+        [{"_id": "007", "text": "a"}, {"_id": "7", "text": "b"}],
+        [("007", "0042", 1), ("7", "103", 1)],
+    )
+    result = score(path, root, "test", ["MRR@10", "MAP"])
+    assert result["per_query"]["007"]["MRR@10"] == pytest.approx(1 / 2)
+    assert result["per_query"]["7"]["MRR@10"] == 1.0
+
+
+def test_run_ids_with_whitespace_are_refused():
+    with pytest.raises(ValueError, match="document id 'd 1'"):
+        format_run(["q1"], np.array([[1.0]], np.float32), np.array([["d 1"]]))
+    with pytest.raises(ValueError, match="query id ''"):
+        format_run([""], np.array([[1.0]], np.float32), np.array([["d1"]]))
 
 
 def test_merge_topk_breaks_ties_by_doc_id():

@@ -12,136 +12,37 @@ Output folder layout (float16 to halve disk and RAM; scoring happens in float32 
 from __future__ import annotations
 
 import functools
-import inspect
+import itertools
 import json
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from readaptir.artifacts import resolve_device, write_json
-from readaptir.corpus import load_collection, passage_text, query_text
+from readaptir.corpus import (
+    CORPUS_FILE,
+    CorpusError,
+    count_passages,
+    iter_passages,
+    load_qrels,
+    load_queries,
+    passage_text,
+    query_text,
+    usable_judgments,
+)
+from readaptir.encoding import DEFAULT_BATCH_TOKENS, encode_texts
 from readaptir.families import Encoding, Pooling
 from readaptir.models import load_encoder, torch_dtype
+from readaptir.st_config import read_st_config, resolve_fields
 
 LOG = logging.getLogger(__name__)
-
-FALLBACK_POOLING: Pooling = "mean"
-FALLBACK_NORMALIZE = True
-FALLBACK_MAX_LENGTH = 512
-# Tokenizers without a real limit report a huge sentinel as their model_max_length.
-_SANE_MAX_LENGTH = 100_000
-
-_ST_POOLING: dict[str, Pooling] = {"cls": "cls", "mean": "mean", "lasttoken": "last"}
-_ST_LEGACY_POOLING = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_lasttoken": "lasttoken",
-}
-
-
-@dataclass(frozen=True)
-class STConfig:
-    """What a sentence-transformers model folder says about pooling, normalisation and length.
-
-    ``pooling`` is the sentence-transformers mode name (``mean``, ``cls``, ``lasttoken``, ...).
-    """
-
-    pooling: str | None
-    normalize: bool
-    max_seq_length: int | None
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """The encoding settings actually used, with every ``None`` of the family filled in."""
-
-    pooling: Pooling
-    normalize: bool
-    max_query_length: int
-    max_passage_length: int
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _st_pooling_mode(config: dict) -> str | None:
-    if "pooling_mode" in config:
-        mode = config["pooling_mode"]
-        if isinstance(mode, list):
-            mode = mode[0] if len(mode) == 1 else "+".join(mode)
-        return mode
-    active = [name for key, name in _ST_LEGACY_POOLING.items() if config.get(key)]
-    return "+".join(active) if active else None
-
-
-def read_st_config(model_dir: Path | None) -> STConfig | None:
-    """The sentence-transformers settings stored in ``model_dir``; None when it has none."""
-    if model_dir is None or not (Path(model_dir) / "modules.json").is_file():
-        return None
-    model_dir = Path(model_dir)
-    modules = _read_json(model_dir / "modules.json")
-    types = [m.get("type", "") for m in modules]
-    pooling = None
-    for m in modules:
-        cfg = model_dir / m.get("path", "") / "config.json"
-        if m.get("type", "").endswith(".Pooling") and cfg.is_file():
-            pooling = _st_pooling_mode(_read_json(cfg))
-    max_len = None
-    bert_cfg = model_dir / "sentence_bert_config.json"
-    if bert_cfg.is_file():
-        max_len = _read_json(bert_cfg).get("max_seq_length")
-    tok_cfg = model_dir / "tokenizer_config.json"
-    if max_len is None and tok_cfg.is_file():
-        # Newer sentence-transformers releases keep the limit in the tokenizer config instead.
-        limit = _read_json(tok_cfg).get("model_max_length")
-        if isinstance(limit, int) and limit < _SANE_MAX_LENGTH:
-            max_len = limit
-    normalize = any(t.endswith(".Normalize") for t in types)
-    return STConfig(pooling=pooling, normalize=normalize, max_seq_length=max_len)
-
-
-def resolve_fields(encoding: Encoding, st: STConfig | None) -> Resolved:
-    """Fill the encoding's ``None`` fields from the model's sentence-transformers settings."""
-
-    def fallback(name: str, value: Any) -> Any:
-        LOG.warning(
-            "%s unset and not in the model's sentence-transformers files; using %s", name, value
-        )
-        return value
-
-    pooling = encoding.pooling
-    if pooling is None:
-        if st is None or st.pooling is None:
-            pooling = fallback("pooling", FALLBACK_POOLING)
-        elif st.pooling in _ST_POOLING:
-            pooling = _ST_POOLING[st.pooling]
-        else:
-            raise ValueError(
-                f"sentence-transformers pooling {st.pooling!r} is not supported; "
-                f"supported: {', '.join(_ST_POOLING)}"
-            )
-    normalize = encoding.normalize
-    if normalize is None:
-        normalize = st.normalize if st is not None else fallback("normalize", FALLBACK_NORMALIZE)
-    st_len = st.max_seq_length if st is not None else None
-    lengths = {}
-    for name in ("max_query_length", "max_passage_length"):
-        value = getattr(encoding, name)
-        if value is None:
-            value = st_len if st_len is not None else fallback(name, FALLBACK_MAX_LENGTH)
-        lengths[name] = value
-    return Resolved(pooling=pooling, normalize=normalize, **lengths)
 
 
 def default_dtype(dtype: str | None, device: str, pooling: Pooling) -> torch.dtype | None:
@@ -156,137 +57,50 @@ def default_dtype(dtype: str | None, device: str, pooling: Pooling) -> torch.dty
     return torch.bfloat16 if pooling == "last" else torch.float16
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int, append_eos: bool) -> list[list[int]]:
-    """Token ids per text, truncated to ``max_length`` (EOS included when ``append_eos``)."""
-    if not append_eos:
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-        return [list(ids) for ids in enc["input_ids"]]
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("append_eos is set but the tokenizer has no EOS token")
-    # Truncate one short so EOS always fits; skip it where the tokenizer already appended one.
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length - 1)
-    return [list(ids) if ids and ids[-1] == eos else [*ids, eos] for ids in enc["input_ids"]]
+T = TypeVar("T")
 
 
-def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Index batches, longest texts first, each padding to at most ``batch_tokens`` tokens.
-
-    A text longer than ``batch_tokens`` still gets a batch of its own. Longest-first makes an
-    out-of-memory batch fail at once rather than at the end.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        # The first index of a batch is its longest text.
-        if current and (len(current) + 1) * max(lengths[current[0]], 1) > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items (the last one shorter), read lazily."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
-def pad_batch(
-    seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) padded to the batch's longest sequence on ``side``."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        span = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
-        ids[row, span] = torch.tensor(s, dtype=torch.long)
-        mask[row, span] = 1
-    return ids, mask
+class Throughput:
+    """A progress bar in texts/s that also tracks real (non-padding) tokens/s."""
+
+    def __init__(self, total: int, what: str, unit: str) -> None:
+        self.bar = tqdm(total=total, desc=what, unit=unit, unit_scale=True)
+        self.what, self.texts, self.tokens, self.start = what, 0, 0, time.perf_counter()
+
+    def __call__(self, texts: int, tokens: int) -> None:
+        self.texts += texts
+        self.tokens += tokens
+        self.bar.update(texts)
+        self.bar.set_postfix_str(f"{self.tokens / self.elapsed():,.0f} tokens/s", refresh=False)
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
+    def summary(self) -> str:
+        secs = self.elapsed()
+        return (
+            f"{self.texts} {self.what} ({self.tokens} tokens) in {secs:.1f} s: "
+            f"{self.texts / secs:,.1f} {self.what}/s, {self.tokens / secs:,.0f} tokens/s"
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+        LOG.info("encoded %s", self.summary())
 
 
-def first_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Position of each row's first real token (0 with right padding)."""
-    return mask.argmax(dim=-1)
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Position of each row's last real token, whichever side the padding is on."""
-    positions = torch.arange(mask.shape[-1], device=mask.device)
-    return (mask * positions).argmax(dim=-1)
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    """One float32 vector per row from token states ``hidden`` [batch, tokens, dim]."""
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    if pooling == "last":
-        return hidden[rows, last_token_index(mask)].float()
-    if pooling == "cls":
-        return hidden[rows, first_token_index(mask)].float()
-    if pooling == "mean":
-        keep = mask.unsqueeze(-1).bool()
-        # where() rather than a product: padded positions may hold NaN with some attention kernels.
-        total = torch.where(keep, hidden.float(), 0.0).sum(dim=1)
-        return total / mask.sum(dim=1, keepdim=True).clamp(min=1).float()
-    raise ValueError(f"unknown pooling {pooling!r}; expected last, mean or cls")
-
-
-def encode_texts(
-    model,
-    tokenizer,
-    texts: Sequence[str],
-    *,
-    pooling: Pooling,
-    normalize: bool,
-    max_length: int,
-    append_eos: bool = False,
-    batch_tokens: int = 16384,
-    progress: tqdm | None = None,
-) -> np.ndarray:
-    """Float32 vectors [len(texts), dim] in the order of ``texts``."""
-    if not texts:
-        return np.zeros((0, model.config.hidden_size), dtype=np.float32)
-    seqs = tokenize(tokenizer, texts, max_length, append_eos)
-    pad_id = _pad_id(tokenizer)
-    # A text that tokenizes to nothing would make an empty row; give it one harmless token.
-    seqs = [s if s else [pad_id] for s in seqs]
-    side = getattr(tokenizer, "padding_side", "right")
-    device = next(model.parameters()).device
-    extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
-    out: np.ndarray | None = None
-    with torch.inference_mode():
-        for batch in plan_batches([len(s) for s in seqs], batch_tokens):
-            ids, mask = pad_batch([seqs[i] for i in batch], pad_id, side)
-            ids, mask = ids.to(device), mask.to(device)
-            hidden = model(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
-            vecs = pool(hidden, mask, pooling)
-            if normalize:
-                vecs = F.normalize(vecs, dim=-1)
-            if out is None:
-                out = np.empty((len(texts), vecs.shape[-1]), dtype=np.float32)
-            out[batch] = vecs.cpu().numpy()
-            if progress is not None:
-                progress.update(len(batch))
-    assert out is not None
-    return out
-
-
-def _pad_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
-        if candidate is not None:
-            return candidate
-    return 0  # the attention mask hides padding, so any id will do
-
-
-def _accepts(model, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
-
-
-def _to_float16(vecs: np.ndarray, what: str) -> np.ndarray:
-    half = vecs.astype(np.float16)
-    if not np.isfinite(half).all():
+def _finite(vecs: np.ndarray, what: str) -> np.ndarray:
+    if not np.isfinite(vecs).all():
         raise ValueError(
             f"{what}: vectors overflow float16 or are not finite; consider normalize: true"
         )
-    return half
+    return vecs
 
 
 def embed(
@@ -299,10 +113,17 @@ def embed(
     base_dir: Path | None = None,
     dtype: str | None = None,
     device: str | None = None,
-    batch_tokens: int = 16384,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     shard_size: int = 100_000,
 ) -> dict:
-    """Encode the corpus and the split's judged queries into ``out``; returns ``info.json``."""
+    """Encode the corpus and the split's judged queries into ``out``; returns ``info.json``.
+
+    The corpus is read, tokenised, length-sorted and encoded one shard of ``shard_size`` passages
+    at a time, so neither its text nor its vectors are ever held whole in memory: peak memory is
+    one shard's text, token ids and float16 vectors (100k x 4096 x 2 bytes = 0.8 GB for a 7B
+    model). Within a shard, batches are formed longest first under ``batch_tokens``; vectors are
+    written back in corpus order.
+    """
     if shard_size < 1:
         raise ValueError("shard_size must be positive")
     out = Path(out)
@@ -310,7 +131,12 @@ def embed(
     if any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; embeddings need a fresh folder")
 
-    collection = load_collection(dataset_dir, split)
+    # Everything that can fail on bad input is checked before hours of encoding.
+    queries = load_queries(dataset_dir)
+    raw_qrels = load_qrels(dataset_dir, split)
+    total = count_passages(dataset_dir)
+    if total == 0:
+        raise CorpusError(f"{Path(dataset_dir) / CORPUS_FILE}: no passages")
     st = read_st_config(model_dir) or read_st_config(base_dir)
     resolved = resolve_fields(encoding, st)
     device = resolve_device(device)
@@ -325,36 +151,45 @@ def embed(
         pooling=resolved.pooling,
         normalize=resolved.normalize,
         append_eos=encoding.append_eos,
+        lowercase=resolved.lowercase,
         batch_tokens=batch_tokens,
+        out_dtype=torch.float16,
     )
 
-    passages = collection.passages
+    passage_ids: list[str] = []
     shards = 0
     dim = model.config.hidden_size
-    with tqdm(total=len(passages), desc="passages", unit="passage", unit_scale=True) as bar:
-        # Shard by shard, so the whole corpus matrix is never held in memory.
-        for start in range(0, len(passages), shard_size):
-            chunk = passages[start : start + shard_size]
+    progress = Throughput(total, "passages", "passage")
+    try:
+        for chunk in chunked(iter_passages(dataset_dir), shard_size):
             texts = [passage_text(p, encoding.passage_template) for p in chunk]
-            vecs = encode(texts, max_length=resolved.max_passage_length, progress=bar)
+            vecs = encode(texts, max_length=resolved.max_passage_length, on_batch=progress)
             dim = vecs.shape[1]
-            np.save(out / f"corpus-{shards:05d}.npy", _to_float16(vecs, f"shard {shards}"))
+            np.save(out / f"corpus-{shards:05d}.npy", _finite(vecs, f"shard {shards}"))
+            passage_ids.extend(p.id for p in chunk)
             shards += 1
-    write_json(out / "corpus_ids.json", [p.id for p in passages])
+            LOG.info("shard %d written; so far %s", shards - 1, progress.summary())
+    finally:
+        progress.close()
+    write_json(out / "corpus_ids.json", passage_ids)
 
-    query_ids = [q for q in collection.queries if q in collection.qrels]
+    qrels, _ = usable_judgments(raw_qrels, queries, set(passage_ids), split)
+    query_ids = [q for q in queries if q in qrels]
     texts = [
-        query_text(collection.queries[q], encoding.query_template, encoding.query_instruction)
+        query_text(queries[q], encoding.query_template, encoding.query_instruction)
         for q in query_ids
     ]
-    with tqdm(total=len(texts), desc="queries", unit="query", unit_scale=True) as bar:
-        vecs = encode(texts, max_length=resolved.max_query_length, progress=bar)
-    np.save(out / "queries.npy", _to_float16(vecs.reshape(len(texts), dim), "queries"))
+    progress = Throughput(len(texts), "queries", "query")
+    try:
+        vecs = encode(texts, max_length=resolved.max_query_length, on_batch=progress)
+    finally:
+        progress.close()
+    np.save(out / "queries.npy", _finite(vecs.reshape(len(texts), dim), "queries"))
     write_json(out / "query_ids.json", query_ids)
 
     info = {
         "dim": int(dim),
-        "passages": len(passages),
+        "passages": len(passage_ids),
         "queries": len(query_ids),
         "shards": shards,
         "encoding": encoding.model_dump(),
@@ -362,6 +197,10 @@ def embed(
     }
     write_json(out / "info.json", info)
     return info
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def load_embeddings(out: Path) -> Iterator[tuple[list[str], np.ndarray]]:

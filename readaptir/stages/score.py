@@ -6,7 +6,7 @@ import logging
 import re
 from pathlib import Path
 
-from readaptir.corpus import load_collection
+from readaptir.corpus import load_judgments
 
 LOG = logging.getLogger(__name__)
 
@@ -117,11 +117,9 @@ def score(
     parsed = [parse_metric(m) for m in metrics]
     if not parsed:
         raise ValueError(f"no metrics asked for; supported: {SUPPORTED}")
-    collection = load_collection(dataset_dir, split)
-    qrels = collection.qrels
+    qrels, warnings = load_judgments(dataset_dir, split)
     if not qrels:
         raise ValueError(f"{dataset_dir}: split {split!r} has no usable judgments")
-    warnings = list(collection.warnings)
 
     run = {q: docs for q, docs in read_run(run_file).items() if q in qrels}
     if ignore_identical_ids:

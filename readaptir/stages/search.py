@@ -1,12 +1,25 @@
-"""Exact inner-product search over sharded embeddings, written as a TREC run file."""
+"""Exact inner-product search over sharded embeddings, written as a TREC run file.
+
+Three interchangeable engines compute each shard's exact top-k; shards are then merged:
+
+- ``faiss`` on CPU (``IndexFlatIP``), the reference;
+- ``faiss`` on GPU, when the installed FAISS was built with GPU support;
+- ``torch``: chunked matrix products and ``topk`` on the GPU, for machines whose FAISS has no GPU
+  support. Float16/bfloat16 inputs, float32 scores (accumulated in float32 where the GPU supports
+  a float32 output, else rounded from a 16-bit product). On CPU it runs in float32 and equals FAISS.
+
+``backend="auto"`` takes FAISS-GPU, else torch on CUDA, else FAISS-CPU.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from readaptir.stages.embed import load_embeddings, load_queries_embeddings
 
@@ -14,6 +27,12 @@ LOG = logging.getLogger(__name__)
 
 RUN_FILE = "run.trec"
 RUN_TAG = "readaptir"
+BACKENDS = ("auto", "faiss", "torch")
+# Chunk sizes for the torch engine: a [queries, passages] float32 score block is at most
+# 1024 x 65536 x 4 bytes = 256 MiB.
+QUERY_CHUNK = 1024
+PASSAGE_CHUNK = 65536
+_WHITESPACE = re.compile(r"\s")
 
 
 def merge_topk(
@@ -32,59 +51,148 @@ def merge_topk(
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
-def _index(dim: int, use_gpu: bool):
+def faiss_topk(
+    queries: np.ndarray, corpus: np.ndarray, k: int, use_gpu: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, row indices) [queries, k] of the exact inner-product top-``k`` with FAISS."""
     import faiss
 
-    index = faiss.IndexFlatIP(dim)
+    index = faiss.IndexFlatIP(corpus.shape[1])
     if use_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
-    return index
+    index.add(np.ascontiguousarray(corpus, dtype=np.float32))
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
-def _gpus_wanted(device: str | None) -> bool:
-    if device == "cpu":
-        return False
+def torch_topk(
+    queries: np.ndarray,
+    corpus: np.ndarray,
+    k: int,
+    device: str = "cuda",
+    *,
+    query_chunk: int = QUERY_CHUNK,
+    passage_chunk: int = PASSAGE_CHUNK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, row indices) [queries, k] of the exact inner-product top-``k`` with torch.
+
+    Works through [query_chunk, passage_chunk] score blocks, keeping a running top-k per query, so
+    memory stays at one block whatever the shard size.
+    """
+    k = min(k, len(corpus))
+    on_gpu = torch.device(device).type != "cpu"
+    # CPU matrix products in 16 bits are slow and gain nothing: use float32 there.
+    dtype = torch.float16 if on_gpu and corpus.dtype == np.float16 else torch.float32
+    passages = torch.from_numpy(np.ascontiguousarray(corpus)).to(device, dtype)
+    q_all = torch.from_numpy(np.ascontiguousarray(queries)).to(device, dtype)
+    top_scores: list[torch.Tensor] = []
+    top_rows: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for qs in range(0, len(q_all), query_chunk):
+            q = q_all[qs : qs + query_chunk]
+            best_s = torch.full((len(q), 0), 0.0, device=device)
+            best_i = torch.zeros((len(q), 0), dtype=torch.long, device=device)
+            for ps in range(0, len(passages), passage_chunk):
+                scores = _inner_products(q, passages[ps : ps + passage_chunk])
+                s, i = scores.topk(min(k, scores.shape[1]), dim=1)
+                cand_s, cand_i = torch.cat([best_s, s], 1), torch.cat([best_i, i + ps], 1)
+                best_s, pick = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
+                best_i = cand_i.gather(1, pick)
+            top_scores.append(best_s)
+            top_rows.append(best_i)
+    if not top_scores:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return torch.cat(top_scores).cpu().numpy(), torch.cat(top_rows).cpu().numpy()
+
+
+def _inner_products(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """q @ p.T as float32: 16-bit inputs with a float32 result where the backend offers one."""
+    if q.dtype == torch.float32:
+        return q @ p.T
+    try:
+        # Recent PyTorch on CUDA: 16-bit inputs, float32 accumulation and output.
+        return torch.mm(q, p.T, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return (q @ p.T).float()
+
+
+def choose_backend(device: str | None, backend: str = "auto") -> tuple[str, str]:
+    """(engine, device) for a search: engine is ``faiss-cpu``, ``faiss-gpu`` or ``torch``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown search backend {backend!r}; expected one of {BACKENDS}")
+    wants_gpu = device not in ("cpu",)
+    torch_device = "cuda" if device in (None, "auto") else device
+    if backend == "torch":
+        return "torch", torch_device if wants_gpu and _cuda() else "cpu"
+    if wants_gpu and _faiss_gpus() > 0:
+        return "faiss-gpu", "cuda"
+    if backend == "auto" and wants_gpu and _cuda():
+        return "torch", torch_device
+    return "faiss-cpu", "cpu"
+
+
+def _faiss_gpus() -> int:
     import faiss
 
-    return getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+    return getattr(faiss, "get_num_gpus", lambda: 0)()
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
 
 
 def search_shards(
-    embeddings_dir: Path, k: int, device: str | None = None
+    embeddings_dir: Path, k: int, device: str | None = None, backend: str = "auto"
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(query ids, scores [queries, k'], doc ids [queries, k']) over every corpus shard."""
     if k < 1:
         raise ValueError("k must be positive")
     query_ids, queries = load_queries_embeddings(embeddings_dir)
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    use_gpu = _gpus_wanted(device)
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    engine, where = choose_backend(device, backend)
+    LOG.info("exact top-%d search with %s on %s", k, engine, where)
+    best: tuple[np.ndarray, np.ndarray] | None = None
     for shard_ids, vecs in load_embeddings(embeddings_dir):
-        index = _index(vecs.shape[1], use_gpu)
-        index.add(np.ascontiguousarray(vecs, dtype=np.float32))
-        scores, rows = index.search(queries, min(k, len(shard_ids)))
-        parts.append((scores, np.asarray(shard_ids, dtype=str)[rows]))
+        depth = min(k, len(shard_ids))
+        if engine == "torch":
+            scores, rows = torch_topk(queries, vecs, depth, where)
+        else:
+            scores, rows = faiss_topk(queries, vecs, depth, use_gpu=engine == "faiss-gpu")
+        part = (scores, np.asarray(shard_ids, dtype=str)[rows])
         # Keep only a running top-k, so memory stays at two shards' worth of results.
-        parts = [merge_topk(parts, k)]
-    if not parts:
+        best = merge_topk([part] if best is None else [best, part], k)
+    if best is None:
         raise ValueError(f"{embeddings_dir}: no corpus shards")
-    scores, doc_ids = parts[0]
-    return query_ids, scores, doc_ids
+    return query_ids, best[0], best[1]
 
 
 def format_run(query_ids: Sequence[str], scores: np.ndarray, doc_ids: np.ndarray) -> str:
-    """TREC run lines ``qid Q0 docid rank score tag``, ranks from 1."""
+    """TREC run lines ``qid Q0 docid rank score tag``, ranks from 1, as trec_eval reads them."""
     lines = []
     for qid, row_scores, row_ids in zip(query_ids, scores, doc_ids, strict=True):
+        _check_id(qid, "query")
         for rank, (score, did) in enumerate(zip(row_scores, row_ids, strict=True), start=1):
+            _check_id(did, "document")
             # %.9g round-trips float32, so scoring sees exactly the order written here.
             lines.append(f"{qid} Q0 {did} {rank} {score:.9g} {RUN_TAG}")
     return "".join(line + "\n" for line in lines)
 
 
-def search(embeddings_dir: Path, out: Path, *, k: int = 100, device: str | None = None) -> None:
+def _check_id(value: str, what: str) -> None:
+    # trec_eval splits lines on whitespace: such an id would shift every later column.
+    value = str(value)
+    if not value or _WHITESPACE.search(value):
+        raise ValueError(f"{what} id {value!r} is empty or holds whitespace; a TREC run cannot")
+
+
+def search(
+    embeddings_dir: Path,
+    out: Path,
+    *,
+    k: int = 100,
+    device: str | None = None,
+    backend: str = "auto",
+) -> None:
     """Exact top-``k`` passages for every query of an ``embed`` folder, into ``out/run.trec``."""
-    query_ids, scores, doc_ids = search_shards(embeddings_dir, k, device)
+    query_ids, scores, doc_ids = search_shards(embeddings_dir, k, device, backend)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(format_run(query_ids, scores, doc_ids), encoding="utf-8")

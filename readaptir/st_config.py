@@ -1,0 +1,139 @@
+"""What a sentence-transformers model folder says about encoding, and the settings finally used.
+
+A family preset may leave pooling, normalisation, lower-casing or the max lengths unset (``None``):
+they are then read from the model's own sentence-transformers files (``modules.json``, the pooling
+module's ``config.json``, ``sentence_bert_config.json``), so a sentence-transformers model encodes
+here exactly as it does with the sentence-transformers library.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from readaptir.families import Encoding, Pooling
+
+LOG = logging.getLogger(__name__)
+
+FALLBACK_POOLING: Pooling = "mean"
+FALLBACK_NORMALIZE = True
+FALLBACK_MAX_LENGTH = 512
+# Tokenizers without a real limit report a huge sentinel as their model_max_length.
+_SANE_MAX_LENGTH = 100_000
+
+_ST_POOLING: dict[str, Pooling] = {"cls": "cls", "mean": "mean", "lasttoken": "last"}
+_ST_LEGACY_POOLING = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+
+
+@dataclass(frozen=True)
+class STConfig:
+    """What a sentence-transformers model folder says about pooling, normalisation and length.
+
+    ``pooling`` is the sentence-transformers mode name (``mean``, ``cls``, ``lasttoken``, ...).
+    """
+
+    pooling: str | None
+    normalize: bool
+    max_seq_length: int | None
+    do_lower_case: bool = False
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The encoding settings actually used, with every ``None`` of the family filled in."""
+
+    pooling: Pooling
+    normalize: bool
+    max_query_length: int
+    max_passage_length: int
+    lowercase: bool = False
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _st_pooling_mode(config: dict) -> str | None:
+    if "pooling_mode" in config:
+        mode = config["pooling_mode"]
+        if isinstance(mode, list):
+            mode = mode[0] if len(mode) == 1 else "+".join(mode)
+        return mode
+    active = [name for key, name in _ST_LEGACY_POOLING.items() if config.get(key)]
+    return "+".join(active) if active else None
+
+
+def read_st_config(model_dir: Path | None) -> STConfig | None:
+    """The sentence-transformers settings stored in ``model_dir``; None when it has none."""
+    if model_dir is None or not (Path(model_dir) / "modules.json").is_file():
+        return None
+    model_dir = Path(model_dir)
+    modules = _read_json(model_dir / "modules.json")
+    types = [m.get("type", "") for m in modules]
+    pooling = None
+    for m in modules:
+        cfg = model_dir / m.get("path", "") / "config.json"
+        if m.get("type", "").endswith(".Pooling") and cfg.is_file():
+            pooling = _st_pooling_mode(_read_json(cfg))
+    max_len = None
+    lower = False
+    bert_cfg = model_dir / "sentence_bert_config.json"
+    if bert_cfg.is_file():
+        settings = _read_json(bert_cfg)
+        max_len = settings.get("max_seq_length")
+        lower = bool(settings.get("do_lower_case", False))
+    tok_cfg = model_dir / "tokenizer_config.json"
+    if max_len is None and tok_cfg.is_file():
+        # Newer sentence-transformers releases keep the limit in the tokenizer config instead.
+        limit = _read_json(tok_cfg).get("model_max_length")
+        if isinstance(limit, int) and limit < _SANE_MAX_LENGTH:
+            max_len = limit
+    normalize = any(t.endswith(".Normalize") for t in types)
+    return STConfig(pooling, normalize, max_len, do_lower_case=lower)
+
+
+def resolve_fields(encoding: Encoding, st: STConfig | None) -> Resolved:
+    """Fill the encoding's ``None`` fields from the model's sentence-transformers settings."""
+
+    def fallback(name: str, value: Any) -> Any:
+        LOG.warning(
+            "%s unset and not in the model's sentence-transformers files; using %s", name, value
+        )
+        return value
+
+    pooling = encoding.pooling
+    if pooling is None:
+        if st is None or st.pooling is None:
+            pooling = fallback("pooling", FALLBACK_POOLING)
+        elif st.pooling in _ST_POOLING:
+            pooling = _ST_POOLING[st.pooling]
+        else:
+            raise ValueError(
+                f"sentence-transformers pooling {st.pooling!r} is not supported; "
+                f"supported: {', '.join(_ST_POOLING)}"
+            )
+    normalize = encoding.normalize
+    if normalize is None:
+        normalize = st.normalize if st is not None else fallback("normalize", FALLBACK_NORMALIZE)
+    st_len = st.max_seq_length if st is not None else None
+    lengths = {}
+    for name in ("max_query_length", "max_passage_length"):
+        value = getattr(encoding, name)
+        if value is None:
+            value = st_len if st_len is not None else fallback(name, FALLBACK_MAX_LENGTH)
+        lengths[name] = value
+    lowercase = encoding.lowercase
+    if lowercase is None:
+        # Unlike pooling, lower-casing has a safe default: sentence-transformers' own (off).
+        lowercase = st.do_lower_case if st is not None else False
+    return Resolved(pooling=pooling, normalize=normalize, **lengths, lowercase=lowercase)

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import logging
+
+import pytest
+from pydantic import ValidationError
+
+from readaptir.corpus import query_text
+from readaptir.families import (
+    E5_DEFAULT_INSTRUCTION,
+    E5_INSTRUCTIONS,
+    PRESETS,
+    Encoding,
+    dataset_key,
+    resolve_encoding,
+)
+
+SCIFACT = "Given a scientific claim, retrieve documents that support or refute the claim"
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("scifact", "scifact"),
+        ("SciFact", "scifact"),
+        ("sci-fact", "scifact"),
+        ("trec-covid", "treccovid"),
+        ("TRECCOVID", "treccovid"),
+        ("webis-touche2020", "webistouche2020"),
+        ("Touche2020", "webistouche2020"),
+        ("dbpedia-entity", "dbpediaentity"),
+        ("DBPedia", "dbpediaentity"),
+        ("FiQA2018", "fiqa"),
+        ("fiqa", "fiqa"),
+        ("QuoraRetrieval", "quora"),
+        ("climate-fever", "climatefever"),
+        ("MS MARCO", "msmarco"),
+        ("cranfield", "cranfield"),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_dataset_key(name, key):
+    assert dataset_key(name) == key
+
+
+def test_e5_has_an_instruction_for_msmarco_and_13_beir_sets():
+    names = (
+        "MSMARCO ArguAna ClimateFEVER DBPedia FEVER FiQA2018 HotpotQA NFCorpus NQ QuoraRetrieval "
+        "SCIDOCS SciFact TRECCOVID Touche2020"
+    ).split()
+    assert {dataset_key(n) for n in names} == set(E5_INSTRUCTIONS)
+    assert all(v and not v.endswith(".") for v in E5_INSTRUCTIONS.values())
+
+
+def test_e5_instruction_follows_the_collection(caplog):
+    enc = resolve_encoding("e5-mistral", dataset="SciFact")
+    assert enc.query_instruction == SCIFACT
+    assert enc.passage_template == "{title} {text}"  # documents carry no instruction
+    assert (enc.pooling, enc.normalize, enc.append_eos) == ("last", True, True)
+    assert query_text("q?", enc.query_template, enc.query_instruction) == (
+        f"Instruct: {SCIFACT}\nQuery: q?"
+    )
+    with caplog.at_level(logging.WARNING, logger="readaptir.families"):
+        unknown = resolve_encoding("e5-mistral", dataset="cranfield")
+    assert unknown.query_instruction == E5_DEFAULT_INSTRUCTION
+    assert "no published instruction for collection 'cranfield'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="readaptir.families"):
+        mine = resolve_encoding("e5-mistral", {"query_instruction": "find"}, dataset="cranfield")
+        also_mine = resolve_encoding("e5-mistral", {"query_instruction": "find"}, dataset="scifact")
+    assert mine.query_instruction == also_mine.query_instruction == "find"
+    assert caplog.text == ""
+    # Without a collection name the generic instruction is used, silently.
+    assert resolve_encoding("e5-mistral").query_instruction == E5_DEFAULT_INSTRUCTION
+
+
+def test_repllama_lengths_per_collection():
+    beir = resolve_encoding("repllama", dataset="scifact")
+    assert (beir.max_query_length, beir.max_passage_length) == (512, 512)
+    marco = resolve_encoding("repllama", dataset="msmarco")
+    assert (marco.max_query_length, marco.max_passage_length) == (32, 196)
+    assert (marco.query_template, marco.passage_template) == (
+        "query: {text}",
+        "passage: {title} {text}",
+    )
+    assert (marco.pooling, marco.normalize, marco.append_eos) == ("last", True, True)
+    mine = resolve_encoding("repllama", {"max_passage_length": 300}, dataset="msmarco")
+    assert (mine.max_query_length, mine.max_passage_length) == (32, 300)
+
+
+def test_sentence_transformers_defers_to_the_model():
+    enc = resolve_encoding("sentence-transformers", dataset="scifact")
+    unset = (enc.pooling, enc.normalize, enc.max_query_length, enc.max_passage_length)
+    assert unset == (None, None, None, None) and enc.lowercase is None
+    assert not enc.append_eos
+
+
+def test_custom_takes_every_field_from_the_recipe():
+    fields = dict(
+        query_template="Q: {instruction} {text}",
+        passage_template="D: {text}",
+        query_instruction="look",
+        pooling="cls",
+        normalize=False,
+        append_eos=True,
+        max_query_length=16,
+        max_passage_length=64,
+        lowercase=True,
+    )
+    assert set(fields) == set(Encoding.model_fields)
+    assert resolve_encoding("custom", fields, dataset="scifact").model_dump() == fields
+    assert PRESETS["custom"] == {}
+    with pytest.raises(ValueError, match="unknown family 'bert'"):
+        resolve_encoding("bert")
+    with pytest.raises(ValidationError):
+        resolve_encoding("custom", {"pooling": "max"})
