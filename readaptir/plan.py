@@ -20,7 +20,15 @@ from readaptir.fingerprint import Fingerprints
 from readaptir.recipe import CorpusSpec, ModelSpec, Recipe, RecipeError, RetrieverSpec
 
 # Bump a kind's version when its code changes what it writes: every stage of that kind rebuilds.
-KIND_VERSIONS = {"adapter": 1, "delta": 1, "merge": 1, "embed": 1, "search": 1, "score": 1}
+KIND_VERSIONS = {
+    "fetch": 1,
+    "adapter": 1,
+    "delta": 1,
+    "merge": 1,
+    "embed": 1,
+    "search": 1,
+    "score": 1,
+}
 DATASET_FILES = ("corpus.jsonl", "queries.jsonl")
 
 
@@ -114,6 +122,15 @@ def check_same_shape(base_dir: Path, retriever_dir: Path) -> None:
 
 
 @dataclass(frozen=True)
+class DatasetRef:
+    """A collection as stages see it: its identity, files it depends on, stages that make it."""
+
+    ident: dict
+    deps: tuple[str, ...]
+    inputs: dict[str, Stage]
+
+
+@dataclass(frozen=True)
 class Sources:
     """A recipe's external inputs, resolved once: identities and dependency paths."""
 
@@ -121,8 +138,7 @@ class Sources:
     base_deps: tuple[str, ...]
     retriever: dict
     retriever_deps: tuple[str, ...]
-    dataset: dict
-    dataset_deps: tuple[str, ...]
+    dataset: DatasetRef
     encoding: dict
     retriever_name: str
     dataset_name: str
@@ -154,9 +170,14 @@ class Planner:
             raise PlanError(key, f"model folder {spec.source!r} does not exist")
         return {"source": spec.source, "revision": spec.revision or "main"}, ()
 
-    def dataset(
-        self, spec: CorpusSpec, key: str, with_qrels: bool = True
-    ) -> tuple[dict, tuple[str, ...]]:
+    def dataset(self, spec: CorpusSpec, key: str, with_qrels: bool = True) -> DatasetRef:
+        """A collection's identity: a local folder by content, a fetched one by its stage."""
+        if spec.path is None:
+            fetch = self.add_fetch(spec)
+            ident = {"path": f"{fetch.out}/{spec.label}", "name": spec.label, "fetched": fetch.id}
+            if with_qrels:
+                ident["split"] = spec.split
+            return DatasetRef(ident, (), {f"data-{spec.label}": fetch})
         folder = self._local(spec.path)
         if folder is None or not folder.is_dir():
             raise PlanError(key, f"corpus folder {spec.path!r} does not exist")
@@ -170,7 +191,19 @@ class Planner:
         ident = {"path": spec.path, "name": spec.label, "fingerprints": prints}
         if with_qrels:
             ident["split"] = spec.split
-        return ident, tuple(deps)
+        return DatasetRef(ident, tuple(deps), {})
+
+    def add_fetch(self, spec: CorpusSpec) -> Stage:
+        from readaptir.stages.fetch import beir_url
+
+        url = spec.url or beir_url(spec.beir)
+        return self.add(
+            "fetch",
+            slug(spec.label),
+            f"Fetch {spec.label} ({url})",
+            {"url": url, "name": spec.label, "sha256": spec.sha256},
+            {},
+        )
 
     def is_peft(self, spec: RetrieverSpec) -> bool:
         local = self._local(spec.source)
@@ -214,7 +247,7 @@ class Planner:
         readapt = recipe.readapt
         params = {
             "recipe": recipe.name,
-            "dataset": src.dataset,
+            "dataset": src.dataset.ident,
             "metrics": list(recipe.eval.metrics),
             "ignore_identical_ids": recipe.eval.ignore_identical_ids,
             "alpha": readapt.alpha,
@@ -223,7 +256,7 @@ class Planner:
             "in_domain": recipe.corpus.in_domain,
             "sweep": recipe.sweep,
         }
-        inputs = {"baseline": baseline}
+        inputs = {"baseline": baseline, **src.dataset.inputs}
         if readapt.auto:
             grid = {f"alpha-{i}": a for i, a in enumerate(readapt.alpha_grid)}
             for role, alpha in grid.items():
@@ -242,7 +275,7 @@ class Planner:
             f"Score {recipe.name}: retriever alone vs readapted",
             params,
             inputs,
-            src.dataset_deps,
+            src.dataset.deps,
             name=f"score-{recipe.name}",
         )
         self.plan.recipes[recipe.name] = recipe.resolved()
@@ -250,16 +283,15 @@ class Planner:
     def sources(self, recipe: Recipe) -> Sources:
         base, base_deps = self.model(recipe.base, "base")
         retriever, retriever_deps = self.model(recipe.retriever, "retriever")
-        dataset, dataset_deps = self.dataset(recipe.corpus, "corpus")
+        dataset = self.dataset(recipe.corpus, "corpus")
         return Sources(
             base,
             base_deps,
             retriever,
             retriever_deps,
             dataset,
-            dataset_deps,
             encoding=resolve_encoding(
-                recipe.retriever.family, recipe.retriever.encoding
+                recipe.retriever.family, recipe.retriever.encoding, dataset=recipe.corpus.label
             ).model_dump(),
             retriever_name=slug(recipe.retriever.source),
             dataset_name=slug(recipe.corpus.label),
@@ -274,9 +306,9 @@ class Planner:
             "embed",
             f"{who}-{where}",
             f"Embed {where} ({recipe.corpus.split}) with {who}",
-            {"model": model, "dataset": src.dataset, "encoding": src.encoding},
-            inputs,
-            deps + src.dataset_deps,
+            {"model": model, "dataset": src.dataset.ident, "encoding": src.encoding},
+            {**inputs, **src.dataset.inputs},
+            deps + src.dataset.deps,
         )
         return self.add(
             "search",
@@ -331,15 +363,30 @@ class Planner:
     def add_adapter(self, recipe: Recipe, base: dict, base_deps: tuple[str, ...]) -> Stage:
         train = recipe.train_corpus
         key = "adapter.train_corpus" if recipe.adapter.train_corpus else "corpus"
-        corpus, corpus_deps = self.dataset(train, key, with_qrels=False)
-        hyper = recipe.adapter.model_dump(mode="json", exclude={"train_corpus"})
+        corpus = self.dataset(train, key, with_qrels=False)
+        hyper = recipe.adapter.model_dump(mode="json", exclude={"train_corpus", "passages"})
+        params = {
+            "base": base,
+            "dtype": recipe.base.dtype,
+            "train_corpus": corpus.ident,
+            "hyper": hyper,
+        }
+        label, selection = slug(train.label), recipe.adapter.passages
+        deps, inputs = base_deps + corpus.deps, dict(corpus.inputs)
+        if selection != "all":
+            # judged/unjudged in the evaluated split: the judgments are part of the identity
+            judged = self.dataset(recipe.corpus, "corpus")
+            params["selection"] = {"passages": selection, "judgments": judged.ident}
+            deps, inputs = deps + judged.deps, {**inputs, **judged.inputs}
+            label += f"-{selection}"
         return self.add(
             "adapter",
-            slug(train.label),
-            f"Knowledge adapter ({recipe.adapter.method}, r={recipe.adapter.r}) on {train.label}",
-            {"base": base, "dtype": recipe.base.dtype, "train_corpus": corpus, "hyper": hyper},
-            {},
-            base_deps + corpus_deps,
+            label,
+            f"Knowledge adapter ({recipe.adapter.method}, r={recipe.adapter.r}) on "
+            f"{train.label} ({selection} passages)",
+            params,
+            inputs,
+            deps,
         )
 
 

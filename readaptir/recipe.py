@@ -74,27 +74,49 @@ class RetrieverSpec(ModelSpec):
 
 
 class CorpusSpec(_Strict):
-    """A BEIR-format folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
+    """A BEIR-format collection (corpus.jsonl, queries.jsonl, qrels/<split>.tsv): a local
+    ``path``, a public ``beir`` set by name, or a zip at ``url``; the last two are fetched by a
+    stage of their own (``sha256`` pins the archive). ``beir:NAME`` stands for ``{beir: NAME}``.
+    """
 
-    path: str
+    path: str | None = None
+    beir: str | None = None
+    url: str | None = None
+    sha256: str | None = None
     split: str = "test"
     name: str | None = None
     in_domain: bool = False  # excluded from the report's zero-shot average
-    _from_str = _shorthand("path")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_str(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"beir": value[5:]} if value.startswith("beir:") else {"path": value}
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CorpusSpec:
+        given = [k for k in ("path", "beir", "url") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of path, beir or url")
+        return self
 
     @property
     def label(self) -> str:
-        return self.name or Path(self.path).name
+        source = self.path or self.beir or (self.url or "").rsplit("/", 1)[-1].removesuffix(".zip")
+        return self.name or Path(source.rstrip("/")).name
 
 
 class AdapterSpec(_Strict):
-    """The knowledge adapter Ψ, trained with next-token prediction on unlabeled passages."""
+    """The knowledge adapter Ψ: next-token (decoder bases) or masked-LM (encoder bases) training
+    on unlabeled passages. ``target_modules`` None is the architecture's default: the paper's
+    q/k/v/up/down projections for Llama/Mistral-style bases, query/key/value/dense for BERT."""
 
     method: Literal["dora", "lora"] = "dora"
     r: int = Field(32, gt=0)
     lora_alpha: float = Field(64, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    target_modules: list[str] | None = None
     lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(4, gt=0)
     epochs: float = Field(1, gt=0)
@@ -104,6 +126,12 @@ class AdapterSpec(_Strict):
     seed: int = 0
     max_steps: int | None = Field(None, gt=0)
     train_corpus: CorpusSpec | None = None
+    # which passages of the training corpus: judged/unjudged in the evaluated split (Table 2)
+    passages: Literal["all", "judged", "unjudged"] = "all"
+    packing: bool = True  # false: one padded passage per sequence, as in the paper
+    batch_tokens: int | None = Field(None, gt=0)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(500, gt=0)  # steps between resumable checkpoints
 
 
 class ReadaptSpec(_Strict):
@@ -150,7 +178,7 @@ class Recipe(_Strict):
     label: str | None = None  # the recipe's column in report tables (default: the retriever)
     base: ModelSpec
     retriever: RetrieverSpec
-    corpus: CorpusSpec
+    corpus: CorpusSpec | list[CorpusSpec]
     adapter: AdapterSpec = AdapterSpec()
     readapt: ReadaptSpec = ReadaptSpec()
     eval: EvalSpec = EvalSpec()
@@ -186,6 +214,7 @@ class Recipe(_Strict):
 
     @property
     def train_corpus(self) -> CorpusSpec:
+        assert isinstance(self.corpus, CorpusSpec), "expand_grid first"
         return self.adapter.train_corpus or self.corpus
 
 
@@ -264,17 +293,20 @@ def resolve_data(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, yaml.N
         chain = " -> ".join(p.name for p in (*_seen, path))
         raise RecipeError(path, "extends", f"circular extends: {chain}")
     data, node = _read_yaml(path)
-    parent_ref = data.pop("extends", None)
-    if parent_ref is None:
+    refs = data.pop("extends", None)
+    if refs is None:
         return data, node
-    if not isinstance(parent_ref, str):
-        raise RecipeError(path, "extends", "expected the path of another recipe file")
-    parent_path = path.parent / parent_ref
-    if not parent_path.is_file():
-        line = _line_of(node, ("extends",))
-        raise RecipeError(path, "extends", f"no recipe file {parent_ref!r} beside this one", line)
-    parent, _ = resolve_data(parent_path, (*_seen, path))
-    return deep_merge(parent, data), node
+    refs = [refs] if isinstance(refs, str) else refs
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise RecipeError(path, "extends", "expected a recipe file or a list of them")
+    merged: dict = {}
+    for ref in refs:  # later parents override earlier ones; this file overrides all
+        parent_path = path.parent / ref
+        if not parent_path.is_file():
+            line = _line_of(node, ("extends",))
+            raise RecipeError(path, "extends", f"no recipe file {ref!r} beside this one", line)
+        merged = deep_merge(merged, resolve_data(parent_path, (*_seen, path))[0])
+    return deep_merge(merged, data), node
 
 
 _TYPE_TAG = re.compile(r"^(function-|literal\[|list\[|dict\[)|^(float|int|str|bool)$")
@@ -340,6 +372,27 @@ def _value_tag(value: float) -> str:
     return f"{value:g}".replace(".", "p").replace("-", "m")
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
+
+
+def expand_grid(recipe: Recipe) -> list[Recipe]:
+    """A list of corpora makes one recipe per corpus, named ``<name>-<corpus label>``."""
+    if not isinstance(recipe.corpus, list):
+        return [recipe]
+    labels = [c.label for c in recipe.corpus]
+    if len(set(labels)) != len(labels):
+        raise RecipeError(recipe.file, "corpus", "two corpora of the list have the same name")
+    variants = []
+    for corpus in recipe.corpus:
+        variant = recipe.model_copy(
+            update={"name": f"{recipe.name}-{_slug(corpus.label)}", "corpus": corpus}
+        )
+        variant._file = recipe.file
+        variants.append(variant)
+    return variants
+
+
 def expand_sweeps(recipe: Recipe) -> list[Recipe]:
     """One recipe per (α, β) of a sweep, named ``<name>-a<α>[-b<β>]``; others unchanged."""
     alphas, betas = recipe.readapt.alpha, recipe.readapt.beta
@@ -361,13 +414,14 @@ def expand_sweeps(recipe: Recipe) -> list[Recipe]:
 
 
 def load_recipes(recipes_dir: Path) -> list[Recipe]:
-    """Every buildable recipe, sweeps expanded into variants; names must be unique."""
+    """Every buildable recipe, corpus grids and α/β sweeps expanded; names must be unique."""
     files = recipe_files(recipes_dir)
     if not files:
         raise RecipeError(recipes_dir, None, "no recipes (*.yaml) found")
     recipes, seen = [], {}
     for path in files:
-        for recipe in expand_sweeps(load_recipe(path)):
+        expanded = [v for r in expand_grid(load_recipe(path)) for v in expand_sweeps(r)]
+        for recipe in expanded:
             if recipe.name in seen:
                 raise RecipeError(
                     path, "name", f"{recipe.name!r} is already the name of {seen[recipe.name]}"

@@ -7,6 +7,7 @@ writes its output folder atomically (see ``artifacts.atomic_output``).
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,7 +61,7 @@ class Context:
 
     def dataset_dir(self, ident: dict) -> Path:
         folder = self.local(ident["path"])
-        for name, expected in ident["fingerprints"].items():
+        for name, expected in ident.get("fingerprints", {}).items():  # none when fetched
             self.check(folder / name, expected, "corpus file")
         return folder
 
@@ -69,14 +70,23 @@ def _adapter(ctx: Context, out: Path) -> dict:
     from readaptir.stages.adapter import train_adapter
 
     p = ctx.params
-    return train_adapter(
+    selection = p.get("selection")
+    # checkpoints outlive a killed run (the output's temporary folder does not) and go on success
+    work = ctx.root / "artifacts" / "adapter" / f".work-{ctx.spec['id']}"
+    summary = train_adapter(
         ctx.model_dir(p["base"]),
         ctx.dataset_dir(p["train_corpus"]),
         out,
         dtype=p["dtype"],
         device=ctx.device,
+        passages=selection["passages"] if selection else "all",
+        qrels_dir=ctx.dataset_dir(selection["judgments"]) if selection else None,
+        qrels_split=selection["judgments"]["split"] if selection else "test",
+        checkpoint_dir=work,
         **p["hyper"],
     )
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
 
 
 def _delta(ctx: Context, out: Path) -> dict:
@@ -128,12 +138,23 @@ def _search(ctx: Context, out: Path) -> None:
     search(ctx.inputs["embeddings"], out, k=ctx.params["k"], device=ctx.device)
 
 
+def _fetch(ctx: Context, out: Path) -> dict:
+    from readaptir.stages.fetch import fetch
+
+    p = ctx.params
+    return fetch(p["url"], p["name"], out, sha256=p["sha256"])
+
+
 def _score(ctx: Context, out: Path) -> dict:
     from readaptir.evaluation import evaluate
 
     p = ctx.params
     summary, details = evaluate(
-        {role: path / "run.trec" for role, path in ctx.inputs.items()},
+        {
+            role: path / "run.trec"
+            for role, path in ctx.inputs.items()
+            if not role.startswith("data-")
+        },
         ctx.dataset_dir(p["dataset"]),
         p["dataset"]["split"],
         p["metrics"],
@@ -157,6 +178,7 @@ def _score(ctx: Context, out: Path) -> dict:
 
 
 RUNNERS: dict[str, Callable[[Context, Path], object]] = {
+    "fetch": _fetch,
     "adapter": _adapter,
     "delta": _delta,
     "merge": _merge,

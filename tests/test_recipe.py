@@ -34,7 +34,8 @@ def test_minimal_recipe_gets_the_papers_defaults(tmp_path):
         1,
         1024,
     )
-    assert a.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert a.target_modules is None  # the architecture's default: q/k/v/up/down for Llama
+    assert (a.passages, a.packing) == ("all", True)
     assert a.scheduler == "linear"
     assert (recipe.readapt.alpha, recipe.readapt.beta) == (0.5, 1.0)
     assert recipe.eval.k == 100 and recipe.eval.metrics == ["nDCG@10", "Recall@100", "MRR@10"]
@@ -118,3 +119,16 @@ def test_recipe_is_immutable_and_round_trips():
     assert again == recipe
     with pytest.raises(ValidationError):
         recipe.name = "y"
+
+
+def test_corpus_list_makes_a_grid_and_extends_takes_several_parents(tmp_path):
+    write(tmp_path / "_model.yaml", "base: b\nretriever: r\nlabel: R\n")
+    write(tmp_path / "_sets.yaml", "corpus: [data/scifact, {path: data/msmarco, split: dev,"
+          " in_domain: true}]\nreadapt: {alpha: [0.5, 1]}\n")
+    write(tmp_path / "grid.yaml", "extends: [_model.yaml, _sets.yaml]\n")
+    recipes = load_recipes(tmp_path)
+    assert [r.name for r in recipes] == [
+        "grid-scifact-a0p5", "grid-scifact-a1", "grid-msmarco-a0p5", "grid-msmarco-a1"]
+    marco = recipes[2]
+    assert (marco.corpus.split, marco.corpus.in_domain, marco.label) == ("dev", True, "R")
+    assert marco.sweep == "grid-msmarco" and marco.file.endswith("grid.yaml")
