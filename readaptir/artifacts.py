@@ -53,10 +53,15 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+DEVICE_ENV = "READAPTIR_DEVICE"
+
+
 def resolve_device(preference: str | None = None) -> str:
-    """``auto`` (or None) is CUDA when present, else CPU; anything else is taken as given."""
+    """``auto`` (or None) is $READAPTIR_DEVICE if set, else CUDA when present, else CPU."""
     import torch
 
     if preference in (None, "auto"):
+        preference = os.environ.get(DEVICE_ENV, "auto")
+    if preference == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return preference

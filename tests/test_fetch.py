@@ -41,8 +41,9 @@ def test_fetch_unpacks_checks_and_records(tmp_path, tiny_beir):
 
 def test_beir_corpus_is_one_fetch_stage_shared_by_its_users(project):  # noqa: F811
     for name in ("ra-half", "ra-full"):
+        alpha = 0.5 if "half" in name else 1
         (project / "recipes" / f"{name}.yaml").write_text(
-            f"extends: _common.yaml\ncorpus: beir:scifact\nreadapt: {{alpha: {0.5 if 'half' in name else 1}}}\n"
+            f"extends: _common.yaml\ncorpus: beir:scifact\nreadapt: {{alpha: {alpha}}}\n"
         )
     plan = plan_recipes(load_recipes(project / "recipes"), project)
     fetches = [s for s in plan.stages.values() if s.kind == "fetch"]
