@@ -92,7 +92,9 @@ def build(root: Path) -> None:
     for stage in plan.stages.values():
         kinds[stage.kind] = kinds.get(stage.kind, 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in kinds.items())
-    state = ", ".join(p.name for p in changed) + " written" if changed else "nothing changed"
+    names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in changed]
+    state = f"{', '.join(names[:4])}{' …' if len(names) > 4 else ''} ({len(names)} written)"
+    state = state if changed else "nothing changed"
     click.echo(f"{len(recipes)} recipes -> {len(plan.stages)} stages ({summary}); {state}")
 
 
@@ -105,12 +107,19 @@ def stage() -> None:
 @click.argument("name")
 @root_option
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when present).")
+@click.option(
+    "--spec",
+    "spec_file",
+    default="params.yaml",
+    show_default=True,
+    help="The file holding the stage's spec (relative to the root).",
+)
 @user_errors
-def stage_run(name: str, root: Path, device: str | None) -> None:
-    """Run one stage of dvc.yaml by NAME."""
+def stage_run(name: str, root: Path, device: str | None, spec_file: str) -> None:
+    """Run one stage of the pipeline by NAME."""
     from readaptir.runner import run_stage
 
-    out = run_stage(root, name, device=device)
+    out = run_stage(root, name, device=device, spec_file=spec_file)
     click.echo(f"{name}: wrote {out}")
 
 

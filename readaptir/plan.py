@@ -41,18 +41,20 @@ class Stage:
     params: dict
     inputs: dict[str, str]  # role -> input stage name
     deps: tuple[str, ...]  # external files and folders the stage reads
+    group: str = "main"  # the pipeline file it is written to when dvc.yaml is split
 
     @property
     def out(self) -> str:
-        return stage_output(self.spec())
+        return stage_output({"kind": self.kind, "id": self.id, "params": self.params})
 
     @property
     def metrics_file(self) -> str | None:
         return f"metrics/{self.params['recipe']}.json" if self.kind == "score" else None
 
-    def spec(self) -> dict:
-        """What the stage's command reads from params.yaml."""
-        return {"kind": self.kind, "id": self.id, "params": self.params, "inputs": self.inputs}
+    def spec(self, plan: Plan) -> dict:
+        """What ``readaptir stage run`` reads: kind, id, parameters and input folders."""
+        inputs = {role: plan.stages[name].out for role, name in self.inputs.items()}
+        return {"kind": self.kind, "id": self.id, "params": self.params, "inputs": inputs}
 
 
 @dataclass
@@ -203,6 +205,7 @@ class Planner:
             f"Fetch {spec.label} ({url})",
             {"url": url, "name": spec.label, "sha256": spec.sha256},
             {},
+            group=slug(spec.label),
         )
 
     def is_peft(self, spec: RetrieverSpec) -> bool:
@@ -220,6 +223,7 @@ class Planner:
         inputs: dict[str, Stage],
         deps: tuple[str, ...] = (),
         name: str | None = None,
+        group: str = "main",
     ) -> Stage:
         ident = stage_id(kind, params, {role: s.id for role, s in sorted(inputs.items())})
         stage = Stage(
@@ -230,6 +234,7 @@ class Planner:
             params=params,
             inputs={role: s.name for role, s in sorted(inputs.items())},
             deps=tuple(sorted(set(deps))),
+            group=group,
         )
         return self.plan.add(stage)
 
@@ -277,6 +282,7 @@ class Planner:
             inputs,
             src.dataset.deps,
             name=f"score-{recipe.name}",
+            group=src.dataset_name,
         )
         self.plan.recipes[recipe.name] = recipe.resolved()
 
@@ -309,6 +315,7 @@ class Planner:
             {"model": model, "dataset": src.dataset.ident, "encoding": src.encoding},
             {**inputs, **src.dataset.inputs},
             deps + src.dataset.deps,
+            group=where,
         )
         return self.add(
             "search",
@@ -316,6 +323,7 @@ class Planner:
             f"Exact top-{recipe.eval.k} search, {who} on {where}",
             {"k": recipe.eval.k},
             {"embeddings": embed},
+            group=where,
         )
 
     def readapted(
@@ -341,6 +349,7 @@ class Planner:
                 {"base": src.base, "retriever": src.retriever},
                 {},
                 src.base_deps + src.retriever_deps,
+                group="models",
             )
         merge = self.add(
             "merge",
@@ -355,6 +364,7 @@ class Planner:
             },
             merge_inputs,
             src.base_deps + src.retriever_deps,
+            group=merge_inputs["adapter"].group if "adapter" in merge_inputs else "models",
         )
         return self.embed_and_search(
             recipe, src, {"retriever": None, "base": None}, {"model": merge}, (), "ra"
@@ -387,6 +397,7 @@ class Planner:
             params,
             inputs,
             deps,
+            group=slug(train.label),
         )
 
 

@@ -9,8 +9,6 @@ import csv
 import logging
 from pathlib import Path
 
-import yaml
-
 from readaptir.plan import stage_output
 
 LOG = logging.getLogger(__name__)
@@ -37,9 +35,10 @@ def alpha_points(metrics: dict[str, dict], metric: str) -> list[dict]:
 
 def adapter_logs(root: Path) -> dict[str, Path]:
     """Training logs of the adapters the built plan names, by stage name (existing ones only)."""
-    params = yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}
+    from readaptir.dvcfile import all_stage_specs
+
     logs = {}
-    for name, spec in (params.get("stages") or {}).items():
+    for name, spec in all_stage_specs(root).items():
         if spec["kind"] == "adapter":
             log = Path(root) / stage_output(spec) / "training_log.csv"
             if log.is_file():

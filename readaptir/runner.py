@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from readaptir.artifacts import atomic_output, resolve_device, write_json
-from readaptir.dvcfile import read_stage_spec
+from readaptir.dvcfile import ROOT_PARAMS, read_stage_spec
 from readaptir.fingerprint import Fingerprints
 from readaptir.plan import stage_output
 
@@ -32,10 +32,7 @@ class Context:
         self.params = spec["params"]
         self.device = resolve_device(device)
         self.fingerprints = Fingerprints(self.root)
-        self.inputs = {
-            role: self.root / stage_output(read_stage_spec(self.root, name))
-            for role, name in spec["inputs"].items()
-        }
+        self.inputs = {role: self.root / path for role, path in spec["inputs"].items()}
 
     def local(self, path: str) -> Path:
         candidate = Path(path).expanduser()
@@ -188,9 +185,11 @@ RUNNERS: dict[str, Callable[[Context, Path], object]] = {
 }
 
 
-def run_stage(root: Path, name: str, device: str | None = None) -> Path:
+def run_stage(
+    root: Path, name: str, device: str | None = None, spec_file: str = ROOT_PARAMS
+) -> Path:
     """Run stage ``name`` of the built plan; returns its output folder."""
-    spec = read_stage_spec(root, name)
+    spec = read_stage_spec(root, name, spec_file)
     ctx = Context(root, spec, device)
     for role, path in ctx.inputs.items():
         if not path.is_dir():

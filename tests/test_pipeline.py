@@ -38,7 +38,7 @@ def cli(*args: str) -> str:
 def repro(root: Path) -> list[str]:
     """Names of the stages whose command dvc ran."""
     out = workspace.dvc(root, "repro", capture=True).stdout
-    return re.findall(r"Running stage '([^']+)'", out)
+    return [n.split("dvc.yaml:")[-1] for n in re.findall(r"Running stage '([^']+)'", out)]
 
 
 def set_alpha(root: Path, alpha: float) -> None:
@@ -128,3 +128,25 @@ def test_validate_reports_file_key_and_fails(ws):
     before = (ws / "dvc.yaml").read_bytes()
     assert CliRunner().invoke(main, ["build", "--root", str(ws)]).exit_code == 1
     assert (ws / "dvc.yaml").read_bytes() == before  # nothing half-written
+
+
+def test_split_pipelines_run_and_stale_groups_go(ws, monkeypatch):
+    from readaptir import dvcfile
+
+    monkeypatch.setattr(dvcfile, "SPLIT_ABOVE", 0)
+    cli("build", "--root", str(ws))
+    assert set(yaml.safe_load((ws / "dvc.yaml").read_text())) == {"plots"}
+    assert set(yaml.safe_load((ws / "params.yaml").read_text())) == {"recipes"}
+    groups = sorted(p.name for p in (ws / "pipelines").iterdir())
+    assert groups == ["models", "toy"]
+    stages = {
+        n
+        for g in groups
+        for n in yaml.safe_load((ws / "pipelines" / g / "dvc.yaml").read_text())["stages"]
+    }
+    assert sorted(repro(ws)) == sorted(stages)
+    assert repro(ws) == []
+    assert json.loads((ws / "metrics" / "ra.json").read_text())["alpha"] == 0.5
+    (ws / "recipes" / "ra.yaml").unlink()  # no merge or adapter left: the models group goes
+    cli("build", "--root", str(ws))
+    assert sorted(p.name for p in (ws / "pipelines").iterdir()) == ["toy"]
