@@ -37,9 +37,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", type=Path, default=ROOT / "recipes" / "paper")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--keep", type=Path, help="build the workspace here and keep it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = args.keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
         subprocess.run(["git", "init", "-q"], cwd=root, check=True)
         workspace.init(root)
         shutil.rmtree(root / "recipes")

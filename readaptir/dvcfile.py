@@ -1,11 +1,12 @@
 """A plan → DVC pipeline files, byte-stable for unchanged recipes.
 
 Small plans are one ``dvc.yaml`` and one ``params.yaml``: the resolved recipes by name (so
-``dvc params diff`` shows what changed where) and each stage's spec under ``stages.<name>`` (what
-``readaptir stage run`` executes). DVC's time grows much faster than linearly with the stages of
-one file, so a plan of more than ``SPLIT_ABOVE`` stages is written as one pipeline per group
-(a collection, or ``models``): ``pipelines/<group>/dvc.yaml`` with its specs beside it in
-``pipelines/<group>/params.yaml``; the root ``params.yaml`` then holds the recipes alone.
+``dvc params diff`` shows what changed where) and each stage's spec under ``stages.<name>``
+(what ``readaptir stage run`` executes; only the recipes are DVC parameters). DVC's time grows
+much faster than linearly with the stages of one file, so a plan of more than ``SPLIT_ABOVE``
+stages is written as one pipeline per group (a collection, or ``models``):
+``pipelines/<group>/dvc.yaml`` with its specs beside it in ``pipelines/<group>/params.yaml``;
+the root ``params.yaml`` then holds the recipes alone.
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ def dvc_stage(stage: Stage, plan: Plan, spec_file: str) -> dict:
         entry["wdir"] = "../.."  # every path stays relative to the project root
     entry["cmd"] = f"readaptir stage run {stage.name}" + (f" --spec {spec_file}" if split else "")
     entry["deps"] = [plan.stages[name].out for name in stage.inputs.values()] + list(stage.deps)
-    spec_param = f"stages.{stage.name}"
-    entry["params"] = [{spec_file: [spec_param]}] if split else [spec_param]
+    # The spec is not a DVC parameter: the output folder is named by the id, a hash of the spec,
+    # so a changed spec is a changed output path. (DVC re-reads a parameter file for every stage
+    # that names it: hundreds of stages made a no-op `dvc repro` take minutes.)
+    if stage.kind == "score":
+        entry["params"] = [f"recipes.{stage.params['recipe']}"]  # for `dvc params diff`
     entry["outs"] = [stage.out]
     if stage.kind == "score":
-        entry["params"].append(f"recipes.{stage.params['recipe']}")
         entry["metrics"] = [{stage.metrics_file: {"cache": False}}]
     return entry
 

@@ -10,13 +10,17 @@ import json
 import logging
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from types import EllipsisType
 
 import torch
 
 from readaptir.weights import Body, Checkpoint, WeightError, split_head
 
 LOG = logging.getLogger(__name__)
+
+Rows = slice | EllipsisType  # a block of leading-dimension rows, or ``...`` for the whole tensor
 
 _PEFT_LEAD = "base_model.model."
 _ADAPTER_KEY = re.compile(
@@ -49,6 +53,50 @@ def dora_update(
     merged = weight + lora
     norm = torch.linalg.norm(merged, dim=0 if embedding else 1, keepdim=True)
     return magnitude.reshape(norm.shape) / norm * merged - weight
+
+
+@dataclass(frozen=True)
+class TargetUpdate:
+    """What an adapter holds for one target tensor, in float64 on the compute device.
+
+    Ψ is ``scaling · B @ A`` (LoRA), DoRA's rescaling of Θ + that product when ``magnitude`` is
+    set, ``scaling · added`` for a LoRA bias, or ``replacement`` − Θ for a saved module.
+    """
+
+    scaling: float = 1.0
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    embedding: bool = False
+    added: torch.Tensor | None = None
+    replacement: torch.Tensor | None = None
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether Ψ depends on Θ (DoRA's norm, a replacement), not on the factors alone."""
+        return self.magnitude is not None or self.replacement is not None
+
+    @property
+    def row_local(self) -> bool:
+        """Whether a block of rows of Ψ needs only the same rows of Θ (not so for DoRA over an
+        embedding, normed per column)."""
+        return not (self.embedding and self.magnitude is not None)
+
+
+def psi_rows(update: TargetUpdate, theta: torch.Tensor | None, rows: Rows) -> torch.Tensor:
+    """Rows ``rows`` of Ψ in float64; ``theta`` holds the same rows of Θ in float64 (or None
+    when ``update.needs_base`` is false)."""
+    if update.replacement is not None:
+        return update.replacement[rows] - theta
+    if update.added is not None:
+        return update.scaling * update.added[rows]
+    assert update.a is not None and update.b is not None
+    a, b = (update.a[:, rows], update.b) if update.embedding else (update.a, update.b[rows])
+    lora = lora_product(a, b, update.scaling, update.embedding)
+    if update.magnitude is None:
+        return lora
+    magnitude = update.magnitude if update.embedding else update.magnitude[rows]
+    return dora_update(theta, lora, magnitude, update.embedding)
 
 
 def _pattern_value(patterns: dict, path: str, default: float) -> float:
@@ -148,19 +196,23 @@ class Adapter:
             raise WeightError(f"{self.folder}: {roles['m']} has shape {shape(roles['m'])}")
         return (fan_in, fan_out) if emb else (fan_out, fan_in)
 
-    def update(self, name: str, weight: torch.Tensor) -> torch.Tensor | None:
-        """The float64 change to ``name`` given its float64 base ``weight``; None if untouched."""
+    def target(self, name: str, device: str | torch.device = "cpu") -> TargetUpdate | None:
+        """The adapter's tensors for ``name``, moved to ``device`` once; None if untouched."""
         roles = self._targets.get(name)
         if roles is None:
             return None
+        got = {role: self.ckpt.get(key).to(device, torch.float64) for role, key in roles.items()}
+        return TargetUpdate(
+            scaling=self.scaling(name),
+            a=got.get("A"),
+            b=got.get("B"),
+            magnitude=got.get("m"),
+            embedding=name in self._embeddings,
+            added=got.get("bias"),
+            replacement=got.get("full"),
+        )
 
-        def get(role: str) -> torch.Tensor:
-            return self.ckpt.get(roles[role]).to(weight.device, torch.float64)
-
-        if "full" in roles:
-            return get("full") - weight
-        if "bias" in roles:
-            return self.scaling(name) * get("bias")
-        emb = name in self._embeddings
-        lora = lora_product(get("A"), get("B"), self.scaling(name), emb)
-        return dora_update(weight, lora, get("m"), emb) if "m" in roles else lora
+    def update(self, name: str, weight: torch.Tensor) -> torch.Tensor | None:
+        """The float64 change to ``name`` given its float64 base ``weight``; None if untouched."""
+        target = self.target(name, weight.device)
+        return None if target is None else psi_rows(target, weight, ...)

@@ -45,7 +45,7 @@ class Stage:
 
     @property
     def out(self) -> str:
-        return stage_output({"kind": self.kind, "id": self.id, "params": self.params})
+        return stage_output({"kind": self.kind, "id": self.id})
 
     @property
     def metrics_file(self) -> str | None:
@@ -70,9 +70,8 @@ class Plan:
 
 
 def stage_output(spec: dict) -> str:
-    """A stage's output folder, relative to the project root: by id, or by recipe for scores."""
-    key = spec["params"]["recipe"] if spec["kind"] == "score" else spec["id"]
-    return f"artifacts/{spec['kind']}/{key}"
+    """A stage's output folder, relative to the project root, named by the stage's id."""
+    return f"artifacts/{spec['kind']}/{spec['id']}"
 
 
 def slug(text: str, limit: int = 32) -> str:

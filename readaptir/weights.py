@@ -3,17 +3,22 @@
 Canonical names are those of the bare transformer (``AutoModel``): a causal-LM checkpoint
 (``model.layers.0…``) and a bare one (``layers.0…``) agree once the base-model prefix is stripped.
 Tensors outside the prefix of a prefixed checkpoint (``lm_head``, ``cls.*``) are heads.
+
+Both directions go through plain file reads and writes of the safetensors layout (an 8-byte header
+length, a JSON header, then the tensors' bytes): memory holds only the tensors in hand.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 import torch
 
@@ -37,6 +42,10 @@ _ST_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_ST_CODES = {dtype: code for code, dtype in _ST_DTYPES.items()}
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+TensorSpec = tuple[str, tuple[int, ...], torch.dtype]  # name, shape, dtype
 
 
 class WeightError(ValueError):
@@ -47,13 +56,39 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _read_header(path: Path) -> dict[str, dict]:
-    # The safetensors header is a little-endian u64 length followed by JSON: no tensor data read.
+def _read_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The tensor entries of a safetensors header and where the tensor bytes start."""
     with open(path, "rb") as fh:
         (size,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(size))
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + size
+
+
+def _read_into(fh: BinaryIO, view: memoryview) -> None:
+    # One read() returns at most ~2 GiB on Linux: loop until the view is full.
+    done = 0
+    while done < len(view):
+        got = fh.readinto(view[done:])
+        if not got:
+            raise WeightError(f"{fh.name} ends before its header says it should")
+        done += got
+
+
+def _header_bytes(specs: Sequence[TensorSpec]) -> bytes:
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in specs:
+        size = math.prod(shape) * dtype.itemsize
+        entry = {
+            "dtype": _ST_CODES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        header[name], offset = entry, offset + size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # tensor bytes 8-byte aligned, as safetensors pads
+    return struct.pack("<Q", len(text)) + text
 
 
 class Checkpoint:
@@ -64,11 +99,12 @@ class Checkpoint:
         self._files = self._locate()
         self._meta: dict[str, dict] = {}
         self._file_of: dict[str, Path] = {}
+        self._data_start: dict[Path, int] = {}
         for path in self._files:
-            for name, info in _read_header(path).items():
+            header, self._data_start[path] = _read_header(path)
+            for name, info in header.items():
                 self._meta[name] = info
                 self._file_of[name] = path
-        self._handles: dict[Path, Any] = {}  # open safe_open readers (memory-mapped)
 
     def _locate(self) -> list[Path]:
         folder = self.folder
@@ -105,13 +141,20 @@ class Checkpoint:
         return end - start
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
+        """The tensor, read into memory of its own.
 
-        self._info(name)
+        Not through a memory map: the pages of a map stay resident (and counted) for as long as
+        the file is open, which over a whole model adds up to the model's size.
+        """
+        dtype, shape, size = self.dtype(name), self.shape(name), self.nbytes(name)
         path = self._file_of[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        return self._handles[path].get_tensor(name)
+        if size != math.prod(shape) * dtype.itemsize:
+            raise WeightError(f"tensor {name} in {path}: {size} bytes for shape {shape} {dtype}")
+        buf = torch.empty(size, dtype=torch.uint8)
+        with open(path, "rb", buffering=0) as fh:
+            fh.seek(self._data_start[path] + self._info(name)["data_offsets"][0])
+            _read_into(fh, memoryview(buf.numpy()))
+        return buf.view(dtype).reshape(shape)
 
     def _info(self, name: str) -> dict:
         if name not in self._meta:
@@ -224,18 +267,42 @@ def check_same_body(base: Body, other: Body) -> list[str]:
     return one_side
 
 
-class ShardWriter:
-    """Write tensors one by one into safetensors shards of at most ``max_shard_bytes`` each.
+def plan_shards(specs: Sequence[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive tensors grouped into shards of at most ``max_bytes`` (a bigger one alone)."""
+    shards: list[list[TensorSpec]] = []
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[1]) * spec[2].itemsize
+        if not shards or (shards[-1] and size + nbytes > max_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
 
-    Shards get provisional names while writing and their final ``-of-N`` names at ``close``;
-    a single shard becomes ``model.safetensors`` without an index.
+
+class ShardWriter:
+    """Write tensors into safetensors shards of at most ``max_shard_bytes`` each.
+
+    Given the ``layout`` (every tensor's name, shape and dtype, in writing order) up front, each
+    tensor goes to disk as it is added: memory holds only the tensor in hand. Without it, a
+    shard's tensors are held until the shard is full. Shards get provisional names while writing
+    and their final ``-of-N`` names at ``close``; a single shard becomes ``model.safetensors``.
     """
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int = 2 * 1024**3) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        layout: Sequence[TensorSpec] | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
+        self._plan = None if layout is None else plan_shards(layout, max_shard_bytes)
+        self._file: BinaryIO | None = None
+        self._due: list[TensorSpec] = []  # still to come in the open shard, in header order
+        self._pending: list[tuple[TensorSpec, torch.Tensor]] = []
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
         self._seen: set[str] = set()
@@ -246,25 +313,56 @@ class ShardWriter:
             raise WeightError(f"tensor {name} written twice to {self.out_dir}")
         self._seen.add(name)
         tensor = tensor.detach().to("cpu").contiguous()
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor
-        self._pending_bytes += size
+        spec, size = (name, tuple(tensor.shape), tensor.dtype), tensor.nbytes
         self.total_bytes += size
+        if self._plan is None:
+            if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+                self._flush()
+            self._pending.append((spec, tensor))
+            self._pending_bytes += size
+            return
+        if not self._due:
+            if not self._plan:
+                raise WeightError(f"tensor {name} is not in the layout of {self.out_dir}")
+            self._begin(self._plan.pop(0))
+        self._write(spec, tensor)
+
+    def _begin(self, specs: list[TensorSpec]) -> None:
+        path = self.out_dir / f".shard-{len(self._shards) + 1:05d}.safetensors"
+        self._shards.append((path, [spec[0] for spec in specs]))
+        self._file = open(path, "wb")  # noqa: SIM115 (closed after its last tensor, or by abort)
+        self._file.write(_header_bytes(specs))
+        self._due = list(specs)
+        if not specs:
+            self._file.close()
+
+    def _write(self, spec: TensorSpec, tensor: torch.Tensor) -> None:
+        if spec != self._due[0]:
+            raise WeightError(f"{self.out_dir}: got tensor {spec}, the layout has {self._due[0]}")
+        assert self._file is not None
+        self._file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        self._due.pop(0)
+        if not self._due:
+            self._file.close()
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = self.out_dir / f".shard-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        self._begin([spec for spec, _ in self._pending])
+        for spec, tensor in self._pending:
+            self._write(spec, tensor)
+        self._pending, self._pending_bytes = [], 0
 
     def close(self) -> list[Path]:
         """Finish the last shard, give every shard its final name, write the index if sharded."""
-        if self._pending or not self._shards:
-            self._flush()
+        if self._plan is None:
+            if self._pending or not self._shards:
+                self._flush()
+        else:
+            missing = [spec[0] for spec in self._due + sum(self._plan, [])]
+            if missing:
+                self.abort()
+                raise WeightError(f"{self.out_dir}: tensors never written: {missing[:3]}")
+            if not self._shards:
+                self._begin([])
         count = len(self._shards)
         if count == 1:
             final = self.out_dir / SINGLE
@@ -281,9 +379,16 @@ class ShardWriter:
         (self.out_dir / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return finals
 
+    def abort(self) -> None:
+        """Close an unfinished shard file; the caller discards the folder."""
+        if self._file is not None:
+            self._file.close()
+
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
+        else:
+            self.abort()

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from readaptir.lora import Adapter
+from readaptir.stages import merge as merge_stage
 from readaptir.stages.delta import compute_delta, storage_dtype
-from readaptir.stages.merge import merge, readapt
+from readaptir.stages.merge import merge, readapt_rows, row_blocks
 from readaptir.weights import Body, Checkpoint, WeightError
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -183,17 +184,19 @@ def test_adapter_variants_match_peft_merge(tmp_path, tiny_base, tiny_retriever, 
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
 
 
-def test_general_combination(tmp_path, tiny_base, tiny_retriever, dora_adapter, full_delta):
+@pytest.mark.parametrize("route", ["delta", "retriever"])
+def test_general_combination(tmp_path, tiny_base, tiny_retriever, dora_adapter, full_delta, route):
     alpha, beta = 0.5, 0.7
-    run_merge(
+    info = run_merge(
         tmp_path,
         tiny_base,
         tiny_retriever,
         alpha=alpha,
         beta=beta,
         adapter_dir=dora_adapter,
-        delta_dir=full_delta,
+        delta_dir=full_delta if route == "delta" else None,
     )
+    assert info["route"] == route
     theta, ret = load_state(tiny_base), load_state(tiny_retriever)
     knowledge, got = peft_merged(tiny_base, dora_adapter), load_state(tmp_path)
     for k in theta:
@@ -202,10 +205,67 @@ def test_general_combination(tmp_path, tiny_base, tiny_retriever, dora_adapter, 
         torch.testing.assert_close(got[k].double(), want, atol=2e-6, rtol=0, msg=k)
 
 
-def test_readapt_is_float64_sum():
-    theta = torch.tensor([1.0, 2.0])
-    out = readapt(theta, 2.0, torch.tensor([0.5, 0.5]), 0.0, None)
-    assert out.dtype == torch.float64 and out.tolist() == [2.0, 3.0]
+@pytest.mark.parametrize(("alpha", "beta"), [(0.5, 1.0), (0.5, 0.3), (1.0, 2.0), (0.0, 0.5)])
+def test_retriever_route_equals_delta_route(
+    tmp_path, tiny_base, tiny_retriever, dora_adapter, full_delta, alpha, beta
+):
+    kw = dict(alpha=alpha, beta=beta, adapter_dir=dora_adapter if alpha else None)
+    run_merge(tmp_path / "delta", tiny_base, tiny_retriever, delta_dir=full_delta, **kw)
+    run_merge(tmp_path / "direct", tiny_base, tiny_retriever, **kw)
+    via_delta, direct = Checkpoint(tmp_path / "delta"), Checkpoint(tmp_path / "direct")
+    assert via_delta.names() == direct.names()
+    for name in direct.names():  # float32 outputs: the two float64 sums round alike, or 1 ulp off
+        torch.testing.assert_close(direct.get(name), via_delta.get(name), atol=1e-7, rtol=2e-7)
+
+
+def test_retriever_route_is_exact(tmp_path, tiny_base, tiny_retriever, dora_adapter):
+    info = run_merge(tmp_path / "r", tiny_base, tiny_retriever, alpha=0.0, beta=1.0)
+    assert info["route"] == "retriever"
+    got, want = load_state(tmp_path / "r"), load_state(tiny_retriever)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # β = 1 with an adapter: tensors the adapter leaves alone are the retriever's, untouched by Θ.
+    out = tmp_path / "ra"
+    run_merge(out, tiny_base, tiny_retriever, alpha=0.5, beta=1.0, adapter_dir=dora_adapter)
+    got = load_state(out)
+    targets = Adapter(dora_adapter, "model").targets()
+    assert all(torch.equal(got[k], want[k]) for k in want if k not in targets)
+    assert not any(torch.equal(got[k], want[k]) for k in targets)
+
+
+def test_blocks_of_rows_equal_whole_tensors(monkeypatch, tmp_path, tiny_base, tiny_retriever):
+    from transformers import AutoModelForCausalLM
+
+    extra = {"target_modules": ["q_proj", "down_proj", "embed_tokens"]}
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    adapter = make_adapter(model, tmp_path / "adapter", dora=True, seed=7, **extra)
+    kw = dict(alpha=0.5, beta=0.7, adapter_dir=adapter)
+    run_merge(tmp_path / "whole", tiny_base, tiny_retriever, **kw)
+    monkeypatch.setattr(merge_stage, "BLOCK_ELEMENTS", 100)  # a row or two per block
+    run_merge(tmp_path / "rows", tiny_base, tiny_retriever, **kw)
+    whole, rows = Checkpoint(tmp_path / "whole"), Checkpoint(tmp_path / "rows")
+    for name in whole.names():
+        torch.testing.assert_close(rows.get(name), whole.get(name), atol=1e-7, rtol=0)
+
+
+def test_row_blocks():
+    assert list(row_blocks((5, 4), whole=True)) == [...]
+    assert list(row_blocks((), whole=False)) == [...]
+    blocks = list(row_blocks((3, 2**17), whole=False))
+    assert blocks == [slice(0, 2), slice(2, 4)]
+
+
+def test_readapt_rows_is_float64_sum():
+    theta = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    retriever = torch.tensor([[2.0, 2.0], [2.0, 2.0]], dtype=torch.bfloat16)
+    got = readapt_rows(theta, 0.5, [(0.5, retriever)], [], slice(1, 2))
+    assert got.dtype == torch.float64 and got.tolist() == [[2.5, 3.0]]
+    assert theta.tolist() == [[1.0, 2.0], [3.0, 4.0]]  # inputs are left as they were
+    # A LoRA update without Θ: Ψ alone, scaled.
+    from readaptir.lora import TargetUpdate
+
+    update = TargetUpdate(scaling=2.0, a=torch.ones(1, 2).double(), b=torch.ones(2, 1).double())
+    got = readapt_rows(None, 0.0, [], [(0.25, update)], ...)
+    assert got.tolist() == [[0.5, 0.5], [0.5, 0.5]]
 
 
 def test_lora_retriever(tmp_path, tiny_base, lora_retriever):
@@ -220,13 +280,14 @@ def test_lora_retriever(tmp_path, tiny_base, lora_retriever):
     for name in delta.names():
         want = merged[name].double() - theta[name].double()
         torch.testing.assert_close(delta.get(name).double(), want, atol=1e-6, rtol=0)
-    out = tmp_path / "merged"
-    run_merge(out, tiny_base, lora_retriever, alpha=0.0, beta=1.0, delta_dir=delta_dir)
-    got = load_state(out)
-    assert got.keys() == merged.keys()
-    for k in merged:
-        torch.testing.assert_close(got[k], merged[k], atol=1e-6, rtol=0, msg=k)
-    assert (out / "tokenizer.json").is_file()  # the adapter has none: the base's
+    for route, stored in [("delta", delta_dir), ("retriever", None)]:
+        out = tmp_path / f"merged-{route}"
+        run_merge(out, tiny_base, lora_retriever, alpha=0.0, beta=1.0, delta_dir=stored)
+        got = load_state(out)
+        assert got.keys() == merged.keys()
+        for k in merged:
+            torch.testing.assert_close(got[k], merged[k], atol=1e-6, rtol=0, msg=k)
+        assert (out / "tokenizer.json").is_file()  # the adapter has none: the base's
 
 
 def test_adapter_over_bare_or_causal_model_agree(tiny_base, dora_adapter, lora_retriever):
@@ -300,11 +361,9 @@ def test_adapter_for_another_base_fails(tmp_path, tokenizer, tiny_retriever, dor
     assert not any(out.iterdir())
 
 
-def test_missing_inputs(tmp_path, tiny_base, tiny_retriever):
+def test_missing_adapter(tmp_path, tiny_base, tiny_retriever):
     with pytest.raises(ValueError, match="adapter"):
         run_merge(tmp_path, tiny_base, tiny_retriever, alpha=1.0, beta=0.0)
-    with pytest.raises(ValueError, match="delta"):
-        run_merge(tmp_path, tiny_base, tiny_retriever, alpha=0.0, beta=1.0)
 
 
 def test_output_dtype(tmp_path, tiny_base, tiny_retriever, full_delta):

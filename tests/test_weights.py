@@ -160,3 +160,72 @@ def test_rank_and_alpha_patterns():
     assert _pattern_value(patterns, "model.layers.1.mlp.up_proj", 4) == 2
     assert _pattern_value(patterns, "model.layers.0.mlp.up_proj", 4) == 4
     assert _pattern_value(patterns, "model.layers.0.self_attn.xq_proj", 4) == 4
+
+
+def _mixed() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {
+        "w": torch.randn(5, 3).to(torch.bfloat16),
+        "d": torch.randn(7, dtype=torch.float64),
+        "i": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "b": torch.tensor([True, False, True]),
+        "s": torch.tensor(2.5),
+        "e": torch.zeros(0, 4),
+    }
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["buffered", "layout"])
+def test_shard_writer_files_read_by_safetensors(tmp_path, streamed):
+    from safetensors.torch import load_file
+
+    tensors = _mixed()
+    layout = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()] if streamed else None
+    with ShardWriter(tmp_path, max_shard_bytes=60, layout=layout) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+    files = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(files) == 3  # w (30 B) | d (56 B) | i, b, s, e (48 + 3 + 4 + 0 B)
+    loaded = {k: v for f in files for k, v in load_file(f).items()}
+    ours = Checkpoint(tmp_path)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)
+        assert torch.equal(ours.get(name), tensor)
+
+
+def test_shard_writer_holds_to_its_layout(tmp_path):
+    layout = [("a", (2,), torch.float32), ("b", (3,), torch.float32)]
+    with pytest.raises(WeightError, match="layout has"):
+        with ShardWriter(tmp_path / "order", layout=layout) as writer:
+            writer.add("b", torch.zeros(3))
+    with pytest.raises(WeightError, match="layout has"):
+        ShardWriter(tmp_path / "dtype", layout=layout).add("a", torch.zeros(2).double())
+    writer = ShardWriter(tmp_path / "short", layout=layout)
+    writer.add("a", torch.zeros(2))
+    with pytest.raises(WeightError, match=r"never written: \['b'\]"):
+        writer.close()
+    writer = ShardWriter(tmp_path / "long", layout=layout[:1])
+    writer.add("a", torch.zeros(2))
+    with pytest.raises(WeightError, match="not in the layout"):
+        writer.add("b", torch.zeros(3))
+
+
+def test_checkpoint_keeps_no_file_open(tiny_retriever):
+    # Reads go into the tensors' own memory: no map or handle of the file stays behind.
+    fds = Path("/proc/self/fd")
+    if not fds.is_dir():
+        pytest.skip("needs /proc")
+    before = len(list(fds.iterdir()))
+    source = Checkpoint(tiny_retriever)
+    tensors = {n: source.get(n) for n in source.names()}
+    assert len(list(fds.iterdir())) == before
+    tensors["norm.weight"].add_(1)  # writable, and the file is unchanged
+    assert not torch.equal(source.get("norm.weight"), tensors["norm.weight"])
+
+
+def test_truncated_file_is_an_error(tmp_path, tiny_retriever):
+    data = (tiny_retriever / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 100])
+    ckpt = Checkpoint(tmp_path)
+    last = max(ckpt.names(), key=lambda n: ckpt._info(n)["data_offsets"][1])
+    with pytest.raises(WeightError, match="ends before"):
+        ckpt.get(last)

@@ -1,28 +1,39 @@
 """Readapt a retriever: W = Θ + α·Ψ + β·Δ for every body tensor of Θ, one tensor at a time.
 
-Ψ is the change the knowledge adapter makes to Θ and Δ the stored retriever − Θ. The sum is
-taken in float64 and cast once to the output dtype; the result is a bare Hugging Face model folder
-(plus the retriever's tokenizer and sentence-transformers files) that ``AutoModel`` loads.
+Ψ is the change the knowledge adapter makes to Θ and Δ = retriever − Θ. The β·Δ term comes either
+from a stored Δ (``delta_dir``, the delta stage's output) or straight from the retriever R, with
+nothing stored in between: (1 − β)·Θ + β·R + α·Ψ for a full retriever (with β = 1, Θ is read only
+where Ψ needs it), Θ + α·Ψ + β·Ψ_R for a PEFT one. Tensors no term changes are copied as stored,
+so α=0, β=1 gives the retriever and α=0, β=0 gives Θ bit for bit. Everything else is summed in
+float64 and cast once to the output dtype, a block of rows at a time: on a CPU a few MiB of
+float64 stay in cache, so the arithmetic costs about what copying the bytes does; on a GPU a block
+is the whole tensor. The result is a bare Hugging Face model folder (plus the retriever's
+tokenizer and sentence-transformers files) that ``AutoModel`` loads, written tensor by tensor.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from readaptir.artifacts import resolve_device, write_json
-from readaptir.lora import Adapter
+from readaptir.lora import Adapter, Rows, TargetUpdate, psi_rows
 from readaptir.models import is_peft_adapter, torch_dtype
 from readaptir.stages.delta import DELTA_JSON
 from readaptir.weights import (
+    DEFAULT_SHARD_BYTES,
     Body,
     Checkpoint,
     ShardWriter,
+    TensorSpec,
     WeightError,
     auto_model_class,
     check_same_body,
@@ -47,22 +58,39 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+# Float64 elements per block of rows on a CPU: a few temporaries of 2 MiB stay in cache.
+BLOCK_ELEMENTS = 1 << 18
+
+Dense = list[tuple[float, torch.Tensor]]  # coefficient, a stored tensor (R or Δ)
+Updates = list[tuple[float, TargetUpdate]]  # coefficient, an adapter's tensors (Ψ or Ψ_R)
 
 
-def readapt(
-    theta: torch.Tensor,
-    alpha: float,
-    psi: torch.Tensor | None,
-    beta: float,
-    delta: torch.Tensor | None,
+def readapt_rows(
+    theta: torch.Tensor | None, theta_coef: float, dense: Dense, updates: Updates, rows: Rows
 ) -> torch.Tensor:
-    """Θ + α·Ψ + β·Δ in float64; a missing term is zero."""
-    out = theta.double()
-    if psi is not None and alpha != 0:
-        out = out + alpha * psi.double()
-    if delta is not None and beta != 0:
-        out = out + beta * delta.double()
-    return out
+    """Rows ``rows`` of theta_coef·Θ + Σ c·X + Σ c·Ψ in float64 (Θ may be None if unused)."""
+    t = None if theta is None else theta[rows].to(torch.float64, copy=True)
+    psis = [(coef, psi_rows(update, t, rows)) for coef, update in updates]  # before t changes
+    acc = None if t is None or theta_coef == 0 else t if theta_coef == 1 else t.mul_(theta_coef)
+    for coef, x in dense:
+        if acc is None:
+            acc = x[rows].to(torch.float64, copy=True).mul_(coef)
+        else:
+            acc.add_(x[rows], alpha=coef)
+    for coef, psi in psis:
+        acc = psi.mul_(coef) if acc is None else acc.add_(psi, alpha=coef)
+    assert acc is not None, "no term to sum"
+    return acc
+
+
+def row_blocks(shape: tuple[int, ...], whole: bool) -> Iterator[Rows]:
+    """Blocks of leading rows of about BLOCK_ELEMENTS elements, or the whole tensor."""
+    if whole or not shape:
+        yield ...
+        return
+    step = max(1, BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], step):
+        yield slice(start, start + step)
 
 
 def merge(
@@ -76,12 +104,14 @@ def merge(
     retriever_dir: Path,
     dtype: str | None = None,
     device: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> dict:
-    """Write the readapted retriever into ``out`` and return what ``readapt.json`` records."""
+    """Write the readapted retriever into ``out`` and return what ``readapt.json`` records.
+
+    Without ``delta_dir`` the β·Δ term is taken from ``retriever_dir`` directly.
+    """
     if alpha != 0 and adapter_dir is None:
         raise ValueError(f"alpha={alpha} needs a knowledge adapter (adapter_dir)")
-    if beta != 0 and delta_dir is None:
-        raise ValueError(f"beta={beta} needs a retriever delta (delta_dir)")
     base_dir, out, retriever_dir = Path(base_dir), Path(out), Path(retriever_dir)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()):
@@ -89,39 +119,54 @@ def merge(
 
     # Everything is checked on headers alone before a single tensor is read or written.
     base = Body(base_dir)
+    retriever: Body | Adapter
     peft_retriever = is_peft_adapter(retriever_dir)
     if peft_retriever:
-        Adapter(retriever_dir, base.prefix).check(base)
+        retriever = Adapter(retriever_dir, base.prefix)
+        retriever.check(base)
         out_dtype = torch_dtype(dtype) or base.ckpt.float_dtype()
     else:
         retriever = Body(retriever_dir)
         check_same_body(base, retriever)
         out_dtype = torch_dtype(dtype) or retriever.ckpt.float_dtype()
-    adapter = Adapter(Path(adapter_dir), base.prefix) if alpha != 0 else None
-    if adapter is not None:
-        adapter.check(base)
-    delta = _open_delta(Path(delta_dir), base) if beta != 0 else None
+    knowledge = Adapter(Path(adapter_dir), base.prefix) if alpha != 0 else None
+    if knowledge is not None:
+        knowledge.check(base)
+    route = "none" if beta == 0 else "delta" if delta_dir is not None else "retriever"
+    source = _open_delta(Path(delta_dir), base) if route == "delta" else retriever
+    theta_coef = 1 - beta if route == "retriever" and not peft_retriever else 1.0
 
     names = [n for n in base.names() if not is_buffer(n)]
     dropped = base.heads + [n for n in base.names() if is_buffer(n)]
     if dropped:
         LOG.info("not written to the readapted model: %s", dropped)
+    layout: list[TensorSpec] = [
+        (n, base.shape(n), out_dtype if base.dtype(n).is_floating_point else base.dtype(n))
+        for n in names
+    ]
     dev = resolve_device(device)
-    total = sum(base.nbytes(n) for n in names)
+    total = sum(math.prod(shape) * dt.itemsize for _, shape, dt in layout)
+    started = time.perf_counter()
     with (
-        ShardWriter(out) as writer,
+        ShardWriter(out, max_shard_bytes, layout) as writer,
         tqdm(total=total, unit="B", unit_scale=True, desc="merge") as bar,
     ):
-        for name in names:
-            theta = base.get(name).to(dev)
-            if not theta.is_floating_point():
-                writer.add(name, theta)  # integer tensors carry no update
+        for name, shape, dt in layout:
+            if not dt.is_floating_point:
+                writer.add(name, _unchanged(name, base, source if beta != 0 else None))
             else:
-                theta64 = theta.double()
-                psi = adapter.update(name, theta64) if adapter is not None else None
-                d = delta.get(name).to(dev) if delta is not None and name in delta else None
-                writer.add(name, readapt(theta64, alpha, psi, beta, d).to(out_dtype))
-            bar.update(base.nbytes(name))
+                dense: Dense = []
+                updates: Updates = []
+                if isinstance(source, Adapter) and beta != 0:
+                    _add_update(updates, beta, source, name, dev)
+                elif beta != 0 and name in source:  # a stored Δ leaves out zero tensors
+                    dense.append((beta, source.get(name).to(dev)))
+                if knowledge is not None:
+                    _add_update(updates, alpha, knowledge, name, dev)
+                writer.add(name, _readapt_tensor(base, name, theta_coef, dense, updates, dt, dev))
+            bar.update(math.prod(shape) * dt.itemsize)
+    seconds = time.perf_counter() - started
+    LOG.info("merged %.2f GB in %.1f s (%.2f GB/s)", total / 1e9, seconds, total / 1e9 / seconds)
 
     config_src = base_dir if peft_retriever else retriever_dir
     _write_config(config_src, out, out_dtype)
@@ -129,6 +174,7 @@ def merge(
     info = {
         "alpha": alpha,
         "beta": beta,
+        "route": route,
         "dtype": dtype_name(out_dtype),
         "tensors": len(names),
         "dropped": dropped,
@@ -136,6 +182,44 @@ def merge(
     write_json(out / READAPT_JSON, info)
     LOG.info("readapted model (α=%s, β=%s, %s) written to %s", alpha, beta, info["dtype"], out)
     return info
+
+
+def _add_update(updates: Updates, coef: float, adapter: Adapter, name: str, dev: str) -> None:
+    target = adapter.target(name, dev)
+    if target is not None:
+        updates.append((coef, target))
+
+
+def _readapt_tensor(
+    base: Body,
+    name: str,
+    theta_coef: float,
+    dense: Dense,
+    updates: Updates,
+    out_dtype: torch.dtype,
+    dev: str,
+) -> torch.Tensor:
+    """One output tensor; a tensor that no term changes is passed on as stored (cast only)."""
+    if not updates and not dense and theta_coef == 1:
+        return base.get(name).to(out_dtype)
+    if not updates and theta_coef == 0 and len(dense) == 1 and dense[0][0] == 1:
+        return dense[0][1].to(out_dtype)
+    need_theta = theta_coef != 0 or any(update.needs_base for _, update in updates)
+    theta = base.get(name).to(dev) if need_theta else None
+    shape = base.shape(name)
+    out = torch.empty(shape, dtype=out_dtype, device=dev)
+    whole = dev != "cpu" or not all(update.row_local for _, update in updates)
+    for rows in row_blocks(shape, whole):
+        out[rows] = readapt_rows(theta, theta_coef, dense, updates, rows)
+    return out
+
+
+def _unchanged(name: str, base: Body, source: Body | Checkpoint | Adapter | None) -> torch.Tensor:
+    # Integer tensors carry no update: the retriever must hold Θ's values.
+    theta = base.get(name)
+    if isinstance(source, Body) and not torch.equal(source.get(name), theta):
+        raise WeightError(f"non-float tensor {name} differs between {source.folder} and the base")
+    return theta
 
 
 def _open_delta(delta_dir: Path, base: Body) -> Checkpoint:

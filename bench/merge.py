@@ -1,0 +1,355 @@
+"""Merge time and peak memory against the I/O floor, on a synthetic sharded checkpoint.
+
+Builds three inputs of a Llama shape (default about 1B parameters: hidden 2048, 16 layers,
+intermediate 5632, vocab 32000, bf16), each written by safetensors itself:
+
+  Θ  a causal LM (with lm_head), sharded;
+  R  a full retriever, a bare model with every tensor of Θ's body perturbed, sharded;
+  Ψ  a PEFT DoRA adapter (r 32 on q/k/v/up/down, non-zero B, magnitudes off Θ's row norms).
+
+Then, each in a child process of its own and interleaved ``--repeat`` times (best kept):
+
+  (a) readaptir's merge of Θ + 0.5·Ψ + 1.0·Δ, Δ taken from R directly (with ``--delta-route``
+      also the stored-Δ route, after computing Δ once);
+  (b) the I/O floor: safetensors reads every tensor the merge needs (Θ's body, R, the adapter)
+      once into memory, and writes the output (R's tensors) once, in shards of the same size;
+  (c) the ratio a/b;
+  (d) the merge's peak RSS (the child's ru_maxrss) against one input shard + 1 GiB.
+
+Every run finds the inputs in the page cache (they are read once before timing) and none fsyncs
+its output, so the figures compare CPU and memory work over cached files, not a disk.
+
+    python bench/merge.py --tiny     # a few seconds
+    python bench/merge.py            # ~1B shape: ~4 GB of inputs under --dir, a minute or two
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from readaptir.weights import INDEX, TensorSpec, plan_shards  # noqa: E402
+
+GiB = 1024**3
+TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+TINY = dict(hidden=256, layers=2, intermediate=688, vocab=4000, heads=4, rank=8, shard_gb=0.002)
+ALPHA, BETA = 0.5, 1.0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="a small shape for a smoke run")
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--shard-gb", type=float, default=1.0, help="input and output shard size, GiB")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="the merge's device (cpu, cuda)")
+    ap.add_argument("--delta-route", action="store_true", help="also time Δ and a merge with it")
+    ap.add_argument("--dir", type=Path, default=None, help="where the inputs go (default: tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the inputs and outputs")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.tiny:
+        for key, value in TINY.items():
+            setattr(args, key, value)
+    args.kv_heads = args.kv_heads or args.heads
+    return args
+
+
+# -- the synthetic inputs ------------------------------------------------------------------------
+
+
+def body_specs(args: argparse.Namespace) -> list[TensorSpec]:
+    """Canonical (bare LlamaModel) names and shapes, in the order transformers saves them."""
+    h, inter, head_dim = args.hidden, args.intermediate, args.hidden // args.heads
+    kv, bf16 = args.kv_heads * head_dim, torch.bfloat16
+    specs = [("embed_tokens.weight", (args.vocab, h), bf16)]
+    for i in range(args.layers):
+        lead = f"layers.{i}."
+        specs += [
+            (lead + "input_layernorm.weight", (h,), bf16),
+            (lead + "self_attn.q_proj.weight", (h, h), bf16),
+            (lead + "self_attn.k_proj.weight", (kv, h), bf16),
+            (lead + "self_attn.v_proj.weight", (kv, h), bf16),
+            (lead + "self_attn.o_proj.weight", (h, h), bf16),
+            (lead + "post_attention_layernorm.weight", (h,), bf16),
+            (lead + "mlp.gate_proj.weight", (inter, h), bf16),
+            (lead + "mlp.up_proj.weight", (inter, h), bf16),
+            (lead + "mlp.down_proj.weight", (h, inter), bf16),
+        ]
+    return specs + [("norm.weight", (h,), bf16)]
+
+
+def nbytes(specs: Sequence[TensorSpec]) -> int:
+    return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in specs)
+
+
+def write_sharded(folder: Path, specs: list[TensorSpec], tensors: Iterator, shard: int) -> None:
+    """Save ``tensors`` (yielded in ``specs`` order) with safetensors, as transformers shards."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    groups = plan_shards(specs, shard)
+    weight_map = {}
+    for i, group in enumerate(groups, start=1):
+        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file(
+            {spec[0]: next(tensors) for spec in group}, folder / name, metadata={"format": "pt"}
+        )
+        weight_map.update({spec[0]: name for spec in group})
+    index = {"metadata": {"total_size": nbytes(specs)}, "weight_map": weight_map}
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def build(args: argparse.Namespace, work: Path) -> dict:
+    from transformers import LlamaConfig
+
+    gen = torch.Generator().manual_seed(0)
+    body = body_specs(args)
+    head = ("lm_head.weight", (args.vocab, args.hidden), torch.bfloat16)
+    theta_specs = [("model." + n, s, d) for n, s, d in body] + [head]
+    shard = int(args.shard_gb * GiB)
+    adapter: dict[str, torch.Tensor] = {}
+    r_noise: list[torch.Tensor] = []  # R's tensors, made alongside Θ's, consumed in order
+
+    def theta_tensors() -> Iterator[torch.Tensor]:
+        for name, shape, _ in theta_specs:
+            if name.endswith("norm.weight"):
+                w = 1 + 0.05 * torch.randn(shape, generator=gen)
+            else:
+                w = 0.02 * torch.randn(shape, generator=gen)
+            w = w.to(torch.bfloat16)
+            if name != "lm_head.weight":
+                noise = 0.002 * torch.randn(shape, generator=gen)
+                r_noise.append((w.float() + noise).to(torch.bfloat16))
+                module = name.removeprefix("model.").removesuffix(".weight")
+                if module.rsplit(".", 1)[-1] in TARGETS:
+                    add_dora(adapter, module, w.float(), args.rank, gen)
+            yield w
+
+    def r_tensors() -> Iterator[torch.Tensor]:
+        while r_noise:
+            yield r_noise.pop(0)
+
+    # Θ is written first (R's tensors wait in r_noise); fine for the sizes benchmarked here.
+    write_sharded(work / "theta", theta_specs, theta_tensors(), shard)
+    write_sharded(work / "retriever", body, r_tensors(), shard)
+    from safetensors.torch import save_file
+
+    (work / "adapter").mkdir()
+    save_file(adapter, work / "adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
+    dora = {"peft_type": "LORA", "r": args.rank, "lora_alpha": 2 * args.rank, "use_dora": True}
+    dora.update(target_modules=list(TARGETS), fan_in_fan_out=False, use_rslora=False)
+    (work / "adapter" / "adapter_config.json").write_text(json.dumps(dora, indent=2) + "\n")
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        intermediate_size=args.intermediate,
+        vocab_size=args.vocab,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+    )
+    for folder, arch in (("theta", "LlamaForCausalLM"), ("retriever", "LlamaModel")):
+        config.architectures = [arch]
+        config.save_pretrained(work / folder)
+    return {
+        "params": sum(math.prod(s) for _, s, _ in theta_specs),
+        "theta": nbytes(theta_specs),
+        "body": nbytes(body),
+        "adapter": sum(t.nbytes for t in adapter.values()),
+        "shard": max(p.stat().st_size for p in work.glob("*/model-*.safetensors")),
+    }
+
+
+def add_dora(out: dict, module: str, weight: torch.Tensor, rank: int, gen: torch.Generator):
+    fan_out, fan_in = weight.shape
+    key = f"base_model.model.model.{module}."
+    out[key + "lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) / math.sqrt(fan_in)
+    out[key + "lora_B.weight"] = 1e-3 * torch.randn(fan_out, rank, generator=gen)
+    scale = 1 + 0.01 * torch.randn(fan_out, generator=gen)
+    out[key + "lora_magnitude_vector"] = torch.linalg.vector_norm(weight, dim=1) * scale
+
+
+# -- what the children time ----------------------------------------------------------------------
+
+
+def _io() -> dict[str, int]:
+    lines = Path("/proc/self/io").read_text().split() if Path("/proc/self/io").exists() else []
+    return {k.rstrip(":"): int(v) for k, v in zip(lines[::2], lines[1::2], strict=True)}
+
+
+def child(args: argparse.Namespace) -> dict:
+    """One timed run in this (fresh) process; what it measured, for the parent."""
+    work, shard = args.work, int(args.shard_gb * GiB)
+    out = work / "out"
+    if args.child == "floor":
+        started = time.perf_counter()
+        io_floor(work, out, shard)
+        return {"seconds": time.perf_counter() - started}
+    from readaptir.stages.delta import compute_delta
+    from readaptir.stages.merge import merge
+    from readaptir.weights import base_model_prefix
+
+    # Looking up the model class imports transformers' modeling code: once per process, timed
+    # apart from the weight work.
+    started = time.perf_counter()
+    base_model_prefix(work / "theta")
+    imports = time.perf_counter() - started
+    before, rss_before = _io(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    if args.child == "delta":
+        compute_delta(work / "theta", work / "retriever", work / "delta", device=args.device)
+    else:
+        merge(
+            work / "theta",
+            out,
+            alpha=ALPHA,
+            beta=BETA,
+            adapter_dir=work / "adapter",
+            delta_dir=work / "delta" if args.child == "merge-delta" else None,
+            retriever_dir=work / "retriever",
+            device=args.device,
+            max_shard_bytes=shard,
+        )
+    seconds = time.perf_counter() - started
+    after = _io()
+    return {
+        "seconds": seconds,
+        "imports": imports,
+        "rss_before": rss_before * 1024,
+        "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "read": after.get("rchar", 0) - before.get("rchar", 0),
+        "written": after.get("wchar", 0) - before.get("wchar", 0),
+    }
+
+
+def io_floor(work: Path, out: Path, shard: int) -> None:
+    """Read what the merge reads once into memory, write the output's bytes once: safetensors."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def files(folder: Path) -> list[Path]:
+        return sorted(folder.glob("*.safetensors"))
+
+    for path in files(work / "theta") + files(work / "adapter"):
+        with safe_open(path, "pt") as fh:
+            for key in fh.keys():
+                if key != "lm_head.weight":
+                    fh.get_tensor(key).clone()  # its tensors are memory maps until copied
+    out.mkdir()
+    handles = [safe_open(path, "pt") for path in files(work / "retriever")]
+    tensors = {key: fh.get_tensor(key).clone() for fh in handles for key in fh.keys()}
+    specs = [(k, tuple(t.shape), t.dtype) for k, t in tensors.items()]
+    for i, group in enumerate(plan_shards(specs, shard), start=1):
+        save_file({s[0]: tensors.pop(s[0]) for s in group}, out / f"model-{i:05d}.safetensors")
+
+
+def run_child(args: argparse.Namespace, work: Path, kind: str) -> dict:
+    shutil.rmtree(work / "out", ignore_errors=True)
+    if kind == "delta":
+        shutil.rmtree(work / "delta", ignore_errors=True)
+    cmd = [sys.executable, __file__, "--child", kind, "--work", str(work), "--device", args.device]
+    cmd += ["--shard-gb", str(args.shard_gb)]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def warm(work: Path) -> None:
+    for path in sorted(work.glob("*/*.safetensors")):
+        with open(path, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def report(args: argparse.Namespace, sizes: dict, runs: dict[str, list[dict]], built: float):
+    gb = 1e9
+    best = {kind: min(r["seconds"] for r in rs) for kind, rs in runs.items()}
+    times = {kind: ", ".join(f"{r['seconds']:.2f}" for r in rs) for kind, rs in runs.items()}
+    merge = min(runs["merge"], key=lambda r: r["seconds"])
+    peak = max(r["rss_peak"] for r in runs["merge"])
+    target = sizes["shard"] + GiB
+    ratio = best["merge"] / best["floor"]
+    lines = [
+        f"shape: hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, "
+        f"vocab {args.vocab}, heads {args.heads}/{args.kv_heads}, bf16: "
+        f"{sizes['params'] / 1e9:.2f}B parameters",
+        f"inputs: Θ {sizes['theta'] / gb:.2f} GB (with lm_head), R {sizes['body'] / gb:.2f} GB, "
+        f"DoRA r{args.rank} adapter {sizes['adapter'] / gb:.3f} GB; shards of "
+        f"{args.shard_gb:g} GiB (largest input shard {sizes['shard'] / gb:.2f} GB); "
+        f"built in {built:.0f} s",
+        "page cache: warm in every run (inputs read once before timing); no run fsyncs",
+        f"device: {args.device}; torch threads: {torch.get_num_threads()}; runs: {args.repeat}",
+        f"(a) merge Θ + {ALPHA}·Ψ + {BETA}·Δ, Δ read from R: {best['merge']:.2f} s "
+        f"(runs: {times['merge']}); read {merge['read'] / gb:.2f} GB, "
+        f"wrote {merge['written'] / gb:.2f} GB; before it, {merge['imports']:.2f} s importing "
+        "transformers' model code (once per process)",
+        f"(b) I/O floor, safetensors (read Θ's body, R and the adapter once, write the output "
+        f"once): {best['floor']:.2f} s (runs: {times['floor']})",
+        f"(c) ratio a/b: {ratio:.2f} (target ≤ 1.3: {'met' if ratio <= 1.3 else 'missed'}); "
+        f"{(best['merge'] + merge['imports']) / best['floor']:.2f} with the imports",
+        f"(d) merge peak RSS: {peak / GiB:.2f} GiB ({merge['rss_before'] / GiB:.2f} GiB "
+        f"before the merge: interpreter and imports); target one input shard + 1 GiB = "
+        f"{target / GiB:.2f} GiB: {'met' if peak <= target else 'missed'}",
+    ]
+    if "merge-delta" in runs:
+        d_peak = max(r["rss_peak"] for r in runs["delta"])
+        lines.append(
+            f"(a') Δ route: computing Δ {best['delta']:.2f} s (peak RSS {d_peak / GiB:.2f} GiB), "
+            f"then merge with the stored Δ {best['merge-delta']:.2f} s "
+            f"(ratio {best['merge-delta'] / best['floor']:.2f} without computing Δ)"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    work = Path(tempfile.mkdtemp(prefix="readaptir-bench-merge-", dir=args.dir))
+    try:
+        started = time.perf_counter()
+        sizes = build(args, work)
+        built = time.perf_counter() - started
+        warm(work)
+        kinds = ["floor", "merge"]
+        runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
+        if args.delta_route:
+            runs["delta"] = [run_child(args, work, "delta")]
+            kinds.append("merge-delta")
+            runs["merge-delta"] = []
+        for _ in range(args.repeat):
+            for kind in kinds:
+                runs[kind].append(run_child(args, work, kind))
+        print(report(args, sizes, runs, built))
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
