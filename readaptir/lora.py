@@ -83,20 +83,32 @@ class TargetUpdate:
         return not (self.embedding and self.magnitude is not None)
 
 
-def psi_rows(update: TargetUpdate, theta: torch.Tensor | None, rows: Rows) -> torch.Tensor:
-    """Rows ``rows`` of Ψ in float64; ``theta`` holds the same rows of Θ in float64 (or None
-    when ``update.needs_base`` is false)."""
+def add_psi(
+    acc: torch.Tensor, coef: float, update: TargetUpdate, theta: torch.Tensor | None, rows: Rows
+) -> torch.Tensor:
+    """``acc`` + coef · rows ``rows`` of Ψ, accumulated into ``acc`` (float64) and returned.
+
+    ``theta`` holds the same rows of Θ in float64 (None unless ``update.needs_base``). The same
+    sum as adding ``coef`` times ``lora_product`` or ``dora_update``, in fewer passes: the
+    product is accumulated by ``addmm`` and DoRA's rescaling by ``addcmul``.
+    """
     if update.replacement is not None:
-        return update.replacement[rows] - theta
+        return acc.add_(update.replacement[rows], alpha=coef).sub_(theta, alpha=coef)
     if update.added is not None:
-        return update.scaling * update.added[rows]
+        return acc.add_(update.added[rows], alpha=coef * update.scaling)
     assert update.a is not None and update.b is not None
-    a, b = (update.a[:, rows], update.b) if update.embedding else (update.a, update.b[rows])
-    lora = lora_product(a, b, update.scaling, update.embedding)
+    if update.embedding:  # rows of the weight are columns of the factors; rare, kept plain
+        lora = lora_product(update.a[:, rows], update.b, update.scaling, embedding=True)
+        if update.magnitude is not None:
+            lora = dora_update(theta, lora, update.magnitude, embedding=True)
+        return acc.add_(lora, alpha=coef)
+    a, b = update.a, update.b[rows]
     if update.magnitude is None:
-        return lora
-    magnitude = update.magnitude if update.embedding else update.magnitude[rows]
-    return dora_update(theta, lora, magnitude, update.embedding)
+        return acc.addmm_(b, a, alpha=coef * update.scaling)
+    merged = torch.addmm(theta, b, a, alpha=update.scaling)  # Θ + scaling · B @ A
+    norm = torch.linalg.vector_norm(merged, dim=1, keepdim=True)
+    scale = update.magnitude[rows].reshape(norm.shape).div(norm).mul_(coef)
+    return acc.addcmul_(merged, scale).sub_(theta, alpha=coef)
 
 
 def _pattern_value(patterns: dict, path: str, default: float) -> float:
@@ -215,4 +227,4 @@ class Adapter:
     def update(self, name: str, weight: torch.Tensor) -> torch.Tensor | None:
         """The float64 change to ``name`` given its float64 base ``weight``; None if untouched."""
         target = self.target(name, weight.device)
-        return None if target is None else psi_rows(target, weight, ...)
+        return None if target is None else add_psi(torch.zeros_like(weight), 1, target, weight, ...)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from readaptir.dvcfile import is_recipe_file
+
 SIGNIFICANCE = 0.05
 WORKSPACE = "workspace"
 
@@ -39,13 +41,26 @@ def _read(root: Path, rev: str, path: str) -> str | None:
     return _git_show(root, rev, path)
 
 
+def _recipe_files(root: Path, rev: str) -> list[str]:
+    if rev == WORKSPACE:
+        candidates = [Path(root) / "params.yaml", *Path(root).glob("pipelines/*/params.yaml")]
+        files = [p.relative_to(root).as_posix() for p in candidates if p.is_file()]
+    else:
+        listed = subprocess.run(
+            ["git", "ls-tree", "-r", "--name-only", rev], cwd=root, capture_output=True, text=True
+        )
+        files = listed.stdout.splitlines() if listed.returncode == 0 else []
+    return sorted(f for f in files if is_recipe_file(f))
+
+
 def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, dict]]:
     """(resolved recipes, metrics) by recipe name, from the workspace or a git revision."""
-    text = _read(root, rev, "params.yaml")
-    if text is None:
-        where = f"{root}/params.yaml" if rev == WORKSPACE else f"params.yaml at {rev}"
-        raise ReportError(f"{where} not found: run `readaptir build` (and commit) first")
-    recipes = (yaml.safe_load(text) or {}).get("recipes") or {}
+    recipes: dict[str, dict] = {}
+    for rel in _recipe_files(Path(root), rev):
+        recipes.update((yaml.safe_load(_read(root, rev, rel) or "") or {}).get("recipes") or {})
+    if not recipes:
+        where = str(root) if rev == WORKSPACE else f"git revision {rev}"
+        raise ReportError(f"no built recipes in {where}: run `readaptir build` (and commit) first")
     metrics = {}
     for name in sorted(recipes):
         found = _read(root, rev, f"metrics/{name}.json")

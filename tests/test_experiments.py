@@ -184,5 +184,5 @@ def test_diff_between_two_committed_recipe_versions(tmp_path):
     text = report.diff(tmp_path, "HEAD~1", "HEAD")
     row = next(line for line in text.splitlines() if line.startswith("| r-sf"))
     assert "readapt.alpha: 0.5 -> 0.25" in row and "+0.0070" in row
-    with pytest.raises(report.ReportError, match="params.yaml at nope"):
+    with pytest.raises(report.ReportError, match="no built recipes in git revision nope"):
         report.diff(tmp_path, "nope")

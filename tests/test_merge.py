@@ -260,12 +260,14 @@ def test_readapt_rows_is_float64_sum():
     got = readapt_rows(theta, 0.5, [(0.5, retriever)], [], slice(1, 2))
     assert got.dtype == torch.float64 and got.tolist() == [[2.5, 3.0]]
     assert theta.tolist() == [[1.0, 2.0], [3.0, 4.0]]  # inputs are left as they were
-    # A LoRA update without Θ: Ψ alone, scaled.
+    # β = 1 with a LoRA update: R + α·Ψ, Θ unread.
     from readaptir.lora import TargetUpdate
 
     update = TargetUpdate(scaling=2.0, a=torch.ones(1, 2).double(), b=torch.ones(2, 1).double())
-    got = readapt_rows(None, 0.0, [], [(0.25, update)], ...)
-    assert got.tolist() == [[0.5, 0.5], [0.5, 0.5]]
+    got = readapt_rows(None, 0.0, [(1.0, retriever)], [(0.25, update)], ...)
+    assert got.tolist() == [[2.5, 2.5], [2.5, 2.5]]
+    with pytest.raises(ValueError, match="nothing to start"):
+        readapt_rows(None, 0.0, [], [(0.25, update)], ...)
 
 
 def test_lora_retriever(tmp_path, tiny_base, lora_retriever):

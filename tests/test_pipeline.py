@@ -136,9 +136,11 @@ def test_split_pipelines_run_and_stale_groups_go(ws, monkeypatch):
     monkeypatch.setattr(dvcfile, "SPLIT_ABOVE", 0)
     cli("build", "--root", str(ws))
     assert set(yaml.safe_load((ws / "dvc.yaml").read_text())) == {"plots"}
-    assert set(yaml.safe_load((ws / "params.yaml").read_text())) == {"recipes"}
+    assert not (ws / "params.yaml").exists()  # recipes sit beside the score stages that read them
     groups = sorted(p.name for p in (ws / "pipelines").iterdir())
     assert groups == ["models", "toy"]
+    toy = yaml.safe_load((ws / "pipelines" / "toy" / "params.yaml").read_text())
+    assert sorted(toy["recipes"]) == ["alone", "ra"]
     stages = {
         n
         for g in groups
@@ -147,6 +149,7 @@ def test_split_pipelines_run_and_stale_groups_go(ws, monkeypatch):
     assert sorted(repro(ws)) == sorted(stages)
     assert repro(ws) == []
     assert json.loads((ws / "metrics" / "ra.json").read_text())["alpha"] == 0.5
+    assert "| ra " in cli("report", "--root", str(ws), "--table", "recipes")
     (ws / "recipes" / "ra.yaml").unlink()  # no merge or adapter left: the models group goes
     cli("build", "--root", str(ws))
     assert sorted(p.name for p in (ws / "pipelines").iterdir()) == ["toy"]

@@ -13,19 +13,21 @@ tokenizer and sentence-transformers files) that ``AutoModel`` loads, written ten
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from readaptir.artifacts import resolve_device, write_json
-from readaptir.lora import Adapter, Rows, TargetUpdate, psi_rows
+from readaptir.lora import Adapter, Rows, TargetUpdate, add_psi
 from readaptir.models import is_peft_adapter, torch_dtype
 from readaptir.stages.delta import DELTA_JSON
 from readaptir.weights import (
@@ -69,17 +71,19 @@ def readapt_rows(
     theta: torch.Tensor | None, theta_coef: float, dense: Dense, updates: Updates, rows: Rows
 ) -> torch.Tensor:
     """Rows ``rows`` of theta_coef·Θ + Σ c·X + Σ c·Ψ in float64 (Θ may be None if unused)."""
-    t = None if theta is None else theta[rows].to(torch.float64, copy=True)
-    psis = [(coef, psi_rows(update, t, rows)) for coef, update in updates]  # before t changes
-    acc = None if t is None or theta_coef == 0 else t if theta_coef == 1 else t.mul_(theta_coef)
-    for coef, x in dense:
-        if acc is None:
-            acc = x[rows].to(torch.float64, copy=True).mul_(coef)
-        else:
-            acc.add_(x[rows], alpha=coef)
-    for coef, psi in psis:
-        acc = psi.mul_(coef) if acc is None else acc.add_(psi, alpha=coef)
-    assert acc is not None, "no term to sum"
+    t = None if theta is None else theta[rows].to(torch.float64)  # read below, never written
+    terms = list(dense)
+    if t is not None and theta_coef != 0:
+        acc = t * theta_coef  # a new tensor, also when the coefficient is 1
+    elif terms:
+        coef, x = terms.pop(0)
+        acc = x[rows].to(torch.float64, copy=True).mul_(coef)
+    else:
+        raise ValueError("nothing to start the sum from: no Θ term and no stored tensor")
+    for coef, x in terms:
+        acc.add_(x[rows], alpha=coef)
+    for coef, update in updates:
+        acc = add_psi(acc, coef, update, t, rows)
     return acc
 
 
@@ -91,6 +95,44 @@ def row_blocks(shape: tuple[int, ...], whole: bool) -> Iterator[Rows]:
     step = max(1, BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
     for start in range(0, shape[0], step):
         yield slice(start, start + step)
+
+
+@contextlib.contextmanager
+def block_pool(dev: str) -> Iterator[ThreadPoolExecutor | None]:
+    """On a CPU, workers that take blocks of rows, each single-threaded, as many as torch's threads.
+
+    Torch's own threads meet at a barrier after every op; on small blocks, and on a busy machine
+    where one of them waits for a core, that costs more than the op itself.
+    """
+    if dev != "cpu":
+        yield None
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def write_behind(writer: ShardWriter) -> Iterator[Callable[[str, torch.Tensor], None]]:
+    """``writer.add`` on a thread of its own: a tensor is written while the next is computed.
+
+    At most one tensor waits, so memory holds two output tensors at most.
+    """
+    pending: list[Future] = []
+    with ThreadPoolExecutor(1) as thread:
+
+        def add(name: str, tensor: torch.Tensor) -> None:
+            if pending:
+                pending.pop().result()
+            pending.append(thread.submit(writer.add, name, tensor))
+
+        yield add
+        if pending:
+            pending.pop().result()
 
 
 def merge(
@@ -148,12 +190,14 @@ def merge(
     total = sum(math.prod(shape) * dt.itemsize for _, shape, dt in layout)
     started = time.perf_counter()
     with (
+        block_pool(dev) as pool,
         ShardWriter(out, max_shard_bytes, layout) as writer,
+        write_behind(writer) as add,
         tqdm(total=total, unit="B", unit_scale=True, desc="merge") as bar,
     ):
         for name, shape, dt in layout:
             if not dt.is_floating_point:
-                writer.add(name, _unchanged(name, base, source if beta != 0 else None))
+                add(name, _unchanged(name, base, source if beta != 0 else None))
             else:
                 dense: Dense = []
                 updates: Updates = []
@@ -163,7 +207,7 @@ def merge(
                     dense.append((beta, source.get(name).to(dev)))
                 if knowledge is not None:
                     _add_update(updates, alpha, knowledge, name, dev)
-                writer.add(name, _readapt_tensor(base, name, theta_coef, dense, updates, dt, dev))
+                add(name, _readapt_tensor(base, name, theta_coef, dense, updates, dt, dev, pool))
             bar.update(math.prod(shape) * dt.itemsize)
     seconds = time.perf_counter() - started
     LOG.info("merged %.2f GB in %.1f s (%.2f GB/s)", total / 1e9, seconds, total / 1e9 / seconds)
@@ -198,6 +242,7 @@ def _readapt_tensor(
     updates: Updates,
     out_dtype: torch.dtype,
     dev: str,
+    pool: ThreadPoolExecutor | None,
 ) -> torch.Tensor:
     """One output tensor; a tensor that no term changes is passed on as stored (cast only)."""
     if not updates and not dense and theta_coef == 1:
@@ -208,9 +253,14 @@ def _readapt_tensor(
     theta = base.get(name).to(dev) if need_theta else None
     shape = base.shape(name)
     out = torch.empty(shape, dtype=out_dtype, device=dev)
-    whole = dev != "cpu" or not all(update.row_local for _, update in updates)
-    for rows in row_blocks(shape, whole):
+    whole = pool is None or not all(update.row_local for _, update in updates)
+
+    def fill(rows: Rows) -> None:
         out[rows] = readapt_rows(theta, theta_coef, dense, updates, rows)
+
+    blocks = list(row_blocks(shape, whole))
+    for _ in pool.map(fill, blocks) if pool is not None and len(blocks) > 1 else map(fill, blocks):
+        pass
     return out
 
 
