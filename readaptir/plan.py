@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from readaptir.families import resolve_encoding
 from readaptir.fingerprint import Fingerprints
-from readaptir.recipe import CorpusSpec, ModelSpec, Recipe, RecipeError, RetrieverSpec
+from readaptir.recipe import CorpusSpec, ModelSpec, Recipe, RecipeError, RetrieverSpec, slug
 
 # Bump a kind's version when its code changes what it writes: every stage of that kind rebuilds.
 KIND_VERSIONS = {
@@ -72,12 +71,6 @@ class Plan:
 def stage_output(spec: dict) -> str:
     """A stage's output folder, relative to the project root, named by the stage's id."""
     return f"artifacts/{spec['kind']}/{spec['id']}"
-
-
-def slug(text: str, limit: int = 32) -> str:
-    """A readable stage-name fragment from a path or hub id."""
-    tail = Path(text.rstrip("/")).name or text
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", tail).strip("-")[:limit] or "x"
 
 
 def stage_id(kind: str, params: dict, input_ids: dict[str, str]) -> str:

@@ -218,12 +218,31 @@ class Recipe(_Strict):
         return self.adapter.train_corpus or self.corpus
 
 
+SHORTHAND_KEYS = ("base", "retriever", "corpus")
+
+
+class ShorthandOverride(ValueError):
+    """A string that would silently drop settings a parent recipe gave as a mapping."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
 def deep_merge(parent: dict, child: dict) -> dict:
     """``child`` over ``parent``; nested mappings merge, everything else is replaced."""
     merged = dict(parent)
     for key, value in child.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)
+        elif key in SHORTHAND_KEYS and isinstance(value, str) and isinstance(merged.get(key), dict):
+            inherited = ", ".join(sorted(merged[key]))
+            raise ShorthandOverride(
+                key,
+                f"a plain string here would drop what the parent recipe sets ({inherited});"
+                f" write a mapping, e.g. {key}: {{{'path' if key == 'corpus' else 'source'}: "
+                f"{value}}}, and repeat what should change",
+            )
         else:
             merged[key] = value
     return merged
@@ -267,14 +286,15 @@ def _no_duplicate_keys(path: Path, node: yaml.Node | None, prefix: str = "") -> 
             _no_duplicate_keys(path, item, prefix)
 
 
-def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
-    """The line of the deepest key of ``loc`` found in the YAML node tree."""
+def _line_of(node: yaml.Node | None, loc: tuple, exact: bool = False) -> int | None:
+    """The line of the deepest key of ``loc`` found in the YAML node tree (``exact``: of the
+    whole of ``loc``, or None)."""
     line = None
-    for part in loc:
+    for depth, part in enumerate(loc):
         if isinstance(node, yaml.MappingNode):
             match = [(k, v) for k, v in node.value if k.value == str(part)]
             if not match:
-                break
+                return None if exact and depth < len(loc) else line
             line, node = match[0][0].start_mark.line + 1, match[0][1]
         elif (
             isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
@@ -282,12 +302,15 @@ def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
             node = node.value[part]
             line = node.start_mark.line + 1
         else:
-            break
+            return None if exact else line
     return line
 
 
-def resolve_data(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, yaml.Node | None]:
-    """The recipe's data with its ``extends`` chain merged in (parents first)."""
+Chain = list[tuple[Path, "yaml.Node | None"]]  # a recipe file, then its parents, nearest first
+
+
+def resolve_data(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, Chain]:
+    """The recipe's data with its ``extends`` chain merged in, and the files that gave it."""
     path = path.resolve()
     if path in _seen:
         chain = " -> ".join(p.name for p in (*_seen, path))
@@ -295,24 +318,30 @@ def resolve_data(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, yaml.N
     data, node = _read_yaml(path)
     refs = data.pop("extends", None)
     if refs is None:
-        return data, node
+        return data, [(path, node)]
     refs = [refs] if isinstance(refs, str) else refs
     if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
         raise RecipeError(path, "extends", "expected a recipe file or a list of them")
     merged: dict = {}
-    for ref in refs:  # later parents override earlier ones; this file overrides all
-        parent_path = path.parent / ref
-        if not parent_path.is_file():
-            line = _line_of(node, ("extends",))
-            raise RecipeError(path, "extends", f"no recipe file {ref!r} beside this one", line)
-        merged = deep_merge(merged, resolve_data(parent_path, (*_seen, path))[0])
-    return deep_merge(merged, data), node
+    chain: Chain = []
+    try:
+        for ref in refs:  # later parents override earlier ones; this file overrides all
+            parent_path = path.parent / ref
+            if not parent_path.is_file():
+                line = _line_of(node, ("extends",))
+                raise RecipeError(path, "extends", f"no recipe file {ref!r} beside this one", line)
+            parent, parent_chain = resolve_data(parent_path, (*_seen, path))
+            merged = deep_merge(merged, parent)
+            chain = parent_chain + chain
+        return deep_merge(merged, data), [(path, node), *chain]
+    except ShorthandOverride as err:
+        raise RecipeError(path, err.key, str(err), _line_of(node, (err.key,))) from None
 
 
 _TYPE_TAG = re.compile(r"^(function-|literal\[|list\[|dict\[)|^(float|int|str|bool)$")
 
 
-def _located(path: Path, node: yaml.Node | None, err: ValidationError) -> RecipeError:
+def _located(chain: Chain, err: ValidationError) -> RecipeError:
     """The first problem of a validation error, at its key and line, in a user's words.
 
     Errors of one key that come from the members of a union (``alpha: 0.5 | [..] | auto``) are
@@ -338,12 +367,17 @@ def _located(path: Path, node: yaml.Node | None, err: ValidationError) -> Recipe
         more = len(problems) - 1
         message += f" (and {more} more problem{'s' if more > 1 else ''})"
     key = ".".join(str(p) for p in loc) or None
+    for path, node in chain:  # the file that sets the key: the recipe itself or a parent
+        line = _line_of(node, loc, exact=True)
+        if line is not None:
+            return RecipeError(path, key, message, line)
+    path, node = chain[0]
     return RecipeError(path, key, message, _line_of(node, loc))
 
 
 def load_recipe(path: Path) -> Recipe:
     path = Path(path)
-    data, node = resolve_data(path)
+    data, chain = resolve_data(path)
     if "name" not in data:
         data["name"] = path.stem
         if not NAME_RE.match(path.stem):
@@ -356,7 +390,7 @@ def load_recipe(path: Path) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise _located(path, node, err) from None
+        raise _located(chain, err) from None
     recipe._file = str(path)
     return recipe
 
@@ -368,12 +402,15 @@ def recipe_files(recipes_dir: Path) -> list[Path]:
 
 
 def _value_tag(value: float) -> str:
-    """0.25 -> '0p25': a number in a name that DVC parameter paths accept (no dots)."""
-    return f"{value:g}".replace(".", "p").replace("-", "m")
+    """0.25 -> '0p25', 1.0 -> '1': an exact number in a name DVC parameter paths accept."""
+    text = repr(float(value)).removesuffix(".0")
+    return text.replace(".", "p").replace("-", "m").replace("+", "")
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
+def slug(text: str, limit: int = 32) -> str:
+    """A readable name fragment from a path, hub id or label (letters, digits, '-', '_')."""
+    tail = Path(text.rstrip("/")).name or text
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", tail).strip("-")[:limit] or "x"
 
 
 def expand_grid(recipe: Recipe) -> list[Recipe]:
@@ -386,7 +423,7 @@ def expand_grid(recipe: Recipe) -> list[Recipe]:
     variants = []
     for corpus in recipe.corpus:
         variant = recipe.model_copy(
-            update={"name": f"{recipe.name}-{_slug(corpus.label)}", "corpus": corpus}
+            update={"name": f"{recipe.name}-{slug(corpus.label, 64)}", "corpus": corpus}
         )
         variant._file = recipe.file
         variants.append(variant)
@@ -423,9 +460,12 @@ def load_recipes(recipes_dir: Path) -> list[Recipe]:
         expanded = [v for r in expand_grid(load_recipe(path)) for v in expand_sweeps(r)]
         for recipe in expanded:
             if recipe.name in seen:
-                raise RecipeError(
-                    path, "name", f"{recipe.name!r} is already the name of {seen[recipe.name]}"
+                other = (
+                    "another variant of this recipe"
+                    if seen[recipe.name] == path
+                    else (str(seen[recipe.name]))
                 )
+                raise RecipeError(path, "name", f"{recipe.name!r} is also the name of {other}")
             seen[recipe.name] = path
             recipes.append(recipe)
     return recipes

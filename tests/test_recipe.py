@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from readaptir.recipe import Recipe, RecipeError, load_recipe, load_recipes
+from readaptir.recipe import Recipe, RecipeError, expand_sweeps, load_recipe, load_recipes
 
 
 def write(path: Path, text: str) -> Path:
@@ -58,7 +58,7 @@ def test_partial_recipes_are_not_built_and_names_must_be_unique(tmp_path):
     write(tmp_path / "r" / "_base.yaml", MINIMAL)
     write(tmp_path / "r" / "a.yaml", "extends: _base.yaml\n")
     write(tmp_path / "r" / "sub" / "b.yaml", "extends: ../_base.yaml\nname: a\n")
-    with pytest.raises(RecipeError, match=r"b\.yaml: name: 'a' is already the name of"):
+    with pytest.raises(RecipeError, match=r"b\.yaml: name: 'a' is also the name of .*a\.yaml"):
         load_recipes(tmp_path / "r")
     (tmp_path / "r" / "sub" / "b.yaml").unlink()
     assert [r.name for r in load_recipes(tmp_path / "r")] == ["a"]
@@ -123,12 +123,43 @@ def test_recipe_is_immutable_and_round_trips():
 
 def test_corpus_list_makes_a_grid_and_extends_takes_several_parents(tmp_path):
     write(tmp_path / "_model.yaml", "base: b\nretriever: r\nlabel: R\n")
-    write(tmp_path / "_sets.yaml", "corpus: [data/scifact, {path: data/msmarco, split: dev,"
-          " in_domain: true}]\nreadapt: {alpha: [0.5, 1]}\n")
+    write(
+        tmp_path / "_sets.yaml",
+        "corpus: [data/scifact, {path: data/msmarco, split: dev,"
+        " in_domain: true}]\nreadapt: {alpha: [0.5, 1]}\n",
+    )
     write(tmp_path / "grid.yaml", "extends: [_model.yaml, _sets.yaml]\n")
     recipes = load_recipes(tmp_path)
     assert [r.name for r in recipes] == [
-        "grid-scifact-a0p5", "grid-scifact-a1", "grid-msmarco-a0p5", "grid-msmarco-a1"]
+        "grid-scifact-a0p5",
+        "grid-scifact-a1",
+        "grid-msmarco-a0p5",
+        "grid-msmarco-a1",
+    ]
     marco = recipes[2]
     assert (marco.corpus.split, marco.corpus.in_domain, marco.label) == ("dev", True, "R")
     assert marco.sweep == "grid-msmarco" and marco.file.endswith("grid.yaml")
+
+
+def test_errors_point_at_the_file_that_sets_the_key(tmp_path):
+    write(tmp_path / "_p.yaml", MINIMAL + "adapter:\n  lr: 1e-4\n  r: zero\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write(tmp_path / "f.yaml", "extends: _p.yaml\nadapter:\n  lr: 0.1\n"))
+    assert str(err.value).startswith(f"{tmp_path / '_p.yaml'}:6: adapter.r:")
+
+
+def test_a_string_cannot_silently_drop_inherited_settings(tmp_path):
+    write(tmp_path / "_p.yaml", "base: b\nretriever: {source: r, family: repllama}\ncorpus: c\n")
+    with pytest.raises(RecipeError, match=r"f\.yaml:2: retriever: .*drop.*family, source"):
+        load_recipe(write(tmp_path / "f.yaml", "extends: _p.yaml\nretriever: other/model\n"))
+
+
+def test_sweep_names_are_exact():
+    recipe = Recipe(
+        name="g",
+        base="b",
+        retriever="r",
+        corpus="c",
+        readapt={"alpha": [0.5, 0.5000001, 1.0, -0.25]},
+    )
+    assert [v.name for v in expand_sweeps(recipe)] == ["g-a0p5", "g-a0p5000001", "g-a1", "g-am0p25"]
