@@ -32,6 +32,8 @@ def user_errors(func):
         try:
             return func(*args, **kwargs)
         except USER_ERRORS as err:
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise  # -v: the whole traceback
             message = err.args[0] if isinstance(err, KeyError) and err.args else err
             raise click.ClickException(str(message)) from err
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import logging
 import re
+import string
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 LOG = logging.getLogger(__name__)
 
@@ -101,6 +102,17 @@ class Encoding(BaseModel):
     max_query_length: int | None = 512
     max_passage_length: int | None = 512
     lowercase: bool | None = False
+
+    @field_validator("query_template", "passage_template")
+    @classmethod
+    def _known_placeholders(cls, value: str, info: ValidationInfo) -> str:
+        allowed = {"query_template": {"text", "instruction"}, "passage_template": {"text", "title"}}
+        names = {field for _, field, _, _ in string.Formatter().parse(value) if field is not None}
+        unknown = names - allowed[info.field_name]
+        if unknown:
+            known = ", ".join(f"{{{name}}}" for name in sorted(allowed[info.field_name]))
+            raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}}; use {known}")
+        return value
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -41,6 +41,7 @@ class Stage:
     inputs: dict[str, str]  # role -> input stage name
     deps: tuple[str, ...]  # external files and folders the stage reads
     group: str = "main"  # the pipeline file it is written to when dvc.yaml is split
+    runtime: dict = field(default_factory=dict)  # how to run it; cannot change the output
 
     @property
     def out(self) -> str:
@@ -53,7 +54,8 @@ class Stage:
     def spec(self, plan: Plan) -> dict:
         """What ``readaptir stage run`` reads: kind, id, parameters and input folders."""
         inputs = {role: plan.stages[name].out for role, name in self.inputs.items()}
-        return {"kind": self.kind, "id": self.id, "params": self.params, "inputs": inputs}
+        spec = {"kind": self.kind, "id": self.id, "params": self.params, "inputs": inputs}
+        return {**spec, "runtime": self.runtime} if self.runtime else spec
 
 
 @dataclass
@@ -159,9 +161,12 @@ class Planner:
         local = self._local(spec.source)
         if local is not None:
             ident = {"source": spec.source, "fingerprint": self.fingerprints.path(local)}
-            return ident, (spec.source,)
-        if spec.source.startswith((".", "/", "~")):
+            return ident, (str(Path(spec.source).expanduser()),)
+        first = spec.source.split("/")[0]
+        if spec.source.startswith((".", "/", "~")) or (self.root / first).is_dir():
             raise PlanError(key, f"model folder {spec.source!r} does not exist")
+        if spec.source.count("/") > 1:
+            raise PlanError(key, f"{spec.source!r} is neither a folder nor a hub id (owner/name)")
         return {"source": spec.source, "revision": spec.revision or "main"}, ()
 
     def dataset(self, spec: CorpusSpec, key: str, with_qrels: bool = True) -> DatasetRef:
@@ -181,7 +186,7 @@ class Planner:
             if not (folder / name).is_file():
                 raise PlanError(key, f"{spec.path}/{name} does not exist")
             prints[name] = self.fingerprints.path(folder / name)
-            deps.append(f"{spec.path.rstrip('/')}/{name}")
+            deps.append(f"{Path(spec.path).expanduser().as_posix().rstrip('/')}/{name}")
         ident = {"path": spec.path, "name": spec.label, "fingerprints": prints}
         if with_qrels:
             ident["split"] = spec.split
@@ -216,6 +221,7 @@ class Planner:
         deps: tuple[str, ...] = (),
         name: str | None = None,
         group: str = "main",
+        runtime: dict | None = None,
     ) -> Stage:
         ident = stage_id(kind, params, {role: s.id for role, s in sorted(inputs.items())})
         stage = Stage(
@@ -227,6 +233,7 @@ class Planner:
             inputs={role: s.name for role, s in sorted(inputs.items())},
             deps=tuple(sorted(set(deps))),
             group=group,
+            runtime=runtime or {},
         )
         return self.plan.add(stage)
 
@@ -366,7 +373,11 @@ class Planner:
         train = recipe.train_corpus
         key = "adapter.train_corpus" if recipe.adapter.train_corpus else "corpus"
         corpus = self.dataset(train, key, with_qrels=False)
-        hyper = recipe.adapter.model_dump(mode="json", exclude={"train_corpus", "passages"})
+        runtime_keys = {"checkpoint_every", "gradient_checkpointing"}  # same adapter either way
+        hyper = recipe.adapter.model_dump(
+            mode="json", exclude={"train_corpus", "passages", *runtime_keys}
+        )
+        runtime = recipe.adapter.model_dump(include=runtime_keys)
         params = {
             "base": base,
             "dtype": recipe.base.dtype,
@@ -390,6 +401,7 @@ class Planner:
             inputs,
             deps,
             group=slug(train.label),
+            runtime=runtime,
         )
 
 

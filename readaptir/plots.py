@@ -19,18 +19,18 @@ ALPHA_CSV = f"{PLOTS_DIR}/alpha_curves.csv"
 
 def alpha_points(metrics: dict[str, dict], metric: str) -> list[dict]:
     """One point per sweep variant: its α, the readapted score and the retriever's."""
-    points = []
-    for m in metrics.values():
-        if m.get("sweep") and metric in m.get("readapted", {}):
-            points.append(
-                {
-                    "curve": f"{m['sweep']} ({m.get('label', '')}, {m['dataset']})",
-                    "alpha": m["alpha"],
-                    metric: m["readapted"][metric],
-                    "retriever": m["retriever"][metric],
-                }
-            )
-    return sorted(points, key=lambda p: (p["curve"], p["alpha"]))
+    from readaptir.report import sweep_curves
+
+    return [
+        {
+            "curve": f"{sweep} ({label}, {dataset}, β={beta:g})",
+            "alpha": alpha,
+            metric: scores[0],
+            "retriever": scores[1],
+        }
+        for (sweep, label, dataset, beta), curve in sweep_curves(metrics, metric).items()
+        for alpha, scores in sorted(curve.items())
+    ]
 
 
 def adapter_logs(root: Path) -> dict[str, Path]:

@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -149,6 +150,12 @@ class ReadaptSpec(_Strict):
     tune_seed: int = 0
     tune_metric: str = "nDCG@10"
 
+    @field_validator("tune_metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        _check_metric(value)
+        return value
+
     @model_validator(mode="after")
     def _sweeps_are_sensible(self) -> ReadaptSpec:
         for key in ("alpha", "beta"):
@@ -167,10 +174,27 @@ class ReadaptSpec(_Strict):
         return self.alpha == "auto"
 
 
+def _check_metric(name: str) -> int | None:
+    """The metric's cutoff; an unknown metric is an error now, not when the score stage runs."""
+    from readaptir.stages.score import parse_metric
+
+    return parse_metric(name)[2]
+
+
 class EvalSpec(_Strict):
     k: int = Field(100, gt=0)
     metrics: list[str] = ["nDCG@10", "Recall@100", "MRR@10"]
     ignore_identical_ids: bool = True
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_fit_the_run(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        k = info.data.get("k", 100)
+        for name in value:
+            cutoff = _check_metric(name)
+            if cutoff is not None and cutoff > k:
+                raise ValueError(f"{name} needs the top {cutoff} of each run, but eval.k is {k}")
+        return value
 
 
 class Recipe(_Strict):

@@ -74,7 +74,8 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _is_retriever_alone(m: dict) -> bool:
-    return m.get("alpha") == 0 and m.get("beta") == 1
+    """A recipe that asked for α=0, β=1 (an α chosen by ``alpha: auto`` does not count)."""
+    return m.get("alpha") == 0 and m.get("beta") == 1 and "alpha_selection" not in m
 
 
 def paper_cells(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[str], dict]:
@@ -121,10 +122,8 @@ def paper_rows(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[l
     return header, rows
 
 
-def _significant(metrics: dict[str, dict], dataset: str, label: str, metric: str) -> bool:
-    _, _, cells = paper_cells(metrics, metric)
-    m = cells.get((dataset, label))
-    comparison = (m or {}).get("comparison", {}).get(metric)
+def _significant(cell: dict | None, metric: str) -> bool:
+    comparison = (cell or {}).get("comparison", {}).get(metric)
     return bool(comparison) and comparison["p_value"] < SIGNIFICANCE
 
 
@@ -155,16 +154,28 @@ def recipe_rows(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[
     return header, rows
 
 
-def alpha_rows(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[list]]:
-    """Sweeps: RA score per α; the α=0 (β=1) column is the retriever alone."""
-    curves: dict[tuple[str, str, str], dict[float, float]] = {}
+def sweep_curves(metrics: dict[str, dict], metric: str) -> dict[tuple, dict[float, tuple]]:
+    """Sweep variants by (sweep, label, dataset, β): {α: (readapted, retriever)}."""
+    curves: dict[tuple, dict[float, tuple]] = {}
     for m in metrics.values():
         if m.get("sweep") and metric in m.get("readapted", {}):
-            key = (m["sweep"], m.get("label", ""), m["dataset"])
-            curves.setdefault(key, {})[m["alpha"]] = m["readapted"][metric]
+            key = (m["sweep"], m.get("label", ""), m["dataset"], m["beta"])
+            curves.setdefault(key, {})[m["alpha"]] = (
+                m["readapted"][metric],
+                m["retriever"][metric],
+            )
+    return dict(sorted(curves.items()))
+
+
+def alpha_rows(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[list]]:
+    """Sweeps: RA score per α, a row per (sweep, label, dataset, β)."""
+    curves = sweep_curves(metrics, metric)
     alphas = sorted({a for c in curves.values() for a in c})
-    header = ["sweep", "label", "dataset"] + [f"a={a:g}" for a in alphas]
-    rows = [[*key, *(curve.get(a) for a in alphas)] for key, curve in sorted(curves.items())]
+    header = ["sweep", "label", "dataset", "beta"] + [f"a={a:g}" for a in alphas]
+    rows = [
+        [*key, *(curve[a][0] if a in curve else None for a in alphas)]
+        for key, curve in curves.items()
+    ]
     return header, rows
 
 
@@ -216,10 +227,13 @@ def table(
 ) -> str:
     if kind == "paper":
         header, rows = paper_rows(metrics, metric)
+        _, _, cells = paper_cells(metrics, metric)
         marks = {}
         for i, row in enumerate(rows):
             for j, column in enumerate(header):
-                if column.endswith(" RA") and _significant(metrics, row[0], column[:-3], metric):
+                if column.endswith(" RA") and _significant(
+                    cells.get((row[0], column[:-3])), metric
+                ):
                     marks[(i, j)] = "†"
         body = render(header, rows, fmt, scale=100.0 if fmt == "md" else 1.0, marks=marks)
         if fmt == "md":

@@ -7,7 +7,9 @@ writes its output folder atomically (see ``artifacts.atomic_output``).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,6 +65,11 @@ class Context:
         return folder
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _adapter(ctx: Context, out: Path) -> dict:
     from readaptir.stages.adapter import train_adapter
 
@@ -81,8 +88,10 @@ def _adapter(ctx: Context, out: Path) -> dict:
         qrels_split=selection["judgments"]["split"] if selection else "test",
         checkpoint_dir=work,
         **p["hyper"],
+        **ctx.spec.get("runtime", {}),
     )
-    shutil.rmtree(work, ignore_errors=True)
+    if _rank() == 0:
+        shutil.rmtree(work, ignore_errors=True)
     return summary
 
 
@@ -170,7 +179,6 @@ def _score(ctx: Context, out: Path) -> dict:
         "beta": p["beta"],
         **summary,
     }
-    write_json(ctx.root / "metrics" / f"{p['recipe']}.json", metrics)
     return metrics
 
 
@@ -197,9 +205,16 @@ def run_stage(
                 f"input {role!r} of {name} is missing: {path} (run `dvc repro`)"
             )
     out = Path(root) / stage_output(spec)
+    if _rank() != 0:
+        # the other ranks of a torchrun launch train beside rank 0, which alone writes the output
+        with tempfile.TemporaryDirectory() as scratch:
+            RUNNERS[spec["kind"]](ctx, Path(scratch))
+        return out
     LOG.info("stage %s (%s) -> %s", name, spec["kind"], out)
     with atomic_output(out) as tmp:
         summary = RUNNERS[spec["kind"]](ctx, tmp)
         write_json(tmp / "stage.json", {"name": name, **spec, "summary": summary})
+    if spec["kind"] == "score":  # published only once the stage's own output is complete
+        write_json(Path(root) / "metrics" / f"{spec['params']['recipe']}.json", summary)
     ctx.fingerprints.save()
     return out

@@ -12,7 +12,8 @@ from pathlib import Path
 # come first: DVC moves a stage's fresh output into the cache by hardlink only when hardlink is
 # the first type listed (with reflink first it copies, and ext4 cannot reflink).
 CACHE_TYPES = "hardlink,symlink"
-IGNORED = (".readaptir/",)
+# local state, and what an interrupted stage leaves (resumable adapter checkpoints among it)
+IGNORED = (".readaptir/", "artifacts/*/.tmp-*", "artifacts/*/.work-*")
 
 
 def tool_env() -> dict[str, str]:

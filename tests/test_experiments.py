@@ -186,3 +186,30 @@ def test_diff_between_two_committed_recipe_versions(tmp_path):
     assert "readapt.alpha: 0.5 -> 0.25" in row and "+0.0070" in row
     with pytest.raises(report.ReportError, match="no built recipes in git revision nope"):
         report.diff(tmp_path, "nope")
+
+
+def test_alpha_table_keeps_beta_sweeps_apart_and_auto_alpha_zero_stays_in_the_paper_table():
+    sweep = {}
+    for alpha in (0.5, 1.0):
+        for beta in (0.5, 1.0):
+            m = metrics_file(f"s-{alpha}-{beta}", "scifact", "R", 0.7, alpha * beta, alpha=alpha)
+            sweep[m["recipe"]] = {**m, "beta": beta, "sweep": "s"}
+    header, rows = report.alpha_rows(sweep, "nDCG@10")
+    assert header[-2:] == ["a=0.5", "a=1"]
+    assert [r[3:] for r in rows] == [[0.5, 0.25, 0.5], [1.0, 0.5, 1.0]]
+    auto = {
+        **metrics_file("auto", "scifact", "R", 0.7, 0.7, alpha=0.0),
+        "alpha_selection": {"metric": "nDCG@10", "tuning_queries": 5, "scores": {}},
+    }
+    alone = metrics_file("alone", "scifact", "R", 0.7, 0.7, alpha=0.0)
+    with pytest.raises(report.ReportError, match="both fill R on scifact"):
+        report.paper_rows(
+            {
+                "auto": auto,
+                "alone": alone,
+                "other": metrics_file("other", "scifact", "R", 0.7, 0.8),
+            },
+            "nDCG@10",
+        )
+    _, rows = report.paper_rows({"auto": auto, "alone": alone}, "nDCG@10")
+    assert rows[0] == ["scifact", 0.7, 0.7]

@@ -73,6 +73,9 @@ def test_partial_recipes_are_not_built_and_names_must_be_unique(tmp_path):
         ("adapter: {method: qlora}\n", "adapter.method", 4, "'dora' or 'lora'"),
         ("retriever: {source: x, family: colbert}\n", "retriever.family", 4, "repllama"),
         ("corpus: other\n", "corpus", 4, "appears twice"),
+        ("eval: {metrics: [nDCG@10, Bleu@4]}\n", "eval.metrics", 4, "unknown metric 'Bleu@4'"),
+        ("eval: {k: 10, metrics: [Recall@100]}\n", "eval.metrics", 4, "eval.k is 10"),
+        ("readapt: {alpha: auto, tune_metric: ndcg}\n", "readapt.tune_metric", 4, "cutoff"),
         ("eval: {k: 0}\n", "eval.k", 4, "greater than 0"),
         ("name: 'bad name!'\n", "name", 4, "letters, digits"),
     ],
@@ -163,3 +166,15 @@ def test_sweep_names_are_exact():
         readapt={"alpha": [0.5, 0.5000001, 1.0, -0.25]},
     )
     assert [v.name for v in expand_sweeps(recipe)] == ["g-a0p5", "g-a0p5000001", "g-a1", "g-am0p25"]
+
+
+def test_template_placeholders_are_checked(tmp_path):
+    path = write(
+        tmp_path / "t.yaml",
+        MINIMAL.replace(
+            "retriever: castorini/repllama-v1-7b-lora-passage",
+            "retriever: {source: x, encoding: {passage_template: '{titel}: {text}'}}",
+        ),
+    )
+    with pytest.raises(RecipeError, match=r"passage_template: unknown placeholder \{titel\}"):
+        load_recipe(path)

@@ -23,6 +23,7 @@ LOG = logging.getLogger(__name__)
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 CHUNK = 1 << 20
+TIMEOUT = 60  # seconds without an answer before a download fails (a stalled server)
 
 
 def beir_url(name: str) -> str:
@@ -31,7 +32,7 @@ def beir_url(name: str) -> str:
 
 def _download(url: str, target: Path) -> str:
     digest = hashlib.sha256()
-    with urllib.request.urlopen(url) as response, target.open("wb") as handle:
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response, target.open("wb") as handle:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=Path(url).name) as bar:
             while block := response.read(CHUNK):
