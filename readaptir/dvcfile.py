@@ -5,8 +5,9 @@ Small plans are one ``dvc.yaml`` and one ``params.yaml``: the resolved recipes b
 (what ``readaptir stage run`` executes; only the recipes are DVC parameters). DVC's time grows
 much faster than linearly with the stages of one file, so a plan of more than ``SPLIT_ABOVE``
 stages is written as one pipeline per group (a collection, or ``models``):
-``pipelines/<group>/dvc.yaml`` with its specs beside it in ``pipelines/<group>/params.yaml``;
-the root ``params.yaml`` then holds the recipes alone.
+``pipelines/<group>/dvc.yaml`` with its specs beside it in ``pipelines/<group>/specs.yaml`` and
+its recipes in ``pipelines/<group>/params.yaml``; the root ``params.yaml`` then holds all the
+recipes (for reading; DVC tracks the small per-group copies).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def render(plan: Plan) -> dict[str, str]:
             "dvc.yaml": _dump({"stages": stages, "plots": _plots(plan)}),
             ROOT_PARAMS: _dump({"recipes": recipes, "stages": specs}),
         }
-    files = {"dvc.yaml": _dump({"plots": _plots(plan)})}
+    # every recipe stays readable in one place; the copies DVC tracks sit beside their stages
+    files = {"dvc.yaml": _dump({"plots": _plots(plan)}), ROOT_PARAMS: _dump({"recipes": recipes})}
     groups: dict[str, list[Stage]] = {}
     for stage in plan.stages.values():
         groups.setdefault(stage.group, []).append(stage)

@@ -84,13 +84,19 @@ class TargetUpdate:
 
 
 def add_psi(
-    acc: torch.Tensor, coef: float, update: TargetUpdate, theta: torch.Tensor | None, rows: Rows
+    acc: torch.Tensor,
+    coef: float,
+    update: TargetUpdate,
+    theta: torch.Tensor | None,
+    rows: Rows,
+    work: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``acc`` + coef · rows ``rows`` of Ψ, accumulated into ``acc`` (float64) and returned.
 
-    ``theta`` holds the same rows of Θ in float64 (None unless ``update.needs_base``). The same
-    sum as adding ``coef`` times ``lora_product`` or ``dora_update``, in fewer passes: the
-    product is accumulated by ``addmm`` and DoRA's rescaling by ``addcmul``.
+    ``theta`` holds the same rows of Θ in float64 (None unless ``update.needs_base``); ``work``,
+    of ``acc``'s shape, may hold DoRA's Θ + scaling·B@A instead of fresh memory. The same sum as
+    adding ``coef`` times ``lora_product`` or ``dora_update``, in fewer passes: the product is
+    accumulated by ``addmm`` and DoRA's rescaling by ``addcmul``.
     """
     if update.replacement is not None:
         return acc.add_(update.replacement[rows], alpha=coef).sub_(theta, alpha=coef)
@@ -105,7 +111,7 @@ def add_psi(
     a, b = update.a, update.b[rows]
     if update.magnitude is None:
         return acc.addmm_(b, a, alpha=coef * update.scaling)
-    merged = torch.addmm(theta, b, a, alpha=update.scaling)  # Θ + scaling · B @ A
+    merged = torch.addmm(theta, b, a, alpha=update.scaling, out=work)  # Θ + scaling · B @ A
     norm = torch.linalg.vector_norm(merged, dim=1, keepdim=True)
     scale = update.magnitude[rows].reshape(norm.shape).div(norm).mul_(coef)
     return acc.addcmul_(merged, scale).sub_(theta, alpha=coef)

@@ -136,7 +136,7 @@ def test_split_pipelines_run_and_stale_groups_go(ws, monkeypatch):
     monkeypatch.setattr(dvcfile, "SPLIT_ABOVE", 0)
     cli("build", "--root", str(ws))
     assert set(yaml.safe_load((ws / "dvc.yaml").read_text())) == {"plots"}
-    assert not (ws / "params.yaml").exists()  # recipes sit beside the score stages that read them
+    assert set(yaml.safe_load((ws / "params.yaml").read_text())) == {"recipes"}
     groups = sorted(p.name for p in (ws / "pipelines").iterdir())
     assert groups == ["models", "toy"]
     toy = yaml.safe_load((ws / "pipelines" / "toy" / "params.yaml").read_text())
