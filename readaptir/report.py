@@ -27,10 +27,24 @@ class ReportError(ValueError):
     pass
 
 
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+
+
+def resolve_rev(root: Path, rev: str) -> str:
+    """A git revision, or a DVC experiment's name (its ref under refs/exps), as a commit."""
+    found = _git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    if found.returncode == 0:
+        return found.stdout.strip()
+    refs = _git(root, "for-each-ref", "--format=%(refname)", "refs/exps").stdout.split()
+    named = [ref for ref in refs if ref.rsplit("/", 1)[-1] == rev]
+    if len(named) == 1:
+        return _git(root, "rev-parse", named[0]).stdout.strip()
+    raise ReportError(f"{rev!r} is neither a git revision nor a DVC experiment of {root}")
+
+
 def _git_show(root: Path, rev: str, path: str) -> str | None:
-    result = subprocess.run(
-        ["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True
-    )
+    result = _git(root, "show", f"{rev}:./{path}")  # ./: relative to the project, not the repo
     return result.stdout if result.returncode == 0 else None
 
 
@@ -46,15 +60,16 @@ def _recipe_files(root: Path, rev: str) -> list[str]:
         candidates = [Path(root) / "params.yaml", *Path(root).glob("pipelines/*/params.yaml")]
         files = [p.relative_to(root).as_posix() for p in candidates if p.is_file()]
     else:
-        listed = subprocess.run(
-            ["git", "ls-tree", "-r", "--name-only", rev], cwd=root, capture_output=True, text=True
-        )
+        listed = _git(root, "ls-tree", "-r", "--name-only", rev, ".")  # paths relative to root
         files = listed.stdout.splitlines() if listed.returncode == 0 else []
     return sorted(f for f in files if is_recipe_file(f))
 
 
 def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, dict]]:
-    """(resolved recipes, metrics) by recipe name, from the workspace or a git revision."""
+    """(resolved recipes, metrics) by recipe name, from the workspace or a git revision (or a
+    DVC experiment's name)."""
+    if rev != WORKSPACE:
+        rev = resolve_rev(Path(root), rev)
     recipes: dict[str, dict] = {}
     for rel in _recipe_files(Path(root), rev):
         recipes.update((yaml.safe_load(_read(root, rev, rel) or "") or {}).get("recipes") or {})

@@ -184,7 +184,10 @@ def test_diff_between_two_committed_recipe_versions(tmp_path):
     text = report.diff(tmp_path, "HEAD~1", "HEAD")
     row = next(line for line in text.splitlines() if line.startswith("| r-sf"))
     assert "readapt.alpha: 0.5 -> 0.25" in row and "+0.0070" in row
-    with pytest.raises(report.ReportError, match="no built recipes in git revision nope"):
+    git("update-ref", "refs/exps/ab/cdef/my-exp", "HEAD~1")  # where DVC keeps an experiment
+    by_name = report.diff(tmp_path, "my-exp", "HEAD")
+    assert "RA my-exp" in by_name and by_name.splitlines()[2:] == text.splitlines()[2:]
+    with pytest.raises(report.ReportError, match="'nope' is neither a git revision nor"):
         report.diff(tmp_path, "nope")
 
 
