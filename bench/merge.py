@@ -62,7 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--shard-gb", type=float, default=1.0, help="input and output shard size, GiB")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="the merge's device (cpu, cuda)")
     ap.add_argument("--delta-route", action="store_true", help="also time Δ and a merge with it")
     ap.add_argument("--dir", type=Path, default=None, help="where the inputs go (default: tmp)")
@@ -194,9 +194,36 @@ def add_dora(out: dict, module: str, weight: torch.Tensor, rank: int, gen: torch
 # -- what the children time ----------------------------------------------------------------------
 
 
+def _peak_rss() -> int:
+    """This process's peak resident set in bytes: VmHWM, which (unlike ru_maxrss) does not carry
+    the parent's peak across fork and exec."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
+    return usage.ru_utime + usage.ru_stime
+
+
 def _io() -> dict[str, int]:
     lines = Path("/proc/self/io").read_text().split() if Path("/proc/self/io").exists() else []
     return {k.rstrip(":"): int(v) for k, v in zip(lines[::2], lines[1::2], strict=True)}
+
+
+def clear(work: Path, kind: str) -> None:
+    """Remove the previous run's output just before timing, in every kind of run alike.
+
+    On this kind of virtual machine, memory freed a few seconds earlier has gone back to the host
+    and faults in slowly again: a run that started later after the delete (e.g. after longer
+    imports) would pay for it and the other not.
+    """
+    shutil.rmtree(work / ("delta" if kind == "delta" else "out"), ignore_errors=True)
+    os.sync()  # and no run pays for the write-back of another's output
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -204,9 +231,12 @@ def child(args: argparse.Namespace) -> dict:
     work, shard = args.work, int(args.shard_gb * GiB)
     out = work / "out"
     if args.child == "floor":
-        started = time.perf_counter()
+        import safetensors.torch  # noqa: F401 (imported before the clock starts)
+
+        clear(work, args.child)
+        started, cpu = time.perf_counter(), _cpu_seconds()
         io_floor(work, out, shard)
-        return {"seconds": time.perf_counter() - started}
+        return {"seconds": time.perf_counter() - started, "cpu": _cpu_seconds() - cpu}
     from readaptir.stages.delta import compute_delta
     from readaptir.stages.merge import merge
     from readaptir.weights import base_model_prefix
@@ -216,7 +246,8 @@ def child(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     base_model_prefix(work / "theta")
     imports = time.perf_counter() - started
-    before, rss_before = _io(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    clear(work, args.child)
+    before, rss_before, cpu = _io(), _peak_rss(), _cpu_seconds()
     started = time.perf_counter()
     if args.child == "delta":
         compute_delta(work / "theta", work / "retriever", work / "delta", device=args.device)
@@ -236,9 +267,10 @@ def child(args: argparse.Namespace) -> dict:
     after = _io()
     return {
         "seconds": seconds,
+        "cpu": _cpu_seconds() - cpu,
         "imports": imports,
-        "rss_before": rss_before * 1024,
-        "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_before": rss_before,
+        "rss_peak": _peak_rss(),
         "read": after.get("rchar", 0) - before.get("rchar", 0),
         "written": after.get("wchar", 0) - before.get("wchar", 0),
     }
@@ -266,9 +298,6 @@ def io_floor(work: Path, out: Path, shard: int) -> None:
 
 
 def run_child(args: argparse.Namespace, work: Path, kind: str) -> dict:
-    shutil.rmtree(work / "out", ignore_errors=True)
-    if kind == "delta":
-        shutil.rmtree(work / "delta", ignore_errors=True)
     cmd = [sys.executable, __file__, "--child", kind, "--work", str(work), "--device", args.device]
     cmd += ["--shard-gb", str(args.shard_gb)]
     env = {**os.environ, "TQDM_DISABLE": "1"}
@@ -288,25 +317,27 @@ def report(args: argparse.Namespace, sizes: dict, runs: dict[str, list[dict]], b
     best = {kind: min(r["seconds"] for r in rs) for kind, rs in runs.items()}
     times = {kind: ", ".join(f"{r['seconds']:.2f}" for r in rs) for kind, rs in runs.items()}
     merge = min(runs["merge"], key=lambda r: r["seconds"])
+    cpu = {kind: min(r["cpu"] for r in rs) for kind, rs in runs.items()}
     peak = max(r["rss_peak"] for r in runs["merge"])
     target = sizes["shard"] + GiB
     ratio = best["merge"] / best["floor"]
     lines = [
         f"shape: hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, "
         f"vocab {args.vocab}, heads {args.heads}/{args.kv_heads}, bf16: "
-        f"{sizes['params'] / 1e9:.2f}B parameters",
+        f"{sizes['params'] / 1e6:,.0f}M parameters",
         f"inputs: Θ {sizes['theta'] / gb:.2f} GB (with lm_head), R {sizes['body'] / gb:.2f} GB, "
         f"DoRA r{args.rank} adapter {sizes['adapter'] / gb:.3f} GB; shards of "
         f"{args.shard_gb:g} GiB (largest input shard {sizes['shard'] / gb:.2f} GB); "
         f"built in {built:.0f} s",
-        "page cache: warm in every run (inputs read once before timing); no run fsyncs",
+        "page cache: warm in every run (inputs read once before timing); no run fsyncs its "
+        "output; each run deletes the last output and syncs just before its clock starts",
         f"device: {args.device}; torch threads: {torch.get_num_threads()}; runs: {args.repeat}",
         f"(a) merge Θ + {ALPHA}·Ψ + {BETA}·Δ, Δ read from R: {best['merge']:.2f} s "
         f"(runs: {times['merge']}); read {merge['read'] / gb:.2f} GB, "
-        f"wrote {merge['written'] / gb:.2f} GB; before it, {merge['imports']:.2f} s importing "
-        "transformers' model code (once per process)",
+        f"wrote {merge['written'] / gb:.2f} GB; {cpu['merge']:.2f} CPU-s; before it, "
+        f"{merge['imports']:.2f} s importing transformers' model code (once per process)",
         f"(b) I/O floor, safetensors (read Θ's body, R and the adapter once, write the output "
-        f"once): {best['floor']:.2f} s (runs: {times['floor']})",
+        f"once): {best['floor']:.2f} s (runs: {times['floor']}); {cpu['floor']:.2f} CPU-s",
         f"(c) ratio a/b: {ratio:.2f} (target ≤ 1.3: {'met' if ratio <= 1.3 else 'missed'}); "
         f"{(best['merge'] + merge['imports']) / best['floor']:.2f} with the imports",
         f"(d) merge peak RSS: {peak / GiB:.2f} GiB ({merge['rss_before'] / GiB:.2f} GiB "

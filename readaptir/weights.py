@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import struct
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,8 +141,8 @@ class Checkpoint:
         start, end = self._info(name)["data_offsets"]
         return end - start
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor, read into memory of its own.
+    def get(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, read into memory of its own: ``buffer`` (uint8, its size) if given.
 
         Not through a memory map: the pages of a map stay resident (and counted) for as long as
         the file is open, which over a whole model adds up to the model's size.
@@ -150,7 +151,7 @@ class Checkpoint:
         path = self._file_of[name]
         if size != math.prod(shape) * dtype.itemsize:
             raise WeightError(f"tensor {name} in {path}: {size} bytes for shape {shape} {dtype}")
-        buf = torch.empty(size, dtype=torch.uint8)
+        buf = torch.empty(size, dtype=torch.uint8) if buffer is None else buffer
         with open(path, "rb", buffering=0) as fh:
             fh.seek(self._data_start[path] + self._info(name)["data_offsets"][0])
             _read_into(fh, memoryview(buf.numpy()))
@@ -235,8 +236,8 @@ class Body:
     def nbytes(self, name: str) -> int:
         return self.ckpt.nbytes(self._raw[name])
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.ckpt.get(self._raw[name])
+    def get(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ckpt.get(self._raw[name], buffer)
 
 
 def check_same_body(base: Body, other: Body) -> list[str]:
@@ -265,6 +266,42 @@ def check_same_body(base: Body, other: Body) -> list[str]:
     if one_side:
         LOG.info("dropping buffers present on one side only: %s", one_side)
     return one_side
+
+
+class BufferPool:
+    """Host byte buffers lent out and given back, so that big tensors reuse memory.
+
+    glibc maps blocks over its threshold (32 MiB at most) afresh and unmaps them when freed, so
+    each new one faults in zeroed pages again; at 7B shapes (90 MiB MLP weights) that costs more
+    than reading the bytes, and more still on a virtual machine. A buffer given back must not be
+    used again by the giver.
+    """
+
+    def __init__(self, keep: int = 4, min_bytes: int = 1 << 20) -> None:
+        self.keep, self.min_bytes = keep, min_bytes  # smaller blocks: glibc reuses them anyway
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor of ``nbytes``, its content undefined."""
+        if nbytes >= self.min_bytes:
+            with self._lock:
+                fits = [i for i, buf in enumerate(self._free) if buf.numel() >= nbytes]
+                if fits:
+                    best = min(fits, key=lambda i: self._free[i].numel())
+                    return self._free.pop(best)[:nbytes]
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give(self, tensor: torch.Tensor) -> None:
+        """Take back the memory under ``tensor`` (a host tensor the caller is done with)."""
+        storage = tensor.untyped_storage()
+        if tensor.device.type != "cpu" or storage.nbytes() < self.min_bytes:
+            return
+        with self._lock:
+            if all(buf.data_ptr() != storage.data_ptr() for buf in self._free):
+                self._free.append(torch.empty(0, dtype=torch.uint8).set_(storage))
+                self._free.sort(key=torch.Tensor.numel, reverse=True)
+                del self._free[self.keep :]  # the smallest go back to the system
 
 
 def plan_shards(specs: Sequence[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:

@@ -229,3 +229,24 @@ def test_truncated_file_is_an_error(tmp_path, tiny_retriever):
     last = max(ckpt.names(), key=lambda n: ckpt._info(n)["data_offsets"][1])
     with pytest.raises(WeightError, match="ends before"):
         ckpt.get(last)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "lora-embedding", "dora-embedding"])
+def test_add_psi_equals_the_reference_maths(kind):
+    from readaptir.lora import TargetUpdate, add_psi
+
+    torch.manual_seed(1)
+    embedding = kind.endswith("embedding")
+    weight = torch.randn(6, 5, dtype=torch.float64)
+    a = torch.randn(2, 6 if embedding else 5, dtype=torch.float64)
+    b = torch.randn(5 if embedding else 6, 2, dtype=torch.float64)
+    m = torch.rand(5 if embedding else 6, dtype=torch.float64) + 1 if "dora" in kind else None
+    lora = lora_product(a, b, 0.5, embedding)
+    want = dora_update(weight, lora, m, embedding) if m is not None else lora
+    update = TargetUpdate(scaling=0.5, a=a, b=b, magnitude=m, embedding=embedding)
+    acc = torch.ones_like(weight)
+    torch.testing.assert_close(add_psi(acc, 0.3, update, weight, ...), 1 + 0.3 * want)
+    if update.row_local:  # a block of rows needs only those rows of Θ
+        rows = slice(2, 5)
+        got = add_psi(torch.zeros(3, 5, dtype=torch.float64), 1.0, update, weight[rows], rows)
+        torch.testing.assert_close(got, want[rows])

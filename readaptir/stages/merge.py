@@ -1,14 +1,20 @@
 """Readapt a retriever: W = Θ + α·Ψ + β·Δ for every body tensor of Θ, one tensor at a time.
 
 Ψ is the change the knowledge adapter makes to Θ and Δ = retriever − Θ. The β·Δ term comes either
-from a stored Δ (``delta_dir``, the delta stage's output) or straight from the retriever R, with
+from a stored Δ (``delta_dir``, the delta stage's output) or straight from the retriever R with
 nothing stored in between: (1 − β)·Θ + β·R + α·Ψ for a full retriever (with β = 1, Θ is read only
-where Ψ needs it), Θ + α·Ψ + β·Ψ_R for a PEFT one. Tensors no term changes are copied as stored,
-so α=0, β=1 gives the retriever and α=0, β=0 gives Θ bit for bit. Everything else is summed in
-float64 and cast once to the output dtype, a block of rows at a time: on a CPU a few MiB of
-float64 stay in cache, so the arithmetic costs about what copying the bytes does; on a GPU a block
-is the whole tensor. The result is a bare Hugging Face model folder (plus the retriever's
-tokenizer and sentence-transformers files) that ``AutoModel`` loads, written tensor by tensor.
+where Ψ needs it), Θ + α·Ψ + β·Ψ_R for a PEFT one.
+
+Exactness: a tensor no term changes is copied as stored (cast only), so α=0, β=1 gives the
+retriever and α=0, β=0 gives Θ bit for bit; every other sum is taken in float64 and cast once to
+the output dtype, on a GPU as on a CPU (there the float64 work is small next to moving the bytes).
+
+Speed and memory: reading the next tensor, computing this one and writing the last overlap, each
+on a thread of its own. On a CPU a tensor is computed in blocks of rows small enough to stay in
+cache, by single-threaded workers, in buffers reused from block to block; host buffers for whole
+tensors come from a pool. Memory holds a few tensors, whatever the model's size. The result is a
+bare Hugging Face model folder (plus the retriever's tokenizer and sentence-transformers files)
+that ``AutoModel`` loads.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +41,7 @@ from readaptir.stages.delta import DELTA_JSON
 from readaptir.weights import (
     DEFAULT_SHARD_BYTES,
     Body,
+    BufferPool,
     Checkpoint,
     ShardWriter,
     TensorSpec,
@@ -61,8 +69,9 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
-# Float64 elements per block of rows on a CPU: a few temporaries of 2 MiB stay in cache.
-BLOCK_ELEMENTS = 1 << 18
+# Float64 elements per block of rows on a CPU: big enough that per-op overhead is small, small
+# enough that the few 4 MiB temporaries stay in cache (measured best of 2^14…2^22).
+BLOCK_ELEMENTS = 1 << 19
 
 Dense = list[tuple[float, torch.Tensor]]  # coefficient, a stored tensor (R or Δ)
 Updates = list[tuple[float, TargetUpdate]]  # coefficient, an adapter's tensors (Ψ or Ψ_R)
@@ -74,8 +83,17 @@ class Scratch:
     Fresh memory costs a page fault per 4 KiB, which on blocks of a few MiB is most of the work.
     """
 
+    _threads = threading.local()
+
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def of_thread(cls) -> Scratch:
+        """The calling thread's own; a pool's threads end with the merge, and so do these."""
+        if not hasattr(cls._threads, "scratch"):
+            cls._threads.scratch = cls()
+        return cls._threads.scratch
 
     def take(self, key: str, like: torch.Tensor) -> torch.Tensor:
         """A float64 buffer of ``like``'s shape and device; its content is undefined."""
@@ -149,22 +167,142 @@ def block_pool(dev: str) -> Iterator[ThreadPoolExecutor | None]:
 
 
 @contextlib.contextmanager
-def write_behind(writer: ShardWriter) -> Iterator[Callable[[str, torch.Tensor], None]]:
+def write_behind(
+    writer: ShardWriter, done: Callable[[torch.Tensor], None]
+) -> Iterator[Callable[[str, torch.Tensor], None]]:
     """``writer.add`` on a thread of its own: a tensor is written while the next is computed.
 
-    At most one tensor waits, so memory holds two output tensors at most.
+    At most one tensor waits; ``done`` gets each tensor once it is written.
     """
     pending: list[Future] = []
+
+    def write(name: str, tensor: torch.Tensor) -> None:
+        writer.add(name, tensor)
+        done(tensor)
+
     with ThreadPoolExecutor(1) as thread:
 
         def add(name: str, tensor: torch.Tensor) -> None:
             if pending:
                 pending.pop().result()
-            pending.append(thread.submit(writer.add, name, tensor))
+            pending.append(thread.submit(write, name, tensor))
 
         yield add
         if pending:
             pending.pop().result()
+
+
+@dataclass
+class Terms:
+    """What one output tensor is made of: theta_coef·Θ + Σ c·X + Σ c·Ψ, or ``passed`` as is."""
+
+    name: str
+    dtype: torch.dtype
+    theta: torch.Tensor | None = None
+    theta_coef: float = 0.0
+    dense: Dense = field(default_factory=list)
+    updates: Updates = field(default_factory=list)
+    passed: torch.Tensor | None = None
+
+
+def read_ahead(readapter: Readapter, layout: list[TensorSpec]) -> Iterator[Terms]:
+    """Each tensor's terms, read on a thread of its own one tensor ahead of their use."""
+    with ThreadPoolExecutor(1) as thread:
+        reads = (thread.submit(readapter.terms, name, dtype) for name, _, dtype in layout)
+        ahead = next(reads, None)
+        while ahead is not None:
+            current, ahead = ahead, next(reads, None)
+            yield current.result()
+
+
+class Readapter:
+    """Θ + α·Ψ + β·Δ one tensor at a time: what to read for a tensor, and how to sum it.
+
+    ``source`` gives the β term: a stored Δ (Checkpoint), the full retriever (Body, with Θ's
+    coefficient 1 − β), or a PEFT retriever (Adapter, Ψ_R); ``knowledge`` gives Ψ.
+    """
+
+    def __init__(
+        self,
+        base: Body,
+        source: Body | Checkpoint | Adapter | None,
+        theta_coef: float,
+        beta: float,
+        knowledge: Adapter | None,
+        alpha: float,
+        dev: str,
+    ) -> None:
+        self.base, self.source, self.theta_coef, self.beta = base, source, theta_coef, beta
+        self.knowledge, self.alpha, self.dev = knowledge, alpha, dev
+        self.buffers = BufferPool()
+
+    def read(self, ckpt: Body | Checkpoint, name: str) -> torch.Tensor:
+        """A stored tensor on the device, read into a pooled host buffer."""
+        host = ckpt.get(name, self.buffers.take(ckpt.nbytes(name)))
+        moved = host.to(self.dev)  # a synchronous copy: the host buffer is free afterwards
+        if moved.data_ptr() != host.data_ptr():
+            self.buffers.give(host)
+        return moved
+
+    def terms(self, name: str, dtype: torch.dtype) -> Terms:
+        """Read what the output tensor ``name`` is made of (on the device)."""
+        if not dtype.is_floating_point:
+            return Terms(name, dtype, passed=self._unchanged(name))
+        dense: Dense = []
+        updates: Updates = []
+        if isinstance(self.source, Adapter):
+            self._add_update(updates, self.beta, self.source, name)
+        elif self.source is not None and name in self.source:  # a stored Δ omits zero tensors
+            dense.append((self.beta, self.read(self.source, name)))
+        if self.knowledge is not None:
+            self._add_update(updates, self.alpha, self.knowledge, name)
+        # A tensor that no term changes is passed on as stored (cast only): exactly.
+        if not updates and not dense and self.theta_coef == 1:
+            return Terms(name, dtype, passed=self.read(self.base, name))
+        if not updates and self.theta_coef == 0 and [c for c, _ in dense] == [1]:
+            return Terms(name, dtype, passed=dense[0][1])
+        need_theta = self.theta_coef != 0 or any(update.needs_base for _, update in updates)
+        theta = self.read(self.base, name) if need_theta else None
+        return Terms(name, dtype, theta, self.theta_coef, dense, updates)
+
+    def output(self, terms: Terms, pool: ThreadPoolExecutor | None) -> torch.Tensor:
+        """The output tensor. Inputs it does not share memory with go back to the buffer pool
+        now, it goes back once written."""
+        dtype, theta, dense, updates = terms.dtype, terms.theta, terms.dense, terms.updates
+        if terms.passed is not None:
+            cast = terms.passed.to(dtype)
+            if cast.data_ptr() != terms.passed.data_ptr():
+                self.buffers.give(terms.passed)
+            return cast
+        shape = self.base.shape(terms.name)
+        if self.dev == "cpu":
+            out = self.buffers.take(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
+        else:
+            out = torch.empty(shape, dtype=dtype, device=self.dev)
+        whole = pool is None or not all(update.row_local for _, update in updates)
+
+        def fill(rows: Rows) -> None:
+            scratch = None if whole else Scratch.of_thread()  # whole tensors: no buffers kept
+            out[rows] = readapt_rows(theta, terms.theta_coef, dense, updates, rows, scratch)
+
+        blocks = list(row_blocks(shape, whole))
+        for _ in pool.map(fill, blocks) if pool and len(blocks) > 1 else map(fill, blocks):
+            pass
+        for x in [x for _, x in dense] + ([theta] if theta is not None else []):
+            self.buffers.give(x)
+        return out
+
+    def _add_update(self, updates: Updates, coef: float, adapter: Adapter, name: str) -> None:
+        target = adapter.target(name, self.dev)
+        if target is not None:
+            updates.append((coef, target))
+
+    def _unchanged(self, name: str) -> torch.Tensor:
+        # Integer tensors carry no update: a full retriever must hold Θ's values.
+        theta = self.base.get(name)
+        if isinstance(self.source, Body) and not torch.equal(self.source.get(name), theta):
+            raise WeightError(f"non-float tensor {name} differs in {self.source.folder} and Θ")
+        return theta
 
 
 def merge(
@@ -219,28 +357,20 @@ def merge(
         for n in names
     ]
     dev = resolve_device(device)
+    readapter = Readapter(
+        base, source if beta != 0 else None, theta_coef, beta, knowledge, alpha, dev
+    )
     total = sum(math.prod(shape) * dt.itemsize for _, shape, dt in layout)
     started = time.perf_counter()
     with (
         block_pool(dev) as pool,
         ShardWriter(out, max_shard_bytes, layout) as writer,
-        write_behind(writer) as add,
+        write_behind(writer, readapter.buffers.give) as add,
         tqdm(total=total, unit="B", unit_scale=True, desc="merge") as bar,
     ):
-        for name, shape, dt in layout:
-            if not dt.is_floating_point:
-                add(name, _unchanged(name, base, source if beta != 0 else None))
-            else:
-                dense: Dense = []
-                updates: Updates = []
-                if isinstance(source, Adapter) and beta != 0:
-                    _add_update(updates, beta, source, name, dev)
-                elif beta != 0 and name in source:  # a stored Δ leaves out zero tensors
-                    dense.append((beta, source.get(name).to(dev)))
-                if knowledge is not None:
-                    _add_update(updates, alpha, knowledge, name, dev)
-                add(name, _readapt_tensor(base, name, theta_coef, dense, updates, dt, dev, pool))
-            bar.update(math.prod(shape) * dt.itemsize)
+        for terms in read_ahead(readapter, layout):
+            add(terms.name, readapter.output(terms, pool))
+            bar.update(math.prod(base.shape(terms.name)) * terms.dtype.itemsize)
     seconds = time.perf_counter() - started
     LOG.info("merged %.2f GB in %.1f s (%.2f GB/s)", total / 1e9, seconds, total / 1e9 / seconds)
 
@@ -258,60 +388,6 @@ def merge(
     write_json(out / READAPT_JSON, info)
     LOG.info("readapted model (α=%s, β=%s, %s) written to %s", alpha, beta, info["dtype"], out)
     return info
-
-
-def _add_update(updates: Updates, coef: float, adapter: Adapter, name: str, dev: str) -> None:
-    target = adapter.target(name, dev)
-    if target is not None:
-        updates.append((coef, target))
-
-
-def _readapt_tensor(
-    base: Body,
-    name: str,
-    theta_coef: float,
-    dense: Dense,
-    updates: Updates,
-    out_dtype: torch.dtype,
-    dev: str,
-    pool: ThreadPoolExecutor | None,
-) -> torch.Tensor:
-    """One output tensor; a tensor that no term changes is passed on as stored (cast only)."""
-    if not updates and not dense and theta_coef == 1:
-        return base.get(name).to(out_dtype)
-    if not updates and theta_coef == 0 and len(dense) == 1 and dense[0][0] == 1:
-        return dense[0][1].to(out_dtype)
-    need_theta = theta_coef != 0 or any(update.needs_base for _, update in updates)
-    theta = base.get(name).to(dev) if need_theta else None
-    shape = base.shape(name)
-    out = torch.empty(shape, dtype=out_dtype, device=dev)
-    whole = pool is None or not all(update.row_local for _, update in updates)
-
-    def fill(rows: Rows) -> None:
-        scratch = None if whole else _thread_scratch()  # whole tensors: no buffers kept
-        out[rows] = readapt_rows(theta, theta_coef, dense, updates, rows, scratch)
-
-    blocks = list(row_blocks(shape, whole))
-    for _ in pool.map(fill, blocks) if pool is not None and len(blocks) > 1 else map(fill, blocks):
-        pass
-    return out
-
-
-_THREAD = threading.local()
-
-
-def _thread_scratch() -> Scratch:
-    if not hasattr(_THREAD, "scratch"):
-        _THREAD.scratch = Scratch()
-    return _THREAD.scratch
-
-
-def _unchanged(name: str, base: Body, source: Body | Checkpoint | Adapter | None) -> torch.Tensor:
-    # Integer tensors carry no update: the retriever must hold Θ's values.
-    theta = base.get(name)
-    if isinstance(source, Body) and not torch.equal(source.get(name), theta):
-        raise WeightError(f"non-float tensor {name} differs between {source.folder} and the base")
-    return theta
 
 
 def _open_delta(delta_dir: Path, base: Body) -> Checkpoint:
