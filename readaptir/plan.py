@@ -340,7 +340,7 @@ class Planner:
         merge_inputs: dict[str, Stage] = {}
         if alpha != 0:
             merge_inputs["adapter"] = self.add_adapter(recipe, src.base, src.base_deps)
-        if beta != 0:
+        if beta != 0 and recipe.readapt.delta == "stored":
             merge_inputs["delta"] = self.add(
                 "delta",
                 src.retriever_name,
@@ -353,7 +353,7 @@ class Planner:
         merge = self.add(
             "merge",
             src.retriever_name,
-            f"Readapt {src.retriever_name}: base + {alpha:g}*adapter + {beta:g}*delta",
+            f"Readapt {src.retriever_name}: base + {alpha:g}*adapter + {beta:g}*(retriever - base)",
             {
                 "base": src.base,
                 "retriever": src.retriever,

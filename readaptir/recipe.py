@@ -145,6 +145,9 @@ class ReadaptSpec(_Strict):
 
     alpha: float | list[float] | Literal["auto"] = 0.5
     beta: float | list[float] = 1.0
+    # direct: the merge reads the retriever itself, W = (1-β)Θ + βR + αΨ (fastest, no extra
+    # storage); stored: Δ = R - Θ is a stage of its own, cached (as large as a model)
+    delta: Literal["direct", "stored"] = "direct"
     alpha_grid: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
     tune_fraction: float = Field(0.5, gt=0, lt=1)
     tune_seed: int = 0

@@ -22,6 +22,7 @@ def project(tmp_path, tiny_base, tiny_retriever, tiny_beir) -> Path:
         "retriever": {"source": "models/retriever", "family": "repllama"},
         "corpus": "data/toy",
         "adapter": {"r": 4},
+        "readapt": {"delta": "stored"},  # Δ as a stage of its own, to see it shared
     }
     (recipes / "_common.yaml").write_text(yaml.safe_dump(common))
     for name, alpha in (("ra-half", 0.5), ("ra-full", 1.0)):
@@ -132,7 +133,7 @@ def test_generated_files_are_byte_stable(project):
     assert score["metrics"] == [{"metrics/ra-half.json": {"cache": False}}]
     assert "recipes.ra-half" in score["params"]
     params = yaml.safe_load(before["params.yaml"])
-    assert params["recipes"]["ra-half"]["readapt"] == {"alpha": 0.5, "beta": 1.0}
+    assert params["recipes"]["ra-half"]["readapt"] == {"alpha": 0.5, "beta": 1.0, "delta": "stored"}
     assert all("desc" in s for s in dvc["stages"].values())
 
 
@@ -146,3 +147,15 @@ def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, 
     edit(project, "ra-full", "extends: _common.yaml\nretriever: {source: models/wide}\n")
     with pytest.raises(RecipeError, match=r"ra-full\.yaml: retriever: its hidden_size is 32"):
         plan_of(project)
+
+
+def test_direct_route_reads_the_retriever_and_stores_no_delta(project):
+    common = yaml.safe_load((project / "recipes" / "_common.yaml").read_text())
+    del common["readapt"]
+    (project / "recipes" / "_common.yaml").write_text(yaml.safe_dump(common))
+    plan = plan_of(project)
+    assert "delta" not in by_kind(plan)
+    merge = by_kind(plan)["merge"][0]
+    assert set(merge.inputs) == {"adapter"} and merge.params["retriever"]["source"] == (
+        "models/retriever"
+    )
