@@ -134,6 +134,9 @@ def test_split_pipelines_run_and_stale_groups_go(ws, monkeypatch):
     from readaptir import dvcfile
 
     monkeypatch.setattr(dvcfile, "SPLIT_ABOVE", 0)
+    (ws / "recipes" / "ra.yaml").write_text(  # a stored Δ: the "models" group
+        "extends: _common.yaml\nreadapt: {alpha: 0.5, delta: stored}\n"
+    )
     cli("build", "--root", str(ws))
     assert set(yaml.safe_load((ws / "dvc.yaml").read_text())) == {"plots"}
     assert set(yaml.safe_load((ws / "params.yaml").read_text())) == {"recipes"}
@@ -150,6 +153,6 @@ def test_split_pipelines_run_and_stale_groups_go(ws, monkeypatch):
     assert repro(ws) == []
     assert json.loads((ws / "metrics" / "ra.json").read_text())["alpha"] == 0.5
     assert "| ra " in cli("report", "--root", str(ws), "--table", "recipes")
-    (ws / "recipes" / "ra.yaml").unlink()  # no merge or adapter left: the models group goes
+    (ws / "recipes" / "ra.yaml").unlink()  # no Δ left: the models group goes
     cli("build", "--root", str(ws))
     assert sorted(p.name for p in (ws / "pipelines").iterdir()) == ["toy"]
