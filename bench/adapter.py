@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
+from shapes import add_shape_options, apply_tiny, llama_config
+from transformers import LlamaForCausalLM, get_scheduler
 
 from readaptir.packing import Layout, causal_inputs, layout, pack_boundaries
 from readaptir.training import attach_adapter, enable_gradient_checkpointing, train_step
@@ -147,16 +148,8 @@ def measure(
 
 
 def build_llama(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=4096,
-        use_cache=False,
-        attn_implementation="sdpa",
+    config = llama_config(
+        args, max_position_embeddings=4096, use_cache=False, attn_implementation="sdpa"
     )
     torch.manual_seed(args.seed)
     default = torch.get_default_dtype()
@@ -171,12 +164,7 @@ def build_llama(args: argparse.Namespace, device: torch.device) -> torch.nn.Modu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny Llama for a CPU smoke run")
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--intermediate", type=int, default=11008)
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_shape_options(parser)
     parser.add_argument("--rows", type=int, default=4, help="sequences per step, both settings")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--r", type=int, default=32)
@@ -185,8 +173,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    if args.tiny:
-        args.hidden, args.layers, args.heads, args.intermediate, args.vocab = 64, 2, 4, 128, 512
+    apply_tiny(parser, args, dict(hidden=64, layers=2, heads=4, intermediate=128, vocab=512))
     device = torch.device(args.device)
     shape = f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

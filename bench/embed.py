@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaModel
+from shapes import add_shape_options, apply_tiny, llama_config
+from transformers import LlamaModel
 
 from readaptir.encoding import encode_ids, plan_batches
 
@@ -43,13 +44,7 @@ class Result:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="a tiny model and fewer passages (CPU)")
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
-    ap.add_argument("--intermediate", type=int, default=11008)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_shape_options(ap)
     ap.add_argument("--passages", type=int, default=4096)
     ap.add_argument("--mean-tokens", type=float, default=82.0)
     ap.add_argument("--sigma", type=float, default=0.5, help="log-normal shape")
@@ -62,11 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.tiny:
-        # Tiny values replace only the options left at their defaults.
-        for key, value in TINY.items():
-            if getattr(args, key) == ap.get_default(key):
-                setattr(args, key, value)
+    apply_tiny(ap, args, TINY)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     return args
@@ -80,15 +71,7 @@ def passage_lengths(n: int, mean: float, sigma: float, lo: int, hi: int, seed: i
 
 
 def random_model(args: argparse.Namespace) -> LlamaModel:
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads or args.heads,
-        max_position_embeddings=max(4096, args.max_tokens),
-    )
+    config = llama_config(args, max_position_embeddings=max(4096, args.max_tokens))
     torch.manual_seed(args.seed)
     previous = torch.get_default_dtype()
     # Built directly on the device in the target dtype: no float32 copy of 7B weights on the host.

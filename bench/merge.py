@@ -43,23 +43,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from shapes import add_shape_options, apply_tiny, llama_config  # noqa: E402
+
 from readaptir.weights import INDEX, TensorSpec, plan_shards  # noqa: E402
 
 GiB = 1024**3
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+LLAMA_1B = {"hidden": 2048, "layers": 16, "heads": 16, "intermediate": 5632, "vocab": 32000}
 TINY = dict(hidden=256, layers=2, intermediate=688, vocab=4000, heads=4, rank=8, shard_gb=0.002)
 ALPHA, BETA = 0.5, 1.0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="a small shape for a smoke run")
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--intermediate", type=int, default=5632)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    add_shape_options(ap, LLAMA_1B)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--shard-gb", type=float, default=1.0, help="input and output shard size, GiB")
     ap.add_argument("--repeat", type=int, default=3)
@@ -70,10 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.tiny:
-        for key, value in TINY.items():
-            setattr(args, key, value)
-    args.kv_heads = args.kv_heads or args.heads
+    apply_tiny(ap, args, TINY)
     return args
 
 
@@ -123,7 +117,6 @@ def write_sharded(folder: Path, specs: list[TensorSpec], tensors: Iterator, shar
 
 
 def build(args: argparse.Namespace, work: Path) -> dict:
-    from transformers import LlamaConfig
 
     gen = torch.Generator().manual_seed(0)
     body = body_specs(args)
@@ -162,14 +155,7 @@ def build(args: argparse.Namespace, work: Path) -> dict:
     dora = {"peft_type": "LORA", "r": args.rank, "lora_alpha": 2 * args.rank, "use_dora": True}
     dora.update(target_modules=list(TARGETS), fan_in_fan_out=False, use_rslora=False)
     (work / "adapter" / "adapter_config.json").write_text(json.dumps(dora, indent=2) + "\n")
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        intermediate_size=args.intermediate,
-        vocab_size=args.vocab,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-    )
+    config = llama_config(args)
     for folder, arch in (("theta", "LlamaForCausalLM"), ("retriever", "LlamaModel")):
         config.architectures = [arch]
         config.save_pretrained(work / folder)

@@ -1,0 +1,42 @@
+"""The Llama shape options the benchmarks share, and the config they describe.
+
+Each benchmark is run as a script (``python bench/NAME.py``), so this module is imported from the
+script's own folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+LLAMA_2_7B = {"hidden": 4096, "layers": 32, "heads": 32, "intermediate": 11008, "vocab": 32000}
+
+
+def add_shape_options(ap: argparse.ArgumentParser, defaults: dict = LLAMA_2_7B) -> None:
+    """--tiny, --hidden, --layers, --heads, --kv-heads, --intermediate, --vocab."""
+    ap.add_argument("--tiny", action="store_true", help="a tiny shape for a smoke run (CPU)")
+    for key in ("hidden", "layers", "heads", "intermediate", "vocab"):
+        ap.add_argument(f"--{key}", type=int, default=defaults[key])
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+
+
+def apply_tiny(ap: argparse.ArgumentParser, args: argparse.Namespace, tiny: dict) -> None:
+    """With --tiny, the tiny values replace the options left at their defaults."""
+    if args.tiny:
+        for key, value in tiny.items():
+            if getattr(args, key) == ap.get_default(key):
+                setattr(args, key, value)
+    args.kv_heads = args.kv_heads or args.heads
+
+
+def llama_config(args: argparse.Namespace, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        **extra,
+    )
