@@ -117,7 +117,6 @@ def write_sharded(folder: Path, specs: list[TensorSpec], tensors: Iterator, shar
 
 
 def build(args: argparse.Namespace, work: Path) -> dict:
-
     gen = torch.Generator().manual_seed(0)
     body = body_specs(args)
     head = ("lm_head.weight", (args.vocab, args.hidden), torch.bfloat16)
