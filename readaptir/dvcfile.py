@@ -142,25 +142,12 @@ def read_stage_spec(root: Path, name: str, spec_file: str = ROOT_PARAMS) -> dict
     return stages[name]
 
 
-def _gather(root: Path, key: str, names: tuple[str, ...]) -> dict[str, dict]:
-    found: dict[str, dict] = {}
-    paths = [Path(root) / n for n in names] + [
-        p for n in names for p in sorted(Path(root).glob(f"{PIPELINES}/*/{n}"))
-    ]
-    for path in paths:
-        if path.is_file():
-            found.update((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(key) or {})
-    return found
-
-
 def all_stage_specs(root: Path) -> dict[str, dict]:
     """Every stage spec of the built plan, whichever layout it was written in."""
-    return _gather(root, "stages", (ROOT_PARAMS, SPECS))
-
-
-def is_recipe_file(path: str) -> bool:
-    """Whether a project-relative path is one the resolved recipes are written to."""
-    parts = path.split("/")
-    return path == ROOT_PARAMS or (
-        len(parts) == 3 and parts[0] == PIPELINES and parts[2] == ROOT_PARAMS
-    )
+    specs: dict[str, dict] = {}
+    for path in [Path(root) / ROOT_PARAMS, *sorted(Path(root).glob(f"{PIPELINES}/*/{SPECS}"))]:
+        if path.is_file():
+            specs.update(
+                (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages") or {}
+            )
+    return specs

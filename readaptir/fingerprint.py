@@ -19,6 +19,12 @@ CACHE_FILE = Path(".readaptir") / "fingerprints.json"
 CHUNK = 1 << 22
 
 
+def project_path(root: Path, path: str) -> Path:
+    """A recipe's path on disk: ``~`` expanded, a relative one under the project root."""
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else Path(root) / candidate
+
+
 class Fingerprints:
     """Content hashes with a persistent (path, size, mtime) cache."""
 

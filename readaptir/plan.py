@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from readaptir.families import resolve_encoding
-from readaptir.fingerprint import Fingerprints
+from readaptir.fingerprint import Fingerprints, project_path
 from readaptir.recipe import CorpusSpec, ModelSpec, Recipe, RecipeError, RetrieverSpec, slug
 
 # Bump a kind's version when its code changes what it writes: every stage of that kind rebuilds.
@@ -152,8 +152,7 @@ class Planner:
     # -- external inputs -------------------------------------------------------------------------
 
     def _local(self, source: str) -> Path | None:
-        path = Path(source).expanduser()
-        path = path if path.is_absolute() else self.root / path
+        path = project_path(self.root, source)
         return path if path.exists() else None
 
     def model(self, spec: ModelSpec, key: str) -> tuple[dict, tuple[str, ...]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from readaptir.dvcfile import is_recipe_file
+from readaptir.dvcfile import ROOT_PARAMS
 
 SIGNIFICANCE = 0.05
 WORKSPACE = "workspace"
@@ -55,24 +55,13 @@ def _read(root: Path, rev: str, path: str) -> str | None:
     return _git_show(root, rev, path)
 
 
-def _recipe_files(root: Path, rev: str) -> list[str]:
-    if rev == WORKSPACE:
-        candidates = [Path(root) / "params.yaml", *Path(root).glob("pipelines/*/params.yaml")]
-        files = [p.relative_to(root).as_posix() for p in candidates if p.is_file()]
-    else:
-        listed = _git(root, "ls-tree", "-r", "--name-only", rev, ".")  # paths relative to root
-        files = listed.stdout.splitlines() if listed.returncode == 0 else []
-    return sorted(f for f in files if is_recipe_file(f))
-
-
 def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, dict]]:
     """(resolved recipes, metrics) by recipe name, from the workspace or a git revision (or a
     DVC experiment's name)."""
     if rev != WORKSPACE:
         rev = resolve_rev(Path(root), rev)
-    recipes: dict[str, dict] = {}
-    for rel in _recipe_files(Path(root), rev):
-        recipes.update((yaml.safe_load(_read(root, rev, rel) or "") or {}).get("recipes") or {})
+    # the root params.yaml holds every recipe in both layouts (see dvcfile)
+    recipes = (yaml.safe_load(_read(root, rev, ROOT_PARAMS) or "") or {}).get("recipes") or {}
     if not recipes:
         where = str(root) if rev == WORKSPACE else f"git revision {rev}"
         raise ReportError(f"no built recipes in {where}: run `readaptir build` (and commit) first")

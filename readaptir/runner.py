@@ -15,7 +15,7 @@ from pathlib import Path
 
 from readaptir.artifacts import atomic_output, resolve_device, write_json
 from readaptir.dvcfile import ROOT_PARAMS, read_stage_spec
-from readaptir.fingerprint import Fingerprints
+from readaptir.fingerprint import Fingerprints, project_path
 from readaptir.plan import stage_output
 
 LOG = logging.getLogger(__name__)
@@ -37,8 +37,7 @@ class Context:
         self.inputs = {role: self.root / path for role, path in spec["inputs"].items()}
 
     def local(self, path: str) -> Path:
-        candidate = Path(path).expanduser()
-        return candidate if candidate.is_absolute() else self.root / candidate
+        return project_path(self.root, path)
 
     def check(self, path: Path, expected: str, what: str) -> None:
         if self.fingerprints.path(path) != expected:
