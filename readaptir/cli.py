@@ -116,12 +116,19 @@ def stage() -> None:
     show_default=True,
     help="The file holding the stage's spec (relative to the root).",
 )
+@click.option(
+    "--procs",
+    type=int,
+    default=None,
+    envvar="READAPTIR_PROCS",
+    help="Processes for an adapter stage, under torchrun (default: one per visible GPU).",
+)
 @user_errors
-def stage_run(name: str, root: Path, device: str | None, spec_file: str) -> None:
+def stage_run(name: str, root: Path, device: str | None, spec_file: str, procs: int | None) -> None:
     """Run one stage of the pipeline by NAME."""
     from readaptir.runner import run_stage
 
-    out = run_stage(root, name, device=device, spec_file=spec_file)
+    out = run_stage(root, name, device=device, spec_file=spec_file, procs=procs)
     click.echo(f"{name}: wrote {out}")
 
 

@@ -79,12 +79,11 @@ def pack_boundaries(lengths: Sequence[int], max_length: int) -> list[int]:
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """One epoch's rows (passage indices) and how they group into steps across ``world`` ranks."""
+    """One epoch's rows (passage indices) and how they group into steps."""
 
     order: np.ndarray
     bounds: np.ndarray
     rows_per_step: int
-    world: int = 1
 
     @property
     def rows(self) -> int:
@@ -92,18 +91,12 @@ class EpochPlan:
 
     @property
     def steps(self) -> int:
-        group = self.rows_per_step * self.world
-        # a trailing group too small to give every rank a row is dropped (only when world > 1)
-        return self.rows // group + int(self.rows % group >= self.world)
+        return -(-self.rows // self.rows_per_step)
 
-    def step_rows(self, step: int, rank: int = 0) -> list[np.ndarray]:
-        group = self.rows_per_step * self.world
-        first = step * group
-        last = min(first + group, self.rows)
-        return [
-            self.order[self.bounds[k] : self.bounds[k + 1]]
-            for k in range(first + rank, last, self.world)
-        ]
+    def step_rows(self, step: int) -> list[np.ndarray]:
+        first = step * self.rows_per_step
+        last = min(first + self.rows_per_step, self.rows)
+        return [self.order[self.bounds[k] : self.bounds[k + 1]] for k in range(first, last)]
 
 
 def plan_epoch(
@@ -114,14 +107,13 @@ def plan_epoch(
     max_length: int,
     rows_per_step: int,
     packing: bool,
-    world: int = 1,
 ) -> EpochPlan:
     order = epoch_order(len(lengths), seed, epoch)
     if packing:
         bounds = np.asarray(pack_boundaries(lengths[order].tolist(), max_length), dtype=np.int64)
     else:
         bounds = np.arange(len(order) + 1, dtype=np.int64)
-    return EpochPlan(order, bounds, rows_per_step, world)
+    return EpochPlan(order, bounds, rows_per_step)
 
 
 def total_steps(plans: Sequence[EpochPlan], epochs: float, max_steps: int | None) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from readaptir.artifacts import atomic_output, resolve_device, write_json
+from readaptir.distributed import launched_rank, processes, relaunch
 from readaptir.dvcfile import ROOT_PARAMS, read_stage_spec
 from readaptir.fingerprint import Fingerprints, project_path
 from readaptir.plan import stage_output
@@ -64,11 +65,6 @@ class Context:
         return folder
 
 
-def _rank() -> int:
-    """This process's rank under torchrun (0 when not distributed)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def _adapter(ctx: Context, out: Path) -> dict:
     from readaptir.stages.adapter import train_adapter
 
@@ -89,7 +85,7 @@ def _adapter(ctx: Context, out: Path) -> dict:
         **p["hyper"],
         **ctx.spec.get("runtime", {}),
     )
-    if _rank() == 0:
+    if launched_rank() == 0:
         shutil.rmtree(work, ignore_errors=True)
     return summary
 
@@ -193,10 +189,24 @@ RUNNERS: dict[str, Callable[[Context, Path], object]] = {
 
 
 def run_stage(
-    root: Path, name: str, device: str | None = None, spec_file: str = ROOT_PARAMS
+    root: Path,
+    name: str,
+    device: str | None = None,
+    spec_file: str = ROOT_PARAMS,
+    procs: int | None = None,
 ) -> Path:
-    """Run stage ``name`` of the built plan; returns its output folder."""
+    """Run stage ``name`` of the built plan; returns its output folder.
+
+    An adapter stage runs in ``procs`` processes under torchrun (default: one per visible GPU);
+    other stages run in this process.
+    """
     spec = read_stage_spec(root, name, spec_file)
+    if spec["kind"] == "adapter" and "WORLD_SIZE" not in os.environ:
+        n = processes(procs, device)
+        if n > 1:
+            args = ["stage", "run", name, "--root", str(root), "--spec", spec_file]
+            relaunch(n, args + (["--device", device] if device else []))
+            return Path(root) / stage_output(spec)
     ctx = Context(root, spec, device)
     for role, path in ctx.inputs.items():
         if not path.is_dir():
@@ -204,7 +214,7 @@ def run_stage(
                 f"input {role!r} of {name} is missing: {path} (run `dvc repro`)"
             )
     out = Path(root) / stage_output(spec)
-    if _rank() != 0:
+    if launched_rank() != 0:
         # the other ranks of a torchrun launch train beside rank 0, which alone writes the output
         with tempfile.TemporaryDirectory() as scratch:
             RUNNERS[spec["kind"]](ctx, Path(scratch))

@@ -1,4 +1,4 @@
-"""The model side of knowledge-adapter training: objective, adapter, step, checkpoints and ranks.
+"""The model side of knowledge-adapter training: objective, adapter, step and checkpoints.
 
 Decoder bases learn by next-token prediction, encoder bases (BERT-style) by masked-LM; the LM head
 serves only the loss and is never adapted, since Ψ is applied to a retriever that has none.
@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,11 +137,12 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     schedule: Any,
     device: torch.device | str,
+    loss_scale: float = 1.0,
 ) -> float:
-    """One optimizer step on one batch of model inputs; returns the loss."""
+    """One optimizer step on one batch of model inputs; returns the loss (before ``loss_scale``)."""
     moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     loss = model(**moved).loss
-    loss.backward()
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     optimizer.step()
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
@@ -246,51 +246,3 @@ def restore_checkpoint(
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     return state["progress"]
-
-
-# --- several GPUs (torchrun) ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int = 0
-    world: int = 1
-    local: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Ranks:
-    """Join the process group when launched by torchrun with WORLD_SIZE > 1; else one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Ranks()
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return Ranks(dist.get_rank(), world, local)
-
-
-def wrap_distributed(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
-    if ranks.world <= 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [ranks.local] if torch.cuda.is_available() else None
-    return DistributedDataParallel(model, device_ids=ids)
-
-
-def sum_across_ranks(value: int, ranks: Ranks, device: torch.device | str) -> int:
-    if ranks.world <= 1:
-        return value
-    import torch.distributed as dist
-
-    total = torch.tensor([value], device=device)
-    dist.all_reduce(total)
-    return int(total.item())

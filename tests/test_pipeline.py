@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -156,3 +157,31 @@ def test_split_pipelines_run_and_stale_groups_go(ws, monkeypatch):
     (ws / "recipes" / "ra.yaml").unlink()  # no Δ left: the models group goes
     cli("build", "--root", str(ws))
     assert sorted(p.name for p in (ws / "pipelines").iterdir()) == ["toy"]
+
+
+def test_adapter_stage_on_two_ranks_learns_what_one_process_does(ws):
+    """`--procs 2` relaunches the stage under torchrun (gloo on CPU): the same adapter as one."""
+    from safetensors.torch import load_file
+
+    adapter = {**COMMON["adapter"], "dropout": 0.0, "lr": 1e-2, "epochs": 3}
+    common = {**COMMON, "adapter": adapter}
+    (ws / "recipes" / "_common.yaml").write_text(yaml.safe_dump(common))
+    cli("build", "--root", str(ws))
+    stages = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]
+    name = next(n for n in stages if n.startswith("adapter"))
+
+    def train(procs: str) -> dict:
+        cli("stage", "run", name, "--root", str(ws), "--device", "cpu", "--procs", procs)
+        out = next((ws / "artifacts" / "adapter").glob("[!.]*"))
+        tensors = load_file(out / "adapter_model.safetensors")
+        log = (out / "training_log.csv").read_text().splitlines()
+        shutil.rmtree(out)
+        return {"tensors": tensors, "log": log}
+
+    two, one = train("2"), train("1")
+    assert two["tensors"].keys() == one["tensors"].keys()
+    assert len(two["log"]) == len(one["log"]) > 2  # the same steps
+    for key, tensor in one["tensors"].items():
+        assert torch.allclose(two["tensors"][key], tensor, rtol=1e-4, atol=1e-5), key
+    assert any("lora_B" in k and v.abs().max() > 1e-2 for k, v in one["tensors"].items())  # trained
+    assert not list((ws / "artifacts" / "adapter").glob(".tmp-*"))  # rank 1 wrote nothing there

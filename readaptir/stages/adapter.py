@@ -5,7 +5,8 @@ is title and text (EOS appended for decoders) truncated to ``max_length``; by de
 packed into rows of ``max_length`` tokens with attention kept inside each passage (``packing``),
 ``packing=False`` pads one per row. With ``checkpoint_dir`` a killed run resumes from its last
 checkpoint and ends with the adapter an uninterrupted run makes (bit for bit on CPU). Under
-torchrun (WORLD_SIZE > 1) ranks share each step's rows and the model is wrapped in DDP.
+torchrun (WORLD_SIZE > 1) the ranks share each step's rows and the model is wrapped in DDP; the
+steps are the same as in one process (``distributed``).
 
 On GPU use ``gradient_checkpointing=True`` for 7B bases with packed 1024-token rows: DoRA runs out
 of memory without it on an 80 GB card. Writes the PEFT adapter and ``training_log.csv`` (step,
@@ -23,6 +24,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from readaptir.corpus import Passage, load_corpus, load_qrels, passage_text
+from readaptir.distributed import (
+    init_distributed,
+    leave_distributed,
+    mean_across_ranks,
+    rank_share,
+    wrap_distributed,
+)
 from readaptir.models import torch_dtype
 from readaptir.packing import (
     Layout,
@@ -40,16 +48,13 @@ from readaptir.training import (
     Meter,
     attach_adapter,
     enable_gradient_checkpointing,
-    init_distributed,
     load_checkpoint,
     load_model,
     objective_for,
     position_offset,
     restore_checkpoint,
     save_checkpoint,
-    sum_across_ranks,
     train_step,
-    wrap_distributed,
 )
 
 LOG = logging.getLogger(__name__)
@@ -117,9 +122,9 @@ _NOT_RESUME_RELEVANT = {
 }  # fmt: skip
 
 
-def _fingerprint(args: dict, rows_per_step: int, steps: int, world: int, tokens: TokenStore) -> str:
-    """What a checkpoint must have been made under to be resumed from."""
-    settings = dict(args, rows=rows_per_step, steps=steps, world=world)
+def _fingerprint(args: dict, rows_per_step: int, steps: int, tokens: TokenStore) -> str:
+    """What a checkpoint must have been made under to be resumed from (any number of ranks)."""
+    settings = dict(args, rows=rows_per_step, steps=steps)
     settings["data"] = [len(tokens), int(tokens.lengths.sum())]
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -208,7 +213,6 @@ def train_adapter(
             max_length=max_length,
             rows_per_step=rows_per_step,
             packing=packing,
-            world=ranks.world,
         )
         for e in range(math.ceil(epochs))
     ]
@@ -243,7 +247,7 @@ def train_adapter(
 
     fingerprint = _fingerprint(
         {k: v for k, v in args.items() if k not in _NOT_RESUME_RELEVANT},
-        rows_per_step, steps, ranks.world, tokens,
+        rows_per_step, steps, tokens,
     )  # fmt: skip
     progress = {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0, "log": []}
     state = load_checkpoint(checkpoint_dir, fingerprint, device) if checkpoint_dir else None
@@ -257,8 +261,9 @@ def train_adapter(
     def make_inputs(lay: Layout, step: int) -> dict:
         if objective == CAUSAL:
             return causal_inputs(lay, packing)
-        # masking drawn from (seed, step, rank) alone, so a resumed run masks the same tokens
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + ranks.rank)
+        # masking drawn over the whole step from (seed, step) alone: a resumed run, or one on any
+        # number of ranks, masks the same tokens
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009)
         return masked_inputs(
             lay,
             packing,
@@ -279,11 +284,12 @@ def train_adapter(
         if epoch_step >= plan.steps:
             epoch, epoch_step = epoch + 1, 0
             continue
-        rows = [[tokens[i] for i in row] for row in plan.step_rows(epoch_step, ranks.rank)]
-        lay = layout(rows, pad_id)
-        loss = train_step(engine, make_inputs(lay, step), optimizer, schedule, device)
+        lay = layout([[tokens[i] for i in row] for row in plan.step_rows(epoch_step)], pad_id)
+        share, scale = rank_share(lay, make_inputs(lay, step), ranks)
+        loss = train_step(engine, share, optimizer, schedule, device, loss_scale=scale)
+        loss = mean_across_ranks(loss * scale, ranks, device)  # the step's loss over all its rows
         step, epoch_step = step + 1, epoch_step + 1
-        real = sum_across_ranks(lay.real_tokens, ranks, device)
+        real = lay.real_tokens
         seen += real
         meter.add(real)
         log_rows.append((step, epoch, loss, schedule.get_last_lr()[0], seen))
@@ -319,4 +325,5 @@ def train_adapter(
         if checkpoint_dir:
             (Path(checkpoint_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
         LOG.info("adapter trained: %s", summary)
+    leave_distributed(ranks)
     return summary

@@ -1,0 +1,137 @@
+"""Several GPUs: an adapter stage relaunched under torchrun, each rank taking a share of a step.
+
+A step's rows do not depend on the number of ranks: every rank lays out the whole step (and draws
+its masked-LM corruption), takes rows ``rank, rank + world, …`` and scales its mean loss by its
+share of the step's target tokens. DDP averages the ranks' gradients, so each step's gradient is
+the one a single process computes over the whole step: the adapter does not depend on how many
+GPUs trained it, as a content-addressed artifact must not (up to float rounding and dropout draws).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from readaptir.packing import IGNORE, Layout
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_rank() -> int:
+    """This process's rank under torchrun (0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def init_distributed() -> Ranks:
+    """Join the process group when launched by torchrun with WORLD_SIZE > 1; else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return Ranks(dist.get_rank(), world, local)
+
+
+def leave_distributed(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def wrap_distributed(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
+    if ranks.world <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ranks.local] if torch.cuda.is_available() else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def rank_share(lay: Layout, inputs: dict[str, Any], ranks: Ranks) -> tuple[dict[str, Any], float]:
+    """This rank's rows of a whole step's model inputs, trimmed to their longest row, and the
+    factor for its mean loss (its share of the step's target tokens × world).
+
+    A rank left without a row (a step of fewer rows than ranks) computes row 0 with factor 0, so
+    that it still joins DDP's gradient reduction.
+    """
+    if ranks.world <= 1:
+        return inputs, 1.0
+    labels = inputs["labels"]
+    rows = list(range(ranks.rank, labels.shape[0], ranks.world))
+    weighted = bool(rows)
+    rows = rows or [0]
+    width = int(lay.real[rows].sum(dim=1).max())  # rows are right-padded
+    share: dict[str, Any] = {}
+    for key, value in inputs.items():
+        if not isinstance(value, torch.Tensor):
+            share[key] = value
+        elif value.dim() == 4:  # an explicit (batch, 1, L, L) attention mask
+            share[key] = value[rows][:, :, :width, :width]
+        else:
+            share[key] = value[rows][:, :width]
+    total = int((labels != IGNORE).sum())
+    mine = int((share["labels"] != IGNORE).sum()) if weighted else 0
+    return share, (mine * ranks.world / total if total else 0.0)
+
+
+def mean_across_ranks(value: float, ranks: Ranks, device: torch.device | str) -> float:
+    """The mean of ``value`` over the ranks (``value`` itself in one process)."""
+    if ranks.world <= 1:
+        return value
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total.item()) / ranks.world
+
+
+def processes(requested: int | None, device: str | None) -> int:
+    """How many processes an adapter stage runs in: ``requested``, else one per visible GPU when
+    the device is CUDA without an index, else one."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--procs must be at least 1, not {requested}")
+        return requested
+    if device not in (None, "cuda") or not torch.cuda.is_available():
+        return 1
+    return torch.cuda.device_count()
+
+
+def relaunch(procs: int, args: Sequence[str]) -> None:
+    """Run ``readaptir ARGS`` in ``procs`` processes under torchrun on this machine."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={procs}", "-m", "readaptir", *args,
+    ]  # fmt: skip
+    LOG.info("launching %d processes: %s", procs, " ".join(cmd))
+    done = subprocess.run(cmd, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"the {procs}-process run failed (torchrun exit code {done.returncode}); "
+            "see the ranks' messages above"
+        )

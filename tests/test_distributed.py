@@ -1,0 +1,98 @@
+"""Several ranks learn what one process learns: each takes a share of a step, weighted by tokens."""
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+from readaptir import tiny
+from readaptir.distributed import Ranks, processes, rank_share
+from readaptir.packing import IGNORE, causal_inputs, layout, masked_inputs
+from readaptir.training import CAUSAL, MASKED, attach_adapter
+
+
+def _rows(n_rows: int, seed: int) -> list[list[list[int]]]:
+    """Rows of one to three passages of uneven lengths (token ids 5..99)."""
+    rng = random.Random(seed)
+
+    def passage() -> list[int]:
+        return [rng.randrange(5, 100) for _ in range(rng.randint(2, 9))]
+
+    return [[passage() for _ in range(rng.randint(1, 3))] for _ in range(n_rows)]
+
+
+def test_shares_partition_the_step_and_their_factors_sum_to_world():
+    lay = layout(_rows(5, seed=0), pad_id=0)
+    inputs = causal_inputs(lay, packed=True)
+    targets = int((inputs["labels"] != IGNORE).sum())
+    for world in (2, 3):
+        shares = [rank_share(lay, inputs, Ranks(r, world)) for r in range(world)]
+        got = [s["labels"].shape[0] for s, _ in shares]
+        assert got == [len(range(r, 5, world)) for r in range(world)]
+        assert sum(f for _, f in shares) == pytest.approx(world)
+        for r, (share, factor) in enumerate(shares):
+            mine = int((share["labels"] != IGNORE).sum())
+            assert factor == pytest.approx(mine * world / targets)
+            width = int(lay.real[r::world].sum(1).max())  # trimmed to the share's longest row
+            assert share["input_ids"].shape[1] == share["position_ids"].shape[1] == width
+            assert torch.equal(share["input_ids"], inputs["input_ids"][r::world, :width])
+    # a step with fewer rows than ranks: the idle rank computes row 0 with no weight
+    one = layout(_rows(1, seed=1), pad_id=0)
+    share, factor = rank_share(one, causal_inputs(one, packed=False), Ranks(1, 2))
+    assert factor == 0.0 and share["labels"].shape[0] == 1
+    assert rank_share(lay, inputs, Ranks())[1] == 1.0
+
+
+def _grads(model, inputs, scale=1.0):
+    model.zero_grad(set_to_none=True)
+    (model(**inputs).loss * scale).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("objective", [CAUSAL, MASKED])
+def test_ranks_average_to_the_one_process_gradient(tmp_path, tokenizer, objective):
+    """DDP averages the ranks' gradients: with the token factors that is the whole step's."""
+    if objective == CAUSAL:
+        folder, auto = tiny.make_llama(tmp_path / "m", tokenizer), AutoModelForCausalLM
+        targets = ["q_proj", "v_proj", "up_proj"]
+    else:
+        folder, auto = tiny.make_bert(tmp_path / "m", tokenizer), AutoModelForMaskedLM
+        targets = ["query", "value", "dense"]
+    model = auto.from_pretrained(folder)
+    model.config.use_cache = False
+    model = attach_adapter(model, objective=objective, method="dora", r=4, lora_alpha=8,
+                           dropout=0.0, target_modules=targets)  # fmt: skip
+    with torch.no_grad():  # B is zero at init, which would leave A without a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    lay = layout(_rows(5, seed=2), pad_id=tokenizer.pad_token_id or 0)
+    for packed in (True, False):
+        if objective == CAUSAL:
+            inputs = causal_inputs(lay, packed)
+        else:
+            gen = torch.Generator().manual_seed(0)
+            inputs = masked_inputs(lay, packed, special_ids=[0, 1, 2], mask_id=3,
+                                   vocab_size=len(tokenizer), generator=gen)  # fmt: skip
+        whole = _grads(model, inputs)
+        for world in (2, 3):
+            ranks = [_grads(model, *rank_share(lay, inputs, Ranks(r, world))) for r in range(world)]
+            for name, grad in whole.items():
+                mean = sum(g[name] for g in ranks) / world
+                assert torch.allclose(mean, grad, rtol=1e-4, atol=1e-6), (name, packed, world)
+        # the factors matter: unweighted shares give another gradient
+        plain = [_grads(model, rank_share(lay, inputs, Ranks(r, 2))[0]) for r in range(2)]
+        assert any(
+            not torch.allclose(sum(g[n] for g in plain) / 2, whole[n], rtol=1e-4, atol=1e-6)
+            for n in whole
+        )
+
+
+def test_process_count():
+    assert processes(3, "cpu") == 3
+    assert processes(None, "cpu") == 1
+    if not torch.cuda.is_available():
+        assert processes(None, None) == 1
+    with pytest.raises(ValueError, match="--procs"):
+        processes(0, None)
