@@ -57,7 +57,7 @@ def dora_update(
 
 @dataclass(frozen=True)
 class TargetUpdate:
-    """What an adapter holds for one target tensor, in float64 on the compute device.
+    """What an adapter holds for one target tensor, in the merge's precision on its device.
 
     Ψ is ``scaling · B @ A`` (LoRA), DoRA's rescaling of Θ + that product when ``magnitude`` is
     set, ``scaling · added`` for a LoRA bias, or ``replacement`` − Θ for a saved module.
@@ -91,12 +91,12 @@ def add_psi(
     rows: Rows,
     work: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``acc`` + coef · rows ``rows`` of Ψ, accumulated into ``acc`` (float64) and returned.
+    """``acc`` + coef · rows ``rows`` of Ψ, accumulated into ``acc`` and returned.
 
-    ``theta`` holds the same rows of Θ in float64 (None unless ``update.needs_base``); ``work``,
-    of ``acc``'s shape, may hold DoRA's Θ + scaling·B@A instead of fresh memory. The same sum as
-    adding ``coef`` times ``lora_product`` or ``dora_update``, in fewer passes: the product is
-    accumulated by ``addmm`` and DoRA's rescaling by ``addcmul``.
+    ``theta`` holds the same rows of Θ in ``acc``'s dtype (None unless ``update.needs_base``);
+    ``work``, of ``acc``'s shape, may hold DoRA's Θ + scaling·B@A instead of fresh memory. The
+    same sum as adding ``coef`` times ``lora_product`` or ``dora_update``, in fewer passes: the
+    product is accumulated by ``addmm`` and DoRA's rescaling by ``addcmul``.
     """
     if update.replacement is not None:
         return acc.add_(update.replacement[rows], alpha=coef).sub_(theta, alpha=coef)
@@ -128,7 +128,7 @@ def _pattern_value(patterns: dict, path: str, default: float) -> float:
 class Adapter:
     """A PEFT LoRA/DoRA adapter read per target tensor, never merged into a whole model.
 
-    Targets are canonical names; ``update`` gives the float64 change made to one of them.
+    Targets are canonical names; ``update`` gives the change made to one of them.
     """
 
     def __init__(self, adapter_dir: Path, prefix: str) -> None:
@@ -214,12 +214,14 @@ class Adapter:
             raise WeightError(f"{self.folder}: {roles['m']} has shape {shape(roles['m'])}")
         return (fan_in, fan_out) if emb else (fan_out, fan_in)
 
-    def target(self, name: str, device: str | torch.device = "cpu") -> TargetUpdate | None:
-        """The adapter's tensors for ``name``, moved to ``device`` once; None if untouched."""
+    def target(
+        self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64
+    ) -> TargetUpdate | None:
+        """The adapter's tensors for ``name`` in ``dtype`` on ``device``; None if untouched."""
         roles = self._targets.get(name)
         if roles is None:
             return None
-        got = {role: self.ckpt.get(key).to(device, torch.float64) for role, key in roles.items()}
+        got = {role: self.ckpt.get(key).to(device, dtype) for role, key in roles.items()}
         return TargetUpdate(
             scaling=self.scaling(name),
             a=got.get("A"),
@@ -231,6 +233,7 @@ class Adapter:
         )
 
     def update(self, name: str, weight: torch.Tensor) -> torch.Tensor | None:
-        """The float64 change to ``name`` given its float64 base ``weight``; None if untouched."""
-        target = self.target(name, weight.device)
+        """The change to ``name`` given its base ``weight``, in ``weight``'s dtype; None if
+        untouched."""
+        target = self.target(name, weight.device, weight.dtype)
         return None if target is None else add_psi(torch.zeros_like(weight), 1, target, weight, ...)

@@ -22,8 +22,8 @@ from readaptir.recipe import CorpusSpec, ModelSpec, Recipe, RecipeError, Retriev
 KIND_VERSIONS = {
     "fetch": 1,
     "adapter": 1,
-    "delta": 1,
-    "merge": 1,
+    "delta": 2,
+    "merge": 2,
     "embed": 1,
     "search": 1,
     "score": 1,

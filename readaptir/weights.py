@@ -53,6 +53,14 @@ class WeightError(ValueError):
     """Checkpoints that do not fit together; the message names the tensor and the files."""
 
 
+def compute_dtype(out: torch.dtype, stored: list[torch.dtype]) -> torch.dtype:
+    """The precision a merge sum is taken in: float32 for a 16-bit output whose stored terms are
+    at most float32 (bf16 weights and most of their differences are exact there), else float64."""
+    if out.itemsize <= 2 and all(dt.itemsize <= 4 for dt in stored):
+        return torch.float32
+    return torch.float64
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -14,7 +14,7 @@ from readaptir.lora import Adapter
 from readaptir.stages import merge as merge_stage
 from readaptir.stages.delta import compute_delta, storage_dtype
 from readaptir.stages.merge import merge, readapt_rows, row_blocks
-from readaptir.weights import Body, Checkpoint, WeightError
+from readaptir.weights import Body, Checkpoint, WeightError, compute_dtype
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -260,11 +260,16 @@ def test_row_blocks():
     assert blocks == [slice(0, 2), slice(2, 4)]
 
 
-def test_readapt_rows_is_float64_sum():
+def test_readapt_rows_sums_in_the_given_precision():
     theta = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     retriever = torch.tensor([[2.0, 2.0], [2.0, 2.0]], dtype=torch.bfloat16)
     got = readapt_rows(theta, 0.5, [(0.5, retriever)], [], slice(1, 2))
     assert got.dtype == torch.float64 and got.tolist() == [[2.5, 3.0]]
+    narrow = readapt_rows(theta, 0.5, [(0.5, retriever)], [], slice(1, 2), dtype=torch.float32)
+    assert narrow.dtype == torch.float32 and narrow.tolist() == [[2.5, 3.0]]
+    assert compute_dtype(torch.bfloat16, [torch.bfloat16, torch.float32]) == torch.float32
+    assert compute_dtype(torch.bfloat16, [torch.float64]) == torch.float64  # an inexact Δ
+    assert compute_dtype(torch.float32, []) == torch.float64
     assert theta.tolist() == [[1.0, 2.0], [3.0, 4.0]]  # inputs are left as they were
     # β = 1 with a LoRA update: R + α·Ψ, Θ unread.
     from readaptir.lora import TargetUpdate
@@ -405,3 +410,54 @@ def test_minilm_sentence_transformer(tmp_path, minilm_dir):
     torch.testing.assert_close(
         readapted.encode(texts, convert_to_tensor=True), model.encode(texts, convert_to_tensor=True)
     )
+
+
+@pytest.fixture(scope="module")
+def bf16_pair(tmp_path_factory, tiny_base, tiny_retriever) -> tuple[Path, Path]:
+    """Θ and the retriever stored in bf16, as the 7B models are."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("bf16")
+    for cls, src, name in (
+        (AutoModelForCausalLM, tiny_base, "base"),
+        (AutoModel, tiny_retriever, "r"),
+    ):
+        cls.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(out / name)
+        shutil.copy(src / "tokenizer.json", out / name / "tokenizer.json")
+    return out / "base", out / "r"
+
+
+def test_bf16_merges_in_float32_exactly_where_it_must(
+    tmp_path, bf16_pair, dora_adapter, monkeypatch
+):
+    base, retriever = bf16_pair
+    delta = tmp_path / "delta"
+    info = compute_delta(base, retriever, delta)
+    assert set(info["storage"].values()) == {"float32"} and not info["inexact"]
+    want = Checkpoint(retriever)
+    for route in ("delta", "direct"):  # Θ + Δ summed in float32 is the retriever, bit for bit
+        out = tmp_path / f"ret-{route}"
+        kw = {"delta_dir": delta} if route == "delta" else {}
+        run_merge(out, base, retriever, alpha=0.0, beta=1.0, **kw)
+        got = Checkpoint(out)
+        assert all(torch.equal(got.get(n), want.get(n)) for n in want.names()), route
+
+    # a general sum: float32 then bf16 is the float64 sum cast to bf16, but for rare ties
+    kw = dict(alpha=0.5, beta=0.7, adapter_dir=dora_adapter)
+    run_merge(tmp_path / "f32", base, retriever, **kw)
+    monkeypatch.setattr(merge_stage, "compute_dtype", lambda out, stored: torch.float64)
+    run_merge(tmp_path / "f64", base, retriever, **kw)
+    narrow, wide = Checkpoint(tmp_path / "f32"), Checkpoint(tmp_path / "f64")
+    differ = total = 0
+    for name in wide.names():
+        a, b = narrow.get(name), wide.get(name)
+        assert a.dtype == torch.bfloat16
+        size = b.float().abs()
+        # one bf16 step, or float32 rounding of terms of the tensor's size where they cancel
+        bound = (
+            torch.finfo(torch.bfloat16).eps * size
+            + 4 * torch.finfo(torch.float32).eps * size.max()
+        )
+        assert bool(((a.float() - b.float()).abs() <= bound).all()), name
+        differ, total = differ + int((a != b).sum()), total + b.numel()
+    assert differ / total < 1e-3

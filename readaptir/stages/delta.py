@@ -1,7 +1,8 @@
 """Δ = retriever − Θ over the shared canonical tensors, stored exactly.
 
-Each Δ tensor is stored as float32 when Θ + Δ, evaluated in float64 and cast to the retriever's
-dtype, gives back the retriever bit for bit; otherwise as float64.
+Each Δ tensor is stored as float32 when Θ + Δ, evaluated as the merge evaluates it (float32 for a
+16-bit retriever, float64 for a wider one; ``weights.compute_dtype``) and cast to the retriever's
+dtype, gives back the retriever bit for bit; otherwise as float64 (and merged in float64).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from readaptir.weights import (
     ShardWriter,
     WeightError,
     check_same_body,
+    compute_dtype,
     dtype_name,
     is_buffer,
 )
@@ -32,11 +34,12 @@ DELTA_JSON = "delta.json"
 def storage_dtype(base: torch.Tensor, delta: torch.Tensor, target: torch.Tensor) -> torch.dtype:
     """The narrowest of float32/float64 for ``delta`` such that base + delta casts to ``target``.
 
-    ``base`` and ``delta`` are float64; the sum is taken in float64 as the merge will take it.
+    ``base`` and ``delta`` are float64; the sum is taken in the precision the merge will take it
+    in for a float32 Δ.
     """
-    if torch.equal((base + delta.float().double()).to(target.dtype), target):
-        return torch.float32
-    return torch.float64
+    compute = compute_dtype(target.dtype, [torch.float32])
+    narrow = base.to(compute) + delta.float().to(compute)
+    return torch.float32 if torch.equal(narrow.to(target.dtype), target) else torch.float64
 
 
 def _require_empty(out: Path) -> None:

@@ -6,8 +6,9 @@ nothing stored in between: (1 − β)·Θ + β·R + α·Ψ for a full retriever 
 where Ψ needs it), Θ + α·Ψ + β·Ψ_R for a PEFT one.
 
 Exactness: a tensor no term changes is copied as stored (cast only), so α=0, β=1 gives the
-retriever and α=0, β=0 gives Θ bit for bit; every other sum is taken in float64 and cast once to
-the output dtype, on a GPU as on a CPU (there the float64 work is small next to moving the bytes).
+retriever and α=0, β=0 gives Θ bit for bit; every other sum is taken in one wider precision and
+cast once to the output dtype: float32 for 16-bit outputs (bf16/fp16, the 7B models), float64 for
+wider outputs or where a stored Δ tensor needed float64 to give the retriever back exactly.
 
 Speed and memory: reading the next tensor, computing this one and writing the last overlap, each
 on a thread of its own. On a CPU a tensor is computed in blocks of rows small enough to stay in
@@ -48,6 +49,7 @@ from readaptir.weights import (
     WeightError,
     auto_model_class,
     check_same_body,
+    compute_dtype,
     dtype_name,
     is_buffer,
 )
@@ -69,8 +71,8 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
-# Float64 elements per block of rows on a CPU: big enough that per-op overhead is small, small
-# enough that the few 4 MiB temporaries stay in cache (measured best of 2^14…2^22).
+# Elements per block of rows on a CPU: big enough that per-op overhead is small, small enough
+# that the few 2-4 MiB temporaries stay in cache (measured best of 2^14…2^22).
 BLOCK_ELEMENTS = 1 << 19
 
 Dense = list[tuple[float, torch.Tensor]]  # coefficient, a stored tensor (R or Δ)
@@ -78,7 +80,7 @@ Updates = list[tuple[float, TargetUpdate]]  # coefficient, an adapter's tensors 
 
 
 class Scratch:
-    """Float64 buffers reused from block to block (one set per thread).
+    """Buffers reused from block to block (one set per thread).
 
     Fresh memory costs a page fault per 4 KiB, which on blocks of a few MiB is most of the work.
     """
@@ -95,11 +97,12 @@ class Scratch:
             cls._threads.scratch = cls()
         return cls._threads.scratch
 
-    def take(self, key: str, like: torch.Tensor) -> torch.Tensor:
-        """A float64 buffer of ``like``'s shape and device; its content is undefined."""
-        buf, size = self._buffers.get(key), like.numel()
+    def take(self, key: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A ``dtype`` buffer of ``like``'s shape and device; its content is undefined."""
+        buf, size = self._buffers.get((key, dtype)), like.numel()
         if buf is None or buf.numel() < size or buf.device != like.device:
-            buf = self._buffers[key] = torch.empty(size, dtype=torch.float64, device=like.device)
+            buf = torch.empty(size, dtype=dtype, device=like.device)
+            self._buffers[key, dtype] = buf
         return buf[:size].view(like.shape)
 
 
@@ -110,21 +113,23 @@ def readapt_rows(
     updates: Updates,
     rows: Rows,
     scratch: Scratch | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Rows ``rows`` of theta_coef·Θ + Σ c·X + Σ c·Ψ in float64 (Θ may be None if unused).
+    """Rows ``rows`` of theta_coef·Θ + Σ c·X + Σ c·Ψ in ``dtype`` (Θ may be None if unused);
+    Ψ's tensors are expected in ``dtype`` already.
 
     The result lives in ``scratch`` when one is given (valid until its next use), else is new.
     """
     scratch = scratch or Scratch()
     t = None
     if theta is not None:  # read below, never written
-        t = scratch.take("theta", theta[rows]).copy_(theta[rows])
+        t = scratch.take("theta", theta[rows], dtype).copy_(theta[rows])
     terms = list(dense)
     if t is not None and theta_coef != 0:
-        acc = torch.mul(t, theta_coef, out=scratch.take("acc", t))
+        acc = torch.mul(t, theta_coef, out=scratch.take("acc", t, dtype))
     elif terms:
         coef, x = terms.pop(0)
-        acc = scratch.take("acc", x[rows]).copy_(x[rows])
+        acc = scratch.take("acc", x[rows], dtype).copy_(x[rows])
         if coef != 1:
             acc.mul_(coef)
     else:
@@ -132,7 +137,7 @@ def readapt_rows(
     for coef, x in terms:
         acc.add_(x[rows], alpha=coef)
     for coef, update in updates:
-        work = scratch.take("work", acc) if update.needs_base else None
+        work = scratch.take("work", acc, dtype) if update.needs_base else None
         acc = add_psi(acc, coef, update, t, rows, work)
     return acc
 
@@ -198,6 +203,7 @@ class Terms:
 
     name: str
     dtype: torch.dtype
+    compute: torch.dtype = torch.float64
     theta: torch.Tensor | None = None
     theta_coef: float = 0.0
     dense: Dense = field(default_factory=list)
@@ -250,12 +256,13 @@ class Readapter:
             return Terms(name, dtype, passed=self._unchanged(name))
         dense: Dense = []
         updates: Updates = []
+        if isinstance(self.source, Body | Checkpoint) and name in self.source:
+            dense.append((self.beta, self.read(self.source, name)))  # a stored Δ omits zeros
+        compute = compute_dtype(dtype, [x.dtype for _, x in dense])
         if isinstance(self.source, Adapter):
-            self._add_update(updates, self.beta, self.source, name)
-        elif self.source is not None and name in self.source:  # a stored Δ omits zero tensors
-            dense.append((self.beta, self.read(self.source, name)))
+            self._add_update(updates, self.beta, self.source, name, compute)
         if self.knowledge is not None:
-            self._add_update(updates, self.alpha, self.knowledge, name)
+            self._add_update(updates, self.alpha, self.knowledge, name, compute)
         # A tensor that no term changes is passed on as stored (cast only): exactly.
         if not updates and not dense and self.theta_coef == 1:
             return Terms(name, dtype, passed=self.read(self.base, name))
@@ -263,7 +270,7 @@ class Readapter:
             return Terms(name, dtype, passed=dense[0][1])
         need_theta = self.theta_coef != 0 or any(update.needs_base for _, update in updates)
         theta = self.read(self.base, name) if need_theta else None
-        return Terms(name, dtype, theta, self.theta_coef, dense, updates)
+        return Terms(name, dtype, compute, theta, self.theta_coef, dense, updates)
 
     def output(self, terms: Terms, pool: ThreadPoolExecutor | None) -> torch.Tensor:
         """The output tensor. Inputs it does not share memory with go back to the buffer pool
@@ -283,7 +290,9 @@ class Readapter:
 
         def fill(rows: Rows) -> None:
             scratch = None if whole else Scratch.of_thread()  # whole tensors: no buffers kept
-            out[rows] = readapt_rows(theta, terms.theta_coef, dense, updates, rows, scratch)
+            out[rows] = readapt_rows(
+                theta, terms.theta_coef, dense, updates, rows, scratch, terms.compute
+            )
 
         blocks = list(row_blocks(shape, whole))
         for _ in pool.map(fill, blocks) if pool and len(blocks) > 1 else map(fill, blocks):
@@ -292,8 +301,10 @@ class Readapter:
             self.buffers.give(x)
         return out
 
-    def _add_update(self, updates: Updates, coef: float, adapter: Adapter, name: str) -> None:
-        target = adapter.target(name, self.dev)
+    def _add_update(
+        self, updates: Updates, coef: float, adapter: Adapter, name: str, dtype: torch.dtype
+    ) -> None:
+        target = adapter.target(name, self.dev, dtype)
         if target is not None:
             updates.append((coef, target))
 
