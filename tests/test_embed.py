@@ -24,7 +24,8 @@ from readaptir.families import Encoding, resolve_encoding
 from readaptir.models import load_encoder
 from readaptir.st_config import STConfig, read_st_config, resolve_fields
 from readaptir.stages import embed as embed_module
-from readaptir.stages.embed import embed, load_embeddings, load_queries_embeddings
+from readaptir.stages.embed import embed
+from readaptir.vectors import load_embeddings, load_queries_embeddings
 
 TEXTS = [
     "what is a gene?",

@@ -1,25 +1,17 @@
-"""Embed a collection: every passage, and the queries judged in one split.
-
-Output folder layout (float16 to halve disk and RAM; scoring happens in float32 later)::
-
-    corpus-00000.npy ...   at most ``shard_size`` passage vectors each, in corpus order
-    corpus_ids.json        passage ids in corpus order
-    queries.npy            vectors of the judged queries
-    query_ids.json         their ids, in queries-file order
-    info.json              sizes, the encoding asked for and the settings actually used
+"""Embed a collection: every passage, and the queries judged in one split, into the float16
+shards of ``vectors`` (the folder's layout is described there).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -41,6 +33,7 @@ from readaptir.encoding import DEFAULT_BATCH_TOKENS, encode_texts
 from readaptir.families import Encoding, Pooling
 from readaptir.models import load_encoder, torch_dtype
 from readaptir.st_config import read_st_config, resolve_fields
+from readaptir.vectors import CORPUS_IDS, INFO_FILE, QUERY_IDS, QUERY_VECTORS, shard_file
 
 LOG = logging.getLogger(__name__)
 
@@ -165,13 +158,13 @@ def embed(
             texts = [passage_text(p, encoding.passage_template) for p in chunk]
             vecs = encode(texts, max_length=resolved.max_passage_length, on_batch=progress)
             dim = vecs.shape[1]
-            np.save(out / f"corpus-{shards:05d}.npy", _finite(vecs, f"shard {shards}"))
+            np.save(shard_file(out, shards), _finite(vecs, f"shard {shards}"))
             passage_ids.extend(p.id for p in chunk)
             shards += 1
             LOG.info("shard %d written; so far %s", shards - 1, progress.summary())
     finally:
         progress.close()
-    write_json(out / "corpus_ids.json", passage_ids)
+    write_json(out / CORPUS_IDS, passage_ids)
 
     qrels, _ = usable_judgments(raw_qrels, queries, set(passage_ids), split)
     query_ids = [q for q in queries if q in qrels]
@@ -184,8 +177,8 @@ def embed(
         vecs = encode(texts, max_length=resolved.max_query_length, on_batch=progress)
     finally:
         progress.close()
-    np.save(out / "queries.npy", _finite(vecs.reshape(len(texts), dim), "queries"))
-    write_json(out / "query_ids.json", query_ids)
+    np.save(out / QUERY_VECTORS, _finite(vecs.reshape(len(texts), dim), "queries"))
+    write_json(out / QUERY_IDS, query_ids)
 
     info = {
         "dim": int(dim),
@@ -195,33 +188,5 @@ def embed(
         "encoding": encoding.model_dump(),
         "resolved": asdict(resolved),
     }
-    write_json(out / "info.json", info)
+    write_json(out / INFO_FILE, info)
     return info
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def load_embeddings(out: Path) -> Iterator[tuple[list[str], np.ndarray]]:
-    """(passage ids, float16 vectors) for each corpus shard of an ``embed`` folder, in order."""
-    out = Path(out)
-    info = _read_json(out / "info.json")
-    ids = _read_json(out / "corpus_ids.json")
-    offset = 0
-    for shard in range(info["shards"]):
-        vecs = np.load(out / f"corpus-{shard:05d}.npy")
-        yield ids[offset : offset + len(vecs)], vecs
-        offset += len(vecs)
-    if offset != len(ids):
-        raise ValueError(f"{out}: shards hold {offset} vectors but corpus_ids.json has {len(ids)}")
-
-
-def load_queries_embeddings(out: Path) -> tuple[list[str], np.ndarray]:
-    """(query ids, float16 vectors) of an ``embed`` folder."""
-    out = Path(out)
-    ids = _read_json(out / "query_ids.json")
-    vecs = np.load(out / "queries.npy")
-    if len(ids) != len(vecs):
-        raise ValueError(f"{out}: {len(vecs)} query vectors but {len(ids)} query ids")
-    return ids, vecs

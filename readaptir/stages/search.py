@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from readaptir.stages.embed import load_embeddings, load_queries_embeddings
+from readaptir.vectors import load_embeddings, load_queries_embeddings
 
 LOG = logging.getLogger(__name__)
 

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU figures of bench/ in one go, for a CUDA machine with torch, transformers, peft,
+# safetensors, numpy, tqdm and pytest (nothing here imports DVC, FAISS or pydantic). Each step
+# has a time limit of its own, so one that runs long leaves the others their turn; each logs to
+# $OUT/<step>.txt (default bench-out/).
+#
+#   bash bench/device.sh                       # every step at 7B shapes: about 9 minutes on an H100
+#   bash bench/device.sh merge-tests merge     # some of the steps
+#   bash bench/device.sh --tiny                # tiny shapes: a smoke run, on a CPU too
+#
+# Steps: merge-tests (the merge invariants with READAPTIR_DEVICE=cuda), merge (Llama-2-7B shape,
+# ~27 GB of inputs written under a temporary folder), adapter, embed, search.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-bench-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+tiny=()
+seven_b=(--hidden 4096 --layers 32 --heads 32 --intermediate 11008 --vocab 32000)
+if [[ "${1:-}" == "--tiny" ]]; then
+  tiny=(--tiny)
+  seven_b=()
+  shift
+fi
+steps=("$@")
+[[ ${#steps[@]} -eq 0 ]] && steps=(merge-tests merge adapter embed search)
+device=cpu
+$py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && device=cuda
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+
+step() {  # step NAME SECONDS COMMAND...: run it, log it, go on whatever its exit
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit} s): $*" | tee "$out/$name.txt"
+  local start=$SECONDS
+  # progress bars redraw with \r: keep their last state only
+  timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep --line-buffered -v -E '[0-9]%\|' \
+    | tee -a "$out/$name.txt"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$out/$name.txt"
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+  $py -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', \
+torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+  echo "device: $device; steps: ${steps[*]}"
+} 2>&1 | tee "$out/machine.txt"
+
+for name in "${steps[@]}"; do
+  case $name in
+    merge-tests)
+      step merge-tests 120 env READAPTIR_DEVICE=$device $py -m pytest -q -p no:cacheprovider \
+        tests/test_merge.py tests/test_weights.py -k "not minilm" ;;
+    merge)
+      mkdir -p "$scratch/merge"
+      step merge 240 $py bench/merge.py "${tiny[@]}" "${seven_b[@]}" --device $device \
+        --repeat 2 --dir "$scratch/merge"
+      rm -rf "$scratch/merge" ;;
+    adapter) step adapter 150 $py bench/adapter.py "${tiny[@]}" ;;
+    embed) step embed 90 $py bench/embed.py "${tiny[@]}" ;;
+    search) step search 60 $py bench/search.py "${tiny[@]}" ;;
+    *) echo "unknown step $name (merge-tests, merge, adapter, embed, search)" >&2; exit 2 ;;
+  esac
+done
