@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from shapes import add_shape_options, apply_tiny, llama_config  # noqa: E402
 
-from readaptir.weights import INDEX, TensorSpec, plan_shards  # noqa: E402
+from readaptir.shards import INDEX, TensorSpec, plan_shards  # noqa: E402
 
 GiB = 1024**3
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")

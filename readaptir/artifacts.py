@@ -56,12 +56,13 @@ def write_json(path: Path, obj: Any) -> None:
 DEVICE_ENV = "READAPTIR_DEVICE"
 
 
-def resolve_device(preference: str | None = None) -> str:
-    """``auto`` (or None) is $READAPTIR_DEVICE if set, else CUDA when present, else CPU."""
+def resolve_device(preference: str | None = None, fallback: str | None = None) -> str:
+    """``auto`` (or None) is $READAPTIR_DEVICE if set, else ``fallback`` (a recipe's choice) if
+    set, else CUDA when present, else CPU."""
     import torch
 
     if preference in (None, "auto"):
-        preference = os.environ.get(DEVICE_ENV, "auto")
+        preference = os.environ.get(DEVICE_ENV) or fallback or "auto"
     if preference == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return preference

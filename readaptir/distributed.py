@@ -56,9 +56,14 @@ def init_distributed() -> Ranks:
 
 
 def leave_distributed(ranks: Ranks) -> None:
+    """Destroy the process group; drop every DDP wrapper first (a reducer freed after its group
+    is destroyed hangs in gloo's destructor)."""
     if ranks.world > 1:
+        import gc
+
         import torch.distributed as dist
 
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 

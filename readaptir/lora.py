@@ -16,7 +16,8 @@ from types import EllipsisType
 
 import torch
 
-from readaptir.weights import Body, Checkpoint, WeightError, split_head
+from readaptir.shards import Checkpoint, WeightError
+from readaptir.weights import Body, split_head
 
 LOG = logging.getLogger(__name__)
 

@@ -16,7 +16,15 @@ from pathlib import Path
 
 from readaptir.families import resolve_encoding
 from readaptir.fingerprint import Fingerprints, project_path
-from readaptir.recipe import CorpusSpec, ModelSpec, Recipe, RecipeError, RetrieverSpec, slug
+from readaptir.recipe import (
+    RUNTIME_FIELDS,
+    CorpusSpec,
+    ModelSpec,
+    Recipe,
+    RecipeError,
+    RetrieverSpec,
+    slug,
+)
 
 # Bump a kind's version when its code changes what it writes: every stage of that kind rebuilds.
 KIND_VERSIONS = {
@@ -337,6 +345,8 @@ class Planner:
         if base_dir and retriever_dir and not src.retriever_is_peft:
             check_same_shape(base_dir, retriever_dir)
         merge_inputs: dict[str, Stage] = {}
+        device = recipe.readapt.device
+        weights_runtime = {"device": device} if device != "auto" else None
         if alpha != 0:
             merge_inputs["adapter"] = self.add_adapter(recipe, src.base, src.base_deps)
         if beta != 0 and recipe.readapt.delta == "stored":
@@ -348,6 +358,7 @@ class Planner:
                 {},
                 src.base_deps + src.retriever_deps,
                 group="models",
+                runtime=weights_runtime,
             )
         merge = self.add(
             "merge",
@@ -363,6 +374,7 @@ class Planner:
             merge_inputs,
             src.base_deps + src.retriever_deps,
             group=merge_inputs["adapter"].group if "adapter" in merge_inputs else "models",
+            runtime=weights_runtime,
         )
         return self.embed_and_search(
             recipe, src, {"retriever": None, "base": None}, {"model": merge}, (), "ra"
@@ -372,7 +384,7 @@ class Planner:
         train = recipe.train_corpus
         key = "adapter.train_corpus" if recipe.adapter.train_corpus else "corpus"
         corpus = self.dataset(train, key, with_qrels=False)
-        runtime_keys = {"checkpoint_every", "gradient_checkpointing"}  # same adapter either way
+        runtime_keys = set(RUNTIME_FIELDS["adapter"])  # the same adapter either way
         hyper = recipe.adapter.model_dump(
             mode="json", exclude={"train_corpus", "passages", *runtime_keys}
         )

@@ -148,6 +148,8 @@ class ReadaptSpec(_Strict):
     # direct: the merge reads the retriever itself, W = (1-β)Θ + βR + αΨ (fastest, no extra
     # storage); stored: Δ = R - Θ is a stage of its own, cached (as large as a model)
     delta: Literal["direct", "stored"] = "direct"
+    # where the delta and merge stages do their arithmetic; how, not what: outside the stage ids
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     alpha_grid: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
     tune_fraction: float = Field(0.5, gt=0, lt=1)
     tune_seed: int = 0
@@ -234,9 +236,13 @@ class Recipe(_Strict):
         return value
 
     def resolved(self) -> dict:
-        """Every value this recipe builds with (α-selection settings only when α is auto)."""
+        """Every value this recipe builds with (α-selection settings only when α is auto); how a
+        stage runs (``RUNTIME_FIELDS``) is no part of it."""
         auto_only = {"alpha_grid", "tune_fraction", "tune_seed", "tune_metric"}
-        exclude = None if self.readapt.auto else {"readapt": auto_only}
+        exclude = {
+            "adapter": set(RUNTIME_FIELDS["adapter"]),
+            "readapt": set(RUNTIME_FIELDS["readapt"]) | (set() if self.readapt.auto else auto_only),
+        }
         return self.model_dump(mode="json", exclude=exclude)
 
     @property
@@ -245,6 +251,11 @@ class Recipe(_Strict):
         return self.adapter.train_corpus or self.corpus
 
 
+# How a stage runs, not what it makes: kept out of stage ids and of the recipes DVC tracks.
+RUNTIME_FIELDS = {
+    "adapter": ("checkpoint_every", "gradient_checkpointing"),
+    "readapt": ("device",),
+}
 SHORTHAND_KEYS = ("base", "retriever", "corpus")
 
 

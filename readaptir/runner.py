@@ -33,7 +33,8 @@ class Context:
         self.root = Path(root)
         self.spec = spec
         self.params = spec["params"]
-        self.device = resolve_device(device)
+        # the command line's device, else $READAPTIR_DEVICE, else the recipe's (runtime), else auto
+        self.device = resolve_device(device, spec.get("runtime", {}).get("device"))
         self.fingerprints = Fingerprints(self.root)
         self.inputs = {role: self.root / path for role, path in spec["inputs"].items()}
 

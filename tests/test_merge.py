@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from readaptir import readapt
 from readaptir.lora import Adapter
+from readaptir.readapt import readapt_rows, row_blocks
+from readaptir.shards import Checkpoint, WeightError
 from readaptir.stages import merge as merge_stage
 from readaptir.stages.delta import compute_delta, storage_dtype
-from readaptir.stages.merge import merge, readapt_rows, row_blocks
-from readaptir.weights import Body, Checkpoint, WeightError, compute_dtype
+from readaptir.stages.merge import merge
+from readaptir.weights import Body, compute_dtype
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -245,7 +248,7 @@ def test_blocks_of_rows_equal_whole_tensors(monkeypatch, tmp_path, tiny_base, ti
     monkeypatch.setattr(merge_stage, "block_pool", lambda dev: contextlib.nullcontext())
     run_merge(tmp_path / "whole", tiny_base, tiny_retriever, **kw)
     monkeypatch.undo()
-    monkeypatch.setattr(merge_stage, "BLOCK_ELEMENTS", 100)  # a row or two per block
+    monkeypatch.setattr(readapt, "BLOCK_ELEMENTS", 100)  # a row or two per block
     run_merge(tmp_path / "small", tiny_base, tiny_retriever, **kw)
     whole = Checkpoint(tmp_path / "whole")
     for other in (Checkpoint(tmp_path / "rows"), Checkpoint(tmp_path / "small")):
@@ -256,7 +259,7 @@ def test_blocks_of_rows_equal_whole_tensors(monkeypatch, tmp_path, tiny_base, ti
 def test_row_blocks():
     assert list(row_blocks((5, 4), whole=True)) == [...]
     assert list(row_blocks((), whole=False)) == [...]
-    blocks = list(row_blocks((3, merge_stage.BLOCK_ELEMENTS // 2), whole=False))
+    blocks = list(row_blocks((3, readapt.BLOCK_ELEMENTS // 2), whole=False))
     assert blocks == [slice(0, 2), slice(2, 4)]
 
 
@@ -445,7 +448,7 @@ def test_bf16_merges_in_float32_exactly_where_it_must(
     # a general sum: float32 then bf16 is the float64 sum cast to bf16, but for rare ties
     kw = dict(alpha=0.5, beta=0.7, adapter_dir=dora_adapter)
     run_merge(tmp_path / "f32", base, retriever, **kw)
-    monkeypatch.setattr(merge_stage, "compute_dtype", lambda out, stored: torch.float64)
+    monkeypatch.setattr(readapt, "compute_dtype", lambda out, stored: torch.float64)
     run_merge(tmp_path / "f64", base, retriever, **kw)
     narrow, wide = Checkpoint(tmp_path / "f32"), Checkpoint(tmp_path / "f64")
     differ = total = 0
@@ -455,8 +458,7 @@ def test_bf16_merges_in_float32_exactly_where_it_must(
         size = b.float().abs()
         # one bf16 step, or float32 rounding of terms of the tensor's size where they cancel
         bound = (
-            torch.finfo(torch.bfloat16).eps * size
-            + 4 * torch.finfo(torch.float32).eps * size.max()
+            torch.finfo(torch.bfloat16).eps * size + 4 * torch.finfo(torch.float32).eps * size.max()
         )
         assert bool(((a.float() - b.float()).abs() <= bound).all()), name
         differ, total = differ + int((a != b).sum()), total + b.numel()

@@ -1,9 +1,13 @@
 """A real workspace: git + DVC, `readaptir build`, `dvc repro`, and what reruns after a change."""
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,7 +175,14 @@ def test_adapter_stage_on_two_ranks_learns_what_one_process_does(ws):
     name = next(n for n in stages if n.startswith("adapter"))
 
     def train(procs: str) -> dict:
-        cli("stage", "run", name, "--root", str(ws), "--device", "cpu", "--procs", procs)
+        args = ["stage", "run", name, "--root", str(ws), "--device", "cpu", "--procs", procs]
+        # its own process group, so that a hang fails the test with every rank stopped
+        run = subprocess.Popen([sys.executable, "-m", "readaptir", *args], start_new_session=True)
+        try:
+            assert run.wait(timeout=240) == 0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGKILL)
         out = next((ws / "artifacts" / "adapter").glob("[!.]*"))
         tensors = load_file(out / "adapter_model.safetensors")
         log = (out / "training_log.csv").read_text().splitlines()

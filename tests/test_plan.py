@@ -159,3 +159,25 @@ def test_direct_route_reads_the_retriever_and_stores_no_delta(project):
     assert set(merge.inputs) == {"adapter"} and merge.params["retriever"]["source"] == (
         "models/retriever"
     )
+
+
+def test_recipe_device_is_runtime_and_the_command_line_wins(project, monkeypatch):
+    from readaptir.runner import Context
+
+    before = plan_of(project)
+    common = project / "recipes" / "_common.yaml"
+    common.write_text(common.read_text().replace("delta: stored", "delta: stored\n  device: cpu"))
+    after = plan_of(project)
+    assert changed_kinds(before, after) == set()  # the same artifacts, wherever computed
+    kinds = by_kind(after)
+    assert {s.kind for s in after.stages.values() if s.runtime == {"device": "cpu"}} == {
+        "merge",
+        "delta",
+    }
+    assert len(kinds["merge"]) == 2
+    spec = {"params": {}, "inputs": {}, "runtime": {"device": "cuda:1"}}
+    monkeypatch.delenv("READAPTIR_DEVICE", raising=False)
+    assert Context(project, spec, None).device == "cuda:1"  # the recipe's choice
+    assert Context(project, spec, "cpu").device == "cpu"  # the command line's
+    monkeypatch.setenv("READAPTIR_DEVICE", "cpu")
+    assert Context(project, spec, None).device == "cpu"  # the machine's

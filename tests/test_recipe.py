@@ -78,6 +78,7 @@ def test_partial_recipes_are_not_built_and_names_must_be_unique(tmp_path):
         ("readapt: {alpha: auto, tune_metric: ndcg}\n", "readapt.tune_metric", 4, "cutoff"),
         ("eval: {k: 0}\n", "eval.k", 4, "greater than 0"),
         ("name: 'bad name!'\n", "name", 4, "letters, digits"),
+        ("readapt: {device: gpu}\n", "readapt.device", 4, "should match pattern"),
     ],
 )
 def test_bad_values_name_file_key_and_line(tmp_path, extra, key, line, fragment):

@@ -10,14 +10,8 @@ import torch
 
 from readaptir import tiny
 from readaptir.lora import _pattern_value, dora_update, lora_product
-from readaptir.weights import (
-    Body,
-    Checkpoint,
-    ShardWriter,
-    WeightError,
-    base_model_prefix,
-    split_head,
-)
+from readaptir.shards import Checkpoint, ShardWriter, WeightError
+from readaptir.weights import Body, base_model_prefix, split_head
 
 
 def test_split_head_causal_and_bare():

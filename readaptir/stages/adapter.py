@@ -325,5 +325,6 @@ def train_adapter(
         if checkpoint_dir:
             (Path(checkpoint_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
         LOG.info("adapter trained: %s", summary)
+    del engine  # DDP's reducer goes before its process group, or freeing it later hangs
     leave_distributed(ranks)
     return summary

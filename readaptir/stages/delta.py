@@ -16,15 +16,8 @@ from tqdm import tqdm
 from readaptir.artifacts import resolve_device, write_json
 from readaptir.lora import Adapter
 from readaptir.models import is_peft_adapter
-from readaptir.weights import (
-    Body,
-    ShardWriter,
-    WeightError,
-    check_same_body,
-    compute_dtype,
-    dtype_name,
-    is_buffer,
-)
+from readaptir.shards import ShardWriter, WeightError, dtype_name
+from readaptir.weights import Body, check_same_body, compute_dtype, is_buffer
 
 LOG = logging.getLogger(__name__)
 

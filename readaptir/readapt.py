@@ -1,0 +1,283 @@
+"""The per-tensor sum of a merge: theta_coef·Θ + Σ c·X + Σ c·Ψ, read, computed and written in step.
+
+``Readapter`` knows what each output tensor is made of (Θ, a stored Δ or the retriever R, the
+adapters' Ψ) and sums it; ``stages.merge`` drives it over a model and writes the folder.
+
+Exactness: a tensor no term changes is copied as stored (cast only), so α=0, β=1 gives the
+retriever and α=0, β=0 gives Θ bit for bit; every other sum is taken in one wider precision and
+cast once to the output dtype: float32 for 16-bit outputs (bf16/fp16, the 7B models), float64 for
+wider outputs or where a stored Δ tensor needed float64 to give the retriever back exactly.
+
+Speed and memory: reading the next tensor, computing this one and writing the last overlap, each
+on a thread of its own. On a CPU a tensor is computed in blocks of rows small enough to stay in
+cache, by single-threaded workers, in buffers reused from block to block; host buffers for whole
+tensors come from a pool. Memory holds a few tensors, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from readaptir.lora import Adapter, Rows, TargetUpdate, add_psi
+from readaptir.shards import (
+    BufferPool,
+    Checkpoint,
+    ShardWriter,
+    TensorSpec,
+    WeightError,
+)
+from readaptir.weights import Body, compute_dtype
+
+LOG = logging.getLogger(__name__)
+
+# Elements per block of rows on a CPU: big enough that per-op overhead is small, small enough
+# that the few 2-4 MiB temporaries stay in cache (measured best of 2^14…2^22).
+BLOCK_ELEMENTS = 1 << 19
+
+Dense = list[tuple[float, torch.Tensor]]  # coefficient, a stored tensor (R or Δ)
+Updates = list[tuple[float, TargetUpdate]]  # coefficient, an adapter's tensors (Ψ or Ψ_R)
+
+
+class Scratch:
+    """Buffers reused from block to block (one set per thread).
+
+    Fresh memory costs a page fault per 4 KiB, which on blocks of a few MiB is most of the work.
+    """
+
+    _threads = threading.local()
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def of_thread(cls) -> Scratch:
+        """The calling thread's own; a pool's threads end with the merge, and so do these."""
+        if not hasattr(cls._threads, "scratch"):
+            cls._threads.scratch = cls()
+        return cls._threads.scratch
+
+    def take(self, key: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A ``dtype`` buffer of ``like``'s shape and device; its content is undefined."""
+        buf, size = self._buffers.get((key, dtype)), like.numel()
+        if buf is None or buf.numel() < size or buf.device != like.device:
+            buf = torch.empty(size, dtype=dtype, device=like.device)
+            self._buffers[key, dtype] = buf
+        return buf[:size].view(like.shape)
+
+
+def readapt_rows(
+    theta: torch.Tensor | None,
+    theta_coef: float,
+    dense: Dense,
+    updates: Updates,
+    rows: Rows,
+    scratch: Scratch | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Rows ``rows`` of theta_coef·Θ + Σ c·X + Σ c·Ψ in ``dtype`` (Θ may be None if unused);
+    Ψ's tensors are expected in ``dtype`` already.
+
+    The result lives in ``scratch`` when one is given (valid until its next use), else is new.
+    """
+    scratch = scratch or Scratch()
+    t = None
+    if theta is not None:  # read below, never written
+        t = scratch.take("theta", theta[rows], dtype).copy_(theta[rows])
+    terms = list(dense)
+    if t is not None and theta_coef != 0:
+        acc = torch.mul(t, theta_coef, out=scratch.take("acc", t, dtype))
+    elif terms:
+        coef, x = terms.pop(0)
+        acc = scratch.take("acc", x[rows], dtype).copy_(x[rows])
+        if coef != 1:
+            acc.mul_(coef)
+    else:
+        raise ValueError("nothing to start the sum from: no Θ term and no stored tensor")
+    for coef, x in terms:
+        acc.add_(x[rows], alpha=coef)
+    for coef, update in updates:
+        work = scratch.take("work", acc, dtype) if update.needs_base else None
+        acc = add_psi(acc, coef, update, t, rows, work)
+    return acc
+
+
+def row_blocks(shape: tuple[int, ...], whole: bool) -> Iterator[Rows]:
+    """Blocks of leading rows of about BLOCK_ELEMENTS elements, or the whole tensor."""
+    if whole or not shape:
+        yield ...
+        return
+    step = max(1, BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], step):
+        yield slice(start, start + step)
+
+
+@contextlib.contextmanager
+def block_pool(dev: str) -> Iterator[ThreadPoolExecutor | None]:
+    """On a CPU, workers that take blocks of rows, each single-threaded, as many as torch's threads.
+
+    Torch's own threads meet at a barrier after every op; on small blocks, and on a busy machine
+    where one of them waits for a core, that costs more than the op itself.
+    """
+    if dev != "cpu":
+        yield None
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def write_behind(
+    writer: ShardWriter, done: Callable[[torch.Tensor], None]
+) -> Iterator[Callable[[str, torch.Tensor], None]]:
+    """``writer.add`` on a thread of its own: a tensor is written while the next is computed.
+
+    At most one tensor waits; ``done`` gets each tensor once it is written.
+    """
+    pending: list[Future] = []
+
+    def write(name: str, tensor: torch.Tensor) -> None:
+        writer.add(name, tensor)
+        done(tensor)
+
+    with ThreadPoolExecutor(1) as thread:
+
+        def add(name: str, tensor: torch.Tensor) -> None:
+            if pending:
+                pending.pop().result()
+            pending.append(thread.submit(write, name, tensor))
+
+        yield add
+        if pending:
+            pending.pop().result()
+
+
+@dataclass
+class Terms:
+    """What one output tensor is made of: theta_coef·Θ + Σ c·X + Σ c·Ψ, or ``passed`` as is."""
+
+    name: str
+    dtype: torch.dtype
+    compute: torch.dtype = torch.float64
+    theta: torch.Tensor | None = None
+    theta_coef: float = 0.0
+    dense: Dense = field(default_factory=list)
+    updates: Updates = field(default_factory=list)
+    passed: torch.Tensor | None = None
+
+
+def read_ahead(readapter: Readapter, layout: list[TensorSpec]) -> Iterator[Terms]:
+    """Each tensor's terms, read on a thread of its own one tensor ahead of their use."""
+    with ThreadPoolExecutor(1) as thread:
+        reads = (thread.submit(readapter.terms, name, dtype) for name, _, dtype in layout)
+        ahead = next(reads, None)
+        while ahead is not None:
+            current, ahead = ahead, next(reads, None)
+            yield current.result()
+
+
+class Readapter:
+    """Θ + α·Ψ + β·Δ one tensor at a time: what to read for a tensor, and how to sum it.
+
+    ``source`` gives the β term: a stored Δ (Checkpoint), the full retriever (Body, with Θ's
+    coefficient 1 − β), or a PEFT retriever (Adapter, Ψ_R); ``knowledge`` gives Ψ.
+    """
+
+    def __init__(
+        self,
+        base: Body,
+        source: Body | Checkpoint | Adapter | None,
+        theta_coef: float,
+        beta: float,
+        knowledge: Adapter | None,
+        alpha: float,
+        dev: str,
+    ) -> None:
+        self.base, self.source, self.theta_coef, self.beta = base, source, theta_coef, beta
+        self.knowledge, self.alpha, self.dev = knowledge, alpha, dev
+        self.buffers = BufferPool()
+
+    def read(self, ckpt: Body | Checkpoint, name: str) -> torch.Tensor:
+        """A stored tensor on the device, read into a pooled host buffer."""
+        host = ckpt.get(name, self.buffers.take(ckpt.nbytes(name)))
+        moved = host.to(self.dev)  # a synchronous copy: the host buffer is free afterwards
+        if moved.data_ptr() != host.data_ptr():
+            self.buffers.give(host)
+        return moved
+
+    def terms(self, name: str, dtype: torch.dtype) -> Terms:
+        """Read what the output tensor ``name`` is made of (on the device)."""
+        if not dtype.is_floating_point:
+            return Terms(name, dtype, passed=self._unchanged(name))
+        dense: Dense = []
+        updates: Updates = []
+        if isinstance(self.source, Body | Checkpoint) and name in self.source:
+            dense.append((self.beta, self.read(self.source, name)))  # a stored Δ omits zeros
+        compute = compute_dtype(dtype, [x.dtype for _, x in dense])
+        if isinstance(self.source, Adapter):
+            self._add_update(updates, self.beta, self.source, name, compute)
+        if self.knowledge is not None:
+            self._add_update(updates, self.alpha, self.knowledge, name, compute)
+        # A tensor that no term changes is passed on as stored (cast only): exactly.
+        if not updates and not dense and self.theta_coef == 1:
+            return Terms(name, dtype, passed=self.read(self.base, name))
+        if not updates and self.theta_coef == 0 and [c for c, _ in dense] == [1]:
+            return Terms(name, dtype, passed=dense[0][1])
+        need_theta = self.theta_coef != 0 or any(update.needs_base for _, update in updates)
+        theta = self.read(self.base, name) if need_theta else None
+        return Terms(name, dtype, compute, theta, self.theta_coef, dense, updates)
+
+    def output(self, terms: Terms, pool: ThreadPoolExecutor | None) -> torch.Tensor:
+        """The output tensor. Inputs it does not share memory with go back to the buffer pool
+        now, it goes back once written."""
+        dtype, theta, dense, updates = terms.dtype, terms.theta, terms.dense, terms.updates
+        if terms.passed is not None:
+            cast = terms.passed.to(dtype)
+            if cast.data_ptr() != terms.passed.data_ptr():
+                self.buffers.give(terms.passed)
+            return cast
+        shape = self.base.shape(terms.name)
+        if self.dev == "cpu":
+            out = self.buffers.take(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
+        else:
+            out = torch.empty(shape, dtype=dtype, device=self.dev)
+        whole = pool is None or not all(update.row_local for _, update in updates)
+
+        def fill(rows: Rows) -> None:
+            scratch = None if whole else Scratch.of_thread()  # whole tensors: no buffers kept
+            out[rows] = readapt_rows(
+                theta, terms.theta_coef, dense, updates, rows, scratch, terms.compute
+            )
+
+        blocks = list(row_blocks(shape, whole))
+        for _ in pool.map(fill, blocks) if pool and len(blocks) > 1 else map(fill, blocks):
+            pass
+        for x in [x for _, x in dense] + ([theta] if theta is not None else []):
+            self.buffers.give(x)
+        return out
+
+    def _add_update(
+        self, updates: Updates, coef: float, adapter: Adapter, name: str, dtype: torch.dtype
+    ) -> None:
+        target = adapter.target(name, self.dev, dtype)
+        if target is not None:
+            updates.append((coef, target))
+
+    def _unchanged(self, name: str) -> torch.Tensor:
+        # Integer tensors carry no update: a full retriever must hold Θ's values.
+        theta = self.base.get(name)
+        if isinstance(self.source, Body) and not torch.equal(self.source.get(name), theta):
+            raise WeightError(f"non-float tensor {name} differs in {self.source.folder} and Θ")
+        return theta

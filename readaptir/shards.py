@@ -1,0 +1,331 @@
+"""Safetensors files read one tensor at a time and written shard by shard.
+
+Both directions go through plain file reads and writes of the safetensors layout (an 8-byte header
+length, a JSON header, then the tensors' bytes): memory holds only the tensors in hand. A folder is
+one ``model.safetensors``, shards listed by ``model.safetensors.index.json``, or a PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import struct
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+LOG = logging.getLogger(__name__)
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+ADAPTER = "adapter_model.safetensors"
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_CODES = {dtype: code for code, dtype in _ST_DTYPES.items()}
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+TensorSpec = tuple[str, tuple[int, ...], torch.dtype]  # name, shape, dtype
+
+
+class WeightError(ValueError):
+    """Checkpoints that do not fit together; the message names the tensor and the files."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _read_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The tensor entries of a safetensors header and where the tensor bytes start."""
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _read_into(fh: BinaryIO, view: memoryview) -> None:
+    # One read() returns at most ~2 GiB on Linux: loop until the view is full.
+    done = 0
+    while done < len(view):
+        got = fh.readinto(view[done:])
+        if not got:
+            raise WeightError(f"{fh.name} ends before its header says it should")
+        done += got
+
+
+def _header_bytes(specs: Sequence[TensorSpec]) -> bytes:
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in specs:
+        size = math.prod(shape) * dtype.itemsize
+        entry = {
+            "dtype": _ST_CODES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        header[name], offset = entry, offset + size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # tensor bytes 8-byte aligned, as safetensors pads
+    return struct.pack("<Q", len(text)) + text
+
+
+class Checkpoint:
+    """Lazy view of the safetensors files in a model or PEFT adapter folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._files = self._locate()
+        self._meta: dict[str, dict] = {}
+        self._file_of: dict[str, Path] = {}
+        self._data_start: dict[Path, int] = {}
+        for path in self._files:
+            header, self._data_start[path] = _read_header(path)
+            for name, info in header.items():
+                self._meta[name] = info
+                self._file_of[name] = path
+
+    def _locate(self) -> list[Path]:
+        folder = self.folder
+        if (folder / INDEX).is_file():
+            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+            return [folder / f for f in sorted(set(weight_map.values()))]
+        for name in (SINGLE, ADAPTER):
+            if (folder / name).is_file():
+                return [folder / name]
+        found = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
+        if found:
+            raise WeightError(f"{folder} holds only {found}; safetensors weights are required")
+        raise WeightError(f"no {SINGLE}, {INDEX} or {ADAPTER} in {folder}")
+
+    def names(self) -> list[str]:
+        return list(self._meta)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._meta
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._info(name)["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._info(name)["dtype"]
+        if code not in _ST_DTYPES:
+            raise WeightError(
+                f"tensor {name} in {self._file_of[name]} has unsupported dtype {code}"
+            )
+        return _ST_DTYPES[code]
+
+    def nbytes(self, name: str) -> int:
+        start, end = self._info(name)["data_offsets"]
+        return end - start
+
+    def get(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, read into memory of its own: ``buffer`` (uint8, its size) if given.
+
+        Not through a memory map: the pages of a map stay resident (and counted) for as long as
+        the file is open, which over a whole model adds up to the model's size.
+        """
+        dtype, shape, size = self.dtype(name), self.shape(name), self.nbytes(name)
+        path = self._file_of[name]
+        if size != math.prod(shape) * dtype.itemsize:
+            raise WeightError(f"tensor {name} in {path}: {size} bytes for shape {shape} {dtype}")
+        buf = torch.empty(size, dtype=torch.uint8) if buffer is None else buffer
+        with open(path, "rb", buffering=0) as fh:
+            fh.seek(self._data_start[path] + self._info(name)["data_offsets"][0])
+            _read_into(fh, memoryview(buf.numpy()))
+        return buf.view(dtype).reshape(shape)
+
+    def _info(self, name: str) -> dict:
+        if name not in self._meta:
+            raise WeightError(f"tensor {name} is not in {self.folder}")
+        return self._meta[name]
+
+    def float_dtype(self) -> torch.dtype:
+        """The floating dtype holding most of the parameters."""
+        counts: Counter[torch.dtype] = Counter()
+        for name in self._meta:
+            dtype = self.dtype(name)
+            if dtype.is_floating_point:
+                counts[dtype] += self.nbytes(name) // dtype.itemsize
+        if not counts:
+            raise WeightError(f"no floating-point tensors in {self.folder}")
+        return counts.most_common(1)[0][0]
+
+
+class BufferPool:
+    """Host byte buffers lent out and given back, so that big tensors reuse memory.
+
+    glibc maps blocks over its threshold (32 MiB at most) afresh and unmaps them when freed, so
+    each new one faults in zeroed pages again; at 7B shapes (90 MiB MLP weights) that costs more
+    than reading the bytes, and more still on a virtual machine. A buffer given back must not be
+    used again by the giver.
+    """
+
+    def __init__(self, keep: int = 4, min_bytes: int = 1 << 20) -> None:
+        self.keep, self.min_bytes = keep, min_bytes  # smaller blocks: glibc reuses them anyway
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor of ``nbytes``, its content undefined."""
+        if nbytes >= self.min_bytes:
+            with self._lock:
+                fits = [i for i, buf in enumerate(self._free) if buf.numel() >= nbytes]
+                if fits:
+                    best = min(fits, key=lambda i: self._free[i].numel())
+                    return self._free.pop(best)[:nbytes]
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give(self, tensor: torch.Tensor) -> None:
+        """Take back the memory under ``tensor`` (a host tensor the caller is done with)."""
+        storage = tensor.untyped_storage()
+        if tensor.device.type != "cpu" or storage.nbytes() < self.min_bytes:
+            return
+        with self._lock:
+            if all(buf.data_ptr() != storage.data_ptr() for buf in self._free):
+                self._free.append(torch.empty(0, dtype=torch.uint8).set_(storage))
+                self._free.sort(key=torch.Tensor.numel, reverse=True)
+                del self._free[self.keep :]  # the smallest go back to the system
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive tensors grouped into shards of at most ``max_bytes`` (a bigger one alone)."""
+    shards: list[list[TensorSpec]] = []
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[1]) * spec[2].itemsize
+        if not shards or (shards[-1] and size + nbytes > max_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
+class ShardWriter:
+    """Write tensors into safetensors shards of at most ``max_shard_bytes`` each.
+
+    Given the ``layout`` (every tensor's name, shape and dtype, in writing order) up front, each
+    tensor goes to disk as it is added: memory holds only the tensor in hand. Without it, a
+    shard's tensors are held until the shard is full. Shards get provisional names while writing
+    and their final ``-of-N`` names at ``close``; a single shard becomes ``model.safetensors``.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        layout: Sequence[TensorSpec] | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self._plan = None if layout is None else plan_shards(layout, max_shard_bytes)
+        self._file: BinaryIO | None = None
+        self._due: list[TensorSpec] = []  # still to come in the open shard, in header order
+        self._pending: list[tuple[TensorSpec, torch.Tensor]] = []
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self._seen: set[str] = set()
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._seen:
+            raise WeightError(f"tensor {name} written twice to {self.out_dir}")
+        self._seen.add(name)
+        tensor = tensor.detach().to("cpu").contiguous()
+        spec, size = (name, tuple(tensor.shape), tensor.dtype), tensor.nbytes
+        self.total_bytes += size
+        if self._plan is None:
+            if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+                self._flush()
+            self._pending.append((spec, tensor))
+            self._pending_bytes += size
+            return
+        if not self._due:
+            if not self._plan:
+                raise WeightError(f"tensor {name} is not in the layout of {self.out_dir}")
+            self._begin(self._plan.pop(0))
+        self._write(spec, tensor)
+
+    def _begin(self, specs: list[TensorSpec]) -> None:
+        path = self.out_dir / f".shard-{len(self._shards) + 1:05d}.safetensors"
+        self._shards.append((path, [spec[0] for spec in specs]))
+        self._file = open(path, "wb")  # noqa: SIM115 (closed after its last tensor, or by abort)
+        self._file.write(_header_bytes(specs))
+        self._due = list(specs)
+        if not specs:
+            self._file.close()
+
+    def _write(self, spec: TensorSpec, tensor: torch.Tensor) -> None:
+        if spec != self._due[0]:
+            raise WeightError(f"{self.out_dir}: got tensor {spec}, the layout has {self._due[0]}")
+        assert self._file is not None
+        self._file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        self._due.pop(0)
+        if not self._due:
+            self._file.close()
+
+    def _flush(self) -> None:
+        self._begin([spec for spec, _ in self._pending])
+        for spec, tensor in self._pending:
+            self._write(spec, tensor)
+        self._pending, self._pending_bytes = [], 0
+
+    def close(self) -> list[Path]:
+        """Finish the last shard, give every shard its final name, write the index if sharded."""
+        if self._plan is None:
+            if self._pending or not self._shards:
+                self._flush()
+        else:
+            missing = [spec[0] for spec in self._due + sum(self._plan, [])]
+            if missing:
+                self.abort()
+                raise WeightError(f"{self.out_dir}: tensors never written: {missing[:3]}")
+            if not self._shards:
+                self._begin([])
+        count = len(self._shards)
+        if count == 1:
+            final = self.out_dir / SINGLE
+            os.replace(self._shards[0][0], final)
+            return [final]
+        weight_map: dict[str, str] = {}
+        finals = []
+        for i, (path, names) in enumerate(self._shards, start=1):
+            final = self.out_dir / f"model-{i:05d}-of-{count:05d}.safetensors"
+            os.replace(path, final)
+            finals.append(final)
+            weight_map.update({n: final.name for n in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.out_dir / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return finals
+
+    def abort(self) -> None:
+        """Close an unfinished shard file; the caller discards the folder."""
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
