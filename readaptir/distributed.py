@@ -115,14 +115,14 @@ def mean_across_ranks(value: float, ranks: Ranks, device: torch.device | str) ->
     return float(total.item()) / ranks.world
 
 
-def processes(requested: int | None, device: str | None) -> int:
+def processes(requested: int | None, device: str) -> int:
     """How many processes an adapter stage runs in: ``requested``, else one per visible GPU when
-    the device is CUDA without an index, else one."""
+    the (resolved) device is CUDA without an index, else one."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--procs must be at least 1, not {requested}")
         return requested
-    if device not in (None, "cuda") or not torch.cuda.is_available():
+    if device != "cuda" or not torch.cuda.is_available():
         return 1
     return torch.cuda.device_count()
 

@@ -139,6 +139,26 @@ def block_pool(dev: str) -> Iterator[ThreadPoolExecutor | None]:
 
 
 @contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """Float32 matrix products in IEEE float32 within the block, whatever the process set: CUDA's
+    TF32 would round B @ A to 10-bit mantissas, far outside float32 rounding."""
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")  # recent PyTorch; the two must not be mixed
+    before = matmul.fp32_precision if new_api else matmul.allow_tf32
+    if new_api:
+        matmul.fp32_precision = "ieee"
+    else:
+        matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        if new_api:
+            matmul.fp32_precision = before
+        else:
+            matmul.allow_tf32 = before
+
+
+@contextlib.contextmanager
 def write_behind(
     writer: ShardWriter, done: Callable[[torch.Tensor], None]
 ) -> Iterator[Callable[[str, torch.Tensor], None]]:

@@ -203,7 +203,7 @@ def run_stage(
     """
     spec = read_stage_spec(root, name, spec_file)
     if spec["kind"] == "adapter" and "WORLD_SIZE" not in os.environ:
-        n = processes(procs, device)
+        n = processes(procs, resolve_device(device))
         if n > 1:
             args = ["stage", "run", name, "--root", str(root), "--spec", spec_file]
             relaunch(n, args + (["--device", device] if device else []))

@@ -91,8 +91,7 @@ def test_ranks_average_to_the_one_process_gradient(tmp_path, tokenizer, objectiv
 
 def test_process_count():
     assert processes(3, "cpu") == 3
-    assert processes(None, "cpu") == 1
-    if not torch.cuda.is_available():
-        assert processes(None, None) == 1
+    assert processes(None, "cpu") == 1 and processes(None, "cuda:1") == 1
+    assert processes(None, "cuda") == (torch.cuda.device_count() or 1)
     with pytest.raises(ValueError, match="--procs"):
-        processes(0, None)
+        processes(0, "cuda")

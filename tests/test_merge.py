@@ -256,6 +256,19 @@ def test_blocks_of_rows_equal_whole_tensors(monkeypatch, tmp_path, tiny_base, ti
             torch.testing.assert_close(other.get(name), whole.get(name), atol=1e-7, rtol=0)
 
 
+def test_exact_float32_sets_and_restores_the_matmul_precision():
+    matmul = torch.backends.cuda.matmul
+    key = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, key)
+    setattr(matmul, key, "tf32" if key == "fp32_precision" else True)  # as a user might
+    try:
+        with readapt.exact_float32():
+            assert getattr(matmul, key) == ("ieee" if key == "fp32_precision" else False)
+        assert getattr(matmul, key) == ("tf32" if key == "fp32_precision" else True)
+    finally:
+        setattr(matmul, key, before)
+
+
 def test_row_blocks():
     assert list(row_blocks((5, 4), whole=True)) == [...]
     assert list(row_blocks((), whole=False)) == [...]

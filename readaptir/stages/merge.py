@@ -24,7 +24,7 @@ from tqdm import tqdm
 from readaptir.artifacts import resolve_device, write_json
 from readaptir.lora import Adapter
 from readaptir.models import is_peft_adapter, torch_dtype
-from readaptir.readapt import Readapter, block_pool, read_ahead, write_behind
+from readaptir.readapt import Readapter, block_pool, exact_float32, read_ahead, write_behind
 from readaptir.shards import (
     DEFAULT_SHARD_BYTES,
     Checkpoint,
@@ -113,6 +113,7 @@ def merge(
     total = sum(math.prod(shape) * dt.itemsize for _, shape, dt in layout)
     started = time.perf_counter()
     with (
+        exact_float32(),
         block_pool(dev) as pool,
         ShardWriter(out, max_shard_bytes, layout) as writer,
         write_behind(writer, readapter.buffers.give) as add,
