@@ -40,18 +40,20 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def init_distributed() -> Ranks:
-    """Join the process group when launched by torchrun with WORLD_SIZE > 1; else one process."""
+def init_distributed(device: str) -> Ranks:
+    """Join the process group when launched by torchrun with WORLD_SIZE > 1 (NCCL with one GPU
+    per rank when ``device`` is CUDA, else gloo on the CPU); else one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    on_gpu = str(device).startswith("cuda")
+    if on_gpu:
+        torch.cuda.set_device(local)  # before the group forms, so NCCL binds this rank's GPU
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if on_gpu else "gloo")
     return Ranks(dist.get_rank(), world, local)
 
 
@@ -73,8 +75,8 @@ def wrap_distributed(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    ids = [ranks.local] if torch.cuda.is_available() else None
-    return DistributedDataParallel(model, device_ids=ids)
+    on_gpu = next(model.parameters()).is_cuda
+    return DistributedDataParallel(model, device_ids=[ranks.local] if on_gpu else None)
 
 
 def rank_share(lay: Layout, inputs: dict[str, Any], ranks: Ranks) -> tuple[dict[str, Any], float]:
@@ -82,7 +84,8 @@ def rank_share(lay: Layout, inputs: dict[str, Any], ranks: Ranks) -> tuple[dict[
     factor for its mean loss (its share of the step's target tokens × world).
 
     A rank left without a row (a step of fewer rows than ranks) computes row 0 with factor 0, so
-    that it still joins DDP's gradient reduction.
+    that it still joins DDP's gradient reduction; a share without a target carries no labels (a
+    mean over no target is NaN; ``training.batch_loss`` makes it a zero).
     """
     if ranks.world <= 1:
         return inputs, 1.0
@@ -101,7 +104,10 @@ def rank_share(lay: Layout, inputs: dict[str, Any], ranks: Ranks) -> tuple[dict[
             share[key] = value[rows][:, :width]
     total = int((labels != IGNORE).sum())
     mine = int((share["labels"] != IGNORE).sum()) if weighted else 0
-    return share, (mine * ranks.world / total if total else 0.0)
+    if not mine:
+        del share["labels"]
+        return share, 0.0
+    return share, mine * ranks.world / total
 
 
 def mean_across_ranks(value: float, ranks: Ranks, device: torch.device | str) -> float:
@@ -121,6 +127,17 @@ def processes(requested: int | None, device: str) -> int:
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--procs must be at least 1, not {requested}")
+        if requested > 1 and device.startswith("cuda"):
+            if device != "cuda":
+                raise ValueError(
+                    f"--procs {requested} takes one GPU per process from the first visible one, "
+                    f"not --device {device}; choose the GPUs with CUDA_VISIBLE_DEVICES"
+                )
+            if requested > torch.cuda.device_count():
+                raise ValueError(
+                    f"--procs {requested} needs as many GPUs; "
+                    f"{torch.cuda.device_count()} are visible"
+                )
         return requested
     if device != "cuda" or not torch.cuda.is_available():
         return 1

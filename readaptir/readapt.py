@@ -245,8 +245,12 @@ class Readapter:
         updates: Updates = []
         if isinstance(self.source, Body | Checkpoint) and name in self.source:
             dense.append((self.beta, self.read(self.source, name)))  # a stored Δ omits zeros
-        compute = compute_dtype(dtype, [x.dtype for _, x in dense])
-        if isinstance(self.source, Adapter):
+        # Θ's own dtype counts too (a float32 Θ under a bf16 output is summed in float64); a PEFT
+        # retriever is round(Θ + Ψ_R) taken in float64, as the delta stage defines it
+        stored = [self.base.dtype(name)] + [x.dtype for _, x in dense]
+        peft = isinstance(self.source, Adapter)
+        compute = torch.float64 if peft else compute_dtype(dtype, stored)
+        if peft:
             self._add_update(updates, self.beta, self.source, name, compute)
         if self.knowledge is not None:
             self._add_update(updates, self.alpha, self.knowledge, name, compute)

@@ -131,6 +131,16 @@ def position_offset(model: torch.nn.Module) -> int:
     return padding_idx + 1 if isinstance(padding_idx, int) else 0
 
 
+def batch_loss(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """The model's mean loss over the targets in ``labels``; without labels (a rank's share of a
+    step that holds no target) a zero that still reaches every parameter, so that DDP's gradient
+    reduction runs as on the other ranks."""
+    output = model(**inputs)
+    if output.loss is not None:
+        return output.loss
+    return output.logits.sum() * 0.0
+
+
 def train_step(
     model: torch.nn.Module,
     inputs: dict[str, Any],
@@ -141,7 +151,7 @@ def train_step(
 ) -> float:
     """One optimizer step on one batch of model inputs; returns the loss (before ``loss_scale``)."""
     moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    loss = model(**moved).loss
+    loss = batch_loss(model, moved)
     (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     optimizer.step()
     schedule.step()

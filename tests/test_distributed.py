@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 from readaptir import tiny
 from readaptir.distributed import Ranks, processes, rank_share
 from readaptir.packing import IGNORE, causal_inputs, layout, masked_inputs
-from readaptir.training import CAUSAL, MASKED, attach_adapter
+from readaptir.training import CAUSAL, MASKED, attach_adapter, batch_loss
 
 
 def _rows(n_rows: int, seed: int) -> list[list[list[int]]]:
@@ -40,13 +40,18 @@ def test_shares_partition_the_step_and_their_factors_sum_to_world():
     # a step with fewer rows than ranks: the idle rank computes row 0 with no weight
     one = layout(_rows(1, seed=1), pad_id=0)
     share, factor = rank_share(one, causal_inputs(one, packed=False), Ranks(1, 2))
-    assert factor == 0.0 and share["labels"].shape[0] == 1
+    assert factor == 0.0 and share["input_ids"].shape[0] == 1 and "labels" not in share
     assert rank_share(lay, inputs, Ranks())[1] == 1.0
+    # rows of one-token passages hold no next-token target: that rank's share has no labels
+    lay = layout([[[5, 6, 7]], [[8]], [[9, 10]], [[11], [12]]], pad_id=0)
+    inputs = causal_inputs(lay, packed=True)
+    (first, f0), (second, f1) = (rank_share(lay, inputs, Ranks(r, 2)) for r in (0, 2 - 1))
+    assert (f0, f1) == (2.0, 0.0) and "labels" in first and "labels" not in second
 
 
 def _grads(model, inputs, scale=1.0):
     model.zero_grad(set_to_none=True)
-    (model(**inputs).loss * scale).backward()
+    (batch_loss(model, inputs) * scale).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -67,7 +72,10 @@ def test_ranks_average_to_the_one_process_gradient(tmp_path, tokenizer, objectiv
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    lay = layout(_rows(5, seed=2), pad_id=tokenizer.pad_token_id or 0)
+    rows = _rows(5, seed=2)
+    if objective == CAUSAL:  # one-token passages hold no target: rank 1 of 2 gets none at all
+        rows[1], rows[3] = [[7], [8]], [[9]]
+    lay = layout(rows, pad_id=tokenizer.pad_token_id or 0)
     for packed in (True, False):
         if objective == CAUSAL:
             inputs = causal_inputs(lay, packed)
@@ -95,3 +103,7 @@ def test_process_count():
     assert processes(None, "cuda") == (torch.cuda.device_count() or 1)
     with pytest.raises(ValueError, match="--procs"):
         processes(0, "cuda")
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+        processes(2, "cuda:1")
+    with pytest.raises(ValueError, match="GPUs"):
+        processes(torch.cuda.device_count() + 2, "cuda")

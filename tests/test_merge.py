@@ -119,8 +119,8 @@ def test_storage_dtype_falls_back_to_float64():
     base = torch.tensor([1.0, 2.0**20]).double()
     target = torch.tensor([1.5, 2.0**-10], dtype=torch.float32)
     delta = target.double() - base
-    assert storage_dtype(base[:1], delta[:1], target[:1]) == torch.float32
-    assert storage_dtype(base, delta, target) == torch.float64
+    assert storage_dtype(base[:1], delta[:1], target[:1], torch.float32) == torch.float32
+    assert storage_dtype(base, delta, target, torch.float32) == torch.float64
 
 
 def test_beta_one_gives_the_retriever_bit_for_bit(tmp_path, tiny_base, tiny_retriever, full_delta):
@@ -476,3 +476,16 @@ def test_bf16_merges_in_float32_exactly_where_it_must(
         assert bool(((a.float() - b.float()).abs() <= bound).all()), name
         differ, total = differ + int((a != b).sum()), total + b.numel()
     assert differ / total < 1e-3
+
+
+def test_bf16_lora_retriever_routes_agree_bit_for_bit(tmp_path, bf16_pair, lora_retriever):
+    """A PEFT retriever is round(Θ + Ψ_R): the direct and the stored-Δ merges both give it."""
+    base = bf16_pair[0]
+    delta = tmp_path / "delta"
+    compute_delta(base, lora_retriever, delta)
+    run_merge(tmp_path / "direct", base, lora_retriever, alpha=0.0, beta=1.0)
+    run_merge(tmp_path / "stored", base, lora_retriever, alpha=0.0, beta=1.0, delta_dir=delta)
+    direct, stored = Checkpoint(tmp_path / "direct"), Checkpoint(tmp_path / "stored")
+    assert direct.names() == stored.names()
+    assert {direct.get(n).dtype for n in direct.names()} == {torch.bfloat16}
+    assert all(torch.equal(direct.get(n), stored.get(n)) for n in direct.names())

@@ -178,9 +178,9 @@ def train_adapter(
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer, get_scheduler
 
-    ranks = init_distributed()
-    if ranks.world > 1 and torch.cuda.is_available():
-        device = f"cuda:{ranks.local}"
+    ranks = init_distributed(device)
+    if ranks.world > 1 and str(device).startswith("cuda"):
+        device = f"cuda:{ranks.local}"  # one GPU per rank
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     pad_id = (

@@ -1,8 +1,10 @@
 """Δ = retriever − Θ over the shared canonical tensors, stored exactly.
 
 Each Δ tensor is stored as float32 when Θ + Δ, evaluated as the merge evaluates it (float32 for a
-16-bit retriever, float64 for a wider one; ``weights.compute_dtype``) and cast to the retriever's
-dtype, gives back the retriever bit for bit; otherwise as float64 (and merged in float64).
+16-bit retriever and Θ, float64 otherwise; ``weights.compute_dtype``) and cast to the retriever's
+dtype, gives back the retriever bit for bit; otherwise as float64 (and merged in float64). The
+check assumes the merge writes the retriever's dtype: a recipe ``dtype`` that changes it can
+round a rare tensor differently.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ LOG = logging.getLogger(__name__)
 DELTA_JSON = "delta.json"
 
 
-def storage_dtype(base: torch.Tensor, delta: torch.Tensor, target: torch.Tensor) -> torch.dtype:
+def storage_dtype(
+    base: torch.Tensor, delta: torch.Tensor, target: torch.Tensor, stored: torch.dtype
+) -> torch.dtype:
     """The narrowest of float32/float64 for ``delta`` such that base + delta casts to ``target``.
 
-    ``base`` and ``delta`` are float64; the sum is taken in the precision the merge will take it
-    in for a float32 Δ.
+    ``base`` and ``delta`` are float64 (``stored``: Θ's dtype on disk); the sum is taken in the
+    precision the merge will take it in for a float32 Δ and an output of ``target``'s dtype.
     """
-    compute = compute_dtype(target.dtype, [torch.float32])
+    compute = compute_dtype(target.dtype, [stored, torch.float32])
     narrow = base.to(compute) + delta.float().to(compute)
     return torch.float32 if torch.equal(narrow.to(target.dtype), target) else torch.float64
 
@@ -88,7 +92,7 @@ def compute_delta(
                 continue
             theta64 = theta.double()
             delta, target = _delta(name, theta, theta64, source)
-            kind = storage_dtype(theta64, delta, target)
+            kind = storage_dtype(theta64, delta, target, theta.dtype)
             if kind == torch.float64 and not torch.equal(
                 (theta64 + delta).to(target.dtype), target
             ):
