@@ -89,6 +89,9 @@ class Encoding(BaseModel):
     Templates use ``{text}`` (query or passage body), ``{title}`` (passages) and ``{instruction}``
     (queries). A passage whose title is empty has the result stripped of surrounding whitespace.
     ``lowercase`` lower-cases the text before tokenisation (uncased sentence-transformers models).
+    ``dtype`` is the precision the model runs in; ``resolve_encoding`` turns ``auto`` into bfloat16
+    for last-token pooling (decoder LLM retrievers, trained in bf16) and float32 otherwise, the same
+    on every machine, so that an embedding stage's id fixes the precision of its vectors.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -102,6 +105,7 @@ class Encoding(BaseModel):
     max_query_length: int | None = 512
     max_passage_length: int | None = 512
     lowercase: bool | None = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     @field_validator("query_template", "passage_template")
     @classmethod
@@ -186,4 +190,8 @@ def resolve_encoding(
     if family not in PRESETS:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
     fields = {**PRESETS[family], **collection_defaults(family, dataset, overrides)}
-    return Encoding(**{**fields, **(overrides or {})})
+    encoding = Encoding(**{**fields, **(overrides or {})})
+    if encoding.dtype == "auto":
+        precision = "bfloat16" if encoding.pooling == "last" else "float32"
+        encoding = encoding.model_copy(update={"dtype": precision})
+    return encoding

@@ -210,7 +210,7 @@ def test_lowercase_before_tokenizing(tokenizer, tmp_path):
 
 
 def test_embed_writes_float16_shards(tiny_retriever, tiny_beir, tmp_path):
-    encoding = resolve_encoding("repllama")
+    encoding = resolve_encoding("repllama", {"dtype": "float32"})
     out = tmp_path / "emb"
     info = embed(tiny_retriever, tiny_beir, "test", encoding, out, shard_size=5, batch_tokens=64)
     assert info["shards"] == 3 and info["passages"] == 12 and info["queries"] == 4
@@ -244,9 +244,17 @@ def test_embed_writes_float16_shards(tiny_retriever, tiny_beir, tmp_path):
     )
     stored = np.concatenate([v for _, v in shards]).astype(np.float32)
     np.testing.assert_allclose(stored, full, atol=1e-3, rtol=1e-3)
+    assert info["dtype"] == "float32"
 
     with pytest.raises(FileExistsError):
         embed(tiny_retriever, tiny_beir, "test", encoding, out)
+
+    # the family's own precision (bf16 for a decoder), whatever the device: close, not equal
+    info = embed(tiny_retriever, tiny_beir, "test", resolve_encoding("repllama"), tmp_path / "bf")
+    assert info["dtype"] == "bfloat16"
+    half = np.concatenate([v for _, v in load_embeddings(tmp_path / "bf")]).astype(np.float32)
+    np.testing.assert_allclose(half, full, atol=3e-2)
+    assert not np.allclose(half, full, atol=1e-3)
 
 
 def test_embed_sentence_transformers_family(minilm_dir, st_model, tiny_beir, tmp_path):
@@ -298,7 +306,13 @@ def test_embed_handles_empty_documents_and_missing_titles(tiny_retriever, tmp_pa
     ]
     queries = [{"_id": "007", "text": "title"}, {"_id": "q2", "text": "unjudged"}]
     root = write_beir(tmp_path / "beir", corpus, queries, [("007", "42", 2)])
-    info = embed(tiny_retriever, root, "test", resolve_encoding("repllama"), tmp_path / "emb")
+    info = embed(
+        tiny_retriever,
+        root,
+        "test",
+        resolve_encoding("repllama", {"dtype": "float32"}),
+        tmp_path / "emb",
+    )
     ((ids, vecs),) = load_embeddings(tmp_path / "emb")
     assert ids == ["0042", "42", "d3"] and info["queries"] == 1
     norms = np.linalg.norm(vecs.astype(np.float32), axis=1)

@@ -107,10 +107,21 @@ def test_custom_takes_every_field_from_the_recipe():
         max_query_length=16,
         max_passage_length=64,
         lowercase=True,
+        dtype="float16",
     )
     assert set(fields) == set(Encoding.model_fields)
     assert resolve_encoding("custom", fields, dataset="scifact").model_dump() == fields
     assert PRESETS["custom"] == {}
+
+
+def test_precision_is_fixed_at_build_time_by_family():
+    """``auto`` never reaches a stage: the same precision on any machine, part of the stage id."""
+    assert resolve_encoding("repllama").dtype == "bfloat16"
+    assert resolve_encoding("e5-mistral", dataset="scifact").dtype == "bfloat16"
+    assert resolve_encoding("sentence-transformers").dtype == "float32"  # pooling from the model
+    assert resolve_encoding("custom", {"pooling": "last"}).dtype == "bfloat16"
+    assert resolve_encoding("custom", {"pooling": "cls"}).dtype == "float32"
+    assert resolve_encoding("repllama", {"dtype": "float16"}).dtype == "float16"
     with pytest.raises(ValueError, match="unknown family 'bert'"):
         resolve_encoding("bert")
     with pytest.raises(ValidationError):

@@ -39,7 +39,8 @@ LOG = logging.getLogger(__name__)
 
 
 def default_dtype(dtype: str | None, device: str, pooling: Pooling) -> torch.dtype | None:
-    """The recipe's dtype, else float32 on CPU and a 16-bit type on an accelerator.
+    """``dtype`` when given (a planned stage always gives one: the encoding's, fixed at build
+    time), else float32 on CPU and a 16-bit type on an accelerator (library calls with ``auto``).
 
     Last-token pooling marks a decoder, which is trained in bfloat16 and can overflow float16.
     """
@@ -133,6 +134,8 @@ def embed(
     st = read_st_config(model_dir) or read_st_config(base_dir)
     resolved = resolve_fields(encoding, st)
     device = resolve_device(device)
+    if dtype is None and encoding.dtype != "auto":
+        dtype = encoding.dtype
     model, tokenizer = load_encoder(
         model_dir, base_dir, default_dtype(dtype, device, resolved.pooling), device
     )
@@ -186,6 +189,7 @@ def embed(
         "queries": len(query_ids),
         "shards": shards,
         "encoding": encoding.model_dump(),
+        "dtype": str(model.dtype).removeprefix("torch."),
         "resolved": asdict(resolved),
     }
     write_json(out / INFO_FILE, info)
