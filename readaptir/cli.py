@@ -121,7 +121,7 @@ def stage() -> None:
     type=int,
     default=None,
     envvar="READAPTIR_PROCS",
-    help="Processes for an adapter stage, under torchrun (default: one per visible GPU).",
+    help="Processes for an adapter or embed stage, under torchrun (default: one per visible GPU).",
 )
 @user_errors
 def stage_run(name: str, root: Path, device: str | None, spec_file: str, procs: int | None) -> None:

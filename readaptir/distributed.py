@@ -1,10 +1,13 @@
-"""Several GPUs: an adapter stage relaunched under torchrun, each rank taking a share of a step.
+"""Several GPUs: adapter and embed stages relaunched under torchrun, one process per GPU.
 
-A step's rows do not depend on the number of ranks: every rank lays out the whole step (and draws
-its masked-LM corruption), takes rows ``rank, rank + world, …`` and scales its mean loss by its
-share of the step's target tokens. DDP averages the ranks' gradients, so each step's gradient is
-the one a single process computes over the whole step: the adapter does not depend on how many
-GPUs trained it, as a content-addressed artifact must not (up to float rounding and dropout draws).
+Embedding needs no communication: each rank encodes every world-th shard (``stages.embed``).
+
+For the adapter, a step's rows do not depend on the number of ranks: every rank lays out the
+whole step (and draws its masked-LM corruption), takes rows ``rank, rank + world, …`` and scales
+its mean loss by its share of the step's target tokens. DDP averages the ranks' gradients, so each
+step's gradient is the one a single process computes over the whole step: the adapter does not
+depend on how many GPUs trained it, as a content-addressed artifact must not (up to float
+rounding and dropout draws).
 """
 
 from __future__ import annotations
@@ -35,9 +38,13 @@ class Ranks:
         return self.rank == 0
 
 
-def launched_rank() -> int:
-    """This process's rank under torchrun (0 when not distributed)."""
-    return int(os.environ.get("RANK", "0"))
+def launched_ranks() -> Ranks:
+    """This process's place under torchrun (one process when not launched by it), read from the
+    environment: no process group is joined."""
+    env = os.environ
+    return Ranks(
+        int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
+    )
 
 
 def init_distributed(device: str) -> Ranks:

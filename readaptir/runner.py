@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from readaptir.artifacts import atomic_output, resolve_device, write_json
-from readaptir.distributed import launched_rank, processes, relaunch
+from readaptir.distributed import launched_ranks, processes, relaunch
 from readaptir.dvcfile import ROOT_PARAMS, read_stage_spec
 from readaptir.fingerprint import Fingerprints, project_path
 from readaptir.plan import stage_output
@@ -37,6 +37,12 @@ class Context:
         self.device = resolve_device(device, spec.get("runtime", {}).get("device"))
         self.fingerprints = Fingerprints(self.root)
         self.inputs = {role: self.root / path for role, path in spec["inputs"].items()}
+
+    @property
+    def work_dir(self) -> Path:
+        """Where a long stage keeps what outlives a killed run (adapter checkpoints, finished
+        embedding shards) and its ranks meet; removed once the stage succeeds."""
+        return self.root / "artifacts" / self.spec["kind"] / f".work-{self.spec['id']}"
 
     def local(self, path: str) -> Path:
         return project_path(self.root, path)
@@ -71,8 +77,6 @@ def _adapter(ctx: Context, out: Path) -> dict:
 
     p = ctx.params
     selection = p.get("selection")
-    # checkpoints outlive a killed run (the output's temporary folder does not) and go on success
-    work = ctx.root / "artifacts" / "adapter" / f".work-{ctx.spec['id']}"
     summary = train_adapter(
         ctx.model_dir(p["base"]),
         ctx.dataset_dir(p["train_corpus"]),
@@ -82,12 +86,12 @@ def _adapter(ctx: Context, out: Path) -> dict:
         passages=selection["passages"] if selection else "all",
         qrels_dir=ctx.dataset_dir(selection["judgments"]) if selection else None,
         qrels_split=selection["judgments"]["split"] if selection else "test",
-        checkpoint_dir=work,
+        checkpoint_dir=ctx.work_dir,
         **p["hyper"],
         **ctx.spec.get("runtime", {}),
     )
-    if launched_rank() == 0:
-        shutil.rmtree(work, ignore_errors=True)
+    if launched_ranks().main:
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
     return summary
 
 
@@ -123,7 +127,7 @@ def _embed(ctx: Context, out: Path) -> dict:
 
     p = ctx.params
     model = ctx.inputs.get("model") or ctx.model_dir(p["model"]["retriever"])
-    return embed(
+    info = embed(
         model,
         ctx.dataset_dir(p["dataset"]),
         p["dataset"]["split"],
@@ -131,7 +135,11 @@ def _embed(ctx: Context, out: Path) -> dict:
         out,
         base_dir=ctx.model_dir(p["model"]["base"]),
         device=ctx.device,
+        work_dir=ctx.work_dir,
     )
+    if launched_ranks().main:
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+    return info
 
 
 def _search(ctx: Context, out: Path) -> None:
@@ -178,6 +186,7 @@ def _score(ctx: Context, out: Path) -> dict:
     return metrics
 
 
+DISTRIBUTED_KINDS = ("adapter", "embed")  # the stages that use every GPU of the machine
 RUNNERS: dict[str, Callable[[Context, Path], object]] = {
     "fetch": _fetch,
     "adapter": _adapter,
@@ -198,11 +207,11 @@ def run_stage(
 ) -> Path:
     """Run stage ``name`` of the built plan; returns its output folder.
 
-    An adapter stage runs in ``procs`` processes under torchrun (default: one per visible GPU);
-    other stages run in this process.
+    Adapter and embed stages run in ``procs`` processes under torchrun (default: one per visible
+    GPU); other stages run in this process.
     """
     spec = read_stage_spec(root, name, spec_file)
-    if spec["kind"] == "adapter" and "WORLD_SIZE" not in os.environ:
+    if spec["kind"] in DISTRIBUTED_KINDS and "WORLD_SIZE" not in os.environ:
         n = processes(procs, resolve_device(device))
         if n > 1:
             args = ["stage", "run", name, "--root", str(root), "--spec", spec_file]
@@ -215,8 +224,8 @@ def run_stage(
                 f"input {role!r} of {name} is missing: {path} (run `dvc repro`)"
             )
     out = Path(root) / stage_output(spec)
-    if launched_rank() != 0:
-        # the other ranks of a torchrun launch train beside rank 0, which alone writes the output
+    if not launched_ranks().main:
+        # the other ranks of a torchrun launch work beside rank 0, which alone writes the output
         with tempfile.TemporaryDirectory() as scratch:
             RUNNERS[spec["kind"]](ctx, Path(scratch))
         return out

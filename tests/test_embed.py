@@ -323,3 +323,69 @@ def test_embed_handles_empty_documents_and_missing_titles(tiny_retriever, tmp_pa
         model, tok, ["passage:"], pooling="last", normalize=True, max_length=512, append_eos=True
     )
     np.testing.assert_allclose(vecs[0].astype(np.float32), alone[0], atol=1e-3)
+
+
+KW = dict(shard_size=5, batch_tokens=64)
+FLOAT32 = {"dtype": "float32"}
+
+
+def _same_vectors(a, b) -> bool:
+    pairs = list(zip(load_embeddings(a), load_embeddings(b), strict=True))
+    queries_a, queries_b = load_queries_embeddings(a), load_queries_embeddings(b)
+    return (
+        all(ia == ib and np.array_equal(va, vb) for (ia, va), (ib, vb) in pairs)
+        and queries_a[0] == queries_b[0]
+        and np.array_equal(queries_a[1], queries_b[1])
+    )
+
+
+def test_killed_embedding_resumes_from_its_finished_shards(tiny_retriever, tiny_beir, tmp_path):
+    encoding = resolve_encoding("repllama", FLOAT32)
+    whole = embed(tiny_retriever, tiny_beir, "test", encoding, tmp_path / "whole", **KW)
+    work = tmp_path / "work"
+
+    def kill_after_1(shard: int) -> None:
+        if shard == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embed(tiny_retriever, tiny_beir, "test", encoding, tmp_path / "killed",
+              work_dir=work, on_shard=kill_after_1, **KW)  # fmt: skip
+    assert sorted(p.name for p in work.iterdir()) == ["corpus-00000.npy", "corpus-00001.npy"]
+    encoded: list[int] = []
+    info = embed(tiny_retriever, tiny_beir, "test", encoding, tmp_path / "resumed",
+                 work_dir=work, on_shard=encoded.append, **KW)  # fmt: skip
+    assert encoded == [2] and info == whole  # only the missing shard is encoded
+    assert _same_vectors(tmp_path / "whole", tmp_path / "resumed")
+    assert not list(work.iterdir())  # the shards moved into the output
+
+
+def test_ranks_share_the_shards_and_rank_zero_assembles(tiny_retriever, tiny_beir, tmp_path):
+    """Two processes as torchrun starts them (RANK, WORLD_SIZE): every other shard each."""
+    import os
+    import subprocess
+    import sys
+
+    encoding = resolve_encoding("repllama", FLOAT32)
+    embed(tiny_retriever, tiny_beir, "test", encoding, tmp_path / "one", **KW)
+    script = (
+        "import sys, json; from pathlib import Path\n"
+        "from readaptir.families import Encoding\n"
+        "from readaptir.stages.embed import embed\n"
+        "a = sys.argv\n"
+        "done = []\n"
+        "info = embed(Path(a[1]), Path(a[2]), 'test', Encoding(**json.loads(a[3])), Path(a[4]),\n"
+        "             work_dir=Path(a[5]), on_shard=done.append, shard_size=5, batch_tokens=64)\n"
+        "print(json.dumps(done))\n"
+    )
+    runs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        args = [tiny_retriever, tiny_beir, encoding.model_dump_json(), tmp_path / f"out{rank}",
+                tmp_path / "work"]  # fmt: skip
+        runs.append(subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env,
+                                     stdout=subprocess.PIPE, text=True))  # fmt: skip
+    done = [json.loads(run.communicate(timeout=240)[0].strip().splitlines()[-1]) for run in runs]
+    assert done == [[0, 2], [1]]
+    assert _same_vectors(tmp_path / "one", tmp_path / "out0")
+    assert not (tmp_path / "out1" / "corpus_ids.json").exists()  # rank 1 writes shards only

@@ -163,6 +163,18 @@ def test_split_pipelines_run_and_stale_groups_go(ws, monkeypatch):
     assert sorted(p.name for p in (ws / "pipelines").iterdir()) == ["toy"]
 
 
+def run_in_processes(ws: Path, name: str, procs: str) -> None:
+    """`readaptir stage run NAME --procs PROCS` on the CPU, in a process group of its own, so that
+    a hang fails the test with every rank stopped."""
+    args = ["stage", "run", name, "--root", str(ws), "--device", "cpu", "--procs", procs]
+    run = subprocess.Popen([sys.executable, "-m", "readaptir", *args], start_new_session=True)
+    try:
+        assert run.wait(timeout=240) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+
+
 def test_adapter_stage_on_two_ranks_learns_what_one_process_does(ws):
     """`--procs 2` relaunches the stage under torchrun (gloo on CPU): the same adapter as one."""
     from safetensors.torch import load_file
@@ -175,14 +187,7 @@ def test_adapter_stage_on_two_ranks_learns_what_one_process_does(ws):
     name = next(n for n in stages if n.startswith("adapter"))
 
     def train(procs: str) -> dict:
-        args = ["stage", "run", name, "--root", str(ws), "--device", "cpu", "--procs", procs]
-        # its own process group, so that a hang fails the test with every rank stopped
-        run = subprocess.Popen([sys.executable, "-m", "readaptir", *args], start_new_session=True)
-        try:
-            assert run.wait(timeout=240) == 0
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(run.pid, signal.SIGKILL)
+        run_in_processes(ws, name, procs)
         out = next((ws / "artifacts" / "adapter").glob("[!.]*"))
         tensors = load_file(out / "adapter_model.safetensors")
         log = (out / "training_log.csv").read_text().splitlines()
@@ -196,3 +201,25 @@ def test_adapter_stage_on_two_ranks_learns_what_one_process_does(ws):
         assert torch.allclose(two["tensors"][key], tensor, rtol=1e-4, atol=1e-5), key
     assert any("lora_B" in k and v.abs().max() > 1e-2 for k, v in one["tensors"].items())  # trained
     assert not list((ws / "artifacts" / "adapter").glob(".tmp-*"))  # rank 1 wrote nothing there
+
+
+def test_embed_stage_on_two_ranks_writes_what_one_process_does(ws):
+    import numpy as np
+
+    from readaptir.vectors import load_embeddings, load_queries_embeddings
+
+    stages = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]
+    name = next(n for n in stages if n.startswith("embed-") and not n.startswith("embed-ra-"))
+
+    def encode(procs: str) -> tuple:
+        run_in_processes(ws, name, procs)
+        out = next((ws / "artifacts" / "embed").glob("[!.]*"))
+        vectors = [v for _, v in load_embeddings(out)], load_queries_embeddings(out)[1]
+        shutil.rmtree(out)
+        return vectors
+
+    (two, two_q), (one, one_q) = encode("2"), encode("1")
+    assert len(two) == len(one) and np.allclose(two_q, one_q, atol=1e-3)
+    assert all(np.allclose(a, b, atol=1e-3) for a, b in zip(two, one, strict=True))
+    left = [p.name for p in (ws / "artifacts" / "embed").iterdir()]
+    assert not [n for n in left if n.startswith((".work-", ".tmp-"))]  # no work or temporary folder

@@ -7,8 +7,9 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TypeVar
@@ -29,6 +30,7 @@ from readaptir.corpus import (
     query_text,
     usable_judgments,
 )
+from readaptir.distributed import launched_ranks
 from readaptir.encoding import DEFAULT_BATCH_TOKENS, encode_texts
 from readaptir.families import Encoding, Pooling
 from readaptir.models import load_encoder, torch_dtype
@@ -74,6 +76,10 @@ class Throughput:
         self.bar.update(texts)
         self.bar.set_postfix_str(f"{self.tokens / self.elapsed():,.0f} tokens/s", refresh=False)
 
+    def skip(self, texts: int) -> None:
+        """Texts encoded elsewhere (another rank, an earlier run): the bar moves, the rate not."""
+        self.bar.update(texts)
+
     def elapsed(self) -> float:
         return max(time.perf_counter() - self.start, 1e-9)
 
@@ -109,6 +115,8 @@ def embed(
     device: str | None = None,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     shard_size: int = 100_000,
+    work_dir: Path | None = None,
+    on_shard: Callable[[int], None] | None = None,
 ) -> dict:
     """Encode the corpus and the split's judged queries into ``out``; returns ``info.json``.
 
@@ -117,9 +125,17 @@ def embed(
     one shard's text, token ids and float16 vectors (100k x 4096 x 2 bytes = 0.8 GB for a 7B
     model). Within a shard, batches are formed longest first under ``batch_tokens``; vectors are
     written back in corpus order.
+
+    With ``work_dir`` the shards are written there first and a shard already there is not
+    encoded again (a killed run resumes), then moved into ``out``. Under torchrun each rank encodes
+    every world-th shard into ``work_dir`` and rank 0, once all are there, writes the rest.
+    ``on_shard(index)`` is called after each shard this process encodes.
     """
     if shard_size < 1:
         raise ValueError("shard_size must be positive")
+    ranks = launched_ranks()
+    if ranks.world > 1 and work_dir is None:
+        raise ValueError("several processes share the shards through a work_dir")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()):
@@ -134,6 +150,8 @@ def embed(
     st = read_st_config(model_dir) or read_st_config(base_dir)
     resolved = resolve_fields(encoding, st)
     device = resolve_device(device)
+    if ranks.world > 1 and device.startswith("cuda"):
+        device = f"cuda:{ranks.local}"  # one GPU per rank
     if dtype is None and encoding.dtype != "auto":
         dtype = encoding.dtype
     model, tokenizer = load_encoder(
@@ -152,21 +170,34 @@ def embed(
         out_dtype=torch.float16,
     )
 
+    work = Path(work_dir) if work_dir is not None else out
+    work.mkdir(parents=True, exist_ok=True)
     passage_ids: list[str] = []
     shards = 0
-    dim = model.config.hidden_size
     progress = Throughput(total, "passages", "passage")
     try:
         for chunk in chunked(iter_passages(dataset_dir), shard_size):
+            shard, shards = shards, shards + 1
+            passage_ids.extend(p.id for p in chunk)
+            path = shard_file(work, shard)
+            if shard % ranks.world != ranks.rank or path.is_file():
+                progress.skip(len(chunk))  # another rank's, or encoded before an interruption
+                continue
             texts = [passage_text(p, encoding.passage_template) for p in chunk]
             vecs = encode(texts, max_length=resolved.max_passage_length, on_batch=progress)
-            dim = vecs.shape[1]
-            np.save(shard_file(out, shards), _finite(vecs, f"shard {shards}"))
-            passage_ids.extend(p.id for p in chunk)
-            shards += 1
-            LOG.info("shard %d written; so far %s", shards - 1, progress.summary())
+            _save(path, _finite(vecs, f"shard {shard}"))
+            LOG.info("shard %d written; so far %s", shard, progress.summary())
+            if on_shard is not None:
+                on_shard(shard)
     finally:
         progress.close()
+    if not ranks.main:
+        return {"shards": shards, "passages": len(passage_ids)}  # rank 0 writes the rest
+    _wait_for([shard_file(work, s) for s in range(shards)])
+    if work != out:
+        for s in range(shards):
+            os.replace(shard_file(work, s), shard_file(out, s))
+    dim = np.load(shard_file(out, 0), mmap_mode="r").shape[1]
     write_json(out / CORPUS_IDS, passage_ids)
 
     qrels, _ = usable_judgments(raw_qrels, queries, set(passage_ids), split)
@@ -194,3 +225,22 @@ def embed(
     }
     write_json(out / INFO_FILE, info)
     return info
+
+
+def _save(path: Path, vecs: np.ndarray) -> None:
+    """A shard file appears whole or not at all (a resumed run trusts the ones it finds)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, vecs)
+    os.replace(tmp, path)
+
+
+def _wait_for(paths: list[Path], poll_s: float = 2.0) -> None:
+    """Until every shard is written: the other ranks' too. A rank that fails makes torchrun stop
+    this one, so the wait cannot outlive the run."""
+    last_report = time.perf_counter()
+    while missing := [p for p in paths if not p.is_file()]:
+        if time.perf_counter() - last_report > 60:
+            LOG.info("waiting for %d shards from the other ranks", len(missing))
+            last_report = time.perf_counter()
+        time.sleep(poll_s)
