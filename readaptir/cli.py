@@ -126,10 +126,12 @@ def stage() -> None:
 @user_errors
 def stage_run(name: str, root: Path, device: str | None, spec_file: str, procs: int | None) -> None:
     """Run one stage of the pipeline by NAME."""
+    from readaptir.distributed import launched_ranks
     from readaptir.runner import run_stage
 
     out = run_stage(root, name, device=device, spec_file=spec_file, procs=procs)
-    click.echo(f"{name}: wrote {out}")
+    if launched_ranks().world == 1:  # said once, by the process that launched the ranks
+        click.echo(f"{name}: wrote {out}")
 
 
 metric_option = click.option("--metric", default="nDCG@10", show_default=True)

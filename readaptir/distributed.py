@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -62,6 +63,23 @@ def init_distributed(device: str) -> Ranks:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if on_gpu else "gloo")
     return Ranks(dist.get_rank(), world, local)
+
+
+def join_for_barriers(ranks: Ranks) -> None:
+    """A gloo process group for barriers alone (ranks that need no other communication); its
+    timeout outlasts the slowest rank's work."""
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timedelta(days=7))
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def leave_distributed(ranks: Ranks) -> None:

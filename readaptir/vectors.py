@@ -8,12 +8,16 @@ Layout (float16 halves disk and RAM; scoring happens in float32 later)::
     query_ids.json         their ids, in queries-file order
     info.json              sizes, the encoding asked for and the settings actually used
 
-The embed stage writes it, the search stage reads it one shard at a time.
+The embed stage writes it, the search stage reads it one shard at a time. A long embedding keeps
+its finished shards in a work folder first (``prepare_work``, ``save_shard``, ``complete_shard``),
+so that a killed run, or the ranks of a run on several GPUs, can pick them up.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ INFO_FILE = "info.json"
 CORPUS_IDS = "corpus_ids.json"
 QUERY_VECTORS = "queries.npy"
 QUERY_IDS = "query_ids.json"
+WORK_MANIFEST = "work.json"
 
 
 def shard_file(folder: Path, shard: int) -> Path:
@@ -56,3 +61,47 @@ def load_queries_embeddings(folder: Path) -> tuple[list[str], np.ndarray]:
     if len(ids) != len(vecs):
         raise ValueError(f"{folder}: {len(vecs)} query vectors but {len(ids)} query ids")
     return ids, vecs
+
+
+def save_shard(path: Path, vecs: np.ndarray) -> None:
+    """A shard file appears whole or not at all (a resumed run trusts the ones it finds)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, vecs)
+    os.replace(tmp, path)
+
+
+def complete_shard(path: Path, rows: int) -> bool:
+    """Whether ``path`` holds a finished shard of ``rows`` float16 vectors."""
+    try:
+        vecs = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return vecs.ndim == 2 and vecs.shape[0] == rows and vecs.dtype == np.float16
+
+
+def files_identity(*folders: Path | None) -> list[list]:
+    """Name, size and modification time of every file under ``folders``: cheap, and changed by a
+    rebuilt model (whose content-addressed id stays the same)."""
+    rows: list[list] = []
+    for index, folder in enumerate(folders):
+        if folder is None:
+            continue
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                name = path.relative_to(folder).as_posix()
+                rows.append([index, name, stat.st_size, stat.st_mtime_ns])
+    return rows
+
+
+def prepare_work(folder: Path, identity: dict) -> None:
+    """Keep the shards in ``folder`` only if they were made under ``identity`` (shard size,
+    corpus size, model files); otherwise start it afresh."""
+    folder = Path(folder)
+    manifest = folder / WORK_MANIFEST
+    if manifest.is_file() and _read_json(manifest) == json.loads(json.dumps(identity)):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    manifest.write_text(json.dumps(identity), encoding="utf-8")

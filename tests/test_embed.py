@@ -348,16 +348,36 @@ def test_killed_embedding_resumes_from_its_finished_shards(tiny_retriever, tiny_
         if shard == 1:
             raise KeyboardInterrupt
 
+    def run(name: str, **kw) -> tuple[dict, list[int]]:
+        encoded: list[int] = []
+        kw = {**KW, "on_shard": encoded.append, **kw}
+        out = tmp_path / name
+        return embed(tiny_retriever, tiny_beir, "test", encoding, out, work_dir=work, **kw), encoded
+
     with pytest.raises(KeyboardInterrupt):
-        embed(tiny_retriever, tiny_beir, "test", encoding, tmp_path / "killed",
-              work_dir=work, on_shard=kill_after_1, **KW)  # fmt: skip
-    assert sorted(p.name for p in work.iterdir()) == ["corpus-00000.npy", "corpus-00001.npy"]
-    encoded: list[int] = []
-    info = embed(tiny_retriever, tiny_beir, "test", encoding, tmp_path / "resumed",
-                 work_dir=work, on_shard=encoded.append, **KW)  # fmt: skip
+        run("killed", on_shard=kill_after_1)
+    assert sorted(p.name for p in work.glob("corpus-*")) == ["corpus-00000.npy", "corpus-00001.npy"]
+    info, encoded = run("resumed")
     assert encoded == [2] and info == whole  # only the missing shard is encoded
     assert _same_vectors(tmp_path / "whole", tmp_path / "resumed")
-    assert not list(work.iterdir())  # the shards moved into the output
+    assert not list(work.glob("corpus-*"))  # the shards moved into the output
+
+    # a shard cut short is not trusted; shards of another shard size are not reused
+    with pytest.raises(KeyboardInterrupt):
+        run("killed2", on_shard=kill_after_1)
+    np.save(work / "corpus-00001.npy", np.zeros((3, whole["dim"]), np.float16))
+    assert run("resumed2")[1] == [1, 2]
+    with pytest.raises(KeyboardInterrupt):
+        run("killed3", on_shard=kill_after_1)
+    assert run("resized", shard_size=4)[1] == [0, 1, 2]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_ranks_share_the_shards_and_rank_zero_assembles(tiny_retriever, tiny_beir, tmp_path):
@@ -375,17 +395,24 @@ def test_ranks_share_the_shards_and_rank_zero_assembles(tiny_retriever, tiny_bei
         "a = sys.argv\n"
         "done = []\n"
         "info = embed(Path(a[1]), Path(a[2]), 'test', Encoding(**json.loads(a[3])), Path(a[4]),\n"
-        "             work_dir=Path(a[5]), on_shard=done.append, shard_size=5, batch_tokens=64)\n"
+        "             work_dir=Path(a[5]), on_shard=done.append, shard_size=5, batch_tokens=64,\n"
+        "             device='cpu')\n"
         "print(json.dumps(done))\n"
     )
     runs = []
-    for rank in (0, 1):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
-        args = [tiny_retriever, tiny_beir, encoding.model_dump_json(), tmp_path / f"out{rank}",
-                tmp_path / "work"]  # fmt: skip
-        runs.append(subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env,
-                                     stdout=subprocess.PIPE, text=True))  # fmt: skip
-    done = [json.loads(run.communicate(timeout=240)[0].strip().splitlines()[-1]) for run in runs]
+    # torchrun's environment: where rank 0 serves the process group's rendezvous
+    group = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    try:
+        for rank in (0, 1):
+            env = {**os.environ, **group, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            args = [tiny_retriever, tiny_beir, encoding.model_dump_json(), tmp_path / f"out{rank}",
+                    tmp_path / "work"]  # fmt: skip
+            runs.append(subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env,
+                                         stdout=subprocess.PIPE, text=True))  # fmt: skip
+        done = [json.loads(r.communicate(timeout=240)[0].strip().splitlines()[-1]) for r in runs]
+    finally:
+        for run in runs:
+            run.kill()
     assert done == [[0, 2], [1]]
     assert _same_vectors(tmp_path / "one", tmp_path / "out0")
     assert not (tmp_path / "out1" / "corpus_ids.json").exists()  # rank 1 writes shards only

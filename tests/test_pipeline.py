@@ -165,14 +165,23 @@ def test_split_pipelines_run_and_stale_groups_go(ws, monkeypatch):
 
 def run_in_processes(ws: Path, name: str, procs: str) -> None:
     """`readaptir stage run NAME --procs PROCS` on the CPU, in a process group of its own, so that
-    a hang fails the test with every rank stopped."""
+    a hang fails the test with every rank stopped; checks that it ran in PROCS processes."""
     args = ["stage", "run", name, "--root", str(ws), "--device", "cpu", "--procs", procs]
-    run = subprocess.Popen([sys.executable, "-m", "readaptir", *args], start_new_session=True)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "readaptir", *args],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        assert run.wait(timeout=240) == 0
+        output, _ = run.communicate(timeout=240)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 0, output[-3000:]
+    assert ("launching 2 processes" in output) == (procs == "2"), output[-3000:]
+    assert output.count(f"{name}: wrote") == 1  # rank 0 alone reports
 
 
 def test_adapter_stage_on_two_ranks_learns_what_one_process_does(ws):

@@ -30,12 +30,22 @@ from readaptir.corpus import (
     query_text,
     usable_judgments,
 )
-from readaptir.distributed import launched_ranks
+from readaptir.distributed import barrier, join_for_barriers, launched_ranks, leave_distributed
 from readaptir.encoding import DEFAULT_BATCH_TOKENS, encode_texts
 from readaptir.families import Encoding, Pooling
 from readaptir.models import load_encoder, torch_dtype
 from readaptir.st_config import read_st_config, resolve_fields
-from readaptir.vectors import CORPUS_IDS, INFO_FILE, QUERY_IDS, QUERY_VECTORS, shard_file
+from readaptir.vectors import (
+    CORPUS_IDS,
+    INFO_FILE,
+    QUERY_IDS,
+    QUERY_VECTORS,
+    complete_shard,
+    files_identity,
+    prepare_work,
+    save_shard,
+    shard_file,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -66,8 +76,8 @@ def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
 class Throughput:
     """A progress bar in texts/s that also tracks real (non-padding) tokens/s."""
 
-    def __init__(self, total: int, what: str, unit: str) -> None:
-        self.bar = tqdm(total=total, desc=what, unit=unit, unit_scale=True)
+    def __init__(self, total: int, what: str, unit: str, show: bool = True) -> None:
+        self.bar = tqdm(total=total, desc=what, unit=unit, unit_scale=True, disable=not show)
         self.what, self.texts, self.tokens, self.start = what, 0, 0, time.perf_counter()
 
     def __call__(self, texts: int, tokens: int) -> None:
@@ -77,8 +87,10 @@ class Throughput:
         self.bar.set_postfix_str(f"{self.tokens / self.elapsed():,.0f} tokens/s", refresh=False)
 
     def skip(self, texts: int) -> None:
-        """Texts encoded elsewhere (another rank, an earlier run): the bar moves, the rate not."""
-        self.bar.update(texts)
+        """Texts encoded elsewhere (another rank, an earlier run): no longer this bar's work."""
+        if self.bar.total is not None:
+            self.bar.total -= texts
+            self.bar.refresh()
 
     def elapsed(self) -> float:
         return max(time.perf_counter() - self.start, 1e-9)
@@ -126,10 +138,11 @@ def embed(
     model). Within a shard, batches are formed longest first under ``batch_tokens``; vectors are
     written back in corpus order.
 
-    With ``work_dir`` the shards are written there first and a shard already there is not
-    encoded again (a killed run resumes), then moved into ``out``. Under torchrun each rank encodes
-    every world-th shard into ``work_dir`` and rank 0, once all are there, writes the rest.
-    ``on_shard(index)`` is called after each shard this process encodes.
+    With ``work_dir`` the shards are written there first and a complete shard already there (made
+    with the same shard size, corpus and model files) is not encoded again, so a killed run
+    resumes; then they move into ``out``. Under torchrun each rank encodes every world-th shard
+    into ``work_dir``, and rank 0, after all ranks are done, writes the rest. ``on_shard(index)``
+    is called after each shard this process encodes.
     """
     if shard_size < 1:
         raise ValueError("shard_size must be positive")
@@ -152,6 +165,7 @@ def embed(
     device = resolve_device(device)
     if ranks.world > 1 and device.startswith("cuda"):
         device = f"cuda:{ranks.local}"  # one GPU per rank
+        torch.cuda.set_device(device)
     if dtype is None and encoding.dtype != "auto":
         dtype = encoding.dtype
     model, tokenizer = load_encoder(
@@ -171,33 +185,41 @@ def embed(
     )
 
     work = Path(work_dir) if work_dir is not None else out
-    work.mkdir(parents=True, exist_ok=True)
+    join_for_barriers(ranks)
+    if ranks.main and work != out:
+        identity = {"shard_size": shard_size, "passages": total}
+        prepare_work(work, {**identity, "model": files_identity(model_dir, base_dir)})
+    barrier(ranks)  # the work folder is ready
     passage_ids: list[str] = []
     shards = 0
-    progress = Throughput(total, "passages", "passage")
+    progress = Throughput(total, "passages", "passage", show=ranks.main)
     try:
         for chunk in chunked(iter_passages(dataset_dir), shard_size):
             shard, shards = shards, shards + 1
             passage_ids.extend(p.id for p in chunk)
             path = shard_file(work, shard)
-            if shard % ranks.world != ranks.rank or path.is_file():
+            if shard % ranks.world != ranks.rank or complete_shard(path, len(chunk)):
                 progress.skip(len(chunk))  # another rank's, or encoded before an interruption
                 continue
             texts = [passage_text(p, encoding.passage_template) for p in chunk]
             vecs = encode(texts, max_length=resolved.max_passage_length, on_batch=progress)
-            _save(path, _finite(vecs, f"shard {shard}"))
+            save_shard(path, _finite(vecs, f"shard {shard}"))
             LOG.info("shard %d written; so far %s", shard, progress.summary())
             if on_shard is not None:
                 on_shard(shard)
     finally:
         progress.close()
+    barrier(ranks)  # every rank's shards are written; only rank 0 touches the files from here
+    leave_distributed(ranks)
     if not ranks.main:
-        return {"shards": shards, "passages": len(passage_ids)}  # rank 0 writes the rest
-    _wait_for([shard_file(work, s) for s in range(shards)])
+        return {"shards": shards, "passages": len(passage_ids)}
     if work != out:
         for s in range(shards):
             os.replace(shard_file(work, s), shard_file(out, s))
-    dim = np.load(shard_file(out, 0), mmap_mode="r").shape[1]
+    dims = {np.load(shard_file(out, s), mmap_mode="r").shape[1] for s in range(shards)}
+    if len(dims) != 1:
+        raise ValueError(f"{out}: shards of different vector sizes {sorted(dims)}")
+    (dim,) = dims
     write_json(out / CORPUS_IDS, passage_ids)
 
     qrels, _ = usable_judgments(raw_qrels, queries, set(passage_ids), split)
@@ -225,22 +247,3 @@ def embed(
     }
     write_json(out / INFO_FILE, info)
     return info
-
-
-def _save(path: Path, vecs: np.ndarray) -> None:
-    """A shard file appears whole or not at all (a resumed run trusts the ones it finds)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, vecs)
-    os.replace(tmp, path)
-
-
-def _wait_for(paths: list[Path], poll_s: float = 2.0) -> None:
-    """Until every shard is written: the other ranks' too. A rank that fails makes torchrun stop
-    this one, so the wait cannot outlive the run."""
-    last_report = time.perf_counter()
-    while missing := [p for p in paths if not p.is_file()]:
-        if time.perf_counter() - last_report > 60:
-            LOG.info("waiting for %d shards from the other ranks", len(missing))
-            last_report = time.perf_counter()
-        time.sleep(poll_s)
