@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from shapes import use_tiny
 
 from readaptir.stages.search import torch_topk
 
@@ -41,10 +42,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.tiny:
-        for key, value in TINY.items():
-            if getattr(args, key) == ap.get_default(key):
-                setattr(args, key, value)
+    use_tiny(ap, args, TINY)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
 

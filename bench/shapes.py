@@ -19,12 +19,17 @@ def add_shape_options(ap: argparse.ArgumentParser, defaults: dict = LLAMA_2_7B) 
     ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
 
 
-def apply_tiny(ap: argparse.ArgumentParser, args: argparse.Namespace, tiny: dict) -> None:
+def use_tiny(ap: argparse.ArgumentParser, args: argparse.Namespace, tiny: dict) -> None:
     """With --tiny, the tiny values replace the options left at their defaults."""
     if args.tiny:
         for key, value in tiny.items():
             if getattr(args, key) == ap.get_default(key):
                 setattr(args, key, value)
+
+
+def apply_tiny(ap: argparse.ArgumentParser, args: argparse.Namespace, tiny: dict) -> None:
+    """``use_tiny`` for the shape options, then --kv-heads defaulting to --heads."""
+    use_tiny(ap, args, tiny)
     args.kv_heads = args.kv_heads or args.heads
 
 

@@ -48,31 +48,23 @@ def launched_ranks() -> Ranks:
     )
 
 
-def init_distributed(device: str) -> Ranks:
-    """Join the process group when launched by torchrun with WORLD_SIZE > 1 (NCCL with one GPU
-    per rank when ``device`` is CUDA, else gloo on the CPU); else one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Ranks()
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    on_gpu = str(device).startswith("cuda")
-    if on_gpu:
-        torch.cuda.set_device(local)  # before the group forms, so NCCL binds this rank's GPU
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if on_gpu else "gloo")
-    return Ranks(dist.get_rank(), world, local)
+def rank_device(ranks: Ranks, device: str) -> str:
+    """One GPU per rank: ``cuda:LOCAL_RANK``, made the current device before any process group
+    forms (so NCCL and pinned host memory bind it); any other device as it is."""
+    device = str(device)
+    if ranks.world > 1 and device.startswith("cuda"):
+        device = f"cuda:{ranks.local}"
+        torch.cuda.set_device(device)
+    return device
 
 
-def join_for_barriers(ranks: Ranks) -> None:
-    """A gloo process group for barriers alone (ranks that need no other communication); its
-    timeout outlasts the slowest rank's work."""
+def join_group(ranks: Ranks, backend: str, timeout: timedelta | None = None) -> None:
+    """Join torchrun's process group (nothing to join in one process)."""
     if ranks.world > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=timedelta(days=7))
+            dist.init_process_group(backend, timeout=timeout)
 
 
 def barrier(ranks: Ranks) -> None:

@@ -77,7 +77,7 @@ def _adapter(ctx: Context, out: Path) -> dict:
 
     p = ctx.params
     selection = p.get("selection")
-    summary = train_adapter(
+    return train_adapter(
         ctx.model_dir(p["base"]),
         ctx.dataset_dir(p["train_corpus"]),
         out,
@@ -90,9 +90,6 @@ def _adapter(ctx: Context, out: Path) -> dict:
         **p["hyper"],
         **ctx.spec.get("runtime", {}),
     )
-    if launched_ranks().main:
-        shutil.rmtree(ctx.work_dir, ignore_errors=True)
-    return summary
 
 
 def _delta(ctx: Context, out: Path) -> dict:
@@ -127,7 +124,7 @@ def _embed(ctx: Context, out: Path) -> dict:
 
     p = ctx.params
     model = ctx.inputs.get("model") or ctx.model_dir(p["model"]["retriever"])
-    info = embed(
+    return embed(
         model,
         ctx.dataset_dir(p["dataset"]),
         p["dataset"]["split"],
@@ -137,9 +134,6 @@ def _embed(ctx: Context, out: Path) -> dict:
         device=ctx.device,
         work_dir=ctx.work_dir,
     )
-    if launched_ranks().main:
-        shutil.rmtree(ctx.work_dir, ignore_errors=True)
-    return info
 
 
 def _search(ctx: Context, out: Path) -> None:
@@ -211,13 +205,13 @@ def run_stage(
     GPU); other stages run in this process.
     """
     spec = read_stage_spec(root, name, spec_file)
+    ctx = Context(root, spec, device)
     if spec["kind"] in DISTRIBUTED_KINDS and "WORLD_SIZE" not in os.environ:
-        n = processes(procs, resolve_device(device))
+        n = processes(procs, ctx.device)
         if n > 1:
             args = ["stage", "run", name, "--root", str(root), "--spec", spec_file]
             relaunch(n, args + (["--device", device] if device else []))
             return Path(root) / stage_output(spec)
-    ctx = Context(root, spec, device)
     for role, path in ctx.inputs.items():
         if not path.is_dir():
             raise FileNotFoundError(
@@ -233,6 +227,7 @@ def run_stage(
     with atomic_output(out) as tmp:
         summary = RUNNERS[spec["kind"]](ctx, tmp)
         write_json(tmp / "stage.json", {"name": name, **spec, "summary": summary})
+    shutil.rmtree(ctx.work_dir, ignore_errors=True)  # what a killed run would have resumed from
     if spec["kind"] == "score":  # published only once the stage's own output is complete
         write_json(Path(root) / "metrics" / f"{spec['params']['recipe']}.json", summary)
     ctx.fingerprints.save()

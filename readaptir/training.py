@@ -7,13 +7,14 @@ serves only the loss and is never adapted, since Ψ is applied to a retriever th
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from readaptir.artifacts import atomic_file
 
 LOG = logging.getLogger(__name__)
 
@@ -208,7 +209,6 @@ def save_checkpoint(
 ) -> Path:
     """Everything a resumed run needs, written to a temporary file and renamed into place."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -220,9 +220,8 @@ def save_checkpoint(
         "progress": progress,
     }
     path = folder / CHECKPOINT_FILE
-    tmp = folder / f".{CHECKPOINT_FILE}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 

@@ -16,13 +16,14 @@ so that a killed run, or the ranks of a run on several GPUs, can pick them up.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from readaptir.artifacts import atomic_file, write_json
 
 INFO_FILE = "info.json"
 CORPUS_IDS = "corpus_ids.json"
@@ -65,10 +66,8 @@ def load_queries_embeddings(folder: Path) -> tuple[list[str], np.ndarray]:
 
 def save_shard(path: Path, vecs: np.ndarray) -> None:
     """A shard file appears whole or not at all (a resumed run trusts the ones it finds)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, vecs)
-    os.replace(tmp, path)
 
 
 def complete_shard(path: Path, rows: int) -> bool:
@@ -103,5 +102,4 @@ def prepare_work(folder: Path, identity: dict) -> None:
     if manifest.is_file() and _read_json(manifest) == json.loads(json.dumps(identity)):
         return
     shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    manifest.write_text(json.dumps(identity), encoding="utf-8")
+    write_json(manifest, identity)

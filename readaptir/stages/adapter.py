@@ -25,9 +25,11 @@ from pathlib import Path
 
 from readaptir.corpus import Passage, load_corpus, load_qrels, passage_text
 from readaptir.distributed import (
-    init_distributed,
+    join_group,
+    launched_ranks,
     leave_distributed,
     mean_across_ranks,
+    rank_device,
     rank_share,
     wrap_distributed,
 )
@@ -178,9 +180,9 @@ def train_adapter(
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer, get_scheduler
 
-    ranks = init_distributed(device)
-    if ranks.world > 1 and str(device).startswith("cuda"):
-        device = f"cuda:{ranks.local}"  # one GPU per rank
+    ranks = launched_ranks()
+    device = rank_device(ranks, device)
+    join_group(ranks, "nccl" if device.startswith("cuda") else "gloo")
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     pad_id = (

@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,7 +31,13 @@ from readaptir.corpus import (
     query_text,
     usable_judgments,
 )
-from readaptir.distributed import barrier, join_for_barriers, launched_ranks, leave_distributed
+from readaptir.distributed import (
+    barrier,
+    join_group,
+    launched_ranks,
+    leave_distributed,
+    rank_device,
+)
 from readaptir.encoding import DEFAULT_BATCH_TOKENS, encode_texts
 from readaptir.families import Encoding, Pooling
 from readaptir.models import load_encoder, torch_dtype
@@ -48,6 +55,9 @@ from readaptir.vectors import (
 )
 
 LOG = logging.getLogger(__name__)
+
+# the ranks wait at a barrier for the slowest one's shards: hours at MS MARCO scale
+BARRIER_TIMEOUT = timedelta(days=7)
 
 
 def default_dtype(dtype: str | None, device: str, pooling: Pooling) -> torch.dtype | None:
@@ -162,10 +172,7 @@ def embed(
         raise CorpusError(f"{Path(dataset_dir) / CORPUS_FILE}: no passages")
     st = read_st_config(model_dir) or read_st_config(base_dir)
     resolved = resolve_fields(encoding, st)
-    device = resolve_device(device)
-    if ranks.world > 1 and device.startswith("cuda"):
-        device = f"cuda:{ranks.local}"  # one GPU per rank
-        torch.cuda.set_device(device)
+    device = rank_device(ranks, resolve_device(device))
     if dtype is None and encoding.dtype != "auto":
         dtype = encoding.dtype
     model, tokenizer = load_encoder(
@@ -185,7 +192,7 @@ def embed(
     )
 
     work = Path(work_dir) if work_dir is not None else out
-    join_for_barriers(ranks)
+    join_group(ranks, "gloo", timeout=BARRIER_TIMEOUT)  # for barriers alone
     if ranks.main and work != out:
         identity = {"shard_size": shard_size, "passages": total}
         prepare_work(work, {**identity, "model": files_identity(model_dir, base_dir)})
