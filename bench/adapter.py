@@ -2,10 +2,10 @@
 
 Both settings train DoRA r32 (q/k/v/up/down) on one random-weight bf16 Llama, in the same run:
 
-  (a) paper-like: 4 single passages per step, padded to the longest; float32 adapter weights
-      (PEFT's default); no gradient checkpointing;
-  (b) default: 4 rows of 1024 tokens packed with passages; bf16 adapter weights; gradient
-      checkpointing.
+  (a) paper-like: 4 single passages per step, padded to the longest; no gradient checkpointing;
+  (b) default: 4 rows of 1024 tokens packed with passages; gradient checkpointing.
+
+Both keep float32 adapter weights and compute in bf16 under autocast, as the adapter stage does.
 
 Passage lengths are synthetic and MS MARCO-like (seeded log-normal, mean ≈ 82 tokens, clipped to
 [8, 256]). Reports real (non-padding) tokens per second and peak memory (CUDA allocator on GPU,
@@ -31,7 +31,12 @@ from shapes import add_shape_options, apply_tiny, llama_config
 from transformers import LlamaForCausalLM, get_scheduler
 
 from readaptir.packing import Layout, causal_inputs, layout, pack_boundaries
-from readaptir.training import attach_adapter, enable_gradient_checkpointing, train_step
+from readaptir.training import (
+    attach_adapter,
+    compute_dtype,
+    enable_gradient_checkpointing,
+    train_step,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -103,7 +108,6 @@ def measure(
     batches: list[Layout],
     *,
     packed: bool,
-    float32_adapter: bool,
     warmup: int,
     r: int,
     device: torch.device,
@@ -116,19 +120,23 @@ def measure(
         lora_alpha=2 * r,
         dropout=0.05,
         target_modules=TARGETS,
-        float32_adapter=float32_adapter,
     )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     schedule = get_scheduler("constant", optimizer)
+    autocast = compute_dtype(model)
     for lay in batches[:warmup]:
-        train_step(model, causal_inputs(lay, packed), optimizer, schedule, device)
+        train_step(
+            model, causal_inputs(lay, packed), optimizer, schedule, device, autocast=autocast
+        )
     sync(device)
     reset_peak(device)
     timed = batches[warmup:]
     started = time.perf_counter()
     for lay in timed:
-        train_step(model, causal_inputs(lay, packed), optimizer, schedule, device)
+        train_step(
+            model, causal_inputs(lay, packed), optimizer, schedule, device, autocast=autocast
+        )
     sync(device)
     seconds = time.perf_counter() - started
     real = sum(lay.real_tokens for lay in timed)
@@ -185,22 +193,20 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     n = args.warmup + args.steps
     paper, base = measure(
-        "(a) paper-like: DoRA, 4 padded passages, fp32 adapter",
+        "(a) paper-like: DoRA, 4 padded passages",
         base,
         padded_batches(n, args.rows, args.vocab, rng),
         packed=False,
-        float32_adapter=True,
         warmup=args.warmup,
         r=args.r,
         device=device,
     )
     enable_gradient_checkpointing(base)
     ours, base = measure(
-        f"(b) default: DoRA, {args.rows}×{args.max_length} packed, bf16 adapter, checkpointing",
+        f"(b) default: DoRA, {args.rows}×{args.max_length} packed, checkpointing",
         base,
         packed_batches(n, args.rows, args.max_length, args.vocab, rng),
         packed=True,
-        float32_adapter=False,
         warmup=args.warmup,
         r=args.r,
         device=device,

@@ -44,10 +44,41 @@ def objective_for(config: Any) -> str:
 
 
 def load_model(base_dir: Path, objective: str, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Θ with the head its objective needs, in ``dtype`` (None: the checkpoint's own, with float16
+    trained as bfloat16: float16 gradients underflow without loss scaling).
+
+    A base without its LM head is refused for next-token training (the head is Θ's); an encoder
+    base saved without an MLM head gets one freshly initialised, trained beside the adapter
+    (``head_to_train`` names its parameters) and, like any head, left out of Ψ.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+    if dtype == torch.float16:
+        raise ValueError(
+            "adapter training in float16 needs loss scaling, which is not done here; train in "
+            "bfloat16 (or float32, or auto: a float16 checkpoint trains in bfloat16)"
+        )
     cls = AutoModelForCausalLM if objective == CAUSAL else AutoModelForMaskedLM
-    model = cls.from_pretrained(base_dir, dtype=dtype)
+    model, info = cls.from_pretrained(base_dir, dtype=dtype, output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or ())
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    body = [name for name in missing if name.startswith(prefix)]
+    if body or (missing and objective == CAUSAL):
+        raise ValueError(
+            f"{base_dir}: the checkpoint lacks {len(missing)} tensors the {objective} model needs "
+            f"(e.g. {', '.join((body or missing)[:3])}); Θ must be the pretrained model with its "
+            "LM head"
+        )
+    if missing:
+        LOG.warning(
+            "%s has no masked-LM head (%s): a fresh one is trained with the adapter",
+            base_dir,
+            ", ".join(missing),
+        )
+    model.head_to_train = missing
+    if next(model.parameters()).dtype == torch.float16:
+        LOG.info("float16 checkpoint: training in bfloat16")
+        model = model.to(torch.bfloat16)
     if objective == CAUSAL:
         # a KV cache in training would also stop transformers from reading packed position ids
         model.config.use_cache = False
@@ -89,12 +120,13 @@ def attach_adapter(
     lora_alpha: float,
     dropout: float,
     target_modules: list[str],
-    float32_adapter: bool | None = None,
 ) -> torch.nn.Module:
     """Wrap ``model`` with a PEFT LoRA/DoRA adapter over the body's ``target_modules``.
 
-    Adapter weights are float32 (PEFT's default) unless the base is bf16, where they follow it;
-    ``float32_adapter`` forces either choice.
+    Adapter weights are float32 whatever the base's dtype: a bf16 base computes in bf16 under
+    autocast (``compute_dtype``) while the optimizer updates float32 weights, since bf16 weights
+    would round most AdamW updates of a DoRA magnitude (|m| ≈ 1, steps ≈ lr) away. Parameters
+    the base was loaded without (``head_to_train``, an encoder's fresh MLM head) train too.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -109,10 +141,20 @@ def attach_adapter(
         use_dora=method == "dora",
         task_type="CAUSAL_LM" if objective == CAUSAL else None,
     )
-    if float32_adapter is None:
-        # bf16 adapter weights on a bf16 base: PEFT's float32 ones make DoRA ~3.7× slower there
-        float32_adapter = next(model.parameters()).dtype != torch.bfloat16
-    return get_peft_model(model, config, autocast_adapter_dtype=float32_adapter)
+    fresh = getattr(model, "head_to_train", [])
+    wrapped = get_peft_model(model, config, autocast_adapter_dtype=True)
+    for name, param in wrapped.named_parameters():
+        if any(_matches(name, f) for f in fresh):
+            param.data = param.data.float()
+            param.requires_grad_(True)
+    return wrapped
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The 16-bit dtype a model's frozen weights compute in under autocast; None for float32."""
+    dtypes = {p.dtype for p in model.parameters() if not p.requires_grad}
+    low = dtypes & {torch.bfloat16, torch.float16}
+    return low.pop() if len(low) == 1 else None
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -149,10 +191,16 @@ def train_step(
     schedule: Any,
     device: torch.device | str,
     loss_scale: float = 1.0,
+    autocast: torch.dtype | None = None,
 ) -> float:
-    """One optimizer step on one batch of model inputs; returns the loss (before ``loss_scale``)."""
+    """One optimizer step on one batch of model inputs; returns the loss (before ``loss_scale``).
+
+    ``autocast`` (a 16-bit base's ``compute_dtype``) runs the forward pass in that dtype over
+    float32 adapter weights; gradients and the update stay float32.
+    """
     moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    loss = batch_loss(model, moved)
+    with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
+        loss = batch_loss(model, moved)
     (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     optimizer.step()
     schedule.step()
@@ -194,10 +242,18 @@ class Meter:
 # --- checkpoints -------------------------------------------------------------------------------
 
 CHECKPOINT_FILE = "checkpoint.pt"
+RNG_FILE = "rng-rank{rank}.pt"  # one per rank: dropout draws differ from rank to rank
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()  # this rank's own GPU
+    return rng
 
 
 def save_checkpoint(
@@ -206,29 +262,31 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     schedule: Any,
     progress: dict[str, Any],
+    rank: int = 0,
 ) -> Path:
-    """Everything a resumed run needs, written to a temporary file and renamed into place."""
+    """Everything a resumed run needs, each file written to a temporary name and renamed into
+    place: every rank its random-number state, rank 0 the adapter, optimizer and progress."""
     folder = Path(folder)
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = {
-        "adapter": trainable_state(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": schedule.state_dict(),
-        "rng": rng,
-        "progress": progress,
-    }
+    with atomic_file(folder / RNG_FILE.format(rank=rank)) as tmp:
+        torch.save({"step": progress["step"], "rng": _rng_state()}, tmp)
     path = folder / CHECKPOINT_FILE
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    if rank == 0:
+        state = {
+            "adapter": trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": schedule.state_dict(),
+            "progress": progress,
+        }
+        with atomic_file(path) as tmp:
+            torch.save(state, tmp)
     return path
 
 
 def load_checkpoint(
-    folder: Path, fingerprint: str, device: torch.device | str
+    folder: Path, fingerprint: str, device: torch.device | str, rank: int = 0
 ) -> dict[str, Any] | None:
-    """The checkpoint in ``folder`` when one was made by a run with the same ``fingerprint``."""
+    """The checkpoint in ``folder`` when one was made by a run with the same ``fingerprint``,
+    with this rank's random-number state when it was saved at the same step."""
     path = Path(folder) / CHECKPOINT_FILE
     if not path.is_file():
         return None
@@ -236,6 +294,18 @@ def load_checkpoint(
     if state["progress"].get("fingerprint") != fingerprint:
         LOG.warning("%s belongs to a run with other settings; starting afresh", path)
         return None
+    rng_path = Path(folder) / RNG_FILE.format(rank=rank)
+    rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
+    if rng is None or rng["step"] != state["progress"]["step"]:
+        LOG.warning(
+            "no random-number state of rank %d at step %d: resuming with fresh dropout draws "
+            "(the adapter will differ slightly from an uninterrupted run's)",
+            rank,
+            state["progress"]["step"],
+        )
+        state["rng"] = None
+    else:
+        state["rng"] = rng["rng"]
     return state
 
 
@@ -251,7 +321,15 @@ def restore_checkpoint(
             params[name].copy_(tensor)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"].cpu())
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    rng = state["rng"]
+    if rng is not None:
+        torch.set_rng_state(rng["torch"].cpu())
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"].cpu())
     return state["progress"]
+
+
+def remove_checkpoint(folder: Path) -> None:
+    for path in Path(folder).glob("rng-rank*.pt"):
+        path.unlink(missing_ok=True)
+    (Path(folder) / CHECKPOINT_FILE).unlink(missing_ok=True)

@@ -9,7 +9,14 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig,
 from readaptir import tiny
 from readaptir.corpus import Passage, load_qrels
 from readaptir.stages.adapter import select_passages, train_adapter
-from readaptir.training import CAUSAL, MASKED, objective_for, resolve_targets
+from readaptir.training import (
+    CAUSAL,
+    MASKED,
+    attach_adapter,
+    load_model,
+    objective_for,
+    resolve_targets,
+)
 
 SMALL = dict(r=4, lora_alpha=8, batch_size=4, max_length=32, lr=1e-3, epochs=2)
 
@@ -86,17 +93,29 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_base, tiny_beir):
     assert not (ckpt / "checkpoint.pt").exists()
 
 
-def test_bf16_base_trains_bf16_adapter_with_checkpointing(tmp_path, tiny_base, tiny_beir):
-    _, _, tensors = _train(
-        tmp_path, "bf16", tiny_base, tiny_beir, dtype="bfloat16", gradient_checkpointing=True,
-        max_steps=2,
-    )  # fmt: skip
-    assert {v.dtype for v in tensors.values()} == {torch.bfloat16}
+def test_bf16_base_trains_float32_adapter_weights(tmp_path, tiny_base, tiny_beir):
+    # At lr 2e-4 an AdamW step (≈ lr) is below half a bf16 spacing of the DoRA magnitudes
+    # (≈ 0.16 here): bf16 adapter weights would never move them.
+    args = dict(dtype="bfloat16", gradient_checkpointing=True, max_steps=4)
+    start = _train(tmp_path, "start", tiny_base, tiny_beir, **args, lr=0.0)[2]
+    _, _, trained = _train(tmp_path, "bf16", tiny_base, tiny_beir, **args, lr=2e-4)
+    assert {v.dtype for v in trained.values()} == {torch.float32}
+    magnitudes = [k for k in trained if "lora_magnitude_vector" in k]
+    moved = sum(int((trained[k] != start[k]).sum()) for k in magnitudes)
+    assert moved > 0.9 * sum(trained[k].numel() for k in magnitudes)
 
 
-def test_encoder_base_trains_masked_lm_adapter(tmp_path, tokenizer, tiny_beir):
+def test_encoder_base_trains_masked_lm_adapter(tmp_path, tokenizer, tiny_beir, caplog):
     base = tiny.make_bert(tmp_path / "bert", tokenizer)  # no MLM head: one is made for training
-    summary, out, tensors = _train(tmp_path, "mlm", base, tiny_beir, max_steps=3)
+    with caplog.at_level("WARNING", logger="readaptir.training"):
+        summary, out, tensors = _train(tmp_path, "mlm", base, tiny_beir, max_steps=3)
+    assert "no masked-LM head" in caplog.text and "cls.predictions" in caplog.text
+    model = load_model(base, MASKED, torch.bfloat16)
+    model = attach_adapter(model, objective=MASKED, method="dora", r=4, lora_alpha=8,
+                           dropout=0.0, target_modules=["query"])  # fmt: skip
+    fresh = {n: p for n, p in model.named_parameters() if p.requires_grad and "lora" not in n}
+    assert fresh and all(".cls.predictions." in n for n in fresh)  # the random head trains too
+    assert {p.dtype for p in fresh.values()} == {torch.float32}
     assert summary["objective"] == MASKED and summary["steps"] == 3
     targets = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors}
     assert targets == {"query", "key", "value", "dense"}
@@ -142,3 +161,11 @@ def test_passage_selection_by_judgments(tmp_path, tiny_base, tiny_beir):
         qrels_split="test", max_steps=1,
     )[0]  # fmt: skip
     assert summary["passages"] == 12 - 5
+
+
+def test_decoder_base_without_lm_head_or_in_float16_is_refused(tmp_path, tokenizer, tiny_beir):
+    bare = tiny.make_llama(tmp_path / "bare", tokenizer, causal_lm=False)
+    with pytest.raises(ValueError, match=r"lacks 1 tensors.*lm_head\.weight.*with its LM head"):
+        _train(tmp_path, "bare-out", bare, tiny_beir, max_steps=1)
+    with pytest.raises(ValueError, match="float16 needs loss scaling"):
+        _train(tmp_path, "fp16-out", bare, tiny_beir, max_steps=1, dtype="float16")

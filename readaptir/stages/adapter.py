@@ -45,15 +45,16 @@ from readaptir.packing import (
 )
 from readaptir.training import (
     CAUSAL,
-    CHECKPOINT_FILE,
     DEFAULT_TARGETS,
     Meter,
     attach_adapter,
+    compute_dtype,
     enable_gradient_checkpointing,
     load_checkpoint,
     load_model,
     objective_for,
     position_offset,
+    remove_checkpoint,
     restore_checkpoint,
     save_checkpoint,
     train_step,
@@ -237,7 +238,8 @@ def train_adapter(
         target_modules=targets,
     ).to(device)
     model.train()
-    mask_dtype = next(model.parameters()).dtype
+    autocast = compute_dtype(model)
+    mask_dtype = autocast or torch.float32
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr)
     schedule = get_scheduler(
@@ -252,7 +254,9 @@ def train_adapter(
         rows_per_step, steps, tokens,
     )  # fmt: skip
     progress = {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0, "log": []}
-    state = load_checkpoint(checkpoint_dir, fingerprint, device) if checkpoint_dir else None
+    state = (
+        load_checkpoint(checkpoint_dir, fingerprint, device, ranks.rank) if checkpoint_dir else None
+    )
     if state is not None:
         progress = restore_checkpoint(state, model, optimizer, schedule)
         LOG.info("resuming from step %d of %d (%s)", progress["step"], steps, checkpoint_dir)
@@ -288,7 +292,9 @@ def train_adapter(
             continue
         lay = layout([[tokens[i] for i in row] for row in plan.step_rows(epoch_step)], pad_id)
         share, scale = rank_share(lay, make_inputs(lay, step), ranks)
-        loss = train_step(engine, share, optimizer, schedule, device, loss_scale=scale)
+        loss = train_step(
+            engine, share, optimizer, schedule, device, loss_scale=scale, autocast=autocast
+        )
         loss = mean_across_ranks(loss * scale, ranks, device)  # the step's loss over all its rows
         step, epoch_step = step + 1, epoch_step + 1
         real = lay.real_tokens
@@ -302,10 +308,10 @@ def train_adapter(
                 "step %d/%d epoch %d loss %.4f %.0f tokens/s, %.0f s left",
                 step, steps, epoch, loss, meter.rate(), meter.eta(step),
             )  # fmt: skip
-        if checkpoint_dir and ranks.main and step % checkpoint_every == 0 and step < steps:
+        if checkpoint_dir and step % checkpoint_every == 0 and step < steps:
             progress = dict(step=step, epoch=epoch, epoch_step=epoch_step, tokens=seen,
                             log=log_rows, fingerprint=fingerprint)  # fmt: skip
-            save_checkpoint(checkpoint_dir, model, optimizer, schedule, progress)
+            save_checkpoint(checkpoint_dir, model, optimizer, schedule, progress, ranks.rank)
         if on_step is not None:
             on_step(step)
     bar.close()
@@ -325,7 +331,7 @@ def train_adapter(
         model.save_pretrained(out)
         _write_log(Path(out) / "training_log.csv", log_rows)
         if checkpoint_dir:
-            (Path(checkpoint_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
+            remove_checkpoint(checkpoint_dir)
         LOG.info("adapter trained: %s", summary)
     del engine  # DDP's reducer goes before its process group, or freeing it later hangs
     leave_distributed(ranks)
