@@ -194,11 +194,7 @@ def _sample(ids: set[str], n: int = 3) -> str:
 
 
 def load_collection(dataset_dir: Path, split: str) -> Collection:
-    """Corpus, queries and the split's judgments, with judgments on unknown ids dropped.
-
-    Dropped judgments are counted in ``warnings`` (and logged) rather than raised: public
-    collections routinely judge documents that were later removed from the corpus.
-    """
+    """Corpus, queries and the split's judgments (see ``usable_judgments``)."""
     dataset_dir = Path(dataset_dir)
     passages = load_corpus(dataset_dir)
     queries = load_queries(dataset_dir)
@@ -223,9 +219,11 @@ def load_judgments(dataset_dir: Path, split: str) -> tuple[dict[str, dict[str, i
 def usable_judgments(
     raw: dict[str, dict[str, int]], queries: dict[str, str], doc_ids: set[str], split: str
 ) -> tuple[dict[str, dict[str, int]], list[str]]:
-    """The judgments naming known queries and documents, and a warning for each kind dropped.
+    """The judgments of known queries, and a warning for each oddity met.
 
-    A query left with no judgment on a known document is dropped too: it cannot be scored.
+    Judgments naming an unknown query are dropped: it cannot be searched. Judgments naming a
+    document absent from the corpus are kept, as BEIR and MTEB keep them: the document counts as
+    relevant and no run can return it (public collections judge documents later removed).
     """
     name = f"{QRELS_DIR}/{split}.tsv"
     warnings: list[str] = []
@@ -236,29 +234,19 @@ def usable_judgments(
             f"{name}: {n} judgments name {len(unknown_q)} unknown queries "
             f"(e.g. {_sample(unknown_q)}); ignored"
         )
-
-    qrels: dict[str, dict[str, int]] = {}
-    unknown_d: set[str] = set()
-    dropped = 0
-    for qid, judged in raw.items():
-        if qid in unknown_q:
-            continue
-        kept = {d: g for d, g in judged.items() if d in doc_ids}
-        missing = judged.keys() - kept.keys()
-        if missing:
-            unknown_d |= missing
-            dropped += len(missing)
-        if kept:
-            qrels[qid] = kept
-    if dropped:
+    qrels = {q: dict(judged) for q, judged in raw.items() if q not in unknown_q}
+    absent = [(q, d) for q, judged in qrels.items() for d in judged if d not in doc_ids]
+    if absent:
+        docs = {d for _, d in absent}
         warnings.append(
-            f"{name}: {dropped} judgments name {len(unknown_d)} unknown documents "
-            f"(e.g. {_sample(unknown_d)}); ignored"
+            f"{name}: {len(absent)} judgments name {len(docs)} documents absent from the corpus "
+            f"(e.g. {_sample(docs)}); they count, and no run can retrieve them"
         )
-    emptied = len(raw) - len(unknown_q) - len(qrels)
-    if emptied:
-        warnings.append(f"{name}: {emptied} queries have no judgments left on known documents")
-
+        hopeless = [q for q, judged in qrels.items() if not doc_ids.intersection(judged)]
+        if hopeless:
+            warnings.append(
+                f"{name}: {len(hopeless)} queries judge only absent documents; they score 0"
+            )
     for w in warnings:
         LOG.warning("%s", w)
     return qrels, warnings

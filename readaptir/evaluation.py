@@ -36,17 +36,21 @@ def evaluate(
     metrics: list[str],
     ignore_identical_ids: bool,
     select: dict | None = None,
+    depth: int | None = None,
 ) -> tuple[dict, dict]:
     """(metrics summary, per-query scores) for the ``baseline`` run against the readapted one.
 
     ``runs`` maps roles to TREC run files: ``baseline`` and ``readapted``, or with ``select``
-    (α auto) ``baseline`` and one role per α of ``select['grid']``.
+    (α auto) ``baseline`` and one role per α of ``select['grid']``. Each query's ranking is cut
+    to its top ``depth`` after identical ids are dropped.
     """
     from readaptir.stages.score import parse_metric, score
 
     wanted = list(dict.fromkeys(metrics + ([select["metric"]] if select else [])))
     results = {
-        role: score(run, dataset_dir, split, wanted, ignore_identical_ids=ignore_identical_ids)
+        role: score(
+            run, dataset_dir, split, wanted, ignore_identical_ids=ignore_identical_ids, depth=depth
+        )
         for role, run in runs.items()
     }
     per_query = {role: r["per_query"] for role, r in results.items()}

@@ -71,6 +71,12 @@ E5_INSTRUCTIONS: dict[str, str] = {
 REPLLAMA_DEFAULT_LENGTHS = (512, 512)
 REPLLAMA_LENGTHS: dict[str, tuple[int, int]] = {"msmarco": (32, 196)}
 
+# Collections whose queries are passages of the corpus (counter-arguments, duplicate questions):
+# each query's own passage is removed from its ranking before scoring, as MTEB does for these two
+# (``ignore_identical_ids``). Elsewhere a query id equal to a passage id is a coincidence of
+# numbering (Cranfield and Medline number both from 1) and the passage is kept.
+QUERIES_FROM_CORPUS = frozenset({"arguana", "quora"})
+
 # Other spellings of the collections above: MTEB task names, BEIR folder names, common variants.
 _ALIASES = {
     "dbpedia": "dbpediaentity",
@@ -160,6 +166,13 @@ def dataset_key(name: str | None) -> str | None:
         return None
     key = re.sub(r"[^a-z0-9]", "", name.lower())
     return _ALIASES.get(key, key) or None
+
+
+def ignores_identical_ids(setting: bool | str, dataset: str | None) -> bool:
+    """``eval.ignore_identical_ids`` resolved: ``auto`` is on for ``QUERIES_FROM_CORPUS`` only."""
+    if setting == "auto":
+        return dataset_key(dataset) in QUERIES_FROM_CORPUS
+    return bool(setting)
 
 
 def collection_defaults(

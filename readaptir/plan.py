@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from readaptir.families import resolve_encoding
+from readaptir.families import ignores_identical_ids, resolve_encoding
 from readaptir.fingerprint import Fingerprints, project_path
 from readaptir.recipe import (
     RUNTIME_FIELDS,
@@ -34,7 +34,7 @@ KIND_VERSIONS = {
     "merge": 2,
     "embed": 1,
     "search": 1,
-    "score": 1,
+    "score": 2,
 }
 DATASET_FILES = ("corpus.jsonl", "queries.jsonl")
 
@@ -147,6 +147,7 @@ class Sources:
     retriever_name: str
     dataset_name: str
     retriever_is_peft: bool
+    ignore_identical_ids: bool
 
 
 class Planner:
@@ -260,7 +261,8 @@ class Planner:
             "recipe": recipe.name,
             "dataset": src.dataset.ident,
             "metrics": list(recipe.eval.metrics),
-            "ignore_identical_ids": recipe.eval.ignore_identical_ids,
+            "ignore_identical_ids": src.ignore_identical_ids,
+            "k": recipe.eval.k,
             "alpha": readapt.alpha,
             "beta": readapt.beta,
             "label": recipe.column,
@@ -308,6 +310,9 @@ class Planner:
             retriever_name=slug(recipe.retriever.source),
             dataset_name=slug(recipe.corpus.label),
             retriever_is_peft=self.is_peft(recipe.retriever),
+            ignore_identical_ids=ignores_identical_ids(
+                recipe.eval.ignore_identical_ids, recipe.corpus.label
+            ),
         )
 
     def embed_and_search(
@@ -323,11 +328,13 @@ class Planner:
             deps + src.dataset.deps,
             group=where,
         )
+        # one more when the query's own passage will be dropped, so that k remain, as in BEIR
+        depth = recipe.eval.k + 1 if src.ignore_identical_ids else recipe.eval.k
         return self.add(
             "search",
             f"{who}-{where}",
-            f"Exact top-{recipe.eval.k} search, {who} on {where}",
-            {"k": recipe.eval.k},
+            f"Exact top-{depth} search, {who} on {where}",
+            {"k": depth},
             {"embeddings": embed},
             group=where,
         )

@@ -189,7 +189,7 @@ def _check_metric(name: str) -> int | None:
 class EvalSpec(_Strict):
     k: int = Field(100, gt=0)
     metrics: list[str] = ["nDCG@10", "Recall@100", "MRR@10"]
-    ignore_identical_ids: bool = True
+    ignore_identical_ids: Literal["auto"] | bool = "auto"
 
     @field_validator("metrics")
     @classmethod

@@ -164,6 +164,7 @@ def _score(ctx: Context, out: Path) -> dict:
         p["metrics"],
         p["ignore_identical_ids"],
         p.get("select"),
+        depth=p["k"],
     )
     write_json(out / "per_query.json", details)
     metrics = {

@@ -120,26 +120,31 @@ def test_malformed_qrels_name_the_line(beir, line, message):
         load_qrels(beir, "test")
 
 
-def test_collection_drops_unknown_ids_with_a_warning(beir, caplog):
+def test_collection_keeps_absent_documents_and_drops_unknown_queries(beir, caplog):
     qrels = [*QRELS, ("q1", "x1", 1), ("q1", "x2", 1), ("007", "x1", 1), ("ghost", "d1", 1)]
     write_beir(beir, CORPUS, QUERIES, qrels)
     with caplog.at_level(logging.WARNING, logger="readaptir.corpus"):
         col = load_collection(beir, "test")
     assert isinstance(col, Collection)
-    assert col.qrels == {"q1": {"0042": 2, "d1": 1}, "007": {"d2": 0, "7": -1}}
+    # as in BEIR and MTEB: a judged document missing from the corpus still counts as relevant
+    assert col.qrels == {
+        "q1": {"0042": 2, "d1": 1, "x1": 1, "x2": 1},
+        "007": {"d2": 0, "7": -1, "x1": 1},
+    }
     assert "q3" in col.queries and "q3" not in col.qrels  # unjudged queries are simply absent
     assert col.warnings == [
         "qrels/test.tsv: 1 judgments name 1 unknown queries (e.g. 'ghost'); ignored",
-        "qrels/test.tsv: 3 judgments name 2 unknown documents (e.g. 'x1', 'x2'); ignored",
+        "qrels/test.tsv: 3 judgments name 2 documents absent from the corpus (e.g. 'x1', 'x2'); "
+        "they count, and no run can retrieve them",
     ]
-    assert "unknown documents" in caplog.text
+    assert "absent from the corpus" in caplog.text
 
 
-def test_collection_drops_queries_left_without_judgments(beir):
+def test_query_judging_only_absent_documents_is_kept(beir):
     write_beir(beir, CORPUS, QUERIES, [("q1", "d1", 1), ("q3", "gone", 1)])
     col = load_collection(beir, "test")
-    assert col.qrels == {"q1": {"d1": 1}}
-    assert any("1 queries have no judgments left" in w for w in col.warnings)
+    assert col.qrels == {"q1": {"d1": 1}, "q3": {"gone": 1}}
+    assert any("1 queries judge only absent documents; they score 0" in w for w in col.warnings)
 
 
 def test_corpus_lines_are_json_objects(beir):
@@ -167,9 +172,10 @@ def test_passages_are_read_lazily(beir):
 def test_usable_judgments_without_loading_the_corpus():
     raw = {"q1": {"d1": 1, "gone": 2}, "q2": {"gone": 1}, "ghost": {"d1": 1}}
     qrels, warnings = usable_judgments(raw, {"q1": "a", "q2": "b"}, {"d1", "d2"}, "dev")
-    assert qrels == {"q1": {"d1": 1}}
+    assert qrels == {"q1": {"d1": 1, "gone": 2}, "q2": {"gone": 1}}
     assert warnings == [
         "qrels/dev.tsv: 1 judgments name 1 unknown queries (e.g. 'ghost'); ignored",
-        "qrels/dev.tsv: 2 judgments name 1 unknown documents (e.g. 'gone'); ignored",
-        "qrels/dev.tsv: 1 queries have no judgments left on known documents",
+        "qrels/dev.tsv: 2 judgments name 1 documents absent from the corpus (e.g. 'gone'); "
+        "they count, and no run can retrieve them",
+        "qrels/dev.tsv: 1 queries judge only absent documents; they score 0",
     ]

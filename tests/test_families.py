@@ -12,6 +12,7 @@ from readaptir.families import (
     PRESETS,
     Encoding,
     dataset_key,
+    ignores_identical_ids,
     resolve_encoding,
 )
 
@@ -126,3 +127,13 @@ def test_precision_is_fixed_at_build_time_by_family():
         resolve_encoding("bert")
     with pytest.raises(ValidationError):
         resolve_encoding("custom", {"pooling": "max"})
+
+
+@pytest.mark.parametrize(
+    ("setting", "dataset", "expected"),
+    [("auto", "arguana", True), ("auto", "QuoraRetrieval", True), ("auto", "scifact", False),
+     ("auto", "cranfield", False), ("auto", None, False), (True, "scifact", True),
+     (False, "quora", False)],
+)  # fmt: skip
+def test_identical_ids_rule_per_collection(setting, dataset, expected):
+    assert ignores_identical_ids(setting, dataset) is expected

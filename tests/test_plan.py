@@ -181,3 +181,19 @@ def test_recipe_device_is_runtime_and_the_command_line_wins(project, monkeypatch
     assert Context(project, spec, "cpu").device == "cpu"  # the command line's
     monkeypatch.setenv("READAPTIR_DEVICE", "cpu")
     assert Context(project, spec, None).device == "cpu"  # the machine's
+
+
+def test_identical_ids_ignored_where_queries_come_from_the_corpus(project):
+    def depth_and_flag(plan):
+        (score,) = by_kind(plan)["score"][:1]
+        depths = {s.params["k"] for s in by_kind(plan)["search"]}
+        return depths, score.params["ignore_identical_ids"], score.params["k"]
+
+    assert depth_and_flag(plan_of(project)) == ({100}, False, 100)  # a toy collection
+    common = project / "recipes" / "_common.yaml"
+    text = common.read_text().replace("corpus: data/toy", "corpus: {path: data/toy, name: ArguAna}")
+    common.write_text(text)
+    # ArguAna's queries are its passages: one more fetched, the query's own dropped, 100 scored
+    assert depth_and_flag(plan_of(project)) == ({101}, True, 100)
+    common.write_text(text + "eval: {ignore_identical_ids: false}\n")
+    assert depth_and_flag(plan_of(project)) == ({100}, False, 100)

@@ -39,7 +39,7 @@ def test_minimal_recipe_gets_the_papers_defaults(tmp_path):
     assert a.scheduler == "linear"
     assert (recipe.readapt.alpha, recipe.readapt.beta) == (0.5, 1.0)
     assert recipe.eval.k == 100 and recipe.eval.metrics == ["nDCG@10", "Recall@100", "MRR@10"]
-    assert recipe.eval.ignore_identical_ids is True
+    assert recipe.eval.ignore_identical_ids == "auto"
     assert recipe.corpus.split == "test" and recipe.train_corpus == recipe.corpus
 
 

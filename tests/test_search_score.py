@@ -218,7 +218,8 @@ def _dcg(gains: list[float]) -> float:
 
 
 def test_hand_computed_metrics(toy, tmp_path):
-    result = score(tmp_path / "run.trec", toy, "test", ["ndcg@10", "MRR@10", "recall@3", "mrr@2"])
+    metrics = ["ndcg@10", "MRR@10", "recall@3", "mrr@2"]
+    result = score(tmp_path / "run.trec", toy, "test", metrics, ignore_identical_ids=True)
     assert result["queries"] == 3
     pq = result["per_query"]
     assert set(pq) == {"qa", "qb", "qc"}  # qd is unjudged: skipped
@@ -243,19 +244,19 @@ def test_hand_computed_metrics(toy, tmp_path):
 
 
 def test_identical_ids_kept_when_asked(toy, tmp_path):
-    kept = score(tmp_path / "run.trec", toy, "test", ["MRR@10"], ignore_identical_ids=False)
+    kept = score(tmp_path / "run.trec", toy, "test", ["MRR@10"])  # the default
     assert kept["per_query"]["qa"]["MRR@10"] == pytest.approx(1 / 3)
 
 
-def test_unknown_judged_ids_are_warnings(toy, tmp_path):
+def test_absent_judged_documents_count_as_in_beir(toy, tmp_path):
     (toy / "qrels" / "test.tsv").write_text("qa\td1\t1\nqa\tgone\t1\nghost\td1\t1\n")
     result = score(tmp_path / "run.trec", toy, "test", ["P@1", "MAP", "map@5"])
     assert result["queries"] == 1
     assert set(result["metrics"]) == {"P@1", "MAP", "MAP@5"}
-    assert result["per_query"]["qa"]["P@1"] == 0.0 and result["metrics"]["MAP"] == pytest.approx(
-        0.5
-    )
-    assert any("unknown documents" in w for w in result["warnings"])
+    # qa ranks qa, d2, d1, ...: d1 at rank 3, 'gone' never; two relevant documents
+    assert result["per_query"]["qa"]["P@1"] == 0.0
+    assert result["metrics"]["MAP"] == pytest.approx((1 / 3) / 2)
+    assert any("absent from the corpus" in w for w in result["warnings"])
     assert any("unknown queries" in w for w in result["warnings"])
 
 
@@ -275,3 +276,12 @@ def test_run_file_errors(tmp_path):
     (tmp_path / "bad.trec").write_text("q1 Q0 d1 1 0.5 tag\nq1 Q0 d2 2\n")
     with pytest.raises(ValueError, match="bad.trec line 2"):
         read_run(tmp_path / "bad.trec")
+
+
+def test_depth_cuts_after_the_query_itself_is_dropped(toy, tmp_path):
+    # qa's run: qa (itself), d2, d1, d4, d3; judged d1 = 1, d3 = 2
+    run = tmp_path / "run.trec"
+    dropped = score(run, toy, "test", ["MAP"], ignore_identical_ids=True, depth=3)
+    assert dropped["per_query"]["qa"]["MAP"] == pytest.approx((1 / 2) / 2)  # d2, d1, d4
+    kept = score(run, toy, "test", ["MAP"], depth=3)
+    assert kept["per_query"]["qa"]["MAP"] == pytest.approx((1 / 3) / 2)  # qa, d2, d1

@@ -229,8 +229,10 @@ def embed(
     (dim,) = dims
     write_json(out / CORPUS_IDS, passage_ids)
 
-    qrels, _ = usable_judgments(raw_qrels, queries, set(passage_ids), split)
-    query_ids = [q for q in queries if q in qrels]
+    known = set(passage_ids)
+    qrels, _ = usable_judgments(raw_qrels, queries, known, split)
+    # a query judging only absent documents scores 0 whatever its ranking: not worth encoding
+    query_ids = [q for q in queries if not known.isdisjoint(qrels.get(q, ()))]
     texts = [
         query_text(queries[q], encoding.query_template, encoding.query_instruction)
         for q in query_ids

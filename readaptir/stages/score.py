@@ -101,15 +101,19 @@ def score(
     split: str,
     metrics: list[str],
     *,
-    ignore_identical_ids: bool = True,
+    ignore_identical_ids: bool = False,
+    depth: int | None = None,
 ) -> dict:
     """Metrics of ``run_file`` on ``split``, mean over every judged query.
 
     As in BEIR, queries without judgments are skipped, and with ``ignore_identical_ids`` a run entry
     whose document id equals its query id is removed first (collections such as ArguAna and Quora
-    contain the query itself). Unlike a plain pytrec_eval/BEIR mean, which averages over the queries
-    present in the run, a judged query missing from the run scores 0 on every metric and still
-    counts in the mean, so a run that silently drops queries cannot look better than it is.
+    contain the query itself); ``depth`` then keeps each query's top ``depth`` (the search fetched
+    one more for the removed entry). Judgments on documents absent from the corpus count, as in
+    BEIR and MTEB: relevant documents no run can return. Unlike a plain pytrec_eval/BEIR mean,
+    which averages over the queries present in the run, a judged query missing from the run
+    scores 0 on every metric and still counts in the mean, so a run that silently drops queries
+    cannot look better than it is.
 
     Returns ``{"metrics": {name: mean}, "per_query": {qid: {name: value}}, "queries": n,
     "warnings": [...]}`` with metric names in canonical spelling and nothing rounded.
@@ -127,6 +131,8 @@ def score(
         run = {q: {d: s for d, s in docs.items() if d != q} for q, docs in run.items()}
         if removed:
             LOG.info("ignored %d run entries whose document id is the query id", removed)
+    if depth is not None:
+        run = cut_run(run, depth)
     missing = [q for q in qrels if q not in run or not run[q]]
     if missing:
         warnings.append(
