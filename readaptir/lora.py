@@ -17,7 +17,7 @@ from types import EllipsisType
 import torch
 
 from readaptir.shards import Checkpoint, WeightError
-from readaptir.weights import Body, split_head
+from readaptir.weights import Body, split_head, ties_embeddings
 
 LOG = logging.getLogger(__name__)
 
@@ -151,12 +151,15 @@ class Adapter:
                 by_target.setdefault(rest, {})["full"] = key
             elif match["role"] == "lora_B.bias":
                 by_target.setdefault(match["path"] + ".bias", {})["bias"] = key
+            elif match["role"] == "base_layer.bias" and self.config.get("bias", "none") != "none":
+                # bias "all"/"lora_only": a target's trained bias, saved beside its factors
+                by_target.setdefault(match["path"] + ".bias", {})["full"] = key
             elif not match["role"].startswith("base_layer"):  # base_layer: a copy of Θ's own
                 roles = by_target.setdefault(match["path"] + ".weight", {})
                 roles[_ROLES[match["role"]]] = key
                 if "embedding" in match["role"]:
                     embeddings.add(match["path"] + ".weight")
-        canon, self.heads = split_head(list(by_target), prefix)
+        canon, self.heads = split_head(list(by_target), prefix, self.folder)
         if self.heads:
             LOG.info("%s: dropping updates to head tensors %s", self.folder, self.heads)
         self._targets = {name: by_target[stored] for name, stored in canon.items()}
@@ -180,7 +183,14 @@ class Adapter:
         return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
 
     def check(self, base: Body) -> None:
-        """Every target exists in ``base`` with the shape the adapter's factors produce."""
+        """Every target exists in ``base`` with the shape the adapter's factors produce, and no
+        head update would be lost with the head while reaching the body through tied weights."""
+        if self.heads and ties_embeddings(base.folder):
+            raise WeightError(
+                f"{self.folder} updates {self.heads[0]}, which {base.folder} ties to its input "
+                "embeddings: the update would change the body too; train the adapter without "
+                "targeting the head"
+            )
         for name, roles in self._targets.items():
             key = next(iter(roles.values()))
             if name not in base:
@@ -198,6 +208,11 @@ class Adapter:
     def _shape(self, name: str, roles: dict[str, str]) -> tuple[int, ...]:
         shape = self.ckpt.shape
         if "full" in roles:
+            if len(roles) > 1:
+                raise WeightError(
+                    f"{self.folder}: {name} is both replaced ({roles['full']}) and updated "
+                    f"({', '.join(k for r, k in roles.items() if r != 'full')})"
+                )
             return shape(roles["full"])
         if "bias" in roles:
             if "m" in self._targets.get(name.rsplit(".", 1)[0] + ".weight", {}):

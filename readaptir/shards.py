@@ -25,6 +25,7 @@ LOG = logging.getLogger(__name__)
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 ADAPTER = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"  # older PEFT releases' format; small enough to load whole
 _ST_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -53,9 +54,22 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def _read_header(path: Path) -> tuple[dict[str, dict], int]:
     """The tensor entries of a safetensors header and where the tensor bytes start."""
+    total = path.stat().st_size
     with open(path, "rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(size))
+        head = fh.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if size is None or size > total - 8:
+            lfs = head.startswith(b"version ")  # "version https://git-lfs…": a pointer file
+            raise WeightError(
+                f"{path} is not a safetensors file"
+                + (" (a git-lfs pointer: run `git lfs pull`)" if lfs else f" ({total} bytes)")
+            )
+        try:
+            header = json.loads(fh.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise WeightError(f"{path}: unreadable safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise WeightError(f"{path}: unreadable safetensors header")
     header.pop("__metadata__", None)
     return header, 8 + size
 
@@ -91,15 +105,37 @@ class Checkpoint:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self._files = self._locate()
         self._meta: dict[str, dict] = {}
         self._file_of: dict[str, Path] = {}
         self._data_start: dict[Path, int] = {}
+        self._loaded: dict[str, torch.Tensor] = {}  # an adapter_model.bin, held in memory
+        if not (self.folder / ADAPTER).is_file() and (self.folder / ADAPTER_BIN).is_file():
+            self._load_bin(self.folder / ADAPTER_BIN)
+            return
+        self._files = self._locate()
         for path in self._files:
             header, self._data_start[path] = _read_header(path)
             for name, info in header.items():
                 self._meta[name] = info
                 self._file_of[name] = path
+
+    def _load_bin(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle errors come in many types
+            raise WeightError(f"{path}: not a readable PyTorch state dict ({err})") from None
+        self._files = [path]
+        for name, tensor in state.items():
+            if tensor.dtype not in _ST_CODES:
+                raise WeightError(f"tensor {name} in {path} has unsupported dtype {tensor.dtype}")
+            size = tensor.numel() * tensor.element_size()
+            self._meta[name] = {
+                "dtype": _ST_CODES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [0, size],
+            }
+            self._file_of[name] = path
+            self._loaded[name] = tensor.contiguous()
 
     def _locate(self) -> list[Path]:
         folder = self.folder
@@ -142,6 +178,9 @@ class Checkpoint:
         the file is open, which over a whole model adds up to the model's size.
         """
         dtype, shape, size = self.dtype(name), self.shape(name), self.nbytes(name)
+        if name in self._loaded:
+            buf = torch.empty(size, dtype=torch.uint8) if buffer is None else buffer
+            return buf.view(dtype).reshape(shape).copy_(self._loaded[name])
         path = self._file_of[name]
         if size != math.prod(shape) * dtype.itemsize:
             raise WeightError(f"tensor {name} in {path}: {size} bytes for shape {shape} {dtype}")

@@ -44,7 +44,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
 def llama_config(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, **overrides):
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    settings = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -56,8 +56,8 @@ def llama_config(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, *
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        **overrides,
     )
+    return LlamaConfig(**{**settings, **overrides})
 
 
 def make_llama(out: Path, tokenizer, seed: int = 0, causal_lm: bool = True, **config) -> Path:

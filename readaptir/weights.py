@@ -7,6 +7,7 @@ Tensors outside the prefix of a prefixed checkpoint (``lm_head``, ``cls.*``) are
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -18,6 +19,11 @@ LOG = logging.getLogger(__name__)
 
 # Buffers some checkpoints carry and others do not; models rebuild them at load time.
 BUFFER_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
+
+
+# Tensors outside the body of a prefixed checkpoint that serve only the language-model objective:
+# causal LM heads (``lm_head``), BERT's masked-LM head (``cls``).
+HEADS = ("lm_head.", "cls.")
 
 
 def compute_dtype(out: torch.dtype, stored: list[torch.dtype]) -> torch.dtype:
@@ -44,6 +50,14 @@ def auto_model_class(model_dir: Path) -> type:
         ) from None
 
 
+def ties_embeddings(model_dir: Path) -> bool:
+    """Whether the model's output head shares the input embedding matrix (transformers' default
+    when the config does not say)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
+
+
 def base_model_prefix(model_dir: Path) -> str:
     return auto_model_class(model_dir).base_model_prefix
 
@@ -52,16 +66,28 @@ def is_buffer(name: str) -> bool:
     return name.endswith(BUFFER_SUFFIXES)
 
 
-def split_head(names: list[str], prefix: str) -> tuple[dict[str, str], list[str]]:
+def split_head(
+    names: list[str], prefix: str, where: Path | str = "checkpoint"
+) -> tuple[dict[str, str], list[str]]:
     """Canonical name → stored name for body tensors, and the stored names of head tensors.
 
-    A checkpoint is prefixed when any tensor starts with ``prefix.``; then the others are heads.
+    A checkpoint is prefixed when any tensor starts with ``prefix.``; then the others must be LM
+    heads (``HEADS``), used only by the training objective. Any other tensor outside the body (a
+    projection a retriever applies to its states, say) fails, naming it: dropping it would change
+    what the model computes.
     """
     lead = prefix + "."
     if not any(n.startswith(lead) for n in names):
         return {n: n for n in names}, []
     body = {n[len(lead) :]: n for n in names if n.startswith(lead)}
-    return body, sorted(n for n in names if not n.startswith(lead))
+    heads = sorted(n for n in names if not n.startswith(lead))
+    unknown = [n for n in heads if not n.startswith(HEADS)]
+    if unknown:
+        raise WeightError(
+            f"{where}: tensor {unknown[0]} is neither in the model body ({lead}…) nor an LM head "
+            f"({', '.join(h + '…' for h in HEADS)}); readapting would drop it"
+        )
+    return body, heads
 
 
 class Body:
@@ -71,7 +97,7 @@ class Body:
         self.folder = Path(model_dir)
         self.ckpt = Checkpoint(model_dir)
         self.prefix = base_model_prefix(model_dir) if prefix is None else prefix
-        self._raw, self.heads = split_head(self.ckpt.names(), self.prefix)
+        self._raw, self.heads = split_head(self.ckpt.names(), self.prefix, self.folder)
         if self.heads:
             LOG.info("%s: dropping head tensors %s", self.folder, self.heads)
 

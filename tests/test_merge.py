@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from readaptir import readapt
 from readaptir.lora import Adapter
@@ -489,3 +490,73 @@ def test_bf16_lora_retriever_routes_agree_bit_for_bit(tmp_path, bf16_pair, lora_
     assert direct.names() == stored.names()
     assert {direct.get(n).dtype for n in direct.names()} == {torch.bfloat16}
     assert all(torch.equal(direct.get(n), stored.get(n)) for n in direct.names())
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_trained_biases_match_peft_merge(tmp_path, tokenizer, bias):
+    from readaptir import tiny
+
+    base = tiny.make_llama(tmp_path / "base", tokenizer, attention_bias=True)
+    retriever = tiny.make_llama(tmp_path / "retr", tokenizer, seed=1, causal_lm=False,
+                                attention_bias=True)  # fmt: skip
+    adapter = make_adapter(
+        AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter", dora=False, seed=7,
+        target_modules=["q_proj", "v_proj"], bias=bias,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    run_merge(out, base, retriever, alpha=1.0, beta=0.0, adapter_dir=adapter)
+    got, want, theta = load_state(out), peft_merged(base, adapter), load_state(base)
+    assert not torch.equal(
+        want["layers.0.self_attn.q_proj.bias"], theta["layers.0.self_attn.q_proj.bias"]
+    )
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_head_update_through_tied_embeddings_is_refused(tmp_path, tokenizer):
+    from readaptir import tiny
+
+    base = tiny.make_llama(tmp_path / "base", tokenizer, tie_word_embeddings=True)
+    retriever = tiny.make_llama(tmp_path / "retr", tokenizer, causal_lm=False)
+    adapter = make_adapter(
+        AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter", dora=False, seed=8,
+        target_modules=["q_proj", "lm_head"],
+    )  # fmt: skip
+    with pytest.raises(WeightError, match=r"updates lm_head\.weight, which .* ties"):
+        run_merge(tmp_path / "out", base, retriever, alpha=1.0, beta=0.0, adapter_dir=adapter)
+
+
+def test_mixed_precision_retriever_is_reproduced_tensor_by_tensor(
+    tmp_path, tiny_base, tiny_retriever
+):
+    from safetensors.torch import load_file, save_file
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_retriever, mixed)
+    tensors = load_file(mixed / "model.safetensors")
+    kept = {k: v if "norm" in k else v.to(torch.bfloat16) for k, v in tensors.items()}
+    save_file(kept, mixed / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    info = run_merge(out, tiny_base, mixed, alpha=0.0, beta=1.0)
+    assert info["dtype"] == "bfloat16"  # the model's dtype: most of its parameters
+    got = Checkpoint(out)
+    for name, tensor in kept.items():
+        assert got.dtype(name) == tensor.dtype and torch.equal(got.get(name), tensor), name
+
+
+def test_lora_retriever_saved_as_bin(tmp_path, tiny_base, lora_retriever):
+    # adapters saved by PEFT before safetensors became its default (e.g. RepLLaMA's release)
+    from safetensors.torch import load_file
+
+    old = tmp_path / "old-format"
+    shutil.copytree(lora_retriever, old)
+    torch.save(load_file(old / "adapter_model.safetensors"), old / "adapter_model.bin")
+    (old / "adapter_model.safetensors").unlink()
+    run_merge(tmp_path / "new", tiny_base, lora_retriever, alpha=0.0, beta=1.0)
+    run_merge(tmp_path / "old", tiny_base, old, alpha=0.0, beta=1.0)
+    new, got = Checkpoint(tmp_path / "new"), Checkpoint(tmp_path / "old")
+    assert sorted(new.names()) == sorted(got.names())
+    assert all(torch.equal(new.get(n), got.get(n)) for n in new.names())
+    (old / "adapter_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(WeightError, match=r"adapter_model\.bin: not a readable"):
+        Checkpoint(old)

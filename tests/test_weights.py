@@ -244,3 +244,24 @@ def test_add_psi_equals_the_reference_maths(kind):
         rows = slice(2, 5)
         got = add_psi(torch.zeros(3, 5, dtype=torch.float64), 1.0, update, weight[rows], rows)
         torch.testing.assert_close(got, want[rows])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n", "git-lfs pointer"),
+        (b"abc", "not a safetensors file"),
+        (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json here!}", "unreadable safetensors header"),
+    ],
+    ids=["lfs-pointer", "truncated", "bad-json"],
+)
+def test_broken_safetensors_name_the_file(tmp_path, content, message):
+    (tmp_path / "model.safetensors").write_bytes(content)
+    with pytest.raises(WeightError, match=rf"model\.safetensors.*{message}"):
+        Checkpoint(tmp_path)
+
+
+def test_head_outside_the_body_must_be_an_lm_head():
+    names = ["model.layers.0.mlp.up_proj.weight", "lm_head.weight", "proj.weight"]
+    with pytest.raises(WeightError, match=r"retr: tensor proj\.weight is neither in the model"):
+        split_head(names, "model", "retr")

@@ -86,11 +86,14 @@ def merge(
     if peft_retriever:
         retriever = Adapter(retriever_dir, base.prefix)
         retriever.check(base)
-        out_dtype = torch_dtype(dtype) or base.ckpt.float_dtype()
     else:
         retriever = Body(retriever_dir)
         check_same_body(base, retriever)
-        out_dtype = torch_dtype(dtype) or retriever.ckpt.float_dtype()
+    # the model's own storage (the retriever's, or Θ's under a LoRA retriever), tensor by tensor
+    # unless the recipe names one dtype: a bf16 model keeping its norms in float32 stays so
+    stored = base if peft_retriever else retriever
+    forced = torch_dtype(dtype)
+    out_dtype = forced or stored.ckpt.float_dtype()
     knowledge = Adapter(Path(adapter_dir), base.prefix) if alpha != 0 else None
     if knowledge is not None:
         knowledge.check(base)
@@ -103,7 +106,11 @@ def merge(
     if dropped:
         LOG.info("not written to the readapted model: %s", dropped)
     layout: list[TensorSpec] = [
-        (n, base.shape(n), out_dtype if base.dtype(n).is_floating_point else base.dtype(n))
+        (
+            n,
+            base.shape(n),
+            (forced or stored.dtype(n)) if stored.dtype(n).is_floating_point else base.dtype(n),
+        )
         for n in names
     ]
     dev = resolve_device(device)
