@@ -9,10 +9,11 @@ intermediate 5632, vocab 32000, bf16), each written by safetensors itself:
 
 Then, each in a child process of its own and interleaved ``--repeat`` times (best kept):
 
-  (a) readaptir's merge of Θ + 0.5·Ψ + 1.0·Δ, Δ taken from R directly (with ``--delta-route``
-      also the stored-Δ route, after computing Δ once);
-  (b) the I/O floor: safetensors reads every tensor the merge needs (Θ's body, R, the adapter)
-      once into memory, and writes the output (R's tensors) once, in shards of the same size;
+  (a) readaptir's merge of Θ + 0.5·Ψ + β·Δ (``--beta``, default 1.0, the paper's), Δ taken from
+      R directly (with ``--delta-route`` also the stored-Δ route, after computing Δ once);
+  (b) the I/O floor: safetensors reads every tensor the merge needs once into memory (R and the
+      adapter; of Θ, the DoRA targets' weights at β = 1, where Θ + Δ is R, else its whole body)
+      and writes the output (R's tensors) once, in shards of the same size;
   (c) the ratio a/b;
   (d) the merge's peak RSS (the child's ru_maxrss) against one input shard + 1 GiB.
 
@@ -51,13 +52,14 @@ GiB = 1024**3
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 LLAMA_1B = {"hidden": 2048, "layers": 16, "heads": 16, "intermediate": 5632, "vocab": 32000}
 TINY = dict(hidden=256, layers=2, intermediate=688, vocab=4000, heads=4, rank=8, shard_gb=0.002)
-ALPHA, BETA = 0.5, 1.0
+ALPHA = 0.5
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_shape_options(ap, LLAMA_1B)
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--beta", type=float, default=1.0, help="β of the merge (α is 0.5)")
     ap.add_argument("--shard-gb", type=float, default=1.0, help="input and output shard size, GiB")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="the merge's device (cpu, cuda)")
@@ -220,7 +222,7 @@ def child(args: argparse.Namespace) -> dict:
 
         clear(work, args.child)
         started, cpu = time.perf_counter(), _cpu_seconds()
-        io_floor(work, out, shard)
+        io_floor(work, out, shard, args.beta)
         return {"seconds": time.perf_counter() - started, "cpu": _cpu_seconds() - cpu}
     from readaptir.stages.delta import compute_delta
     from readaptir.stages.merge import merge
@@ -241,7 +243,7 @@ def child(args: argparse.Namespace) -> dict:
             work / "theta",
             out,
             alpha=ALPHA,
-            beta=BETA,
+            beta=args.beta,
             adapter_dir=work / "adapter",
             delta_dir=work / "delta" if args.child == "merge-delta" else None,
             retriever_dir=work / "retriever",
@@ -261,19 +263,29 @@ def child(args: argparse.Namespace) -> dict:
     }
 
 
-def io_floor(work: Path, out: Path, shard: int) -> None:
-    """Read what the merge reads once into memory, write the output's bytes once: safetensors."""
+def io_floor(work: Path, out: Path, shard: int, beta: float) -> None:
+    """Read what the merge reads once into memory, write the output's bytes once: safetensors.
+
+    At β = 1 the merge reads of Θ only the weights DoRA rescales (its Ψ depends on them)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     def files(folder: Path) -> list[Path]:
         return sorted(folder.glob("*.safetensors"))
 
-    for path in files(work / "theta") + files(work / "adapter"):
+    def needed(key: str) -> bool:
+        if key == "lm_head.weight":
+            return False
+        return beta != 1.0 or any(key.endswith(f".{t}.weight") for t in TARGETS)
+
+    for path in files(work / "theta"):
+        with safe_open(path, "pt") as fh:
+            for key in filter(needed, fh.keys()):
+                fh.get_tensor(key).clone()  # its tensors are memory maps until copied
+    for path in files(work / "adapter"):
         with safe_open(path, "pt") as fh:
             for key in fh.keys():
-                if key != "lm_head.weight":
-                    fh.get_tensor(key).clone()  # its tensors are memory maps until copied
+                fh.get_tensor(key).clone()
     out.mkdir()
     handles = [safe_open(path, "pt") for path in files(work / "retriever")]
     tensors = {key: fh.get_tensor(key).clone() for fh in handles for key in fh.keys()}
@@ -284,7 +296,7 @@ def io_floor(work: Path, out: Path, shard: int) -> None:
 
 def run_child(args: argparse.Namespace, work: Path, kind: str) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--work", str(work), "--device", args.device]
-    cmd += ["--shard-gb", str(args.shard_gb)]
+    cmd += ["--shard-gb", str(args.shard_gb), "--beta", str(args.beta)]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -317,12 +329,13 @@ def report(args: argparse.Namespace, sizes: dict, runs: dict[str, list[dict]], b
         "page cache: warm in every run (inputs read once before timing); no run fsyncs its "
         "output; each run deletes the last output and syncs just before its clock starts",
         f"device: {args.device}; torch threads: {torch.get_num_threads()}; runs: {args.repeat}",
-        f"(a) merge Θ + {ALPHA}·Ψ + {BETA}·Δ, Δ read from R: {best['merge']:.2f} s "
+        f"(a) merge Θ + {ALPHA}·Ψ + {args.beta:g}·Δ, Δ read from R: {best['merge']:.2f} s "
         f"(runs: {times['merge']}); read {merge['read'] / gb:.2f} GB, "
         f"wrote {merge['written'] / gb:.2f} GB; {cpu['merge']:.2f} CPU-s; before it, "
         f"{merge['imports']:.2f} s importing transformers' model code (once per process)",
-        f"(b) I/O floor, safetensors (read Θ's body, R and the adapter once, write the output "
-        f"once): {best['floor']:.2f} s (runs: {times['floor']}); {cpu['floor']:.2f} CPU-s",
+        f"(b) I/O floor, safetensors (read once what the merge reads: R, the adapter and "
+        f"{'the DoRA targets of Θ' if args.beta == 1 else 'Θ'}; write the output once): "
+        f"{best['floor']:.2f} s (runs: {times['floor']}); {cpu['floor']:.2f} CPU-s",
         f"(c) ratio a/b: {ratio:.2f} (target ≤ 1.3: {'met' if ratio <= 1.3 else 'missed'}); "
         f"{(best['merge'] + merge['imports']) / best['floor']:.2f} with the imports",
         f"(d) merge peak RSS: {peak / GiB:.2f} GiB ({merge['rss_before'] / GiB:.2f} GiB "

@@ -3,7 +3,9 @@
 A family preset may leave pooling, normalisation, lower-casing or the max lengths unset (``None``):
 they are then read from the model's own sentence-transformers files (``modules.json``, the pooling
 module's ``config.json``, ``sentence_bert_config.json``), so a sentence-transformers model encodes
-here exactly as it does with the sentence-transformers library.
+here exactly as it does with the sentence-transformers library. What this module cannot
+reproduce fails instead of being skipped: modules other than Transformer, Pooling and Normalize
+(a Dense projection changes the vectors), and prompts the recipe's templates do not carry.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class STConfig:
     normalize: bool
     max_seq_length: int | None
     do_lower_case: bool = False
+    query_prompt: str = ""  # config_sentence_transformers.json's prompt for queries
+    passage_prompt: str = ""  # ... and for documents
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,24 @@ def _st_pooling_mode(config: dict) -> str | None:
     return "+".join(active) if active else None
 
 
+# Modules whose effect is reproduced here; any other changes the vectors and is refused.
+_KNOWN_MODULES = (".Transformer", ".Pooling", ".Normalize")
+# sentence-transformers' prompt names for documents, in the order its encode_document tries them
+_DOCUMENT_PROMPTS = ("document", "passage", "corpus")
+
+
+def _prompts(model_dir: Path) -> tuple[str, str]:
+    """(query prompt, passage prompt) that sentence-transformers would prepend by default."""
+    path = model_dir / "config_sentence_transformers.json"
+    if not path.is_file():
+        return "", ""
+    config = _read_json(path)
+    prompts = config.get("prompts") or {}
+    default = prompts.get(config.get("default_prompt_name") or "", "")
+    passage = next((prompts[n] for n in _DOCUMENT_PROMPTS if n in prompts), default)
+    return prompts.get("query", default), passage
+
+
 def read_st_config(model_dir: Path | None) -> STConfig | None:
     """The sentence-transformers settings stored in ``model_dir``; None when it has none."""
     if model_dir is None or not (Path(model_dir) / "modules.json").is_file():
@@ -80,11 +102,21 @@ def read_st_config(model_dir: Path | None) -> STConfig | None:
     model_dir = Path(model_dir)
     modules = _read_json(model_dir / "modules.json")
     types = [m.get("type", "") for m in modules]
-    pooling = None
+    for module in modules:
+        kind = module.get("type", "")
+        if not kind.endswith(_KNOWN_MODULES):
+            raise ValueError(
+                f"{model_dir / 'modules.json'}: module {module.get('path') or kind} ({kind}) "
+                "is not applied here (only Transformer, Pooling and Normalize are); the "
+                "vectors would not be the model's"
+            )
+    pooling, include_prompt = None, True
     for m in modules:
         cfg = model_dir / m.get("path", "") / "config.json"
         if m.get("type", "").endswith(".Pooling") and cfg.is_file():
-            pooling = _st_pooling_mode(_read_json(cfg))
+            settings = _read_json(cfg)
+            pooling = _st_pooling_mode(settings)
+            include_prompt = settings.get("include_prompt", True)
     max_len = None
     lower = False
     bert_cfg = model_dir / "sentence_bert_config.json"
@@ -99,7 +131,20 @@ def read_st_config(model_dir: Path | None) -> STConfig | None:
         if isinstance(limit, int) and limit < _SANE_MAX_LENGTH:
             max_len = limit
     normalize = any(t.endswith(".Normalize") for t in types)
-    return STConfig(pooling, normalize, max_len, do_lower_case=lower)
+    query_prompt, passage_prompt = _prompts(model_dir)
+    if (query_prompt or passage_prompt) and not include_prompt:
+        raise ValueError(
+            f"{model_dir}: its pooling leaves the prompt's tokens out (include_prompt false), "
+            "which is not reproduced here"
+        )
+    return STConfig(
+        pooling,
+        normalize,
+        max_len,
+        do_lower_case=lower,
+        query_prompt=query_prompt,
+        passage_prompt=passage_prompt,
+    )
 
 
 def resolve_fields(encoding: Encoding, st: STConfig | None) -> Resolved:
@@ -111,6 +156,18 @@ def resolve_fields(encoding: Encoding, st: STConfig | None) -> Resolved:
         )
         return value
 
+    if st is not None:
+        for what, prompt, template in (
+            ("query", st.query_prompt, encoding.query_template),
+            ("passage", st.passage_prompt, encoding.passage_template),
+        ):
+            if prompt and not template.startswith(prompt):
+                raise ValueError(
+                    f"the model prepends the prompt {prompt!r} to every {what} "
+                    "(config_sentence_transformers.json), and templates here are the whole "
+                    f"input: set retriever.encoding.{what}_template to start with it, e.g. "
+                    f"{prompt + ('{text}' if what == 'query' else '{title} {text}')!r}"
+                )
     pooling = encoding.pooling
     if pooling is None:
         if st is None or st.pooling is None:

@@ -74,6 +74,42 @@ def test_st_config_newer_layout(tmp_path):
         resolve_fields(resolve_encoding("sentence-transformers"), STConfig("max", True, 10))
 
 
+def test_st_modules_and_prompts_not_reproduced_are_refused(tmp_path):
+    (tmp_path / "1_Pooling").mkdir()
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+    ]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "mean"}))
+    with pytest.raises(ValueError, match=r"modules\.json: module 2_Dense .*not applied here"):
+        read_st_config(tmp_path)
+
+    (tmp_path / "modules.json").write_text(json.dumps(modules[:2]))
+    prompts = {"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": None}
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(prompts))
+    st = read_st_config(tmp_path)
+    assert (st.query_prompt, st.passage_prompt) == ("query: ", "passage: ")
+    preset = resolve_encoding("sentence-transformers")
+    with pytest.raises(ValueError, match=r"prompt 'query: '.*query_template.*'query: \{text\}'"):
+        resolve_fields(preset, st)
+    carried = resolve_encoding(
+        "sentence-transformers",
+        {"query_template": "query: {text}", "passage_template": "passage: {title} {text}"},
+    )
+    assert resolve_fields(carried, st).pooling == "mean"
+    default_only = {"prompts": {"retrieval": "Represent: "}, "default_prompt_name": "retrieval"}
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(default_only))
+    st = read_st_config(tmp_path)
+    assert (st.query_prompt, st.passage_prompt) == ("Represent: ", "Represent: ")
+
+
 def test_missing_st_files_fall_back_with_a_warning(tiny_retriever, caplog):
     assert read_st_config(tiny_retriever) is None
     with caplog.at_level(logging.WARNING, logger="readaptir.st_config"):
