@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from readaptir.families import ignores_identical_ids, resolve_encoding
@@ -157,6 +157,8 @@ class Planner:
         self.root = Path(root)
         self.fingerprints = fingerprints or Fingerprints(self.root)
         self.plan = Plan()
+        self._recipe_file = "<recipe>"  # the recipe being planned
+        self._set_by: dict[tuple[str, str], str] = {}  # (stage, runtime field) → recipe file
 
     # -- external inputs -------------------------------------------------------------------------
 
@@ -230,7 +232,12 @@ class Planner:
         name: str | None = None,
         group: str = "main",
         runtime: dict | None = None,
+        explicit: dict[str, str] | None = None,
     ) -> Stage:
+        """The stage, added to the plan unless an identical one is there already. ``runtime``
+        (how it runs) may differ between the recipes sharing a stage only where no two of them
+        set it explicitly (``explicit``: runtime field → recipe key); an explicit value wins
+        over a default."""
         ident = stage_id(kind, params, {role: s.id for role, s in sorted(inputs.items())})
         stage = Stage(
             kind=kind,
@@ -243,9 +250,34 @@ class Planner:
             group=group,
             runtime=runtime or {},
         )
+        existing = self.plan.stages.get(stage.name)
+        if existing is not None and existing.id == stage.id:
+            stage = replace(existing, runtime=self._shared_runtime(existing, stage, explicit or {}))
+            self.plan.stages[stage.name] = stage
+            return stage
+        for name in explicit or {}:
+            self._set_by[(stage.name, name)] = self._recipe_file
         return self.plan.add(stage)
 
+    def _shared_runtime(self, existing: Stage, new: Stage, explicit: dict[str, str]) -> dict:
+        merged = dict(existing.runtime)
+        for name, value in new.runtime.items():
+            if name not in explicit or merged.get(name) == value:
+                continue
+            other = self._set_by.get((existing.name, name))
+            if other is not None:
+                raise PlanError(
+                    explicit[name],
+                    f"{value!r} here, but {other} sets {merged.get(name)!r} for the same "
+                    f"{existing.kind} stage ({existing.name}), which both recipes share: a stage "
+                    "runs one way, so set both alike",
+                )
+            merged[name] = value
+            self._set_by[(existing.name, name)] = self._recipe_file
+        return merged
+
     def add_recipe(self, recipe: Recipe) -> None:
+        self._recipe_file = str(recipe.file)
         src = self.sources(recipe)
         peft = src.retriever_is_peft
         baseline = self.embed_and_search(
@@ -354,6 +386,7 @@ class Planner:
         merge_inputs: dict[str, Stage] = {}
         device = recipe.readapt.device
         weights_runtime = {"device": device} if device != "auto" else None
+        explicit = {"device": "readapt.device"} if weights_runtime else None
         if alpha != 0:
             merge_inputs["adapter"] = self.add_adapter(recipe, src.base, src.base_deps)
         if beta != 0 and recipe.readapt.delta == "stored":
@@ -366,6 +399,7 @@ class Planner:
                 src.base_deps + src.retriever_deps,
                 group="models",
                 runtime=weights_runtime,
+                explicit=explicit,
             )
         merge = self.add(
             "merge",
@@ -382,6 +416,7 @@ class Planner:
             src.base_deps + src.retriever_deps,
             group=merge_inputs["adapter"].group if "adapter" in merge_inputs else "models",
             runtime=weights_runtime,
+            explicit=explicit,
         )
         return self.embed_and_search(
             recipe, src, {"retriever": None, "base": None}, {"model": merge}, (), "ra"
@@ -396,6 +431,7 @@ class Planner:
             mode="json", exclude={"train_corpus", "passages", *runtime_keys}
         )
         runtime = recipe.adapter.model_dump(include=runtime_keys)
+        explicit = {k: f"adapter.{k}" for k in runtime_keys & recipe.adapter.model_fields_set}
         params = {
             "base": base,
             "dtype": recipe.base.dtype,
@@ -420,6 +456,7 @@ class Planner:
             deps,
             group=slug(train.label),
             runtime=runtime,
+            explicit=explicit,
         )
 
 

@@ -197,3 +197,18 @@ def test_identical_ids_ignored_where_queries_come_from_the_corpus(project):
     assert depth_and_flag(plan_of(project)) == ({101}, True, 100)
     common.write_text(text + "eval: {ignore_identical_ids: false}\n")
     assert depth_and_flag(plan_of(project)) == ({100}, False, 100)
+
+
+def test_shared_stage_runtime_explicit_value_wins_and_conflicts_fail(project):
+    edit(project, "ra-half", "extends: _common.yaml\nreadapt: {alpha: 0.5}\n"
+         "adapter: {gradient_checkpointing: true}\n")  # fmt: skip
+    (adapter,) = by_kind(plan_of(project))["adapter"]  # ra-full, planned first, left the default
+    assert adapter.runtime["gradient_checkpointing"] is True
+    edit(project, "ra-full", "extends: _common.yaml\nreadapt: {alpha: 1.0}\n"
+         "adapter: {gradient_checkpointing: false}\n")  # fmt: skip
+    with pytest.raises(
+        RecipeError,
+        match=r"ra-half\.yaml: adapter\.gradient_checkpointing: True here, but .*ra-full\.yaml "
+        r"sets False for the same adapter stage",
+    ):
+        plan_of(project)
