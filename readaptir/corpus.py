@@ -63,6 +63,9 @@ def _id(obj: dict, where: str) -> str:
     # JSON numbers are accepted as ids but kept as text, like ids that merely look numeric.
     if value is None or isinstance(value, (bool, dict, list)) or value == "":
         raise CorpusError(f"{where}: missing or empty '_id'")
+    if any(ch.isspace() for ch in str(value)):
+        # found here, not after hours of encoding when the run file is written
+        raise CorpusError(f"{where}: '_id' {str(value)!r} holds whitespace, which TREC runs cannot")
     return str(value)
 
 

@@ -169,3 +169,16 @@ def test_decoder_base_without_lm_head_or_in_float16_is_refused(tmp_path, tokeniz
         _train(tmp_path, "bare-out", bare, tiny_beir, max_steps=1)
     with pytest.raises(ValueError, match="float16 needs loss scaling"):
         _train(tmp_path, "fp16-out", bare, tiny_beir, max_steps=1, dtype="float16")
+
+
+def test_one_eos_closes_each_passage_even_if_the_tokenizer_adds_one():
+    from readaptir.stages.adapter import _tokenize
+
+    class AddsEos:  # a tokenizer whose post-processor already ends some sequences with EOS
+        eos_token_id = 2
+
+        def __call__(self, texts, **kwargs):
+            return {"input_ids": [[1, 5, 2], [1, 6]][: len(texts)]}
+
+    store = _tokenize(AddsEos(), ["a", "b"], max_length=8, append_eos=True)
+    assert [list(map(int, store[i])) for i in range(2)] == [[1, 5, 2], [1, 6, 2]]

@@ -179,3 +179,9 @@ def test_usable_judgments_without_loading_the_corpus():
         "they count, and no run can retrieve them",
         "qrels/dev.tsv: 1 queries judge only absent documents; they score 0",
     ]
+
+
+def test_ids_with_whitespace_fail_at_load(beir):
+    _write_lines(beir / "corpus.jsonl", ['{"_id": "d 1", "text": "t"}'])
+    with pytest.raises(CorpusError, match=r"corpus\.jsonl line 1: '_id' 'd 1' holds whitespace"):
+        count_passages(beir)

@@ -96,7 +96,11 @@ def _tokenize(tokenizer, texts: list[str], max_length: int, append_eos: bool) ->
         for start in range(0, len(texts), TOKENIZE_CHUNK):
             batch = texts[start : start + TOKENIZE_CHUNK]
             encoded = tokenizer(batch, add_special_tokens=True, truncation=True, max_length=limit)
-            yield [ids + [eos] if append_eos else ids for ids in encoded["input_ids"]]
+            # one EOS closes each passage, also where the tokenizer adds one itself
+            yield [
+                ids + [eos] if append_eos and (not ids or ids[-1] != eos) else ids
+                for ids in encoded["input_ids"]
+            ]
 
     return TokenStore.from_chunks(chunks())
 
