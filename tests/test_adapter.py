@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig,
 
 from readaptir import tiny
 from readaptir.corpus import Passage, load_qrels
-from readaptir.stages.adapter import select_passages, train_adapter
+from readaptir.stages.adapter import passage_filter, train_adapter
 from readaptir.training import (
     CAUSAL,
     MASKED,
@@ -143,15 +143,20 @@ def test_objective_by_architecture_and_target_errors(tokenizer, tiny_base, tiny_
 def test_passage_selection_by_judgments(tmp_path, tiny_base, tiny_beir):
     passages = [Passage(f"d{i}", "", f"text {i}") for i in range(5)]
     qrels = {"q0": {"d0": 1, "d1": 0}, "q1": {"d3": 2, "d9": 1}}
-    assert [p.id for p in select_passages(passages, "judged", qrels)] == ["d0", "d3"]
-    assert [p.id for p in select_passages(passages, "unjudged", qrels)] == ["d1", "d2", "d4"]
-    assert select_passages(passages, "all", None) == passages
+
+    def chosen(selection, judgments):
+        return [p.id for p in passages if passage_filter(selection, judgments)(p)]
+
+    assert chosen("judged", qrels) == ["d0", "d3"]
+    assert chosen("unjudged", qrels) == ["d1", "d2", "d4"]
+    assert chosen("all", None) == [p.id for p in passages]
     with pytest.raises(ValueError, match="needs the judgments"):
-        select_passages(passages, "judged", None)
-    with pytest.raises(ValueError, match="leaves no passage"):
-        select_passages(passages[:1], "unjudged", qrels)
+        passage_filter("judged", None)
     with pytest.raises(ValueError, match="expected one of"):
-        select_passages(passages, "some", qrels)
+        passage_filter("some", qrels)
+    (tiny_beir / "qrels" / "dev.tsv").write_text("q0\tnowhere\t1\n")  # judges no passage
+    with pytest.raises(ValueError, match="passages='judged' leaves no passage with text"):
+        _train(tmp_path, "none", tiny_base, tiny_beir, passages="judged", qrels_split="dev")
 
     judged = {d for docs in load_qrels(tiny_beir, "test").values() for d in docs}
     summary = _train(tmp_path, "judged", tiny_base, tiny_beir, passages="judged", max_steps=1)[0]

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from readaptir.corpus import Passage, load_corpus, load_qrels, passage_text
+from readaptir.corpus import Passage, iter_passages, load_qrels, passage_text
 from readaptir.distributed import (
     join_group,
     launched_ranks,
@@ -67,24 +68,23 @@ PASSAGE_SELECTIONS = ("all", "judged", "unjudged")
 TOKENIZE_CHUNK = 10_000
 
 
-def select_passages(
-    passages: list[Passage], selection: str, qrels: dict[str, dict[str, int]] | None
-) -> list[Passage]:
-    """All passages, or those with (``judged``) or without (``unjudged``) a positive judgment."""
+def passage_filter(
+    selection: str, qrels: dict[str, dict[str, int]] | None
+) -> Callable[[Passage], bool]:
+    """Which passages train: all, or those with (``judged``) or without (``unjudged``) a positive
+    judgment in ``qrels``."""
     if selection not in PASSAGE_SELECTIONS:
         raise ValueError(f"passages={selection!r}; expected one of {', '.join(PASSAGE_SELECTIONS)}")
     if selection == "all":
-        return passages
+        return lambda p: True
     if qrels is None:
         raise ValueError(f"passages={selection!r} needs the judgments of the evaluated collection")
     judged = {doc for docs in qrels.values() for doc, grade in docs.items() if grade > 0}
-    chosen = [p for p in passages if (p.id in judged) == (selection == "judged")]
-    if not chosen:
-        raise ValueError(f"passages={selection!r} leaves no passage to train on")
-    return chosen
+    wanted = selection == "judged"
+    return lambda p: (p.id in judged) == wanted
 
 
-def _tokenize(tokenizer, texts: list[str], max_length: int, append_eos: bool) -> TokenStore:
+def _tokenize(tokenizer, texts: Iterable[str], max_length: int, append_eos: bool) -> TokenStore:
     eos = tokenizer.eos_token_id
     if append_eos and eos is None:
         raise ValueError(
@@ -93,8 +93,8 @@ def _tokenize(tokenizer, texts: list[str], max_length: int, append_eos: bool) ->
     limit = max_length - 1 if append_eos else max_length
 
     def chunks():
-        for start in range(0, len(texts), TOKENIZE_CHUNK):
-            batch = texts[start : start + TOKENIZE_CHUNK]
+        stream = iter(texts)
+        while batch := list(itertools.islice(stream, TOKENIZE_CHUNK)):
             encoded = tokenizer(batch, add_special_tokens=True, truncation=True, max_length=limit)
             # one EOS closes each passage, also where the tokenizer adds one itself
             yield [
@@ -117,9 +117,19 @@ def _training_tokens(
     qrels = None
     if selection != "all":
         qrels = load_qrels(Path(qrels_dir or corpus_dir), qrels_split)
-    nonempty = [p for p in load_corpus(corpus_dir) if (p.title or p.text).strip()]
-    texts = [passage_text(p, TRAIN_TEMPLATE) for p in select_passages(nonempty, selection, qrels)]
-    return _tokenize(tokenizer, texts, max_length, append_eos=objective == CAUSAL)
+    keep = passage_filter(selection, qrels)
+    # streamed: at MS MARCO scale only the token ids are held, never the passages' text
+    texts = (
+        passage_text(p, TRAIN_TEMPLATE)
+        for p in iter_passages(corpus_dir)
+        if (p.title or p.text).strip() and keep(p)
+    )
+    tokens = _tokenize(tokenizer, texts, max_length, append_eos=objective == CAUSAL)
+    if len(tokens) == 0:
+        raise ValueError(
+            f"{corpus_dir}: passages={selection!r} leaves no passage with text to train on"
+        )
+    return tokens
 
 
 # Arguments that do not change the numbers, or do so only through rows, steps and data (hashed).
@@ -212,6 +222,12 @@ def train_adapter(
         tokenizer, corpus_dir, passages, qrels_dir, qrels_split, max_length, objective
     )
     rows_per_step = max(1, batch_tokens // max_length) if batch_tokens else batch_size
+    if ranks.world > rows_per_step:
+        LOG.warning(
+            "%d processes share steps of %d rows: %d of them get no row and only wait (a larger "
+            "batch_size would use them, and makes another adapter)",
+            ranks.world, rows_per_step, ranks.world - rows_per_step,
+        )  # fmt: skip
     plans = [
         plan_epoch(
             tokens.lengths,
