@@ -90,7 +90,7 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_base, tiny_beir):
     assert summary["resumed_from"] == 6 and summary["steps"] == 12
     assert _same(whole, resumed)
     assert _log(out) == _log(whole_out)
-    assert not (ckpt / "checkpoint.pt").exists()
+    assert not (ckpt / "checkpoint.pt").exists() and not list(ckpt.glob("rng-rank*"))
 
 
 def test_bf16_base_trains_float32_adapter_weights(tmp_path, tiny_base, tiny_beir):
@@ -187,3 +187,28 @@ def test_one_eos_closes_each_passage_even_if_the_tokenizer_adds_one():
 
     store = _tokenize(AddsEos(), ["a", "b"], max_length=8, append_eos=True)
     assert [list(map(int, store[i])) for i in range(2)] == [[1, 5, 2], [1, 6, 2]]
+
+
+def test_checkpoint_keeps_each_ranks_random_state(tmp_path, caplog):
+    from transformers import get_scheduler
+
+    from readaptir.training import load_checkpoint, restore_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = get_scheduler("constant", optimizer)
+    progress = {"step": 3, "fingerprint": "f"}
+    expected = {}
+    for rank in (1, 0):  # each rank at its own place in its dropout stream
+        torch.manual_seed(100 + rank)
+        save_checkpoint(tmp_path, model, optimizer, schedule, progress, rank)
+        expected[rank] = torch.rand(3)
+    for rank in (0, 1):
+        torch.manual_seed(7)
+        restore_checkpoint(load_checkpoint(tmp_path, "f", "cpu", rank), model, optimizer, schedule)
+        assert torch.equal(torch.rand(3), expected[rank])
+    # a rank whose state is from another step (killed before saving it) says so and goes on
+    save_checkpoint(tmp_path, model, optimizer, schedule, {**progress, "step": 6}, rank=0)
+    with caplog.at_level("WARNING", logger="readaptir.training"):
+        state = load_checkpoint(tmp_path, "f", "cpu", rank=1)
+    assert state["rng"] is None and "no random-number state of rank 1 at step 6" in caplog.text
