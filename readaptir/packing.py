@@ -82,8 +82,8 @@ class EpochPlan:
     """One epoch's rows (passage indices) and how they group into steps."""
 
     order: np.ndarray
-    bounds: np.ndarray
-    rows_per_step: int
+    bounds: np.ndarray  # row k holds order[bounds[k]:bounds[k + 1]]
+    steps_at: np.ndarray  # step s takes rows steps_at[s] to steps_at[s + 1]
 
     @property
     def rows(self) -> int:
@@ -91,12 +91,25 @@ class EpochPlan:
 
     @property
     def steps(self) -> int:
-        return -(-self.rows // self.rows_per_step)
+        return len(self.steps_at) - 1
 
     def step_rows(self, step: int) -> list[np.ndarray]:
-        first = step * self.rows_per_step
-        last = min(first + self.rows_per_step, self.rows)
+        first, last = self.steps_at[step], self.steps_at[step + 1]
         return [self.order[self.bounds[k] : self.bounds[k + 1]] for k in range(first, last)]
+
+
+def budget_steps(row_lengths: Sequence[int], batch_tokens: int) -> np.ndarray:
+    """Step boundaries over padded rows in order: as many rows as fit ``batch_tokens`` once padded
+    to the step's longest (at least one row a step)."""
+    cuts = [0]
+    width = 0
+    for i, length in enumerate(row_lengths):
+        width = max(width, length)
+        if i > cuts[-1] and (i - cuts[-1] + 1) * width > batch_tokens:
+            cuts.append(i)
+            width = length
+    cuts.append(len(row_lengths))
+    return np.asarray(cuts, dtype=np.int64)
 
 
 def plan_epoch(
@@ -107,13 +120,21 @@ def plan_epoch(
     max_length: int,
     rows_per_step: int,
     packing: bool,
+    batch_tokens: int | None = None,
 ) -> EpochPlan:
+    """The epoch's rows and steps: ``rows_per_step`` rows a step, or for padded rows with
+    ``batch_tokens`` as many as fit that many tokens once padded."""
     order = epoch_order(len(lengths), seed, epoch)
     if packing:
         bounds = np.asarray(pack_boundaries(lengths[order].tolist(), max_length), dtype=np.int64)
     else:
         bounds = np.arange(len(order) + 1, dtype=np.int64)
-    return EpochPlan(order, bounds, rows_per_step)
+    rows = len(bounds) - 1
+    if batch_tokens is not None and not packing:
+        steps_at = budget_steps(lengths[order].tolist(), batch_tokens)
+    else:
+        steps_at = np.append(np.arange(0, rows, rows_per_step, dtype=np.int64), rows)
+    return EpochPlan(order, bounds, steps_at)
 
 
 def total_steps(plans: Sequence[EpochPlan], epochs: float, max_steps: int | None) -> int:

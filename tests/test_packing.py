@@ -15,6 +15,7 @@ from readaptir.packing import (
     mask_tokens,
     pack_boundaries,
     pack_row,
+    budget_steps,
     plan_epoch,
     total_steps,
 )
@@ -138,3 +139,18 @@ def test_mask_tokens_is_seeded_and_follows_bert():
     one[0, 2] = True
     _, labels = mask_tokens(ids[:1, :4], one, generator=torch.Generator().manual_seed(0), **args)
     assert (labels != IGNORE).tolist() == [[False, False, True, False]]
+
+
+def test_padded_steps_under_a_token_budget():
+    # rows padded to the step's longest: 3 rows of ≤ 10 fit 30; 40 then starts a step alone
+    assert budget_steps([10, 8, 9, 40, 5, 5, 5], 30).tolist() == [0, 3, 4, 7]
+    assert budget_steps([50, 5], 30).tolist() == [0, 1, 2]  # an over-long row still makes a step
+    lengths = np.asarray([len(p) for p in _passages(50, seed=3)])
+    plan = plan_epoch(lengths, seed=0, epoch=0, max_length=64, rows_per_step=4, packing=False,
+                      batch_tokens=100)  # fmt: skip
+    seen = []
+    for k in range(plan.steps):
+        rows = plan.step_rows(k)
+        assert len(rows) * max(int(lengths[r].sum()) for r in rows) <= 100 or len(rows) == 1
+        seen += [int(i) for row in rows for i in row]
+    assert sorted(seen) == list(range(50))

@@ -139,7 +139,7 @@ _NOT_RESUME_RELEVANT = {
 }  # fmt: skip
 
 
-def _fingerprint(args: dict, rows_per_step: int, steps: int, tokens: TokenStore) -> str:
+def _fingerprint(args: dict, rows_per_step: int | str, steps: int, tokens: TokenStore) -> str:
     """What a checkpoint must have been made under to be resumed from (any number of ranks)."""
     settings = dict(args, rows=rows_per_step, steps=steps)
     settings["data"] = [len(tokens), int(tokens.lengths.sum())]
@@ -185,8 +185,9 @@ def train_adapter(
 ) -> dict:
     """Train Ψ on the passages of ``corpus_dir`` and save it into ``out``; returns a summary.
 
-    ``target_modules`` None takes the architecture's default; ``batch_tokens`` sets the rows per
-    step to ``max(1, batch_tokens // max_length)`` instead of ``batch_size``; ``passages`` picks
+    ``target_modules`` None takes the architecture's default; ``batch_tokens`` replaces
+    ``batch_size``: packed, ``max(1, batch_tokens // max_length)`` rows a step; padded, as many
+    passages as fit ``batch_tokens`` once padded to the step's longest; ``passages`` picks
     the passages judged (or not) in ``qrels_dir``'s ``qrels/<qrels_split>.tsv`` (``qrels_dir``
     defaults to ``corpus_dir``); ``on_step(step)`` is called after every step.
     """
@@ -221,8 +222,9 @@ def train_adapter(
     tokens = _training_tokens(
         tokenizer, corpus_dir, passages, qrels_dir, qrels_split, max_length, objective
     )
+    # a token budget: packed rows are max_length long; padded ones fill each step to the budget
     rows_per_step = max(1, batch_tokens // max_length) if batch_tokens else batch_size
-    if ranks.world > rows_per_step:
+    if ranks.world > rows_per_step and (packing or not batch_tokens):
         LOG.warning(
             "%d processes share steps of %d rows: %d of them get no row and only wait (a larger "
             "batch_size would use them, and makes another adapter)",
@@ -236,13 +238,15 @@ def train_adapter(
             max_length=max_length,
             rows_per_step=rows_per_step,
             packing=packing,
+            batch_tokens=batch_tokens,
         )
         for e in range(math.ceil(epochs))
     ]
     steps = total_steps(plans, epochs, max_steps)
+    per_step = f"{rows_per_step}" if packing or not batch_tokens else f"≤ {batch_tokens} tokens of"
     LOG.info(
-        "training %s adapter (%s objective) on %d passages, %d tokens: %d steps of %d %s rows",
-        method, objective, len(tokens), int(tokens.lengths.sum()), steps, rows_per_step,
+        "training %s adapter (%s objective) on %d passages, %d tokens: %d steps of %s %s rows",
+        method, objective, len(tokens), int(tokens.lengths.sum()), steps, per_step,
         "packed" if packing else "padded",
     )  # fmt: skip
 
@@ -271,7 +275,7 @@ def train_adapter(
 
     fingerprint = _fingerprint(
         {k: v for k, v in args.items() if k not in _NOT_RESUME_RELEVANT},
-        rows_per_step, steps, tokens,
+        rows_per_step if packing or not batch_tokens else f"{batch_tokens} tokens", steps, tokens,
     )  # fmt: skip
     progress = {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0, "log": []}
     state = (
