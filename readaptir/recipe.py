@@ -131,7 +131,7 @@ class AdapterSpec(_Strict):
     passages: Literal["all", "judged", "unjudged"] = "all"
     packing: bool = True  # false: one padded passage per sequence, as in the paper
     batch_tokens: int | None = Field(None, gt=0)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Literal["auto"] | bool = "auto"  # auto: on when training on a GPU
     checkpoint_every: int = Field(500, gt=0)  # steps between resumable checkpoints
 
 

@@ -8,8 +8,8 @@ checkpoint and ends with the adapter an uninterrupted run makes (bit for bit on 
 torchrun (WORLD_SIZE > 1) the ranks share each step's rows and the model is wrapped in DDP; the
 steps are the same as in one process (``distributed``).
 
-On GPU use ``gradient_checkpointing=True`` for 7B bases with packed 1024-token rows: DoRA runs out
-of memory without it on an 80 GB card. Writes the PEFT adapter and ``training_log.csv`` (step,
+``gradient_checkpointing="auto"`` turns it on for training on a GPU: DoRA at 7B with packed
+1024-token rows runs out of memory without it on an 80 GB card. Writes the PEFT adapter and ``training_log.csv`` (step,
 epoch, loss, lr, cumulative real tokens: a DVC plots file).
 """
 
@@ -175,7 +175,7 @@ def train_adapter(
     device: str = "cpu",
     packing: bool = True,
     batch_tokens: int | None = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | str = "auto",
     passages: str = "all",
     qrels_dir: Path | None = None,
     qrels_split: str = "test",
@@ -250,6 +250,8 @@ def train_adapter(
         "packed" if packing else "padded",
     )  # fmt: skip
 
+    if gradient_checkpointing == "auto":
+        gradient_checkpointing = device.startswith("cuda")
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = attach_adapter(
