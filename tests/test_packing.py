@@ -10,12 +10,12 @@ from readaptir.packing import (
     IGNORE,
     TokenStore,
     block_mask,
+    budget_steps,
     causal_inputs,
     layout,
     mask_tokens,
     pack_boundaries,
     pack_row,
-    budget_steps,
     plan_epoch,
     total_steps,
 )
