@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,32 @@ WORDS = (
     "protein cell gene river mountain market price engine signal network model theory data "
     "light energy water carbon patient therapy court law music film storm ocean forest city"
 ).split()
+
+
+def run_ranks(
+    script: str, args_of: Callable[[int], list], world: int = 2, timeout: float = 240
+) -> list[tuple[int, str]]:
+    """``python -c script *args_of(rank)`` in ``world`` processes started as torchrun starts its
+    ranks (RANK, WORLD_SIZE, a rendezvous address); each rank's exit code and output. A hang
+    fails after ``timeout`` seconds with every rank killed."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    group = {"WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    runs = []
+    try:
+        for rank in range(world):
+            env = {**os.environ, **group, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            cmd = [sys.executable, "-c", script, *map(str, args_of(rank))]
+            runs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+        return [(run.wait(timeout), run.communicate()[0]) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
 
 
 def _sentences(n: int, seed: int = 0) -> list[str]:

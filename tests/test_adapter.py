@@ -1,7 +1,9 @@
 import csv
+import json
 
 import pytest
 import torch
+from conftest import run_ranks
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, LlamaConfig
@@ -212,3 +214,36 @@ def test_checkpoint_keeps_each_ranks_random_state(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="readaptir.training"):
         state = load_checkpoint(tmp_path, "f", "cpu", rank=1)
     assert state["rng"] is None and "no random-number state of rank 1 at step 6" in caplog.text
+
+
+@pytest.mark.slow
+def test_two_rank_run_with_dropout_resumes_to_the_same_adapter(tmp_path, tiny_base, tiny_beir):
+    """Each rank draws its own dropout masks: a resumed multi-process run must draw them again."""
+    script = (
+        "import os, sys, json; from pathlib import Path\n"
+        "from readaptir.stages.adapter import train_adapter\n"
+        "base, corpus, out, ckpt, kill = sys.argv[1:6]\n"
+        "def on_step(step):\n"
+        "    if kill == 'kill' and step == 7:\n"
+        "        os._exit(3)\n"
+        "s = train_adapter(Path(base), Path(corpus), Path(out), r=4, lora_alpha=8, batch_size=4,\n"
+        "                  max_length=32, lr=1e-3, epochs=3, packing=False, dropout=0.1,\n"
+        "                  checkpoint_every=3, device='cpu', on_step=on_step,\n"
+        "                  checkpoint_dir=None if ckpt == '-' else Path(ckpt))\n"
+        "print(json.dumps(s))\n"
+    )
+
+    def run(name: str, ckpt: str, kill: str = "") -> list[tuple[int, str]]:
+        out = tmp_path / name
+        return run_ranks(script, lambda rank: [tiny_base, tiny_beir, out / str(rank), ckpt, kill])
+
+    whole = run("whole", "-")
+    assert [code for code, _ in whole] == [0, 0]
+    ckpt = str(tmp_path / "ckpt")
+    assert [code for code, _ in run("killed", ckpt, "kill")] == [3, 3]
+    resumed = run("resumed", ckpt)
+    assert json.loads(resumed[0][1].strip().splitlines()[-1])["resumed_from"] == 6
+    weights = [
+        load_file(tmp_path / n / "0" / "adapter_model.safetensors") for n in ("whole", "resumed")
+    ]
+    assert _same(*weights)

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import write_beir
+from conftest import run_ranks, write_beir
 from tokenizers import processors
 
 from readaptir.corpus import load_corpus, passage_text
@@ -408,20 +408,8 @@ def test_killed_embedding_resumes_from_its_finished_shards(tiny_retriever, tiny_
     assert run("resized", shard_size=4)[1] == [0, 1, 2]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ranks_share_the_shards_and_rank_zero_assembles(tiny_retriever, tiny_beir, tmp_path):
     """Two processes as torchrun starts them (RANK, WORLD_SIZE): every other shard each."""
-    import os
-    import subprocess
-    import sys
-
     encoding = resolve_encoding("repllama", FLOAT32)
     embed(tiny_retriever, tiny_beir, "test", encoding, tmp_path / "one", **KW)
     script = (
@@ -435,20 +423,12 @@ def test_ranks_share_the_shards_and_rank_zero_assembles(tiny_retriever, tiny_bei
         "             device='cpu')\n"
         "print(json.dumps(done))\n"
     )
-    runs = []
-    # torchrun's environment: where rank 0 serves the process group's rendezvous
-    group = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    try:
-        for rank in (0, 1):
-            env = {**os.environ, **group, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            args = [tiny_retriever, tiny_beir, encoding.model_dump_json(), tmp_path / f"out{rank}",
-                    tmp_path / "work"]  # fmt: skip
-            runs.append(subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env,
-                                         stdout=subprocess.PIPE, text=True))  # fmt: skip
-        done = [json.loads(r.communicate(timeout=240)[0].strip().splitlines()[-1]) for r in runs]
-    finally:
-        for run in runs:
-            run.kill()
+    results = run_ranks(
+        script,
+        lambda rank: [tiny_retriever, tiny_beir, encoding.model_dump_json(),
+                      tmp_path / f"out{rank}", tmp_path / "work"],
+    )  # fmt: skip
+    done = [json.loads(out.strip().splitlines()[-1]) for _, out in results]
     assert done == [[0, 2], [1]]
     assert _same_vectors(tmp_path / "one", tmp_path / "out0")
     assert not (tmp_path / "out1" / "corpus_ids.json").exists()  # rank 1 writes shards only
