@@ -54,7 +54,8 @@ def rank_device(ranks: Ranks, device: str) -> str:
     device = str(device)
     if ranks.world > 1 and device.startswith("cuda"):
         device = f"cuda:{ranks.local}"
-        torch.cuda.set_device(device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)  # also in one process on cuda:N: its RNG is the one saved
     return device
 
 

@@ -228,6 +228,17 @@ class Recipe(_Strict):
     def column(self) -> str:
         return self.label or Path(self.retriever.source.rstrip("/")).name
 
+    @field_validator("base")
+    @classmethod
+    def _base_trains_without_loss_scaling(cls, value: ModelSpec) -> ModelSpec:
+        if value.dtype == "float16":
+            raise ValueError(
+                "dtype float16: the adapter trains in this dtype, and float16 training needs loss "
+                "scaling, which is not done; use bfloat16, float32 or auto (a float16 checkpoint "
+                "then trains in bfloat16)"
+            )
+        return value
+
     @field_validator("name")
     @classmethod
     def _name_is_readable(cls, value: str) -> str:

@@ -76,7 +76,7 @@ def load_model(base_dir: Path, objective: str, dtype: torch.dtype | None) -> tor
             ", ".join(missing),
         )
     model.head_to_train = missing
-    if next(model.parameters()).dtype == torch.float16:
+    if any(p.dtype == torch.float16 for p in model.parameters()):
         LOG.info("float16 checkpoint: training in bfloat16")
         model = model.to(torch.bfloat16)
     if objective == CAUSAL:
@@ -263,12 +263,18 @@ def save_checkpoint(
     schedule: Any,
     progress: dict[str, Any],
     rank: int = 0,
+    world: int = 1,
 ) -> Path:
     """Everything a resumed run needs, each file written to a temporary name and renamed into
     place: every rank its random-number state, rank 0 the adapter, optimizer and progress."""
     folder = Path(folder)
     with atomic_file(folder / RNG_FILE.format(rank=rank)) as tmp:
-        torch.save({"step": progress["step"], "rng": _rng_state()}, tmp)
+        made = {
+            "step": progress["step"],
+            "fingerprint": progress.get("fingerprint"),
+            "world": world,
+        }
+        torch.save({**made, "rng": _rng_state()}, tmp)
     path = folder / CHECKPOINT_FILE
     if rank == 0:
         state = {
@@ -283,10 +289,11 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    folder: Path, fingerprint: str, device: torch.device | str, rank: int = 0
+    folder: Path, fingerprint: str, device: torch.device | str, rank: int = 0, world: int = 1
 ) -> dict[str, Any] | None:
     """The checkpoint in ``folder`` when one was made by a run with the same ``fingerprint``,
-    with this rank's random-number state when it was saved at the same step."""
+    with this rank's random-number state when it was saved at the same step by a run of as many
+    ranks under the same fingerprint."""
     path = Path(folder) / CHECKPOINT_FILE
     if not path.is_file():
         return None
@@ -296,7 +303,8 @@ def load_checkpoint(
         return None
     rng_path = Path(folder) / RNG_FILE.format(rank=rank)
     rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
-    if rng is None or rng["step"] != state["progress"]["step"]:
+    made = {"step": state["progress"]["step"], "fingerprint": fingerprint, "world": world}
+    if rng is None or any(rng.get(key) != value for key, value in made.items()):
         LOG.warning(
             "no random-number state of rank %d at step %d: resuming with fresh dropout draws "
             "(the adapter will differ slightly from an uninterrupted run's)",

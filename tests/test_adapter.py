@@ -214,6 +214,8 @@ def test_checkpoint_keeps_each_ranks_random_state(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="readaptir.training"):
         state = load_checkpoint(tmp_path, "f", "cpu", rank=1)
     assert state["rng"] is None and "no random-number state of rank 1 at step 6" in caplog.text
+    other_world = load_checkpoint(tmp_path, "f", "cpu", rank=0, world=2)  # made by one process
+    assert other_world["rng"] is None
 
 
 @pytest.mark.slow

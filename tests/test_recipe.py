@@ -179,3 +179,10 @@ def test_template_placeholders_are_checked(tmp_path):
     )
     with pytest.raises(RecipeError, match=r"passage_template: unknown placeholder \{titel\}"):
         load_recipe(path)
+
+
+def test_float16_training_is_refused_when_the_recipe_is_read(tmp_path):
+    text = MINIMAL.replace("base: meta-llama/Llama-2-7b-hf", "base: {source: x, dtype: float16}")
+    path = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(RecipeError, match=r"bad\.yaml:1: base: .*float16 training needs loss"):
+        load_recipe(path)

@@ -24,6 +24,8 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from readaptir.corpus import Passage, iter_passages, load_qrels, passage_text
 from readaptir.distributed import (
     join_group,
@@ -224,12 +226,6 @@ def train_adapter(
     )
     # a token budget: packed rows are max_length long; padded ones fill each step to the budget
     rows_per_step = max(1, batch_tokens // max_length) if batch_tokens else batch_size
-    if ranks.world > rows_per_step and (packing or not batch_tokens):
-        LOG.warning(
-            "%d processes share steps of %d rows: %d of them get no row and only wait (a larger "
-            "batch_size would use them, and makes another adapter)",
-            ranks.world, rows_per_step, ranks.world - rows_per_step,
-        )  # fmt: skip
     plans = [
         plan_epoch(
             tokens.lengths,
@@ -243,6 +239,13 @@ def train_adapter(
         for e in range(math.ceil(epochs))
     ]
     steps = total_steps(plans, epochs, max_steps)
+    fewest = min(int(min(np.diff(plan.steps_at), default=0)) for plan in plans)
+    if ranks.world > fewest:
+        LOG.warning(
+            "%d processes share steps of as few as %d rows: the others get no row and only wait "
+            "(a larger batch would use them, and makes another adapter)",
+            ranks.world, fewest,
+        )  # fmt: skip
     per_step = f"{rows_per_step}" if packing or not batch_tokens else f"≤ {batch_tokens} tokens of"
     LOG.info(
         "training %s adapter (%s objective) on %d passages, %d tokens: %d steps of %s %s rows",
@@ -251,7 +254,8 @@ def train_adapter(
     )  # fmt: skip
 
     if gradient_checkpointing == "auto":
-        gradient_checkpointing = device.startswith("cuda")
+        supported = getattr(model, "supports_gradient_checkpointing", False)
+        gradient_checkpointing = device.startswith("cuda") and supported
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = attach_adapter(
@@ -281,7 +285,9 @@ def train_adapter(
     )  # fmt: skip
     progress = {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0, "log": []}
     state = (
-        load_checkpoint(checkpoint_dir, fingerprint, device, ranks.rank) if checkpoint_dir else None
+        load_checkpoint(checkpoint_dir, fingerprint, device, ranks.rank, ranks.world)
+        if checkpoint_dir
+        else None
     )
     if state is not None:
         progress = restore_checkpoint(state, model, optimizer, schedule)
@@ -337,7 +343,9 @@ def train_adapter(
         if checkpoint_dir and step % checkpoint_every == 0 and step < steps:
             progress = dict(step=step, epoch=epoch, epoch_step=epoch_step, tokens=seen,
                             log=log_rows, fingerprint=fingerprint)  # fmt: skip
-            save_checkpoint(checkpoint_dir, model, optimizer, schedule, progress, ranks.rank)
+            save_checkpoint(
+                checkpoint_dir, model, optimizer, schedule, progress, ranks.rank, ranks.world
+            )
         if on_step is not None:
             on_step(step)
     bar.close()
