@@ -100,7 +100,9 @@ def add_psi(
     product is accumulated by ``addmm`` and DoRA's rescaling by ``addcmul``.
     """
     if update.replacement is not None:
-        return acc.add_(update.replacement[rows], alpha=coef).sub_(theta, alpha=coef)
+        acc.add_(update.replacement[rows], alpha=coef).sub_(theta, alpha=coef)
+        if update.added is None:
+            return acc
     if update.added is not None:
         return acc.add_(update.added[rows], alpha=coef * update.scaling)
     assert update.a is not None and update.b is not None
@@ -146,6 +148,8 @@ class Adapter:
             if not key.startswith(_PEFT_LEAD):
                 raise WeightError(f"unexpected key {key} in {self.folder}")
             rest = key[len(_PEFT_LEAD) :]
+            if ".original_module." in rest or ".modules_to_save." in rest:
+                continue  # a saved module's wrapper copies; its plain name is saved beside them
             match = _ADAPTER_KEY.fullmatch(rest)
             if match is None:  # a whole replacement tensor (modules_to_save)
                 by_target.setdefault(rest, {})["full"] = key
@@ -191,6 +195,12 @@ class Adapter:
                 "embeddings: the update would change the body too; train the adapter without "
                 "targeting the head"
             )
+        foreign = [h for h in self.heads if h not in base.heads]
+        if foreign:
+            raise WeightError(
+                f"adapter tensor {foreign[0]} in {self.folder} is outside the body of "
+                f"{base.folder} and not one of its heads ({', '.join(base.heads) or 'none'})"
+            )
         for name, roles in self._targets.items():
             key = next(iter(roles.values()))
             if name not in base:
@@ -208,7 +218,7 @@ class Adapter:
     def _shape(self, name: str, roles: dict[str, str]) -> tuple[int, ...]:
         shape = self.ckpt.shape
         if "full" in roles:
-            if len(roles) > 1:
+            if set(roles) - {"full", "bias"}:  # a trained bias plus a LoRA bias adds up
                 raise WeightError(
                     f"{self.folder}: {name} is both replaced ({roles['full']}) and updated "
                     f"({', '.join(k for r, k in roles.items() if r != 'full')})"

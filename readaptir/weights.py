@@ -7,7 +7,6 @@ Tensors outside the prefix of a prefixed checkpoint (``lm_head``, ``cls.*``) are
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -21,8 +20,8 @@ LOG = logging.getLogger(__name__)
 BUFFER_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
 
 
-# Tensors outside the body of a prefixed checkpoint that serve only the language-model objective:
-# causal LM heads (``lm_head``), BERT's masked-LM head (``cls``).
+# Tensors outside the body of a prefixed checkpoint that serve only the language-model objective,
+# whatever the architecture says besides (``lm_head_names``): causal LM heads, BERT's MLM head.
 HEADS = ("lm_head.", "cls.")
 
 
@@ -53,9 +52,13 @@ def auto_model_class(model_dir: Path) -> type:
 def ties_embeddings(model_dir: Path) -> bool:
     """Whether the model's output head shares the input embedding matrix (transformers' default
     when the config does not say)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    text = config.get("text_config") or {}
-    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        model_dir
+    )  # the class's default where config.json is silent
+    text = getattr(config, "text_config", None)
+    return bool(getattr(config, "tie_word_embeddings", getattr(text, "tie_word_embeddings", True)))
 
 
 def base_model_prefix(model_dir: Path) -> str:
@@ -66,28 +69,57 @@ def is_buffer(name: str) -> bool:
     return name.endswith(BUFFER_SUFFIXES)
 
 
+def lm_head_names(model_dir: Path) -> set[str]:
+    """The tensors outside the body of the architecture's causal-LM and masked-LM classes (e.g.
+    DistilBERT's ``vocab_projector``, ALBERT's ``predictions``), built on the meta device."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_MASKED_LM_MAPPING,
+    )
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        return set()
+    names: set[str] = set()
+    for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING):
+        try:
+            cls = mapping[type(config)]
+            with torch.device("meta"):
+                model = cls(config)
+        except Exception:  # no such class, or one that cannot be built bare: HEADS serve
+            continue
+        lead = cls.base_model_prefix + "."
+        names |= {n for n in model.state_dict() if not n.startswith(lead)}
+    return names
+
+
 def split_head(
-    names: list[str], prefix: str, where: Path | str = "checkpoint"
+    names: list[str],
+    prefix: str,
+    where: Path | str = "checkpoint",
+    heads: set[str] | None = None,
 ) -> tuple[dict[str, str], list[str]]:
     """Canonical name → stored name for body tensors, and the stored names of head tensors.
 
-    A checkpoint is prefixed when any tensor starts with ``prefix.``; then the others must be LM
-    heads (``HEADS``), used only by the training objective. Any other tensor outside the body (a
-    projection a retriever applies to its states, say) fails, naming it: dropping it would change
-    what the model computes.
+    A checkpoint is prefixed when any tensor starts with ``prefix.``; then the others are heads.
+    With ``heads`` (the architecture's LM-head tensors) each must be one of them or start with
+    ``HEADS``: any other tensor outside the body (a projection a retriever applies to its states,
+    say) fails, naming it, since dropping it would change what the model computes.
     """
     lead = prefix + "."
     if not any(n.startswith(lead) for n in names):
         return {n: n for n in names}, []
     body = {n[len(lead) :]: n for n in names if n.startswith(lead)}
-    heads = sorted(n for n in names if not n.startswith(lead))
-    unknown = [n for n in heads if not n.startswith(HEADS)]
-    if unknown:
+    outside = sorted(n for n in names if not n.startswith(lead))
+    unknown = [n for n in outside if n not in (heads or ()) and not n.startswith(HEADS)]
+    if heads is not None and unknown:
         raise WeightError(
             f"{where}: tensor {unknown[0]} is neither in the model body ({lead}…) nor an LM head "
-            f"({', '.join(h + '…' for h in HEADS)}); readapting would drop it"
+            "of its architecture; readapting would drop it"
         )
-    return body, heads
+    return body, outside
 
 
 class Body:
@@ -97,7 +129,9 @@ class Body:
         self.folder = Path(model_dir)
         self.ckpt = Checkpoint(model_dir)
         self.prefix = base_model_prefix(model_dir) if prefix is None else prefix
-        self._raw, self.heads = split_head(self.ckpt.names(), self.prefix, self.folder)
+        self._raw, self.heads = split_head(
+            self.ckpt.names(), self.prefix, self.folder, lm_head_names(self.folder)
+        )
         if self.heads:
             LOG.info("%s: dropping head tensors %s", self.folder, self.heads)
 

@@ -492,8 +492,13 @@ def test_bf16_lora_retriever_routes_agree_bit_for_bit(tmp_path, bf16_pair, lora_
     assert all(torch.equal(direct.get(n), stored.get(n)) for n in direct.names())
 
 
-@pytest.mark.parametrize("bias", ["lora_only", "all"])
-def test_trained_biases_match_peft_merge(tmp_path, tokenizer, bias):
+@pytest.mark.parametrize(
+    "extra",
+    [{"bias": "lora_only"}, {"bias": "all"}, {"bias": "all", "modules_to_save": ["norm"]},
+     {"bias": "all", "lora_bias": True}],
+    ids=["lora_only", "all", "all-saved-module", "all-lora-bias"],
+)  # fmt: skip
+def test_trained_biases_match_peft_merge(tmp_path, tokenizer, extra):
     from readaptir import tiny
 
     base = tiny.make_llama(tmp_path / "base", tokenizer, attention_bias=True)
@@ -501,7 +506,7 @@ def test_trained_biases_match_peft_merge(tmp_path, tokenizer, bias):
                                 attention_bias=True)  # fmt: skip
     adapter = make_adapter(
         AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter", dora=False, seed=7,
-        target_modules=["q_proj", "v_proj"], bias=bias,
+        target_modules=["q_proj", "v_proj"], **extra,
     )  # fmt: skip
     out = tmp_path / "out"
     run_merge(out, base, retriever, alpha=1.0, beta=0.0, adapter_dir=adapter)

@@ -11,7 +11,7 @@ import torch
 from readaptir import tiny
 from readaptir.lora import _pattern_value, dora_update, lora_product
 from readaptir.shards import Checkpoint, ShardWriter, WeightError
-from readaptir.weights import Body, base_model_prefix, split_head
+from readaptir.weights import Body, base_model_prefix, lm_head_names, split_head, ties_embeddings
 
 
 def test_split_head_causal_and_bare():
@@ -264,4 +264,21 @@ def test_broken_safetensors_name_the_file(tmp_path, content, message):
 def test_head_outside_the_body_must_be_an_lm_head():
     names = ["model.layers.0.mlp.up_proj.weight", "lm_head.weight", "proj.weight"]
     with pytest.raises(WeightError, match=r"retr: tensor proj\.weight is neither in the model"):
-        split_head(names, "model", "retr")
+        split_head(names, "model", "retr", heads={"lm_head.weight"})
+
+
+def test_lm_heads_come_from_the_architecture(tmp_path):
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    config = DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    DistilBertForMaskedLM(config).save_pretrained(tmp_path / "distil")
+    body = Body(tmp_path / "distil")  # its MLM head is vocab_transform/_layer_norm/_projector
+    assert body.heads and all(h.startswith("vocab_") for h in body.heads)
+    assert "vocab_projector.weight" in lm_head_names(tmp_path / "distil")
+
+
+def test_tied_embeddings_default_is_the_architectures(tmp_path, tiny_base):
+    config = json.loads((tiny_base / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert ties_embeddings(tmp_path) is False  # Llama's own default, not transformers' generic one
