@@ -2,7 +2,8 @@
 
 Real collections are untidy (missing titles, empty documents, ids that look like numbers, judgments
 naming documents that are not in the corpus), so the loaders accept what is harmless, report what is
-dropped, and fail with the file and line for what cannot be read.
+odd (judgments on absent documents are kept and counted, as in BEIR), and fail with the file and
+line for what cannot be read.
 """
 
 from __future__ import annotations
@@ -206,8 +207,11 @@ def load_collection(dataset_dir: Path, split: str) -> Collection:
     return Collection(passages=passages, queries=queries, qrels=qrels, warnings=warnings)
 
 
-def load_judgments(dataset_dir: Path, split: str) -> tuple[dict[str, dict[str, int]], list[str]]:
-    """The split's usable judgments and the warnings of ``usable_judgments``.
+def load_judgments(
+    dataset_dir: Path, split: str
+) -> tuple[dict[str, dict[str, int]], list[str], set[str]]:
+    """The split's usable judgments, the warnings of ``usable_judgments``, and the judged queries
+    with a judgment on a passage of the corpus (the others score 0 whatever a run holds).
 
     The corpus is only streamed for its ids, so scoring MS MARCO does not hold its 8.8M passages.
     """
@@ -216,7 +220,8 @@ def load_judgments(dataset_dir: Path, split: str) -> tuple[dict[str, dict[str, i
     doc_ids = {p.id for p in iter_passages(dataset_dir)}
     if not doc_ids:
         raise CorpusError(f"{Path(dataset_dir) / CORPUS_FILE}: no passages")
-    return usable_judgments(raw, queries, doc_ids, split)
+    qrels, warnings = usable_judgments(raw, queries, doc_ids, split)
+    return qrels, warnings, {q for q, judged in qrels.items() if not doc_ids.isdisjoint(judged)}
 
 
 def usable_judgments(

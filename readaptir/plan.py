@@ -262,9 +262,12 @@ class Planner:
     def _shared_runtime(self, existing: Stage, new: Stage, explicit: dict[str, str]) -> dict:
         merged = dict(existing.runtime)
         for name, value in new.runtime.items():
-            if name not in explicit or merged.get(name) == value:
+            if name not in explicit:
                 continue
             other = self._set_by.get((existing.name, name))
+            if merged.get(name) == value:
+                self._set_by.setdefault((existing.name, name), self._recipe_file)
+                continue
             if other is not None:
                 raise PlanError(
                     explicit[name],
@@ -385,8 +388,9 @@ class Planner:
             check_same_shape(base_dir, retriever_dir)
         merge_inputs: dict[str, Stage] = {}
         device = recipe.readapt.device
-        weights_runtime = {"device": device} if device != "auto" else None
-        explicit = {"device": "readapt.device"} if weights_runtime else None
+        chosen = "device" in recipe.readapt.model_fields_set  # `auto` written out counts too
+        weights_runtime = {"device": device} if chosen or device != "auto" else None
+        explicit = {"device": "readapt.device"} if chosen else None
         if alpha != 0:
             merge_inputs["adapter"] = self.add_adapter(recipe, src.base, src.base_deps)
         if beta != 0 and recipe.readapt.delta == "stored":

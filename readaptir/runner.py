@@ -164,7 +164,7 @@ def _score(ctx: Context, out: Path) -> dict:
         p["metrics"],
         p["ignore_identical_ids"],
         p.get("select"),
-        depth=p["k"],
+        depth=p.get("k"),  # specs built before the search fetched k + 1 have none
     )
     write_json(out / "per_query.json", details)
     metrics = {

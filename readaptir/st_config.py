@@ -161,13 +161,21 @@ def resolve_fields(encoding: Encoding, st: STConfig | None) -> Resolved:
             ("query", st.query_prompt, encoding.query_template),
             ("passage", st.passage_prompt, encoding.passage_template),
         ):
-            if prompt and not template.startswith(prompt):
+            # what the template puts before the text, its instruction filled in
+            fixed = {"text": "", "title": "", "instruction": encoding.query_instruction}
+            prefix = template.format_map(fixed).strip()
+            if prompt and not prefix:
                 raise ValueError(
                     f"the model prepends the prompt {prompt!r} to every {what} "
                     "(config_sentence_transformers.json), and templates here are the whole "
                     f"input: set retriever.encoding.{what}_template to start with it, e.g. "
                     f"{prompt + ('{text}' if what == 'query' else '{title} {text}')!r}"
                 )
+            if prompt and not prefix.startswith(prompt.strip()):
+                LOG.warning(
+                    "%s template starts %r, not with the model's default prompt %r",
+                    what, prefix, prompt,
+                )  # fmt: skip
     pooling = encoding.pooling
     if pooling is None:
         if st is None or st.pooling is None:

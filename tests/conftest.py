@@ -39,7 +39,8 @@ def run_ranks(
             env = {**os.environ, **group, "RANK": str(rank), "LOCAL_RANK": str(rank)}
             cmd = [sys.executable, "-c", script, *map(str, args_of(rank))]
             runs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
-        return [(run.wait(timeout), run.communicate()[0]) for run in runs]
+        outputs = [run.communicate(timeout=timeout)[0] for run in runs]
+        return [(run.returncode, out) for run, out in zip(runs, outputs, strict=True)]
     finally:
         for run in runs:
             run.kill()

@@ -104,6 +104,15 @@ def test_st_modules_and_prompts_not_reproduced_are_refused(tmp_path):
         {"query_template": "query: {text}", "passage_template": "passage: {title} {text}"},
     )
     assert resolve_fields(carried, st).pooling == "mean"
+    # an instruction of the recipe's own (per collection, as MTEB gives them) in place of the
+    # model's default prompt is the user's choice: said, not refused
+    e5_style = resolve_encoding(
+        "sentence-transformers",
+        {"query_template": "Instruct: {instruction}\nQuery: {text}",
+         "query_instruction": "Given a claim, find documents",
+         "passage_template": "passage: {title} {text}"},
+    )  # fmt: skip
+    assert resolve_fields(e5_style, st).pooling == "mean"
     default_only = {"prompts": {"retrieval": "Represent: "}, "default_prompt_name": "retrieval"}
     (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(default_only))
     st = read_st_config(tmp_path)
@@ -340,8 +349,13 @@ def test_embed_handles_empty_documents_and_missing_titles(tiny_retriever, tmp_pa
         {"_id": "42", "text": "no title at all"},
         {"_id": "d3", "title": "Only a title", "text": ""},
     ]
-    queries = [{"_id": "007", "text": "title"}, {"_id": "q2", "text": "unjudged"}]
-    root = write_beir(tmp_path / "beir", corpus, queries, [("007", "42", 2)])
+    queries = [
+        {"_id": "007", "text": "title"},
+        {"_id": "q2", "text": "unjudged"},
+        {"_id": "q3", "text": "judges a passage the corpus lost"},
+    ]
+    qrels = [("007", "42", 2), ("007", "gone", 1), ("q3", "gone", 1)]
+    root = write_beir(tmp_path / "beir", corpus, queries, qrels)
     info = embed(
         tiny_retriever,
         root,
@@ -351,6 +365,9 @@ def test_embed_handles_empty_documents_and_missing_titles(tiny_retriever, tmp_pa
     )
     ((ids, vecs),) = load_embeddings(tmp_path / "emb")
     assert ids == ["0042", "42", "d3"] and info["queries"] == 1
+    # 007 judges one present and one absent passage: embedded; q3 only an absent one: it scores 0
+    # whatever its ranking, so it is not encoded
+    assert json.loads((tmp_path / "emb" / "query_ids.json").read_text()) == ["007"]
     norms = np.linalg.norm(vecs.astype(np.float32), axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-3)
     # The empty document is read as "passage:" and its EOS: a real vector, not a padding artefact.

@@ -212,3 +212,12 @@ def test_shared_stage_runtime_explicit_value_wins_and_conflicts_fail(project):
         r"sets False for the same adapter stage",
     ):
         plan_of(project)
+
+
+def test_an_explicit_default_counts_as_a_setting(project):
+    edit(project, "ra-full", "extends: _common.yaml\nreadapt: {alpha: 1.0}\n"
+         "adapter: {gradient_checkpointing: auto}\n")  # fmt: skip
+    edit(project, "ra-half", "extends: _common.yaml\nreadapt: {alpha: 0.5}\n"
+         "adapter: {gradient_checkpointing: true}\n")  # fmt: skip
+    with pytest.raises(RecipeError, match=r"ra-half\.yaml: adapter\.gradient_checkpointing: True"):
+        plan_of(project)

@@ -249,13 +249,17 @@ def test_identical_ids_kept_when_asked(toy, tmp_path):
 
 
 def test_absent_judged_documents_count_as_in_beir(toy, tmp_path):
-    (toy / "qrels" / "test.tsv").write_text("qa\td1\t1\nqa\tgone\t1\nghost\td1\t1\n")
+    qrels = "qa\td1\t1\nqa\tgone\t1\nqc\tgone\t1\nghost\td1\t1\n"
+    (toy / "qrels" / "test.tsv").write_text(qrels)
     result = score(tmp_path / "run.trec", toy, "test", ["P@1", "MAP", "map@5"])
-    assert result["queries"] == 1
+    assert result["queries"] == 2 and result["per_query"]["qc"]["MAP"] == 0.0
     assert set(result["metrics"]) == {"P@1", "MAP", "MAP@5"}
     # qa ranks qa, d2, d1, ...: d1 at rank 3, 'gone' never; two relevant documents
     assert result["per_query"]["qa"]["P@1"] == 0.0
-    assert result["metrics"]["MAP"] == pytest.approx((1 / 3) / 2)
+    assert result["per_query"]["qa"]["MAP"] == pytest.approx((1 / 3) / 2)
+    # qc judges only an absent passage: it is not embedded, and not reported as a broken run
+    assert any("1 queries judge only absent documents" in w for w in result["warnings"])
+    assert not any("no results in the run" in w for w in result["warnings"])
     assert any("absent from the corpus" in w for w in result["warnings"])
     assert any("unknown queries" in w for w in result["warnings"])
 

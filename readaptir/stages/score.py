@@ -121,7 +121,7 @@ def score(
     parsed = [parse_metric(m) for m in metrics]
     if not parsed:
         raise ValueError(f"no metrics asked for; supported: {SUPPORTED}")
-    qrels, warnings = load_judgments(dataset_dir, split)
+    qrels, warnings, retrievable = load_judgments(dataset_dir, split)
     if not qrels:
         raise ValueError(f"{dataset_dir}: split {split!r} has no usable judgments")
 
@@ -133,10 +133,11 @@ def score(
             LOG.info("ignored %d run entries whose document id is the query id", removed)
     if depth is not None:
         run = cut_run(run, depth)
-    missing = [q for q in qrels if q not in run or not run[q]]
+    # queries judging only absent passages are not embedded and have their own warning
+    missing = [q for q in retrievable if q not in run or not run[q]]
     if missing:
         warnings.append(
-            f"{len(missing)} of {len(qrels)} judged queries have no results in the run; "
+            f"{len(missing)} of {len(retrievable)} judged queries have no results in the run; "
             "they score 0"
         )
         LOG.warning("%s", warnings[-1])
