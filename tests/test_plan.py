@@ -221,3 +221,21 @@ def test_an_explicit_default_counts_as_a_setting(project):
          "adapter: {gradient_checkpointing: true}\n")  # fmt: skip
     with pytest.raises(RecipeError, match=r"ra-half\.yaml: adapter\.gradient_checkpointing: True"):
         plan_of(project)
+
+
+def test_the_repositorys_pipelines_are_the_build_of_its_recipes(tmp_path):
+    """dvc.yaml, params.yaml and pipelines/ here are `readaptir build` of recipes/: a change to
+    what a build writes must come with the rebuilt files."""
+    from click.testing import CliRunner
+
+    from readaptir.cli import main
+
+    repo = Path(__file__).parents[1]
+    shutil.copytree(repo / "recipes", tmp_path / "recipes")
+    result = CliRunner().invoke(main, ["build", "--root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    built = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.yaml"))
+    built = [p for p in built if p.parts[0] != "recipes"]
+    assert built and all((repo / p).read_text() == (tmp_path / p).read_text() for p in built), (
+        "run `readaptir build` at the repository root and commit the result"
+    )
