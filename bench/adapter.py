@@ -33,7 +33,7 @@ from transformers import LlamaForCausalLM, get_scheduler
 from readaptir.packing import Layout, causal_inputs, layout, pack_boundaries
 from readaptir.training import (
     attach_adapter,
-    compute_dtype,
+    autocast_dtype,
     enable_gradient_checkpointing,
     train_step,
 )
@@ -124,7 +124,7 @@ def measure(
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     schedule = get_scheduler("constant", optimizer)
-    autocast = compute_dtype(model)
+    autocast = autocast_dtype(model)
     for lay in batches[:warmup]:
         train_step(
             model, causal_inputs(lay, packed), optimizer, schedule, device, autocast=autocast

@@ -207,11 +207,18 @@ def load_collection(dataset_dir: Path, split: str) -> Collection:
     return Collection(passages=passages, queries=queries, qrels=qrels, warnings=warnings)
 
 
-def load_judgments(
-    dataset_dir: Path, split: str
-) -> tuple[dict[str, dict[str, int]], list[str], set[str]]:
-    """The split's usable judgments, the warnings of ``usable_judgments``, and the judged queries
-    with a judgment on a passage of the corpus (the others score 0 whatever a run holds).
+def retrievable(qrels: dict[str, dict[str, int]], doc_ids: set[str]) -> set[str]:
+    """The judged queries with a judgment on a passage of the corpus; the others score 0 whatever
+    a run holds."""
+    return {q for q, judged in qrels.items() if not doc_ids.isdisjoint(judged)}
+
+
+Judgments = tuple[dict[str, dict[str, int]], list[str], set[str]]  # qrels, warnings, retrievable
+
+
+def load_judgments(dataset_dir: Path, split: str) -> Judgments:
+    """The split's usable judgments, the warnings of ``usable_judgments``, and the ``retrievable``
+    queries.
 
     The corpus is only streamed for its ids, so scoring MS MARCO does not hold its 8.8M passages.
     """
@@ -221,7 +228,7 @@ def load_judgments(
     if not doc_ids:
         raise CorpusError(f"{Path(dataset_dir) / CORPUS_FILE}: no passages")
     qrels, warnings = usable_judgments(raw, queries, doc_ids, split)
-    return qrels, warnings, {q for q, judged in qrels.items() if not doc_ids.isdisjoint(judged)}
+    return qrels, warnings, retrievable(qrels, doc_ids)
 
 
 def usable_judgments(
@@ -250,11 +257,9 @@ def usable_judgments(
             f"{name}: {len(absent)} judgments name {len(docs)} documents absent from the corpus "
             f"(e.g. {_sample(docs)}); they count, and no run can retrieve them"
         )
-        hopeless = [q for q, judged in qrels.items() if not doc_ids.intersection(judged)]
+        hopeless = len(qrels) - len(retrievable(qrels, doc_ids))
         if hopeless:
-            warnings.append(
-                f"{name}: {len(hopeless)} queries judge only absent documents; they score 0"
-            )
+            warnings.append(f"{name}: {hopeless} queries judge only absent documents; they score 0")
     for w in warnings:
         LOG.warning("%s", w)
     return qrels, warnings

@@ -44,13 +44,21 @@ def evaluate(
     (α auto) ``baseline`` and one role per α of ``select['grid']``. Each query's ranking is cut
     to its top ``depth`` after identical ids are dropped.
     """
+    from readaptir.corpus import load_judgments
     from readaptir.stages.score import parse_metric, score
 
     wanted = list(dict.fromkeys(metrics + ([select["metric"]] if select else [])))
+    judgments = load_judgments(dataset_dir, split)  # read once for every run
     results = {
         role: score(
-            run, dataset_dir, split, wanted, ignore_identical_ids=ignore_identical_ids, depth=depth
-        )
+            run,
+            dataset_dir,
+            split,
+            wanted,
+            ignore_identical_ids=ignore_identical_ids,
+            depth=depth,
+            judgments=judgments,
+        )  # fmt: skip
         for role, run in runs.items()
     }
     per_query = {role: r["per_query"] for role, r in results.items()}

@@ -99,12 +99,12 @@ def add_psi(
     same sum as adding ``coef`` times ``lora_product`` or ``dora_update``, in fewer passes: the
     product is accumulated by ``addmm`` and DoRA's rescaling by ``addcmul``.
     """
-    if update.replacement is not None:
-        acc.add_(update.replacement[rows], alpha=coef).sub_(theta, alpha=coef)
-        if update.added is None:
-            return acc
-    if update.added is not None:
-        return acc.add_(update.added[rows], alpha=coef * update.scaling)
+    if update.replacement is not None or update.added is not None:
+        if update.replacement is not None:  # a trained bias, or a saved module
+            acc.add_(update.replacement[rows], alpha=coef).sub_(theta, alpha=coef)
+        if update.added is not None:  # a LoRA bias, on top of a trained one or not
+            acc.add_(update.added[rows], alpha=coef * update.scaling)
+        return acc
     assert update.a is not None and update.b is not None
     if update.embedding:  # rows of the weight are columns of the factors; rare, kept plain
         lora = lora_product(update.a[:, rows], update.b, update.scaling, embedding=True)

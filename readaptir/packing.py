@@ -130,7 +130,9 @@ def plan_epoch(
     else:
         bounds = np.arange(len(order) + 1, dtype=np.int64)
     rows = len(bounds) - 1
-    if batch_tokens is not None and not packing:
+    if batch_tokens is not None:
+        if packing:
+            raise ValueError("a token budget per step is for padded rows; packed rows are full")
         steps_at = budget_steps(lengths[order].tolist(), batch_tokens)
     else:
         steps_at = np.append(np.arange(0, rows, rows_per_step, dtype=np.int64), rows)

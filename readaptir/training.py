@@ -124,7 +124,7 @@ def attach_adapter(
     """Wrap ``model`` with a PEFT LoRA/DoRA adapter over the body's ``target_modules``.
 
     Adapter weights are float32 whatever the base's dtype: a bf16 base computes in bf16 under
-    autocast (``compute_dtype``) while the optimizer updates float32 weights, since bf16 weights
+    autocast (``autocast_dtype``) while the optimizer updates float32 weights, since bf16 weights
     would round most AdamW updates of a DoRA magnitude (|m| ≈ 1, steps ≈ lr) away. Parameters
     the base was loaded without (``head_to_train``, an encoder's fresh MLM head) train too.
     """
@@ -150,7 +150,7 @@ def attach_adapter(
     return wrapped
 
 
-def compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
+def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """The 16-bit dtype a model's frozen weights compute in under autocast; None for float32."""
     dtypes = {p.dtype for p in model.parameters() if not p.requires_grad}
     low = dtypes & {torch.bfloat16, torch.float16}
@@ -195,7 +195,7 @@ def train_step(
 ) -> float:
     """One optimizer step on one batch of model inputs; returns the loss (before ``loss_scale``).
 
-    ``autocast`` (a 16-bit base's ``compute_dtype``) runs the forward pass in that dtype over
+    ``autocast`` (a 16-bit base's ``autocast_dtype``) runs the forward pass in that dtype over
     float32 adapter weights; gradients and the update stay float32.
     """
     moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -338,6 +338,6 @@ def restore_checkpoint(
 
 
 def remove_checkpoint(folder: Path) -> None:
-    for path in Path(folder).glob("rng-rank*.pt"):
+    for path in Path(folder).glob(RNG_FILE.format(rank="*")):
         path.unlink(missing_ok=True)
     (Path(folder) / CHECKPOINT_FILE).unlink(missing_ok=True)

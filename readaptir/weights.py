@@ -7,8 +7,10 @@ Tensors outside the prefix of a prefixed checkpoint (``lm_head``, ``cls.*``) are
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,14 +35,32 @@ def compute_dtype(out: torch.dtype, stored: list[torch.dtype]) -> torch.dtype:
     return torch.float64
 
 
+def _config_key(model_dir: Path | str) -> tuple[str, int]:
+    """A folder's config.json by path and modification time: what the caches below are keyed on."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise WeightError(f"no config.json in {model_dir}")
+    return str(model_dir), path.stat().st_mtime_ns
+
+
+@functools.lru_cache(maxsize=16)
+def _read_config(key: tuple[str, int]) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(key[0])
+
+
+def _config(model_dir: Path | str) -> Any:
+    """The folder's transformers config, read once while config.json is unchanged (the merge's
+    checks ask for it several times); read-only."""
+    return _read_config(_config_key(model_dir))
+
+
 def auto_model_class(model_dir: Path) -> type:
     """The bare ``AutoModel`` class for the folder's config.json."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    if not (Path(model_dir) / "config.json").is_file():
-        raise WeightError(f"no config.json in {model_dir}")
-    config = AutoConfig.from_pretrained(model_dir)
+    config = _config(model_dir)
     try:
         return MODEL_MAPPING[type(config)]
     except KeyError:
@@ -50,13 +70,9 @@ def auto_model_class(model_dir: Path) -> type:
 
 
 def ties_embeddings(model_dir: Path) -> bool:
-    """Whether the model's output head shares the input embedding matrix (transformers' default
-    when the config does not say)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(
-        model_dir
-    )  # the class's default where config.json is silent
+    """Whether the model's output head shares the input embedding matrix (the architecture's
+    default when config.json does not say)."""
+    config = _config(model_dir)
     text = getattr(config, "text_config", None)
     return bool(getattr(config, "tie_word_embeddings", getattr(text, "tie_word_embeddings", True)))
 
@@ -69,19 +85,17 @@ def is_buffer(name: str) -> bool:
     return name.endswith(BUFFER_SUFFIXES)
 
 
-def lm_head_names(model_dir: Path) -> set[str]:
-    """The tensors outside the body of the architecture's causal-LM and masked-LM classes (e.g.
-    DistilBERT's ``vocab_projector``, ALBERT's ``predictions``), built on the meta device."""
-    from transformers import AutoConfig
+@functools.lru_cache(maxsize=16)
+def _lm_head_names(key: tuple[str, int]) -> frozenset[str]:
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING,
         MODEL_FOR_MASKED_LM_MAPPING,
     )
 
     try:
-        config = AutoConfig.from_pretrained(model_dir)
+        config = _read_config(key)
     except (OSError, ValueError):
-        return set()
+        return frozenset()
     names: set[str] = set()
     for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING):
         try:
@@ -92,7 +106,16 @@ def lm_head_names(model_dir: Path) -> set[str]:
             continue
         lead = cls.base_model_prefix + "."
         names |= {n for n in model.state_dict() if not n.startswith(lead)}
-    return names
+    return frozenset(names)
+
+
+def lm_head_names(model_dir: Path) -> frozenset[str]:
+    """The tensors outside the body of the architecture's causal-LM and masked-LM classes (e.g.
+    DistilBERT's ``vocab_projector``, ALBERT's ``predictions``), built once on the meta device."""
+    try:
+        return _lm_head_names(_config_key(model_dir))
+    except WeightError:  # no config.json: only the fixed HEADS names serve
+        return frozenset()
 
 
 def split_head(

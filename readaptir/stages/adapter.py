@@ -51,7 +51,7 @@ from readaptir.training import (
     DEFAULT_TARGETS,
     Meter,
     attach_adapter,
-    compute_dtype,
+    autocast_dtype,
     enable_gradient_checkpointing,
     load_checkpoint,
     load_model,
@@ -141,9 +141,9 @@ _NOT_RESUME_RELEVANT = {
 }  # fmt: skip
 
 
-def _fingerprint(args: dict, rows_per_step: int | str, steps: int, tokens: TokenStore) -> str:
+def _fingerprint(args: dict, step_size: int | str, steps: int, tokens: TokenStore) -> str:
     """What a checkpoint must have been made under to be resumed from (any number of ranks)."""
-    settings = dict(args, rows=rows_per_step, steps=steps)
+    settings = dict(args, rows=step_size, steps=steps)
     settings["data"] = [len(tokens), int(tokens.lengths.sum())]
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -226,6 +226,8 @@ def train_adapter(
     )
     # a token budget: packed rows are max_length long; padded ones fill each step to the budget
     rows_per_step = max(1, batch_tokens // max_length) if batch_tokens else batch_size
+    padded_budget = batch_tokens if batch_tokens and not packing else None
+    step_size = f"{padded_budget} tokens" if padded_budget else rows_per_step
     plans = [
         plan_epoch(
             tokens.lengths,
@@ -234,7 +236,7 @@ def train_adapter(
             max_length=max_length,
             rows_per_step=rows_per_step,
             packing=packing,
-            batch_tokens=batch_tokens,
+            batch_tokens=padded_budget,
         )
         for e in range(math.ceil(epochs))
     ]
@@ -246,10 +248,9 @@ def train_adapter(
             "(a larger batch would use them, and makes another adapter)",
             ranks.world, fewest,
         )  # fmt: skip
-    per_step = f"{rows_per_step}" if packing or not batch_tokens else f"≤ {batch_tokens} tokens of"
     LOG.info(
-        "training %s adapter (%s objective) on %d passages, %d tokens: %d steps of %s %s rows",
-        method, objective, len(tokens), int(tokens.lengths.sum()), steps, per_step,
+        "training %s adapter (%s objective) on %d passages, %d tokens: %d steps of %s, %s rows",
+        method, objective, len(tokens), int(tokens.lengths.sum()), steps, step_size,
         "packed" if packing else "padded",
     )  # fmt: skip
 
@@ -268,7 +269,7 @@ def train_adapter(
         target_modules=targets,
     ).to(device)
     model.train()
-    autocast = compute_dtype(model)
+    autocast = autocast_dtype(model)
     mask_dtype = autocast or torch.float32
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr)
@@ -281,7 +282,7 @@ def train_adapter(
 
     fingerprint = _fingerprint(
         {k: v for k, v in args.items() if k not in _NOT_RESUME_RELEVANT},
-        rows_per_step if packing or not batch_tokens else f"{batch_tokens} tokens", steps, tokens,
+        step_size, steps, tokens,
     )  # fmt: skip
     progress = {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0, "log": []}
     state = (

@@ -29,6 +29,7 @@ from readaptir.corpus import (
     load_queries,
     passage_text,
     query_text,
+    retrievable,
     usable_judgments,
 )
 from readaptir.distributed import (
@@ -232,7 +233,8 @@ def embed(
     known = set(passage_ids)
     qrels, _ = usable_judgments(raw_qrels, queries, known, split)
     # a query judging only absent documents scores 0 whatever its ranking: not worth encoding
-    query_ids = [q for q in queries if not known.isdisjoint(qrels.get(q, ()))]
+    wanted = retrievable(qrels, known)
+    query_ids = [q for q in queries if q in wanted]
     texts = [
         query_text(queries[q], encoding.query_template, encoding.query_instruction)
         for q in query_ids

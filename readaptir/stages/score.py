@@ -6,7 +6,7 @@ import logging
 import re
 from pathlib import Path
 
-from readaptir.corpus import load_judgments
+from readaptir.corpus import Judgments, load_judgments
 
 LOG = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def score(
     *,
     ignore_identical_ids: bool = False,
     depth: int | None = None,
+    judgments: Judgments | None = None,
 ) -> dict:
     """Metrics of ``run_file`` on ``split``, mean over every judged query.
 
@@ -115,13 +116,16 @@ def score(
     scores 0 on every metric and still counts in the mean, so a run that silently drops queries
     cannot look better than it is.
 
-    Returns ``{"metrics": {name: mean}, "per_query": {qid: {name: value}}, "queries": n,
-    "warnings": [...]}`` with metric names in canonical spelling and nothing rounded.
+    ``judgments`` (``load_judgments``'s result) spares reading the corpus again when several runs
+    of one collection are scored. Returns ``{"metrics": {name: mean}, "per_query": {qid: {name:
+    value}}, "queries": n, "warnings": [...]}`` with metric names in canonical spelling and
+    nothing rounded.
     """
     parsed = [parse_metric(m) for m in metrics]
     if not parsed:
         raise ValueError(f"no metrics asked for; supported: {SUPPORTED}")
-    qrels, warnings, retrievable = load_judgments(dataset_dir, split)
+    qrels, warnings, retrievable = judgments or load_judgments(dataset_dir, split)
+    warnings = list(warnings)
     if not qrels:
         raise ValueError(f"{dataset_dir}: split {split!r} has no usable judgments")
 
