@@ -1,15 +1,17 @@
 """Knowledge-adapter training speed: the paper-like setting against this project's default.
 
-Both settings train DoRA r32 (q/k/v/up/down) on one random-weight bf16 Llama, in the same run:
+Each setting trains DoRA r32 (q/k/v/up/down) on one random-weight bf16 Llama, in the same run:
 
   (a) paper-like: 4 single passages per step, padded to the longest; no gradient checkpointing;
-  (b) default: 4 rows of 1024 tokens packed with passages; gradient checkpointing.
+      PEFT's own DoRA forward (its row norm built from a full-size B·A every call);
+  (a') the same batches with this project's DoRA forward (the row norm in low-rank form);
+  (b) default: 4 rows of 1024 tokens packed with passages; gradient checkpointing; low-rank norm.
 
-Both keep float32 adapter weights and compute in bf16 under autocast, as the adapter stage does.
+All keep float32 adapter weights and compute in bf16 under autocast, as the adapter stage does.
 
 Passage lengths are synthetic and MS MARCO-like (seeded log-normal, mean ≈ 82 tokens, clipped to
 [8, 256]). Reports real (non-padding) tokens per second and peak memory (CUDA allocator on GPU,
-resident set on CPU) for each, and the ratio (b)/(a).
+resident set on CPU) for each, and the ratios (b)/(a) and (a')/(a).
 
     python bench/adapter.py           # Llama-2-7B shape; needs a GPU with ~40 GB
     python bench/adapter.py --tiny    # a smoke run on CPU
@@ -108,6 +110,7 @@ def measure(
     batches: list[Layout],
     *,
     packed: bool,
+    low_rank_norm: bool,
     warmup: int,
     r: int,
     device: torch.device,
@@ -120,6 +123,7 @@ def measure(
         lora_alpha=2 * r,
         dropout=0.05,
         target_modules=TARGETS,
+        low_rank_norm=low_rank_norm,
     )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -192,27 +196,27 @@ def main() -> None:
 
     rng = np.random.default_rng(args.seed)
     n = args.warmup + args.steps
+    padded = padded_batches(n, args.rows, args.vocab, rng)
+    common = dict(warmup=args.warmup, r=args.r, device=device)
     paper, base = measure(
-        "(a) paper-like: DoRA, 4 padded passages",
-        base,
-        padded_batches(n, args.rows, args.vocab, rng),
-        packed=False,
-        warmup=args.warmup,
-        r=args.r,
-        device=device,
-    )
+        f"(a) paper-like: DoRA, {args.rows} padded passages, PEFT's DoRA forward",
+        base, padded, packed=False, low_rank_norm=False, **common
+    )  # fmt: skip
+    paper_low_rank, base = measure(
+        "(a') the same batches, low-rank DoRA norm",
+        base, padded, packed=False, low_rank_norm=True, **common
+    )  # fmt: skip
     enable_gradient_checkpointing(base)
     ours, base = measure(
-        f"(b) default: DoRA, {args.rows}×{args.max_length} packed, checkpointing",
+        f"(b) default: DoRA, {args.rows}×{args.max_length} packed, checkpointing, low-rank norm",
         base,
         packed_batches(n, args.rows, args.max_length, args.vocab, rng),
         packed=True,
-        warmup=args.warmup,
-        r=args.r,
-        device=device,
+        low_rank_norm=True,
+        **common,
     )
     memory = "GPU allocated" if device.type == "cuda" else "RSS"
-    for res in (paper, ours):
+    for res in (paper, paper_low_rank, ours):
         print(
             f"{res.name}\n    {res.tokens_per_step:.0f} real tokens/step of "
             f"{res.padded_per_step:.0f}, {res.tokens_per_s:,.0f} real tokens/s, "
@@ -222,6 +226,7 @@ def main() -> None:
         f"ratio (b)/(a): {ours.tokens_per_s / paper.tokens_per_s:.2f}× real tokens/s, "
         f"{ours.peak_gib / paper.peak_gib:.2f}× peak memory"
     )
+    print(f"ratio (a')/(a): {paper_low_rank.tokens_per_s / paper.tokens_per_s:.2f}× real tokens/s")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
 #   bash bench/device.sh --tiny                # tiny shapes: a smoke run, on a CPU too
 #
 # Steps: merge-tests (the merge invariants with READAPTIR_DEVICE=cuda), merge (Llama-2-7B shape,
-# ~27 GB of inputs written under a temporary folder), adapter, embed, search.
+# ~27 GB of inputs written under a temporary folder), dora, adapter, embed, search.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}
@@ -24,7 +24,7 @@ if [[ "${1:-}" == "--tiny" ]]; then
   shift
 fi
 steps=("$@")
-[[ ${#steps[@]} -eq 0 ]] && steps=(merge-tests merge adapter embed search)
+[[ ${#steps[@]} -eq 0 ]] && steps=(merge-tests merge dora adapter embed search)
 device=cpu
 $py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && device=cuda
 scratch=$(mktemp -d)
@@ -58,9 +58,10 @@ for name in "${steps[@]}"; do
       step merge 240 $py bench/merge.py "${tiny[@]}" "${seven_b[@]}" --device $device \
         --repeat 2 --dir "$scratch/merge"
       rm -rf "$scratch/merge" ;;
+    dora) step dora 60 $py bench/dora.py "${tiny[@]}" ;;
     adapter) step adapter 150 $py bench/adapter.py "${tiny[@]}" ;;
     embed) step embed 120 $py bench/embed.py "${tiny[@]}" ;;
     search) step search 60 $py bench/search.py "${tiny[@]}" ;;
-    *) echo "unknown step $name (merge-tests, merge, adapter, embed, search)" >&2; exit 2 ;;
+    *) echo "unknown step $name (merge-tests, merge, dora, adapter, embed, search)" >&2; exit 2 ;;
   esac
 done

@@ -1,0 +1,121 @@
+import copy
+
+import pytest
+import torch
+from peft.tuners.lora.dora import DoraLinearLayer
+from transformers import BertConfig, BertForMaskedLM, LlamaForCausalLM
+
+from readaptir import tiny
+from readaptir.dora import LowRankNormDora, low_rank_row_norm
+from readaptir.training import attach_adapter
+
+
+def test_low_rank_row_norm_is_the_row_norm_of_w_plus_sba():
+    torch.manual_seed(0)
+    weight = (torch.randn(96, 64) * 0.02).bfloat16()
+    a, b = torch.randn(8, 64) * 0.05, torch.randn(96, 8) * 0.05
+    exact = torch.linalg.vector_norm(weight.double() + 1.5 * b.double() @ a.double(), dim=1)
+    norm = low_rank_row_norm(weight, a, b, 1.5)
+    assert norm.dtype == torch.float32
+    torch.testing.assert_close(norm.double(), exact, rtol=1e-6, atol=0)
+    # B = 0, as PEFT initialises it: the base weight's own row norms
+    start = low_rank_row_norm(weight, a, torch.zeros_like(b), 1.5)
+    torch.testing.assert_close(start, torch.linalg.vector_norm(weight.float(), dim=1))
+
+
+def _train(model, batches, objective_inputs):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    for step, batch in enumerate(batches):
+        torch.manual_seed(100 + step)  # dropout draws, the same for both models
+        loss = model(**objective_inputs(batch)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _pair(base, **adapter):
+    models = []
+    for fast in (False, True):
+        torch.manual_seed(1)  # the same LoRA A initialisation
+        model = attach_adapter(copy.deepcopy(base), method="dora", r=4, lora_alpha=8,
+                               low_rank_norm=fast, **adapter)  # fmt: skip
+        models.append(model)
+    kinds = [
+        {type(m) for m in model.modules() if isinstance(m, DoraLinearLayer)} for model in models
+    ]
+    assert kinds == [{DoraLinearLayer}, {LowRankNormDora}]
+    return models
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_low_rank_norm_trains_peft_s_dora_adapter(tokenizer, dropout):
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny.llama_config(tokenizer))
+    targets = ["q_proj", "v_proj", "down_proj"]
+    peft_model, ours = _pair(base, objective="causal", dropout=dropout, target_modules=targets)
+    seeds = [torch.Generator().manual_seed(s) for s in range(4)]
+    batches = [torch.randint(3, len(tokenizer), (2, 16), generator=g) for g in seeds]
+    want = _train(peft_model, batches, lambda ids: dict(input_ids=ids, labels=ids))
+    got = _train(ours, batches, lambda ids: dict(input_ids=ids, labels=ids))
+    assert want.keys() == got.keys()
+    assert any("lora_magnitude_vector" in k for k in got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+    assert ours.state_dict().keys() == peft_model.state_dict().keys()
+
+
+def test_low_rank_norm_on_linear_layers_with_bias():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)  # fmt: skip
+    base = BertForMaskedLM(config)
+    for module in base.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.bias, std=0.5)  # zero as initialised, which hides them
+    targets = ["query", "value", "dense"]
+    peft_model, ours = _pair(base, objective="masked", dropout=0.0, target_modules=targets)
+    ids = torch.randint(5, 200, (2, 12), generator=torch.Generator().manual_seed(1))
+    batches = [ids, ids.flip(0)]
+    want = _train(peft_model, batches, lambda x: dict(input_ids=x, labels=x))
+    got = _train(ours, batches, lambda x: dict(input_ids=x, labels=x))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_lora_keeps_peft_s_layers(tokenizer):
+    base = LlamaForCausalLM(tiny.llama_config(tokenizer))
+    model = attach_adapter(base, objective="causal", method="lora", r=4, lora_alpha=8,
+                           dropout=0.0, target_modules=["q_proj"])  # fmt: skip
+    assert not any(isinstance(m, DoraLinearLayer) for m in model.modules())
+
+
+class _OneLayer(torch.nn.Module):
+    base_model_prefix = "body"
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.ModuleDict({"up": torch.nn.Linear(64, 96)})
+
+
+def test_low_rank_norm_under_bf16_autocast():
+    # the 7B path: a bf16 base, float32 adapter weights (so PEFT hands over a float32 x), bf16
+    # compute, and dropout making the layer recompute W·x. B = 0 makes both norms ||W||, so any
+    # difference comes from the forward itself.
+    torch.manual_seed(0)
+    model = attach_adapter(_OneLayer().to(torch.bfloat16), objective="masked", method="dora", r=4,
+                           lora_alpha=8, dropout=0.1, target_modules=["up"])  # fmt: skip
+    (dora,) = [m for m in model.modules() if hasattr(m, "lora_magnitude_vector")]
+    magnitude = dora.lora_magnitude_vector["default"]
+    magnitude.weight.data *= torch.rand(96) + 0.5  # m ≠ ||W||, as after training
+    x = torch.randn(5, 64)
+    args = dict(lora_A=dora.lora_A["default"], lora_B=dora.lora_B["default"],
+                scaling=dora.scaling["default"], base_layer=dora.get_base_layer())  # fmt: skip
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = DoraLinearLayer.forward(magnitude, x, **args)
+        got = magnitude(x, **args)
+    assert type(magnitude) is LowRankNormDora
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
