@@ -8,8 +8,10 @@ one run, with last-token pooling and normalisation as RepLLaMA does:
 
 Passage lengths imitate MS MARCO's (seeded log-normal, mean ~82 tokens, clipped). Printed per
 method: passages/s, real (non-padding) tokens/s, the share of padding, and the fraction of the
-arithmetic ceiling, 2 x (non-embedding parameters) FLOP per real token at ``--peak-flops`` (default
-989e12, an H100's dense bf16 peak); then the speed-up (b)/(a).
+arithmetic ceiling, 2 x (non-embedding parameters) FLOP per real token at the rate of a large square
+matmul in the model's dtype measured in the same run (≈ 798 TFLOP/s in bf16 on an H100), or at
+``--peak-flops`` when given (an H100's datasheet dense bf16 peak is
+989e12); then the speed-up (b)/(a).
 
     python bench/embed.py --tiny        # CPU smoke run, a few seconds
     python bench/embed.py               # 7B shape in bf16, on a GPU with ~20 GB free
@@ -52,7 +54,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=64, help="naive batches")
     ap.add_argument("--batch-tokens", type=int, default=16384, help="readaptir's token budget")
-    ap.add_argument("--peak-flops", type=float, default=989e12)
+    ap.add_argument("--peak-flops", type=float, default=None, help="default: measured")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
     ap.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -107,10 +109,30 @@ def run(
     return Result(name, seconds, len(seqs), sum(lengths), padded)
 
 
+def matmul_flops(device: str, dtype: torch.dtype, repeat: int = 5) -> float:
+    """FLOP/s of a square matmul in ``dtype`` (8192² on a GPU, 1024² on the CPU), best of repeat."""
+    cuda = torch.device(device).type == "cuda"
+    n = 8192 if cuda else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeat + 1):  # the first warms up
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
 def report(args: argparse.Namespace, model: LlamaModel, lengths: np.ndarray, results: list) -> str:
     params = sum(p.numel() for p in model.parameters())
     matmul_params = params - model.embed_tokens.weight.numel()  # a lookup is no arithmetic
     ceiling = args.peak_flops / (2 * matmul_params)
+    source = "given" if args.peak_flops_given else f"measured {args.dtype} matmul"
+
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     lines = [
         f"model: random Llama, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
@@ -119,8 +141,8 @@ def report(args: argparse.Namespace, model: LlamaModel, lengths: np.ndarray, res
         f"passages: {len(lengths)}, tokens mean {lengths.mean():.1f}, median "
         f"{np.median(lengths):.0f}, p99 {np.percentile(lengths, 99):.0f}, max {lengths.max()} "
         f"(log-normal sigma {args.sigma}, seed {args.seed})",
-        f"ceiling: 2 x {matmul_params:.3g} FLOP/token at {args.peak_flops:.3g} FLOP/s = "
-        f"{ceiling:,.0f} tokens/s",
+        f"ceiling: 2 x {matmul_params:.3g} FLOP/token at {args.peak_flops:.3g} FLOP/s "
+        f"({source}) = {ceiling:,.0f} tokens/s",
         "",
         f"{'method':<40} {'passages/s':>11} {'tokens/s':>10} {'padding':>8} {'ceiling':>8}",
     ]
@@ -143,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed + 1)
     seqs = [rng.integers(3, args.vocab, size=n).tolist() for n in lengths]
     model = random_model(args)
+    args.peak_flops_given = args.peak_flops is not None
+    if not args.peak_flops_given:
+        args.peak_flops = matmul_flops(args.device, getattr(torch, args.dtype))
 
     order = rng.permutation(len(seqs)).tolist()
     naive = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
