@@ -5,13 +5,14 @@ Each setting trains DoRA r32 (q/k/v/up/down) on one random-weight bf16 Llama, in
   (a) paper-like: 4 single passages per step, padded to the longest; no gradient checkpointing;
       PEFT's own DoRA forward (its row norm built from a full-size B·A every call);
   (a') the same batches with this project's DoRA forward (the row norm in low-rank form);
-  (b) default: 4 rows of 1024 tokens packed with passages; gradient checkpointing; low-rank norm.
+  (b) default: 4 rows of 1024 tokens packed with passages; gradient checkpointing; low-rank norm;
+  (b') the same batches without gradient checkpointing (whether they fit, and what it would gain).
 
 All keep float32 adapter weights and compute in bf16 under autocast, as the adapter stage does.
 
 Passage lengths are synthetic and MS MARCO-like (seeded log-normal, mean ≈ 82 tokens, clipped to
 [8, 256]). Reports real (non-padding) tokens per second and peak memory (CUDA allocator on GPU,
-resident set on CPU) for each, and the ratios (b)/(a) and (a')/(a).
+resident set on CPU) for each, and the ratios (b)/(a), (a')/(a) and (b')/(b).
 
     python bench/adapter.py           # Llama-2-7B shape; needs a GPU with ~40 GB
     python bench/adapter.py --tiny    # a smoke run on CPU
@@ -100,8 +101,24 @@ class Result:
     name: str
     tokens_per_step: float
     padded_per_step: float
-    tokens_per_s: float
+    tokens_per_s: float  # nan when the setting ran out of memory
     peak_gib: float
+
+    def line(self, memory: str) -> str:
+        if self.tokens_per_s != self.tokens_per_s:
+            return f"{self.name}\n    out of memory"
+        return (
+            f"{self.name}\n    {self.tokens_per_step:.0f} real tokens/step of "
+            f"{self.padded_per_step:.0f}, {self.tokens_per_s:,.0f} real tokens/s, "
+            f"peak {memory} {self.peak_gib:.2f} GiB"
+        )
+
+
+def train(layouts, model, optimizer, schedule, device, autocast, packed) -> None:
+    for lay in layouts:
+        inputs = causal_inputs(lay, packed)
+        train_step(model, inputs, optimizer, schedule, device, autocast=autocast)
+    sync(device)
 
 
 def measure(
@@ -115,6 +132,7 @@ def measure(
     r: int,
     device: torch.device,
 ) -> tuple[Result, torch.nn.Module]:
+    """Train ``batches`` (the first ``warmup`` untimed); a setting out of GPU memory reports so."""
     model = attach_adapter(
         base,
         objective="causal",
@@ -129,20 +147,18 @@ def measure(
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     schedule = get_scheduler("constant", optimizer)
     autocast = autocast_dtype(model)
-    for lay in batches[:warmup]:
-        train_step(
-            model, causal_inputs(lay, packed), optimizer, schedule, device, autocast=autocast
-        )
-    sync(device)
-    reset_peak(device)
+
+    training = (model, optimizer, schedule, device, autocast, packed)
     timed = batches[warmup:]
-    started = time.perf_counter()
-    for lay in timed:
-        train_step(
-            model, causal_inputs(lay, packed), optimizer, schedule, device, autocast=autocast
-        )
-    sync(device)
-    seconds = time.perf_counter() - started
+    seconds = float("nan")
+    try:
+        train(batches[:warmup], *training)
+        reset_peak(device)
+        started = time.perf_counter()
+        train(timed, *training)
+        seconds = time.perf_counter() - started
+    except torch.OutOfMemoryError:
+        pass  # reported; the memory is freed below, once the traceback is gone
     real = sum(lay.real_tokens for lay in timed)
     result = Result(
         name,
@@ -151,6 +167,8 @@ def measure(
         tokens_per_s=real / seconds,
         peak_gib=peak_gib(device),
     )
+    optimizer.zero_grad(set_to_none=True)
+    del training
     base = model.unload()  # the bare Llama again, for the next setting
     del model, optimizer, schedule
     gc.collect()
@@ -206,27 +224,26 @@ def main() -> None:
         "(a') the same batches, low-rank DoRA norm",
         base, padded, packed=False, low_rank_norm=True, **common
     )  # fmt: skip
+    packed = packed_batches(n, args.rows, args.max_length, args.vocab, rng)
+    default = f"DoRA, {args.rows}×{args.max_length} packed"
+    no_checkpointing, base = measure(
+        f"(b') the default's batches without checkpointing: {default}, low-rank norm",
+        base, packed, packed=True, low_rank_norm=True, **common
+    )  # fmt: skip
     enable_gradient_checkpointing(base)
     ours, base = measure(
-        f"(b) default: DoRA, {args.rows}×{args.max_length} packed, checkpointing, low-rank norm",
-        base,
-        packed_batches(n, args.rows, args.max_length, args.vocab, rng),
-        packed=True,
-        low_rank_norm=True,
-        **common,
-    )
+        f"(b) default: {default}, checkpointing, low-rank norm",
+        base, packed, packed=True, low_rank_norm=True, **common
+    )  # fmt: skip
     memory = "GPU allocated" if device.type == "cuda" else "RSS"
-    for res in (paper, paper_low_rank, ours):
-        print(
-            f"{res.name}\n    {res.tokens_per_step:.0f} real tokens/step of "
-            f"{res.padded_per_step:.0f}, {res.tokens_per_s:,.0f} real tokens/s, "
-            f"peak {memory} {res.peak_gib:.2f} GiB"
-        )
+    for res in (paper, paper_low_rank, no_checkpointing, ours):
+        print(res.line(memory))
     print(
         f"ratio (b)/(a): {ours.tokens_per_s / paper.tokens_per_s:.2f}× real tokens/s, "
         f"{ours.peak_gib / paper.peak_gib:.2f}× peak memory"
     )
     print(f"ratio (a')/(a): {paper_low_rank.tokens_per_s / paper.tokens_per_s:.2f}× real tokens/s")
+    print(f"ratio (b')/(b): {no_checkpointing.tokens_per_s / ours.tokens_per_s:.2f}× real tokens/s")
 
 
 if __name__ == "__main__":

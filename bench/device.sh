@@ -59,7 +59,7 @@ for name in "${steps[@]}"; do
         --repeat 2 --dir "$scratch/merge"
       rm -rf "$scratch/merge" ;;
     dora) step dora 60 $py bench/dora.py "${tiny[@]}" ;;
-    adapter) step adapter 150 $py bench/adapter.py "${tiny[@]}" ;;
+    adapter) step adapter 180 $py bench/adapter.py "${tiny[@]}" ;;
     embed) step embed 120 $py bench/embed.py "${tiny[@]}" ;;
     search) step search 60 $py bench/search.py "${tiny[@]}" ;;
     *) echo "unknown step $name (merge-tests, merge, dora, adapter, embed, search)" >&2; exit 2 ;;
