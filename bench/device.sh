@@ -4,7 +4,7 @@
 # has a time limit of its own, so one that runs long leaves the others their turn; each logs to
 # $OUT/<step>.txt (default bench-out/).
 #
-#   bash bench/device.sh                       # every step at 7B shapes: about 9 minutes on an H100
+#   bash bench/device.sh                       # every step at 7B shapes (time limits: 13 min in all)
 #   bash bench/device.sh merge-tests merge     # some of the steps
 #   bash bench/device.sh --tiny                # tiny shapes: a smoke run, on a CPU too
 #
