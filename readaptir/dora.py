@@ -19,9 +19,14 @@ rounding of the norm.
 
 from __future__ import annotations
 
+import inspect
+import logging
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.dora import DoraLinearLayer
+
+LOG = logging.getLogger(__name__)
 
 
 def low_rank_row_norm(
@@ -59,9 +64,23 @@ class LowRankNormDora(DoraLinearLayer):
         return (scale - 1) * base_result + scale * lora_result * scaling
 
 
+def _same_arguments() -> bool:
+    """Whether PEFT's DoRA forward takes the arguments ours does (a PEFT that passes more, or
+    others, may compute something this forward does not)."""
+    ours = inspect.signature(LowRankNormDora.forward).parameters
+    return set(inspect.signature(DoraLinearLayer.forward).parameters) <= set(ours)
+
+
 def use_low_rank_norm(model: torch.nn.Module) -> int:
     """Switch every DoRA magnitude over a plain ``nn.Linear`` in ``model`` to ``LowRankNormDora``;
-    returns how many. Layers PEFT stores transposed (``fan_in_fan_out``) keep PEFT's forward."""
+    returns how many. Layers PEFT stores transposed (``fan_in_fan_out``) keep PEFT's forward, and
+    so does every layer when PEFT's DoRA forward takes arguments this one does not know."""
+    if not _same_arguments():
+        LOG.warning(
+            "this PEFT's DoRA forward takes %s: training with it, not the low-rank norm",
+            ", ".join(inspect.signature(DoraLinearLayer.forward).parameters),
+        )
+        return 0
     switched = 0
     for module in model.modules():
         magnitudes = getattr(module, "lora_magnitude_vector", None)

@@ -119,3 +119,17 @@ def test_low_rank_norm_under_bf16_autocast():
         got = magnitude(x, **args)
     assert type(magnitude) is LowRankNormDora
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_peft_dora_forward_with_other_arguments_is_kept(tokenizer, monkeypatch, caplog):
+    def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, gate=None):
+        raise AssertionError("not called here")
+
+    monkeypatch.setattr(DoraLinearLayer, "forward", forward)
+    base = LlamaForCausalLM(tiny.llama_config(tokenizer))
+    with caplog.at_level("WARNING", logger="readaptir.dora"):
+        model = attach_adapter(base, objective="causal", method="dora", r=4, lora_alpha=8,
+                               dropout=0.0, target_modules=["q_proj"])  # fmt: skip
+    assert "gate" in caplog.text and "not the low-rank norm" in caplog.text
+    kinds = {type(m) for m in model.modules() if isinstance(m, DoraLinearLayer)}
+    assert kinds == {DoraLinearLayer}
