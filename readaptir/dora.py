@@ -85,7 +85,7 @@ def use_low_rank_norm(model: torch.nn.Module) -> int:
     for module in model.modules():
         magnitudes = getattr(module, "lora_magnitude_vector", None)
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
-        if not magnitudes or not isinstance(base, torch.nn.Linear):
+        if not magnitudes or type(base) is not torch.nn.Linear:  # not quantized, not Conv1D
             continue
         for magnitude in magnitudes.values():
             if type(magnitude) is DoraLinearLayer and not magnitude.fan_in_fan_out:
