@@ -96,9 +96,20 @@ def test_lora_keeps_peft_s_layers(tokenizer):
 class _OneLayer(torch.nn.Module):
     base_model_prefix = "body"
 
-    def __init__(self):
+    def __init__(self, linear: type = torch.nn.Linear):
         super().__init__()
-        self.body = torch.nn.ModuleDict({"up": torch.nn.Linear(64, 96)})
+        self.body = torch.nn.ModuleDict({"up": linear(64, 96)})
+
+
+class _OtherLinear(torch.nn.Linear):
+    """A Linear whose weight may not be what it seems (as a quantized layer's)."""
+
+
+def test_linear_subclasses_keep_peft_s_forward():
+    model = attach_adapter(_OneLayer(_OtherLinear), objective="masked", method="dora", r=4,
+                           lora_alpha=8, dropout=0.0, target_modules=["up"])  # fmt: skip
+    kinds = {type(m) for m in model.modules() if isinstance(m, DoraLinearLayer)}
+    assert kinds == {DoraLinearLayer}
 
 
 def test_low_rank_norm_under_bf16_autocast():
