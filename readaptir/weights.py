@@ -118,6 +118,29 @@ def lm_head_names(model_dir: Path) -> frozenset[str]:
         return frozenset()
 
 
+# Legacy (TensorFlow-era) names of a LayerNorm's parameters, which transformers renames on loading:
+# old BERT checkpoints carry them, and transformers 5.0-5.5 wrote them back when saving.
+LEGACY_NORM_NAMES = {"gamma": "weight", "beta": "bias"}
+
+
+def _modern_name(name: str) -> str:
+    module, _, leaf = name.rpartition(".")
+    if leaf in LEGACY_NORM_NAMES and "norm" in module.rpartition(".")[2].lower():
+        return f"{module}.{LEGACY_NORM_NAMES[leaf]}"
+    return name
+
+
+def _modern_names(body: dict[str, str], where: Path | str) -> dict[str, str]:
+    """``body`` with legacy LayerNorm names (``LayerNorm.gamma``) made modern (``.weight``)."""
+    modern: dict[str, str] = {}
+    for name, stored in body.items():
+        new = _modern_name(name)
+        if new != name and new in body:
+            raise WeightError(f"{where}: tensors {stored} and {body[new]} would both be {new}")
+        modern[new] = stored
+    return modern
+
+
 def split_head(
     names: list[str],
     prefix: str,
@@ -129,12 +152,13 @@ def split_head(
     A checkpoint is prefixed when any tensor starts with ``prefix.``; then the others are heads.
     With ``heads`` (the architecture's LM-head tensors) each must be one of them or start with
     ``HEADS``: any other tensor outside the body (a projection a retriever applies to its states,
-    say) fails, naming it, since dropping it would change what the model computes.
+    say) fails, naming it, since dropping it would change what the model computes. A LayerNorm's
+    legacy ``gamma``/``beta`` are named ``weight``/``bias``, as transformers loads them.
     """
     lead = prefix + "."
     if not any(n.startswith(lead) for n in names):
-        return {n: n for n in names}, []
-    body = {n[len(lead) :]: n for n in names if n.startswith(lead)}
+        return _modern_names({n: n for n in names}, where), []
+    body = _modern_names({n[len(lead) :]: n for n in names if n.startswith(lead)}, where)
     outside = sorted(n for n in names if not n.startswith(lead))
     unknown = [n for n in outside if n not in (heads or ()) and not n.startswith(HEADS)]
     if heads is not None and unknown:

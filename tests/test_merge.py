@@ -565,3 +565,33 @@ def test_lora_retriever_saved_as_bin(tmp_path, tiny_base, lora_retriever):
     (old / "adapter_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(WeightError, match=r"adapter_model\.bin: not a readable"):
         Checkpoint(old)
+
+
+def test_base_with_legacy_layernorm_names(tmp_path, tokenizer):
+    """An old BERT checkpoint names LayerNorm parameters gamma/beta; transformers loads it, and so
+    do the delta and the merge, writing modern names."""
+    from safetensors.torch import load_file, save_file
+
+    from readaptir import tiny
+
+    base = tiny.make_bert(tmp_path / "base", tokenizer)
+    retriever = tiny.make_bert(tmp_path / "retr", tokenizer, seed=1)
+    tensors = load_file(base / "model.safetensors")
+    old_names = {"LayerNorm.weight": "LayerNorm.gamma", "LayerNorm.bias": "LayerNorm.beta"}
+    legacy = {}
+    for name, tensor in tensors.items():
+        for modern, old in old_names.items():
+            name = name.replace(modern, old)
+        legacy[name] = tensor
+    assert "embeddings.LayerNorm.gamma" in legacy
+    save_file(legacy, base / "model.safetensors", metadata={"format": "pt"})
+    want = load_state(retriever)
+    run_merge(tmp_path / "direct", base, retriever, alpha=0.0, beta=1.0)
+    compute_delta(base, retriever, tmp_path / "delta")
+    run_merge(tmp_path / "stored", base, retriever, alpha=0.0, beta=1.0,
+              delta_dir=tmp_path / "delta")  # fmt: skip
+    for route in ("direct", "stored"):
+        assert "embeddings.LayerNorm.weight" in Checkpoint(tmp_path / route).names()
+        got = load_state(tmp_path / route)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), route

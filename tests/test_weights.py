@@ -33,6 +33,23 @@ def test_split_head_bert():
     assert heads == ["cls.predictions.bias"]
 
 
+def test_legacy_layernorm_names_are_modern():
+    names = ["bert.embeddings.LayerNorm.gamma", "bert.embeddings.LayerNorm.beta",
+             "bert.encoder.layer.0.output.LayerNorm.weight", "bert.pooler.gamma",
+             "cls.predictions.transform.LayerNorm.gamma"]  # fmt: skip
+    body, heads = split_head(names, "bert")
+    assert body == {
+        "embeddings.LayerNorm.weight": "bert.embeddings.LayerNorm.gamma",
+        "embeddings.LayerNorm.bias": "bert.embeddings.LayerNorm.beta",
+        "encoder.layer.0.output.LayerNorm.weight": "bert.encoder.layer.0.output.LayerNorm.weight",
+        "pooler.gamma": "bert.pooler.gamma",  # not a norm's: kept
+    }
+    assert heads == ["cls.predictions.transform.LayerNorm.gamma"]
+    both = ["embeddings.LayerNorm.gamma", "embeddings.LayerNorm.weight"]
+    with pytest.raises(WeightError, match=r"LayerNorm\.gamma and .*LayerNorm\.weight would both"):
+        split_head(both, "bert", "old-bert")
+
+
 def test_body_names_agree(tiny_base, tiny_retriever):
     base, retriever = Body(tiny_base), Body(tiny_retriever)
     assert base.prefix == "model" and base.heads == ["lm_head.weight"]
