@@ -157,7 +157,7 @@ def measure(
         started = time.perf_counter()
         train(timed, *training)
         seconds = time.perf_counter() - started
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         pass  # reported; the memory is freed below, once the traceback is gone
     real = sum(lay.real_tokens for lay in timed)
     result = Result(

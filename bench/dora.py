@@ -65,6 +65,7 @@ def seconds(model, hidden, wide, device: torch.device, repeat: int) -> float:
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - started)
         model.zero_grad(set_to_none=True)
+        hidden.grad = wide.grad = None
     return best
 
 
@@ -91,8 +92,10 @@ def main() -> None:
     print(f"one layer's DoRA targets, hidden {args.hidden}, intermediate {args.intermediate}, "
           f"r {args.r}, bf16 base, float32 adapters, bf16 autocast")  # fmt: skip
     for tokens in args.tokens:
-        hidden = torch.randn(tokens, args.hidden, device=device)
-        wide = torch.randn(tokens, args.intermediate, device=device)
+        # inputs that need gradients, as every layer's but the first does: the backward pass then
+        # computes them too, the same work under either forward
+        hidden = torch.randn(tokens, args.hidden, device=device, requires_grad=True)
+        wide = torch.randn(tokens, args.intermediate, device=device, requires_grad=True)
         set_forward(model, DoraLinearLayer)
         peft_s = seconds(model, hidden, wide, device, args.repeat)
         set_forward(model, LowRankNormDora)

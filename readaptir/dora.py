@@ -13,8 +13,13 @@ The norm has a low-rank form, with ``C = W·Aᵀ`` (out × r) and ``G = A·Aᵀ`
 so it costs one out × in × r product (like r extra tokens) and reads ``W`` twice, in float32.
 Everything else — the magnitude's and LoRA's gradients, the norm held constant (detached) as DoRA
 prescribes, dropout's draws, the saved state dict — is PEFT's own; ``use_low_rank_norm`` only
-changes the class of PEFT's magnitude modules, so the adapter trained is PEFT's up to float32
-rounding of the norm.
+changes the class of PEFT's magnitude modules. In float32 the adapter trained is PEFT's up to
+rounding. Under bf16 autocast PEFT rounds B·A to bf16 before taking the norm and this forward does
+not, so the norms differ by that rounding (ours is the closer to exact) and, training being
+sensitive to it, so do the adapters; with PEFT's B·A taken in float32 they agree again.
+
+The expanded form loses relative precision only for a row that ``s·BA`` nearly cancels
+(``||W + s·BA|| ≪ ||W||``), which a DoRA update, small against ``W``, does not come near.
 """
 
 from __future__ import annotations

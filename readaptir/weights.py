@@ -118,14 +118,15 @@ def lm_head_names(model_dir: Path) -> frozenset[str]:
         return frozenset()
 
 
-# Legacy (TensorFlow-era) names of a LayerNorm's parameters, which transformers renames on loading:
+# Legacy (TensorFlow-era) names of a LayerNorm's parameters, which transformers renames on loading
+# (``LayerNorm.gamma`` / ``LayerNorm.beta`` exactly: a ``gamma`` elsewhere may be a real parameter):
 # old BERT checkpoints carry them, and transformers 5.0-5.5 wrote them back when saving.
 LEGACY_NORM_NAMES = {"gamma": "weight", "beta": "bias"}
 
 
 def _modern_name(name: str) -> str:
     module, _, leaf = name.rpartition(".")
-    if leaf in LEGACY_NORM_NAMES and "norm" in module.rpartition(".")[2].lower():
+    if leaf in LEGACY_NORM_NAMES and module.endswith("LayerNorm"):
         return f"{module}.{LEGACY_NORM_NAMES[leaf]}"
     return name
 

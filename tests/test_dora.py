@@ -23,6 +23,23 @@ def test_low_rank_row_norm_is_the_row_norm_of_w_plus_sba():
     torch.testing.assert_close(start, torch.linalg.vector_norm(weight.float(), dim=1))
 
 
+def test_low_rank_row_norm_keeps_float32_under_autocast():
+    torch.manual_seed(0)
+    weight = (torch.randn(512, 1024) * 0.02).bfloat16()
+    a = torch.nn.Linear(1024, 16, bias=False)
+    b = torch.nn.Linear(16, 512, bias=False)
+    torch.nn.init.normal_(b.weight, std=0.05)
+    update = 2 * b.weight.double() @ a.weight.double()
+    exact = torch.linalg.vector_norm(weight.double() + update, dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = low_rank_row_norm(weight, a.weight, b.weight, 2.0)
+        peft = DoraLinearLayer(False)
+        peft_norm = peft.get_weight_norm(weight.float(), peft.get_lora_weight(a, b).float(), 2.0)
+    ours_error = ((ours.double() - exact) / exact).abs().max()
+    peft_error = ((peft_norm.double() - exact) / exact).abs().max()
+    assert ours_error < 1e-6 and ours_error < peft_error / 10  # PEFT rounds B·A to bf16
+
+
 def _train(model, batches, objective_inputs):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
@@ -67,7 +84,8 @@ def test_low_rank_norm_trains_peft_s_dora_adapter(tokenizer, dropout):
     assert ours.state_dict().keys() == peft_model.state_dict().keys()
 
 
-def test_low_rank_norm_on_linear_layers_with_bias():
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_low_rank_norm_on_linear_layers_with_bias(dropout):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, hidden_dropout_prob=0.0,
@@ -77,7 +95,7 @@ def test_low_rank_norm_on_linear_layers_with_bias():
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.normal_(module.bias, std=0.5)  # zero as initialised, which hides them
     targets = ["query", "value", "dense"]
-    peft_model, ours = _pair(base, objective="masked", dropout=0.0, target_modules=targets)
+    peft_model, ours = _pair(base, objective="masked", dropout=dropout, target_modules=targets)
     ids = torch.randint(5, 200, (2, 12), generator=torch.Generator().manual_seed(1))
     batches = [ids, ids.flip(0)]
     want = _train(peft_model, batches, lambda x: dict(input_ids=x, labels=x))
@@ -86,19 +104,15 @@ def test_low_rank_norm_on_linear_layers_with_bias():
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
 
 
-def test_lora_keeps_peft_s_layers(tokenizer):
-    base = LlamaForCausalLM(tiny.llama_config(tokenizer))
-    model = attach_adapter(base, objective="causal", method="lora", r=4, lora_alpha=8,
-                           dropout=0.0, target_modules=["q_proj"])  # fmt: skip
-    assert not any(isinstance(m, DoraLinearLayer) for m in model.modules())
-
-
 class _OneLayer(torch.nn.Module):
     base_model_prefix = "body"
 
     def __init__(self, linear: type = torch.nn.Linear):
         super().__init__()
         self.body = torch.nn.ModuleDict({"up": linear(64, 96)})
+
+    def forward(self, x):
+        return self.body["up"](x)
 
 
 class _OtherLinear(torch.nn.Linear):
@@ -112,24 +126,40 @@ def test_linear_subclasses_keep_peft_s_forward():
     assert kinds == {DoraLinearLayer}
 
 
-def test_low_rank_norm_under_bf16_autocast():
+@pytest.mark.parametrize("train", [True, False])
+def test_low_rank_norm_under_bf16_autocast(monkeypatch, train):
     # the 7B path: a bf16 base, float32 adapter weights (so PEFT hands over a float32 x), bf16
-    # compute, and dropout making the layer recompute W·x. B = 0 makes both norms ||W||, so any
-    # difference comes from the forward itself.
+    # compute; in training, dropout makes the layer recompute W·x. PEFT rounds B·A to bf16 before
+    # its norm; with that product taken in float32 the two forwards must agree.
+    def lora_weight_in_float32(self, lora_A, lora_B, adapter_name=None):
+        with torch.autocast("cpu", enabled=False):
+            return lora_B.weight @ lora_A.weight
+
     torch.manual_seed(0)
     model = attach_adapter(_OneLayer().to(torch.bfloat16), objective="masked", method="dora", r=4,
                            lora_alpha=8, dropout=0.1, target_modules=["up"])  # fmt: skip
     (dora,) = [m for m in model.modules() if hasattr(m, "lora_magnitude_vector")]
     magnitude = dora.lora_magnitude_vector["default"]
-    magnitude.weight.data *= torch.rand(96) + 0.5  # m ≠ ||W||, as after training
-    x = torch.randn(5, 64)
-    args = dict(lora_A=dora.lora_A["default"], lora_B=dora.lora_B["default"],
-                scaling=dora.scaling["default"], base_layer=dora.get_base_layer())  # fmt: skip
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        want = DoraLinearLayer.forward(magnitude, x, **args)
-        got = magnitude(x, **args)
+    torch.nn.init.normal_(dora.lora_B["default"].weight, std=0.05)
+    magnitude.weight.data *= torch.rand(96) + 0.5  # m ≠ ||W + sBA||, as after training
+    model.train(train)
+    x = torch.randn(2, 5, 64)
+    results = []
+    for forward in (DoraLinearLayer.forward, LowRankNormDora.forward):
+        monkeypatch.setattr(DoraLinearLayer, "get_lora_weight", lora_weight_in_float32)
+        monkeypatch.setattr(LowRankNormDora, "forward", forward)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        results.append((out.float(), grads))
     assert type(magnitude) is LowRankNormDora
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_a_peft_dora_forward_with_other_arguments_is_kept(tokenizer, monkeypatch, caplog):

@@ -36,13 +36,16 @@ def test_split_head_bert():
 def test_legacy_layernorm_names_are_modern():
     names = ["bert.embeddings.LayerNorm.gamma", "bert.embeddings.LayerNorm.beta",
              "bert.encoder.layer.0.output.LayerNorm.weight", "bert.pooler.gamma",
+             "bert.encoder.final_layernorm.gamma",
              "cls.predictions.transform.LayerNorm.gamma"]  # fmt: skip
     body, heads = split_head(names, "bert")
     assert body == {
         "embeddings.LayerNorm.weight": "bert.embeddings.LayerNorm.gamma",
         "embeddings.LayerNorm.bias": "bert.embeddings.LayerNorm.beta",
         "encoder.layer.0.output.LayerNorm.weight": "bert.encoder.layer.0.output.LayerNorm.weight",
-        "pooler.gamma": "bert.pooler.gamma",  # not a norm's: kept
+        # transformers renames LayerNorm.gamma only: elsewhere a gamma is the module's own name
+        "pooler.gamma": "bert.pooler.gamma",
+        "encoder.final_layernorm.gamma": "bert.encoder.final_layernorm.gamma",
     }
     assert heads == ["cls.predictions.transform.LayerNorm.gamma"]
     both = ["embeddings.LayerNorm.gamma", "embeddings.LayerNorm.weight"]
