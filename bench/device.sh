@@ -5,7 +5,8 @@
 # $OUT/<step>.txt (default bench-out/).
 #
 #   bash bench/device.sh                       # every step at 7B shapes (time limits: 13 min in all)
-#   bash bench/device.sh merge-tests merge     # some of the steps
+#   bash bench/device.sh merge-tests merge     # some of the steps (6 min of limits), and
+#   bash bench/device.sh dora adapter embed search   # the others (7 min)
 #   bash bench/device.sh --tiny                # tiny shapes: a smoke run, on a CPU too
 #
 # Steps: merge-tests (the merge invariants with READAPTIR_DEVICE=cuda), merge (Llama-2-7B shape,
