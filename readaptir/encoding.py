@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from readaptir.packing import budget_steps
+
 if TYPE_CHECKING:
     from readaptir.families import Pooling
 
@@ -77,17 +79,8 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     out-of-memory batch fail at once rather than at the end.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        # The first index of a batch is its longest text.
-        if current and (len(current) + 1) * max(lengths[current[0]], 1) > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    cuts = budget_steps([max(lengths[i], 1) for i in order], batch_tokens).tolist()
+    return [order[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
 def pad_batch(

@@ -108,7 +108,8 @@ def budget_steps(row_lengths: Sequence[int], batch_tokens: int) -> np.ndarray:
         if i > cuts[-1] and (i - cuts[-1] + 1) * width > batch_tokens:
             cuts.append(i)
             width = length
-    cuts.append(len(row_lengths))
+    if len(row_lengths):
+        cuts.append(len(row_lengths))
     return np.asarray(cuts, dtype=np.int64)
 
 

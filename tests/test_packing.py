@@ -145,6 +145,7 @@ def test_padded_steps_under_a_token_budget():
     # rows padded to the step's longest: 3 rows of ≤ 10 fit 30; 40 then starts a step alone
     assert budget_steps([10, 8, 9, 40, 5, 5, 5], 30).tolist() == [0, 3, 4, 7]
     assert budget_steps([50, 5], 30).tolist() == [0, 1, 2]  # an over-long row still makes a step
+    assert budget_steps([], 30).tolist() == [0]  # no rows, no step
     lengths = np.asarray([len(p) for p in _passages(50, seed=3)])
     plan = plan_epoch(lengths, seed=0, epoch=0, max_length=64, rows_per_step=4, packing=False,
                       batch_tokens=100)  # fmt: skip

@@ -9,8 +9,10 @@ torchrun (WORLD_SIZE > 1) the ranks share each step's rows and the model is wrap
 steps are the same as in one process (``distributed``).
 
 ``gradient_checkpointing="auto"`` turns it on for training on a GPU: DoRA at 7B with packed
-1024-token rows runs out of memory without it on an 80 GB card. Writes the PEFT adapter and
-``training_log.csv`` (step, epoch, loss, lr, cumulative real tokens: a DVC plots file).
+1024-token rows and PEFT's own DoRA forward runs out of memory without it on an 80 GB card
+(whether the low-rank norm of ``readaptir.dora`` fits is for ``bench/adapter.py`` to show).
+Writes the PEFT adapter and ``training_log.csv`` (step, epoch, loss, lr, cumulative real
+tokens: a DVC plots file).
 """
 
 from __future__ import annotations
