@@ -6,13 +6,15 @@ Each setting trains DoRA r32 (q/k/v/up/down) on one random-weight bf16 Llama, in
       PEFT's own DoRA forward (its row norm built from a full-size B·A every call);
   (a') the same batches with this project's DoRA forward (the row norm in low-rank form);
   (b) default: 4 rows of 1024 tokens packed with passages; gradient checkpointing; low-rank norm;
-  (b') the same batches without gradient checkpointing (whether they fit, and what it would gain).
+  (b') the same batches without gradient checkpointing (whether they fit, and what it would gain);
+  (a) once more, last: ratios take the faster of the two (a) runs, so that no start-up cost the
+      first setting pays (kernel loading, the allocator's first growth) counts against the baseline.
 
 All keep float32 adapter weights and compute in bf16 under autocast, as the adapter stage does.
 
 Passage lengths are synthetic and MS MARCO-like (seeded log-normal, mean ≈ 82 tokens, clipped to
 [8, 256]). Reports real (non-padding) tokens per second and peak memory (CUDA allocator on GPU,
-resident set on CPU) for each, and the ratios (b)/(a), (a')/(a) and (b')/(b).
+resident set on CPU) for each, and the ratios (b)/(a), (b)/(a'), (a')/(a) and (b')/(b).
 
     python bench/adapter.py           # Llama-2-7B shape; needs a GPU with ~40 GB
     python bench/adapter.py --tiny    # a smoke run on CPU
@@ -177,6 +179,13 @@ def measure(
     return result, base
 
 
+def disable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):  # the name in recent transformers
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def build_llama(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     config = llama_config(
         args, max_position_embeddings=4096, use_cache=False, attn_implementation="sdpa"
@@ -235,13 +244,21 @@ def main() -> None:
         f"(b) default: {default}, checkpointing, low-rank norm",
         base, packed, packed=True, low_rank_norm=True, **common
     )  # fmt: skip
+    disable_gradient_checkpointing(base)
+    paper_last, base = measure(
+        "(a) again, last: whatever the first setting paid for starting up is not in this one",
+        base, padded, packed=False, low_rank_norm=False, **common
+    )  # fmt: skip
     memory = "GPU allocated" if device.type == "cuda" else "RSS"
-    for res in (paper, paper_low_rank, no_checkpointing, ours):
+    for res in (paper, paper_low_rank, no_checkpointing, ours, paper_last):
         print(res.line(memory))
+    # the baseline is the faster of its two runs: a ratio never gains from the order of settings
+    paper = max(paper, paper_last, key=lambda res: res.tokens_per_s)
     print(
-        f"ratio (b)/(a): {ours.tokens_per_s / paper.tokens_per_s:.2f}× real tokens/s, "
-        f"{ours.peak_gib / paper.peak_gib:.2f}× peak memory"
+        f"ratio (b)/(a), the faster (a): {ours.tokens_per_s / paper.tokens_per_s:.2f}× real "
+        f"tokens/s, {ours.peak_gib / paper.peak_gib:.2f}× peak memory"
     )
+    print(f"ratio (b)/(a'): {ours.tokens_per_s / paper_low_rank.tokens_per_s:.2f}× real tokens/s")
     print(f"ratio (a')/(a): {paper_low_rank.tokens_per_s / paper.tokens_per_s:.2f}× real tokens/s")
     print(f"ratio (b')/(b): {no_checkpointing.tokens_per_s / ours.tokens_per_s:.2f}× real tokens/s")
 
