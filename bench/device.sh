@@ -4,13 +4,14 @@
 # has a time limit of its own, so one that runs long leaves the others their turn; each logs to
 # $OUT/<step>.txt (default bench-out/).
 #
-#   bash bench/device.sh                       # every step at 7B shapes (time limits: 13 min in all)
-#   bash bench/device.sh merge-tests merge     # some of the steps (6 min of limits), and
+#   bash bench/device.sh                       # every step at 7B shapes (time limits: 14 min in all)
+#   bash bench/device.sh merge-tests merge     # some of the steps (7 min of limits), and
 #   bash bench/device.sh dora adapter embed search   # the others (7 min)
 #   bash bench/device.sh --tiny                # tiny shapes: a smoke run, on a CPU too
 #
 # Steps: merge-tests (the merge invariants with READAPTIR_DEVICE=cuda), merge (Llama-2-7B shape,
-# ~27 GB of inputs written under a temporary folder), dora, adapter, embed, search.
+# ~27 GB of inputs written under a temporary folder; merged on the GPU and on the CPU), dora,
+# adapter, embed, search.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}
@@ -54,9 +55,11 @@ for name in "${steps[@]}"; do
     merge-tests)
       step merge-tests 120 env READAPTIR_DEVICE=$device $py -m pytest -q -p no:cacheprovider \
         tests/test_merge.py tests/test_weights.py -k "not minilm" ;;
-    merge)
+    merge)  # on the GPU and on the CPU, over the same inputs
       mkdir -p "$scratch/merge"
-      step merge 240 $py bench/merge.py "${tiny[@]}" "${seven_b[@]}" --device $device \
+      merge_devices=$device
+      [[ $device == cuda ]] && merge_devices=cuda,cpu
+      step merge 300 $py bench/merge.py "${tiny[@]}" "${seven_b[@]}" --device $merge_devices \
         --repeat 2 --dir "$scratch/merge"
       rm -rf "$scratch/merge" ;;
     dora) step dora 60 $py bench/dora.py "${tiny[@]}" ;;

@@ -10,12 +10,14 @@ intermediate 5632, vocab 32000, bf16), each written by safetensors itself:
 Then, each in a child process of its own and interleaved ``--repeat`` times (best kept):
 
   (a) readaptir's merge of Θ + 0.5·Ψ + β·Δ (``--beta``, default 1.0, the paper's), Δ taken from
-      R directly (with ``--delta-route`` also the stored-Δ route, after computing Δ once);
+      R directly (with ``--delta-route`` also the stored-Δ route, after computing Δ once), on each
+      device of ``--device`` (``cuda,cpu``: both, over the same inputs);
   (b) the I/O floor: safetensors reads every tensor the merge needs once into memory (R and the
       adapter; of Θ, the DoRA targets' weights at β = 1, where Θ + Δ is R, else its whole body)
       and writes the output (R's tensors) once, in shards of the same size;
   (c) the ratio a/b;
-  (d) the merge's peak RSS (the child's ru_maxrss) against one input shard + 1 GiB.
+  (d) the merge's peak RSS (the child's ru_maxrss) against one input shard + 1 GiB;
+  (e) how long each of the merge's overlapped steps (read, sum, write) was at work.
 
 Every run finds the inputs in the page cache (they are read once before timing) and none fsyncs
 its output, so the figures compare CPU and memory work over cached files, not a disk.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import resource
@@ -62,7 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--beta", type=float, default=1.0, help="β of the merge (α is 0.5)")
     ap.add_argument("--shard-gb", type=float, default=1.0, help="input and output shard size, GiB")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--device", default="cpu", help="the merge's device (cpu, cuda)")
+    ap.add_argument("--device", default="cpu", help="the merge's devices: cpu, cuda or cuda,cpu")
     ap.add_argument("--delta-route", action="store_true", help="also time Δ and a merge with it")
     ap.add_argument("--dir", type=Path, default=None, help="where the inputs go (default: tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the inputs and outputs")
@@ -119,7 +122,9 @@ def write_sharded(folder: Path, specs: list[TensorSpec], tensors: Iterator, shar
 
 
 def build(args: argparse.Namespace, work: Path) -> dict:
-    gen = torch.Generator().manual_seed(0)
+    # random numbers made on the GPU where there is one: at 7B shapes the CPU takes minutes
+    dev = next((d for d in args.device.split(",") if d.startswith("cuda")), "cpu")
+    gen = torch.Generator(dev).manual_seed(0)
     body = body_specs(args)
     head = ("lm_head.weight", (args.vocab, args.hidden), torch.bfloat16)
     theta_specs = [("model." + n, s, d) for n, s, d in body] + [head]
@@ -130,17 +135,17 @@ def build(args: argparse.Namespace, work: Path) -> dict:
     def theta_tensors() -> Iterator[torch.Tensor]:
         for name, shape, _ in theta_specs:
             if name.endswith("norm.weight"):
-                w = 1 + 0.05 * torch.randn(shape, generator=gen)
+                w = 1 + 0.05 * torch.randn(shape, generator=gen, device=dev)
             else:
-                w = 0.02 * torch.randn(shape, generator=gen)
+                w = 0.02 * torch.randn(shape, generator=gen, device=dev)
             w = w.to(torch.bfloat16)
             if name != "lm_head.weight":
-                noise = 0.002 * torch.randn(shape, generator=gen)
-                r_noise.append((w.float() + noise).to(torch.bfloat16))
+                noise = 0.002 * torch.randn(shape, generator=gen, device=dev)
+                r_noise.append((w.float() + noise).to(torch.bfloat16).cpu())
                 module = name.removeprefix("model.").removesuffix(".weight")
                 if module.rsplit(".", 1)[-1] in TARGETS:
                     add_dora(adapter, module, w.float(), args.rank, gen)
-            yield w
+            yield w.cpu()
 
     def r_tensors() -> Iterator[torch.Tensor]:
         while r_noise:
@@ -171,11 +176,13 @@ def build(args: argparse.Namespace, work: Path) -> dict:
 
 def add_dora(out: dict, module: str, weight: torch.Tensor, rank: int, gen: torch.Generator):
     fan_out, fan_in = weight.shape
-    key = f"base_model.model.model.{module}."
-    out[key + "lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) / math.sqrt(fan_in)
-    out[key + "lora_B.weight"] = 1e-3 * torch.randn(fan_out, rank, generator=gen)
-    scale = 1 + 0.01 * torch.randn(fan_out, generator=gen)
-    out[key + "lora_magnitude_vector"] = torch.linalg.vector_norm(weight, dim=1) * scale
+    key, dev = f"base_model.model.model.{module}.", weight.device
+    a = torch.randn(rank, fan_in, generator=gen, device=dev) / math.sqrt(fan_in)
+    b = 1e-3 * torch.randn(fan_out, rank, generator=gen, device=dev)
+    scale = 1 + 0.01 * torch.randn(fan_out, generator=gen, device=dev)
+    m = torch.linalg.vector_norm(weight, dim=1) * scale
+    for role, tensor in (("lora_A.weight", a), ("lora_B.weight", b), ("lora_magnitude_vector", m)):
+        out[key + role] = tensor.cpu()
 
 
 # -- what the children time ----------------------------------------------------------------------
@@ -225,8 +232,13 @@ def child(args: argparse.Namespace) -> dict:
         io_floor(work, out, shard, args.beta)
         return {"seconds": time.perf_counter() - started, "cpu": _cpu_seconds() - cpu}
     from readaptir.stages.delta import compute_delta
+    from readaptir.stages.merge import LOG as MERGE_LOG
     from readaptir.stages.merge import merge
     from readaptir.weights import base_model_prefix
+
+    busy = BusyLog()
+    MERGE_LOG.setLevel(logging.INFO)
+    MERGE_LOG.addHandler(busy)
 
     # Looking up the model class imports transformers' modeling code: once per process, timed
     # apart from the weight work.
@@ -260,7 +272,20 @@ def child(args: argparse.Namespace) -> dict:
         "rss_peak": _peak_rss(),
         "read": after.get("rchar", 0) - before.get("rchar", 0),
         "written": after.get("wchar", 0) - before.get("wchar", 0),
+        "busy": busy.seconds,
     }
+
+
+class BusyLog(logging.Handler):
+    """Keeps the merge's log of how long its read, sum and write steps were at work."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seconds: list[float] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("busy:"):
+            self.seconds = [float(x) for x in record.args]
 
 
 def io_floor(work: Path, out: Path, shard: int, beta: float) -> None:
@@ -294,8 +319,8 @@ def io_floor(work: Path, out: Path, shard: int, beta: float) -> None:
         save_file({s[0]: tensors.pop(s[0]) for s in group}, out / f"model-{i:05d}.safetensors")
 
 
-def run_child(args: argparse.Namespace, work: Path, kind: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--work", str(work), "--device", args.device]
+def run_child(args: argparse.Namespace, work: Path, kind: str, device: str = "cpu") -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--work", str(work), "--device", device]
     cmd += ["--shard-gb", str(args.shard_gb), "--beta", str(args.beta)]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
@@ -309,15 +334,40 @@ def warm(work: Path) -> None:
                 pass
 
 
+def merge_lines(args, sizes, runs: list[dict], floor: float, device: str) -> list[str]:
+    """(a), (c), (d) and (e) for the merges on one device."""
+    gb = 1e9
+    merge = min(runs, key=lambda r: r["seconds"])
+    peak = max(r["rss_peak"] for r in runs)
+    target = sizes["shard"] + GiB
+    ratio = merge["seconds"] / floor
+    times = ", ".join(f"{r['seconds']:.2f}" for r in runs)
+    lines = [
+        f"(a) on {device}: merge Θ + {ALPHA}·Ψ + {args.beta:g}·Δ, Δ read from R: "
+        f"{merge['seconds']:.2f} s (runs: {times}); "
+        f"read {merge['read'] / gb:.2f} GB, wrote {merge['written'] / gb:.2f} GB; "
+        f"{min(r['cpu'] for r in runs):.2f} CPU-s; before it, {merge['imports']:.2f} s "
+        "importing transformers' model code (once per process)",
+        f"(c) on {device}: ratio a/b {ratio:.2f} (target ≤ 1.3: "
+        f"{'met' if ratio <= 1.3 else 'missed'}); "
+        f"{(merge['seconds'] + merge['imports']) / floor:.2f} with the imports",
+        f"(d) on {device}: merge peak RSS {peak / GiB:.2f} GiB ({merge['rss_before'] / GiB:.2f} "
+        f"GiB before the merge: interpreter and imports); target one input shard + 1 GiB = "
+        f"{target / GiB:.2f} GiB: {'met' if peak <= target else 'missed'}",
+    ]
+    if merge.get("busy"):
+        read, total, write = merge["busy"]
+        lines.append(
+            f"(e) on {device}: busy read {read:.2f} s, sum {total:.2f} s, write {write:.2f} s "
+            "(overlapped; on a GPU the sums are queued and their time shows in the write)"
+        )
+    return lines
+
+
 def report(args: argparse.Namespace, sizes: dict, runs: dict[str, list[dict]], built: float):
     gb = 1e9
     best = {kind: min(r["seconds"] for r in rs) for kind, rs in runs.items()}
-    times = {kind: ", ".join(f"{r['seconds']:.2f}" for r in rs) for kind, rs in runs.items()}
-    merge = min(runs["merge"], key=lambda r: r["seconds"])
-    cpu = {kind: min(r["cpu"] for r in rs) for kind, rs in runs.items()}
-    peak = max(r["rss_peak"] for r in runs["merge"])
-    target = sizes["shard"] + GiB
-    ratio = best["merge"] / best["floor"]
+    floor_times = ", ".join(f"{r['seconds']:.2f}" for r in runs["floor"])
     lines = [
         f"shape: hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, "
         f"vocab {args.vocab}, heads {args.heads}/{args.kv_heads}, bf16: "
@@ -328,20 +378,14 @@ def report(args: argparse.Namespace, sizes: dict, runs: dict[str, list[dict]], b
         f"built in {built:.0f} s",
         "page cache: warm in every run (inputs read once before timing); no run fsyncs its "
         "output; each run deletes the last output and syncs just before its clock starts",
-        f"device: {args.device}; torch threads: {torch.get_num_threads()}; runs: {args.repeat}",
-        f"(a) merge Θ + {ALPHA}·Ψ + {args.beta:g}·Δ, Δ read from R: {best['merge']:.2f} s "
-        f"(runs: {times['merge']}); read {merge['read'] / gb:.2f} GB, "
-        f"wrote {merge['written'] / gb:.2f} GB; {cpu['merge']:.2f} CPU-s; before it, "
-        f"{merge['imports']:.2f} s importing transformers' model code (once per process)",
+        f"devices: {args.device}; torch threads: {torch.get_num_threads()}; runs: {args.repeat}",
         f"(b) I/O floor, safetensors (read once what the merge reads: R, the adapter and "
         f"{'the DoRA targets of Θ' if args.beta == 1 else 'Θ'}; write the output once): "
-        f"{best['floor']:.2f} s (runs: {times['floor']}); {cpu['floor']:.2f} CPU-s",
-        f"(c) ratio a/b: {ratio:.2f} (target ≤ 1.3: {'met' if ratio <= 1.3 else 'missed'}); "
-        f"{(best['merge'] + merge['imports']) / best['floor']:.2f} with the imports",
-        f"(d) merge peak RSS: {peak / GiB:.2f} GiB ({merge['rss_before'] / GiB:.2f} GiB "
-        f"before the merge: interpreter and imports); target one input shard + 1 GiB = "
-        f"{target / GiB:.2f} GiB: {'met' if peak <= target else 'missed'}",
+        f"{best['floor']:.2f} s (runs: {floor_times}); "
+        f"{min(r['cpu'] for r in runs['floor']):.2f} CPU-s",
     ]
+    for device in args.device.split(","):
+        lines += merge_lines(args, sizes, runs[f"merge {device}"], best["floor"], device)
     if "merge-delta" in runs:
         d_peak = max(r["rss_peak"] for r in runs["delta"])
         lines.append(
@@ -363,15 +407,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         sizes = build(args, work)
         built = time.perf_counter() - started
         warm(work)
-        kinds = ["floor", "merge"]
+        devices = args.device.split(",")
+        # (the name a child runs, its device) for each kind of run
+        kinds = {"floor": ("floor", "cpu")} | {f"merge {d}": ("merge", d) for d in devices}
         runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
         if args.delta_route:
-            runs["delta"] = [run_child(args, work, "delta")]
-            kinds.append("merge-delta")
+            runs["delta"] = [run_child(args, work, "delta", devices[0])]
+            kinds["merge-delta"] = ("merge-delta", devices[0])
             runs["merge-delta"] = []
         for _ in range(args.repeat):
-            for kind in kinds:
-                runs[kind].append(run_child(args, work, kind))
+            for kind, (name, device) in kinds.items():
+                runs[kind].append(run_child(args, work, name, device))
         print(report(args, sizes, runs, built))
     finally:
         if args.keep:

@@ -9,9 +9,10 @@ cast once to the output dtype: float32 for 16-bit outputs (bf16/fp16, the 7B mod
 wider outputs or where a stored Δ tensor needed float64 to give the retriever back exactly.
 
 Speed and memory: reading the next tensor, computing this one and writing the last overlap, each
-on a thread of its own. On a CPU a tensor is computed in blocks of rows small enough to stay in
-cache, by single-threaded workers, in buffers reused from block to block; host buffers for whole
-tensors come from a pool. Memory holds a few tensors, whatever the model's size.
+on a thread of its own (a large tensor is itself read by several threads). On a CPU a tensor is
+computed in blocks of rows small enough to stay in cache, by single-threaded workers, in buffers
+reused from block to block. Host buffers for whole tensors come from a pool, also those a GPU's
+outputs are copied back into. Memory holds a few tensors, whatever the model's size.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -160,17 +162,21 @@ def exact_float32() -> Iterator[None]:
 
 @contextlib.contextmanager
 def write_behind(
-    writer: ShardWriter, done: Callable[[torch.Tensor], None]
+    writer: ShardWriter, buffers: BufferPool, busy: dict[str, float]
 ) -> Iterator[Callable[[str, torch.Tensor], None]]:
     """``writer.add`` on a thread of its own: a tensor is written while the next is computed.
 
-    At most one tensor waits; ``done`` gets each tensor once it is written.
+    At most one tensor waits. A tensor on a GPU is copied into one of ``buffers`` first; each
+    host tensor goes back to ``buffers`` once written. ``busy["write"]`` adds up the thread's time.
     """
     pending: list[Future] = []
 
     def write(name: str, tensor: torch.Tensor) -> None:
-        writer.add(name, tensor)
-        done(tensor)
+        started = time.perf_counter()
+        host = tensor if tensor.device.type == "cpu" else buffers.to_host(tensor)
+        writer.add(name, host)
+        buffers.give(host)
+        busy["write"] += time.perf_counter() - started
 
     with ThreadPoolExecutor(1) as thread:
 
@@ -228,6 +234,8 @@ class Readapter:
         self.base, self.source, self.theta_coef, self.beta = base, source, theta_coef, beta
         self.knowledge, self.alpha, self.dev = knowledge, alpha, dev
         self.buffers = BufferPool()
+        # seconds each of the overlapped steps was at work: the longest bounds the merge
+        self.busy = {"read": 0.0, "sum": 0.0, "write": 0.0}
 
     def read(self, ckpt: Body | Checkpoint, name: str) -> torch.Tensor:
         """A stored tensor on the device, read into a pooled host buffer."""
@@ -239,6 +247,13 @@ class Readapter:
 
     def terms(self, name: str, dtype: torch.dtype) -> Terms:
         """Read what the output tensor ``name`` is made of (on the device)."""
+        started = time.perf_counter()
+        try:
+            return self._terms(name, dtype)
+        finally:
+            self.busy["read"] += time.perf_counter() - started
+
+    def _terms(self, name: str, dtype: torch.dtype) -> Terms:
         if not dtype.is_floating_point:
             return Terms(name, dtype, passed=self._unchanged(name))
         dense: Dense = []
@@ -265,7 +280,15 @@ class Readapter:
 
     def output(self, terms: Terms, pool: ThreadPoolExecutor | None) -> torch.Tensor:
         """The output tensor. Inputs it does not share memory with go back to the buffer pool
-        now, it goes back once written."""
+        now, it goes back once written. On a GPU the sums are queued, not waited for: their
+        time shows in the write step, whose copy back waits for them."""
+        started = time.perf_counter()
+        try:
+            return self._output(terms, pool)
+        finally:
+            self.busy["sum"] += time.perf_counter() - started
+
+    def _output(self, terms: Terms, pool: ThreadPoolExecutor | None) -> torch.Tensor:
         dtype, theta, dense, updates = terms.dtype, terms.theta, terms.dense, terms.updates
         if terms.passed is not None:
             cast = terms.passed.to(dtype)

@@ -15,6 +15,7 @@ import struct
 import threading
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,6 +41,10 @@ _ST_DTYPES = {
 }
 _ST_CODES = {dtype: code for code, dtype in _ST_DTYPES.items()}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+# A large tensor is read in pieces of this size, several at once: one thread copying out of the
+# page cache runs well below what memory gives on a machine of many cores.
+READ_PIECE = 16 << 20
+READ_THREADS = min(8, os.cpu_count() or 1)
 
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]  # name, shape, dtype
 
@@ -74,14 +79,55 @@ def _read_header(path: Path) -> tuple[dict[str, dict], int]:
     return header, 8 + size
 
 
-def _read_into(fh: BinaryIO, view: memoryview) -> None:
-    # One read() returns at most ~2 GiB on Linux: loop until the view is full.
+class _Readers:
+    """The threads that read pieces of large tensors, shared by every read of the process."""
+
+    _lock = threading.Lock()
+    _pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def pool(cls) -> ThreadPoolExecutor:
+        with cls._lock:
+            if cls._pool is None:
+                cls._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="readaptir-read")
+            return cls._pool
+
+    @classmethod
+    def forget(cls) -> None:
+        cls._pool = None  # a forked child has none of its parent's threads
+
+
+os.register_at_fork(after_in_child=_Readers.forget)
+
+
+def _pread_all(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    # One read returns at most ~2 GiB on Linux: loop until the view is full.
     done = 0
     while done < len(view):
-        got = fh.readinto(view[done:])
+        got = os.preadv(fd, [view[done:]], offset + done)
         if not got:
-            raise WeightError(f"{fh.name} ends before its header says it should")
+            raise WeightError(f"{path} ends before its header says it should")
         done += got
+
+
+def read_at(path: Path, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with the bytes of ``path`` from ``offset``; beyond READ_PIECE bytes, in
+    pieces read by several threads at once."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        starts = range(0, len(view), READ_PIECE)
+        if len(starts) <= 1 or READ_THREADS == 1:
+            _pread_all(fd, view, offset, path)
+            return
+        pool = _Readers.pool()
+        jobs = [
+            pool.submit(_pread_all, fd, view[i : i + READ_PIECE], offset + i, path) for i in starts
+        ]
+        wait(jobs)  # every piece ends before the file is closed, failed or not
+        for job in jobs:
+            job.result()
+    finally:
+        os.close(fd)
 
 
 def _header_bytes(specs: Sequence[TensorSpec]) -> bytes:
@@ -185,9 +231,8 @@ class Checkpoint:
         if size != math.prod(shape) * dtype.itemsize:
             raise WeightError(f"tensor {name} in {path}: {size} bytes for shape {shape} {dtype}")
         buf = torch.empty(size, dtype=torch.uint8) if buffer is None else buffer
-        with open(path, "rb", buffering=0) as fh:
-            fh.seek(self._data_start[path] + self._info(name)["data_offsets"][0])
-            _read_into(fh, memoryview(buf.numpy()))
+        start = self._data_start[path] + self._info(name)["data_offsets"][0]
+        read_at(path, start, memoryview(buf.numpy()))
         return buf.view(dtype).reshape(shape)
 
     def _info(self, name: str) -> dict:
@@ -223,13 +268,20 @@ class BufferPool:
 
     def take(self, nbytes: int) -> torch.Tensor:
         """A uint8 tensor of ``nbytes``, its content undefined."""
-        if nbytes >= self.min_bytes:
-            with self._lock:
-                fits = [i for i, buf in enumerate(self._free) if buf.numel() >= nbytes]
-                if fits:
-                    best = min(fits, key=lambda i: self._free[i].numel())
-                    return self._free.pop(best)[:nbytes]
+        if nbytes < self.min_bytes:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        with self._lock:
+            fits = [i for i, buf in enumerate(self._free) if buf.numel() >= nbytes]
+            if fits:
+                best = min(fits, key=lambda i: self._free[i].numel())
+                return self._free.pop(best)[:nbytes]
         return torch.empty(nbytes, dtype=torch.uint8)
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of ``tensor`` (a GPU's output, say) in a buffer of the pool, to give back when
+        done: not in fresh memory, which faults in page by page."""
+        host = self.take(tensor.nbytes).view(tensor.dtype).view(tensor.shape)
+        return host.copy_(tensor)
 
     def give(self, tensor: torch.Tensor) -> None:
         """Take back the memory under ``tensor`` (a host tensor the caller is done with)."""

@@ -245,6 +245,67 @@ def test_truncated_file_is_an_error(tmp_path, tiny_retriever):
         ckpt.get(last)
 
 
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Reads of more than 1,000 bytes go in pieces, three threads at a time."""
+    from readaptir import shards
+
+    monkeypatch.setattr(shards, "READ_PIECE", 1000)
+    monkeypatch.setattr(shards, "READ_THREADS", 3)
+
+
+def test_tensors_read_in_pieces_are_the_stored_bytes(small_pieces, tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    stored = {"a": torch.randn(1237, 7), "b": torch.arange(5), "c": torch.randn(3, 333).half()}
+    save_file(stored, tmp_path / "model.safetensors")
+    ckpt = Checkpoint(tmp_path)
+    for name, tensor in stored.items():  # pieces of 1,000 bytes cut across elements and rows
+        assert torch.equal(ckpt.get(name), tensor)
+
+
+def test_truncated_file_read_in_pieces_is_an_error(small_pieces, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(100, 40)}, tmp_path / "whole.safetensors")
+    data = (tmp_path / "whole.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(WeightError, match="model.safetensors ends before"):
+        Checkpoint(tmp_path).get("w")  # 16 pieces; the last comes up short
+
+
+def _stored_bytes(ckpt: Checkpoint, name: str) -> bytes:
+    # plain bytes: pickling a tensor would copy it with OpenMP, which a forked child cannot use
+    # once its parent has
+    return ckpt.get(name).view(torch.uint8).numpy().tobytes()
+
+
+def test_a_forked_child_reads_in_pieces(small_pieces, tiny_retriever):
+    # The parent's reading threads do not exist in a forked child (a DataLoader worker, say):
+    # the child must start its own rather than wait forever on theirs.
+    import multiprocessing
+
+    ckpt = Checkpoint(tiny_retriever)
+    name = max(ckpt.names(), key=ckpt.nbytes)
+    want = _stored_bytes(ckpt, name)  # the parent's threads now exist
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_stored_bytes, (ckpt, name)).get(timeout=30)
+    assert got == want
+
+
+def test_buffer_pool_copies_to_host_and_reuses_memory():
+    from readaptir.shards import BufferPool
+
+    pool = BufferPool(min_bytes=64)
+    for tensor in (torch.randn(40, 3), torch.tensor([True, False] * 50), torch.tensor(2.5)):
+        host = pool.to_host(tensor)
+        assert host.dtype == tensor.dtype and torch.equal(host, tensor)
+        pool.give(host)
+    big = pool.to_host(torch.ones(64))  # 256 bytes: the 480 given back above serve again
+    assert big.untyped_storage().nbytes() == 40 * 3 * 4
+
+
 @pytest.mark.parametrize("kind", ["lora", "dora", "lora-embedding", "dora-embedding"])
 def test_add_psi_equals_the_reference_maths(kind):
     from readaptir.lora import TargetUpdate, add_psi

@@ -123,7 +123,7 @@ def merge(
         exact_float32(),
         block_pool(dev) as pool,
         ShardWriter(out, max_shard_bytes, layout) as writer,
-        write_behind(writer, readapter.buffers.give) as add,
+        write_behind(writer, readapter.buffers, readapter.busy) as add,
         tqdm(total=total, unit="B", unit_scale=True, desc="merge") as bar,
     ):
         for terms in read_ahead(readapter, layout):
@@ -131,6 +131,11 @@ def merge(
             bar.update(math.prod(base.shape(terms.name)) * terms.dtype.itemsize)
     seconds = time.perf_counter() - started
     LOG.info("merged %.2f GB in %.1f s (%.2f GB/s)", total / 1e9, seconds, total / 1e9 / seconds)
+    busy = readapter.busy
+    LOG.info(
+        "busy: read %.2f s, sum %.2f s, write %.2f s (overlapped; the longest bounds the merge)",
+        busy["read"], busy["sum"], busy["write"],
+    )  # fmt: skip
 
     config_src = base_dir if peft_retriever else retriever_dir
     _write_config(config_src, out, out_dtype)
