@@ -131,8 +131,21 @@ class AdapterSpec(_Strict):
     passages: Literal["all", "judged", "unjudged"] = "all"
     packing: bool = True  # false: one padded passage per sequence, as in the paper
     batch_tokens: int | None = Field(None, gt=0)
-    gradient_checkpointing: Literal["auto"] | bool = "auto"  # auto: on when training on a GPU
+    # auto: on when training on a GPU; a number: that share of the layers, evenly spread
+    gradient_checkpointing: Literal["auto"] | bool | float = "auto"
     checkpoint_every: int = Field(500, gt=0)  # steps between resumable checkpoints
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        if isinstance(value, int | float) and 0 < value <= 1:
+            return float(value)
+        raise ValueError(
+            f"auto, true, false, or the share of the layers to checkpoint (a number in (0, 1]), "
+            f"not {value!r}"
+        )
 
 
 class ReadaptSpec(_Strict):

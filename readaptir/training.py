@@ -7,6 +7,7 @@ serves only the loss and is never adapted, since Ψ is applied to a retriever th
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from pathlib import Path
@@ -164,14 +165,28 @@ def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
     return low.pop() if len(low) == 1 else None
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each layer's activations in the backward pass (non-reentrant checkpointing)."""
+def checkpointed(layers: int, share: float) -> list[bool]:
+    """Which of ``layers`` layers to checkpoint for a ``share`` of them, evenly spread."""
+    return [math.floor((i + 1) * share) > math.floor(i * share) for i in range(layers)]
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, share: float = 1.0) -> None:
+    """Recompute activations in the backward pass (non-reentrant checkpointing) in a ``share``
+    of the transformer layers, evenly spread; the others keep theirs. The same gradients either
+    way: checkpointing trades memory for a second forward pass of the layers it covers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if share < 1 and not layers:
+        LOG.warning("%s has no layers to checkpoint one by one: all checkpointed", type(model))
+    for layer, on in zip(layers, checkpointed(len(layers), share), strict=True):
+        layer.gradient_checkpointing = on
 
 
 def position_offset(model: torch.nn.Module) -> int:

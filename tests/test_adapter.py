@@ -15,6 +15,8 @@ from readaptir.training import (
     CAUSAL,
     MASKED,
     attach_adapter,
+    checkpointed,
+    enable_gradient_checkpointing,
     load_model,
     objective_for,
     resolve_targets,
@@ -105,6 +107,34 @@ def test_bf16_base_trains_float32_adapter_weights(tmp_path, tiny_base, tiny_beir
     magnitudes = [k for k in trained if "lora_magnitude_vector" in k]
     moved = sum(int((trained[k] != start[k]).sum()) for k in magnitudes)
     assert moved > 0.9 * sum(trained[k].numel() for k in magnitudes)
+
+
+def test_checkpointing_a_share_of_the_layers_recomputes_those_alone(tokenizer):
+    from transformers import LlamaForCausalLM
+
+    assert checkpointed(4, 0.5) == [False, True, False, True]
+    assert checkpointed(8, 0.25) == [False, False, False, True] * 2
+    assert checkpointed(3, 1.0) == [True] * 3
+    model = LlamaForCausalLM(tiny.llama_config(tokenizer, layers=4)).train()
+    enable_gradient_checkpointing(model, share=0.5)
+    calls = [0] * 4
+    for i, layer in enumerate(model.model.layers):  # the MLP runs inside the layer's forward
+        # (a pre-hook: the recomputation stops once the saved tensors are back, before the MLP's
+        # forward returns)
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    ids = torch.randint(3, 100, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == [1, 2, 1, 2]  # checkpointed layers run again in the backward pass
+
+
+def test_checkpointing_leaves_the_adapter_unchanged(tmp_path, tiny_base, tiny_beir):
+    # Non-reentrant checkpointing recomputes with the same dropout masks: the same adapter.
+    args = dict(max_steps=3, dropout=0.1)
+    plain = _train(tmp_path, "plain", tiny_base, tiny_beir, **args, gradient_checkpointing=False)
+    for share in (True, 0.5):
+        again = _train(tmp_path, f"ckpt-{share}", tiny_base, tiny_beir, **args,
+                       gradient_checkpointing=share)  # fmt: skip
+        assert _same(plain[2], again[2])
 
 
 def test_encoder_base_trains_masked_lm_adapter(tmp_path, tokenizer, tiny_beir, caplog):

@@ -9,8 +9,9 @@ torchrun (WORLD_SIZE > 1) the ranks share each step's rows and the model is wrap
 steps are the same as in one process (``distributed``).
 
 ``gradient_checkpointing="auto"`` turns it on for training on a GPU: DoRA at 7B with packed
-1024-token rows and PEFT's own DoRA forward runs out of memory without it on an 80 GB card
-(whether the low-rank norm of ``readaptir.dora`` fits is for ``bench/adapter.py`` to show).
+1024-token rows and PEFT's own DoRA forward runs out of memory without it on an 80 GB card; with
+the low-rank norm of ``readaptir.dora`` it fits, but trained slower on an H100
+(``bench/adapter.py``). A number checkpoints that share of the layers.
 Writes the PEFT adapter and ``training_log.csv`` (step, epoch, loss, lr, cumulative real
 tokens: a DVC plots file).
 """
@@ -179,7 +180,7 @@ def train_adapter(
     device: str = "cpu",
     packing: bool = True,
     batch_tokens: int | None = None,
-    gradient_checkpointing: bool | str = "auto",
+    gradient_checkpointing: bool | float | str = "auto",
     passages: str = "all",
     qrels_dir: Path | None = None,
     qrels_split: str = "test",
@@ -259,8 +260,8 @@ def train_adapter(
     if gradient_checkpointing == "auto":
         supported = getattr(model, "supports_gradient_checkpointing", False)
         gradient_checkpointing = device.startswith("cuda") and supported
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    if gradient_checkpointing:  # True: every layer; a number: that share of them
+        enable_gradient_checkpointing(model, share=float(gradient_checkpointing))
     model = attach_adapter(
         model,
         objective=objective,
