@@ -226,40 +226,36 @@ def main() -> None:
     n = args.warmup + args.steps
     padded = padded_batches(n, args.rows, args.vocab, rng)
     common = dict(warmup=args.warmup, r=args.r, device=device)
-    paper, base = measure(
-        f"(a) paper-like: DoRA, {args.rows} padded passages, PEFT's DoRA forward",
-        base, padded, packed=False, low_rank_norm=False, **common
-    )  # fmt: skip
-    paper_low_rank, base = measure(
-        "(a') the same batches, low-rank DoRA norm",
-        base, padded, packed=False, low_rank_norm=True, **common
-    )  # fmt: skip
     packed = packed_batches(n, args.rows, args.max_length, args.vocab, rng)
     default = f"DoRA, {args.rows}×{args.max_length} packed"
-    no_checkpointing, base = measure(
-        f"(b') the default's batches without checkpointing: {default}, low-rank norm",
-        base, packed, packed=True, low_rank_norm=True, **common
-    )  # fmt: skip
-    enable_gradient_checkpointing(base)
-    ours, base = measure(
-        f"(b) default: {default}, checkpointing, low-rank norm",
-        base, packed, packed=True, low_rank_norm=True, **common
-    )  # fmt: skip
-    enable_gradient_checkpointing(base, share=0.5)
-    half, base = measure(
-        f"(b'') the default's batches, checkpointing every other layer: {default}, low-rank norm",
-        base, packed, packed=True, low_rank_norm=True, **common
-    )  # fmt: skip
-    disable_gradient_checkpointing(base)
-    paper_last, base = measure(
-        "(a) again, last: whatever the first setting paid for starting up is not in this one",
-        base, padded, packed=False, low_rank_norm=False, **common
-    )  # fmt: skip
+    settings = [  # key, label, batches, low-rank norm, share of the layers checkpointed
+        ("a", f"(a) paper-like: DoRA, {args.rows} padded passages, PEFT's DoRA forward",
+         padded, False, 0.0),
+        ("a'", "(a') the same batches, low-rank DoRA norm", padded, True, 0.0),
+        ("b'", f"(b') the default's batches without checkpointing: {default}, low-rank norm",
+         packed, True, 0.0),
+        ("b", f"(b) default: {default}, checkpointing, low-rank norm", packed, True, 1.0),
+        ("b''", f"(b'') the default's batches, checkpointing every other layer: {default}, "
+         "low-rank norm", packed, True, 0.5),
+        ("a last", "(a) again, last: whatever the first setting paid for starting up is not in "
+         "this one", padded, False, 0.0),
+    ]  # fmt: skip
+    results: dict[str, Result] = {}
+    for key, label, batches, low_rank_norm, share in settings:
+        if share:
+            enable_gradient_checkpointing(base, share=share)
+        else:
+            disable_gradient_checkpointing(base)
+        results[key], base = measure(
+            label, base, batches, packed=batches is packed, low_rank_norm=low_rank_norm, **common
+        )
     memory = "GPU allocated" if device.type == "cuda" else "RSS"
-    for res in (paper, paper_low_rank, no_checkpointing, ours, half, paper_last):
+    for res in results.values():
         print(res.line(memory))
+    ours, half = results["b"], results["b''"]
+    paper_low_rank, no_checkpointing = results["a'"], results["b'"]
     # the baseline is the faster of its two runs: a ratio never gains from the order of settings
-    paper = max(paper, paper_last, key=lambda res: res.tokens_per_s)
+    paper = max(results["a"], results["a last"], key=lambda res: res.tokens_per_s)
     print(
         f"ratio (b)/(a), the faster (a): {ours.tokens_per_s / paper.tokens_per_s:.2f}× real "
         f"tokens/s, {ours.peak_gib / paper.peak_gib:.2f}× peak memory"
