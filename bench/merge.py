@@ -359,7 +359,8 @@ def merge_lines(args, sizes, runs: list[dict], floor: float, device: str) -> lis
         read, total, write = merge["busy"]
         lines.append(
             f"(e) on {device}: busy read {read:.2f} s, sum {total:.2f} s, write {write:.2f} s "
-            "(overlapped; on a GPU the sums are queued and their time shows in the write)"
+            "(overlapped; on a GPU the sums are queued, and the copies to and from the device "
+            "wait for them)"
         )
     return lines
 

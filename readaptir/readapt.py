@@ -167,8 +167,11 @@ def write_behind(
     """``writer.add`` on a thread of its own: a tensor is written while the next is computed.
 
     At most one tensor waits. A tensor on a GPU is copied into one of ``buffers`` first; each
-    host tensor goes back to ``buffers`` once written. ``busy["write"]`` adds up the thread's time.
+    host tensor goes back to ``buffers`` once written, so ``writer`` must write as it is given
+    (a layout). ``busy["write"]`` adds up the thread's time.
     """
+    if not writer.writes_as_added:
+        raise ValueError("write_behind needs a ShardWriter given the layout: others hold tensors")
     pending: list[Future] = []
 
     def write(name: str, tensor: torch.Tensor) -> None:
@@ -234,7 +237,8 @@ class Readapter:
         self.base, self.source, self.theta_coef, self.beta = base, source, theta_coef, beta
         self.knowledge, self.alpha, self.dev = knowledge, alpha, dev
         self.buffers = BufferPool()
-        # seconds each of the overlapped steps was at work: the longest bounds the merge
+        # seconds each of the overlapped steps was at work: on a CPU the longest bounds the
+        # merge; on a GPU the copies both ways wait for the sums queued before them
         self.busy = {"read": 0.0, "sum": 0.0, "write": 0.0}
 
     def read(self, ckpt: Body | Checkpoint, name: str) -> torch.Tensor:
@@ -281,7 +285,7 @@ class Readapter:
     def output(self, terms: Terms, pool: ThreadPoolExecutor | None) -> torch.Tensor:
         """The output tensor. Inputs it does not share memory with go back to the buffer pool
         now, it goes back once written. On a GPU the sums are queued, not waited for: their
-        time shows in the write step, whose copy back waits for them."""
+        time shows in the copies to and from the device, which wait for them."""
         started = time.perf_counter()
         try:
             return self._output(terms, pool)

@@ -140,10 +140,10 @@ class AdapterSpec(_Strict):
     def _checkpointing(cls, value: Any) -> Any:
         if value == "auto" or isinstance(value, bool):
             return value
-        if isinstance(value, int | float) and 0 < value <= 1:
-            return float(value)
+        if isinstance(value, int | float) and 0 <= value <= 1:
+            return float(value) if value else False  # a share of none is off
         raise ValueError(
-            f"auto, true, false, or the share of the layers to checkpoint (a number in (0, 1]), "
+            f"auto, true, false, or the share of the layers to checkpoint (a number in [0, 1]), "
             f"not {value!r}"
         )
 

@@ -15,7 +15,7 @@ import struct
 import threading
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import BinaryIO
 
@@ -44,7 +44,7 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 # A large tensor is read in pieces of this size, several at once: one thread copying out of the
 # page cache runs well below what memory gives on a machine of many cores.
 READ_PIECE = 16 << 20
-READ_THREADS = min(8, os.cpu_count() or 1)
+READ_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]  # name, shape, dtype
 
@@ -94,7 +94,8 @@ class _Readers:
 
     @classmethod
     def forget(cls) -> None:
-        cls._pool = None  # a forked child has none of its parent's threads
+        # a forked child has none of its parent's threads, and may hold the lock one of them took
+        cls._pool, cls._lock = None, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_Readers.forget)
@@ -114,19 +115,21 @@ def read_at(path: Path, offset: int, view: memoryview) -> None:
     """Fill ``view`` with the bytes of ``path`` from ``offset``; beyond READ_PIECE bytes, in
     pieces read by several threads at once."""
     fd = os.open(path, os.O_RDONLY)
+    jobs: list[Future] = []
     try:
         starts = range(0, len(view), READ_PIECE)
         if len(starts) <= 1 or READ_THREADS == 1:
             _pread_all(fd, view, offset, path)
             return
         pool = _Readers.pool()
-        jobs = [
-            pool.submit(_pread_all, fd, view[i : i + READ_PIECE], offset + i, path) for i in starts
-        ]
-        wait(jobs)  # every piece ends before the file is closed, failed or not
+        for i in starts:
+            jobs.append(pool.submit(_pread_all, fd, view[i : i + READ_PIECE], offset + i, path))
         for job in jobs:
             job.result()
-    finally:
+    finally:  # failed or interrupted: no piece may still read when the file closes
+        for job in jobs:
+            job.cancel()
+        wait(jobs)
         os.close(fd)
 
 
@@ -335,6 +338,11 @@ class ShardWriter:
         self._shards: list[tuple[Path, list[str]]] = []
         self._seen: set[str] = set()
         self.total_bytes = 0
+
+    @property
+    def writes_as_added(self) -> bool:
+        """Whether each tensor is on disk once ``add`` returns (given a layout), not held."""
+        return self._plan is not None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._seen:

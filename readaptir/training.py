@@ -7,7 +7,6 @@ serves only the loss and is never adapted, since Ψ is applied to a retriever th
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from pathlib import Path
@@ -166,8 +165,13 @@ def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
 
 
 def checkpointed(layers: int, share: float) -> list[bool]:
-    """Which of ``layers`` layers to checkpoint for a ``share`` of them, evenly spread."""
-    return [math.floor((i + 1) * share) > math.floor(i * share) for i in range(layers)]
+    """Which of ``layers`` layers to checkpoint for a ``share`` of them (rounded, at least one),
+    evenly spread and ending with the last."""
+    if not 0 < share <= 1:
+        raise ValueError(f"the share of the layers to checkpoint must be in (0, 1], not {share}")
+    count = max(1, round(layers * share)) if layers else 0
+    chosen = {(j + 1) * layers // count - 1 for j in range(count)}
+    return [i in chosen for i in range(layers)]
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module, share: float = 1.0) -> None:
@@ -176,6 +180,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module, share: float = 1.0) ->
     way: checkpointing trades memory for a second forward pass of the layers it covers."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    checkpointed(1, share)  # a share out of range fails before the model changes
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

@@ -115,6 +115,10 @@ def test_checkpointing_a_share_of_the_layers_recomputes_those_alone(tokenizer):
     assert checkpointed(4, 0.5) == [False, True, False, True]
     assert checkpointed(8, 0.25) == [False, False, False, True] * 2
     assert checkpointed(3, 1.0) == [True] * 3
+    assert checkpointed(6, 0.1) == [False] * 5 + [True]  # rounded, but never none
+    assert sum(checkpointed(100, 0.29)) == 29
+    with pytest.raises(ValueError, match=r"\(0, 1\], not 1.5"):
+        checkpointed(4, 1.5)
     model = LlamaForCausalLM(tiny.llama_config(tokenizer, layers=4)).train()
     enable_gradient_checkpointing(model, share=0.5)
     calls = [0] * 4

@@ -189,7 +189,8 @@ def test_float16_training_is_refused_when_the_recipe_is_read(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "value, want", [("auto", "auto"), ("true", True), ("false", False), ("0.5", 0.5), ("1", 1.0)]
+    "value, want",
+    [("auto", "auto"), ("true", True), ("false", False), ("0.5", 0.5), ("1", 1.0), ("0", False)],
 )
 def test_gradient_checkpointing_takes_a_share_of_the_layers(tmp_path, value, want):
     text = MINIMAL + f"adapter:\n  gradient_checkpointing: {value}\n"
@@ -197,10 +198,10 @@ def test_gradient_checkpointing_takes_a_share_of_the_layers(tmp_path, value, wan
     assert got == want and type(got) is type(want)
 
 
-@pytest.mark.parametrize("value", ["0", "1.5", "half"])
+@pytest.mark.parametrize("value", ["-0.5", "1.5", "half"])
 def test_gradient_checkpointing_out_of_range_is_an_error(tmp_path, value):
     path = write(tmp_path / "a.yaml", MINIMAL + f"adapter:\n  gradient_checkpointing: {value}\n")
     with pytest.raises(
-        RecipeError, match=r"a\.yaml:5: adapter\.gradient_checkpointing: .*\(0, 1\]"
+        RecipeError, match=r"a\.yaml:5: adapter\.gradient_checkpointing: .*\[0, 1\]"
     ):
         load_recipe(path)

@@ -286,10 +286,14 @@ def test_a_forked_child_reads_in_pieces(small_pieces, tiny_retriever):
     # the child must start its own rather than wait forever on theirs.
     import multiprocessing
 
+    from readaptir.shards import _Readers
+
     ckpt = Checkpoint(tiny_retriever)
     name = max(ckpt.names(), key=ckpt.nbytes)
     want = _stored_bytes(ckpt, name)  # the parent's threads now exist
-    with multiprocessing.get_context("fork").Pool(1) as pool:
+    with _Readers._lock:  # as if another thread were starting a read at the fork
+        pool = multiprocessing.get_context("fork").Pool(1)
+    with pool:
         got = pool.apply_async(_stored_bytes, (ckpt, name)).get(timeout=30)
     assert got == want
 

@@ -133,7 +133,8 @@ def merge(
     LOG.info("merged %.2f GB in %.1f s (%.2f GB/s)", total / 1e9, seconds, total / 1e9 / seconds)
     busy = readapter.busy
     LOG.info(
-        "busy: read %.2f s, sum %.2f s, write %.2f s (overlapped; the longest bounds the merge)",
+        "busy: read %.2f s, sum %.2f s, write %.2f s (overlapped; on a GPU the copies wait for "
+        "the sums)",
         busy["read"], busy["sum"], busy["write"],
     )  # fmt: skip
 
