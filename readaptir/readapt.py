@@ -241,9 +241,12 @@ class Readapter:
         # merge; on a GPU the copies both ways wait for the sums queued before them
         self.busy = {"read": 0.0, "sum": 0.0, "write": 0.0}
 
-    def read(self, ckpt: Body | Checkpoint, name: str) -> torch.Tensor:
-        """A stored tensor on the device, read into a pooled host buffer."""
+    def read(self, ckpt: Body | Checkpoint, name: str, on_device: bool = True) -> torch.Tensor:
+        """A stored tensor read into a pooled host buffer, then moved to the device unless
+        ``on_device`` is False."""
         host = ckpt.get(name, self.buffers.take(ckpt.nbytes(name)))
+        if not on_device:
+            return host
         moved = host.to(self.dev)  # a synchronous copy: the host buffer is free afterwards
         if moved.data_ptr() != host.data_ptr():
             self.buffers.give(host)
@@ -260,24 +263,26 @@ class Readapter:
     def _terms(self, name: str, dtype: torch.dtype) -> Terms:
         if not dtype.is_floating_point:
             return Terms(name, dtype, passed=self._unchanged(name))
-        dense: Dense = []
         updates: Updates = []
-        if isinstance(self.source, Body | Checkpoint) and name in self.source:
-            dense.append((self.beta, self.read(self.source, name)))  # a stored Δ omits zeros
+        # a stored Δ omits zeros
+        source = self.source if isinstance(self.source, Body | Checkpoint) else None
+        stored_term = source is not None and name in source
         # Θ's own dtype counts too (a float32 Θ under a bf16 output is summed in float64); a PEFT
         # retriever is round(Θ + Ψ_R) taken in float64, as the delta stage defines it
-        stored = [self.base.dtype(name)] + [x.dtype for _, x in dense]
+        stored = [self.base.dtype(name)] + ([source.dtype(name)] if stored_term else [])
         peft = isinstance(self.source, Adapter)
         compute = torch.float64 if peft else compute_dtype(dtype, stored)
         if peft:
             self._add_update(updates, self.beta, self.source, name, compute)
         if self.knowledge is not None:
             self._add_update(updates, self.alpha, self.knowledge, name, compute)
-        # A tensor that no term changes is passed on as stored (cast only): exactly.
-        if not updates and not dense and self.theta_coef == 1:
-            return Terms(name, dtype, passed=self.read(self.base, name))
-        if not updates and self.theta_coef == 0 and [c for c, _ in dense] == [1]:
-            return Terms(name, dtype, passed=dense[0][1])
+        # A tensor that no term changes is passed on as stored (cast only): exactly, and without
+        # a trip to the device and back.
+        if not updates and not stored_term and self.theta_coef == 1:
+            return Terms(name, dtype, passed=self.read(self.base, name, on_device=False))
+        if not updates and stored_term and self.theta_coef == 0 and self.beta == 1:
+            return Terms(name, dtype, passed=self.read(source, name, on_device=False))
+        dense: Dense = [(self.beta, self.read(source, name))] if stored_term else []
         need_theta = self.theta_coef != 0 or any(update.needs_base for _, update in updates)
         theta = self.read(self.base, name) if need_theta else None
         return Terms(name, dtype, compute, theta, self.theta_coef, dense, updates)
