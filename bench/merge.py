@@ -407,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         started = time.perf_counter()
         sizes = build(args, work)
         built = time.perf_counter() - started
+        print(f"inputs built in {built:.0f} s", flush=True)  # progress: a run cut short still says
         warm(work)
         devices = args.device.split(",")
         # (the name a child runs, its device) for each kind of run
@@ -419,6 +420,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for _ in range(args.repeat):
             for kind, (name, device) in kinds.items():
                 runs[kind].append(run_child(args, work, name, device))
+                done = runs[kind][-1]
+                busy = "/".join(f"{x:.2f}" for x in done.get("busy") or [])
+                busy = f" (busy read/sum/write {busy} s)" if busy else ""
+                print(f"  {kind}: {done['seconds']:.2f} s{busy}", flush=True)
         print(report(args, sizes, runs, built))
     finally:
         if args.keep:
