@@ -27,14 +27,13 @@ import argparse
 import contextlib
 import gc
 import logging
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from shapes import add_shape_options, apply_tiny, llama_config
+from shapes import add_shape_options, apply_tiny, llama_config, peak_rss_bytes
 from transformers import LlamaForCausalLM, get_scheduler
 
 from readaptir.packing import Layout, causal_inputs, layout, pack_boundaries
@@ -87,12 +86,7 @@ def reset_peak(device: torch.device) -> None:
 def peak_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_bytes() / 2**30
 
 
 def sync(device: torch.device) -> None:

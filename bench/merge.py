@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import resource
@@ -47,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shapes import add_shape_options, apply_tiny, llama_config  # noqa: E402
+from shapes import add_shape_options, apply_tiny, llama_config, peak_rss_bytes  # noqa: E402
 
 from readaptir.shards import INDEX, TensorSpec, plan_shards  # noqa: E402
 
@@ -188,17 +187,6 @@ def add_dora(out: dict, module: str, weight: torch.Tensor, rank: int, gen: torch
 # -- what the children time ----------------------------------------------------------------------
 
 
-def _peak_rss() -> int:
-    """This process's peak resident set in bytes: VmHWM, which (unlike ru_maxrss) does not carry
-    the parent's peak across fork and exec."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
     return usage.ru_utime + usage.ru_stime
@@ -232,13 +220,10 @@ def child(args: argparse.Namespace) -> dict:
         io_floor(work, out, shard, args.beta)
         return {"seconds": time.perf_counter() - started, "cpu": _cpu_seconds() - cpu}
     from readaptir.stages.delta import compute_delta
-    from readaptir.stages.merge import LOG as MERGE_LOG
     from readaptir.stages.merge import merge
     from readaptir.weights import base_model_prefix
 
-    busy = BusyLog()
-    MERGE_LOG.setLevel(logging.INFO)
-    MERGE_LOG.addHandler(busy)
+    busy: dict[str, float] = {}
 
     # Looking up the model class imports transformers' modeling code: once per process, timed
     # apart from the weight work.
@@ -246,7 +231,7 @@ def child(args: argparse.Namespace) -> dict:
     base_model_prefix(work / "theta")
     imports = time.perf_counter() - started
     clear(work, args.child)
-    before, rss_before, cpu = _io(), _peak_rss(), _cpu_seconds()
+    before, rss_before, cpu = _io(), peak_rss_bytes(), _cpu_seconds()
     started = time.perf_counter()
     if args.child == "delta":
         compute_delta(work / "theta", work / "retriever", work / "delta", device=args.device)
@@ -261,6 +246,7 @@ def child(args: argparse.Namespace) -> dict:
             retriever_dir=work / "retriever",
             device=args.device,
             max_shard_bytes=shard,
+            busy=busy,
         )
     seconds = time.perf_counter() - started
     after = _io()
@@ -269,23 +255,11 @@ def child(args: argparse.Namespace) -> dict:
         "cpu": _cpu_seconds() - cpu,
         "imports": imports,
         "rss_before": rss_before,
-        "rss_peak": _peak_rss(),
+        "rss_peak": peak_rss_bytes(),
         "read": after.get("rchar", 0) - before.get("rchar", 0),
         "written": after.get("wchar", 0) - before.get("wchar", 0),
-        "busy": busy.seconds,
+        "busy": [busy[step] for step in ("read", "sum", "write")] if busy else None,
     }
-
-
-class BusyLog(logging.Handler):
-    """Keeps the merge's log of how long its read, sum and write steps were at work."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.seconds: list[float] | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if str(record.msg).startswith("busy:"):
-            self.seconds = [float(x) for x in record.args]
 
 
 def io_floor(work: Path, out: Path, shard: int, beta: float) -> None:

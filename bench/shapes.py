@@ -1,4 +1,5 @@
-"""The Llama shape options the benchmarks share, and the config they describe.
+"""What the benchmarks share: the Llama shape options and the config they describe, and the
+process's peak resident set.
 
 Each benchmark is run as a script (``python bench/NAME.py``), so this module is imported from the
 script's own folder.
@@ -7,6 +8,8 @@ script's own folder.
 from __future__ import annotations
 
 import argparse
+import resource
+from pathlib import Path
 
 LLAMA_2_7B = {"hidden": 4096, "layers": 32, "heads": 32, "intermediate": 11008, "vocab": 32000}
 
@@ -45,3 +48,14 @@ def llama_config(args: argparse.Namespace, **extra):
         num_key_value_heads=args.kv_heads,
         **extra,
     )
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM, which (unlike ru_maxrss) does not carry the
+    parent's peak across fork and exec, and which writing "5" to /proc/self/clear_refs resets."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

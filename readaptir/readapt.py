@@ -161,6 +161,16 @@ def exact_float32() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def timed(busy: dict[str, float], step: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``busy[step]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        busy[step] += time.perf_counter() - started
+
+
+@contextlib.contextmanager
 def write_behind(
     writer: ShardWriter, buffers: BufferPool, busy: dict[str, float]
 ) -> Iterator[Callable[[str, torch.Tensor], None]]:
@@ -175,11 +185,10 @@ def write_behind(
     pending: list[Future] = []
 
     def write(name: str, tensor: torch.Tensor) -> None:
-        started = time.perf_counter()
-        host = tensor if tensor.device.type == "cpu" else buffers.to_host(tensor)
-        writer.add(name, host)
-        buffers.give(host)
-        busy["write"] += time.perf_counter() - started
+        with timed(busy, "write"):
+            host = tensor if tensor.device.type == "cpu" else buffers.to_host(tensor)
+            writer.add(name, host)
+            buffers.give(host)
 
     with ThreadPoolExecutor(1) as thread:
 
@@ -254,11 +263,8 @@ class Readapter:
 
     def terms(self, name: str, dtype: torch.dtype) -> Terms:
         """Read what the output tensor ``name`` is made of (on the device)."""
-        started = time.perf_counter()
-        try:
+        with timed(self.busy, "read"):
             return self._terms(name, dtype)
-        finally:
-            self.busy["read"] += time.perf_counter() - started
 
     def _terms(self, name: str, dtype: torch.dtype) -> Terms:
         if not dtype.is_floating_point:
@@ -291,11 +297,8 @@ class Readapter:
         """The output tensor. Inputs it does not share memory with go back to the buffer pool
         now, it goes back once written. On a GPU the sums are queued, not waited for: their
         time shows in the copies to and from the device, which wait for them."""
-        started = time.perf_counter()
-        try:
+        with timed(self.busy, "sum"):
             return self._output(terms, pool)
-        finally:
-            self.busy["sum"] += time.perf_counter() - started
 
     def _output(self, terms: Terms, pool: ThreadPoolExecutor | None) -> torch.Tensor:
         dtype, theta, dense, updates = terms.dtype, terms.theta, terms.dense, terms.updates

@@ -180,17 +180,17 @@ def enable_gradient_checkpointing(model: torch.nn.Module, share: float = 1.0) ->
     way: checkpointing trades memory for a second forward pass of the layers it covers."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    checkpointed(1, share)  # a share out of range fails before the model changes
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    chosen = checkpointed(len(layers), share)  # a share out of range fails before any change
+    if share < 1 and not layers:
+        LOG.warning("%s has no layers to checkpoint one by one: all checkpointed", type(model))
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if share < 1 and not layers:
-        LOG.warning("%s has no layers to checkpoint one by one: all checkpointed", type(model))
-    for layer, on in zip(layers, checkpointed(len(layers), share), strict=True):
+    for layer, on in zip(layers, chosen, strict=True):
         layer.gradient_checkpointing = on
 
 

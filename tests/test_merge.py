@@ -136,6 +136,12 @@ def test_beta_one_gives_the_retriever_bit_for_bit(tmp_path, tiny_base, tiny_retr
     assert json.loads((tmp_path / "readapt.json").read_text()) == info
 
 
+def test_merge_reports_each_steps_busy_time(tmp_path, tiny_base, tiny_retriever):
+    busy: dict[str, float] = {}
+    run_merge(tmp_path, tiny_base, tiny_retriever, alpha=0.0, beta=0.5, busy=busy)
+    assert set(busy) == {"read", "sum", "write"} and all(s > 0 for s in busy.values())
+
+
 def test_zero_gives_the_base_body(tmp_path, tiny_base, tiny_retriever):
     run_merge(tmp_path, tiny_base, tiny_retriever, alpha=0.0, beta=0.0)
     got, base = Checkpoint(tmp_path), Body(tiny_base)

@@ -67,10 +67,12 @@ def merge(
     dtype: str | None = None,
     device: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    busy: dict[str, float] | None = None,
 ) -> dict:
     """Write the readapted retriever into ``out`` and return what ``readapt.json`` records.
 
-    Without ``delta_dir`` the β·Δ term is taken from ``retriever_dir`` directly.
+    Without ``delta_dir`` the β·Δ term is taken from ``retriever_dir`` directly. ``busy``, if
+    given, gets the seconds each overlapped step (read, sum, write) was at work.
     """
     if alpha != 0 and adapter_dir is None:
         raise ValueError(f"alpha={alpha} needs a knowledge adapter (adapter_dir)")
@@ -131,12 +133,13 @@ def merge(
             bar.update(math.prod(base.shape(terms.name)) * terms.dtype.itemsize)
     seconds = time.perf_counter() - started
     LOG.info("merged %.2f GB in %.1f s (%.2f GB/s)", total / 1e9, seconds, total / 1e9 / seconds)
-    busy = readapter.busy
     LOG.info(
         "busy: read %.2f s, sum %.2f s, write %.2f s (overlapped; on a GPU the copies wait for "
         "the sums)",
-        busy["read"], busy["sum"], busy["write"],
+        readapter.busy["read"], readapter.busy["sum"], readapter.busy["write"],
     )  # fmt: skip
+    if busy is not None:
+        busy.update(readapter.busy)
 
     config_src = base_dir if peft_retriever else retriever_dir
     _write_config(config_src, out, out_dtype)
