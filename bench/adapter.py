@@ -4,8 +4,9 @@ Each setting trains DoRA r32 (q/k/v/up/down) on one random-weight bf16 Llama, in
 
   (a) paper-like: 4 single passages per step, padded to the longest; no gradient checkpointing;
       PEFT's own DoRA forward (its row norm built from a full-size B·A every call);
-  (a') the same batches with this project's DoRA forward (the row norm in low-rank form);
-  (b) default: 4 rows of 1024 tokens packed with passages; gradient checkpointing; low-rank norm;
+  (a') the same batches with this project's DoRA forward (``readaptir.dora``: the row norm in
+       low-rank form, the layer's output in fewer full-size passes);
+  (b) default: 4 rows of 1024 tokens packed with passages; gradient checkpointing; our forward;
   (b') the same batches without gradient checkpointing (whether they fit, and what it would gain);
   (b'') the same batches with every other layer checkpointed (``gradient_checkpointing: 0.5``);
   (a) once more, last: ratios take the faster of the two (a) runs, so that no start-up cost the
@@ -125,7 +126,7 @@ def measure(
     batches: list[Layout],
     *,
     packed: bool,
-    low_rank_norm: bool,
+    fast_dora: bool,
     warmup: int,
     r: int,
     device: torch.device,
@@ -139,7 +140,7 @@ def measure(
         lora_alpha=2 * r,
         dropout=0.05,
         target_modules=TARGETS,
-        low_rank_norm=low_rank_norm,
+        fast_dora=fast_dora,
     )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -227,26 +228,26 @@ def main() -> None:
     common = dict(warmup=args.warmup, r=args.r, device=device)
     packed = packed_batches(n, args.rows, args.max_length, args.vocab, rng)
     default = f"DoRA, {args.rows}×{args.max_length} packed"
-    settings = [  # key, label, batches, low-rank norm, share of the layers checkpointed
+    settings = [  # key, label, batches, our DoRA forward, share of the layers checkpointed
         ("a", f"(a) paper-like: DoRA, {args.rows} padded passages, PEFT's DoRA forward",
          padded, False, 0.0),
-        ("a'", "(a') the same batches, low-rank DoRA norm", padded, True, 0.0),
-        ("b'", f"(b') the default's batches without checkpointing: {default}, low-rank norm",
+        ("a'", "(a') the same batches, our DoRA forward", padded, True, 0.0),
+        ("b'", f"(b') the default's batches without checkpointing: {default}, our forward",
          packed, True, 0.0),
-        ("b", f"(b) default: {default}, checkpointing, low-rank norm", packed, True, 1.0),
+        ("b", f"(b) default: {default}, checkpointing, our forward", packed, True, 1.0),
         ("b''", f"(b'') the default's batches, checkpointing every other layer: {default}, "
-         "low-rank norm", packed, True, 0.5),
+         "our forward", packed, True, 0.5),
         ("a last", "(a) again, last: whatever the first setting paid for starting up is not in "
          "this one", padded, False, 0.0),
     ]  # fmt: skip
     results: dict[str, Result] = {}
     memory = "GPU allocated" if device.type == "cuda" else "RSS"
-    for key, label, batches, low_rank_norm, share in settings:
+    for key, label, batches, fast_dora, share in settings:
         disable_gradient_checkpointing(base)  # every setting starts from the same model
         if share:
             enable_gradient_checkpointing(base, share=share)
         results[key], base = measure(
-            label, base, batches, packed=batches is packed, low_rank_norm=low_rank_norm, **common
+            label, base, batches, packed=batches is packed, fast_dora=fast_dora, **common
         )
         print(results[key].line(memory), flush=True)  # as measured: a run cut short still says
     ours, half = results["b"], results["b''"]

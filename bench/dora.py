@@ -1,10 +1,16 @@
-"""One layer's DoRA projections, forward and backward: PEFT's forward vs the low-rank norm.
+"""One layer's DoRA projections, forward and backward: PEFT's forward vs readaptir's.
 
 The five DoRA targets of a Llama layer (q/k/v: hidden → hidden, up: hidden → intermediate,
 down: intermediate → hidden) as bf16 Linears with float32 DoRA r32 adapters and dropout 0.05,
 computing under bf16 autocast as the adapter stage trains them. Each is run forward and backward on
-a batch of random activations, first with PEFT's DoRA forward, then with ``readaptir.dora``'s
-(the same modules, only the magnitude's class switched), in the same run; best of --repeat.
+a batch of random activations, in the same run, best of --repeat each:
+
+- PEFT: PEFT's DoRA forward;
+- norm: PEFT's layer forward, the DoRA row norm in low-rank form (``LowRankNormDora``);
+- ours: the low-rank norm and the layer's output in fewer passes (``LowRankDoraLinear``), as the
+  adapter stage trains.
+
+The same modules throughout, only their classes switched.
 
     python bench/dora.py                      # Llama-2-7B shape; GPU if there is one
     python bench/dora.py --tiny               # a smoke run
@@ -19,9 +25,10 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.dora import DoraLinearLayer
+from peft.tuners.lora.layer import Linear as LoraLinear
 from shapes import add_shape_options, apply_tiny
 
-from readaptir.dora import LowRankNormDora, use_low_rank_norm
+from readaptir.dora import LowRankDoraLinear, LowRankNormDora, use_fast_dora
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -46,10 +53,20 @@ class Projections(torch.nn.Module):
         return total + self.up_proj(hidden).float().sum() + self.down_proj(wide).float().sum()
 
 
-def set_forward(model: torch.nn.Module, cls: type) -> None:
+FORWARDS = {  # a DoRA layer's class, its magnitude's class
+    "PEFT": (LoraLinear, DoraLinearLayer),
+    "norm": (LoraLinear, LowRankNormDora),
+    "ours": (LowRankDoraLinear, LowRankNormDora),
+}
+
+
+def set_forward(model: torch.nn.Module, forward: str) -> None:
+    layer, magnitude = FORWARDS[forward]
     for module in model.modules():
         if isinstance(module, DoraLinearLayer):
-            module.__class__ = cls
+            module.__class__ = magnitude
+        elif isinstance(module, LoraLinear):
+            module.__class__ = layer
 
 
 def seconds(model, hidden, wide, device: torch.device, repeat: int) -> float:
@@ -86,7 +103,7 @@ def main() -> None:
                         target_modules=TARGETS, use_dora=True)  # fmt: skip
     model = get_peft_model(base, config, autocast_adapter_dtype=True)
     model.train()
-    assert use_low_rank_norm(model) == len(TARGETS)
+    assert use_fast_dora(model) == len(TARGETS)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {device} ({name}), torch {torch.__version__}")
     print(f"one layer's DoRA targets, hidden {args.hidden}, intermediate {args.intermediate}, "
@@ -96,12 +113,13 @@ def main() -> None:
         # computes them too, the same work under either forward
         hidden = torch.randn(tokens, args.hidden, device=device, requires_grad=True)
         wide = torch.randn(tokens, args.intermediate, device=device, requires_grad=True)
-        set_forward(model, DoraLinearLayer)
-        peft_s = seconds(model, hidden, wide, device, args.repeat)
-        set_forward(model, LowRankNormDora)
-        ours_s = seconds(model, hidden, wide, device, args.repeat)
-        print(f"{tokens:>6} tokens: PEFT's forward {peft_s * 1e3:8.1f} ms, low-rank norm "
-              f"{ours_s * 1e3:8.1f} ms, ratio {peft_s / ours_s:.2f}×")  # fmt: skip
+        ms = {}
+        for forward in FORWARDS:
+            set_forward(model, forward)
+            ms[forward] = seconds(model, hidden, wide, device, args.repeat) * 1e3
+        figures = ", ".join(f"{forward} {ms[forward]:8.1f} ms" for forward in FORWARDS)
+        print(f"{tokens:>6} tokens: {figures}; PEFT/ours {ms['PEFT'] / ms['ours']:.2f}×, "
+              f"norm/ours {ms['norm'] / ms['ours']:.2f}×")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from readaptir.recipe import (
 # Bump a kind's version when its code changes what it writes: every stage of that kind rebuilds.
 KIND_VERSIONS = {
     "fetch": 1,
-    "adapter": 3,
+    "adapter": 4,
     "delta": 2,
     "merge": 2,
     "embed": 1,

@@ -120,7 +120,7 @@ def attach_adapter(
     lora_alpha: float,
     dropout: float,
     target_modules: list[str],
-    low_rank_norm: bool = True,
+    fast_dora: bool = True,
 ) -> torch.nn.Module:
     """Wrap ``model`` with a PEFT LoRA/DoRA adapter over the body's ``target_modules``.
 
@@ -128,12 +128,12 @@ def attach_adapter(
     autocast (``autocast_dtype``) while the optimizer updates float32 weights, since bf16 weights
     would round most AdamW updates of a DoRA magnitude (|m| ≈ 1, steps ≈ lr) away. Parameters
     the base was loaded without (``head_to_train``, an encoder's fresh MLM head) train too.
-    DoRA layers compute their row norm in low-rank form (``dora.use_low_rank_norm``) unless
-    ``low_rank_norm`` is False (PEFT's own forward, the baseline of ``bench/adapter.py``).
+    DoRA layers take ``readaptir.dora``'s forward (low-rank row norm, fewer full-size passes)
+    unless ``fast_dora`` is False (PEFT's own forward, the baseline of ``bench/adapter.py``).
     """
     from peft import LoraConfig, get_peft_model
 
-    from readaptir.dora import use_low_rank_norm
+    from readaptir.dora import use_fast_dora
 
     body, head = linear_modules(model)
     excluded = resolve_targets(body, head, list(target_modules))
@@ -152,8 +152,8 @@ def attach_adapter(
         if any(_matches(name, f) for f in fresh):
             param.data = param.data.float()
             param.requires_grad_(True)
-    if method == "dora" and low_rank_norm:
-        use_low_rank_norm(wrapped)
+    if method == "dora" and fast_dora:
+        use_fast_dora(wrapped)
     return wrapped
 
 

@@ -3,10 +3,17 @@ import copy
 import pytest
 import torch
 from peft.tuners.lora.dora import DoraLinearLayer
+from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers import BertConfig, BertForMaskedLM, LlamaForCausalLM
 
 from readaptir import tiny
-from readaptir.dora import LowRankNormDora, low_rank_row_norm
+from readaptir.dora import (
+    DoraOutput,
+    InputDropout,
+    LowRankDoraLinear,
+    LowRankNormDora,
+    low_rank_row_norm,
+)
 from readaptir.training import attach_adapter
 
 
@@ -58,12 +65,13 @@ def _pair(base, **adapter):
     for fast in (False, True):
         torch.manual_seed(1)  # the same LoRA A initialisation
         model = attach_adapter(copy.deepcopy(base), method="dora", r=4, lora_alpha=8,
-                               low_rank_norm=fast, **adapter)  # fmt: skip
+                               fast_dora=fast, **adapter)  # fmt: skip
         models.append(model)
     kinds = [
-        {type(m) for m in model.modules() if isinstance(m, DoraLinearLayer)} for model in models
+        {type(m) for m in model.modules() if isinstance(m, DoraLinearLayer | LoraLinear)}
+        for model in models
     ]
-    assert kinds == [{DoraLinearLayer}, {LowRankNormDora}]
+    assert kinds == [{DoraLinearLayer, LoraLinear}, {LowRankNormDora, LowRankDoraLinear}]
     return models
 
 
@@ -128,13 +136,14 @@ def test_linear_subclasses_keep_peft_s_forward():
 
 @pytest.mark.parametrize("train", [True, False])
 def test_low_rank_norm_under_bf16_autocast(monkeypatch, train):
-    # the 7B path: a bf16 base, float32 adapter weights (so PEFT hands over a float32 x), bf16
-    # compute; in training, dropout makes the layer recompute W·x. PEFT rounds B·A to bf16 before
-    # its norm; with that product taken in float32 the two forwards must agree.
+    # the 7B path: a bf16 base, float32 adapter weights (PEFT copies x to float32 for them, ours
+    # keeps it bf16), bf16 compute; in training, dropout makes the layer recompute W·x. PEFT rounds
+    # B·A to bf16 before its norm; with that product taken in float32 the two forwards must agree.
     def lora_weight_in_float32(self, lora_A, lora_B, adapter_name=None):
         with torch.autocast("cpu", enabled=False):
             return lora_B.weight @ lora_A.weight
 
+    monkeypatch.setattr(DoraLinearLayer, "get_lora_weight", lora_weight_in_float32)
     torch.manual_seed(0)
     model = attach_adapter(_OneLayer().to(torch.bfloat16), objective="masked", method="dora", r=4,
                            lora_alpha=8, dropout=0.1, target_modules=["up"])  # fmt: skip
@@ -143,23 +152,75 @@ def test_low_rank_norm_under_bf16_autocast(monkeypatch, train):
     torch.nn.init.normal_(dora.lora_B["default"].weight, std=0.05)
     magnitude.weight.data *= torch.rand(96) + 0.5  # m ≠ ||W + sBA||, as after training
     model.train(train)
-    x = torch.randn(2, 5, 64)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
     results = []
-    for forward in (DoraLinearLayer.forward, LowRankNormDora.forward):
-        monkeypatch.setattr(DoraLinearLayer, "get_lora_weight", lora_weight_in_float32)
-        monkeypatch.setattr(LowRankNormDora, "forward", forward)
+    for layer, norm in ((LoraLinear, DoraLinearLayer), (LowRankDoraLinear, LowRankNormDora)):
+        dora.__class__, magnitude.__class__ = layer, norm
         torch.manual_seed(1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)
-        out.float().square().sum().backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        (out.float().square().sum() / 100).backward()
+        grads = [p.grad.clone() for p in [x, *model.parameters()] if p.requires_grad]
         model.zero_grad()
-        results.append((out.float(), grads))
-    assert type(magnitude) is LowRankNormDora
+        x.grad = None
+        results.append((out, grads))
     (want, want_grads), (got, got_grads) = results
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for g, w in zip(got_grads, want_grads, strict=True):
+    assert got.dtype == want.dtype == torch.bfloat16
+    # one bf16 rounding of the same float32 sum, taken in another order
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-8, atol=1e-6)
+    assert (got == want).float().mean() > 0.95
+    x_grad, *param_grads = zip(got_grads, want_grads, strict=True)
+    torch.testing.assert_close(*x_grad, rtol=2**-7, atol=1e-4)
+    for g, w in param_grads:
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_dora_output_gradients():
+    torch.manual_seed(0)
+    shape = (3, 4, 6)
+    result, plain, lora = (torch.randn(shape, dtype=torch.float64, requires_grad=True)
+                           for _ in range(3))  # fmt: skip
+    sigma = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+    with_plain = DoraOutput.apply(result, plain, lora, sigma, 1.7)
+    torch.testing.assert_close(with_plain, result + (sigma - 1) * plain + sigma * 1.7 * lora)
+    assert torch.autograd.gradcheck(
+        lambda r, p, lo, s: DoraOutput.apply(r, p, lo, s, 1.7), (result, plain, lora, sigma)
+    )
+    # no plain product: it is the result itself
+    without = DoraOutput.apply(result, None, lora, sigma, 1.7)
+    torch.testing.assert_close(without, result + (sigma - 1) * result + sigma * 1.7 * lora)
+    assert torch.autograd.gradcheck(
+        lambda r, lo, s: DoraOutput.apply(r, None, lo, s, 1.7), (result, lora, sigma)
+    )
+
+
+def test_dora_output_rounds_once_from_float32():
+    torch.manual_seed(0)
+    result, plain, lora = (torch.randn(64, 96).bfloat16() for _ in range(3))
+    sigma = torch.rand(96) + 0.5
+    out = DoraOutput.apply(result, plain, lora, sigma, 2.0)
+    exact = (
+        result.double() + (sigma.double() - 1) * plain.double() + sigma.double() * 2 * lora.double()
+    )
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, exact.bfloat16()) or (out.double() - exact).abs().max() < 2**-7
+
+
+def test_disabled_or_merged_adapters_take_peft_s_forward():
+    torch.manual_seed(0)
+    model = attach_adapter(_OneLayer(), objective="masked", method="dora", r=4, lora_alpha=8,
+                           dropout=0.0, target_modules=["up"])  # fmt: skip
+    (dora,) = [m for m in model.modules() if hasattr(m, "lora_magnitude_vector")]
+    assert type(dora) is LowRankDoraLinear
+    torch.nn.init.normal_(dora.lora_B["default"].weight, std=0.05)
+    x = torch.randn(3, 64)
+    plain = dora.get_base_layer()(x)
+    adapted = model(x)
+    assert not torch.allclose(adapted, plain)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
+    dora.merge()
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-6)
 
 
 def test_a_peft_dora_forward_with_other_arguments_is_kept(tokenizer, monkeypatch, caplog):
@@ -174,3 +235,18 @@ def test_a_peft_dora_forward_with_other_arguments_is_kept(tokenizer, monkeypatch
     assert "gate" in caplog.text and "not the low-rank norm" in caplog.text
     kinds = {type(m) for m in model.modules() if isinstance(m, DoraLinearLayer)}
     assert kinds == {DoraLinearLayer}
+
+
+def test_input_dropout_gives_peft_s_bf16_inputs():
+    # PEFT drops out a float32 copy of the input, which autocast rounds to bf16 for each product
+    x = torch.randn(4, 50, 64, dtype=torch.bfloat16, requires_grad=True)
+    torch.manual_seed(1)
+    want = torch.nn.functional.dropout(x.float(), 0.1, training=True).bfloat16()
+    torch.manual_seed(1)
+    got = InputDropout.apply(x, 0.1)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+    assert 0.05 < (got == 0).float().mean() < 0.15
+    got.backward(torch.ones_like(got))
+    scale = torch.tensor(1 / 0.9).bfloat16()
+    assert torch.equal(x.grad, torch.where(got == 0, 0, scale).bfloat16())

@@ -10,7 +10,7 @@ steps are the same as in one process (``distributed``).
 
 ``gradient_checkpointing="auto"`` turns it on for training on a GPU: DoRA at 7B with packed
 1024-token rows and PEFT's own DoRA forward runs out of memory without it on an 80 GB card; with
-the low-rank norm of ``readaptir.dora`` it fits, but trained slower on an H100
+the forward of ``readaptir.dora`` it fits, but trained slower on an H100 in one run
 (``bench/adapter.py``). A number checkpoints that share of the layers.
 Writes the PEFT adapter and ``training_log.csv`` (step, epoch, loss, lr, cumulative real
 tokens: a DVC plots file).
