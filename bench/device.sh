@@ -4,14 +4,14 @@
 # has a time limit of its own, so one that runs long leaves the others their turn; each logs to
 # $OUT/<step>.txt (default bench-out/).
 #
-#   bash bench/device.sh                       # every step at 7B shapes (time limits: 14 min in all)
+#   bash bench/device.sh                       # every step at 7B shapes (time limits: 15 min in all)
 #   bash bench/device.sh merge-tests merge     # some of the steps (7 min of limits), and
-#   bash bench/device.sh dora adapter embed search   # the others (7 min)
+#   bash bench/device.sh dora-tests dora adapter embed search   # the others (8 min)
 #   bash bench/device.sh --tiny                # tiny shapes: a smoke run, on a CPU too
 #
 # Steps: merge-tests (the merge invariants with READAPTIR_DEVICE=cuda), merge (Llama-2-7B shape,
-# ~27 GB of inputs written under a temporary folder; merged on the GPU and on the CPU), dora,
-# adapter, embed, search.
+# ~27 GB of inputs written under a temporary folder; merged on the GPU and on the CPU), dora-tests
+# (the DoRA forward against PEFT's, on the CPU and the GPU), dora, adapter, embed, search.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}
@@ -26,7 +26,7 @@ if [[ "${1:-}" == "--tiny" ]]; then
   shift
 fi
 steps=("$@")
-[[ ${#steps[@]} -eq 0 ]] && steps=(merge-tests merge dora adapter embed search)
+[[ ${#steps[@]} -eq 0 ]] && steps=(merge-tests merge dora-tests dora adapter embed search)
 device=cpu
 $py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && device=cuda
 scratch=$(mktemp -d)
@@ -62,10 +62,11 @@ for name in "${steps[@]}"; do
       step merge 300 $py bench/merge.py "${tiny[@]}" "${seven_b[@]}" --device $merge_devices \
         --repeat 2 --dir "$scratch/merge"
       rm -rf "$scratch/merge" ;;
+    dora-tests) step dora-tests 60 $py -m pytest -q -p no:cacheprovider tests/test_dora.py ;;
     dora) step dora 60 $py bench/dora.py "${tiny[@]}" ;;
     adapter) step adapter 180 $py bench/adapter.py "${tiny[@]}" ;;
     embed) step embed 120 $py bench/embed.py "${tiny[@]}" ;;
     search) step search 60 $py bench/search.py "${tiny[@]}" ;;
-    *) echo "unknown step $name (merge-tests, merge, dora, adapter, embed, search)" >&2; exit 2 ;;
+    *) echo "unknown step $name (merge-tests, merge, dora-tests, dora, adapter, embed, search)" >&2; exit 2 ;;
   esac
 done
