@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from shapes import add_shape_options, apply_tiny, llama_config, peak_rss_bytes  # noqa: E402
 
+from readaptir.readapt import describe_busy  # noqa: E402
 from readaptir.shards import INDEX, TensorSpec, plan_shards  # noqa: E402
 
 GiB = 1024**3
@@ -258,7 +259,7 @@ def child(args: argparse.Namespace) -> dict:
         "rss_peak": peak_rss_bytes(),
         "read": after.get("rchar", 0) - before.get("rchar", 0),
         "written": after.get("wchar", 0) - before.get("wchar", 0),
-        "busy": [busy[step] for step in ("read", "sum", "write")] if busy else None,
+        "busy": busy or None,
     }
 
 
@@ -330,11 +331,10 @@ def merge_lines(args, sizes, runs: list[dict], floor: float, device: str) -> lis
         f"{target / GiB:.2f} GiB: {'met' if peak <= target else 'missed'}",
     ]
     if merge.get("busy"):
-        read, total, write = merge["busy"]
         lines.append(
-            f"(e) on {device}: busy read {read:.2f} s, sum {total:.2f} s, write {write:.2f} s "
-            "(overlapped; on a GPU the sums are queued, and the copies to and from the device "
-            "wait for them)"
+            f"(e) on {device}: busy {describe_busy(merge['busy'])} (overlapped; on a GPU the sums "
+            "are queued, and the copies to and from the device, parts of read and write, wait "
+            "for them)"
         )
     return lines
 
@@ -395,8 +395,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for kind, (name, device) in kinds.items():
                 runs[kind].append(run_child(args, work, name, device))
                 done = runs[kind][-1]
-                busy = "/".join(f"{x:.2f}" for x in done.get("busy") or [])
-                busy = f" (busy read/sum/write {busy} s)" if busy else ""
+                busy = f" (busy {describe_busy(done['busy'])})" if done.get("busy") else ""
                 print(f"  {kind}: {done['seconds']:.2f} s{busy}", flush=True)
         print(report(args, sizes, runs, built))
     finally:

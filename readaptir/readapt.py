@@ -160,14 +160,19 @@ def exact_float32() -> Iterator[None]:
             matmul.allow_tf32 = before
 
 
+def describe_busy(busy: dict[str, float]) -> str:
+    """``read 1.20 s, sum 0.80 s, …``: the busy times of a merge, for a log line."""
+    return ", ".join(f"{step} {seconds:.2f} s" for step, seconds in busy.items())
+
+
 @contextlib.contextmanager
 def timed(busy: dict[str, float], step: str) -> Iterator[None]:
-    """Add the seconds the block takes to ``busy[step]``."""
+    """Add the seconds the block takes to ``busy[step]`` (0 if absent)."""
     started = time.perf_counter()
     try:
         yield
     finally:
-        busy[step] += time.perf_counter() - started
+        busy[step] = busy.get(step, 0.0) + time.perf_counter() - started
 
 
 @contextlib.contextmanager
@@ -178,7 +183,8 @@ def write_behind(
 
     At most one tensor waits. A tensor on a GPU is copied into one of ``buffers`` first; each
     host tensor goes back to ``buffers`` once written, so ``writer`` must write as it is given
-    (a layout). ``busy["write"]`` adds up the thread's time.
+    (a layout). ``busy["write"]`` adds up the thread's time, ``busy["to host"]`` the part of it
+    spent copying from the device.
     """
     if not writer.writes_as_added:
         raise ValueError("write_behind needs a ShardWriter given the layout: others hold tensors")
@@ -186,7 +192,10 @@ def write_behind(
 
     def write(name: str, tensor: torch.Tensor) -> None:
         with timed(busy, "write"):
-            host = tensor if tensor.device.type == "cpu" else buffers.to_host(tensor)
+            host = tensor
+            if tensor.device.type != "cpu":
+                with timed(busy, "to host"):  # waits for the sums queued before it
+                    host = buffers.to_host(tensor)
             writer.add(name, host)
             buffers.give(host)
 
@@ -247,18 +256,19 @@ class Readapter:
         self.knowledge, self.alpha, self.dev = knowledge, alpha, dev
         self.buffers = BufferPool()
         # seconds each of the overlapped steps was at work: on a CPU the longest bounds the
-        # merge; on a GPU the copies both ways wait for the sums queued before them
+        # merge; on a GPU the copies both ways ("to device", part of "read", and "to host", part
+        # of "write") wait for the sums queued before them
         self.busy = {"read": 0.0, "sum": 0.0, "write": 0.0}
 
     def read(self, ckpt: Body | Checkpoint, name: str, on_device: bool = True) -> torch.Tensor:
         """A stored tensor read into a pooled host buffer, then moved to the device unless
         ``on_device`` is False."""
         host = ckpt.get(name, self.buffers.take(ckpt.nbytes(name)))
-        if not on_device:
+        if not on_device or self.dev == "cpu":
             return host
-        moved = host.to(self.dev)  # a synchronous copy: the host buffer is free afterwards
-        if moved.data_ptr() != host.data_ptr():
-            self.buffers.give(host)
+        with timed(self.busy, "to device"):
+            moved = host.to(self.dev)  # a synchronous copy: the host buffer is free afterwards
+        self.buffers.give(host)
         return moved
 
     def terms(self, name: str, dtype: torch.dtype) -> Terms:

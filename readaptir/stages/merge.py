@@ -24,7 +24,14 @@ from tqdm import tqdm
 from readaptir.artifacts import resolve_device, write_json
 from readaptir.lora import Adapter
 from readaptir.models import is_peft_adapter, torch_dtype
-from readaptir.readapt import Readapter, block_pool, exact_float32, read_ahead, write_behind
+from readaptir.readapt import (
+    Readapter,
+    block_pool,
+    describe_busy,
+    exact_float32,
+    read_ahead,
+    write_behind,
+)
 from readaptir.shards import (
     DEFAULT_SHARD_BYTES,
     Checkpoint,
@@ -134,10 +141,9 @@ def merge(
     seconds = time.perf_counter() - started
     LOG.info("merged %.2f GB in %.1f s (%.2f GB/s)", total / 1e9, seconds, total / 1e9 / seconds)
     LOG.info(
-        "busy: read %.2f s, sum %.2f s, write %.2f s (overlapped; on a GPU the copies wait for "
-        "the sums)",
-        readapter.busy["read"], readapter.busy["sum"], readapter.busy["write"],
-    )  # fmt: skip
+        "busy (overlapped; on a GPU the copies wait for the sums): %s",
+        describe_busy(readapter.busy),
+    )
     if busy is not None:
         busy.update(readapter.busy)
 
