@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.layer import Linear as LoraLinear
+from torch.autograd.function import once_differentiable
 
 LOG = logging.getLogger(__name__)
 
@@ -48,13 +49,14 @@ LOG = logging.getLogger(__name__)
 def low_rank_row_norm(
     weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """``||W + scaling·B·A||`` per output row, in float32, never forming an out × in matrix but
-    one float32 copy of ``weight``'s rows for the product ``W·Aᵀ``."""
+    """``||W + scaling·B·A||`` per output row, in float32 (float64 for a float64 ``weight``),
+    never forming an out × in matrix but one float32 copy of ``weight``'s rows for ``W·Aᵀ``."""
+    wide = torch.promote_types(weight.dtype, torch.float32)
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-        a = lora_a.float()
-        b = lora_b.float()
-        squared = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
-        cross = (weight.float() @ a.T).mul_(b).sum(dim=1)
+        a = lora_a.to(wide)
+        b = lora_b.to(wide)
+        squared = torch.linalg.vector_norm(weight, dim=1, dtype=wide).square()
+        cross = (weight.to(wide) @ a.T).mul_(b).sum(dim=1)
         lora = ((b @ (a @ a.T)) * b).sum(dim=1)
         total = squared.add_(cross, alpha=2 * scaling).add_(lora, alpha=scaling * scaling)
         return total.clamp_(min=0).sqrt_()
@@ -97,16 +99,19 @@ class DoraOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, result, plain, lora, sigma, scaling):  # torch's signature
-        if plain is None:
-            total = torch.mul(result, sigma)
-        else:
-            total = torch.addcmul(result, plain, sigma - 1)
-        total.addcmul_(lora, sigma * scaling)
+        # CUDA's autocast would copy every operand of addcmul to float32 first
+        with torch.autocast(result.device.type, enabled=False):
+            if plain is None:
+                total = torch.mul(result, sigma)
+            else:
+                total = torch.addcmul(result, plain, sigma - 1)
+            total.addcmul_(lora, sigma * scaling)
         ctx.save_for_backward(result if plain is None else plain, lora, sigma)
         ctx.plain_given, ctx.scaling = plain is not None, scaling
         return total.to(result.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):  # torch's signature
         plain, lora, sigma = ctx.saved_tensors
         scaling, need = ctx.scaling, ctx.needs_input_grad
@@ -146,6 +151,7 @@ class InputDropout(torch.autograd.Function):
         return torch.mul(x, ctx.scale, out=torch.empty_like(x)).mul_(keep)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):  # torch's signature
         (keep,) = ctx.saved_tensors
         return torch.mul(grad, ctx.scale, out=torch.empty_like(grad)).mul_(keep), None
@@ -163,7 +169,7 @@ class LowRankDoraLinear(LoraLinear):
         base = self.get_base_layer()
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         dropout, scaling = self.lora_dropout[name], self.scaling[name]
-        result = base(x)
+        result = self.base_layer(x)
         autocast = torch.is_autocast_enabled(x.device.type)
         if not autocast:  # PEFT's cast; under autocast each product casts its inputs itself
             x = self._cast_input_dtype(x, lora_A.weight.dtype)
@@ -172,8 +178,8 @@ class LowRankDoraLinear(LoraLinear):
         if isinstance(dropout, torch.nn.Identity) or not self.training:
             plain = None if base.bias is None else result - base.bias
         else:
-            if autocast and type(dropout) is torch.nn.Dropout:
-                x = InputDropout.apply(x, dropout.p)
+            if autocast and type(dropout) is torch.nn.Dropout and dropout.training:
+                x = InputDropout.apply(x, dropout.p) if 0 < dropout.p < 1 else dropout(x)
             else:
                 x = dropout(x)
             plain = F.linear(x, base.weight if autocast else base.weight.to(x.dtype))

@@ -264,3 +264,52 @@ def test_input_dropout_gives_peft_s_bf16_inputs(device):
     got.backward(torch.ones_like(got))
     scale = torch.tensor(1 / 0.9).bfloat16()
     assert torch.equal(x.grad, torch.where(kept, scale.to(device), 0).bfloat16())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_fast_forward_without_autocast_is_peft_s(dtype, dropout):
+    # float64 throughout; or a bf16 model whose float32 adapters get a float32 copy of the input
+    torch.manual_seed(0)
+    model = attach_adapter(_OneLayer().to(dtype), objective="masked", method="dora", r=4,
+                           lora_alpha=8, dropout=dropout, target_modules=["up"])  # fmt: skip
+    (dora,) = [m for m in model.modules() if hasattr(m, "lora_magnitude_vector")]
+    magnitude = dora.lora_magnitude_vector["default"]
+    torch.nn.init.normal_(dora.lora_B["default"].weight, std=0.05)
+    magnitude.weight.data *= torch.rand(96, dtype=magnitude.weight.dtype) + 0.5
+    model.train()
+    x = torch.randn(2, 5, 64, dtype=dtype, requires_grad=True)
+    results = []
+    for layer, norm in ((LoraLinear, DoraLinearLayer), (LowRankDoraLinear, LowRankNormDora)):
+        dora.__class__, magnitude.__class__ = layer, norm
+        torch.manual_seed(1)
+        out = model(x)
+        out.double().square().sum().backward()
+        grads = [p.grad.clone() for p in [x, *model.parameters()] if p.requires_grad]
+        model.zero_grad()
+        x.grad = None
+        results.append((out, grads))
+    (want, want_grads), (got, got_grads) = results
+    assert got.dtype == want.dtype == dtype
+    tolerance = (
+        dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2**-7, atol=1e-5)
+    )
+    torch.testing.assert_close(got, want, **tolerance)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, **tolerance)
+
+
+def test_a_dropout_module_in_eval_mode_drops_nothing():
+    torch.manual_seed(0)
+    model = attach_adapter(_OneLayer().to(torch.bfloat16), objective="masked", method="dora", r=4,
+                           lora_alpha=8, dropout=0.5, target_modules=["up"])  # fmt: skip
+    (dora,) = [m for m in model.modules() if hasattr(m, "lora_magnitude_vector")]
+    torch.nn.init.normal_(dora.lora_B["default"].weight, std=0.05)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        evaluated = model(x)
+        model.train()
+        dora.lora_dropout["default"].eval()  # the layer trains, its dropout does not
+        trained = model(x)
+    torch.testing.assert_close(trained, evaluated, rtol=2**-7, atol=1e-6)  # one bf16 rounding
