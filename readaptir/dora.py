@@ -94,7 +94,8 @@ class DoraOutput(torch.autograd.Function):
     once to ``result``'s dtype; ``plain`` None stands for ``result`` itself (no dropout, no bias).
 
     Three passes over the output forward (PEFT's sum takes six) and three backward, where autograd
-    would take about twice as many, each a full-size float32 temporary.
+    would take about twice as many, each a full-size float32 temporary. (So on a GPU, whose kernels
+    cast mixed dtypes as they read them; a CPU copies such operands to float32 first.)
     """
 
     @staticmethod
