@@ -16,7 +16,8 @@ All keep float32 adapter weights and compute in bf16 under autocast, as the adap
 
 Passage lengths are synthetic and MS MARCO-like (seeded log-normal, mean ≈ 82 tokens, clipped to
 [8, 256]). Reports real (non-padding) tokens per second and peak memory (CUDA allocator on GPU,
-resident set on CPU) for each, and the ratios (b)/(a), (b)/(a'), (a')/(a), (b')/(b), (b'')/(b).
+resident set on CPU) for each, and the ratios (b)/(a), (b)/(a'), (a')/(a), (b')/(b), (b'')/(b);
+then where one more step of (b) spends its time, op by op (torch's profiler).
 
     python bench/adapter.py           # Llama-2-7B shape; needs a GPU with ~40 GB
     python bench/adapter.py --tiny    # a smoke run on CPU
@@ -130,8 +131,10 @@ def measure(
     warmup: int,
     r: int,
     device: torch.device,
+    profile: bool = False,
 ) -> tuple[Result, torch.nn.Module]:
-    """Train ``batches`` (the first ``warmup`` untimed); a setting out of GPU memory reports so."""
+    """Train ``batches`` (the first ``warmup`` untimed); a setting out of GPU memory reports so.
+    With ``profile``, one more step (untimed) prints the ops it spent its time in."""
     model = attach_adapter(
         base,
         objective="causal",
@@ -156,6 +159,8 @@ def measure(
         started = time.perf_counter()
         train(timed, *training)
         seconds = time.perf_counter() - started
+        if profile:
+            print(profile_step(timed[-1], training, device), flush=True)
     except torch.cuda.OutOfMemoryError:
         pass  # reported; the memory is freed below, once the traceback is gone
     real = sum(lay.real_tokens for lay in timed)
@@ -174,6 +179,20 @@ def measure(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result, base
+
+
+def profile_step(batch: Layout, training: tuple, device: torch.device) -> str:
+    """The ops one training step spends its time in, most first: device time on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        train([batch], *training)
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=50)
+    kind = "GPU" if gpu else "CPU"
+    return f"one more step of this setting, profiled (ops by their own {kind} time):\n{table}"
 
 
 def disable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -212,6 +231,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-profile", action="store_true", help="skip the profile of (b)")
     args = parser.parse_args()
     apply_tiny(parser, args, dict(hidden=64, layers=2, heads=4, intermediate=128, vocab=512))
     device = torch.device(args.device)
@@ -246,9 +266,11 @@ def main() -> None:
         disable_gradient_checkpointing(base)  # every setting starts from the same model
         if share:
             enable_gradient_checkpointing(base, share=share)
+        profile = key == "b" and not args.no_profile
         results[key], base = measure(
-            label, base, batches, packed=batches is packed, fast_dora=fast_dora, **common
-        )
+            label, base, batches, packed=batches is packed, fast_dora=fast_dora, profile=profile,
+            **common,
+        )  # fmt: skip
         print(results[key].line(memory), flush=True)  # as measured: a run cut short still says
     ours, half = results["b"], results["b''"]
     paper_low_rank, no_checkpointing = results["a'"], results["b'"]
