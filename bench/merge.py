@@ -17,7 +17,8 @@ Then, each in a child process of its own and interleaved ``--repeat`` times (bes
       and writes the output (R's tensors) once, in shards of the same size;
   (c) the ratio a/b;
   (d) the merge's peak RSS (the child's ru_maxrss) against one input shard + 1 GiB;
-  (e) how long each of the merge's overlapped steps (read, sum, write) was at work.
+  (e) how long each of the merge's overlapped steps (read, sum, write; on a GPU the copies to and
+      from it) was at work; and on a GPU, first, its copy rates from pageable and pinned memory.
 
 Every run finds the inputs in the page cache (they are read once before timing) and none fsyncs
 its output, so the figures compare CPU and memory work over cached files, not a disk.
@@ -371,6 +372,28 @@ def report(args: argparse.Namespace, sizes: dict, runs: dict[str, list[dict]], b
     return "\n".join(lines)
 
 
+def copy_rates(device: str, nbytes: int = 512 << 20, repeat: int = 3) -> str:
+    """Host↔GPU copy rates of the merge's kind (whole tensors, synchronous) from pageable host
+    memory, as the merge copies, and from pinned memory, best of ``repeat``."""
+    gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    rates = []
+    for pinned in (False, True):
+        host = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pinned)  # touched: no faults
+        for to_device in (True, False):
+            best = float("inf")
+            for _ in range(repeat):
+                torch.cuda.synchronize(device)
+                started = time.perf_counter()
+                (gpu if to_device else host).copy_(host if to_device else gpu)
+                torch.cuda.synchronize(device)
+                best = min(best, time.perf_counter() - started)
+            way = "to the GPU" if to_device else "to the host"
+            rates.append(
+                f"{way} {nbytes / best / 1e9:.1f} GB/s {'pinned' if pinned else 'pageable'}"
+            )
+    return f"copies of {nbytes >> 20} MiB on {device}, best of {repeat}: " + ", ".join(rates)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -384,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"inputs built in {built:.0f} s", flush=True)  # progress: a run cut short still says
         warm(work)
         devices = args.device.split(",")
+        for device in [d for d in devices if d.startswith("cuda")]:
+            print(copy_rates(device), flush=True)  # whether pinned buffers would pay
         # (the name a child runs, its device) for each kind of run
         kinds = {"floor": ("floor", "cpu")} | {f"merge {d}": ("merge", d) for d in devices}
         runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
