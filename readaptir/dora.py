@@ -34,6 +34,7 @@ The expanded form loses relative precision only for a row that ``s·BA`` nearly 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
@@ -62,23 +63,29 @@ def low_rank_row_norm(
         return total.clamp_(min=0).sqrt_()
 
 
+def plain_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``W·x`` without the bias, in x's dtype (autocast casts x and W alike)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight)
+    return F.linear(x, weight.to(x.dtype))
+
+
 class LowRankNormDora(DoraLinearLayer):
     """PEFT's DoRA magnitude for an ``nn.Linear``, its row norm computed in low-rank form."""
+
+    def row_scale(self, weight, lora_A, lora_B, scaling) -> torch.Tensor:
+        """σ = m / ||W + s·BA|| per output row, the norm detached, as DoRA prescribes."""
+        return self.weight / low_rank_row_norm(weight, lora_A.weight, lora_B.weight, scaling)
 
     def forward(  # PEFT's signature, argument names included
         self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"
     ):
-        weight = base_layer.weight
-        norm = low_rank_row_norm(weight, lora_A.weight, lora_B.weight, scaling)
-        scale = (self.weight / norm).view(1, -1)
+        scale = self.row_scale(base_layer.weight, lora_A, lora_B, scaling).view(1, -1)
         lora_result = lora_B(lora_A(x))
-        if base_result is not None:
-            if base_layer.bias is not None:
-                base_result = base_result - base_layer.bias
-        elif torch.is_autocast_enabled(x.device.type):
-            base_result = F.linear(x, weight)  # autocast casts x and W alike
-        else:
-            base_result = F.linear(x, weight.to(x.dtype))
+        if base_result is None:
+            base_result = plain_product(x, base_layer.weight)
+        elif base_layer.bias is not None:
+            base_result = base_result - base_layer.bias
         return (scale - 1) * base_result + scale * lora_result * scaling
 
 
@@ -137,6 +144,13 @@ def _scaled(grad: torch.Tensor, row: torch.Tensor, dtype: torch.dtype) -> torch.
     return torch.mul(grad, row, out=torch.empty_like(grad, dtype=dtype))
 
 
+@functools.cache
+def _dropout_scale(device: torch.device, p: float) -> torch.Tensor:
+    """As PEFT's dropout of a float32 tensor scales: float32 one divided by 1 − p (made once per
+    device and p, not at every layer's every call)."""
+    return torch.ones(1, dtype=torch.float32, device=device).div_(1 - p)
+
+
 class InputDropout(torch.autograd.Function):
     """Dropout of a bf16 input as PEFT's of the input copied to float32 gives it to the products
     under autocast: ``x · 1/(1 − p)`` taken in float32, rounded to x's dtype, zero where dropped
@@ -146,8 +160,7 @@ class InputDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p):  # torch's signature
         keep = torch.empty_like(x, dtype=torch.uint8).bernoulli_(1 - p)  # a byte, as torch's
-        # as PEFT's dropout of a float32 tensor scales: float32 one divided by 1 − p
-        ctx.scale = torch.ones(1, dtype=torch.float32, device=x.device).div_(1 - p)
+        ctx.scale = _dropout_scale(x.device, p)
         ctx.save_for_backward(keep)
         return torch.mul(x, ctx.scale, out=torch.empty_like(x)).mul_(keep)
 
@@ -174,8 +187,7 @@ class LowRankDoraLinear(LoraLinear):
         autocast = torch.is_autocast_enabled(x.device.type)
         if not autocast:  # PEFT's cast; under autocast each product casts its inputs itself
             x = self._cast_input_dtype(x, lora_A.weight.dtype)
-        norm = low_rank_row_norm(base.weight, lora_A.weight, lora_B.weight, scaling)
-        sigma = self.lora_magnitude_vector[name].weight / norm  # the norm is detached, as in DoRA
+        sigma = self.lora_magnitude_vector[name].row_scale(base.weight, lora_A, lora_B, scaling)
         if isinstance(dropout, torch.nn.Identity) or not self.training:
             plain = None if base.bias is None else result - base.bias
         else:
@@ -183,7 +195,7 @@ class LowRankDoraLinear(LoraLinear):
                 x = InputDropout.apply(x, dropout.p) if 0 < dropout.p < 1 else dropout(x)
             else:
                 x = dropout(x)
-            plain = F.linear(x, base.weight if autocast else base.weight.to(x.dtype))
+            plain = plain_product(x, base.weight)
         return DoraOutput.apply(result, plain, lora_B(lora_A(x)), sigma, scaling)
 
     def _single_dora_adapter(self) -> str | None:

@@ -13,6 +13,7 @@ from readaptir.dora import (
     LowRankDoraLinear,
     LowRankNormDora,
     low_rank_row_norm,
+    use_fast_dora,
 )
 from readaptir.training import attach_adapter
 
@@ -130,6 +131,37 @@ class _OtherLinear(torch.nn.Linear):
     """A Linear whose weight may not be what it seems (as a quantized layer's)."""
 
 
+def _one_dora_layer(dtype=torch.float32, dropout=0.1, trained=True):
+    """``_OneLayer`` with a DoRA adapter, its DoRA ``Linear`` and magnitude; ``trained``: B ≠ 0
+    and m ≠ ||W + sBA||, as after training."""
+    torch.manual_seed(0)
+    model = attach_adapter(_OneLayer().to(dtype), objective="masked", method="dora", r=4,
+                           lora_alpha=8, dropout=dropout, target_modules=["up"])  # fmt: skip
+    (dora,) = [m for m in model.modules() if hasattr(m, "lora_magnitude_vector")]
+    magnitude = dora.lora_magnitude_vector["default"]
+    torch.nn.init.normal_(dora.lora_B["default"].weight, std=0.05)
+    if trained:
+        magnitude.weight.data *= torch.rand(96, dtype=magnitude.weight.dtype) + 0.5
+    return model, dora, magnitude
+
+
+def _peft_then_ours(model, dora, magnitude, x, loss, autocast=None):
+    """(output, [x's and the parameters' gradients]) under PEFT's classes, then under ours, with
+    the same dropout draws; ``autocast``: the device type to compute under bf16 autocast."""
+    results = []
+    for layer, norm in ((LoraLinear, DoraLinearLayer), (LowRankDoraLinear, LowRankNormDora)):
+        dora.__class__, magnitude.__class__ = layer, norm
+        torch.manual_seed(1)
+        with torch.autocast(autocast or "cpu", dtype=torch.bfloat16, enabled=bool(autocast)):
+            out = model(x)
+        loss(out).backward()
+        grads = [p.grad.clone() for p in [x, *model.parameters()] if p.requires_grad]
+        model.zero_grad()
+        x.grad = None
+        results.append((out, grads))
+    return results
+
+
 def test_linear_subclasses_keep_peft_s_forward():
     model = attach_adapter(_OneLayer(_OtherLinear), objective="masked", method="dora", r=4,
                            lora_alpha=8, dropout=0.0, target_modules=["up"])  # fmt: skip
@@ -151,26 +183,12 @@ def test_low_rank_norm_under_bf16_autocast(monkeypatch, train, device):
             return lora_B.weight @ lora_A.weight
 
     monkeypatch.setattr(DoraLinearLayer, "get_lora_weight", lora_weight_in_float32)
-    torch.manual_seed(0)
-    model = attach_adapter(_OneLayer().to(torch.bfloat16), objective="masked", method="dora", r=4,
-                           lora_alpha=8, dropout=0.1, target_modules=["up"])  # fmt: skip
-    (dora,) = [m for m in model.modules() if hasattr(m, "lora_magnitude_vector")]
-    magnitude = dora.lora_magnitude_vector["default"]
-    torch.nn.init.normal_(dora.lora_B["default"].weight, std=0.05)
-    magnitude.weight.data *= torch.rand(96) + 0.5  # m ≠ ||W + sBA||, as after training
+    model, dora, magnitude = _one_dora_layer(torch.bfloat16)
     model.train(train).to(device)
     x = torch.randn(2, 5, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
-    results = []
-    for layer, norm in ((LoraLinear, DoraLinearLayer), (LowRankDoraLinear, LowRankNormDora)):
-        dora.__class__, magnitude.__class__ = layer, norm
-        torch.manual_seed(1)
-        with torch.autocast(device, dtype=torch.bfloat16):
-            out = model(x)
-        (out.float().square().sum() / 100).backward()
-        grads = [p.grad.clone() for p in [x, *model.parameters()] if p.requires_grad]
-        model.zero_grad()
-        x.grad = None
-        results.append((out, grads))
+    results = _peft_then_ours(
+        model, dora, magnitude, x, lambda out: out.float().square().sum() / 100, autocast=device
+    )
     (want, want_grads), (got, got_grads) = results
     assert got.dtype == want.dtype == torch.bfloat16
     # one bf16 rounding of the same float32 sum, taken in another order
@@ -216,12 +234,8 @@ def test_dora_output_rounds_once_from_float32(device):
 
 
 def test_disabled_or_merged_adapters_take_peft_s_forward():
-    torch.manual_seed(0)
-    model = attach_adapter(_OneLayer(), objective="masked", method="dora", r=4, lora_alpha=8,
-                           dropout=0.0, target_modules=["up"])  # fmt: skip
-    (dora,) = [m for m in model.modules() if hasattr(m, "lora_magnitude_vector")]
+    model, dora, _ = _one_dora_layer(dropout=0.0, trained=False)
     assert type(dora) is LowRankDoraLinear
-    torch.nn.init.normal_(dora.lora_B["default"].weight, std=0.05)
     x = torch.randn(3, 64)
     plain = dora.get_base_layer()(x)
     adapted = model(x)
@@ -270,25 +284,10 @@ def test_input_dropout_gives_peft_s_bf16_inputs(device):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_fast_forward_without_autocast_is_peft_s(dtype, dropout):
     # float64 throughout; or a bf16 model whose float32 adapters get a float32 copy of the input
-    torch.manual_seed(0)
-    model = attach_adapter(_OneLayer().to(dtype), objective="masked", method="dora", r=4,
-                           lora_alpha=8, dropout=dropout, target_modules=["up"])  # fmt: skip
-    (dora,) = [m for m in model.modules() if hasattr(m, "lora_magnitude_vector")]
-    magnitude = dora.lora_magnitude_vector["default"]
-    torch.nn.init.normal_(dora.lora_B["default"].weight, std=0.05)
-    magnitude.weight.data *= torch.rand(96, dtype=magnitude.weight.dtype) + 0.5
+    model, dora, magnitude = _one_dora_layer(dtype, dropout)
     model.train()
     x = torch.randn(2, 5, 64, dtype=dtype, requires_grad=True)
-    results = []
-    for layer, norm in ((LoraLinear, DoraLinearLayer), (LowRankDoraLinear, LowRankNormDora)):
-        dora.__class__, magnitude.__class__ = layer, norm
-        torch.manual_seed(1)
-        out = model(x)
-        out.double().square().sum().backward()
-        grads = [p.grad.clone() for p in [x, *model.parameters()] if p.requires_grad]
-        model.zero_grad()
-        x.grad = None
-        results.append((out, grads))
+    results = _peft_then_ours(model, dora, magnitude, x, lambda out: out.double().square().sum())
     (want, want_grads), (got, got_grads) = results
     assert got.dtype == want.dtype == dtype
     tolerance = (
@@ -300,11 +299,7 @@ def test_fast_forward_without_autocast_is_peft_s(dtype, dropout):
 
 
 def test_a_dropout_module_in_eval_mode_drops_nothing():
-    torch.manual_seed(0)
-    model = attach_adapter(_OneLayer().to(torch.bfloat16), objective="masked", method="dora", r=4,
-                           lora_alpha=8, dropout=0.5, target_modules=["up"])  # fmt: skip
-    (dora,) = [m for m in model.modules() if hasattr(m, "lora_magnitude_vector")]
-    torch.nn.init.normal_(dora.lora_B["default"].weight, std=0.05)
+    model, dora, _ = _one_dora_layer(torch.bfloat16, dropout=0.5, trained=False)
     x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
     model.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -313,3 +308,19 @@ def test_a_dropout_module_in_eval_mode_drops_nothing():
         dora.lora_dropout["default"].eval()  # the layer trains, its dropout does not
         trained = model(x)
     torch.testing.assert_close(trained, evaluated, rtol=2**-7, atol=1e-6)  # one bf16 rounding
+
+
+def test_several_active_adapters_take_peft_s_layer_forward_with_the_low_rank_norm():
+    # PEFT's layer forward sums each active adapter's DoRA term; ours computes each term's norm
+    from peft import LoraConfig
+
+    model, dora, magnitude = _one_dora_layer(torch.float64, dropout=0.0)
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["up"], use_dora=True))
+    torch.nn.init.normal_(dora.lora_B["other"].weight, std=0.05)
+    model.base_model.set_adapter(["default", "other"])
+    assert use_fast_dora(model) == 1  # the new adapter's magnitude
+    other = dora.lora_magnitude_vector["other"]
+    x = torch.randn(2, 5, 64, dtype=torch.float64)
+    got = model(x)
+    magnitude.__class__ = other.__class__ = DoraLinearLayer
+    torch.testing.assert_close(got, model(x), rtol=1e-10, atol=1e-12)
