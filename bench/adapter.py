@@ -26,7 +26,6 @@ then where one more step of (b) spends its time, op by op (torch's profiler).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import logging
 import time
@@ -35,13 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from shapes import add_shape_options, apply_tiny, llama_config, peak_rss_bytes
+from shapes import add_shape_options, apply_tiny, llama_config, peak_rss_bytes, sync
 from transformers import LlamaForCausalLM, get_scheduler
 
 from readaptir.packing import Layout, causal_inputs, layout, pack_boundaries
 from readaptir.training import (
     attach_adapter,
     autocast_dtype,
+    disable_gradient_checkpointing,
     enable_gradient_checkpointing,
     train_step,
 )
@@ -89,11 +89,6 @@ def peak_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return peak_rss_bytes() / 2**30
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -193,17 +188,6 @@ def profile_step(batch: Layout, training: tuple, device: torch.device) -> str:
     table = prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=50)
     kind = "GPU" if gpu else "CPU"
     return f"one more step of this setting, profiled (ops by their own {kind} time):\n{table}"
-
-
-def disable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Checkpointing off, and the hook that makes the embeddings' output need gradients gone too:
-    each enabling adds one, and (on a model without PEFT) disabling removes none."""
-    if hasattr(model, "activation_checkpointing_disable"):  # the name in recent transformers
-        model.activation_checkpointing_disable()
-    else:
-        model.gradient_checkpointing_disable()
-    with contextlib.suppress(AttributeError):  # older releases fail when there is no hook
-        model.disable_input_require_grads()
 
 
 def build_llama(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:

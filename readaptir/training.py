@@ -6,6 +6,7 @@ serves only the loss and is never adapted, since Ψ is applied to a retriever th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -192,6 +193,18 @@ def enable_gradient_checkpointing(model: torch.nn.Module, share: float = 1.0) ->
     model.config.use_cache = False
     for layer, on in zip(layers, chosen, strict=True):
         layer.gradient_checkpointing = on
+
+
+def disable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Checkpointing off in every layer, and the hook that makes the embeddings' output need
+    gradients gone too: each enabling adds one, and (on a model without PEFT) disabling removes
+    none."""
+    if hasattr(model, "activation_checkpointing_disable"):  # the name in recent transformers
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    with contextlib.suppress(AttributeError):  # older releases fail when there is no hook
+        model.disable_input_require_grads()
 
 
 def position_offset(model: torch.nn.Module) -> int:

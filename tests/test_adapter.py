@@ -16,6 +16,7 @@ from readaptir.training import (
     MASKED,
     attach_adapter,
     checkpointed,
+    disable_gradient_checkpointing,
     enable_gradient_checkpointing,
     load_model,
     objective_for,
@@ -129,6 +130,10 @@ def test_checkpointing_a_share_of_the_layers_recomputes_those_alone(tokenizer):
     ids = torch.randint(3, 100, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     assert calls == [1, 2, 1, 2]  # checkpointed layers run again in the backward pass
+    disable_gradient_checkpointing(model)
+    calls[:] = [0] * 4
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == [1, 1, 1, 1]
 
 
 def test_checkpointing_leaves_the_adapter_unchanged(tmp_path, tiny_base, tiny_beir):
