@@ -20,13 +20,12 @@ The same modules throughout, only their classes switched.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.layer import Linear as LoraLinear
-from shapes import add_shape_options, apply_tiny
+from shapes import add_shape_options, apply_tiny, best_of
 
 from readaptir.dora import LowRankDoraLinear, LowRankNormDora, use_fast_dora
 
@@ -70,20 +69,14 @@ def set_forward(model: torch.nn.Module, forward: str) -> None:
 
 
 def seconds(model, hidden, wide, device: torch.device, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat + 1):  # the first is a warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        hidden.grad = wide.grad = None
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(hidden, wide)
         loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - started)
-        model.zero_grad(set_to_none=True)
-        hidden.grad = wide.grad = None
-    return best
+
+    return best_of(repeat, device, step, warmup=1)[0]
 
 
 def main() -> None:

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from shapes import add_shape_options, apply_tiny, llama_config
+from shapes import add_shape_options, apply_tiny, best_of, llama_config
 from transformers import LlamaModel
 
 from readaptir.encoding import encode_ids, plan_batches
@@ -92,17 +91,9 @@ def run(
     batches: list[list[int]],
     device: str,
 ) -> Result:
-    def sync() -> None:
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-
     encode = dict(pooling="last", normalize=True, pad_token=0, out_dtype=torch.float16)
     encode_ids(model, seqs, batches=batches[:2], **encode)  # warm-up: kernels, allocator
-    sync()
-    start = time.perf_counter()
-    encode_ids(model, seqs, batches=batches, **encode)
-    sync()
-    seconds = time.perf_counter() - start
+    seconds, _ = best_of(1, device, lambda: encode_ids(model, seqs, batches=batches, **encode))
     lengths = [len(s) for s in seqs]
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     return Result(name, seconds, len(seqs), sum(lengths), padded)
@@ -115,17 +106,8 @@ def matmul_flops(device: str, dtype: torch.dtype, products: int = 20, repeat: in
     n = 8192 if cuda else 1024
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(repeat + 1):  # the first warms up
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(products):
-            a @ b
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / products)
-    return 2 * n**3 / best
+    seconds, _ = best_of(repeat, device, lambda: [a @ b for _ in range(products)], warmup=1)
+    return 2 * n**3 / (seconds / products)
 
 
 def report(args: argparse.Namespace, model: LlamaModel, lengths: np.ndarray, results: list) -> str:

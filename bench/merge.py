@@ -30,6 +30,7 @@ its output, so the figures compare CPU and memory work over cached files, not a 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -47,7 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shapes import add_shape_options, apply_tiny, llama_config, peak_rss_bytes  # noqa: E402
+from shapes import add_shape_options, apply_tiny, best_of, llama_config, peak_rss_bytes  # noqa: E402
 
 from readaptir.readapt import describe_busy  # noqa: E402
 from readaptir.shards import INDEX, TensorSpec, plan_shards  # noqa: E402
@@ -380,13 +381,8 @@ def copy_rates(device: str, nbytes: int = 512 << 20, repeat: int = 3) -> str:
     for pinned in (False, True):
         host = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pinned)  # touched: no faults
         for to_device in (True, False):
-            best = float("inf")
-            for _ in range(repeat):
-                torch.cuda.synchronize(device)
-                started = time.perf_counter()
-                (gpu if to_device else host).copy_(host if to_device else gpu)
-                torch.cuda.synchronize(device)
-                best = min(best, time.perf_counter() - started)
+            target, source = (gpu, host) if to_device else (host, gpu)
+            best, _ = best_of(repeat, device, functools.partial(target.copy_, source))
             way = "to the GPU" if to_device else "to the host"
             rates.append(
                 f"{way} {nbytes / best / 1e9:.1f} GB/s {'pinned' if pinned else 'pageable'}"

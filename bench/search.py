@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from shapes import use_tiny
+from shapes import best_of, use_tiny
 
 from readaptir.stages.search import torch_topk
 
@@ -65,19 +64,6 @@ def make_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndar
     noise = torch.randn(args.queries, args.dim, generator=gen, device=dev)
     queries = unit_rows(corpus[planted].float() + unit_rows(noise) * args.noise).half()
     return corpus.cpu().numpy(), queries.cpu().numpy(), planted.cpu().numpy()
-
-
-def best_of(repeat: int, device: str, fn) -> tuple[float, object]:
-    seconds, out = float("inf"), None
-    for _ in range(repeat):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = min(seconds, time.perf_counter() - start)
-    return seconds, out
 
 
 def reference_topk(

@@ -1,5 +1,5 @@
-"""What the benchmarks share: the Llama shape options and the config they describe, and the
-process's peak resident set.
+"""What the benchmarks share: the Llama shape options and the config they describe, the
+process's peak resident set, and timing work queued on a device.
 
 Each benchmark is run as a script (``python bench/NAME.py``), so this module is imported from the
 script's own folder.
@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import resource
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 LLAMA_2_7B = {"hidden": 4096, "layers": 32, "heads": 32, "intermediate": 11008, "vocab": 32000}
 
@@ -59,3 +63,23 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for the work queued on ``device`` (nothing to wait for on a CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_of(repeat: int, device: str | torch.device, fn: Callable, warmup: int = 0):
+    """(The fastest of ``repeat`` timed calls of ``fn``, after ``warmup`` untimed ones, each
+    waited for on ``device``; the last call's result.)"""
+    seconds, out = float("inf"), None
+    for i in range(warmup + repeat):
+        sync(device)
+        started = time.perf_counter()
+        out = fn()
+        sync(device)
+        if i >= warmup:
+            seconds = min(seconds, time.perf_counter() - started)
+    return seconds, out
