@@ -156,7 +156,7 @@ metric_option = click.option("--metric", default="nDCG@10", show_default=True)
     "--rev",
     default=report.WORKSPACE,
     show_default=True,
-    help="A git revision to report instead of the workspace.",
+    help="A git revision or DVC experiment name to report instead of the workspace.",
 )
 @user_errors
 def report_cmd(root: Path, metric: str, kind: str, fmt: str, rev: str) -> None:
@@ -174,7 +174,7 @@ def report_cmd(root: Path, metric: str, kind: str, fmt: str, rev: str) -> None:
 @metric_option
 @user_errors
 def diff_cmd(rev_a: str, rev_b: str, root: Path, metric: str) -> None:
-    """Per recipe between two versions (git revisions; REV_B defaults to the workspace):
+    """Per recipe between two versions (git revisions or DVC experiments; REV_B defaults to the workspace):
     changed parameters beside the change in scores."""
     click.echo(report.diff(root, rev_a, rev_b, metric=metric))
 

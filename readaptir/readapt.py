@@ -283,7 +283,7 @@ class Readapter:
         # a stored Δ omits zeros
         source = self.source if isinstance(self.source, Body | Checkpoint) else None
         stored_term = source is not None and name in source
-        # Θ's own dtype counts too (a float32 Θ under a bf16 output is summed in float64); a PEFT
+        # Θ's own dtype counts too (a float64 Θ under a bf16 output is summed in float64); a PEFT
         # retriever is round(Θ + Ψ_R) taken in float64, as the delta stage defines it
         stored = [self.base.dtype(name)] + ([source.dtype(name)] if stored_term else [])
         peft = isinstance(self.source, Adapter)

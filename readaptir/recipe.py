@@ -34,8 +34,17 @@ class RecipeError(ValueError):
 
     def __init__(self, file: Path | str, key: str | None, message: str, line: int | None = None):
         self.file, self.key, self.line = str(file), key, line
-        where = self.file + (f":{line}" if line else "") + (f": {key}" if key else "")
+        where = _shown(file) + (f":{line}" if line else "") + (f": {key}" if key else "")
         super().__init__(f"{where}: {message}")
+
+
+def _shown(file: Path | str) -> str:
+    """A file as a message names it: relative to the working folder when inside it."""
+    path = Path(file)
+    try:
+        return str(path.relative_to(Path.cwd().resolve())) if path.is_absolute() else str(path)
+    except (ValueError, OSError):  # outside it, or no working folder any more
+        return str(path)
 
 
 class _Strict(BaseModel):

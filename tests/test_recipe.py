@@ -91,6 +91,14 @@ def test_bad_values_name_file_key_and_line(tmp_path, extra, key, line, fragment)
     assert fragment in message
 
 
+def test_errors_name_files_inside_the_working_folder_relative_to_it(tmp_path, monkeypatch):
+    path = write(tmp_path / "recipes" / "bad.yaml", MINIMAL + "adapter:\n  r: many\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match=r"^recipes/bad\.yaml:5: adapter\.r: ") as err:
+        load_recipe(path)
+    assert err.value.file == str(path.resolve())  # the full path stays on the error
+
+
 def test_unknown_encoding_field_is_an_error(tmp_path):
     path = write(
         tmp_path / "bad.yaml",
