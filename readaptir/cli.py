@@ -174,8 +174,8 @@ def report_cmd(root: Path, metric: str, kind: str, fmt: str, rev: str) -> None:
 @metric_option
 @user_errors
 def diff_cmd(rev_a: str, rev_b: str, root: Path, metric: str) -> None:
-    """Per recipe between two versions (git revisions or DVC experiments; REV_B defaults to the workspace):
-    changed parameters beside the change in scores."""
+    """Per recipe between two versions (git revisions or DVC experiments; REV_B defaults to the
+    workspace): changed parameters beside the change in scores."""
     click.echo(report.diff(root, rev_a, rev_b, metric=metric))
 
 
