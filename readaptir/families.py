@@ -24,7 +24,7 @@ import re
 import string
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 LOG = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Encoding(BaseModel):
     on every machine, so that an embedding stage's id fixes the precision of its vectors.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     query_template: str = "{text}"
     passage_template: str = "{title} {text}"
@@ -108,8 +108,9 @@ class Encoding(BaseModel):
     pooling: Pooling | None = "mean"
     normalize: bool | None = True
     append_eos: bool = False
-    max_query_length: int | None = 512
-    max_passage_length: int | None = 512
+    # None: the model's own limit; at least 2 tokens, room for one beside an appended EOS
+    max_query_length: int | None = Field(512, gt=1)
+    max_passage_length: int | None = Field(512, gt=1)
     lowercase: bool | None = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
@@ -122,6 +123,8 @@ class Encoding(BaseModel):
         if unknown:
             known = ", ".join(f"{{{name}}}" for name in sorted(allowed[info.field_name]))
             raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}}; use {known}")
+        if "text" not in names:
+            raise ValueError("needs {text}: without it every text would encode the same")
         return value
 
 

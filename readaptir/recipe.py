@@ -25,7 +25,10 @@ from pydantic import (
 
 from readaptir.families import FAMILIES, Encoding
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+NAME_RE = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch: a name is also a file and stage name
+# what a fetched collection's folder may be called (its name, or the last part of its source)
+CORPUS_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -38,6 +41,15 @@ class RecipeError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
+class FieldError(ValueError):
+    """A model validator's complaint about one of the model's keys (``key``, dotted), located
+    there rather than at the model."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
 def _shown(file: Path | str) -> str:
     """A file as a message names it: relative to the working folder when inside it."""
     path = Path(file)
@@ -48,7 +60,8 @@ def _shown(file: Path | str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `r: true`, `alpha: "0.5"` or `packing: "off"` are errors, not coerced; no .nan or .inf
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 def _shorthand(field: str):
@@ -109,6 +122,20 @@ class CorpusSpec(_Strict):
         given = [k for k in ("path", "beir", "url") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError("give exactly one of path, beir or url")
+        if self.sha256 is not None and not SHA256_RE.fullmatch(self.sha256):
+            raise FieldError("sha256", f"64 lower-case hex digits, not {self.sha256!r}")
+        # a fetched collection is a folder of that name; any name is in stage names and tables
+        key = "name" if self.name is not None else given[0]
+        if (self.name is not None or self.path is None) and not CORPUS_NAME_RE.fullmatch(
+            self.label
+        ):
+            raise FieldError(
+                key,
+                f"the collection's name {self.label!r} must be letters, digits, '.', '-' or '_' "
+                "(not starting with '.'); set `name:`",
+            )
+        if not self.label:
+            raise FieldError(key, "this gives the collection no name; set `name:`")
         return self
 
     @property
@@ -126,7 +153,7 @@ class AdapterSpec(_Strict):
     r: int = Field(32, gt=0)
     lora_alpha: float = Field(64, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | None = None
+    target_modules: list[str] | None = Field(None, min_length=1)  # None: the architecture's
     lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(4, gt=0)
     epochs: float = Field(1, gt=0)
@@ -172,7 +199,7 @@ class ReadaptSpec(_Strict):
     delta: Literal["direct", "stored"] = "direct"
     # where the delta and merge stages do their arithmetic; how, not what: outside the stage ids
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    alpha_grid: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    alpha_grid: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]  # distinct values
     tune_fraction: float = Field(0.5, gt=0, lt=1)
     tune_seed: int = 0
     tune_metric: str = "nDCG@10"
@@ -188,12 +215,14 @@ class ReadaptSpec(_Strict):
         for key in ("alpha", "beta"):
             value = getattr(self, key)
             if isinstance(value, list) and (not value or len(set(value)) != len(value)):
-                raise ValueError(f"{key}: a sweep needs distinct values")
+                raise FieldError(key, "a sweep needs distinct values")
         if self.alpha == "auto":
             if isinstance(self.beta, list):
-                raise ValueError("alpha: auto takes one beta, not a sweep")
-            if len(self.alpha_grid) < 2:
-                raise ValueError("alpha_grid: alpha: auto needs at least two values")
+                raise FieldError("beta", "alpha: auto takes one beta, not a sweep")
+            if len(set(self.alpha_grid)) < 2:
+                raise FieldError("alpha_grid", "alpha: auto needs at least two values")
+        if len(set(self.alpha_grid)) != len(self.alpha_grid):
+            raise FieldError("alpha_grid", "a value appears twice")
         return self
 
     @property
@@ -210,18 +239,23 @@ def _check_metric(name: str) -> int | None:
 
 class EvalSpec(_Strict):
     k: int = Field(100, gt=0)
-    metrics: list[str] = ["nDCG@10", "Recall@100", "MRR@10"]
+    metrics: list[str] = Field(["nDCG@10", "Recall@100", "MRR@10"], min_length=1)
     ignore_identical_ids: Literal["auto"] | bool = "auto"
 
     @field_validator("metrics")
     @classmethod
     def _metrics_fit_the_run(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        k = info.data.get("k", 100)
+        if len(set(value)) != len(value):
+            raise ValueError("a metric appears twice")
         for name in value:
-            cutoff = _check_metric(name)
-            if cutoff is not None and cutoff > k:
-                raise ValueError(f"{name} needs the top {cutoff} of each run, but eval.k is {k}")
+            _check_cutoff(name, info.data.get("k", 100))
         return value
+
+
+def _check_cutoff(metric: str, k: int) -> None:
+    cutoff = _check_metric(metric)
+    if cutoff is not None and cutoff > k:
+        raise ValueError(f"{metric} needs the top {cutoff} of each run, but eval.k is {k}")
 
 
 class Recipe(_Strict):
@@ -264,9 +298,25 @@ class Recipe(_Strict):
     @field_validator("name")
     @classmethod
     def _name_is_readable(cls, value: str) -> str:
-        if not NAME_RE.match(value):
+        if not NAME_RE.fullmatch(value):
             raise ValueError("must use only letters, digits, '-' and '_'")
         return value
+
+    @field_validator("corpus")
+    @classmethod
+    def _some_corpus(cls, value: CorpusSpec | list[CorpusSpec]) -> CorpusSpec | list[CorpusSpec]:
+        if value == []:
+            raise ValueError("an empty list: name at least one collection")
+        return value
+
+    @model_validator(mode="after")
+    def _tuned_within_the_run(self) -> Recipe:
+        if self.readapt.auto:
+            try:
+                _check_cutoff(self.readapt.tune_metric, self.eval.k)
+            except ValueError as err:
+                raise FieldError("readapt.tune_metric", str(err)) from None
+        return self
 
     def resolved(self) -> dict:
         """Every value this recipe builds with (α-selection settings only when α is auto); how a
@@ -412,6 +462,33 @@ def resolve_data(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, Chain]
 _TYPE_TAG = re.compile(r"^(function-|literal\[|list\[|dict\[)|^(float|int|str|bool)$")
 
 
+# the input is not of this member of a union at all: the other members say more
+_WRONG_KIND = {"model_type", "dict_type", "list_type", "float_type", "int_type", "bool_type"}
+_WRONG_KIND |= {"string_type", "literal_error"}
+
+
+def _most_specific(errors: list[dict]) -> list[dict]:
+    """Of the errors one union gives for one value, those of the member that got furthest: the
+    deepest, and among them any but "not this kind" (``corpus: [a, {nmae: x}]`` is about
+    ``corpus.1.nmae``, not "should be a mapping")."""
+    unions: dict[tuple, list[dict]] = {}
+    for error in errors:
+        loc = error["loc"]
+        tagged = [i for i, p in enumerate(loc) if _TYPE_TAG.search(str(p))]
+        unions.setdefault(loc[: tagged[0]] if tagged else loc, []).append(error)
+    kept = []
+    for members in unions.values():
+        depth = max(_depth(e) for e in members)
+        deepest = [e for e in members if _depth(e) == depth]
+        telling = [e for e in deepest if e["type"] not in _WRONG_KIND]
+        kept += telling or deepest
+    return kept
+
+
+def _depth(error: dict) -> int:
+    return sum(1 for p in error["loc"] if not _TYPE_TAG.search(str(p)))
+
+
 def _located(chain: Chain, err: ValidationError) -> RecipeError:
     """The first problem of a validation error, at its key and line, in a user's words.
 
@@ -419,8 +496,11 @@ def _located(chain: Chain, err: ValidationError) -> RecipeError:
     one problem: their messages are joined.
     """
     problems: dict[tuple, list[dict]] = {}
-    for error in err.errors():
+    for error in _most_specific(err.errors()):
         loc = tuple(p for p in error["loc"] if not _TYPE_TAG.search(str(p)))
+        field = error.get("ctx", {}).get("error")
+        if isinstance(field, FieldError):
+            loc += tuple(field.key.split("."))
         problems.setdefault(loc, []).append(error)
     loc, errors = next(iter(problems.items()))
     first = errors[0]
@@ -451,7 +531,7 @@ def load_recipe(path: Path) -> Recipe:
     data, chain = resolve_data(path)
     if "name" not in data:
         data["name"] = path.stem
-        if not NAME_RE.match(path.stem):
+        if not NAME_RE.fullmatch(path.stem):
             raise RecipeError(
                 path,
                 "name",

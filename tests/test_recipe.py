@@ -72,6 +72,18 @@ def test_partial_recipes_are_not_built_and_names_must_be_unique(tmp_path):
         ("readapt: {alpha: high}\n", "readapt.alpha", 4, "valid number"),
         ("adapter: {method: qlora}\n", "adapter.method", 4, "'dora' or 'lora'"),
         ("retriever: {source: x, family: colbert}\n", "retriever.family", 4, "repllama"),
+        (
+            "retriever: {source: x, encoding: {max_query_length: -5}}\n",
+            "retriever.encoding.max_query_length",
+            4,
+            "greater than 1",
+        ),
+        (
+            "retriever: {source: x, encoding: {query_template: 'query:'}}\n",
+            "retriever.encoding.query_template",
+            4,
+            "needs {text}",
+        ),
         ("corpus: other\n", "corpus", 4, "appears twice"),
         ("eval: {metrics: [nDCG@10, Bleu@4]}\n", "eval.metrics", 4, "unknown metric 'Bleu@4'"),
         ("eval: {k: 10, metrics: [Recall@100]}\n", "eval.metrics", 4, "eval.k is 10"),
@@ -79,6 +91,23 @@ def test_partial_recipes_are_not_built_and_names_must_be_unique(tmp_path):
         ("eval: {k: 0}\n", "eval.k", 4, "greater than 0"),
         ("name: 'bad name!'\n", "name", 4, "letters, digits"),
         ("readapt: {device: gpu}\n", "readapt.device", 4, "should match pattern"),
+        # strict types: no coercion of booleans or quoted numbers, no .nan or .inf
+        ("adapter: {r: true}\n", "adapter.r", 4, "valid integer, got True"),
+        ("readapt: {alpha: '0.5'}\n", "readapt.alpha", 4, "valid number"),
+        ("adapter: {packing: 'off'}\n", "adapter.packing", 4, "valid boolean"),
+        ("readapt: {alpha: .nan}\n", "readapt.alpha", 4, "finite number, got nan"),
+        ("readapt:\n  beta: -.inf\n", "readapt.beta", 5, "finite number"),
+        ("adapter: {lr: .inf}\n", "adapter.lr", 4, "finite number"),
+        # of a union, the member that got furthest speaks
+        ("readapt:\n  alpha: [0.1, x]\n", "readapt.alpha.1", 5, "valid number, got 'x'"),
+        ("readapt: {alpha: auto, alpha_grid: [0.5, 0.5]}\n", "readapt.alpha_grid", 4, "two"),
+        ("readapt: {alpha: [0.5, 0.5]}\n", "readapt.alpha", 4, "distinct values"),
+        ("readapt: {alpha: [0.5], alpha_grid: [0, 0, 1]}\n", "readapt.alpha_grid", 4, "twice"),
+        ("readapt:\n  alpha: auto\n  tune_metric: P@1000\n", "readapt.tune_metric", 6, "top 1000"),
+        ("eval: {metrics: []}\n", "eval.metrics", 4, "at least 1 item"),
+        ("eval: {metrics: [MAP, MAP]}\n", "eval.metrics", 4, "appears twice"),
+        ("adapter: {target_modules: []}\n", "adapter.target_modules", 4, "at least 1 item"),
+        ('name: "abc\\n"\n', "name", 4, "letters, digits"),
     ],
 )
 def test_bad_values_name_file_key_and_line(tmp_path, extra, key, line, fragment):
@@ -88,6 +117,30 @@ def test_bad_values_name_file_key_and_line(tmp_path, extra, key, line, fragment)
         load_recipe(path)
     message = str(err.value)
     assert message.startswith(f"{path}:{line}: {key}:"), message
+    assert fragment in message
+
+
+@pytest.mark.parametrize(
+    "corpus, key, fragment",
+    [
+        ("[]", "corpus", "an empty list"),
+        ("{url: 'file:///tmp/x.zip', name: ../../escaped}", "corpus.name", "'../../escaped'"),
+        ("{url: 'file:///tmp/x.zip', name: a/b}", "corpus.name", "'a/b' must be letters"),
+        ("{url: 'file:///tmp/'}", "corpus.url", "name '' must be"),
+        ("'beir:/'", "corpus.beir", "name '' must be"),
+        ("'.'", "corpus.path", "no name; set `name:`"),
+        ("{beir: scifact, sha256: abc}", "corpus.sha256", "64 lower-case hex digits"),
+        ("[data/a, {path: data/b, nmae: x}]", "corpus.1.nmae", "unknown key"),
+        ("[data/a, 5]", "corpus.1", "got 5"),
+    ],
+)
+def test_bad_corpora_name_the_key(tmp_path, corpus, key, fragment):
+    text = MINIMAL.replace("corpus: data/scifact\n", f"corpus: {corpus}\n")
+    path = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:3: {key}:"), message
     assert fragment in message
 
 
