@@ -1,4 +1,5 @@
-"""Stage outputs: atomic directories and the compute device.
+"""Stage outputs: atomic directories, the files build and stages write (and read back), and the
+compute device.
 
 A stage writes into a hidden temporary sibling of its output folder and renames it into place only
 when everything succeeded, so a stage killed midway leaves nothing a later run takes as finished.
@@ -14,6 +15,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 LOG = logging.getLogger(__name__)
 
@@ -64,16 +67,53 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def parse_mapping(text: str, where: str, fmt: str = "yaml") -> dict:
+    """The mapping a YAML (or ``fmt="json"``) file holds; empty YAML is an empty mapping. Text
+    that does not parse, or holds something else, is an error naming ``where`` (and the line)."""
+    try:
+        data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}:{err.lineno}: not valid JSON: {err.msg}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or err
+        raise ValueError(f"{where}{line}: not valid YAML: {problem}") from None
+    if data is None and fmt != "json":
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, found {type(data).__name__}")
+    return data
+
+
 DEVICE_ENV = "READAPTIR_DEVICE"
 
 
 def resolve_device(preference: str | None = None, fallback: str | None = None) -> str:
     """``auto`` (or None) is $READAPTIR_DEVICE if set, else ``fallback`` (a recipe's choice) if
-    set, else CUDA when present, else CPU."""
+    set, else CUDA when present, else CPU. A device this machine does not have is an error that
+    says who asked for it."""
     import torch
 
+    source = "--device"
     if preference in (None, "auto"):
-        preference = os.environ.get(DEVICE_ENV) or fallback or "auto"
+        env = os.environ.get(DEVICE_ENV)
+        source, preference = (DEVICE_ENV, env) if env else ("the recipe", fallback or "auto")
     if preference == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(preference)
+    except RuntimeError:
+        raise ValueError(
+            f"device {preference!r} (from {source}): expected cpu, cuda, cuda:N or auto"
+        ) from None
+    if device.type == "cuda":
+        present = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= present:
+            raise ValueError(
+                f"device {preference!r} (from {source}): this machine has "
+                f"{present or 'no'} CUDA GPU{'s' if present > 1 else ''}"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"device {preference!r} (from {source}): expected cpu or cuda[:N]")
     return preference

@@ -41,22 +41,34 @@ class Collection:
     warnings: list[str] = field(default_factory=list)
 
 
+def _lines(path: Path, name: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line of a UTF-8 file; a line that is not UTF-8 is an error
+    naming ``name`` and the line."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise CorpusError(
+                    f"{name} line {lineno}: not UTF-8 text (byte {err.start + 1} of the line)"
+                ) from None
+
+
 def _records(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line of a JSONL file."""
     if not path.is_file():
         raise CorpusError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{path.name} line {lineno}: not valid JSON ({err})") from None
-            if not isinstance(obj, dict):
-                kind = type(obj).__name__
-                raise CorpusError(f"{path.name} line {lineno}: expected a JSON object, got {kind}")
-            yield lineno, obj
+    for lineno, line in _lines(path, path.name):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CorpusError(f"{path.name} line {lineno}: not valid JSON ({err})") from None
+        if not isinstance(obj, dict):
+            kind = type(obj).__name__
+            raise CorpusError(f"{path.name} line {lineno}: expected a JSON object, got {kind}")
+        yield lineno, obj
 
 
 def _id(obj: dict, where: str) -> str:
@@ -145,29 +157,28 @@ def load_qrels(dataset_dir: Path, split: str) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     conflicts = 0
     first = True
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
+    for lineno, line in _lines(path, name):
+        if not line.strip():
+            continue
+        fields = line.rstrip("\r\n").split("\t")
+        if len(fields) != 3:
+            fields = line.split()
+        if first:
+            first = False
+            if fields[0].strip() == QRELS_HEADER:
                 continue
-            fields = line.rstrip("\r\n").split("\t")
-            if len(fields) != 3:
-                fields = line.split()
-            if first:
-                first = False
-                if fields[0].strip() == QRELS_HEADER:
-                    continue
-            where = f"{name} line {lineno}"
-            if len(fields) != 3:
-                raise CorpusError(f"{where}: expected 'query-id<TAB>corpus-id<TAB>score'")
-            qid, did, raw = (f.strip() for f in fields)
-            if not qid or not did:
-                raise CorpusError(f"{where}: empty query or document id")
-            grade = _grade(raw, where)
-            judged = qrels.setdefault(qid, {})
-            if did in judged and judged[did] != grade:
-                conflicts += 1
-                grade = max(grade, judged[did])
-            judged[did] = grade
+        where = f"{name} line {lineno}"
+        if len(fields) != 3:
+            raise CorpusError(f"{where}: expected 'query-id<TAB>corpus-id<TAB>score'")
+        qid, did, raw = (f.strip() for f in fields)
+        if not qid or not did:
+            raise CorpusError(f"{where}: empty query or document id")
+        grade = _grade(raw, where)
+        judged = qrels.setdefault(qid, {})
+        if did in judged and judged[did] != grade:
+            conflicts += 1
+            grade = max(grade, judged[did])
+        judged[did] = grade
     if conflicts:
         LOG.warning("%s: %d repeated judgments disagree; kept the highest grade", name, conflicts)
     if not qrels:

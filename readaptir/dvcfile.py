@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from readaptir.artifacts import atomic_write_text
+from readaptir.artifacts import atomic_write_text, parse_mapping
 from readaptir.plan import Plan, Stage
 from readaptir.plots import ALPHA_CSV
 
@@ -133,12 +133,14 @@ def read_stage_spec(root: Path, name: str, spec_file: str = ROOT_PARAMS) -> dict
     """The spec that ``readaptir build`` wrote for stage ``name`` into ``spec_file``."""
     path = Path(root) / spec_file
     try:
-        params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        params = parse_mapping(path.read_text(encoding="utf-8"), str(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: run `readaptir build` first") from None
     stages = params.get("stages") or {}
-    if name not in stages:
+    if not isinstance(stages, dict) or name not in stages:
         raise KeyError(f"{spec_file} has no stage {name!r}: run `readaptir build` again")
+    if not isinstance(stages[name], dict) or not isinstance(stages[name].get("kind"), str):
+        raise ValueError(f"{spec_file}: stages.{name} is not a stage spec: run `readaptir build`")
     return stages[name]
 
 
@@ -148,6 +150,6 @@ def all_stage_specs(root: Path) -> dict[str, dict]:
     for path in [Path(root) / ROOT_PARAMS, *sorted(Path(root).glob(f"{PIPELINES}/*/{SPECS}"))]:
         if path.is_file():
             specs.update(
-                (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages") or {}
+                parse_mapping(path.read_text(encoding="utf-8"), str(path)).get("stages") or {}
             )
     return specs

@@ -374,6 +374,9 @@ def _read_yaml(path: Path) -> tuple[dict, yaml.Node | None]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(path, None, "file not found") from None
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise RecipeError(path, None, "not UTF-8 text", line) from None
     try:
         data = yaml.safe_load(text)
         node = yaml.compose(text)

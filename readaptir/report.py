@@ -15,8 +15,7 @@ import json
 import subprocess
 from pathlib import Path
 
-import yaml
-
+from readaptir.artifacts import parse_mapping
 from readaptir.dvcfile import ROOT_PARAMS
 
 SIGNIFICANCE = 0.05
@@ -61,7 +60,8 @@ def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, d
     if rev != WORKSPACE:
         rev = resolve_rev(Path(root), rev)
     # the root params.yaml holds every recipe in both layouts (see dvcfile)
-    recipes = (yaml.safe_load(_read(root, rev, ROOT_PARAMS) or "") or {}).get("recipes") or {}
+    where = str(Path(root) / ROOT_PARAMS) if rev == WORKSPACE else f"{ROOT_PARAMS} at {rev}"
+    recipes = parse_mapping(_read(root, rev, ROOT_PARAMS) or "", where).get("recipes") or {}
     if not recipes:
         where = str(root) if rev == WORKSPACE else f"git revision {rev}"
         raise ReportError(f"no built recipes in {where}: run `readaptir build` (and commit) first")
@@ -69,7 +69,7 @@ def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, d
     for name in sorted(recipes):
         found = _read(root, rev, f"metrics/{name}.json")
         if found is not None:
-            metrics[name] = json.loads(found)
+            metrics[name] = parse_mapping(found, f"metrics/{name}.json", fmt="json")
     return recipes, metrics
 
 
@@ -226,9 +226,17 @@ def render(
     return "\n".join(lines)
 
 
+def check_metric(metric: str, *metrics: dict[str, dict]) -> None:
+    """A metric no metrics file holds is a typo, not an empty table."""
+    held = {name for ms in metrics for m in ms.values() for name in m.get("readapted", {})}
+    if held and metric not in held:
+        raise ReportError(f"no metrics file holds {metric!r}; they hold {', '.join(sorted(held))}")
+
+
 def table(
     metrics: dict[str, dict], kind: str = "paper", metric: str = "nDCG@10", fmt: str = "md"
 ) -> str:
+    check_metric(metric, metrics)
     if kind == "paper":
         header, rows = paper_rows(metrics, metric)
         _, _, cells = paper_cells(metrics, metric)
@@ -266,6 +274,7 @@ def diff(root: Path, rev_a: str, rev_b: str = WORKSPACE, metric: str = "nDCG@10"
     """Per recipe: what changed in its parameters beside how its scores moved."""
     recipes_a, metrics_a = load(root, rev_a)
     recipes_b, metrics_b = load(root, rev_b)
+    check_metric(metric, metrics_a, metrics_b)
     header = [
         "recipe",
         "changed parameters",

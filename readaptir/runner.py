@@ -206,6 +206,9 @@ def run_stage(
     GPU); other stages run in this process.
     """
     spec = read_stage_spec(root, name, spec_file)
+    if spec["kind"] not in RUNNERS:
+        known = ", ".join(sorted(RUNNERS))
+        raise ValueError(f"{spec_file}: stage {name} has kind {spec['kind']!r}, not one of {known}")
     ctx = Context(root, spec, device)
     if spec["kind"] in DISTRIBUTED_KINDS and "WORLD_SIZE" not in os.environ:
         n = processes(procs, ctx.device)

@@ -94,6 +94,17 @@ def test_malformed_corpus_names_the_line(beir, line, message):
         load_corpus(beir)
 
 
+def test_text_that_is_not_utf8_names_the_file_and_line(beir):
+    corpus = beir / "corpus.jsonl"
+    corpus.write_bytes(b'{"_id": "a", "text": "t"}\n\n{"_id": "b", "text": "caf\xe9"}\n')
+    with pytest.raises(CorpusError, match=r"corpus\.jsonl line 3: not UTF-8 text \(byte 26 "):
+        load_corpus(beir)
+    qrels = beir / "qrels" / "test.tsv"
+    qrels.write_bytes(qrels.read_bytes() + b"q\xff\td1\t1\n")
+    with pytest.raises(CorpusError, match=r"qrels/test\.tsv line \d+: not UTF-8 text"):
+        load_qrels(beir, "test")
+
+
 def test_malformed_queries_name_the_line(beir):
     _write_lines(beir / "queries.jsonl", ['{"_id": "q", "text": "t"}', '{"_id": "q", "text": "u"}'])
     with pytest.raises(CorpusError, match=r"queries\.jsonl line 2: duplicate id 'q'"):

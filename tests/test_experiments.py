@@ -156,6 +156,8 @@ def test_paper_table_numbers_equal_the_metrics_files():
     assert data[1]["e5 RA"] == 0.733
     csv_text = report.table(METRICS, "recipes", fmt="csv")
     assert "r-sf,scifact,0.5,1.0,0.745,0.763" in csv_text
+    with pytest.raises(report.ReportError, match=r"no metrics file holds 'ndcg@10'; they hold"):
+        report.table(METRICS, "recipes", metric="ndcg@10")  # a typo, not an empty table
 
 
 def test_two_recipes_in_one_cell_is_an_error():

@@ -125,6 +125,37 @@ def test_failed_stage_leaves_no_output_and_exits_nonzero(ws):
     assert not embed_dir.exists() or not any(embed_dir.iterdir())
 
 
+def test_broken_generated_files_are_one_line_errors_naming_them(ws):
+    def fails(*args: str) -> str:
+        result = CliRunner().invoke(main, [*args, "--root", str(ws)])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        return result.output
+
+    stages = yaml.safe_load((ws / "params.yaml").read_text())["stages"]
+    embed = next(n for n in stages if n.startswith("embed-"))
+    assert "has no CUDA GPU" in fails("stage", "run", embed, "--device", "cuda")
+    assert "'bogus' (from --device): expected cpu, cuda" in fails(
+        "stage", "run", embed, "--device", "bogus"
+    )
+    (ws / "list.yaml").write_text("- 1\n")
+    assert "list.yaml: expected a mapping, found list" in fails(
+        "stage", "run", embed, "--spec", "list.yaml"
+    )
+    (ws / "odd.yaml").write_text(yaml.safe_dump({"stages": {embed: {"kind": "scroe"}}}))
+    out = fails("stage", "run", embed, "--spec", "odd.yaml")
+    assert "odd.yaml: stage " + embed + " has kind 'scroe', not one of adapter" in out
+    assert not (ws / "artifacts" / "scroe").exists()
+    (ws / "metrics").mkdir(exist_ok=True)
+    (ws / "metrics" / "ra.json").write_text("[1, 2]\n")
+    assert "metrics/ra.json: expected a mapping, found list" in fails("report")
+    (ws / "metrics" / "ra.json").write_text('{"alpha": 0.5,\n')
+    assert "metrics/ra.json:2: not valid JSON" in fails("report")
+    params = ws / "params.yaml"
+    params.write_text("<<<<<<< HEAD\n" + params.read_text())  # an unresolved git merge
+    assert re.search(r"params\.yaml:\d+: not valid YAML", fails("report"))
+    assert re.search(r"params\.yaml:\d+: not valid YAML", fails("stage", "run", embed))
+
+
 def test_validate_reports_file_key_and_fails(ws):
     (ws / "recipes" / "broken.yaml").write_text("extends: _common.yaml\nadapter: {r: -1}\n")
     result = CliRunner().invoke(main, ["validate", "--root", str(ws)])

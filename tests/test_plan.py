@@ -2,6 +2,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from readaptir import dvcfile
@@ -177,10 +178,22 @@ def test_recipe_device_is_runtime_and_the_command_line_wins(project, monkeypatch
     assert len(kinds["merge"]) == 2
     spec = {"params": {}, "inputs": {}, "runtime": {"device": "cuda:1"}}
     monkeypatch.delenv("READAPTIR_DEVICE", raising=False)
+    with pytest.raises(ValueError, match=r"'cuda:1' \(from the recipe\): this machine has 1 CUDA"):
+        with monkeypatch.context() as gpus:
+            gpus.setattr(torch.cuda, "is_available", lambda: True)
+            gpus.setattr(torch.cuda, "device_count", lambda: 1)
+            Context(project, spec, None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert Context(project, spec, None).device == "cuda:1"  # the recipe's choice
     assert Context(project, spec, "cpu").device == "cpu"  # the command line's
     monkeypatch.setenv("READAPTIR_DEVICE", "cpu")
     assert Context(project, spec, None).device == "cpu"  # the machine's
+    monkeypatch.setenv("READAPTIR_DEVICE", "gpu")
+    with pytest.raises(ValueError, match=r"'gpu' \(from READAPTIR_DEVICE\): expected cpu, cuda"):
+        Context(project, spec, None)
+    with pytest.raises(ValueError, match=r"'mps' \(from --device\): expected cpu or cuda"):
+        Context(project, spec, "mps")
 
 
 def test_identical_ids_ignored_where_queries_come_from_the_corpus(project):
