@@ -104,12 +104,12 @@ def iter_passages(dataset_dir: Path) -> Iterator[Passage]:
         yield Passage(pid, _str_field(obj, "title", where), _str_field(obj, "text", where))
 
 
-def count_passages(dataset_dir: Path) -> int:
-    """The number of passages in ``corpus.jsonl``, every line checked as ``iter_passages`` does.
+def passage_ids(dataset_dir: Path) -> set[str]:
+    """The ids of ``corpus.jsonl``'s passages, every line checked as ``iter_passages`` does.
 
     A cheap first pass (no text is kept) so that a bad line fails before hours of encoding.
     """
-    return sum(1 for _ in iter_passages(dataset_dir))
+    return {p.id for p in iter_passages(dataset_dir)}
 
 
 def load_corpus(dataset_dir: Path) -> list[Passage]:
@@ -235,11 +235,28 @@ def load_judgments(dataset_dir: Path, split: str) -> Judgments:
     """
     queries = load_queries(dataset_dir)
     raw = load_qrels(dataset_dir, split)
-    doc_ids = {p.id for p in iter_passages(dataset_dir)}
+    doc_ids = passage_ids(dataset_dir)
     if not doc_ids:
         raise CorpusError(f"{Path(dataset_dir) / CORPUS_FILE}: no passages")
     qrels, warnings = usable_judgments(raw, queries, doc_ids, split)
-    return qrels, warnings, retrievable(qrels, doc_ids)
+    return qrels, warnings, scorable(qrels, doc_ids, dataset_dir, split)
+
+
+def scorable(
+    qrels: dict[str, dict[str, int]], doc_ids: set[str], dataset_dir: Path, split: str
+) -> set[str]:
+    """The ``retrievable`` queries of the usable judgments; none at all is an error: every
+    score would be 0 whatever the retriever."""
+    wanted = retrievable(qrels, doc_ids)
+    if not wanted:
+        why = (
+            f"every judged document is absent from {CORPUS_FILE}"
+            if qrels
+            else f"no judged query is in {QUERIES_FILE}"
+        )
+        path = Path(dataset_dir) / QRELS_DIR / f"{split}.tsv"
+        raise CorpusError(f"{path}: no query can be scored: {why}")
+    return wanted
 
 
 def usable_judgments(

@@ -11,12 +11,12 @@ from readaptir.corpus import (
     Collection,
     CorpusError,
     Passage,
-    count_passages,
     iter_passages,
     load_collection,
     load_corpus,
     load_qrels,
     load_queries,
+    passage_ids,
     passage_text,
     query_text,
     usable_judgments,
@@ -169,15 +169,15 @@ def test_passages_are_read_lazily(beir):
     lines = ['{"_id": "a", "text": "t"}', "", '{"_id": "b", "text": "u"}', "not json"]
     _write_lines(beir / "corpus.jsonl", lines)
     with pytest.raises(CorpusError, match="line 4: not valid JSON"):
-        count_passages(beir)  # the checking pass fails at once
+        passage_ids(beir)  # the checking pass fails at once
     passages = iter_passages(beir)
     assert [next(passages).id, next(passages).id] == ["a", "b"]  # read before the bad line
     with pytest.raises(CorpusError, match="line 4: not valid JSON"):
         next(passages)
     _write_lines(beir / "corpus.jsonl", lines[:3])
-    assert count_passages(beir) == 2  # blank lines do not count
+    assert len(passage_ids(beir)) == 2  # blank lines do not count
     with pytest.raises(CorpusError, match="file not found"):
-        count_passages(beir / "nowhere")
+        passage_ids(beir / "nowhere")
 
 
 def test_usable_judgments_without_loading_the_corpus():
@@ -195,4 +195,4 @@ def test_usable_judgments_without_loading_the_corpus():
 def test_ids_with_whitespace_fail_at_load(beir):
     _write_lines(beir / "corpus.jsonl", ['{"_id": "d 1", "text": "t"}'])
     with pytest.raises(CorpusError, match=r"corpus\.jsonl line 1: '_id' 'd 1' holds whitespace"):
-        count_passages(beir)
+        passage_ids(beir)

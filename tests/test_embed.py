@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from conftest import run_ranks, write_beir
 from tokenizers import processors
 
-from readaptir.corpus import load_corpus, passage_text
+from readaptir.corpus import CorpusError, load_corpus, load_judgments, passage_text
 from readaptir.encoding import (
     appends_eos,
     encode_texts,
@@ -376,6 +377,24 @@ def test_embed_handles_empty_documents_and_missing_titles(tiny_retriever, tmp_pa
         model, tok, ["passage:"], pooling="last", normalize=True, max_length=512, append_eos=True
     )
     np.testing.assert_allclose(vecs[0].astype(np.float32), alone[0], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "qrels, why",
+    [
+        ([("ghost", "42", 1)], "no judged query is in queries.jsonl"),
+        ([("007", "gone", 1)], "every judged document is absent from corpus.jsonl"),
+    ],
+)
+def test_nothing_to_score_fails_before_any_encoding(tmp_path, monkeypatch, qrels, why):
+    corpus = [{"_id": "42", "text": "a passage"}]
+    root = write_beir(tmp_path / "beir", corpus, [{"_id": "007", "text": "q"}], qrels)
+    monkeypatch.setattr(embed_module, "load_encoder", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(CorpusError, match=r"qrels/test\.tsv: no query can be scored: " + why):
+        embed(Path("no-model"), root, "test", resolve_encoding("repllama", {}), tmp_path / "emb")
+    assert not any((tmp_path / "emb").iterdir())
+    with pytest.raises(CorpusError, match="no query can be scored"):
+        load_judgments(root, "test")  # the score stage's reading, the same check
 
 
 KW = dict(shard_size=5, batch_tokens=64)

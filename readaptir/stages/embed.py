@@ -23,13 +23,13 @@ from readaptir.artifacts import resolve_device, write_json
 from readaptir.corpus import (
     CORPUS_FILE,
     CorpusError,
-    count_passages,
     iter_passages,
     load_qrels,
     load_queries,
+    passage_ids,
     passage_text,
     query_text,
-    retrievable,
+    scorable,
     usable_judgments,
 )
 from readaptir.distributed import (
@@ -168,9 +168,13 @@ def embed(
     # Everything that can fail on bad input is checked before hours of encoding.
     queries = load_queries(dataset_dir)
     raw_qrels = load_qrels(dataset_dir, split)
-    total = count_passages(dataset_dir)
+    known = passage_ids(dataset_dir)
+    total = len(known)
     if total == 0:
         raise CorpusError(f"{Path(dataset_dir) / CORPUS_FILE}: no passages")
+    qrels, _ = usable_judgments(raw_qrels, queries, known, split)
+    # a query judging only absent documents scores 0 whatever its ranking: not worth encoding
+    wanted = scorable(qrels, known, dataset_dir, split)
     st = read_st_config(model_dir) or read_st_config(base_dir)
     resolved = resolve_fields(encoding, st)
     device = rank_device(ranks, resolve_device(device))
@@ -198,13 +202,13 @@ def embed(
         identity = {"shard_size": shard_size, "passages": total}
         prepare_work(work, {**identity, "model": files_identity(model_dir, base_dir)})
     barrier(ranks)  # the work folder is ready
-    passage_ids: list[str] = []
+    order: list[str] = []  # passage ids in corpus order
     shards = 0
     progress = Throughput(total, "passages", "passage", show=ranks.main)
     try:
         for chunk in chunked(iter_passages(dataset_dir), shard_size):
             shard, shards = shards, shards + 1
-            passage_ids.extend(p.id for p in chunk)
+            order.extend(p.id for p in chunk)
             path = shard_file(work, shard)
             if shard % ranks.world != ranks.rank or complete_shard(path, len(chunk)):
                 progress.skip(len(chunk))  # another rank's, or encoded before an interruption
@@ -220,7 +224,7 @@ def embed(
     barrier(ranks)  # every rank's shards are written; only rank 0 touches the files from here
     leave_distributed(ranks)
     if not ranks.main:
-        return {"shards": shards, "passages": len(passage_ids)}
+        return {"shards": shards, "passages": len(order)}
     if work != out:
         for s in range(shards):
             os.replace(shard_file(work, s), shard_file(out, s))
@@ -228,12 +232,8 @@ def embed(
     if len(dims) != 1:
         raise ValueError(f"{out}: shards of different vector sizes {sorted(dims)}")
     (dim,) = dims
-    write_json(out / CORPUS_IDS, passage_ids)
+    write_json(out / CORPUS_IDS, order)
 
-    known = set(passage_ids)
-    qrels, _ = usable_judgments(raw_qrels, queries, known, split)
-    # a query judging only absent documents scores 0 whatever its ranking: not worth encoding
-    wanted = retrievable(qrels, known)
     query_ids = [q for q in queries if q in wanted]
     texts = [
         query_text(queries[q], encoding.query_template, encoding.query_instruction)
@@ -249,7 +249,7 @@ def embed(
 
     info = {
         "dim": int(dim),
-        "passages": len(passage_ids),
+        "passages": len(order),
         "queries": len(query_ids),
         "shards": shards,
         "encoding": encoding.model_dump(),
