@@ -211,6 +211,12 @@ def run_demo(directory: Path, force: bool = False) -> str:
     if directory.exists():
         if not force:
             raise FileExistsError(f"{directory} exists; pass --force to replace it")
+        demo_made = all((directory / "recipes" / name).is_file() for name in RECIPES)
+        if not directory.is_dir() or not (demo_made or not any(directory.iterdir())):
+            raise FileExistsError(
+                f"{directory} is not a demo workspace (no recipes/{', recipes/'.join(RECIPES)}): "
+                "--force replaces only those; give another folder"
+            )
         shutil.rmtree(directory)
     root = make_workspace(directory)
     dvcfile.write(plan_recipes(load_recipes(root / "recipes"), root), root)

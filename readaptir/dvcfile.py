@@ -106,6 +106,12 @@ def write(plan: Plan, root: Path) -> list[Path]:
     are gone are removed. Returns the files written or removed."""
     root = Path(root)
     files = render(plan)
+    foreign = [root / rel for rel in files if not _ours(root / rel)]
+    if foreign:  # checked before anything is written
+        raise FileExistsError(
+            f"{foreign[0]} was not written by `readaptir build` (its first line is not "
+            f"{HEADER.strip()!r}): move it away, or its stages into recipes/; nothing was written"
+        )
     changed = []
     for rel, text in files.items():
         path = root / rel
@@ -118,7 +124,7 @@ def write(plan: Plan, root: Path) -> list[Path]:
         if p.is_file() and p.relative_to(root).as_posix() not in files
     ]
     for path in stale:
-        if path.read_text(encoding="utf-8").startswith(HEADER):  # only what build wrote
+        if path.read_text(encoding="utf-8", errors="replace").startswith(HEADER):  # build's only
             path.unlink()
             changed.append(path)
     for folder in sorted(root.glob(f"{PIPELINES}/*")):
@@ -127,6 +133,14 @@ def write(plan: Plan, root: Path) -> list[Path]:
             if not any(folder.iterdir()):
                 folder.rmdir()
     return changed
+
+
+def _ours(path: Path) -> bool:
+    """True if ``path`` is absent, empty or written by ``readaptir build``: build may replace it."""
+    if not path.is_file():
+        return not path.exists()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return not text.strip() or text.startswith(HEADER)
 
 
 def read_stage_spec(root: Path, name: str, spec_file: str = ROOT_PARAMS) -> dict:

@@ -53,8 +53,8 @@ def git_root(path: Path) -> Path:
 def init(root: Path) -> list[str]:
     """Idempotent: DVC initialised, cache links set, recipes/ and ignore rules present."""
     root = Path(root)
+    git_root(next(p for p in [root, *root.absolute().parents] if p.is_dir()))  # before any mkdir
     root.mkdir(parents=True, exist_ok=True)
-    git_root(root)
     done = []
     if not (root / ".dvc").is_dir():
         subdir = ["--subdir"] if git_root(root) != root.resolve() else []

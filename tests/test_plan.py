@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from readaptir import dvcfile
+from readaptir import dvcfile, workspace
 from readaptir.plan import plan_recipes
 from readaptir.recipe import RecipeError, load_recipes
 
@@ -136,6 +136,21 @@ def test_generated_files_are_byte_stable(project):
     params = yaml.safe_load(before["params.yaml"])
     assert params["recipes"]["ra-half"]["readapt"] == {"alpha": 0.5, "beta": 1.0, "delta": "stored"}
     assert all("desc" in s for s in dvc["stages"].values())
+
+
+def test_build_never_replaces_files_it_did_not_write(project, tmp_path):
+    (project / "dvc.yaml").write_text("stages:\n  mine:\n    cmd: echo hi\n")
+    (project / "params.yaml").write_text("")  # empty: nothing to lose
+    with pytest.raises(FileExistsError, match=r"dvc\.yaml was not written by `readaptir build`"):
+        dvcfile.write(plan_of(project), project)
+    assert "mine" in (project / "dvc.yaml").read_text()
+    assert (project / "params.yaml").read_text() == ""  # nothing was written
+    (project / "dvc.yaml").unlink()
+    assert {p.name for p in dvcfile.write(plan_of(project), project)} == {"dvc.yaml", "params.yaml"}
+    outside = tmp_path / "no-git" / "new" / "project"
+    with pytest.raises(RuntimeError, match="not inside a git repository"):
+        workspace.init(outside)
+    assert not (tmp_path / "no-git").exists()  # nothing made on the way to the error
 
 
 def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, tokenizer):
