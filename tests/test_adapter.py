@@ -14,6 +14,7 @@ from readaptir.stages.adapter import passage_filter, train_adapter
 from readaptir.training import (
     CAUSAL,
     MASKED,
+    Meter,
     attach_adapter,
     checkpointed,
     disable_gradient_checkpointing,
@@ -41,14 +42,20 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_dora_adapter_trains_logs_and_loads(tmp_path, tiny_base, tiny_beir):
+def test_dora_adapter_trains_logs_and_loads(tmp_path, tiny_base, tiny_beir, monkeypatch):
     args = dict(max_length=128)  # no passage truncated: packed or not, the same tokens
+    metered: list[int] = []  # what tokens/s counts
+    monkeypatch.setattr(Meter, "add", lambda self, n: metered.append(n))
     summary, out, tensors = _train(tmp_path, "padded", tiny_base, tiny_beir, packing=False, **args)
     assert summary["steps"] == 6  # one passage per row: 12 passages / batch 4 × 2 epochs
+    assert sum(metered) == summary["tokens"] and len(metered) == 6  # real tokens, no padding
     rows = _log(out)
     assert list(rows[0]) == ["step", "epoch", "loss", "lr", "tokens"]
     assert [int(r["step"]) for r in rows] == list(range(1, 7))
     assert all(float(r["loss"]) > 0 for r in rows)
+    # the linear schedule, no warm-up: the rate after each step's update falls to 0 at the end
+    linear = [1e-3 * (6 - k) / 6 for k in range(1, 7)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(linear)
     assert any("lora_magnitude_vector" in k for k in tensors)
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in tensors.items())
     assert not any("lm_head" in k for k in tensors)
@@ -96,6 +103,25 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_base, tiny_beir):
     assert _same(whole, resumed)
     assert _log(out) == _log(whole_out)
     assert not (ckpt / "checkpoint.pt").exists() and not list(ckpt.glob("rng-rank*"))
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, tiny_base, tiny_beir, caplog):
+    args = dict(method="dora", packing=False, epochs=3, batch_size=3)
+    ckpt = tmp_path / "ckpt"
+
+    def kill_at_7(step: int) -> None:
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, "killed", tiny_base, tiny_beir, **args,
+               checkpoint_dir=ckpt, checkpoint_every=3, on_step=kill_at_7)  # fmt: skip
+    fresh = _train(tmp_path, "fresh", tiny_base, tiny_beir, **args, lr=5e-4)[2]
+    with caplog.at_level("WARNING", logger="readaptir.training"):
+        summary, _, other = _train(tmp_path, "other", tiny_base, tiny_beir, **args, lr=5e-4,
+                                   checkpoint_dir=ckpt, checkpoint_every=3)  # fmt: skip
+    assert summary["resumed_from"] == 0 and "other settings" in caplog.text
+    assert _same(fresh, other)  # started over, as a run with these settings does
 
 
 def test_bf16_base_trains_float32_adapter_weights(tmp_path, tiny_base, tiny_beir):

@@ -14,11 +14,13 @@ from readaptir.packing import (
     causal_inputs,
     layout,
     mask_tokens,
+    masked_inputs,
     pack_boundaries,
     pack_row,
     plan_epoch,
     total_steps,
 )
+from readaptir.training import position_offset
 
 
 def _passages(n: int, seed: int, lo: int = 1, hi: int = 40, vocab: int = 250) -> list[list[int]]:
@@ -115,6 +117,41 @@ def test_packed_bert_with_block_mask_equals_passages_run_alone(tokenizer):
     at = 0
     for passage in passages:
         alone = _forward(model, input_ids=torch.tensor([passage]))[0]
+        torch.testing.assert_close(logits[0, at : at + len(passage)], alone, atol=1e-5, rtol=0)
+        at += len(passage)
+
+
+def test_packed_roberta_numbers_positions_from_its_padding_index(tokenizer):
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=130,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = RobertaForMaskedLM(config).eval()
+    assert position_offset(model) == tokenizer.pad_token_id + 1
+    passages = _passages(3, seed=5, lo=3, hi=12, vocab=len(tokenizer))
+    lay = layout([passages], tokenizer.pad_token_id)
+    inputs = masked_inputs(
+        lay,
+        True,
+        special_ids=[tokenizer.pad_token_id],
+        mask_id=4,
+        vocab_size=len(tokenizer),
+        generator=torch.Generator().manual_seed(0),
+        position_offset=position_offset(model),
+    )
+    inputs.pop("labels")
+    logits = _forward(model, **inputs)
+    at = 0
+    for passage in passages:  # alone, RoBERTa numbers the positions itself
+        alone = _forward(model, input_ids=inputs["input_ids"][:, at : at + len(passage)])[0]
         torch.testing.assert_close(logits[0, at : at + len(passage)], alone, atol=1e-5, rtol=0)
         at += len(passage)
 
