@@ -21,8 +21,8 @@ from readaptir.recipe import (
     CorpusSpec,
     ModelSpec,
     Recipe,
-    RecipeError,
     RetrieverSpec,
+    located,
     slug,
 )
 
@@ -170,6 +170,13 @@ class Planner:
         """A model's identity and, for a local folder, the dependency path."""
         local = self._local(spec.source)
         if local is not None:
+            configs = ("config.json", "adapter_config.json")
+            if not local.is_dir() or not any((local / name).is_file() for name in configs):
+                raise PlanError(
+                    key,
+                    f"{spec.source!r} is not a model folder (no config.json, nor a PEFT "
+                    "adapter_config.json)",
+                )
             ident = {"source": spec.source, "fingerprint": self.fingerprints.path(local)}
             return ident, (str(Path(spec.source).expanduser()),)
         first = spec.source.split("/")[0]
@@ -470,6 +477,6 @@ def plan_recipes(recipes: list[Recipe], root: Path) -> Plan:
         try:
             planner.add_recipe(recipe)
         except PlanError as err:
-            raise RecipeError(recipe.file, err.key, str(err)) from None
+            raise located(recipe.file, err.key, str(err)) from None
     planner.fingerprints.save()
     return planner.plan

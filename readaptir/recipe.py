@@ -76,7 +76,7 @@ def _shorthand(field: str):
 class ModelSpec(_Strict):
     """A model: a hub id or a local folder, with an optional pinned revision."""
 
-    source: str
+    source: str = Field(min_length=1)
     revision: str | None = None
     dtype: Dtype = "auto"
     _from_str = _shorthand("source")
@@ -521,12 +521,31 @@ def _located(chain: Chain, err: ValidationError) -> RecipeError:
         more = len(problems) - 1
         message += f" (and {more} more problem{'s' if more > 1 else ''})"
     key = ".".join(str(p) for p in loc) or None
-    for path, node in chain:  # the file that sets the key: the recipe itself or a parent
+    path, line = _setter(chain, loc)
+    return RecipeError(path, key, message, line)
+
+
+def _setter(chain: Chain, loc: tuple) -> tuple[Path, int | None]:
+    """The file that sets the key ``loc`` (the recipe itself or a parent) and its line there;
+    else the recipe and the line of the nearest key it has."""
+    for path, node in chain:
         line = _line_of(node, loc, exact=True)
         if line is not None:
-            return RecipeError(path, key, message, line)
+            return path, line
     path, node = chain[0]
-    return RecipeError(path, key, message, _line_of(node, loc))
+    return path, _line_of(node, loc)
+
+
+def located(file: Path | str, key: str | None, message: str) -> RecipeError:
+    """An error about the dotted ``key`` of the recipe in ``file``, at the file and line that
+    set it (for problems found after validation, e.g. while planning)."""
+    try:
+        _, chain = resolve_data(Path(file))
+    except RecipeError:
+        return RecipeError(file, key, message)
+    loc = tuple(int(p) if p.isdigit() else p for p in key.split(".")) if key else ()
+    path, line = _setter(chain, loc)
+    return RecipeError(path, key, message, line)
 
 
 def load_recipe(path: Path) -> Recipe:

@@ -157,12 +157,22 @@ def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, 
     from readaptir import tiny
 
     edit(project, "ra-full", "extends: _common.yaml\ncorpus: data/nowhere\n")
-    with pytest.raises(RecipeError, match=r"ra-full\.yaml: corpus: corpus folder 'data/nowhere'"):
+    with pytest.raises(RecipeError, match=r"ra-full\.yaml:2: corpus: corpus folder 'data/nowhere'"):
         plan_of(project)
     tiny.make_llama(project / "models" / "wide", tokenizer, causal_lm=False, hidden=32)
     edit(project, "ra-full", "extends: _common.yaml\nretriever: {source: models/wide}\n")
-    with pytest.raises(RecipeError, match=r"ra-full\.yaml: retriever: its hidden_size is 32"):
+    with pytest.raises(RecipeError, match=r"ra-full\.yaml:2: retriever: its hidden_size is 32"):
         plan_of(project)
+    for not_a_model in (".", "models/base/config.json", "data/toy"):
+        edit(project, "ra-full", f"extends: _common.yaml\nbase: {not_a_model}\n")
+        with pytest.raises(RecipeError, match=r"ra-full\.yaml:2: base: .* is not a model folder"):
+            plan_of(project)
+    edit(project, "ra-full", "extends: _common.yaml\n")
+    common = project / "recipes" / "_common.yaml"
+    common.write_text(common.read_text().replace("corpus: data/toy", "corpus: data/gone"))
+    line = common.read_text().splitlines().index("corpus: data/gone") + 1
+    with pytest.raises(RecipeError, match=rf"_common\.yaml:{line}: corpus: corpus folder"):
+        plan_of(project)  # the parent that sets the key, at its line
 
 
 def test_direct_route_reads_the_retriever_and_stores_no_delta(project):
@@ -236,7 +246,7 @@ def test_shared_stage_runtime_explicit_value_wins_and_conflicts_fail(project):
          "adapter: {gradient_checkpointing: false}\n")  # fmt: skip
     with pytest.raises(
         RecipeError,
-        match=r"ra-half\.yaml: adapter\.gradient_checkpointing: True here, but .*ra-full\.yaml "
+        match=r"ra-half\.yaml:3: adapter\.gradient_checkpointing: True here, but .*ra-full\.yaml "
         r"sets False for the same adapter stage",
     ):
         plan_of(project)
@@ -247,7 +257,7 @@ def test_an_explicit_default_counts_as_a_setting(project):
          "adapter: {gradient_checkpointing: auto}\n")  # fmt: skip
     edit(project, "ra-half", "extends: _common.yaml\nreadapt: {alpha: 0.5}\n"
          "adapter: {gradient_checkpointing: true}\n")  # fmt: skip
-    with pytest.raises(RecipeError, match=r"ra-half\.yaml: adapter\.gradient_checkpointing: True"):
+    with pytest.raises(RecipeError, match=r"ra-half\.yaml:3: adapter\.gradient_checkpointing: Tr"):
         plan_of(project)
 
 
