@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,9 +84,11 @@ def test_batch_tokens_sets_rows_per_step(tmp_path, tiny_base, tiny_beir):
     assert _same(by_rows, by_tokens[2])
 
 
-def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_base, tiny_beir):
-    args = dict(method="dora", packing=False, epochs=3, batch_size=3)  # 12 steps over 3 epochs
-    _, whole_out, whole = _train(tmp_path, "whole", tiny_base, tiny_beir, **args)
+RESUMABLE = dict(method="dora", packing=False, epochs=3, batch_size=3)  # 12 steps over 3 epochs
+
+
+def _killed_at_step_7(tmp_path, base, corpus) -> Path:
+    """The checkpoint folder of a run killed at step 7, with checkpoints every 3 steps."""
     ckpt = tmp_path / "ckpt"
 
     def kill_at_7(step: int) -> None:
@@ -93,9 +96,16 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_base, tiny_beir):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path, "killed", tiny_base, tiny_beir, **args,
+        _train(tmp_path, "killed", base, corpus, **RESUMABLE,
                checkpoint_dir=ckpt, checkpoint_every=3, on_step=kill_at_7)  # fmt: skip
     assert (ckpt / "checkpoint.pt").is_file()
+    return ckpt
+
+
+def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_base, tiny_beir):
+    args = RESUMABLE
+    _, whole_out, whole = _train(tmp_path, "whole", tiny_base, tiny_beir, **args)
+    ckpt = _killed_at_step_7(tmp_path, tiny_base, tiny_beir)
     summary, out, resumed = _train(
         tmp_path, "resumed", tiny_base, tiny_beir, **args, checkpoint_dir=ckpt, checkpoint_every=3
     )
@@ -106,16 +116,8 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_base, tiny_beir):
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, tiny_base, tiny_beir, caplog):
-    args = dict(method="dora", packing=False, epochs=3, batch_size=3)
-    ckpt = tmp_path / "ckpt"
-
-    def kill_at_7(step: int) -> None:
-        if step == 7:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path, "killed", tiny_base, tiny_beir, **args,
-               checkpoint_dir=ckpt, checkpoint_every=3, on_step=kill_at_7)  # fmt: skip
+    args = RESUMABLE
+    ckpt = _killed_at_step_7(tmp_path, tiny_base, tiny_beir)
     fresh = _train(tmp_path, "fresh", tiny_base, tiny_beir, **args, lr=5e-4)[2]
     with caplog.at_level("WARNING", logger="readaptir.training"):
         summary, _, other = _train(tmp_path, "other", tiny_base, tiny_beir, **args, lr=5e-4,

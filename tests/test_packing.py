@@ -98,18 +98,22 @@ def test_packed_llama_equals_passages_run_alone(tokenizer, attention):
     assert not torch.allclose(plain[0, len(passages[0]) :], logits[0, len(passages[0]) :])
 
 
-def test_packed_bert_with_block_mask_equals_passages_run_alone(tokenizer):
+def _tiny_encoder(config_class, model_class, tokenizer, positions: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = BertConfig(
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=128,
+        max_position_embeddings=positions,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = BertForMaskedLM(config).eval()
+    return model_class(config).eval()
+
+
+def test_packed_bert_with_block_mask_equals_passages_run_alone(tokenizer):
+    model = _tiny_encoder(BertConfig, BertForMaskedLM, tokenizer, positions=128)
     passages = _passages(4, seed=4, lo=3, hi=12, vocab=len(tokenizer))
     lay = layout([passages], tokenizer.pad_token_id)
     mask = block_mask(lay.segments, torch.float32)
@@ -124,17 +128,7 @@ def test_packed_bert_with_block_mask_equals_passages_run_alone(tokenizer):
 def test_packed_roberta_numbers_positions_from_its_padding_index(tokenizer):
     from transformers import RobertaConfig, RobertaForMaskedLM
 
-    torch.manual_seed(0)
-    config = RobertaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=130,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = RobertaForMaskedLM(config).eval()
+    model = _tiny_encoder(RobertaConfig, RobertaForMaskedLM, tokenizer, positions=130)
     assert position_offset(model) == tokenizer.pad_token_id + 1
     passages = _passages(3, seed=5, lo=3, hi=12, vocab=len(tokenizer))
     lay = layout([passages], tokenizer.pad_token_id)
