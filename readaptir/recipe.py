@@ -550,6 +550,8 @@ def located(file: Path | str, key: str | None, message: str) -> RecipeError:
 
 def load_recipe(path: Path) -> Recipe:
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise RecipeError(path, None, f"a link to {path.readlink()}, which does not exist")
     data, chain = resolve_data(path)
     if "name" not in data:
         data["name"] = path.stem

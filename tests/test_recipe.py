@@ -144,6 +144,12 @@ def test_bad_corpora_name_the_key(tmp_path, corpus, key, fragment):
     assert fragment in message
 
 
+def test_a_dangling_link_is_named_by_the_link(tmp_path):
+    (tmp_path / "r.yaml").symlink_to(tmp_path / "gone.yaml")
+    with pytest.raises(RecipeError, match=r"r\.yaml: a link to .*gone\.yaml, which does not exist"):
+        load_recipes(tmp_path)
+
+
 def test_errors_name_files_inside_the_working_folder_relative_to_it(tmp_path, monkeypatch):
     path = write(tmp_path / "recipes" / "bad.yaml", MINIMAL + "adapter:\n  r: many\n")
     monkeypatch.chdir(tmp_path)
