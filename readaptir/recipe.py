@@ -369,6 +369,18 @@ def deep_merge(parent: dict, child: dict) -> dict:
     return merged
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, but for numbers like ``2e-4``: a float (as in YAML 1.2 and
+    JSON), not a string, so that ``lr: 2e-4`` means what it says under strict types."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def _read_yaml(path: Path) -> tuple[dict, yaml.Node | None]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -378,8 +390,8 @@ def _read_yaml(path: Path) -> tuple[dict, yaml.Node | None]:
         line = err.object[: err.start].count(b"\n") + 1
         raise RecipeError(path, None, "not UTF-8 text", line) from None
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text)
+        data = yaml.load(text, Loader=_RecipeLoader)
+        node = yaml.compose(text, Loader=_RecipeLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark else None

@@ -144,6 +144,15 @@ def test_bad_corpora_name_the_key(tmp_path, corpus, key, fragment):
     assert fragment in message
 
 
+def test_exponent_numbers_are_numbers_and_quoted_ones_are_not(tmp_path):
+    text = MINIMAL + "adapter: {lr: 2e-4, lora_alpha: 1E+2}\nreadapt: {alpha: [.5e0, -1e-1]}\n"
+    recipe = load_recipe(write(tmp_path / "a.yaml", text))
+    assert (recipe.adapter.lr, recipe.adapter.lora_alpha) == (2e-4, 100.0)
+    assert recipe.readapt.alpha == [0.5, -0.1]
+    with pytest.raises(RecipeError, match=r"a\.yaml:4: adapter\.lr: .*valid number, got '2e-4'"):
+        load_recipe(write(tmp_path / "a.yaml", MINIMAL + "adapter: {lr: '2e-4'}\n"))
+
+
 def test_a_dangling_link_is_named_by_the_link(tmp_path):
     (tmp_path / "r.yaml").symlink_to(tmp_path / "gone.yaml")
     with pytest.raises(RecipeError, match=r"r\.yaml: a link to .*gone\.yaml, which does not exist"):
