@@ -7,10 +7,11 @@ import subprocess
 import numpy as np
 import pytest
 import yaml
+from conftest import write_beir
 from test_plan import by_kind, project  # noqa: F401  (fixture)
 
 from readaptir import report
-from readaptir.evaluation import evaluate
+from readaptir.evaluation import evaluate, select_alpha
 from readaptir.plan import plan_recipes
 from readaptir.recipe import load_recipes
 from readaptir.stats import compare, query_split, randomization_test
@@ -60,7 +61,6 @@ def write_run(path, scores: dict[str, dict[str, float]]):
 
 
 def test_alpha_auto_never_reports_on_tuning_queries(tmp_path):
-    from conftest import write_beir
 
     n = 40
     corpus = [{"_id": f"d{i}", "title": "", "text": f"doc {i}"} for i in range(n)]
@@ -218,3 +218,86 @@ def test_alpha_table_keeps_beta_sweeps_apart_and_auto_alpha_zero_stays_in_the_pa
         )
     _, rows = report.paper_rows({"auto": auto, "alone": alone}, "nDCG@10")
     assert rows[0] == ["scifact", 0.7, 0.7]
+
+
+def test_alpha_ties_go_to_the_smallest_alpha():
+    per_query = {r: {"q1": {"m": 0.5}, "q2": {"m": 0.5}} for r in ("hi", "lo", "mid")}
+    grid = {"hi": 0.75, "lo": 0.25, "mid": 0.5}  # the largest first: order cannot decide
+    best, scores = select_alpha(grid, per_query, ["q1", "q2"], "m")
+    assert best == "lo" and scores == {"hi": 0.5, "lo": 0.5, "mid": 0.5}
+
+
+def _ranked_runs(tmp_path, n: int = 20):
+    """n queries, q<i> judging d<i>; ``run(name, first)`` writes a run that ranks each query's
+    document first for the queries in ``first``, second for the others."""
+    corpus = [{"_id": f"d{i}", "text": f"doc {i}"} for i in range(n)]
+    queries = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(n)]
+    data = write_beir(tmp_path / "beir", corpus, queries, [(f"q{i}", f"d{i}", 1) for i in range(n)])
+
+    def run(name: str, first: set[str]):
+        lines = []
+        for i in range(n):
+            judged, other = f"d{i}", f"d{(i + 1) % n}"
+            top, second = (judged, other) if f"q{i}" in first else (other, judged)
+            lines += [f"q{i} Q0 {top} 1 0.9 t", f"q{i} Q0 {second} 2 0.5 t"]
+        path = tmp_path / f"{name}.trec"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    return data, [f"q{i}" for i in range(n)], run
+
+
+def test_alpha_is_chosen_on_the_tuning_queries_only(tmp_path):
+    data, qids, run = _ranked_runs(tmp_path)
+    tune, held = query_split(qids, 0.5, 7)
+    # α 0.25 is perfect on the tuning queries alone, α 0.75 on the evaluation ones alone
+    runs = {
+        "baseline": run("b", set()),
+        "alpha-0": run("a0", set(tune)),
+        "alpha-1": run("a1", set(held)),
+    }
+    select = {
+        "grid": {"alpha-0": 0.25, "alpha-1": 0.75},
+        "fraction": 0.5,
+        "seed": 7,
+        "metric": "MRR@10",
+    }
+    summary, _ = evaluate(runs, data, "test", ["MRR@10"], False, select)
+    assert summary["alpha"] == 0.25
+    assert summary["alpha_selection"]["scores"] == {"0.25": 1.0, "0.75": 0.5}
+    assert summary["readapted"]["MRR@10"] == pytest.approx(0.5)  # on the evaluation queries
+
+
+def test_change_and_wins_are_readapted_against_the_retriever(tmp_path):
+    data, qids, run = _ranked_runs(tmp_path)
+    runs = {"baseline": run("b", set()), "readapted": run("r", set(qids[:15]))}
+    summary, _ = evaluate(runs, data, "test", ["MRR@10"], False)
+    assert summary["retriever"]["MRR@10"] == pytest.approx(0.5)
+    assert summary["readapted"]["MRR@10"] == pytest.approx((15 + 5 * 0.5) / 20)
+    assert summary["change"]["MRR@10"] == pytest.approx(0.375)  # readapted − retriever
+    c = summary["comparison"]["MRR@10"]
+    assert (c["wins"], c["ties"], c["losses"]) == (15, 5, 0)
+
+
+def test_randomization_test_is_two_sided_and_never_zero():
+    base, better = np.zeros(50), np.full(50, 0.2)
+    # no sign flip of 50 equal differences is more extreme but all-plus and all-minus:
+    # p = (0 + 1) / (samples + 1), never 0; a loss is as significant as a win of its size
+    assert randomization_test(base, better, samples=1000) == pytest.approx(1 / 1001)
+    assert randomization_test(better, base, samples=1000) == pytest.approx(1 / 1001)
+    noise = np.random.default_rng(1).normal(0, 0.1, 30)
+    assert randomization_test(base[:30], noise) == randomization_test(noise, base[:30])
+
+
+def test_a_missing_query_scores_zero_and_float_noise_is_a_tie():
+    result = compare({"q1": 0.5, "q2": 0.5}, {"q1": 0.5})
+    assert (result["wins"], result["ties"], result["losses"]) == (0, 1, 1)
+    result = compare({"q1": 0.3}, {"q1": 0.1 + 0.2})  # 0.30000000000000004
+    assert (result["wins"], result["ties"], result["losses"]) == (0, 1, 0)
+
+
+def test_query_split_rounds_and_leaves_both_parts_a_query():
+    ids = [f"q{i}" for i in range(10)]
+    assert len(query_split(ids, 0.01, 0)[0]) == 1
+    assert len(query_split(ids, 0.99, 0)[1]) == 1
+    assert len(query_split(ids, 0.36, 0)[0]) == 4  # round(3.6), not int(3.6)

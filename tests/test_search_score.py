@@ -7,6 +7,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+import torch
 from conftest import write_beir
 
 from readaptir.stages import search as search_module
@@ -289,3 +290,34 @@ def test_depth_cuts_after_the_query_itself_is_dropped(toy, tmp_path):
     assert dropped["per_query"]["qa"]["MAP"] == pytest.approx((1 / 2) / 2)  # d2, d1, d4
     kept = score(run, toy, "test", ["MAP"], depth=3)
     assert kept["per_query"]["qa"]["MAP"] == pytest.approx((1 / 3) / 2)  # qa, d2, d1
+
+
+def test_one_shard_keeps_k_and_orders_ties_by_doc_id(tmp_path):
+    corpus = np.eye(4, dtype=np.float16)
+    corpus = np.concatenate([corpus, corpus[:1]])  # rows 0 and 4: the same vector
+    _write_embeddings(tmp_path / "emb", corpus, corpus[:1], shard_size=5, doc_ids=list("zbcda"))
+    search(tmp_path / "emb", tmp_path / "run", k=3, device="cpu")
+    rows = _read_trec(tmp_path / "run" / "run.trec")
+    assert [r[3] for r in rows] == ["1", "2", "3"]
+    assert [r[2] for r in rows[:2]] == ["z", "a"]  # the tie at score 1, as trec_eval orders it
+
+
+def test_a_depth_cut_keeps_the_tie_trec_eval_ranks_first(tmp_path):
+    root = write_beir(
+        tmp_path / "beir",
+        [{"_id": d, "text": d} for d in ("a", "b", "c")],
+        [{"_id": "q", "text": "q"}],
+        [("q", "a", 1)],
+    )
+    run = tmp_path / "run.trec"
+    run.write_text("q Q0 a 1 0.5 t\nq Q0 b 2 0.5 t\nq Q0 c 3 0.1 t\n")
+    # trec_eval ranks the tie b before a: P@1 is 0, and a cut to depth 1 keeps b, not a
+    assert score(run, root, "test", ["P@1"])["per_query"]["q"]["P@1"] == 0.0
+    assert score(run, root, "test", ["MAP"], depth=1)["per_query"]["q"]["MAP"] == 0.0
+
+
+def test_inner_products_of_16_bit_inputs_are_float32():
+    q, p = torch.randn(3, 8).half(), torch.randn(5, 8).half()
+    out = search_module._inner_products(q, p)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, q.float() @ p.float().T, rtol=1e-2, atol=1e-2)
