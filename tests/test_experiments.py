@@ -61,7 +61,6 @@ def write_run(path, scores: dict[str, dict[str, float]]):
 
 
 def test_alpha_auto_never_reports_on_tuning_queries(tmp_path):
-
     n = 40
     corpus = [{"_id": f"d{i}", "title": "", "text": f"doc {i}"} for i in range(n)]
     queries = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(n)]
