@@ -5,17 +5,20 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from readaptir import readapt
 from readaptir.artifacts import resolve_device
 from readaptir.lora import Adapter
 from readaptir.readapt import readapt_rows, row_blocks
-from readaptir.shards import Checkpoint, WeightError
+from readaptir.shards import BufferPool, Checkpoint, ShardWriter, WeightError
 from readaptir.stages import merge as merge_stage
 from readaptir.stages.delta import compute_delta, storage_dtype
 from readaptir.stages.merge import merge
@@ -605,3 +608,69 @@ def test_base_with_legacy_layernorm_names(tmp_path, tokenizer):
         got = load_state(tmp_path / route)
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want), route
+
+
+def test_a_sharded_merges_index_names_each_tensors_file(tmp_path, tiny_base, tiny_retriever):
+    # vLLM, accelerate and safe_open users look a tensor up in the index's weight map
+    run_merge(tmp_path, tiny_base, tiny_retriever, alpha=0.0, beta=0.5, max_shard_bytes=40_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = {p.name for p in tmp_path.glob("model-*-of-*.safetensors")}
+    assert len(files) > 3 and set(index["weight_map"].values()) == files
+    assert sorted(index["weight_map"]) == sorted(Body(tiny_base).names())
+    for name, file in index["weight_map"].items():
+        with safe_open(tmp_path / file, "pt") as f:
+            assert name in f.keys(), (name, file)
+    sizes = sum(Checkpoint(tmp_path).nbytes(n) for n in index["weight_map"])
+    assert index["metadata"]["total_size"] == sizes
+
+
+def test_a_forced_dtype_casts_the_tensors_passed_as_stored(tmp_path, tiny_base, tiny_retriever):
+    for beta, source in ((1.0, tiny_retriever), (0.0, tiny_base)):  # R's tensors, then Θ's
+        out = tmp_path / f"b{beta}"
+        info = run_merge(out, tiny_base, tiny_retriever, alpha=0.0, beta=beta, dtype="bfloat16")
+        assert info["dtype"] == "bfloat16"
+        got, want = Checkpoint(out), Body(source)
+        for name in want.names():
+            assert torch.equal(got.get(name), want.get(name).to(torch.bfloat16)), name
+
+
+def test_pooled_buffers_are_not_reused_while_written(
+    monkeypatch, tmp_path, tiny_base, tiny_retriever, dora_adapter
+):
+    # the tiny tensors stay under the pool's floor: pool them all, and slow the writer down (a
+    # slow disk) so that the next tensors are read and summed while one is written
+    cases = {
+        "passed": dict(alpha=0.0, beta=1.0),  # R's tensors handed on as read
+        "summed": dict(alpha=0.5, beta=0.7, adapter_dir=dora_adapter),
+    }
+    for case, kwargs in cases.items():
+        run_merge(tmp_path / f"ref-{case}", tiny_base, tiny_retriever, **kwargs)
+    monkeypatch.setattr(readapt, "BufferPool", lambda: BufferPool(keep=16, min_bytes=0))
+    add = ShardWriter.add
+
+    def slow_add(self, name, tensor):
+        time.sleep(0.01)
+        add(self, name, tensor)
+
+    monkeypatch.setattr(ShardWriter, "add", slow_add)
+    for case, kwargs in cases.items():
+        run_merge(tmp_path / f"pooled-{case}", tiny_base, tiny_retriever, **kwargs)
+        ref, got = Checkpoint(tmp_path / f"ref-{case}"), Checkpoint(tmp_path / f"pooled-{case}")
+        assert ref.names() == got.names()
+        for name in ref.names():
+            assert torch.equal(got.get(name), ref.get(name)), (case, name)
+    pool = BufferPool(min_bytes=1)
+    pool.give(torch.empty(100, dtype=torch.uint8))
+    assert pool.take(80).data_ptr() != pool.take(80).data_ptr()  # one buffer lent once
+
+
+def test_a_delta_missing_a_tensor_is_refused(tmp_path, tiny_base, tiny_retriever):
+    delta = tmp_path / "delta"
+    compute_delta(tiny_base, tiny_retriever, delta)
+    tensors = load_file(delta / "model.safetensors")
+    del tensors["layers.1.mlp.up_proj.weight"]
+    save_file(tensors, delta / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(WeightError, match=r"no Δ for tensor layers\.1\.mlp\.up_proj\.weight"):
+        run_merge(out, tiny_base, tiny_retriever, alpha=0.0, beta=1.0, delta_dir=delta)
+    assert not any(out.iterdir())
