@@ -583,9 +583,11 @@ def load_recipe(path: Path) -> Recipe:
 
 
 def recipe_files(recipes_dir: Path) -> list[Path]:
-    """The buildable recipes of a folder (recursively), partial ``_*.yaml`` files excluded."""
-    files = sorted(p for ext in ("*.yaml", "*.yml") for p in Path(recipes_dir).rglob(ext))
-    return [p for p in files if not p.name.startswith("_")]
+    """The buildable recipes of a folder (recursively); partial ones, named ``_*`` or inside a
+    ``_*`` folder, excluded."""
+    root = Path(recipes_dir)
+    files = sorted(p for ext in ("*.yaml", "*.yml") for p in root.rglob(ext))
+    return [p for p in files if not any(part.startswith("_") for part in p.relative_to(root).parts)]
 
 
 def _value_tag(value: float) -> str:

@@ -58,6 +58,7 @@ def test_partial_recipes_are_not_built_and_names_must_be_unique(tmp_path):
     write(tmp_path / "r" / "_base.yaml", MINIMAL)
     write(tmp_path / "r" / "a.yaml", "extends: _base.yaml\n")
     write(tmp_path / "r" / "sub" / "b.yaml", "extends: ../_base.yaml\nname: a\n")
+    write(tmp_path / "r" / "_parts" / "c.yaml", "extends: ../_base.yaml\nname: a\n")  # partial
     with pytest.raises(RecipeError, match=r"b\.yaml: name: 'a' is also the name of .*a\.yaml"):
         load_recipes(tmp_path / "r")
     (tmp_path / "r" / "sub" / "b.yaml").unlink()
