@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,16 @@ import pytest
 import torch
 from conftest import run_ranks, write_beir
 from tokenizers import processors
+from transformers import AutoModel
 
-from readaptir.corpus import CorpusError, load_corpus, load_judgments, passage_text
+from readaptir.corpus import (
+    CorpusError,
+    load_corpus,
+    load_judgments,
+    load_queries,
+    passage_text,
+    query_text,
+)
 from readaptir.encoding import (
     appends_eos,
     encode_texts,
@@ -155,6 +164,12 @@ def test_minilm_matches_sentence_transformers(minilm, minilm_dir, st_model):
     )
     theirs = st_model.encode(TEXTS, convert_to_numpy=True, batch_size=2)
     assert ours.dtype == np.float32 and ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    left = copy.deepcopy(tok)  # a tokenizer saved to pad on the left: MiniLM's positions are
+    left.padding_side = "left"  # absolute, so the batches must still be padded on the right
+    ours = encode_texts(
+        model, left, TEXTS, pooling="mean", normalize=True, max_length=256, batch_tokens=300
+    )
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
@@ -397,6 +412,101 @@ def test_nothing_to_score_fails_before_any_encoding(tmp_path, monkeypatch, qrels
         load_judgments(root, "test")  # the score stage's reading, the same check
 
 
+def test_several_legacy_pooling_modes_are_refused(tmp_path):
+    (tmp_path / "1_Pooling").mkdir()
+    modules = [
+        {"path": "", "type": "sentence_transformers.models.Transformer"},
+        {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    legacy = {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": True}
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(legacy))
+    st = read_st_config(tmp_path)
+    assert st.pooling == "cls+mean"  # sentence-transformers concatenates both: a 2x vector
+    with pytest.raises(ValueError, match="not supported"):
+        resolve_fields(resolve_encoding("sentence-transformers"), st)
+
+
+def test_embed_uses_the_query_instruction_and_each_length(tiny_retriever, tiny_beir, tmp_path):
+    encoding = resolve_encoding(
+        "custom",
+        {
+            "query_template": "Instruct: {instruction}\nQuery: {text}",
+            "query_instruction": "find the passage",
+            "pooling": "last",
+            "append_eos": True,
+            "max_query_length": 48,
+            "max_passage_length": 6,
+            "dtype": "float32",
+        },
+    )
+    embed(tiny_retriever, tiny_beir, "test", encoding, tmp_path / "emb")
+    model, tok = load_encoder(tiny_retriever)
+
+    def vectors(texts, max_length):
+        return encode_texts(
+            model,
+            tok,
+            texts,
+            pooling="last",
+            normalize=True,
+            append_eos=True,
+            max_length=max_length,
+        )
+
+    passages = [passage_text(p, encoding.passage_template) for p in load_corpus(tiny_beir)]
+    stored = np.concatenate([v for _, v in load_embeddings(tmp_path / "emb")]).astype(np.float32)
+    np.testing.assert_allclose(stored, vectors(passages, 6), atol=1e-3)
+    assert not np.allclose(stored, vectors(passages, 48), atol=1e-3)
+    qids, qvecs = load_queries_embeddings(tmp_path / "emb")
+    queries = load_queries(tiny_beir)
+    asked = [query_text(queries[q], encoding.query_template, "find the passage") for q in qids]
+    bare = [query_text(queries[q], encoding.query_template, "") for q in qids]
+    qvecs = qvecs.astype(np.float32)
+    np.testing.assert_allclose(qvecs, vectors(asked, 48), atol=1e-3)
+    assert not np.allclose(qvecs, vectors(asked, 6), atol=1e-3)
+    assert not np.allclose(qvecs, vectors(bare, 48), atol=1e-3)
+
+
+def test_embed_lowercases_when_the_model_says_so(tiny_retriever, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_retriever, model_dir)
+    (model_dir / "modules.json").write_text(
+        json.dumps([{"path": "", "type": "sentence_transformers.models.Transformer"}])
+    )
+    (model_dir / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": 64, "do_lower_case": True})
+    )
+    corpus = [
+        {"_id": "d0", "title": "", "text": "Protein CELL Gene"},
+        {"_id": "d1", "text": "RIVER"},
+    ]
+    root = write_beir(tmp_path / "beir", corpus, [{"_id": "q0", "text": "Cell"}], [("q0", "d0", 1)])
+    encoding = resolve_encoding("sentence-transformers", {"pooling": "mean", "normalize": True})
+    info = embed(model_dir, root, "test", encoding, tmp_path / "emb")
+    assert info["resolved"]["lowercase"] is True
+    ((_, stored),) = load_embeddings(tmp_path / "emb")
+    model, tok = load_encoder(model_dir)
+    kw = dict(pooling="mean", normalize=True, max_length=64)
+    lower = encode_texts(model, tok, ["protein cell gene", "river"], **kw)
+    cased = encode_texts(model, tok, ["Protein CELL Gene", "RIVER"], **kw)
+    np.testing.assert_allclose(stored.astype(np.float32), lower, atol=1e-3)
+    assert not np.allclose(stored.astype(np.float32), cased, atol=1e-3)
+
+
+def test_embed_refuses_vectors_that_overflow_float16(
+    tiny_retriever, tiny_beir, tmp_path, monkeypatch
+):
+    def overflowing(model, tokenizer, texts, **kw):
+        return np.full((len(texts), 8), np.inf, dtype=np.float16)
+
+    monkeypatch.setattr(embed_module, "encode_texts", overflowing)
+    encoding = resolve_encoding("repllama", {"dtype": "float32"})
+    with pytest.raises(ValueError, match="shard 0: vectors overflow float16"):
+        embed(tiny_retriever, tiny_beir, "test", encoding, tmp_path / "emb", shard_size=5)
+    assert not list((tmp_path / "emb").glob("corpus-*"))
+
+
 KW = dict(shard_size=5, batch_tokens=64)
 FLOAT32 = {"dtype": "float32"}
 
@@ -420,11 +530,11 @@ def test_killed_embedding_resumes_from_its_finished_shards(tiny_retriever, tiny_
         if shard == 1:
             raise KeyboardInterrupt
 
-    def run(name: str, **kw) -> tuple[dict, list[int]]:
+    def run(name: str, model=tiny_retriever, **kw) -> tuple[dict, list[int]]:
         encoded: list[int] = []
         kw = {**KW, "on_shard": encoded.append, **kw}
         out = tmp_path / name
-        return embed(tiny_retriever, tiny_beir, "test", encoding, out, work_dir=work, **kw), encoded
+        return embed(model, tiny_beir, "test", encoding, out, work_dir=work, **kw), encoded
 
     with pytest.raises(KeyboardInterrupt):
         run("killed", on_shard=kill_after_1)
@@ -442,6 +552,21 @@ def test_killed_embedding_resumes_from_its_finished_shards(tiny_retriever, tiny_
     with pytest.raises(KeyboardInterrupt):
         run("killed3", on_shard=kill_after_1)
     assert run("resized", shard_size=4)[1] == [0, 1, 2]
+    # nor one of another dtype, nor the shards of a model rebuilt since (same file names)
+    with pytest.raises(KeyboardInterrupt):
+        run("killed4", on_shard=kill_after_1)
+    np.save(work / "corpus-00001.npy", np.zeros((5, whole["dim"]), np.float32))
+    assert run("retyped")[1] == [1, 2]
+    model = tmp_path / "model"
+    shutil.copytree(tiny_retriever, model)
+    with pytest.raises(KeyboardInterrupt):
+        run("killed5", model, on_shard=kill_after_1)
+    rebuilt = AutoModel.from_pretrained(model)
+    with torch.no_grad():
+        for param in rebuilt.parameters():
+            param.mul_(1.5)
+    rebuilt.save_pretrained(model)
+    assert run("rebuilt", model)[1] == [0, 1, 2]
 
 
 def test_ranks_share_the_shards_and_rank_zero_assembles(tiny_retriever, tiny_beir, tmp_path):

@@ -137,3 +137,26 @@ def test_precision_is_fixed_at_build_time_by_family():
 )  # fmt: skip
 def test_identical_ids_rule_per_collection(setting, dataset, expected):
     assert ignores_identical_ids(setting, dataset) is expected
+
+
+SPELLINGS = (
+    "MSMARCO ArguAna ClimateFEVER DBPedia FEVER FiQA2018 HotpotQA NFCorpus NQ QuoraRetrieval "
+    "SCIDOCS SciFact TRECCOVID Touche2020 msmarco-passage trec-covid webis-touche2020 "
+    "dbpedia-entity climate-fever fiqa quora"
+).split()
+
+
+@pytest.mark.parametrize("name", SPELLINGS)
+def test_every_spelling_of_a_collection_gets_its_instruction(name):
+    expected = E5_INSTRUCTIONS[dataset_key(name)]
+    assert resolve_encoding("e5-mistral", dataset=name).query_instruction == expected
+
+
+@pytest.mark.parametrize("name", ["SciFact-PL", "NQ-PL", "cqadupstack-english", "fev"])
+def test_a_name_merely_near_a_collections_gets_the_generic_instruction(name):
+    assert resolve_encoding("e5-mistral", dataset=name).query_instruction == E5_DEFAULT_INSTRUCTION
+
+
+def test_repllama_msmarco_lengths_under_an_alias():
+    enc = resolve_encoding("repllama", dataset="msmarco-passage")
+    assert (enc.max_query_length, enc.max_passage_length) == (32, 196)
