@@ -1,3 +1,4 @@
+import os
 import shutil
 from pathlib import Path
 
@@ -6,6 +7,8 @@ import torch
 import yaml
 
 from readaptir import dvcfile, workspace
+from readaptir import plan as plan_module
+from readaptir.fingerprint import Fingerprints
 from readaptir.plan import plan_recipes
 from readaptir.recipe import RecipeError, load_recipes
 
@@ -277,3 +280,124 @@ def test_the_repositorys_pipelines_are_the_build_of_its_recipes(tmp_path):
     assert built and all((repo / p).read_text() == (tmp_path / p).read_text() for p in built), (
         "run `readaptir build` at the repository root and commit the result"
     )
+
+
+def test_kind_version_bump_rebuilds_that_kind_and_what_reads_it(project, monkeypatch):
+    before = plan_of(project)
+    with monkeypatch.context() as m:
+        m.setitem(plan_module.KIND_VERSIONS, "adapter", plan_module.KIND_VERSIONS["adapter"] + 1)
+        assert changed_kinds(before, plan_of(project)) == {
+            "adapter", "merge", "embed", "search", "score"
+        }  # fmt: skip
+    with monkeypatch.context() as m:
+        m.setitem(plan_module.KIND_VERSIONS, "search", plan_module.KIND_VERSIONS["search"] + 1)
+        assert changed_kinds(before, plan_of(project)) == {"search", "score"}
+
+
+@pytest.mark.parametrize(
+    ("common_extra", "expected"),
+    [
+        ({"eval": {"metrics": ["nDCG@10"]}}, {"score"}),  # eval metrics
+        ({"retriever": {"source": "models/retriever", "family": "repllama",  # encoding dtype
+                        "encoding": {"dtype": "float32"}}}, {"embed", "search", "score"}),
+        ({"retriever": {"source": "models/retriever", "family": "repllama",  # merge dtype
+                        "dtype": "float32"}}, {"merge", "embed", "search", "score"}),
+        ({"base": {"source": "models/base", "dtype": "float32"}},  # adapter (and Δ, merge) dtype
+         {"adapter", "merge", "embed", "search", "score"}),
+    ],
+)  # fmt: skip
+def test_each_setting_is_in_the_ids_of_exactly_the_stages_it_affects(
+    project, common_extra, expected
+):
+    before = plan_of(project)
+    common_file = project / "recipes" / "_common.yaml"
+    common = {**yaml.safe_load(common_file.read_text()), **common_extra}
+    common_file.write_text(yaml.safe_dump(common))
+    assert changed_kinds(before, plan_of(project)) == expected
+
+
+@pytest.mark.parametrize("corpus", [{"path": "data/toy"}, {"beir": "scifact"}])  # local, fetched
+def test_split_changes_search_side_not_adapter(project, corpus):
+    qrels = project / "data" / "toy" / "qrels"
+    shutil.copy(qrels / "test.tsv", qrels / "dev.tsv")
+    common_file = project / "recipes" / "_common.yaml"
+    common = yaml.safe_load(common_file.read_text())
+    common_file.write_text(yaml.safe_dump({**common, "corpus": corpus}))
+    before = plan_of(project)
+    common_file.write_text(yaml.safe_dump({**common, "corpus": {**corpus, "split": "dev"}}))
+    # the adapter trains on passages, not on the judged split: it (and the merge) stay
+    assert changed_kinds(before, plan_of(project)) == {"embed", "search", "score"}
+
+
+def test_fingerprint_cache_sees_same_size_edits_and_folders_hash_names_and_subfolders(tmp_path):
+    root = tmp_path / "proj"
+    folder = root / "m"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.bin").write_text("aaaa")
+    (folder / "sub" / "w.bin").write_text("wwww")
+    fp = Fingerprints(root)
+    file_before, folder_before = fp.path(folder / "a.bin"), fp.path(folder)
+    fp.save()
+    # same size, new content, later mtime: the cache must not answer
+    (folder / "a.bin").write_text("bbbb")
+    st = (folder / "a.bin").stat()
+    os.utime(folder / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    fp2 = Fingerprints(root)  # the cache read back from disk
+    assert fp2.path(folder / "a.bin") != file_before
+    (folder / "a.bin").write_text("aaaa")
+    assert fp2.path(folder) == folder_before  # content back: the same hash
+    # a renamed file is a different folder
+    (folder / "a.bin").rename(folder / "b.bin")
+    assert fp2.path(folder) != folder_before
+    (folder / "b.bin").rename(folder / "a.bin")
+    assert fp2.path(folder) == folder_before
+    # a file in a subfolder counts
+    (folder / "sub" / "w.bin").write_text("xxxxx")
+    assert fp2.path(folder) != folder_before
+    # hidden files do not
+    (folder / "sub" / "w.bin").write_text("wwww")
+    (folder / ".cache").write_text("anything")
+    assert fp2.path(folder) == folder_before
+
+
+def test_stale_generated_pipelines_go_but_hand_written_ones_stay(project):
+    mine = project / "pipelines" / "mine" / "dvc.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("stages:\n  mine:\n    cmd: echo hi\n")
+    old = project / "pipelines" / "old"
+    old.mkdir()
+    (old / "dvc.yaml").write_text(dvcfile.HEADER + "stages: {}\n")
+    (old / "dvc.lock").write_text("schema: '2.0'\n")
+    changed = dvcfile.write(plan_of(project), project)
+    assert mine.read_text() == "stages:\n  mine:\n    cmd: echo hi\n"
+    assert not old.exists() and old / "dvc.yaml" in changed
+
+
+def test_dvc_yaml_names_external_inputs_as_deps(project):
+    plan = plan_of(project)
+    stages = yaml.safe_load(dvcfile.render(plan)["dvc.yaml"])["stages"]
+    deps = {n: set(s["deps"]) for n, s in stages.items()}
+    kinds = by_kind(plan)
+    (adapter,) = kinds["adapter"]
+    assert {"models/base", "data/toy/corpus.jsonl"} <= deps[adapter.name]
+    (delta,) = kinds["delta"]
+    assert {"models/base", "models/retriever"} <= deps[delta.name]
+    baseline = next(s for s in kinds["embed"] if "model" not in s.inputs)
+    assert {"models/retriever", "data/toy/corpus.jsonl", "data/toy/queries.jsonl",
+            "data/toy/qrels/test.tsv"} <= deps[baseline.name]  # fmt: skip
+    score = plan.stages["score-ra-half"]
+    assert "data/toy/qrels/test.tsv" in deps[score.name]
+
+
+@pytest.mark.parametrize("changed", ["data/toy/corpus.jsonl", "models/retriever/config.json"])
+def test_stage_refuses_inputs_changed_since_build(project, changed):
+    from readaptir.runner import StaleInputError, run_stage
+
+    plan = plan_of(project)
+    dvcfile.write(plan, project)
+    baseline = next(s for s in by_kind(plan)["embed"] if "model" not in s.inputs)
+    path = project / changed
+    path.write_text(path.read_text() + "\n")
+    with pytest.raises(StaleInputError, match="changed since `readaptir build`"):
+        run_stage(project, baseline.name, device="cpu")
+    assert not (project / baseline.out).exists()
