@@ -67,6 +67,14 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file's content; text that does not parse is an error naming the file and line."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
+
+
 def parse_mapping(text: str, where: str, fmt: str = "yaml") -> dict:
     """The mapping a YAML (or ``fmt="json"``) file holds; empty YAML is an empty mapping. Text
     that does not parse, or holds something else, is an error naming ``where`` (and the line)."""

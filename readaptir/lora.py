@@ -6,7 +6,6 @@ PEFT's own ``merge_and_unload`` in the tests.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -16,6 +15,7 @@ from types import EllipsisType
 
 import torch
 
+from readaptir.artifacts import read_json
 from readaptir.shards import Checkpoint, WeightError
 from readaptir.weights import Body, split_head, ties_embeddings
 
@@ -136,7 +136,11 @@ class Adapter:
 
     def __init__(self, adapter_dir: Path, prefix: str) -> None:
         self.folder = Path(adapter_dir)
-        self.config = json.loads((self.folder / "adapter_config.json").read_text())
+        self.config = read_json(self.folder / "adapter_config.json")
+        if not isinstance(self.config, dict):
+            raise WeightError(f"{self.folder}/adapter_config.json: not a mapping")
+        # PEFT's LoraConfig defaults, which its own loading applies to a config that omits them
+        self.config = {"r": 8, "lora_alpha": 8, **self.config}
         if self.config.get("peft_type") != "LORA":
             raise WeightError(f"{adapter_dir}: only LoRA/DoRA adapters are supported")
         if self.config.get("fan_in_fan_out"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -31,7 +30,9 @@ def is_peft_adapter(model_dir: Path) -> bool:
 
 
 def peft_config(model_dir: Path) -> dict:
-    return json.loads((Path(model_dir) / ADAPTER_CONFIG).read_text())
+    from readaptir.artifacts import read_json
+
+    return read_json(Path(model_dir) / ADAPTER_CONFIG)
 
 
 def torch_dtype(name: str | None):
@@ -50,24 +51,96 @@ def load_encoder(model_dir: Path, base_dir: Path | None = None, dtype=None, devi
     """A bare transformer (AutoModel, no LM head) ready for encoding, and its tokenizer.
 
     ``model_dir`` is a full model or a PEFT LoRA adapter, which is merged onto ``base_dir``.
+    Every tensor the model needs must come from the checkpoint (transformers would initialise a
+    missing one at random and say so only in a log), and a PEFT adapter must be applied whole,
+    tensor for tensor as its file holds them and the merge stage reads them.
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
     if is_peft_adapter(model_dir):
         if base_dir is None:
             raise ValueError(f"{model_dir} is a PEFT adapter; its base model is needed to load it")
-        from peft import PeftModel
-
-        model = AutoModel.from_pretrained(base_dir, dtype=dtype)
-        model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
+        model = _with_adapter(_bare_model(Path(base_dir), dtype), model_dir).merge_and_unload()
     else:
-        model = AutoModel.from_pretrained(model_dir, dtype=dtype)
+        model = _bare_model(model_dir, dtype)
     tok_dir = model_dir if _has_tokenizer(model_dir) else base_dir
     if tok_dir is None:
         raise FileNotFoundError(f"no tokenizer files in {model_dir}")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{tok_dir}: the tokenizer does not load ({err})") from None
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens, the model's embeddings "
+            f"{rows} rows: they do not belong together"
+        )
     return model.to(device).eval(), tokenizer
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every safetensors header of a model folder checked, so that a corrupt, cut-short or
+    git-lfs pointer file is named before transformers reads it (its own error names no file)."""
+    from readaptir.shards import INDEX, SINGLE, Checkpoint
+
+    if (Path(folder) / SINGLE).is_file() or (Path(folder) / INDEX).is_file():
+        Checkpoint(folder)
+
+
+def _bare_model(folder: Path, dtype):
+    """AutoModel from ``folder``, its weight files checked first and its load report read."""
+    from transformers import AutoModel
+
+    from readaptir.weights import HEADS, is_buffer, lm_head_names
+
+    check_weight_files(folder)
+    model, info = AutoModel.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    # the pooler is not used by any pooling here; buffers are rebuilt; LM heads belong elsewhere
+    missing = [n for n in info.get("missing_keys") or () if not is_buffer(n)]
+    missing = [n for n in missing if not n.startswith("pooler.")]
+    heads = lm_head_names(folder)
+    unexpected = [
+        n
+        for n in info.get("unexpected_keys") or ()
+        if not (n.startswith(HEADS) or n in heads or is_buffer(n))
+    ]
+    for names, what in ((missing, "lacks"), (unexpected, "holds tensors the model does not use:")):
+        if names:
+            raise ValueError(
+                f"{folder}: the checkpoint {what} {len(names)} tensors of a "
+                f"{type(model).__name__} (e.g. {', '.join(sorted(names)[:3])})"
+            )
+    return model
+
+
+def _with_adapter(model, adapter_dir: Path):
+    """``model`` with the PEFT adapter applied, checked to hold every tensor of the adapter's
+    file and nothing else (PEFT itself only warns about keys it could not place, and ignores
+    tensors its config does not name)."""
+    from peft import PeftConfig, PeftModel, get_peft_model_state_dict
+
+    from readaptir.shards import Checkpoint
+
+    config = PeftConfig.from_pretrained(adapter_dir)
+    config.task_type = None  # a bare model: CAUSAL_LM's wrapper would want generation hooks
+    model = PeftModel.from_pretrained(model, adapter_dir, config=config)
+    stored = {_peft_key(n) for n in Checkpoint(adapter_dir).names()}
+    applied = {_peft_key(n) for n in get_peft_model_state_dict(model)}
+    for names, what in ((stored - applied, "are not applied"), (applied - stored, "are missing")):
+        if names:
+            raise ValueError(
+                f"{adapter_dir}: {len(names)} adapter tensors {what} by PEFT onto "
+                f"{type(model.base_model.model).__name__} with its adapter_config.json (e.g. "
+                f"{', '.join(sorted(names)[:2])}): check its target_modules, use_dora and keys"
+            )
+    return model
+
+
+def _peft_key(name: str) -> str:
+    # PEFT releases name a DoRA magnitude with or without ".weight"
+    return name.removesuffix(".weight") if "lora_magnitude_vector" in name else name
 
 
 def _has_tokenizer(path: Path) -> bool:

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from readaptir.artifacts import read_json
 from readaptir.families import ignores_identical_ids, resolve_encoding
 from readaptir.fingerprint import Fingerprints, project_path
 from readaptir.recipe import (
@@ -25,6 +26,7 @@ from readaptir.recipe import (
     located,
     slug,
 )
+from readaptir.shards import INDEX, SINGLE
 
 # Bump a kind's version when its code changes what it writes: every stage of that kind rebuilds.
 KIND_VERSIONS = {
@@ -112,8 +114,8 @@ SHAPE_FIELDS = (
 def check_same_shape(base_dir: Path, retriever_dir: Path) -> None:
     """Fail early when the retriever cannot be the base plus a delta (configs disagree)."""
     try:
-        base = json.loads((base_dir / "config.json").read_text())
-        retr = json.loads((retriever_dir / "config.json").read_text())
+        base = read_json(base_dir / "config.json")
+        retr = read_json(retriever_dir / "config.json")
     except FileNotFoundError:
         return  # the delta stage checks every tensor anyway
     for key in SHAPE_FIELDS:
@@ -393,6 +395,14 @@ class Planner:
         )
         if base_dir and retriever_dir and not src.retriever_is_peft:
             check_same_shape(base_dir, retriever_dir)
+        full_retriever = None if src.retriever_is_peft or beta == 0 else retriever_dir
+        for key, folder in (("base", base_dir), ("retriever", full_retriever)):
+            if folder is not None and not any((folder / f).is_file() for f in (SINGLE, INDEX)):
+                raise PlanError(
+                    key,
+                    f"{folder} has no safetensors weights ({SINGLE} or {INDEX}), which the "
+                    "merge reads tensor by tensor: save the model with safetensors",
+                )
         merge_inputs: dict[str, Stage] = {}
         device = recipe.readapt.device
         chosen = "device" in recipe.readapt.model_fields_set  # `auto` written out counts too

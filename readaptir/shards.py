@@ -21,6 +21,8 @@ from typing import BinaryIO
 
 import torch
 
+from readaptir.artifacts import parse_mapping
+
 LOG = logging.getLogger(__name__)
 
 SINGLE = "model.safetensors"
@@ -76,7 +78,44 @@ def _read_header(path: Path) -> tuple[dict[str, dict], int]:
     if not isinstance(header, dict):
         raise WeightError(f"{path}: unreadable safetensors header")
     header.pop("__metadata__", None)
+    _check_entries(path, header, total - 8 - size)
     return header, 8 + size
+
+
+def _check_entries(path: Path, header: dict, data_bytes: int) -> None:
+    """Every entry well formed, sized as its shape and dtype say, and the entries tiling the
+    tensor bytes exactly (no overlap, no gap, nothing cut off), as the safetensors library
+    requires; a file that breaks this would otherwise be read as wrong numbers."""
+    spans = []
+    for name, info in header.items():
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            code = str(info["dtype"])
+        except (TypeError, KeyError, ValueError):
+            raise WeightError(
+                f"{path}: malformed header entry for tensor {name}: {info!r}"
+            ) from None
+        dtype = _ST_DTYPES.get(code)
+        if dtype is not None and end - begin != math.prod(shape) * dtype.itemsize:
+            raise WeightError(
+                f"{path}: tensor {name} ({code}, shape {shape}) has {end - begin} bytes, "
+                f"not {math.prod(shape) * dtype.itemsize}"
+            )
+        spans.append((begin, end, name))
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            raise WeightError(
+                f"{path}: tensor {name} starts at byte {begin} of the tensor data, not {at} "
+                "(overlapping or missing bytes)"
+            )
+        at = end
+    if at != data_bytes:
+        raise WeightError(
+            f"{path}: its header describes {at} bytes of tensor data, the file holds {data_bytes}"
+            + (" (cut short)" if at > data_bytes else "")
+        )
 
 
 class _Readers:
@@ -161,12 +200,27 @@ class Checkpoint:
         if not (self.folder / ADAPTER).is_file() and (self.folder / ADAPTER_BIN).is_file():
             self._load_bin(self.folder / ADAPTER_BIN)
             return
-        self._files = self._locate()
+        self._files, weight_map = self._locate()
         for path in self._files:
             header, self._data_start[path] = _read_header(path)
             for name, info in header.items():
+                if name in self._file_of:
+                    raise WeightError(
+                        f"tensor {name} is in both {self._file_of[name]} and {path.name}"
+                    )
+                if weight_map is not None and weight_map.get(name) != path.name:
+                    raise WeightError(
+                        f"{path} holds tensor {name}, which {INDEX} maps to "
+                        f"{weight_map.get(name)!r}"
+                    )
                 self._meta[name] = info
                 self._file_of[name] = path
+        unheld = sorted(set(weight_map or ()) - set(self._meta))
+        if unheld:
+            raise WeightError(
+                f"{self.folder / INDEX} maps {unheld[0]} to {weight_map[unheld[0]]}, which does "
+                f"not hold it ({len(unheld)} such tensors)"
+            )
 
     def _load_bin(self, path: Path) -> None:
         try:
@@ -186,14 +240,20 @@ class Checkpoint:
             self._file_of[name] = path
             self._loaded[name] = tensor.contiguous()
 
-    def _locate(self) -> list[Path]:
+    def _locate(self) -> tuple[list[Path], dict[str, str] | None]:
+        """The weight files, and the index's map of tensor names to them (if there is one)."""
         folder = self.folder
         if (folder / INDEX).is_file():
-            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-            return [folder / f for f in sorted(set(weight_map.values()))]
+            index = parse_mapping((folder / INDEX).read_text(), str(folder / INDEX), fmt="json")
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) for f in weight_map.values()
+            ):
+                raise WeightError(f"{folder / INDEX}: no weight_map of tensor names to files")
+            return [folder / f for f in sorted(set(weight_map.values()))], weight_map
         for name in (SINGLE, ADAPTER):
             if (folder / name).is_file():
-                return [folder / name]
+                return [folder / name], None
         found = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
         if found:
             raise WeightError(f"{folder} holds only {found}; safetensors weights are required")

@@ -10,12 +10,12 @@ reproduce fails instead of being skipped: modules other than Transformer, Poolin
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from readaptir.artifacts import read_json
 from readaptir.families import Encoding, Pooling
 
 LOG = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class Resolved:
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)
 
 
 def _st_pooling_mode(config: dict) -> str | None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from readaptir.artifacts import atomic_file
+from readaptir.models import check_weight_files
 
 LOG = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def load_model(base_dir: Path, objective: str, dtype: torch.dtype | None) -> tor
             "bfloat16 (or float32, or auto: a float16 checkpoint trains in bfloat16)"
         )
     cls = AutoModelForCausalLM if objective == CAUSAL else AutoModelForMaskedLM
+    check_weight_files(base_dir)
     model, info = cls.from_pretrained(base_dir, dtype=dtype, output_loading_info=True)
     missing = sorted(info.get("missing_keys") or ())
     prefix = getattr(model, "base_model_prefix", "") + "."

@@ -1,5 +1,6 @@
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,11 @@ def test_decoder_base_without_lm_head_or_in_float16_is_refused(tmp_path, tokeniz
         _train(tmp_path, "bare-out", bare, tiny_beir, max_steps=1)
     with pytest.raises(ValueError, match="float16 needs loss scaling"):
         _train(tmp_path, "fp16-out", bare, tiny_beir, max_steps=1, dtype="float16")
+    pointer = tmp_path / "pointer"
+    shutil.copytree(bare, pointer)
+    (pointer / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(ValueError, match=r"pointer/model\.safetensors .*git-lfs pointer"):
+        _train(tmp_path, "pointer-out", pointer, tiny_beir, max_steps=1)  # named before loading
 
 
 def test_one_eos_closes_each_passage_even_if_the_tokenizer_adds_one():

@@ -593,3 +593,62 @@ def test_ranks_share_the_shards_and_rank_zero_assembles(tiny_retriever, tiny_bei
     assert done == [[0, 2], [1]]
     assert _same_vectors(tmp_path / "one", tmp_path / "out0")
     assert not (tmp_path / "out1" / "corpus_ids.json").exists()  # rank 1 writes shards only
+
+
+def test_a_model_missing_a_tensor_or_with_a_foreign_one_is_refused(tiny_retriever, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_retriever, model)
+    tensors = load_file(tiny_retriever / "model.safetensors")
+    weights = model / "model.safetensors"
+    kept = {n: t for n, t in tensors.items() if n != "layers.1.mlp.up_proj.weight"}
+    save_file(kept, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 tensors of a LlamaModel .*up_proj"):
+        load_encoder(model)  # transformers would fill it at random and carry on
+    save_file(
+        {**tensors, "projection.weight": torch.ones(2, 2)}, weights, metadata={"format": "pt"}
+    )
+    with pytest.raises(ValueError, match=r"holds tensors the model does not use: .*projection"):
+        load_encoder(model)
+    weights.write_bytes((tiny_retriever / "model.safetensors").read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"model\.safetensors: its header .* \(cut short\)"):
+        load_encoder(model)
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_refused(tiny_retriever, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_retriever, model)
+    _, tok = load_encoder(tiny_retriever)
+    tok.add_tokens([f"extra{i}" for i in range(10)])
+    tok.save_pretrained(model)
+    with pytest.raises(ValueError, match="do not belong together"):
+        load_encoder(model)
+
+
+def test_a_peft_retriever_is_applied_whole_or_refused(tiny_base, tmp_path):
+    from peft import PeftModel
+    from test_merge import make_adapter
+    from transformers import AutoModel
+
+    lora = make_adapter(AutoModel.from_pretrained(tiny_base), tmp_path / "lora", dora=False, seed=5)
+    dora = make_adapter(AutoModel.from_pretrained(tiny_base), tmp_path / "dora", dora=True, seed=5)
+
+    def adapter(source: Path, name: str, **config) -> Path:
+        out = tmp_path / name
+        shutil.copytree(source, out)
+        path = out / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+        return out
+
+    # CAUSAL_LM is what a causal-LM training run writes: the bare model still takes it
+    model, _ = load_encoder(adapter(lora, "causal", task_type="CAUSAL_LM"), tiny_base)
+    expected = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_base), lora)
+    want = expected.merge_and_unload().state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    with pytest.raises(
+        ValueError, match=r"16 adapter tensors are not applied by PEFT onto LlamaModel .*down_proj"
+    ):
+        load_encoder(adapter(lora, "fewer", target_modules=["q_proj"]), tiny_base)
+    with pytest.raises(ValueError, match=r"adapter tensors are not applied .*lora_magnitude"):
+        load_encoder(adapter(dora, "not-dora", use_dora=False), tiny_base)

@@ -170,6 +170,20 @@ def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, 
         edit(project, "ra-full", f"extends: _common.yaml\nbase: {not_a_model}\n")
         with pytest.raises(RecipeError, match=r"ra-full\.yaml:2: base: .* is not a model folder"):
             plan_of(project)
+    config = project / "models" / "base" / "config.json"
+    good = config.read_text()
+    config.write_text('{"model_type": ')
+    edit(project, "ra-full", "extends: _common.yaml\n")
+    with pytest.raises(ValueError, match=r"base/config\.json:1: not valid JSON"):
+        plan_of(project)
+    config.write_text(good)
+    shutil.copytree(project / "models" / "retriever", project / "models" / "bin-only")
+    (project / "models" / "bin-only" / "model.safetensors").rename(
+        project / "models" / "bin-only" / "pytorch_model.bin"
+    )
+    edit(project, "ra-full", "extends: _common.yaml\nretriever: {source: models/bin-only}\n")
+    with pytest.raises(RecipeError, match=r"ra-full\.yaml:2: retriever: .* no safetensors weights"):
+        plan_of(project)  # found at build time, not after the adapter trained
     edit(project, "ra-full", "extends: _common.yaml\n")
     common = project / "recipes" / "_common.yaml"
     common.write_text(common.read_text().replace("corpus: data/toy", "corpus: data/gone"))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import struct
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from readaptir import tiny
 from readaptir.lora import _pattern_value, dora_update, lora_product
@@ -239,10 +243,92 @@ def test_checkpoint_keeps_no_file_open(tiny_retriever):
 def test_truncated_file_is_an_error(tmp_path, tiny_retriever):
     data = (tiny_retriever / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(WeightError, match=r"model\.safetensors: its header .* \(cut short\)"):
+        Checkpoint(tmp_path)  # found from the header, before any tensor is read
+    (tmp_path / "model.safetensors").write_bytes(data)
     ckpt = Checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 100])  # cut after opening
     last = max(ckpt.names(), key=lambda n: ckpt._info(n)["data_offsets"][1])
     with pytest.raises(WeightError, match="ends before"):
         ckpt.get(last)
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    """``path`` with its safetensors header changed by ``edit(header)``, tensor bytes kept."""
+    data = path.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + size])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size :])
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda h: h.__setitem__("norm.weight", 5),
+            "malformed header entry for tensor norm.weight",
+        ),
+        (lambda h: h["norm.weight"].pop("data_offsets"), "malformed header entry"),
+        (
+            lambda h: h["norm.weight"].__setitem__("shape", [3]),
+            r"norm\.weight .* has \d+ bytes, not 12",
+        ),
+        (
+            lambda h: h["norm.weight"].__setitem__(
+                "data_offsets",
+                [0, h["norm.weight"]["data_offsets"][1] - h["norm.weight"]["data_offsets"][0]],
+            ),
+            "overlapping or missing bytes",
+        ),
+    ],
+)
+def test_a_malformed_header_is_refused_naming_file_and_tensor(
+    tmp_path, tiny_retriever, edit, message
+):
+    shutil.copy(tiny_retriever / "model.safetensors", tmp_path / "model.safetensors")
+    _rewrite_header(tmp_path / "model.safetensors", edit)
+    with pytest.raises(WeightError, match=message):
+        Checkpoint(tmp_path)
+
+
+def test_a_shard_index_must_agree_with_its_shards(tmp_path, tiny_retriever):
+    tensors = load_file(tiny_retriever / "model.safetensors")
+    names = sorted(tensors)
+    first, second = names[: len(names) // 2], names[len(names) // 2 :]
+    save_file({n: tensors[n] for n in first}, tmp_path / "a.safetensors")
+    save_file({n: tensors[n] for n in second}, tmp_path / "b.safetensors")
+    weight_map = {**dict.fromkeys(first, "a.safetensors"), **dict.fromkeys(second, "b.safetensors")}
+    index = tmp_path / "model.safetensors.index.json"
+
+    def write_index(mapping) -> None:
+        index.write_text(json.dumps({"metadata": {}, "weight_map": mapping}))
+
+    write_index(weight_map)
+    assert sorted(Checkpoint(tmp_path).names()) == names
+    save_file({**{n: tensors[n] for n in second}, first[0]: torch.zeros_like(tensors[first[0]])},
+              tmp_path / "b.safetensors")  # fmt: skip
+    with pytest.raises(WeightError, match=f"tensor {re.escape(first[0])} is in both"):
+        Checkpoint(tmp_path)  # a second copy (zeros) in another shard
+    save_file({n: tensors[n] for n in second}, tmp_path / "b.safetensors")
+    write_index({**weight_map, first[0]: "b.safetensors"})
+    with pytest.raises(
+        WeightError, match="which model.safetensors.index.json maps to 'b.safetensors'"
+    ):
+        Checkpoint(tmp_path)
+    write_index({**weight_map, "extra.weight": "a.safetensors"})
+    with pytest.raises(
+        WeightError, match="maps extra.weight to a.safetensors, which does not hold it"
+    ):
+        Checkpoint(tmp_path)
+    index.write_text('{"weight_map": ')
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json:1: not valid JSON"):
+        Checkpoint(tmp_path)
+    index.write_text('{"metadata": {}}')
+    with pytest.raises(WeightError, match="no weight_map"):
+        Checkpoint(tmp_path)
 
 
 @pytest.fixture
@@ -268,11 +354,12 @@ def test_tensors_read_in_pieces_are_the_stored_bytes(small_pieces, tmp_path):
 def test_truncated_file_read_in_pieces_is_an_error(small_pieces, tmp_path):
     from safetensors.torch import save_file
 
-    save_file({"w": torch.randn(100, 40)}, tmp_path / "whole.safetensors")
-    data = (tmp_path / "whole.safetensors").read_bytes()
-    (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 100])
+    save_file({"w": torch.randn(100, 40)}, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    ckpt = Checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 100])  # cut after opening
     with pytest.raises(WeightError, match="model.safetensors ends before"):
-        Checkpoint(tmp_path).get("w")  # 16 pieces; the last comes up short
+        ckpt.get("w")  # 16 pieces; the last comes up short
 
 
 def _stored_bytes(ckpt: Checkpoint, name: str) -> bytes:

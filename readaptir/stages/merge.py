@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from readaptir.artifacts import resolve_device, write_json
+from readaptir.artifacts import read_json, resolve_device, write_json
 from readaptir.lora import Adapter
 from readaptir.models import is_peft_adapter, torch_dtype
 from readaptir.readapt import (
@@ -168,7 +168,7 @@ def _open_delta(delta_dir: Path, base: Body) -> Checkpoint:
     meta_path = delta_dir / DELTA_JSON
     if not meta_path.is_file():
         raise WeightError(f"{delta_dir} has no {DELTA_JSON}; is it a delta stage output?")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     delta = Checkpoint(delta_dir)
     for name in delta.names():
         if name not in base:
@@ -187,7 +187,7 @@ def _open_delta(delta_dir: Path, base: Body) -> Checkpoint:
 
 def _write_config(src: Path, out: Path, dtype: torch.dtype) -> None:
     # The output holds the bare model, whatever class the source was saved as.
-    config = json.loads((src / "config.json").read_text())
+    config = read_json(src / "config.json")
     config["architectures"] = [auto_model_class(src).__name__]
     config["dtype"] = dtype_name(dtype)
     if "torch_dtype" in config:
@@ -210,7 +210,7 @@ def _copy_support_files(retriever_dir: Path, base_dir: Path, out: Path) -> None:
     for name in ST_FILES:
         if (retriever_dir / name).is_file():
             shutil.copy2(retriever_dir / name, out / name)
-    for module in json.loads(modules.read_text()):
+    for module in read_json(modules):
         sub = module.get("path", "")
         if sub and (retriever_dir / sub).is_dir():  # modules without files have no folder
             shutil.copytree(retriever_dir / sub, out / sub)
