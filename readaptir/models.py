@@ -123,10 +123,10 @@ def _with_adapter(model, adapter_dir: Path):
 
     from readaptir.shards import Checkpoint
 
+    stored = {_peft_key(n) for n in Checkpoint(adapter_dir).names()}  # missing or corrupt: named
     config = PeftConfig.from_pretrained(adapter_dir)
     config.task_type = None  # a bare model: CAUSAL_LM's wrapper would want generation hooks
     model = PeftModel.from_pretrained(model, adapter_dir, config=config)
-    stored = {_peft_key(n) for n in Checkpoint(adapter_dir).names()}
     applied = {_peft_key(n) for n in get_peft_model_state_dict(model)}
     for names, what in ((stored - applied, "are not applied"), (applied - stored, "are missing")):
         if names:

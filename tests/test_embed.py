@@ -652,3 +652,10 @@ def test_a_peft_retriever_is_applied_whole_or_refused(tiny_base, tmp_path):
         load_encoder(adapter(lora, "fewer", target_modules=["q_proj"]), tiny_base)
     with pytest.raises(ValueError, match=r"adapter tensors are not applied .*lora_magnitude"):
         load_encoder(adapter(dora, "not-dora", use_dora=False), tiny_base)
+    broken = adapter(lora, "broken")
+    (broken / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"no model\.safetensors, .* in .*broken"):
+        load_encoder(broken, tiny_base)
+    (broken / "adapter_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=r"adapter_model\.bin: not a readable PyTorch state dict"):
+        load_encoder(broken, tiny_base)
