@@ -494,15 +494,23 @@ def test_embed_lowercases_when_the_model_says_so(tiny_retriever, tmp_path):
     assert not np.allclose(stored.astype(np.float32), cased, atol=1e-3)
 
 
-def test_embed_refuses_vectors_that_overflow_float16(
-    tiny_retriever, tiny_beir, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    "value, normalize, message",
+    [
+        (np.inf, False, "gives infinite vectors: they overflow float16 \\(normalize: true\\)"),
+        (np.inf, True, "gives infinite vectors: its activations overflow"),
+        (np.nan, True, "gives NaN vectors: NaN or inf in its weights or activations"),
+    ],
+)
+def test_embed_refuses_vectors_that_are_not_finite(
+    tiny_retriever, tiny_beir, tmp_path, monkeypatch, value, normalize, message
 ):
-    def overflowing(model, tokenizer, texts, **kw):
-        return np.full((len(texts), 8), np.inf, dtype=np.float16)
+    def broken(model, tokenizer, texts, **kw):
+        return np.full((len(texts), 8), value, dtype=np.float16)
 
-    monkeypatch.setattr(embed_module, "encode_texts", overflowing)
-    encoding = resolve_encoding("repllama", {"dtype": "float32"})
-    with pytest.raises(ValueError, match="shard 0: vectors overflow float16"):
+    monkeypatch.setattr(embed_module, "encode_texts", broken)
+    encoding = resolve_encoding("repllama", {"dtype": "float32", "normalize": normalize})
+    with pytest.raises(ValueError, match=f"shard 0: {tiny_retriever} {message}"):
         embed(tiny_retriever, tiny_beir, "test", encoding, tmp_path / "emb", shard_size=5)
     assert not list((tmp_path / "emb").glob("corpus-*"))
 

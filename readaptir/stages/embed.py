@@ -118,11 +118,17 @@ class Throughput:
         LOG.info("encoded %s", self.summary())
 
 
-def _finite(vecs: np.ndarray, what: str) -> np.ndarray:
-    if not np.isfinite(vecs).all():
+def _finite(vecs: np.ndarray, what: str, model_dir: Path, normalized: bool | None) -> np.ndarray:
+    """``vecs``, if every value is finite; else an error that says where to look."""
+    if np.isnan(vecs).any():
         raise ValueError(
-            f"{what}: vectors overflow float16 or are not finite; consider normalize: true"
+            f"{what}: {model_dir} gives NaN vectors: NaN or inf in its weights or activations"
         )
+    if not np.isfinite(vecs).all():
+        why = (
+            "its activations overflow" if normalized else "they overflow float16 (normalize: true)"
+        )
+        raise ValueError(f"{what}: {model_dir} gives infinite vectors: {why}")
     return vecs
 
 
@@ -215,7 +221,7 @@ def embed(
                 continue
             texts = [passage_text(p, encoding.passage_template) for p in chunk]
             vecs = encode(texts, max_length=resolved.max_passage_length, on_batch=progress)
-            save_shard(path, _finite(vecs, f"shard {shard}"))
+            save_shard(path, _finite(vecs, f"shard {shard}", model_dir, resolved.normalize))
             LOG.info("shard %d written; so far %s", shard, progress.summary())
             if on_shard is not None:
                 on_shard(shard)
@@ -244,7 +250,10 @@ def embed(
         vecs = encode(texts, max_length=resolved.max_query_length, on_batch=progress)
     finally:
         progress.close()
-    np.save(out / QUERY_VECTORS, _finite(vecs.reshape(len(texts), dim), "queries"))
+    np.save(
+        out / QUERY_VECTORS,
+        _finite(vecs.reshape(len(texts), dim), "queries", model_dir, resolved.normalize),
+    )
     write_json(out / QUERY_IDS, query_ids)
 
     info = {
