@@ -119,12 +119,19 @@ def check_same_shape(base_dir: Path, retriever_dir: Path) -> None:
     except FileNotFoundError:
         return  # the delta stage checks every tensor anyway
     for key in SHAPE_FIELDS:
-        if key in base and key in retr and base[key] != retr[key]:
+        ours, theirs = _shape_field(retr, key), _shape_field(base, key)
+        if ours != theirs:  # a field one config lacks counts too: the merge copies that config
             raise PlanError(
                 "retriever",
-                f"its {key} is {retr[key]!r} but the base's is {base[key]!r}: the retriever must "
+                f"its {key} is {ours!r} but the base's is {theirs!r}: the retriever must "
                 "have the base's architecture and shapes for weight arithmetic",
             )
+
+
+def _shape_field(config: dict, key: str):
+    if key == "num_key_value_heads":  # absent in older configs: one per attention head
+        return config.get(key, config.get("num_attention_heads"))
+    return config.get(key)
 
 
 @dataclass(frozen=True)

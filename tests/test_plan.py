@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 from pathlib import Path
@@ -166,6 +167,10 @@ def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, 
     edit(project, "ra-full", "extends: _common.yaml\nretriever: {source: models/wide}\n")
     with pytest.raises(RecipeError, match=r"ra-full\.yaml:2: retriever: its hidden_size is 32"):
         plan_of(project)
+    config = project / "models" / "wide" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_size": None}))
+    with pytest.raises(RecipeError, match=r"retriever: its hidden_size is None but the base's is"):
+        plan_of(project)  # a config lacking the field: the merge would copy it
     for not_a_model in (".", "models/base/config.json", "data/toy"):
         edit(project, "ra-full", f"extends: _common.yaml\nbase: {not_a_model}\n")
         with pytest.raises(RecipeError, match=r"ra-full\.yaml:2: base: .* is not a model folder"):
