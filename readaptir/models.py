@@ -57,13 +57,13 @@ def load_encoder(model_dir: Path, base_dir: Path | None = None, dtype=None, devi
     """
     from transformers import AutoTokenizer
 
+    from readaptir.artifacts import read_json
+
     model_dir = Path(model_dir)
-    if is_peft_adapter(model_dir):
-        if base_dir is None:
-            raise ValueError(f"{model_dir} is a PEFT adapter; its base model is needed to load it")
-        model = _with_adapter(_bare_model(Path(base_dir), dtype), model_dir).merge_and_unload()
-    else:
-        model = _bare_model(model_dir, dtype)
+    adapter = is_peft_adapter(model_dir)
+    if adapter and base_dir is None:
+        raise ValueError(f"{model_dir} is a PEFT adapter; its base model is needed to load it")
+    weights_dir = Path(base_dir) if adapter else model_dir
     tok_dir = model_dir if _has_tokenizer(model_dir) else base_dir
     if tok_dir is None:
         raise FileNotFoundError(f"no tokenizer files in {model_dir}")
@@ -71,13 +71,27 @@ def load_encoder(model_dir: Path, base_dir: Path | None = None, dtype=None, devi
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     except (OSError, ValueError) as err:
         raise ValueError(f"{tok_dir}: the tokenizer does not load ({err})") from None
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
+    rows = read_json(weights_dir / "config.json").get("vocab_size")
+    _check_vocabulary(tokenizer, rows, tok_dir)  # before minutes of loading a 7B model
+    if adapter:
+        stored = _adapter_keys(model_dir)
+        # an adapter trained over the causal-LM wrapper names its tensors under the body's prefix
+        wrapped = any(k.startswith(f"{PEFT_LEAD}{_body_prefix(weights_dir)}.") for k in stored)
+        model = _with_adapter(_bare_model(weights_dir, dtype, wrapped), model_dir, stored)
+        model = model.merge_and_unload()
+        model = getattr(model, model.base_model_prefix) if wrapped else model
+    else:
+        model = _bare_model(model_dir, dtype)
+    _check_vocabulary(tokenizer, model.get_input_embeddings().num_embeddings, tok_dir)
+    return model.to(device).eval(), tokenizer
+
+
+def _check_vocabulary(tokenizer, rows: int | None, tok_dir: Path) -> None:
+    if isinstance(rows, int) and len(tokenizer) > rows:
         raise ValueError(
             f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens, the model's embeddings "
             f"{rows} rows: they do not belong together"
         )
-    return model.to(device).eval(), tokenizer
 
 
 def check_weight_files(folder: Path) -> None:
@@ -89,14 +103,22 @@ def check_weight_files(folder: Path) -> None:
         Checkpoint(folder)
 
 
-def _bare_model(folder: Path, dtype):
-    """AutoModel from ``folder``, its weight files checked first and its load report read."""
-    from transformers import AutoModel
+def _body_prefix(folder: Path) -> str:
+    from readaptir.weights import base_model_prefix
+
+    return base_model_prefix(folder)
+
+
+def _bare_model(folder: Path, dtype, causal_lm: bool = False):
+    """AutoModel (or, to take an adapter trained over it, AutoModelForCausalLM) from ``folder``,
+    its weight files checked first and its load report read."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
     from readaptir.weights import HEADS, is_buffer, lm_head_names
 
     check_weight_files(folder)
-    model, info = AutoModel.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    cls = AutoModelForCausalLM if causal_lm else AutoModel
+    model, info = cls.from_pretrained(folder, dtype=dtype, output_loading_info=True)
     # the pooler is not used by any pooling here; buffers are rebuilt; LM heads belong elsewhere
     missing = [n for n in info.get("missing_keys") or () if not is_buffer(n)]
     missing = [n for n in missing if not n.startswith("pooler.")]
@@ -115,19 +137,34 @@ def _bare_model(folder: Path, dtype):
     return model
 
 
-def _with_adapter(model, adapter_dir: Path):
-    """``model`` with the PEFT adapter applied, checked to hold every tensor of the adapter's
-    file and nothing else (PEFT itself only warns about keys it could not place, and ignores
-    tensors its config does not name)."""
-    from peft import PeftConfig, PeftModel, get_peft_model_state_dict
+PEFT_LEAD = "base_model.model."
 
+
+def _adapter_keys(adapter_dir: Path) -> set[str]:
+    """The tensor names of a PEFT adapter's file, its config checked first (missing, corrupt or
+    not a LoRA config: named, where PEFT would fail with a traceback or a hub lookup)."""
     from readaptir.shards import Checkpoint
 
-    stored = {_peft_key(n) for n in Checkpoint(adapter_dir).names()}  # missing or corrupt: named
+    config = peft_config(adapter_dir)
+    if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
+        raise ValueError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: no peft_type")
+    return {_peft_key(n) for n in Checkpoint(adapter_dir).names()}
+
+
+def _with_adapter(model, adapter_dir: Path, stored: set[str]):
+    """``model`` with the PEFT adapter applied, checked to hold every tensor of the adapter's
+    file (``stored``) and nothing else (PEFT itself only warns about keys it could not place,
+    and ignores tensors its config does not name)."""
+    from peft import PeftConfig, PeftModel, get_peft_model_state_dict
+
     config = PeftConfig.from_pretrained(adapter_dir)
-    config.task_type = None  # a bare model: CAUSAL_LM's wrapper would want generation hooks
+    config.task_type = None  # no task wrapper: CAUSAL_LM's would want generation hooks
     model = PeftModel.from_pretrained(model, adapter_dir, config=config)
-    applied = {_peft_key(n) for n in get_peft_model_state_dict(model)}
+    # as saved: whole embedding layers only where the file has them (PEFT's "auto" would look
+    # the base up on the hub)
+    embeddings = any(k.endswith(("embed_tokens.weight", "lm_head.weight")) for k in stored)
+    state = get_peft_model_state_dict(model, save_embedding_layers=embeddings)
+    applied = {_peft_key(n) for n in state}
     for names, what in ((stored - applied, "are not applied"), (applied - stored, "are missing")):
         if names:
             raise ValueError(

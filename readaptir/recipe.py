@@ -483,20 +483,19 @@ _WRONG_KIND |= {"string_type", "literal_error"}
 
 
 def _most_specific(errors: list[dict]) -> list[dict]:
-    """Of the errors one union gives for one value, those of the member that got furthest: the
-    deepest, and among them any but "not this kind" (``corpus: [a, {nmae: x}]`` is about
-    ``corpus.1.nmae``, not "should be a mapping")."""
+    """Of the errors a union gives for one value, those of the members that got inside it, else
+    any but "not this kind" (``corpus: [a, {nmae: x}]`` is about ``corpus.1.nmae``, not "should
+    be a mapping"; ``alpha: .nan`` is "not finite", not "should be a list")."""
     unions: dict[tuple, list[dict]] = {}
     for error in errors:
         loc = error["loc"]
         tagged = [i for i, p in enumerate(loc) if _TYPE_TAG.search(str(p))]
         unions.setdefault(loc[: tagged[0]] if tagged else loc, []).append(error)
     kept = []
-    for members in unions.values():
-        depth = max(_depth(e) for e in members)
-        deepest = [e for e in members if _depth(e) == depth]
-        telling = [e for e in deepest if e["type"] not in _WRONG_KIND]
-        kept += telling or deepest
+    for at, members in unions.items():
+        inside = [e for e in members if _depth(e) > len(at)]
+        telling = [e for e in members if e["type"] not in _WRONG_KIND]
+        kept += inside or telling or members
     return kept
 
 
@@ -529,6 +528,8 @@ def _located(chain: Chain, err: ValidationError) -> RecipeError:
         )
         if "input" in first and first["type"] != "value_error":
             message += f", got {first['input']!r}"
+            if first["type"] == "string_type" and isinstance(first["input"], int | float):
+                message += " (YAML read a number: quote it)"  # a revision like 1e45678
     if len(problems) > 1:
         more = len(problems) - 1
         message += f" (and {more} more problem{'s' if more > 1 else ''})"

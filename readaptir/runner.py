@@ -6,6 +6,7 @@ writes its output folder atomically (see ``artifacts.atomic_output``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -21,6 +22,9 @@ from readaptir.plan import stage_output
 
 LOG = logging.getLogger(__name__)
 
+# the stages that compute on a device (fetch and score use none)
+COMPUTING_KINDS = ("adapter", "delta", "merge", "embed", "search")
+
 
 class StaleInputError(RuntimeError):
     pass
@@ -33,10 +37,17 @@ class Context:
         self.root = Path(root)
         self.spec = spec
         self.params = spec["params"]
-        # the command line's device, else $READAPTIR_DEVICE, else the recipe's (runtime), else auto
-        self.device = resolve_device(device, spec.get("runtime", {}).get("device"))
+        self._device = device
+        if spec.get("kind") in COMPUTING_KINDS:  # checked before any model loads; others use none
+            self.device  # noqa: B018
         self.fingerprints = Fingerprints(self.root)
         self.inputs = {role: self.root / path for role, path in spec["inputs"].items()}
+
+    @functools.cached_property
+    def device(self) -> str:
+        """The command line's device, else $READAPTIR_DEVICE, else the recipe's (runtime), else
+        auto; one this machine lacks is an error naming who asked for it."""
+        return resolve_device(self._device, self.spec.get("runtime", {}).get("device"))
 
     @property
     def work_dir(self) -> Path:

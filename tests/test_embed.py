@@ -637,7 +637,7 @@ def test_a_tokenizer_larger_than_the_embeddings_is_refused(tiny_retriever, tmp_p
 def test_a_peft_retriever_is_applied_whole_or_refused(tiny_base, tmp_path):
     from peft import PeftModel
     from test_merge import make_adapter
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoModelForCausalLM
 
     lora = make_adapter(AutoModel.from_pretrained(tiny_base), tmp_path / "lora", dora=False, seed=5)
     dora = make_adapter(AutoModel.from_pretrained(tiny_base), tmp_path / "dora", dora=True, seed=5)
@@ -660,6 +660,18 @@ def test_a_peft_retriever_is_applied_whole_or_refused(tiny_base, tmp_path):
         load_encoder(adapter(lora, "fewer", target_modules=["q_proj"]), tiny_base)
     with pytest.raises(ValueError, match=r"adapter tensors are not applied .*lora_magnitude"):
         load_encoder(adapter(dora, "not-dora", use_dora=False), tiny_base)
+    # trained over the causal-LM wrapper (keys under base_model.model.model.): taken as the merge
+    # stage takes it, the body of PEFT's merge over that wrapper
+    causal = make_adapter(
+        AutoModelForCausalLM.from_pretrained(tiny_base), tmp_path / "causal-lm", dora=True, seed=6
+    )
+    model, _ = load_encoder(causal, tiny_base)
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), causal)
+    want = merged.merge_and_unload().model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    no_type = adapter(lora, "no-type", peft_type=None)
+    with pytest.raises(ValueError, match=r"no-type/adapter_config\.json: no peft_type"):
+        load_encoder(no_type, tiny_base)
     broken = adapter(lora, "broken")
     (broken / "adapter_model.safetensors").unlink()
     with pytest.raises(ValueError, match=r"no model\.safetensors, .* in .*broken"):

@@ -229,7 +229,7 @@ def test_recipe_device_is_runtime_and_the_command_line_wins(project, monkeypatch
         with monkeypatch.context() as gpus:
             gpus.setattr(torch.cuda, "is_available", lambda: True)
             gpus.setattr(torch.cuda, "device_count", lambda: 1)
-            Context(project, spec, None)
+            Context(project, {**spec, "kind": "merge"}, None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert Context(project, spec, None).device == "cuda:1"  # the recipe's choice
@@ -238,9 +238,10 @@ def test_recipe_device_is_runtime_and_the_command_line_wins(project, monkeypatch
     assert Context(project, spec, None).device == "cpu"  # the machine's
     monkeypatch.setenv("READAPTIR_DEVICE", "gpu")
     with pytest.raises(ValueError, match=r"'gpu' \(from READAPTIR_DEVICE\): expected cpu, cuda"):
-        Context(project, spec, None)
+        Context(project, {**spec, "kind": "embed"}, None)  # checked at once where one is used
+    Context(project, {**spec, "kind": "score"}, None)  # a stage that computes on none
     with pytest.raises(ValueError, match=r"'mps' \(from --device\): expected cpu or cuda"):
-        Context(project, spec, "mps")
+        Context(project, {**spec, "kind": "search"}, "mps")
 
 
 def test_identical_ids_ignored_where_queries_come_from_the_corpus(project):

@@ -133,6 +133,7 @@ def test_bad_values_name_file_key_and_line(tmp_path, extra, key, line, fragment)
         ("{beir: scifact, sha256: abc}", "corpus.sha256", "64 lower-case hex digits"),
         ("[data/a, {path: data/b, nmae: x}]", "corpus.1.nmae", "unknown key"),
         ("[data/a, 5]", "corpus.1", "got 5"),
+        ("{beir: scifact, split: 5, nmae: x}", "corpus.split", "got 5 (YAML read a number: quote"),
     ],
 )
 def test_bad_corpora_name_the_key(tmp_path, corpus, key, fragment):

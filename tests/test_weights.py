@@ -318,11 +318,8 @@ def test_a_shard_index_must_agree_with_its_shards(tmp_path, tiny_retriever):
         WeightError, match="which model.safetensors.index.json maps to 'b.safetensors'"
     ):
         Checkpoint(tmp_path)
-    write_index({**weight_map, "extra.weight": "a.safetensors"})
-    with pytest.raises(
-        WeightError, match="maps extra.weight to a.safetensors, which does not hold it"
-    ):
-        Checkpoint(tmp_path)
+    write_index({**weight_map, "extra.weight": "a.safetensors"})  # a stale entry: tolerated
+    assert sorted(Checkpoint(tmp_path).names()) == names
     index.write_text('{"weight_map": ')
     with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json:1: not valid JSON"):
         Checkpoint(tmp_path)

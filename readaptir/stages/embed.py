@@ -181,6 +181,7 @@ def embed(
     qrels, _ = usable_judgments(raw_qrels, queries, known, split)
     # a query judging only absent documents scores 0 whatever its ranking: not worth encoding
     wanted = scorable(qrels, known, dataset_dir, split)
+    del known  # millions of ids at MS MARCO's scale; the loop below keeps its own
     st = read_st_config(model_dir) or read_st_config(base_dir)
     resolved = resolve_fields(encoding, st)
     device = rank_device(ranks, resolve_device(device))
