@@ -1,13 +1,14 @@
 """Several ranks learn what one process learns: each takes a share of a step, weighted by tokens."""
 
 import random
+import subprocess
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-from readaptir import tiny
-from readaptir.distributed import Ranks, processes, rank_share
+from readaptir import distributed, tiny
+from readaptir.distributed import Ranks, mean_across_ranks, processes, rank_share, relaunch
 from readaptir.packing import IGNORE, causal_inputs, layout, masked_inputs
 from readaptir.training import CAUSAL, MASKED, attach_adapter, batch_loss
 
@@ -107,3 +108,28 @@ def test_process_count():
         processes(2, "cuda:1")
     with pytest.raises(ValueError, match="GPUs"):
         processes(torch.cuda.device_count() + 2, "cuda")
+
+
+def test_relaunch_runs_the_requested_number_of_processes(monkeypatch):
+    seen = []
+
+    def fake_run(cmd, check):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0 if len(seen) == 1 else 1)
+
+    monkeypatch.setattr(distributed.subprocess, "run", fake_run)
+    relaunch(3, ["stage", "run", "x"])
+    assert "--nproc-per-node=3" in seen[0] and seen[0][-4:] == ["readaptir", "stage", "run", "x"]
+    with pytest.raises(RuntimeError, match="3-process run failed"):
+        relaunch(3, ["stage", "run", "x"])
+
+
+def test_mean_across_ranks_is_a_mean_not_a_sum(monkeypatch):
+    import torch.distributed as dist
+
+    def all_reduce(tensor):  # this rank holds 0.5, the other 1.5
+        tensor.add_(1.5)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    assert mean_across_ranks(0.5, Ranks(0, 2), "cpu") == pytest.approx(1.0)
+    assert mean_across_ranks(0.5, Ranks(), "cpu") == 0.5

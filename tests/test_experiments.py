@@ -1,5 +1,7 @@
 """Sweeps, α chosen on withheld queries, report tables and diffs across recipe versions."""
 
+import csv
+import io
 import json
 import re
 import subprocess
@@ -10,7 +12,7 @@ import yaml
 from conftest import write_beir
 from test_plan import by_kind, project  # noqa: F401  (fixture)
 
-from readaptir import report
+from readaptir import plots, report
 from readaptir.evaluation import evaluate, select_alpha
 from readaptir.plan import plan_recipes
 from readaptir.recipe import load_recipes
@@ -300,3 +302,117 @@ def test_query_split_rounds_and_leaves_both_parts_a_query():
     assert len(query_split(ids, 0.01, 0)[0]) == 1
     assert len(query_split(ids, 0.99, 0)[1]) == 1
     assert len(query_split(ids, 0.36, 0)[0]) == 4  # round(3.6), not int(3.6)
+
+
+def test_average_of_a_column_with_a_missing_cell_is_blank():
+    partial = {**METRICS, "e-nf": metrics_file("e-nf", "nfcorpus", "e5", 0.3, 0.4)}
+    header, rows = report.paper_rows(partial, "nDCG@10")
+    assert [r[0] for r in rows] == [
+        "msmarco",
+        "nfcorpus",
+        "scifact",
+        "Average",
+        "Zero-shot average",
+    ]
+    assert rows[1] == ["nfcorpus", None, None, 0.3, 0.4]
+    average = dict(zip(header, rows[3], strict=True))
+    assert average["RepLLaMA Base"] is None and average["RepLLaMA RA"] is None
+    assert average["e5 RA"] == pytest.approx((0.42 + 0.4 + 0.733) / 3)
+
+
+def test_dagger_only_below_the_threshold():
+    at = {"r": metrics_file("r", "scifact", "R", 0.7, 0.8, p=0.05)}
+    below = {"r": metrics_file("r", "scifact", "R", 0.7, 0.8, p=0.0499)}
+    assert "†" not in report.table(at, "paper").split("\n\n")[0]
+    assert "80.0†" in report.table(below, "paper")
+
+
+def test_readapted_recipe_wins_a_cell_whatever_the_name_order():
+    alone = metrics_file("alone", "scifact", "R", 0.7, 0.7, alpha=0.0)
+    ra = metrics_file("ra", "scifact", "R", 0.7, 0.8)
+    for ordered in ({"alone": alone, "ra": ra}, {"ra": ra, "alone": alone}):
+        _, rows = report.paper_rows(ordered, "nDCG@10")
+        assert rows[0] == ["scifact", 0.7, 0.8]
+
+
+def test_paper_csv_is_unscaled_and_recipes_columns_are_in_order():
+    rows = list(csv.DictReader(io.StringIO(report.table(METRICS, "paper", fmt="csv"))))
+    assert rows[1]["dataset"] == "scifact" and rows[1]["e5 RA"] == "0.733"
+    recipes = {
+        r["recipe"]: r
+        for r in csv.DictReader(io.StringIO(report.table(METRICS, "recipes", fmt="csv")))
+    }
+    assert recipes["r-sf"]["W/T/L"] == "5/3/2"  # wins/ties/losses
+    assert float(recipes["r-sf"]["change"]) == pytest.approx(0.763 - 0.745)
+    assert float(recipes["e-marco"]["change"]) == pytest.approx(0.42 - 0.43)  # a loss is negative
+    assert float(recipes["r-sf"]["p"]) == 0.01
+
+
+def test_diff_row_lists_only_changed_parameters_and_keeps_a_before_b(tmp_path):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    def commit(alpha, base, ra, message):
+        params = {"recipes": {"r-sf": {"readapt": {"alpha": alpha, "beta": 1.0}}}}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        (tmp_path / "metrics").mkdir(exist_ok=True)
+        (tmp_path / "metrics" / "r-sf.json").write_text(
+            json.dumps(metrics_file("r-sf", "scifact", "R", base, ra, alpha=alpha))
+        )
+        git("add", "-A")
+        git("-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", message)
+
+    git("init", "-q")
+    commit(0.5, 0.745, 0.763, "a")
+    commit(0.25, 0.750, 0.770, "b")
+    text = report.diff(tmp_path, "HEAD~1", "HEAD")
+    header = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+    row = next(line for line in text.splitlines() if line.startswith("| r-sf"))
+    cells = dict(zip(header, (c.strip() for c in row.strip("|").split("|")), strict=True))
+    assert cells["changed parameters"] == "readapt.alpha: 0.5 -> 0.25"  # beta did not change
+    assert (cells["Base HEAD~1"], cells["Base HEAD"]) == ("0.7450", "0.7500")
+    assert (cells["RA HEAD~1"], cells["RA HEAD"]) == ("0.7630", "0.7700")
+    assert cells["RA change"] == "+0.0070"
+
+
+def _sweep():
+    out = {}
+    for alpha in (1.0, 0.0, 0.5):  # not in α order
+        m = metrics_file(f"s-{alpha}", "scifact", "R", 0.6, 0.6 + alpha / 10, alpha=alpha)
+        out[m["recipe"]] = {**m, "sweep": "s"}
+    return out
+
+
+def test_alpha_points_are_sorted_and_keep_ra_and_retriever_apart():
+    points = plots.alpha_points(_sweep(), "nDCG@10")
+    assert [p["alpha"] for p in points] == [0.0, 0.5, 1.0]  # in α order
+    assert [p["nDCG@10"] for p in points] == pytest.approx([0.6, 0.65, 0.7])
+    assert {p["retriever"] for p in points} == {0.6}
+    assert {p["curve"] for p in points} == {"s (R, scifact, β=1)"}
+
+
+def test_write_plots_csv_and_a_loss_curve_per_adapter_only(tmp_path):
+    stages = {
+        "adapter-a": {"kind": "adapter", "id": "aaa"},
+        "embed-b": {"kind": "embed", "id": "bbb"},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    for spec in stages.values():
+        folder = tmp_path / "artifacts" / spec["kind"] / spec["id"]
+        folder.mkdir(parents=True)
+        (folder / "training_log.csv").write_text("step,loss\n1,2.0\n2,1.5\n")
+    assert plots.adapter_logs(tmp_path) == {
+        "adapter-a": tmp_path / "artifacts" / "adapter" / "aaa" / "training_log.csv"
+    }
+    written = plots.write_plots(tmp_path, _sweep(), "nDCG@10")
+    assert sorted(p.name for p in written) == [
+        "alpha_curves.csv",
+        "alpha_curves.png",
+        "loss_adapter-a.png",
+    ]
+    rows = list(csv.DictReader((tmp_path / plots.ALPHA_CSV).open()))
+    assert [(r["alpha"], r["retriever"], r["nDCG@10"]) for r in rows] == [
+        ("0.0", "0.6", "0.6"),
+        ("0.5", "0.6", "0.65"),
+        ("1.0", "0.6", "0.7"),
+    ]
