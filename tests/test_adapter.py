@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_ranks
+from conftest import run_ranks, write_beir
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, LlamaConfig
@@ -322,3 +322,64 @@ def test_two_rank_run_with_dropout_resumes_to_the_same_adapter(tmp_path, tiny_ba
         load_file(tmp_path / n / "0" / "adapter_model.safetensors") for n in ("whole", "resumed")
     ]
     assert _same(*weights)
+
+
+class Recorder:
+    """A tokenizer that records what it is asked to encode."""
+
+    eos_token_id = 2
+
+    def __init__(self):
+        self.texts = []
+
+    def __call__(self, texts, **kwargs):
+        self.texts += texts
+        return {"input_ids": [[1, 5] for _ in texts]}
+
+
+TRAIN_CORPUS = [
+    {"_id": "a", "title": "Alpha", "text": "first"},
+    {"_id": "b", "title": "", "text": "second"},
+    {"_id": "c", "title": "Only a title", "text": ""},
+    {"_id": "d", "title": "", "text": "  "},
+]
+
+
+def test_training_text_is_title_and_text_of_the_selected_passages(tmp_path):
+    from readaptir.stages.adapter import _training_tokens
+
+    queries = [{"_id": "q", "text": "x"}]
+    train = write_beir(tmp_path / "train", TRAIN_CORPUS, queries, [("q", "a", 1)])
+    evaluated = write_beir(tmp_path / "eval", TRAIN_CORPUS, queries, [("q", "b", 1), ("q", "c", 1)])
+    tok = Recorder()
+    store = _training_tokens(tok, train, "all", None, "test", 16, CAUSAL)
+    # title and text, no stray space for an empty title; a title alone is text; blank is not
+    assert tok.texts == ["Alpha first", "second", "Only a title"]
+    assert [list(map(int, store[i])) for i in range(len(store))] == [[1, 5, 2]] * 3
+    tok = Recorder()
+    _training_tokens(tok, train, "judged", None, "test", 16, CAUSAL)
+    assert tok.texts == ["Alpha first"]  # qrels_dir defaults to the training corpus
+    tok = Recorder()
+    _training_tokens(tok, train, "judged", evaluated, "test", 16, CAUSAL)
+    assert tok.texts == ["second", "Only a title"]  # judged in the evaluated collection
+    tok = Recorder()
+    _training_tokens(tok, train, "unjudged", evaluated, "test", 16, CAUSAL)
+    assert tok.texts == ["Alpha first"]
+
+
+@pytest.mark.parametrize("objective", [CAUSAL, MASKED])
+def test_training_tokens_start_with_bos_and_fit_max_length(tmp_path, tokenizer, objective):
+    from readaptir.stages.adapter import _training_tokens
+
+    long = " ".join(["word"] * 200)
+    corpus = [{"_id": "a", "title": "T", "text": long}, {"_id": "b", "text": "short one"}]
+    root = write_beir(tmp_path / "c", corpus, [{"_id": "q", "text": "x"}], [("q", "a", 1)])
+    store = _training_tokens(tokenizer, root, "all", None, "test", 16, objective)
+    rows = [list(map(int, store[i])) for i in range(len(store))]
+    assert len(rows[0]) == 16  # truncated to max_length (EOS included for causal)
+    assert all(r[0] == tokenizer.bos_token_id for r in rows)
+    eos = tokenizer.eos_token_id
+    if objective == CAUSAL:
+        assert all(r[-1] == eos and r.count(eos) == 1 for r in rows)
+    else:
+        assert all(eos not in r for r in rows)

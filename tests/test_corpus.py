@@ -196,3 +196,28 @@ def test_ids_with_whitespace_fail_at_load(beir):
     _write_lines(beir / "corpus.jsonl", ['{"_id": "d 1", "text": "t"}'])
     with pytest.raises(CorpusError, match=r"corpus\.jsonl line 1: '_id' 'd 1' holds whitespace"):
         passage_ids(beir)
+
+
+@pytest.fixture
+def qrels_dir(tmp_path):
+    return write_beir(tmp_path / "beir", [{"_id": "d1", "text": "t"}], [{"_id": "q1", "text": "q"}],
+                      [("q1", "d1", 1)])  # fmt: skip
+
+
+def _qrels(root, lines):
+    (root / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+
+
+def test_repeated_judgments_that_disagree_keep_the_highest_grade(qrels_dir, caplog):
+    _qrels(qrels_dir, ["q1\td1\t1", "q1\td1\t2", "q1\td1\t0", "q1\td2\t1", "q1\td2\t1"])
+    with caplog.at_level(logging.WARNING, logger="readaptir.corpus"):
+        assert load_qrels(qrels_dir, "test") == {"q1": {"d1": 2, "d2": 1}}
+    assert "2 repeated judgments disagree; kept the highest grade" in caplog.text
+
+
+def test_qrels_scores_are_whole_numbers_and_columns_may_be_space_separated(qrels_dir):
+    _qrels(qrels_dir, ["query-id corpus-id score", "q1 d1 2", "q1  d2\t1.0"])
+    assert load_qrels(qrels_dir, "test") == {"q1": {"d1": 2, "d2": 1}}
+    _qrels(qrels_dir, ["q1\td1\t1", "q1\td2\t1.5"])
+    with pytest.raises(CorpusError, match=r"line 2: score '1\.5' is not a whole number"):
+        load_qrels(qrels_dir, "test")

@@ -1,6 +1,7 @@
 """Collections fetched by a stage of their own: from a zip URL (file:// here), content-checked."""
 
 import hashlib
+import json
 import shutil
 import zipfile
 
@@ -52,3 +53,43 @@ def test_beir_corpus_is_one_fetch_stage_shared_by_its_users(project):  # noqa: F
     assert users == {"embed", "adapter", "score"}
     embed = next(s for s in plan.stages.values() if s.kind == "embed")
     assert embed.params["dataset"]["path"] == f"{fetches[0].out}/scifact"
+
+
+def _zip(path, root, prefix):
+    with zipfile.ZipFile(path, "w") as zipped:
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                zipped.write(f, prefix + f.relative_to(root).as_posix())
+    return path
+
+
+@pytest.mark.parametrize("prefix", ["", "beir-export/", "datasets/scifact/"])
+def test_fetch_finds_the_collection_wherever_the_archive_holds_it(tmp_path, tiny_beir, prefix):
+    archive = _zip(tmp_path / "a.zip", tiny_beir, prefix)
+    out = tmp_path / "out"
+    out.mkdir()
+    info = fetch(archive.as_uri(), "toy", out)  # no pin: the digest is still recorded
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert info["sha256"] == digest
+    assert json.loads((out / "fetch.json").read_text())["sha256"] == digest
+    assert sorted(p.name for p in out.iterdir()) == ["fetch.json", "toy"]
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        assert (out / "toy" / name).read_bytes() == (tiny_beir / name).read_bytes()
+
+
+def test_fetch_pin_is_case_blind_and_a_failed_fetch_leaves_nothing(tmp_path, tiny_beir):
+    archive = _zip(tmp_path / "toy.zip", tiny_beir, "toy/")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    out.mkdir()
+    fetch(archive.as_uri(), "toy", out, sha256=digest.upper())
+    assert (out / "toy" / "corpus.jsonl").is_file()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(ValueError, match="the recipe pins"):
+        fetch(archive.as_uri(), "toy", bad, sha256="0" * 64)
+    with zipfile.ZipFile(tmp_path / "empty.zip", "w") as zipped:
+        zipped.writestr("README", "no collection here")
+    with pytest.raises(ValueError, match="has no corpus.jsonl"):
+        fetch((tmp_path / "empty.zip").as_uri(), "toy", bad)
+    assert list(bad.iterdir()) == []  # no partial collection, no scratch folder, no fetch.json

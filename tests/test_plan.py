@@ -421,3 +421,21 @@ def test_stage_refuses_inputs_changed_since_build(project, changed):
     with pytest.raises(StaleInputError, match="changed since `readaptir build`"):
         run_stage(project, baseline.name, device="cpu")
     assert not (project / baseline.out).exists()
+
+
+def test_passage_selection_uses_the_evaluated_collections_judgments(project):
+    shutil.copytree(project / "data" / "toy", project / "data" / "other")
+    qrels = project / "data" / "toy" / "qrels"
+    shutil.copy(qrels / "test.tsv", qrels / "dev.tsv")
+    common_file = project / "recipes" / "_common.yaml"
+    common = yaml.safe_load(common_file.read_text())
+    common["corpus"] = {"path": "data/toy", "split": "dev"}
+    common["adapter"] = {**common["adapter"], "train_corpus": "data/other", "passages": "judged"}
+    common_file.write_text(yaml.safe_dump(common))
+    (project / "recipes" / "ra.yaml").write_text("extends: _common.yaml\n")
+    plan = plan_of(project)
+    (adapter,) = [s for s in plan.stages.values() if s.kind == "adapter"]
+    assert adapter.params["train_corpus"]["path"] == "data/other"
+    judgments = adapter.params["selection"]["judgments"]
+    assert (judgments["path"], judgments["split"]) == ("data/toy", "dev")
+    assert adapter.params["selection"]["passages"] == "judged"
