@@ -55,8 +55,6 @@ def load_encoder(model_dir: Path, base_dir: Path | None = None, dtype=None, devi
     missing one at random and say so only in a log), and a PEFT adapter must be applied whole,
     tensor for tensor as its file holds them and the merge stage reads them.
     """
-    from transformers import AutoTokenizer
-
     from readaptir.artifacts import read_json
 
     model_dir = Path(model_dir)
@@ -64,13 +62,8 @@ def load_encoder(model_dir: Path, base_dir: Path | None = None, dtype=None, devi
     if adapter and base_dir is None:
         raise ValueError(f"{model_dir} is a PEFT adapter; its base model is needed to load it")
     weights_dir = Path(base_dir) if adapter else model_dir
-    tok_dir = model_dir if _has_tokenizer(model_dir) else base_dir
-    if tok_dir is None:
-        raise FileNotFoundError(f"no tokenizer files in {model_dir}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{tok_dir}: the tokenizer does not load ({err})") from None
+    tok_dir = model_dir if _has_tokenizer(model_dir) or base_dir is None else Path(base_dir)
+    tokenizer = load_tokenizer(tok_dir)
     rows = read_json(weights_dir / "config.json").get("vocab_size")
     _check_vocabulary(tokenizer, rows, tok_dir)  # before minutes of loading a 7B model
     if adapter:
@@ -84,6 +77,18 @@ def load_encoder(model_dir: Path, base_dir: Path | None = None, dtype=None, devi
         model = _bare_model(model_dir, dtype)
     _check_vocabulary(tokenizer, model.get_input_embeddings().num_embeddings, tok_dir)
     return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer; none there, or one that does not load, is an error naming it."""
+    from transformers import AutoTokenizer
+
+    if not _has_tokenizer(folder):
+        raise FileNotFoundError(f"no tokenizer files in {folder}")
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{folder}: the tokenizer does not load ({err})") from None
 
 
 def _check_vocabulary(tokenizer, rows: int | None, tok_dir: Path) -> None:

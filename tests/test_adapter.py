@@ -249,6 +249,12 @@ def test_decoder_base_without_lm_head_or_in_float16_is_refused(tmp_path, tokeniz
     (pointer / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
     with pytest.raises(ValueError, match=r"pointer/model\.safetensors .*git-lfs pointer"):
         _train(tmp_path, "pointer-out", pointer, tiny_beir, max_steps=1)  # named before loading
+    untokenized = tmp_path / "untokenized"
+    shutil.copytree(bare, untokenized)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (untokenized / name).unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer files in .*untokenized"):
+        _train(tmp_path, "untokenized-out", untokenized, tiny_beir, max_steps=1)
 
 
 def test_one_eos_closes_each_passage_even_if_the_tokenizer_adds_one():

@@ -39,7 +39,7 @@ from readaptir.distributed import (
     rank_share,
     wrap_distributed,
 )
-from readaptir.models import torch_dtype
+from readaptir.models import load_tokenizer, torch_dtype
 from readaptir.packing import (
     Layout,
     TokenStore,
@@ -199,13 +199,13 @@ def train_adapter(
     args = dict(locals())
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoTokenizer, get_scheduler
+    from transformers import AutoConfig, get_scheduler
 
     ranks = launched_ranks()
     device = rank_device(ranks, device)
     join_group(ranks, "nccl" if device.startswith("cuda") else "gloo")
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = load_tokenizer(base_dir)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
