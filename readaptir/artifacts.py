@@ -69,17 +69,23 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     """A JSON file's content; text that does not parse is an error naming the file and line."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
+    return _parsed(Path(path).read_text(encoding="utf-8"), str(path), "json")
 
 
 def parse_mapping(text: str, where: str, fmt: str = "yaml") -> dict:
     """The mapping a YAML (or ``fmt="json"``) file holds; empty YAML is an empty mapping. Text
     that does not parse, or holds something else, is an error naming ``where`` (and the line)."""
+    data = _parsed(text, where, fmt)
+    if data is None and fmt != "json":
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, found {type(data).__name__}")
+    return data
+
+
+def _parsed(text: str, where: str, fmt: str) -> Any:
     try:
-        data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
+        return json.loads(text) if fmt == "json" else yaml.safe_load(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}:{err.lineno}: not valid JSON: {err.msg}") from None
     except yaml.YAMLError as err:
@@ -87,11 +93,6 @@ def parse_mapping(text: str, where: str, fmt: str = "yaml") -> dict:
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None) or err
         raise ValueError(f"{where}{line}: not valid YAML: {problem}") from None
-    if data is None and fmt != "json":
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, found {type(data).__name__}")
-    return data
 
 
 DEVICE_ENV = "READAPTIR_DEVICE"

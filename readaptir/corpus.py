@@ -235,18 +235,21 @@ def load_judgments(dataset_dir: Path, split: str) -> Judgments:
     """
     queries = load_queries(dataset_dir)
     raw = load_qrels(dataset_dir, split)
-    doc_ids = passage_ids(dataset_dir)
+    return judgments_from(raw, queries, passage_ids(dataset_dir), dataset_dir, split)
+
+
+def judgments_from(
+    raw: dict[str, dict[str, int]],
+    queries: dict[str, str],
+    doc_ids: set[str],
+    dataset_dir: Path,
+    split: str,
+) -> Judgments:
+    """``load_judgments`` of a split's files already read. A query no run can score above 0 is
+    left out of the retrievable ones; none left is an error: every score would be 0."""
     if not doc_ids:
         raise CorpusError(f"{Path(dataset_dir) / CORPUS_FILE}: no passages")
     qrels, warnings = usable_judgments(raw, queries, doc_ids, split)
-    return qrels, warnings, scorable(qrels, doc_ids, dataset_dir, split)
-
-
-def scorable(
-    qrels: dict[str, dict[str, int]], doc_ids: set[str], dataset_dir: Path, split: str
-) -> set[str]:
-    """The ``retrievable`` queries of the usable judgments; none at all is an error: every
-    score would be 0 whatever the retriever."""
     wanted = retrievable(qrels, doc_ids)
     if not wanted:
         why = (
@@ -256,7 +259,7 @@ def scorable(
         )
         path = Path(dataset_dir) / QRELS_DIR / f"{split}.tsv"
         raise CorpusError(f"{path}: no query can be scored: {why}")
-    return wanted
+    return qrels, warnings, wanted
 
 
 def usable_judgments(

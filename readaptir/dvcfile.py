@@ -106,25 +106,25 @@ def write(plan: Plan, root: Path) -> list[Path]:
     are gone are removed. Returns the files written or removed."""
     root = Path(root)
     files = render(plan)
-    foreign = [root / rel for rel in files if not _ours(root / rel)]
+    present = {rel: _text(root / rel) for rel in files if (root / rel).exists()}
+    foreign = [rel for rel, text in present.items() if text is None or not _ours(text)]
     if foreign:  # checked before anything is written
         raise FileExistsError(
-            f"{foreign[0]} was not written by `readaptir build` (its first line is not "
+            f"{root / foreign[0]} was not written by `readaptir build` (its first line is not "
             f"{HEADER.strip()!r}): move it away, or its stages into recipes/; nothing was written"
         )
     changed = []
     for rel, text in files.items():
-        path = root / rel
-        if not path.exists() or path.read_text(encoding="utf-8") != text:
-            atomic_write_text(path, text)
-            changed.append(path)
+        if present.get(rel) != text:
+            atomic_write_text(root / rel, text)
+            changed.append(root / rel)
     stale = [
         p
         for p in sorted(root.glob(f"{PIPELINES}/*/*.yaml")) + [root / ROOT_PARAMS]
         if p.is_file() and p.relative_to(root).as_posix() not in files
     ]
     for path in stale:
-        if path.read_text(encoding="utf-8", errors="replace").startswith(HEADER):  # build's only
+        if (_text(path) or "").startswith(HEADER):  # only what build wrote
             path.unlink()
             changed.append(path)
     for folder in sorted(root.glob(f"{PIPELINES}/*")):
@@ -135,11 +135,13 @@ def write(plan: Plan, root: Path) -> list[Path]:
     return changed
 
 
-def _ours(path: Path) -> bool:
-    """True if ``path`` is absent, empty or written by ``readaptir build``: build may replace it."""
-    if not path.is_file():
-        return not path.exists()
-    text = path.read_text(encoding="utf-8", errors="replace")
+def _text(path: Path) -> str | None:
+    """A file's text (None for something that is not a file)."""
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+
+
+def _ours(text: str) -> bool:
+    """Whether build may replace a file of this text: empty, or written by ``readaptir build``."""
     return not text.strip() or text.startswith(HEADER)
 
 

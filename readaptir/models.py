@@ -56,6 +56,7 @@ def load_encoder(model_dir: Path, base_dir: Path | None = None, dtype=None, devi
     tensor for tensor as its file holds them and the merge stage reads them.
     """
     from readaptir.artifacts import read_json
+    from readaptir.weights import base_model_prefix
 
     model_dir = Path(model_dir)
     adapter = is_peft_adapter(model_dir)
@@ -69,7 +70,7 @@ def load_encoder(model_dir: Path, base_dir: Path | None = None, dtype=None, devi
     if adapter:
         stored = _adapter_keys(model_dir)
         # an adapter trained over the causal-LM wrapper names its tensors under the body's prefix
-        wrapped = any(k.startswith(f"{PEFT_LEAD}{_body_prefix(weights_dir)}.") for k in stored)
+        wrapped = any(k.startswith(f"{PEFT_LEAD}{base_model_prefix(weights_dir)}.") for k in stored)
         model = _with_adapter(_bare_model(weights_dir, dtype, wrapped), model_dir, stored)
         model = model.merge_and_unload()
         model = getattr(model, model.base_model_prefix) if wrapped else model
@@ -106,12 +107,6 @@ def check_weight_files(folder: Path) -> None:
 
     if (Path(folder) / SINGLE).is_file() or (Path(folder) / INDEX).is_file():
         Checkpoint(folder)
-
-
-def _body_prefix(folder: Path) -> str:
-    from readaptir.weights import base_model_prefix
-
-    return base_model_prefix(folder)
 
 
 def _bare_model(folder: Path, dtype, causal_lm: bool = False):

@@ -63,10 +63,6 @@ class Resolved:
     lowercase: bool = False
 
 
-def _read_json(path: Path) -> Any:
-    return read_json(path)
-
-
 def _st_pooling_mode(config: dict) -> str | None:
     if "pooling_mode" in config:
         mode = config["pooling_mode"]
@@ -88,7 +84,7 @@ def _prompts(model_dir: Path) -> tuple[str, str]:
     path = model_dir / "config_sentence_transformers.json"
     if not path.is_file():
         return "", ""
-    config = _read_json(path)
+    config = read_json(path)
     prompts = config.get("prompts") or {}
     default = prompts.get(config.get("default_prompt_name") or "", "")
     passage = next((prompts[n] for n in _DOCUMENT_PROMPTS if n in prompts), default)
@@ -100,7 +96,7 @@ def read_st_config(model_dir: Path | None) -> STConfig | None:
     if model_dir is None or not (Path(model_dir) / "modules.json").is_file():
         return None
     model_dir = Path(model_dir)
-    modules = _read_json(model_dir / "modules.json")
+    modules = read_json(model_dir / "modules.json")
     types = [m.get("type", "") for m in modules]
     for module in modules:
         kind = module.get("type", "")
@@ -114,20 +110,20 @@ def read_st_config(model_dir: Path | None) -> STConfig | None:
     for m in modules:
         cfg = model_dir / m.get("path", "") / "config.json"
         if m.get("type", "").endswith(".Pooling") and cfg.is_file():
-            settings = _read_json(cfg)
+            settings = read_json(cfg)
             pooling = _st_pooling_mode(settings)
             include_prompt = settings.get("include_prompt", True)
     max_len = None
     lower = False
     bert_cfg = model_dir / "sentence_bert_config.json"
     if bert_cfg.is_file():
-        settings = _read_json(bert_cfg)
+        settings = read_json(bert_cfg)
         max_len = settings.get("max_seq_length")
         lower = bool(settings.get("do_lower_case", False))
     tok_cfg = model_dir / "tokenizer_config.json"
     if max_len is None and tok_cfg.is_file():
         # Newer sentence-transformers releases keep the limit in the tokenizer config instead.
-        limit = _read_json(tok_cfg).get("model_max_length")
+        limit = read_json(tok_cfg).get("model_max_length")
         if isinstance(limit, int) and limit < _SANE_MAX_LENGTH:
             max_len = limit
     normalize = any(t.endswith(".Normalize") for t in types)

@@ -53,11 +53,11 @@ def git_root(path: Path) -> Path:
 def init(root: Path) -> list[str]:
     """Idempotent: DVC initialised, cache links set, recipes/ and ignore rules present."""
     root = Path(root)
-    git_root(next(p for p in [root, *root.absolute().parents] if p.is_dir()))  # before any mkdir
+    top = git_root(next(p for p in [root, *root.absolute().parents] if p.is_dir()))  # no mkdir yet
     root.mkdir(parents=True, exist_ok=True)
     done = []
     if not (root / ".dvc").is_dir():
-        subdir = ["--subdir"] if git_root(root) != root.resolve() else []
+        subdir = ["--subdir"] if top != root.resolve() else []
         dvc(root, "init", "--quiet", *subdir)
         done.append("initialised DVC")
     dvc(root, "config", "cache.type", CACHE_TYPES)

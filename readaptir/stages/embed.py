@@ -21,16 +21,13 @@ from tqdm.auto import tqdm
 
 from readaptir.artifacts import resolve_device, write_json
 from readaptir.corpus import (
-    CORPUS_FILE,
-    CorpusError,
     iter_passages,
+    judgments_from,
     load_qrels,
     load_queries,
     passage_ids,
     passage_text,
     query_text,
-    scorable,
-    usable_judgments,
 )
 from readaptir.distributed import (
     barrier,
@@ -176,11 +173,8 @@ def embed(
     raw_qrels = load_qrels(dataset_dir, split)
     known = passage_ids(dataset_dir)
     total = len(known)
-    if total == 0:
-        raise CorpusError(f"{Path(dataset_dir) / CORPUS_FILE}: no passages")
-    qrels, _ = usable_judgments(raw_qrels, queries, known, split)
     # a query judging only absent documents scores 0 whatever its ranking: not worth encoding
-    wanted = scorable(qrels, known, dataset_dir, split)
+    _, _, wanted = judgments_from(raw_qrels, queries, known, dataset_dir, split)
     del known  # millions of ids at MS MARCO's scale; the loop below keeps its own
     st = read_st_config(model_dir) or read_st_config(base_dir)
     resolved = resolve_fields(encoding, st)
