@@ -58,6 +58,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 LLAMA_1B = {"hidden": 2048, "layers": 16, "heads": 16, "intermediate": 5632, "vocab": 32000}
 TINY = dict(hidden=256, layers=2, intermediate=688, vocab=4000, heads=4, rank=8, shard_gb=0.002)
 ALPHA = 0.5
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -126,34 +127,36 @@ def write_sharded(folder: Path, specs: list[TensorSpec], tensors: Iterator, shar
 def build(args: argparse.Namespace, work: Path) -> dict:
     # random numbers made on the GPU where there is one: at 7B shapes the CPU takes minutes
     dev = next((d for d in args.device.split(",") if d.startswith("cuda")), "cpu")
-    gen = torch.Generator(dev).manual_seed(0)
     body = body_specs(args)
     head = ("lm_head.weight", (args.vocab, args.hidden), torch.bfloat16)
     theta_specs = [("model." + n, s, d) for n, s, d in body] + [head]
     shard = int(args.shard_gb * GiB)
     adapter: dict[str, torch.Tensor] = {}
-    r_noise: list[torch.Tensor] = []  # R's tensors, made alongside Θ's, consumed in order
+
+    # Each tensor has a seed of its own, so that R's tensors are made from Θ's again rather than
+    # held while Θ is written: memory holds a shard, whatever the shape.
+    def theta_tensor(index: int) -> tuple[torch.Tensor, torch.Generator]:
+        name, shape, _ = theta_specs[index]
+        gen = torch.Generator(dev).manual_seed(index)
+        scale, mean = (0.05, 1) if name.endswith("norm.weight") else (0.02, 0)
+        return (mean + scale * torch.randn(shape, generator=gen, device=dev)).to(
+            torch.bfloat16
+        ), gen
 
     def theta_tensors() -> Iterator[torch.Tensor]:
-        for name, shape, _ in theta_specs:
-            if name.endswith("norm.weight"):
-                w = 1 + 0.05 * torch.randn(shape, generator=gen, device=dev)
-            else:
-                w = 0.02 * torch.randn(shape, generator=gen, device=dev)
-            w = w.to(torch.bfloat16)
-            if name != "lm_head.weight":
-                noise = 0.002 * torch.randn(shape, generator=gen, device=dev)
-                r_noise.append((w.float() + noise).to(torch.bfloat16).cpu())
-                module = name.removeprefix("model.").removesuffix(".weight")
-                if module.rsplit(".", 1)[-1] in TARGETS:
-                    add_dora(adapter, module, w.float(), args.rank, gen)
+        for index, (name, _, _) in enumerate(theta_specs):
+            w, gen = theta_tensor(index)
+            module = name.removeprefix("model.").removesuffix(".weight")
+            if module.rsplit(".", 1)[-1] in TARGETS:
+                add_dora(adapter, module, w.float(), args.rank, gen)
             yield w.cpu()
 
     def r_tensors() -> Iterator[torch.Tensor]:
-        while r_noise:
-            yield r_noise.pop(0)
+        for index, (_, shape, _) in enumerate(body):  # Θ's body, in the same order
+            w, gen = theta_tensor(index)
+            noise = 0.002 * torch.randn(shape, generator=gen, device=dev)
+            yield (w.float() + noise).to(torch.bfloat16).cpu()
 
-    # Θ is written first (R's tensors wait in r_noise); fine for the sizes benchmarked here.
     write_sharded(work / "theta", theta_specs, theta_tensors(), shard)
     write_sharded(work / "retriever", body, r_tensors(), shard)
     from safetensors.torch import save_file
@@ -289,11 +292,22 @@ def io_floor(work: Path, out: Path, shard: int, beta: float) -> None:
             for key in fh.keys():
                 fh.get_tensor(key).clone()
     out.mkdir()
-    handles = [safe_open(path, "pt") for path in files(work / "retriever")]
-    tensors = {key: fh.get_tensor(key).clone() for fh in handles for key in fh.keys()}
-    specs = [(k, tuple(t.shape), t.dtype) for k, t in tensors.items()]
+    # R's tensors in stored order, read a shard's worth at a time (the merge holds no more)
+    handles = {}
+    for path in files(work / "retriever"):
+        fh = safe_open(path, "pt")
+        handles.update(dict.fromkeys(fh.keys(), fh))
+    specs = [
+        (
+            key,
+            tuple(fh.get_slice(key).get_shape()),
+            SAFETENSORS_DTYPES[fh.get_slice(key).get_dtype()],
+        )
+        for key, fh in handles.items()
+    ]
     for i, group in enumerate(plan_shards(specs, shard), start=1):
-        save_file({s[0]: tensors.pop(s[0]) for s in group}, out / f"model-{i:05d}.safetensors")
+        tensors = {key: handles[key].get_tensor(key).clone() for key, _, _ in group}
+        save_file(tensors, out / f"model-{i:05d}.safetensors")
 
 
 def run_child(args: argparse.Namespace, work: Path, kind: str, device: str = "cpu") -> dict:
@@ -341,6 +355,19 @@ def merge_lines(args, sizes, runs: list[dict], floor: float, device: str) -> lis
     return lines
 
 
+def page_cache(sizes: dict) -> str:
+    """Whether the runs can find the inputs in memory, and what each run does alike."""
+    alike = "no run fsyncs its output; each run deletes the last output and syncs before its clock"
+    inputs = sizes["theta"] + sizes["body"] + sizes["adapter"]
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if inputs > memory / 2:
+        return (
+            f"page cache: the inputs ({inputs / GiB:.1f} GiB) are more than half of this "
+            f"machine's memory ({memory / GiB:.1f} GiB): reads come largely from disk; {alike}"
+        )
+    return f"page cache: warm in every run (inputs read once before timing); {alike}"
+
+
 def report(args: argparse.Namespace, sizes: dict, runs: dict[str, list[dict]], built: float):
     gb = 1e9
     best = {kind: min(r["seconds"] for r in rs) for kind, rs in runs.items()}
@@ -353,8 +380,7 @@ def report(args: argparse.Namespace, sizes: dict, runs: dict[str, list[dict]], b
         f"DoRA r{args.rank} adapter {sizes['adapter'] / gb:.3f} GB; shards of "
         f"{args.shard_gb:g} GiB (largest input shard {sizes['shard'] / gb:.2f} GB); "
         f"built in {built:.0f} s",
-        "page cache: warm in every run (inputs read once before timing); no run fsyncs its "
-        "output; each run deletes the last output and syncs just before its clock starts",
+        page_cache(sizes),
         f"devices: {args.device}; torch threads: {torch.get_num_threads()}; runs: {args.repeat}",
         f"(b) I/O floor, safetensors (read once what the merge reads: R, the adapter and "
         f"{'the DoRA targets of Θ' if args.beta == 1 else 'Θ'}; write the output once): "

@@ -94,7 +94,12 @@ def readapt_rows(
     if theta is not None:  # read below, never written
         t = scratch.take("theta", theta[rows], dtype).copy_(theta[rows])
     terms = list(dense)
-    if t is not None and theta_coef != 0:
+    if t is not None and len(terms) == 1 and theta_coef == 1 - terms[0][0]:
+        # (1 − β)·Θ + β·R, the retriever route at β ≠ 1: one pass instead of two
+        coef, x = terms.pop()
+        acc = scratch.take("acc", t, dtype).copy_(x[rows])
+        torch.lerp(t, acc, coef, out=acc)
+    elif t is not None and theta_coef != 0:
         acc = torch.mul(t, theta_coef, out=scratch.take("acc", t, dtype))
     elif terms:
         coef, x = terms.pop(0)
