@@ -22,9 +22,10 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -33,7 +34,6 @@ from readaptir.shards import (
     BufferPool,
     Checkpoint,
     ShardWriter,
-    TensorSpec,
     WeightError,
 )
 from readaptir.weights import Body, compute_dtype
@@ -44,6 +44,7 @@ LOG = logging.getLogger(__name__)
 # that the few 2-4 MiB temporaries stay in cache (measured best of 2^14…2^22).
 BLOCK_ELEMENTS = 1 << 19
 
+T, R = TypeVar("T"), TypeVar("R")
 Dense = list[tuple[float, torch.Tensor]]  # coefficient, a stored tensor (R or Δ)
 Updates = list[tuple[float, TargetUpdate]]  # coefficient, an adapter's tensors (Ψ or Ψ_R)
 
@@ -230,10 +231,10 @@ class Terms:
     passed: torch.Tensor | None = None
 
 
-def read_ahead(readapter: Readapter, layout: list[TensorSpec]) -> Iterator[Terms]:
-    """Each tensor's terms, read on a thread of its own one tensor ahead of their use."""
+def read_ahead(read: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    """``read(item)`` for each of ``items``, on a thread of its own one item ahead of its use."""
     with ThreadPoolExecutor(1) as thread:
-        reads = (thread.submit(readapter.terms, name, dtype) for name, _, dtype in layout)
+        reads = (thread.submit(read, item) for item in items)
         ahead = next(reads, None)
         while ahead is not None:
             current, ahead = ahead, next(reads, None)

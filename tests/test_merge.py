@@ -17,10 +17,10 @@ from transformers import AutoModelForCausalLM
 from readaptir import readapt
 from readaptir.artifacts import resolve_device
 from readaptir.lora import Adapter
-from readaptir.readapt import readapt_rows, row_blocks
+from readaptir.readapt import block_pool, readapt_rows, row_blocks
 from readaptir.shards import BufferPool, Checkpoint, ShardWriter, WeightError
 from readaptir.stages import merge as merge_stage
-from readaptir.stages.delta import compute_delta, storage_dtype
+from readaptir.stages.delta import compute_delta, storage_dtype, tensor_delta
 from readaptir.stages.merge import merge
 from readaptir.weights import Body, compute_dtype
 
@@ -118,6 +118,24 @@ def test_delta_output(full_delta, tiny_base, tiny_retriever):
     d = Checkpoint(full_delta).get(name).double()
     want = Body(tiny_retriever).get(name).double() - body.get(name).double()
     assert torch.allclose(d, want, atol=1e-9)
+
+
+def test_tensor_delta_is_float32_where_it_gives_the_retriever_back(monkeypatch):
+    theta = torch.ones(64, 8)  # float32 Θ and R: the merge sums them in float64
+    target = theta + torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(readapt, "BLOCK_ELEMENTS", 16)  # two rows a block, on two workers
+    with block_pool("cpu") as pool:
+        delta, exact = tensor_delta(theta, target, pool)
+        assert exact and delta.dtype == torch.float32
+        assert torch.equal((theta.double() + delta.double()).float(), target)
+        # one element of one block that a float32 Δ cannot carry: the whole tensor goes float64
+        theta[40, 3], target[40, 3] = 2.0**20, 2.0**-10
+        delta, exact = tensor_delta(theta, target, pool)
+    assert exact and delta.dtype == torch.float64
+    assert torch.equal((theta.double() + delta).float(), target)
+    # float64 weights whose difference float64 cannot carry either: said, not hidden
+    delta, exact = tensor_delta(torch.tensor([2.0**60, 1.0]).double(), torch.ones(2).double())
+    assert not exact and delta.dtype == torch.float64
 
 
 def test_storage_dtype_falls_back_to_float64():

@@ -5,20 +5,29 @@ Each Δ tensor is stored as float32 when Θ + Δ, evaluated as the merge evaluat
 dtype, gives back the retriever bit for bit; otherwise as float64 (and merged in float64). The
 check assumes the merge writes the retriever's dtype: a recipe ``dtype`` that changes it can
 round a rare tensor differently.
+
+Speed and memory: the next tensor is read on a thread of its own while this one's Δ is taken,
+in float32 first, in blocks of rows on the CPU's cores (``readapt.block_pool``) or whole on a
+GPU; float64, over the whole tensor, only where float32 does not give the retriever back. The
+writer holds at most one output shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from readaptir.artifacts import resolve_device, write_json
-from readaptir.lora import Adapter
+from readaptir.lora import Adapter, Rows
 from readaptir.models import is_peft_adapter
-from readaptir.shards import ShardWriter, WeightError, dtype_name
+from readaptir.readapt import Scratch, block_pool, read_ahead, row_blocks
+from readaptir.shards import BufferPool, ShardWriter, WeightError, dtype_name
 from readaptir.weights import Body, check_same_body, compute_dtype, is_buffer
 
 LOG = logging.getLogger(__name__)
@@ -75,35 +84,97 @@ def compute_delta(
         source = retriever
 
     storage: dict[str, str] = {}
+    buffers = BufferPool()
     total = sum(base.nbytes(n) for n in names)
     with (
+        # a PEFT retriever's B @ A runs on torch's own threads, which the pool sets to one
+        block_pool(dev) if isinstance(source, Body) else contextlib.nullcontext() as pool,
         ShardWriter(out) as writer,
         tqdm(total=total, unit="B", unit_scale=True, desc="delta") as bar,
     ):
-        for name in names:
+        for name, theta, target in read_ahead(_reader(base, source, buffers), names):
             bar.update(base.nbytes(name))
-            if is_buffer(name):  # rebuilt by the model at load time; carries no Δ
+            if theta is None:  # a buffer: rebuilt by the model at load time; carries no Δ
                 info["buffers"].append(name)
                 continue
-            theta = base.get(name).to(dev)
+            delta, exact = None, True
             if not theta.is_floating_point():
                 _check_unchanged(name, theta, source)
                 info["zero"].append(name)
+            elif isinstance(source, Adapter):
+                delta, exact = _lora_delta(name, theta.to(dev), source)
+            else:
+                delta, exact = tensor_delta(theta.to(dev), target.to(dev), pool)
+            buffers.give(theta)
+            if target is not None:
+                buffers.give(target)
+            if delta is None:
                 continue
-            theta64 = theta.double()
-            delta, target = _delta(name, theta, theta64, source)
-            kind = storage_dtype(theta64, delta, target, theta.dtype)
-            if kind == torch.float64 and not torch.equal(
-                (theta64 + delta).to(target.dtype), target
-            ):
+            if not exact:
                 info["inexact"].append(name)
                 LOG.warning("%s: Θ + Δ does not give back the retriever exactly", name)
-            writer.add(name, delta.to(kind))
-            storage[name] = dtype_name(kind)
+            writer.add(name, delta)
+            storage[name] = dtype_name(delta.dtype)
     info["storage"] = storage
     write_json(out / DELTA_JSON, info)
     LOG.info("Δ of %d tensors written to %s", len(storage), out)
     return info
+
+
+def _reader(
+    base: Body, source: Body | Adapter, buffers: BufferPool
+) -> Callable[[str], tuple[str, torch.Tensor | None, torch.Tensor | None]]:
+    """A function that reads (name, Θ's tensor, the retriever's) into ``buffers``: Θ's is None
+    for a buffer, the retriever's for a PEFT retriever and for non-float tensors."""
+
+    def read(name: str) -> tuple[str, torch.Tensor | None, torch.Tensor | None]:
+        if is_buffer(name):
+            return name, None, None
+        theta = base.get(name, buffers.take(base.nbytes(name)))
+        if not isinstance(source, Body) or not theta.is_floating_point():
+            return name, theta, None
+        return name, theta, source.get(name, buffers.take(source.nbytes(name)))
+
+    return read
+
+
+def tensor_delta(
+    theta: torch.Tensor, target: torch.Tensor, pool: ThreadPoolExecutor | None = None
+) -> tuple[torch.Tensor, bool]:
+    """Δ = ``target`` − ``theta`` for one tensor, and whether Θ + Δ gives ``target`` back exactly.
+
+    Float32 when Θ + Δ, summed as the merge sums it (``compute_dtype``) and cast to the
+    retriever's dtype, is ``target`` everywhere; else float64. Float32 first, in blocks of rows
+    on ``pool``'s workers (a CPU), in buffers reused from block to block; float64, rare, over the
+    whole tensor.
+    """
+    compute = compute_dtype(target.dtype, [theta.dtype, torch.float32])
+    narrow = torch.empty(theta.shape, dtype=torch.float32, device=theta.device)
+
+    def fill(rows: Rows) -> bool:
+        scratch = Scratch() if pool is None else Scratch.of_thread()
+        t = scratch.take("theta", theta[rows], compute).copy_(theta[rows])
+        r = scratch.take("target", target[rows], compute).copy_(target[rows])
+        torch.sub(r, t, out=narrow[rows])
+        back = scratch.take("back", target[rows], target.dtype).copy_(t.add_(narrow[rows]))
+        return torch.equal(back, target[rows])
+
+    blocks = list(row_blocks(tuple(theta.shape), whole=pool is None))
+    done = pool.map(fill, blocks) if pool is not None and len(blocks) > 1 else map(fill, blocks)
+    if all(list(done)):
+        return narrow, True
+    wide = target.double() - theta.double()
+    return wide, torch.equal((theta.double() + wide).to(target.dtype), target)
+
+
+def _lora_delta(name: str, theta: torch.Tensor, source: Adapter) -> tuple[torch.Tensor, bool]:
+    """A PEFT retriever's Δ for one target, stored as ``tensor_delta`` stores it, and whether
+    Θ + Δ gives the retriever back exactly."""
+    theta64 = theta.double()
+    delta, target = _delta(name, theta, theta64, source)
+    kind = storage_dtype(theta64, delta, target, theta.dtype)
+    exact = kind == torch.float32 or torch.equal((theta64 + delta).to(target.dtype), target)
+    return delta.to(kind), exact
 
 
 def _delta(

@@ -135,7 +135,7 @@ def merge(
         write_behind(writer, readapter.buffers, readapter.busy) as add,
         tqdm(total=total, unit="B", unit_scale=True, desc="merge") as bar,
     ):
-        for terms in read_ahead(readapter, layout):
+        for terms in read_ahead(lambda spec: readapter.terms(spec[0], spec[2]), layout):
             add(terms.name, readapter.output(terms, pool))
             bar.update(math.prod(base.shape(terms.name)) * terms.dtype.itemsize)
     seconds = time.perf_counter() - started
