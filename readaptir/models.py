@@ -35,6 +35,30 @@ def peft_config(model_dir: Path) -> dict:
     return read_json(Path(model_dir) / ADAPTER_CONFIG)
 
 
+def warn_if_other_base(retriever_dir: Path, base: dict, where: str) -> None:
+    """Warn when a PEFT retriever says it was trained on another hub model than the recipe's
+    ``base`` (its identity: a hub id, or a local folder, which is not compared).
+
+    Θ + Ψ_R is only the retriever on the model it was trained from; another one of the same
+    shapes (a chat variant, another size's sibling) would pass every check and give a retriever
+    that is not the published one. A mirror of the same weights is fine, hence a warning.
+    """
+    if "fingerprint" in base or not is_peft_adapter(retriever_dir):
+        return
+    named = peft_config(retriever_dir).get("base_model_name_or_path")
+    if isinstance(named, str) and named and named.lower() != base["source"].lower():
+        LOG.warning(
+            "%s: the retriever %s is a PEFT adapter trained on %r, but the base is %r: "
+            "Θ must be the model the retriever was trained from (ignore this if %r holds the "
+            "same weights)",
+            where,
+            retriever_dir,
+            named,
+            base["source"],
+            base["source"],
+        )
+
+
 def torch_dtype(name: str | None):
     """Recipe dtype names → torch dtypes; ``auto``/None keeps the checkpoint's own."""
     import torch

@@ -17,6 +17,7 @@ from pathlib import Path
 from readaptir.artifacts import read_json
 from readaptir.families import ignores_identical_ids, resolve_encoding
 from readaptir.fingerprint import Fingerprints, project_path
+from readaptir.models import warn_if_other_base
 from readaptir.recipe import (
     RUNTIME_FIELDS,
     CorpusSpec,
@@ -348,6 +349,9 @@ class Planner:
     def sources(self, recipe: Recipe) -> Sources:
         base, base_deps = self.model(recipe.base, "base")
         retriever, retriever_deps = self.model(recipe.retriever, "retriever")
+        retriever_dir = self._local(recipe.retriever.source)
+        if retriever_dir is not None:  # a hub retriever's adapter is checked when it runs
+            warn_if_other_base(retriever_dir, base, f"{self._recipe_file}: retriever")
         dataset = self.dataset(recipe.corpus, "corpus")
         return Sources(
             base,

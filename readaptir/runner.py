@@ -76,6 +76,16 @@ class Context:
 
         return local_dir(ident["source"], ident.get("revision"))
 
+    def retriever_dir(self, ident: dict, base: dict | None) -> Path:
+        """The retriever's folder (``model_dir``), checked against the base it was trained on."""
+        from readaptir.models import warn_if_other_base
+
+        path = self.model_dir(ident)
+        assert path is not None
+        if base is not None:
+            warn_if_other_base(path, base, f"stage {self.spec['kind']}")
+        return path
+
     def dataset_dir(self, ident: dict) -> Path:
         folder = self.local(ident["path"])
         for name, expected in ident.get("fingerprints", {}).items():  # none when fetched
@@ -108,7 +118,10 @@ def _delta(ctx: Context, out: Path) -> dict:
 
     p = ctx.params
     return compute_delta(
-        ctx.model_dir(p["base"]), ctx.model_dir(p["retriever"]), out, device=ctx.device
+        ctx.model_dir(p["base"]),
+        ctx.retriever_dir(p["retriever"], p["base"]),
+        out,
+        device=ctx.device,
     )
 
 
@@ -123,7 +136,7 @@ def _merge(ctx: Context, out: Path) -> dict:
         beta=p["beta"],
         adapter_dir=ctx.inputs.get("adapter"),
         delta_dir=ctx.inputs.get("delta"),
-        retriever_dir=ctx.model_dir(p["retriever"]),
+        retriever_dir=ctx.retriever_dir(p["retriever"], p["base"]),
         dtype=p["dtype"],
         device=ctx.device,
     )
@@ -134,7 +147,9 @@ def _embed(ctx: Context, out: Path) -> dict:
     from readaptir.stages.embed import embed
 
     p = ctx.params
-    model = ctx.inputs.get("model") or ctx.model_dir(p["model"]["retriever"])
+    model = ctx.inputs.get("model") or ctx.retriever_dir(
+        p["model"]["retriever"], p["model"]["base"]
+    )
     return embed(
         model,
         ctx.dataset_dir(p["dataset"]),

@@ -439,3 +439,46 @@ def test_passage_selection_uses_the_evaluated_collections_judgments(project):
     judgments = adapter.params["selection"]["judgments"]
     assert (judgments["path"], judgments["split"]) == ("data/toy", "dev")
     assert adapter.params["selection"]["passages"] == "judged"
+
+
+def test_a_peft_retriever_trained_on_another_base_is_warned_about(project, caplog):
+    adapter = project / "models" / "lora"
+    adapter.mkdir()
+    for trained_on, warned in (
+        ("meta-llama/Llama-2-7b-chat-hf", True),  # the same shapes: no other check sees it
+        ("Meta-Llama/Llama-2-7b-hf", False),  # hub ids do not depend on case
+    ):
+        config = {"peft_type": "LORA", "r": 4, "base_model_name_or_path": trained_on}
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        edit(
+            project,
+            "ra-half",
+            "base: meta-llama/Llama-2-7b-hf\nretriever: {source: models/lora, family: repllama}\n"
+            "corpus: data/toy\n",
+        )
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            plan_of(project)
+        said = [r.getMessage() for r in caplog.records if "trained on" in r.getMessage()]
+        assert bool(said) == warned, said
+        if warned:
+            assert "ra-half.yaml" in said[0] and "Llama-2-7b-chat-hf" in said[0]
+
+
+def test_stages_warn_about_a_peft_retriever_trained_on_another_base(project, caplog):
+    from readaptir.runner import Context
+
+    adapter = project / "models" / "lora"
+    adapter.mkdir()
+    config = {"peft_type": "LORA", "base_model_name_or_path": "meta-llama/Llama-2-7b-chat-hf"}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    ident = {"source": "models/lora", "fingerprint": Fingerprints(project).path(adapter)}
+    ctx = Context(project, {"kind": "merge", "params": {}, "inputs": {}}, "cpu")
+    with caplog.at_level("WARNING"):
+        ctx.retriever_dir(
+            ident, {"source": "models/base", "fingerprint": "x"}
+        )  # local: not compared
+        assert not caplog.records
+        ctx.retriever_dir(ident, {"source": "meta-llama/Llama-2-7b-hf", "revision": "main"})
+    said = caplog.records[0].getMessage()
+    assert said.startswith("stage merge:") and "Llama-2-7b-chat-hf" in said
