@@ -183,27 +183,28 @@ def timed(busy: dict[str, float], step: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def write_behind(
-    writer: ShardWriter, buffers: BufferPool, busy: dict[str, float]
+    writer: ShardWriter, buffers: BufferPool | None, busy: dict[str, float]
 ) -> Iterator[Callable[[str, torch.Tensor], None]]:
     """``writer.add`` on a thread of its own: a tensor is written while the next is computed.
 
-    At most one tensor waits. A tensor on a GPU is copied into one of ``buffers`` first; each
-    host tensor goes back to ``buffers`` once written, so ``writer`` must write as it is given
-    (a layout). ``busy["write"]`` adds up the thread's time, ``busy["to host"]`` the part of it
-    spent copying from the device.
+    At most one tensor waits. With ``buffers``, a tensor on a GPU is copied into one of them
+    first and each host tensor goes back to them once written, so ``writer`` must write as it is
+    given (a layout); without, ``writer`` may hold what it is given. ``busy["write"]`` adds up the
+    thread's time, ``busy["to host"]`` the part of it spent copying from the device.
     """
-    if not writer.writes_as_added:
-        raise ValueError("write_behind needs a ShardWriter given the layout: others hold tensors")
+    if buffers is not None and not writer.writes_as_added:
+        raise ValueError("pooled buffers need a ShardWriter given the layout: others hold tensors")
     pending: list[Future] = []
 
     def write(name: str, tensor: torch.Tensor) -> None:
         with timed(busy, "write"):
             host = tensor
-            if tensor.device.type != "cpu":
+            if buffers is not None and tensor.device.type != "cpu":
                 with timed(busy, "to host"):  # waits for the sums queued before it
                     host = buffers.to_host(tensor)
             writer.add(name, host)
-            buffers.give(host)
+            if buffers is not None:
+                buffers.give(host)
 
     with ThreadPoolExecutor(1) as thread:
 

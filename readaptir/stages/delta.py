@@ -6,10 +6,10 @@ dtype, gives back the retriever bit for bit; otherwise as float64 (and merged in
 check assumes the merge writes the retriever's dtype: a recipe ``dtype`` that changes it can
 round a rare tensor differently.
 
-Speed and memory: the next tensor is read on a thread of its own while this one's Δ is taken,
-in float32 first, in blocks of rows on the CPU's cores (``readapt.block_pool``) or whole on a
-GPU; float64, over the whole tensor, only where float32 does not give the retriever back. The
-writer holds at most one output shard.
+Speed and memory: the next tensor is read, and the last written, on threads of their own while
+this one's Δ is taken, in float32 first, in blocks of rows on the CPU's cores
+(``readapt.block_pool``) or whole on a GPU; float64, over the whole tensor, only where float32
+does not give the retriever back. The writer holds at most one output shard.
 """
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ from tqdm import tqdm
 from readaptir.artifacts import resolve_device, write_json
 from readaptir.lora import Adapter, Rows
 from readaptir.models import is_peft_adapter
-from readaptir.readapt import Scratch, block_pool, read_ahead, row_blocks
+from readaptir.readapt import (
+    Scratch,
+    block_pool,
+    describe_busy,
+    read_ahead,
+    row_blocks,
+    timed,
+    write_behind,
+)
 from readaptir.shards import BufferPool, ShardWriter, WeightError, dtype_name
 from readaptir.weights import Body, check_same_body, compute_dtype, is_buffer
 
@@ -85,26 +93,29 @@ def compute_delta(
 
     storage: dict[str, str] = {}
     buffers = BufferPool()
+    busy = {"read": 0.0, "sum": 0.0, "write": 0.0}  # the overlapped steps' seconds at work
     total = sum(base.nbytes(n) for n in names)
     with (
         # a PEFT retriever's B @ A runs on torch's own threads, which the pool sets to one
         block_pool(dev) if isinstance(source, Body) else contextlib.nullcontext() as pool,
         ShardWriter(out) as writer,
+        write_behind(writer, None, busy) as add,
         tqdm(total=total, unit="B", unit_scale=True, desc="delta") as bar,
     ):
-        for name, theta, target in read_ahead(_reader(base, source, buffers), names):
+        for name, theta, target in read_ahead(_reader(base, source, buffers, busy), names):
             bar.update(base.nbytes(name))
             if theta is None:  # a buffer: rebuilt by the model at load time; carries no Δ
                 info["buffers"].append(name)
                 continue
             delta, exact = None, True
-            if not theta.is_floating_point():
-                _check_unchanged(name, theta, source)
-                info["zero"].append(name)
-            elif isinstance(source, Adapter):
-                delta, exact = _lora_delta(name, theta.to(dev), source)
-            else:
-                delta, exact = tensor_delta(theta.to(dev), target.to(dev), pool)
+            with timed(busy, "sum"):
+                if not theta.is_floating_point():
+                    _check_unchanged(name, theta, source)
+                    info["zero"].append(name)
+                elif isinstance(source, Adapter):
+                    delta, exact = _lora_delta(name, theta.to(dev), source)
+                else:
+                    delta, exact = tensor_delta(theta.to(dev), target.to(dev), pool)
             buffers.give(theta)
             if target is not None:
                 buffers.give(target)
@@ -113,8 +124,9 @@ def compute_delta(
             if not exact:
                 info["inexact"].append(name)
                 LOG.warning("%s: Θ + Δ does not give back the retriever exactly", name)
-            writer.add(name, delta)
+            add(name, delta)  # held by the writer until its shard is full: not a pooled buffer
             storage[name] = dtype_name(delta.dtype)
+    LOG.info("busy (overlapped): %s", describe_busy(busy))
     info["storage"] = storage
     write_json(out / DELTA_JSON, info)
     LOG.info("Δ of %d tensors written to %s", len(storage), out)
@@ -122,7 +134,7 @@ def compute_delta(
 
 
 def _reader(
-    base: Body, source: Body | Adapter, buffers: BufferPool
+    base: Body, source: Body | Adapter, buffers: BufferPool, busy: dict[str, float]
 ) -> Callable[[str], tuple[str, torch.Tensor | None, torch.Tensor | None]]:
     """A function that reads (name, Θ's tensor, the retriever's) into ``buffers``: Θ's is None
     for a buffer, the retriever's for a PEFT retriever and for non-float tensors."""
@@ -130,10 +142,11 @@ def _reader(
     def read(name: str) -> tuple[str, torch.Tensor | None, torch.Tensor | None]:
         if is_buffer(name):
             return name, None, None
-        theta = base.get(name, buffers.take(base.nbytes(name)))
-        if not isinstance(source, Body) or not theta.is_floating_point():
-            return name, theta, None
-        return name, theta, source.get(name, buffers.take(source.nbytes(name)))
+        with timed(busy, "read"):
+            theta = base.get(name, buffers.take(base.nbytes(name)))
+            if not isinstance(source, Body) or not theta.is_floating_point():
+                return name, theta, None
+            return name, theta, source.get(name, buffers.take(source.nbytes(name)))
 
     return read
 
