@@ -292,7 +292,7 @@ def io_floor(work: Path, out: Path, shard: int, beta: float) -> None:
             for key in fh.keys():
                 fh.get_tensor(key).clone()
     out.mkdir()
-    # R's tensors in stored order, read a shard's worth at a time (the merge holds no more)
+    # R's tensors in name order, read a shard's worth at a time (the merge holds no more)
     handles = {}
     for path in files(work / "retriever"):
         fh = safe_open(path, "pt")

@@ -95,8 +95,8 @@ def readapt_rows(
     if theta is not None:  # read below, never written
         t = scratch.take("theta", theta[rows], dtype).copy_(theta[rows])
     terms = list(dense)
-    if t is not None and len(terms) == 1 and theta_coef == 1 - terms[0][0]:
-        # (1 − β)·Θ + β·R, the retriever route at β ≠ 1: one pass instead of two
+    if t is not None and len(terms) == 1 and 0 != theta_coef != 1 and theta_coef == 1 - terms[0][0]:
+        # (1 − β)·Θ + β·R, the retriever route at β ≠ 0, 1: one pass instead of two
         coef, x = terms.pop()
         acc = scratch.take("acc", t, dtype).copy_(x[rows])
         torch.lerp(t, acc, coef, out=acc)

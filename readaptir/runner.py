@@ -77,12 +77,13 @@ class Context:
         return local_dir(ident["source"], ident.get("revision"))
 
     def retriever_dir(self, ident: dict, base: dict | None) -> Path:
-        """The retriever's folder (``model_dir``), checked against the base it was trained on."""
+        """The retriever's folder (``model_dir``); one from the hub is checked against the base it
+        was trained on (``readaptir build`` checked a local one)."""
         from readaptir.models import warn_if_other_base
 
         path = self.model_dir(ident)
         assert path is not None
-        if base is not None:
+        if base is not None and "fingerprint" not in ident:
             warn_if_other_base(path, base, f"stage {self.spec['kind']}")
         return path
 

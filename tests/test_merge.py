@@ -15,10 +15,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from readaptir import readapt
-from readaptir.artifacts import resolve_device
+from readaptir.artifacts import read_json, resolve_device
 from readaptir.lora import Adapter
 from readaptir.readapt import block_pool, readapt_rows, row_blocks
 from readaptir.shards import BufferPool, Checkpoint, ShardWriter, WeightError
+from readaptir.stages import delta as delta_stage
 from readaptir.stages import merge as merge_stage
 from readaptir.stages.delta import compute_delta, storage_dtype, tensor_delta
 from readaptir.stages.merge import merge
@@ -327,6 +328,11 @@ def test_readapt_rows_sums_in_the_given_precision():
     assert got.tolist() == [[2.5, 2.5], [2.5, 2.5]]
     with pytest.raises(ValueError, match="nothing to start"):
         readapt_rows(None, 0.0, [], [(0.25, update)], ...)
+    # β = 1 where Θ is read (DoRA needs it): the sum starts from R as stored, not from an
+    # interpolation that is R only in exact arithmetic (a -0 would turn +0, a huge value NaN)
+    theta, r = torch.tensor([1.0, -3e38]), torch.tensor([-0.0, 3e38])
+    got = readapt_rows(theta, 0.0, [(1.0, r)], [], ..., dtype=torch.float32)
+    assert torch.equal(got.view(torch.int32), r.view(torch.int32))
 
 
 def test_lora_retriever(tmp_path, tiny_base, lora_retriever):
@@ -680,6 +686,36 @@ def test_pooled_buffers_are_not_reused_while_written(
     pool = BufferPool(min_bytes=1)
     pool.give(torch.empty(100, dtype=torch.uint8))
     assert pool.take(80).data_ptr() != pool.take(80).data_ptr()  # one buffer lent once
+
+
+def test_delta_pooled_buffers_are_not_reused_while_in_use(
+    monkeypatch, tmp_path, tiny_base, tiny_retriever, bf16_pair, lora_retriever
+):
+    # as above for the delta stage: Θ and R are read ahead into pooled buffers while the last Δ
+    # is written; the bf16 pair takes its float32 Δ in blocks of rows on two workers
+    pairs = {
+        "float32": (tiny_base, tiny_retriever),
+        "bf16": bf16_pair,
+        "lora": (tiny_base, lora_retriever),
+    }
+    for case, (base, retriever) in pairs.items():
+        compute_delta(base, retriever, tmp_path / f"ref-{case}")
+    monkeypatch.setattr(delta_stage, "BufferPool", lambda: BufferPool(keep=16, min_bytes=0))
+    monkeypatch.setattr(readapt, "BLOCK_ELEMENTS", 256)
+    add = ShardWriter.add
+
+    def slow_add(self, name, tensor):
+        time.sleep(0.01)
+        add(self, name, tensor)
+
+    monkeypatch.setattr(ShardWriter, "add", slow_add)
+    for case, (base, retriever) in pairs.items():
+        info = compute_delta(base, retriever, tmp_path / f"pooled-{case}")
+        ref, got = Checkpoint(tmp_path / f"ref-{case}"), Checkpoint(tmp_path / f"pooled-{case}")
+        assert info == read_json(tmp_path / f"ref-{case}" / "delta.json")
+        assert ref.names() == got.names()
+        for name in ref.names():
+            assert torch.equal(got.get(name), ref.get(name)), (case, name)
 
 
 def test_a_delta_missing_a_tensor_is_refused(tmp_path, tiny_base, tiny_retriever):

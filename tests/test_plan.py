@@ -465,20 +465,24 @@ def test_a_peft_retriever_trained_on_another_base_is_warned_about(project, caplo
             assert "ra-half.yaml" in said[0] and "Llama-2-7b-chat-hf" in said[0]
 
 
-def test_stages_warn_about_a_peft_retriever_trained_on_another_base(project, caplog):
+def test_stages_warn_about_a_hub_peft_retriever_trained_on_another_base(
+    project, caplog, monkeypatch
+):
+    from readaptir import models
     from readaptir.runner import Context
 
-    adapter = project / "models" / "lora"
+    adapter = project / "models" / "lora"  # stands for the hub's snapshot of the adapter
     adapter.mkdir()
     config = {"peft_type": "LORA", "base_model_name_or_path": "meta-llama/Llama-2-7b-chat-hf"}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    ident = {"source": "models/lora", "fingerprint": Fingerprints(project).path(adapter)}
+    monkeypatch.setattr(models, "local_dir", lambda source, revision=None: adapter)
+    hub = {"source": "castorini/repllama-v1-7b-lora-passage", "revision": "main"}
+    local = {"source": "models/lora", "fingerprint": Fingerprints(project).path(adapter)}
     ctx = Context(project, {"kind": "merge", "params": {}, "inputs": {}}, "cpu")
     with caplog.at_level("WARNING"):
-        ctx.retriever_dir(
-            ident, {"source": "models/base", "fingerprint": "x"}
-        )  # local: not compared
+        ctx.retriever_dir(hub, {"source": "models/base", "fingerprint": "x"})  # a local base
+        ctx.retriever_dir(local, {"source": "meta-llama/Llama-2-7b-hf"})  # build warned already
         assert not caplog.records
-        ctx.retriever_dir(ident, {"source": "meta-llama/Llama-2-7b-hf", "revision": "main"})
+        ctx.retriever_dir(hub, {"source": "meta-llama/Llama-2-7b-hf", "revision": "main"})
     said = caplog.records[0].getMessage()
     assert said.startswith("stage merge:") and "Llama-2-7b-chat-hf" in said

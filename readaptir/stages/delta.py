@@ -8,8 +8,8 @@ round a rare tensor differently.
 
 Speed and memory: the next tensor is read, and the last written, on threads of their own while
 this one's Δ is taken, in float32 first, in blocks of rows on the CPU's cores
-(``readapt.block_pool``) or whole on a GPU; float64, over the whole tensor, only where float32
-does not give the retriever back. The writer holds at most one output shard.
+(``readapt.block_pool``) or whole on a GPU; float64, the same way, only where float32 does not
+give the retriever back. The writer holds at most one output shard.
 """
 
 from __future__ import annotations
@@ -157,27 +157,37 @@ def tensor_delta(
     """Δ = ``target`` − ``theta`` for one tensor, and whether Θ + Δ gives ``target`` back exactly.
 
     Float32 when Θ + Δ, summed as the merge sums it (``compute_dtype``) and cast to the
-    retriever's dtype, is ``target`` everywhere; else float64. Float32 first, in blocks of rows
-    on ``pool``'s workers (a CPU), in buffers reused from block to block; float64, rare, over the
-    whole tensor.
+    retriever's dtype, is ``target`` everywhere; else float64 (rare). Each is taken in blocks of
+    rows on ``pool``'s workers (a CPU), in buffers reused from block to block.
     """
-    compute = compute_dtype(target.dtype, [theta.dtype, torch.float32])
-    narrow = torch.empty(theta.shape, dtype=torch.float32, device=theta.device)
+    narrow, exact = _delta_as(torch.float32, theta, target, pool)
+    if exact:
+        return narrow, True
+    del narrow
+    return _delta_as(torch.float64, theta, target, pool)
+
+
+def _delta_as(
+    storage: torch.dtype,
+    theta: torch.Tensor,
+    target: torch.Tensor,
+    pool: ThreadPoolExecutor | None,
+) -> tuple[torch.Tensor, bool]:
+    """Δ stored as ``storage``, and whether Θ + Δ, summed as the merge sums it, is ``target``."""
+    compute = compute_dtype(target.dtype, [theta.dtype, storage])
+    delta = torch.empty(theta.shape, dtype=storage, device=theta.device)
 
     def fill(rows: Rows) -> bool:
         scratch = Scratch() if pool is None else Scratch.of_thread()
         t = scratch.take("theta", theta[rows], compute).copy_(theta[rows])
         r = scratch.take("target", target[rows], compute).copy_(target[rows])
-        torch.sub(r, t, out=narrow[rows])
-        back = scratch.take("back", target[rows], target.dtype).copy_(t.add_(narrow[rows]))
+        torch.sub(r, t, out=delta[rows])
+        back = scratch.take("back", target[rows], target.dtype).copy_(t.add_(delta[rows]))
         return torch.equal(back, target[rows])
 
     blocks = list(row_blocks(tuple(theta.shape), whole=pool is None))
     done = pool.map(fill, blocks) if pool is not None and len(blocks) > 1 else map(fill, blocks)
-    if all(list(done)):
-        return narrow, True
-    wide = target.double() - theta.double()
-    return wide, torch.equal((theta.double() + wide).to(target.dtype), target)
+    return delta, all(list(done))
 
 
 def _lora_delta(name: str, theta: torch.Tensor, source: Adapter) -> tuple[torch.Tensor, bool]:
