@@ -70,6 +70,16 @@ def compute_delta(
     _require_empty(out)
     dev = resolve_device(device)
     base = Body(base_dir)
+    source, names, info = _open_source(base, retriever_dir)
+    info["storage"] = _write_deltas(base, source, names, out, dev, info)
+    write_json(out / DELTA_JSON, info)
+    LOG.info("Δ of %d tensors written to %s", len(info["storage"]), out)
+    return info
+
+
+def _open_source(base: Body, retriever_dir: Path) -> tuple[Body | Adapter, list[str], dict]:
+    """The retriever (a full model, or a PEFT adapter over Θ) checked against Θ on headers
+    alone, the names Δ is taken over, and what delta.json records of them so far."""
     info: dict = {"dropped": {"base": base.heads}, "buffers": [], "zero": [], "inexact": []}
     if is_peft_adapter(retriever_dir):
         adapter = Adapter(retriever_dir, base.prefix)
@@ -81,16 +91,20 @@ def compute_delta(
         untouched = [n for n in base.names() if n not in names]
         info["buffers"] = sorted(n for n in untouched if is_buffer(n))
         info["zero"] = sorted(n for n in untouched if not is_buffer(n))
-        source = adapter
-    else:
-        retriever = Body(retriever_dir)
-        info["buffers"] = check_same_body(base, retriever)
-        names = [n for n in base.names() if n in retriever]
-        info["kind"] = "full"
-        info["dropped"]["retriever"] = retriever.heads
-        info["retriever_dtype"] = dtype_name(retriever.ckpt.float_dtype())
-        source = retriever
+        return adapter, names, info
+    retriever = Body(retriever_dir)
+    info["buffers"] = check_same_body(base, retriever)
+    info["kind"] = "full"
+    info["dropped"]["retriever"] = retriever.heads
+    info["retriever_dtype"] = dtype_name(retriever.ckpt.float_dtype())
+    return retriever, [n for n in base.names() if n in retriever], info
 
+
+def _write_deltas(
+    base: Body, source: Body | Adapter, names: list[str], out: Path, dev: str, info: dict
+) -> dict[str, str]:
+    """Write each tensor's Δ into ``out``, noting buffers, zeros and inexact tensors in ``info``;
+    the dtype each Δ is stored in."""
     storage: dict[str, str] = {}
     buffers = BufferPool()
     busy = {"read": 0.0, "sum": 0.0, "write": 0.0}  # the overlapped steps' seconds at work
@@ -127,10 +141,7 @@ def compute_delta(
             add(name, delta)  # held by the writer until its shard is full: not a pooled buffer
             storage[name] = dtype_name(delta.dtype)
     LOG.info("busy (overlapped): %s", describe_busy(busy))
-    info["storage"] = storage
-    write_json(out / DELTA_JSON, info)
-    LOG.info("Δ of %d tensors written to %s", len(storage), out)
-    return info
+    return storage
 
 
 def _reader(
