@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -85,8 +87,14 @@ def validate(root: Path) -> None:
 
 @main.command()
 @root_option
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Remove the folders under artifacts/ that no stage of the recipes makes (not while "
+    "`dvc repro` runs).",
+)
 @user_errors
-def build(root: Path) -> None:
+def build(root: Path, prune: bool) -> None:
     """Expand recipes/*.yaml into dvc.yaml and params.yaml."""
     recipes, plan = _plan(root)
     changed = dvcfile.write(plan, root)
@@ -98,6 +106,38 @@ def build(root: Path) -> None:
     state = f"{', '.join(names[:4])}{' …' if len(names) > 4 else ''} ({len(names)} written)"
     state = state if changed else "nothing changed"
     click.echo(f"{len(recipes)} recipes -> {len(plan.stages)} stages ({summary}); {state}")
+    _leftovers(root, plan.leftovers(root), prune)
+
+
+def _leftovers(root: Path, stale: list[Path], prune: bool) -> None:
+    """Say what stages no recipe has any more left under artifacts/, or remove it."""
+    if not stale:
+        return
+    names = ", ".join(str(p.relative_to(root)) for p in stale[:3]) + (
+        " …" if len(stale) > 3 else ""
+    )
+    if prune:
+        for path in stale:
+            shutil.rmtree(path)
+        click.echo(f"removed {len(stale)} folders no stage makes any more: {names}")
+        return
+    alone = sum(_unshared_bytes(path) for path in stale)
+    size = f"{alone / 1e9:.1f} GB" if alone >= 1e8 else f"{alone / 1e6:.1f} MB"
+    click.echo(
+        f"{len(stale)} folders under artifacts/ belong to no stage of these recipes ({names}; "
+        f"{size} of it stored nowhere else): `readaptir build --prune` removes them, then "
+        "`dvc gc -w` frees what DVC's cache holds of them"
+    )
+
+
+def _unshared_bytes(folder: Path) -> int:
+    """The bytes of ``folder``'s files that are not links into DVC's cache."""
+    total = 0
+    for path in folder.rglob("*"):
+        info = path.lstat()
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+            total += info.st_size
+    return total
 
 
 @main.group()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -40,6 +41,8 @@ KIND_VERSIONS = {
     "score": 2,
 }
 DATASET_FILES = ("corpus.jsonl", "queries.jsonl")
+# what a stage leaves under artifacts/<kind>/: its output, its work folder, an unfinished output
+LEFTOVER = re.compile(r"(?:\.work-)?(?P<id>[0-9a-f]{16})|\.tmp-(?P<tmp>[0-9a-f]{16})-\d+")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,20 @@ class Plan:
         if existing is not None and existing.id != stage.id:
             raise ValueError(f"two different stages are both named {stage.name!r}")
         return self.stages.setdefault(stage.name, stage)
+
+    def leftovers(self, root: Path) -> list[Path]:
+        """Folders under ``root``/artifacts that no stage of this plan makes: outputs of stages
+        no recipe has any more, and what their interrupted runs left (``.work-`` checkpoints and
+        shards, ``.tmp-`` outputs). Anything else there is not readaptir's and is left out."""
+        ours = {(stage.kind, stage.id) for stage in self.stages.values()}
+        found = []
+        for kind in KIND_VERSIONS:
+            folder = Path(root) / "artifacts" / kind
+            for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+                made = LEFTOVER.fullmatch(path.name)
+                if made and path.is_dir() and (kind, made["id"] or made["tmp"]) not in ours:
+                    found.append(path)
+        return found
 
 
 def stage_output(spec: dict) -> str:

@@ -486,3 +486,41 @@ def test_stages_warn_about_a_hub_peft_retriever_trained_on_another_base(
         ctx.retriever_dir(hub, {"source": "meta-llama/Llama-2-7b-hf", "revision": "main"})
     said = caplog.records[0].getMessage()
     assert said.startswith("stage merge:") and "Llama-2-7b-chat-hf" in said
+
+
+def test_build_names_and_prunes_what_no_stage_makes_any_more(project):
+    from click.testing import CliRunner
+
+    from readaptir.cli import main
+
+    def build(*flags):
+        result = CliRunner().invoke(main, ["build", "--root", str(project), *flags])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    def merges():
+        return {s.out for s in plan_of(project).stages.values() if s.kind == "merge"}
+
+    before = merges()
+    edit(project, "ra-half", "extends: _common.yaml\nreadapt: {alpha: 0.25}\n")
+    kept = [project / out for out in sorted(merges())]
+    kept.append(kept[0].with_name(f".work-{kept[0].name}"))  # a current stage's unfinished run
+    stale = [project / out for out in sorted(before - merges())]  # α = 0.5, edited away
+    stale.append(project / "artifacts" / "embed" / f".work-{'0' * 16}")
+    stale.append(project / "artifacts" / "score" / f".tmp-{'1' * 16}-4242")
+    mine = [project / "artifacts" / "merge" / "notes", project / "artifacts" / "mine" / ("a" * 16)]
+    for folder in kept + stale + mine:
+        folder.mkdir(parents=True)
+        (folder / "data.bin").write_bytes(b"x" * 2_000_000)
+    (project / "artifacts" / "embed" / ("b" * 16)).write_text("a file of the user's")
+    mine.append(project / "artifacts" / "embed" / ("b" * 16))
+    cache = project / ".dvc-cache-object"  # an output's file linked into DVC's cache is not
+    os.link(stale[0] / "data.bin", cache)  # freed by removing the output
+    said = build()
+    assert f"{len(stale)} folders under artifacts/ belong to no stage" in said, said
+    assert f"{2 * (len(stale) - 1):.1f} MB of it stored nowhere else" in said
+    assert all(path.exists() for path in kept + stale + mine)  # named, not touched
+    assert f"removed {len(stale)} folders" in build("--prune")
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in kept + mine)
+    assert "belong to no stage" not in build()
