@@ -118,7 +118,10 @@ def _leftovers(root: Path, stale: list[Path], prune: bool) -> None:
     )
     if prune:
         for path in stale:
-            shutil.rmtree(path)
+            if path.is_symlink():  # the link goes, not what it points to
+                path.unlink()
+            else:
+                shutil.rmtree(path)
         click.echo(f"removed {len(stale)} folders no stage makes any more: {names}")
         return
     alone = sum(_unshared_bytes(path) for path in stale)
@@ -131,7 +134,10 @@ def _leftovers(root: Path, stale: list[Path], prune: bool) -> None:
 
 
 def _unshared_bytes(folder: Path) -> int:
-    """The bytes of ``folder``'s files that are not links into DVC's cache."""
+    """The bytes that removing ``folder`` frees: of its files, those not linked into DVC's
+    cache; nothing for a link to a folder elsewhere."""
+    if folder.is_symlink():
+        return 0
     total = 0
     for path in folder.rglob("*"):
         info = path.lstat()

@@ -512,15 +512,21 @@ def test_build_names_and_prunes_what_no_stage_makes_any_more(project):
     for folder in kept + stale + mine:
         folder.mkdir(parents=True)
         (folder / "data.bin").write_bytes(b"x" * 2_000_000)
+    elsewhere = project / "elsewhere"  # an output linked to another disk: the link goes, not it
+    elsewhere.mkdir()
+    (elsewhere / "data.bin").write_bytes(b"x" * 2_000_000)
+    stale.append(project / "artifacts" / "search" / ("c" * 16))
+    stale[-1].parent.mkdir(parents=True)
+    stale[-1].symlink_to(elsewhere, target_is_directory=True)
     (project / "artifacts" / "embed" / ("b" * 16)).write_text("a file of the user's")
     mine.append(project / "artifacts" / "embed" / ("b" * 16))
     cache = project / ".dvc-cache-object"  # an output's file linked into DVC's cache is not
     os.link(stale[0] / "data.bin", cache)  # freed by removing the output
     said = build()
     assert f"{len(stale)} folders under artifacts/ belong to no stage" in said, said
-    assert f"{2 * (len(stale) - 1):.1f} MB of it stored nowhere else" in said
+    assert f"{2 * (len(stale) - 2):.1f} MB of it stored nowhere else" in said
     assert all(path.exists() for path in kept + stale + mine)  # named, not touched
     assert f"removed {len(stale)} folders" in build("--prune")
     assert not any(path.exists() for path in stale)
-    assert all(path.exists() for path in kept + mine)
+    assert all(path.exists() for path in kept + mine) and elsewhere.is_dir()
     assert "belong to no stage" not in build()
