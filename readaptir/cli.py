@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -113,37 +111,28 @@ def _leftovers(root: Path, stale: list[Path], prune: bool) -> None:
     """Say what stages no recipe has any more left under artifacts/, or remove it."""
     if not stale:
         return
+    folders = "folder" if len(stale) == 1 else "folders"
     names = ", ".join(str(p.relative_to(root)) for p in stale[:3]) + (
         " …" if len(stale) > 3 else ""
     )
-    if prune:
-        for path in stale:
-            if path.is_symlink():  # the link goes, not what it points to
-                path.unlink()
-            else:
-                shutil.rmtree(path)
-        click.echo(f"removed {len(stale)} folders no stage makes any more: {names}")
+    if not prune:
+        freed = workspace.freed_bytes(stale)
+        size = f"{freed / 1e9:.1f} GB" if freed >= 1e8 else f"{freed / 1e6:.2f} MB"
+        click.echo(
+            f"{len(stale)} {folders} under artifacts/ belong to no stage of these recipes "
+            f"({names}); removing them frees {size}: `readaptir build --prune`, then "
+            "`dvc gc -w` for DVC's cached copies"
+        )
         return
-    alone = sum(_unshared_bytes(path) for path in stale)
-    size = f"{alone / 1e9:.1f} GB" if alone >= 1e8 else f"{alone / 1e6:.1f} MB"
-    click.echo(
-        f"{len(stale)} folders under artifacts/ belong to no stage of these recipes ({names}; "
-        f"{size} of it stored nowhere else): `readaptir build --prune` removes them, then "
-        "`dvc gc -w` frees what DVC's cache holds of them"
-    )
-
-
-def _unshared_bytes(folder: Path) -> int:
-    """The bytes that removing ``folder`` frees: of its files, those not linked into DVC's
-    cache; nothing for a link to a folder elsewhere."""
-    if folder.is_symlink():
-        return 0
-    total = 0
-    for path in folder.rglob("*"):
-        info = path.lstat()
-        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
-            total += info.st_size
-    return total
+    running = workspace.dvc_running(root)
+    if running:
+        raise click.ClickException(
+            f"DVC is running in {root} ({running[0]}): prune when it is done; nothing removed"
+        )
+    failed = workspace.remove(stale)
+    click.echo(f"removed {len(stale) - len(failed)} of {len(stale)} {folders}: {names}")
+    if failed:
+        raise click.ClickException("could not remove " + "; ".join(failed))
 
 
 @main.group()

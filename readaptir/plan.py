@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +30,7 @@ from readaptir.recipe import (
     slug,
 )
 from readaptir.shards import INDEX, SINGLE
+from readaptir.workspace import alive
 
 # Bump a kind's version when its code changes what it writes: every stage of that kind rebuilds.
 KIND_VERSIONS = {
@@ -42,7 +44,7 @@ KIND_VERSIONS = {
 }
 DATASET_FILES = ("corpus.jsonl", "queries.jsonl")
 # what a stage leaves under artifacts/<kind>/: its output, its work folder, an unfinished output
-LEFTOVER = re.compile(r"(?:\.work-)?(?P<id>[0-9a-f]{16})|\.tmp-(?P<tmp>[0-9a-f]{16})-\d+")
+LEFTOVER = re.compile(r"(?:\.work-)?(?P<id>[0-9a-f]{16})|\.tmp-(?P<tmp>[0-9a-f]{16})-(?P<pid>\d+)")
 
 
 @dataclass(frozen=True)
@@ -86,15 +88,22 @@ class Plan:
     def leftovers(self, root: Path) -> list[Path]:
         """Folders under ``root``/artifacts that no stage of this plan makes: outputs of stages
         no recipe has any more, and what their interrupted runs left (``.work-`` checkpoints and
-        shards, ``.tmp-`` outputs). Anything else there is not readaptir's and is left out."""
-        ours = {(stage.kind, stage.id) for stage in self.stages.values()}
+        shards, ``.tmp-`` outputs). Anything else there is not readaptir's and is left out, and
+        so is everything of a stage whose ``.tmp-<id>-<pid>`` process still runs."""
+        keep = {(stage.kind, stage.id) for stage in self.stages.values()}
         found = []
         for kind in KIND_VERSIONS:
             folder = Path(root) / "artifacts" / kind
-            for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-                made = LEFTOVER.fullmatch(path.name)
-                if made and path.is_dir() and (kind, made["id"] or made["tmp"]) not in ours:
-                    found.append(path)
+            made = [
+                (path, LEFTOVER.fullmatch(path.name))
+                for path in (sorted(folder.iterdir()) if folder.is_dir() else [])
+            ]
+            keep |= {(kind, m["tmp"]) for _, m in made if m and m["pid"] and alive(int(m["pid"]))}
+            found += [
+                path
+                for path, m in made
+                if m and path.is_dir() and (kind, m["id"] or m["tmp"]) not in keep
+            ]
         return found
 
 
@@ -207,7 +216,9 @@ class Planner:
             ident = {"source": spec.source, "fingerprint": self.fingerprints.path(local)}
             return ident, (str(Path(spec.source).expanduser()),)
         first = spec.source.split("/")[0]
-        if spec.source.startswith((".", "/", "~")) or (self.root / first).is_dir():
+        # a link to a folder that is gone (an unmounted disk) counts as a folder: were it taken
+        # for a hub id, every stage id would change
+        if spec.source.startswith((".", "/", "~")) or os.path.lexists(self.root / first):
             raise PlanError(key, f"model folder {spec.source!r} does not exist")
         if spec.source.count("/") > 1:
             raise PlanError(key, f"{spec.source!r} is neither a folder nor a hub id (owner/name)")

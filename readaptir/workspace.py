@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +74,72 @@ def init(root: Path) -> list[str]:
         gitignore.write_text("\n".join(lines + missing) + "\n")
     done.append("recipes/ ready: write recipes/NAME.yaml, then `readaptir validate` and `build`")
     return done
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # another user's
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True
+
+
+def dvc_running(root: Path) -> list[str]:
+    """The commands DVC is running in the project at ``root`` now (from its stage locks).
+
+    ``dvc repro`` releases the repository's lock while a stage's command runs; the stage's
+    outputs and inputs stay in ``.dvc/tmp/rwlock``, with the pid that holds them.
+    """
+    try:
+        locks = json.loads((Path(root) / ".dvc" / "tmp" / "rwlock").read_text())
+    except (OSError, ValueError):
+        return []
+    holders = list(locks.get("write", {}).values())
+    holders += [info for infos in locks.get("read", {}).values() for info in infos]
+    running = {info["cmd"] for info in holders if alive(int(info["pid"]))}
+    return sorted(running)
+
+
+def freed_bytes(folders: list[Path]) -> int:
+    """What removing ``folders`` frees: files no link outside them keeps (DVC's cache links
+    outputs), each counted once; a folder that is a link frees nothing."""
+    seen: dict[tuple[int, int], list] = {}
+    for folder in folders:
+        if folder.is_symlink():
+            continue
+        for path in folder.rglob("*"):
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode):
+                seen.setdefault((info.st_dev, info.st_ino), [info, 0])[1] += 1
+    return sum(info.st_size for info, links in seen.values() if links == info.st_nlink)
+
+
+def remove(folders: list[Path]) -> list[str]:
+    """Remove each folder (a link: the link only), read-only parts included, going on past one
+    that fails; what could not be removed, and why."""
+    failed = []
+    for folder in folders:
+        try:
+            if folder.is_symlink():
+                folder.unlink()
+            else:
+                shutil.rmtree(folder, **_ON_ERROR)
+        except OSError as err:
+            failed.append(f"{folder}: {err.strerror or err}")
+    return failed
+
+
+def _writable_and_again(func, path: str, _error) -> None:
+    # a read-only folder cannot lose its entries: make it writable and try once more
+    parent = os.path.dirname(path)
+    os.chmod(parent, os.stat(parent).st_mode | stat.S_IWUSR | stat.S_IXUSR)
+    if func in (os.rmdir, os.unlink) or os.path.isdir(path):
+        os.chmod(path, os.stat(path).st_mode | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
+    func(path)
+
+
+# Python 3.12 renamed rmtree's error hook and deprecated the old name
+_ON_ERROR = {"onexc" if sys.version_info >= (3, 12) else "onerror": _writable_and_again}

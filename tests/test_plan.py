@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -488,16 +489,17 @@ def test_stages_warn_about_a_hub_peft_retriever_trained_on_another_base(
     assert said.startswith("stage merge:") and "Llama-2-7b-chat-hf" in said
 
 
-def test_build_names_and_prunes_what_no_stage_makes_any_more(project):
+def _build(project, *flags, code=0):
     from click.testing import CliRunner
 
     from readaptir.cli import main
 
-    def build(*flags):
-        result = CliRunner().invoke(main, ["build", "--root", str(project), *flags])
-        assert result.exit_code == 0, result.output
-        return result.output
+    result = CliRunner().invoke(main, ["build", "--root", str(project), *flags])
+    assert result.exit_code == code, result.output
+    return result.output
 
+
+def test_build_names_and_prunes_what_no_stage_makes_any_more(project):
     def merges():
         return {s.out for s in plan_of(project).stages.values() if s.kind == "merge"}
 
@@ -507,7 +509,10 @@ def test_build_names_and_prunes_what_no_stage_makes_any_more(project):
     kept.append(kept[0].with_name(f".work-{kept[0].name}"))  # a current stage's unfinished run
     stale = [project / out for out in sorted(before - merges())]  # α = 0.5, edited away
     stale.append(project / "artifacts" / "embed" / f".work-{'0' * 16}")
-    stale.append(project / "artifacts" / "score" / f".tmp-{'1' * 16}-4242")
+    stale.append(project / "artifacts" / "score" / f".tmp-{'1' * 16}-4242424242")  # no such pid
+    running = f"{'2' * 16}"  # a stage run by hand, still going: its folders stay
+    kept += [project / "artifacts" / "embed" / f"{p}{running}" for p in ("", ".work-")]
+    kept.append(project / "artifacts" / "embed" / f".tmp-{running}-{os.getpid()}")
     mine = [project / "artifacts" / "merge" / "notes", project / "artifacts" / "mine" / ("a" * 16)]
     for folder in kept + stale + mine:
         folder.mkdir(parents=True)
@@ -520,13 +525,61 @@ def test_build_names_and_prunes_what_no_stage_makes_any_more(project):
     stale[-1].symlink_to(elsewhere, target_is_directory=True)
     (project / "artifacts" / "embed" / ("b" * 16)).write_text("a file of the user's")
     mine.append(project / "artifacts" / "embed" / ("b" * 16))
-    cache = project / ".dvc-cache-object"  # an output's file linked into DVC's cache is not
-    os.link(stale[0] / "data.bin", cache)  # freed by removing the output
-    said = build()
+    # a file linked into DVC's cache outlives its output; one linked twice within them does not
+    os.link(stale[0] / "data.bin", project / ".dvc-cache-object")
+    os.link(stale[1] / "data.bin", stale[2] / "again.bin")
+    said = _build(project)
     assert f"{len(stale)} folders under artifacts/ belong to no stage" in said, said
-    assert f"{2 * (len(stale) - 2):.1f} MB of it stored nowhere else" in said
+    assert f"removing them frees {2 * (len(stale) - 2):.2f} MB" in said
     assert all(path.exists() for path in kept + stale + mine)  # named, not touched
-    assert f"removed {len(stale)} folders" in build("--prune")
-    assert not any(path.exists() for path in stale)
+    assert f"removed {len(stale)} of {len(stale)} folders" in _build(project, "--prune")
+    assert not any(path.exists() or path.is_symlink() for path in stale)
     assert all(path.exists() for path in kept + mine) and elsewhere.is_dir()
-    assert "belong to no stage" not in build()
+    assert "belong to no stage" not in _build(project)
+
+
+def test_prune_waits_for_dvc_and_goes_on_past_a_failure(project, monkeypatch):
+    edit(project, "ra-half", "extends: _common.yaml\nreadapt: {alpha: 0.25}\n")
+    stale = [project / "artifacts" / "embed" / f".work-{c * 16}" for c in "01"]
+    for folder in stale:
+        folder.mkdir(parents=True)
+    lock = project / ".dvc" / "tmp" / "rwlock"  # what `dvc repro` holds while a stage runs
+    lock.parent.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])  # a process that has ended
+    gone.wait()
+    held = {"pid": os.getpid(), "cmd": "readaptir stage run embed-x"}
+    lock.write_text(json.dumps({"write": {"artifacts/embed/x": held}, "read": {}}))
+    said = _build(project, "--prune", code=1)
+    assert "DVC is running" in said and "readaptir stage run embed-x" in said
+    assert "nothing removed" in said and all(path.exists() for path in stale)
+    held["pid"] = gone.pid  # a lock left by a run that is over
+    lock.write_text(json.dumps({"read": {"artifacts/embed/x": [held]}}))
+    rmtree = workspace.shutil.rmtree
+
+    def fails_on_first(path, **kw):
+        if path == stale[0]:
+            raise PermissionError(13, "Permission denied")
+        rmtree(path, **kw)
+
+    monkeypatch.setattr(workspace.shutil, "rmtree", fails_on_first)
+    said = _build(project, "--prune", code=1)
+    assert "removed 1 of 2 folders" in said
+    assert f"could not remove {stale[0]}: Permission denied" in said
+    assert stale[0].exists() and not stale[1].exists()
+
+
+def test_a_model_folder_behind_a_dangling_link_is_not_taken_for_a_hub_id(project):
+    (project / "disk").symlink_to(project / "unmounted", target_is_directory=True)
+    edit(project, "ra-half", "extends: _common.yaml\nbase: disk/base\n")
+    with pytest.raises(RecipeError, match=r"model folder 'disk/base' does not exist"):
+        plan_of(project)
+
+
+def test_prune_makes_a_read_only_folder_writable_to_empty_it(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "weights").write_text("x")
+    folder.chmod(0o555)  # DVC leaves outputs read-only; a user may have done so to folders
+    workspace._writable_and_again(os.unlink, str(folder / "weights"), None)
+    assert folder.stat().st_mode & 0o200 and not (folder / "weights").exists()
+    assert workspace.remove([folder]) == [] and not folder.exists()
