@@ -88,8 +88,8 @@ def validate(root: Path) -> None:
 @click.option(
     "--prune",
     is_flag=True,
-    help="Remove the folders under artifacts/ that no stage of the recipes makes (not while "
-    "`dvc repro` runs).",
+    help="Remove the folders under artifacts/ that no stage of the recipes makes (refused "
+    "while DVC runs a stage).",
 )
 @user_errors
 def build(root: Path, prune: bool) -> None:
