@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from readaptir.artifacts import read_json
+
 LOG = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -30,8 +32,6 @@ def is_peft_adapter(model_dir: Path) -> bool:
 
 
 def peft_config(model_dir: Path) -> dict:
-    from readaptir.artifacts import read_json
-
     return read_json(Path(model_dir) / ADAPTER_CONFIG)
 
 
@@ -79,7 +79,6 @@ def load_encoder(model_dir: Path, base_dir: Path | None = None, dtype=None, devi
     missing one at random and say so only in a log), and a PEFT adapter must be applied whole,
     tensor for tensor as its file holds them and the merge stage reads them.
     """
-    from readaptir.artifacts import read_json
     from readaptir.weights import base_model_prefix
 
     model_dir = Path(model_dir)

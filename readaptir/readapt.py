@@ -127,6 +127,20 @@ def row_blocks(shape: tuple[int, ...], whole: bool) -> Iterator[Rows]:
         yield slice(start, start + step)
 
 
+def over_blocks(
+    fill: Callable[[Rows], R],
+    shape: tuple[int, ...],
+    pool: ThreadPoolExecutor | None,
+    whole: bool = False,
+) -> list[R]:
+    """``fill`` of each block of rows of a tensor of ``shape`` (``row_blocks``), on ``pool``'s
+    workers where there are several blocks; the whole tensor at once without a pool."""
+    blocks = list(row_blocks(shape, whole or pool is None))
+    return list(
+        pool.map(fill, blocks) if pool is not None and len(blocks) > 1 else map(fill, blocks)
+    )
+
+
 @contextlib.contextmanager
 def block_pool(dev: str) -> Iterator[ThreadPoolExecutor | None]:
     """On a CPU, workers that take blocks of rows, each single-threaded, as many as torch's threads.
@@ -337,9 +351,7 @@ class Readapter:
                 theta, terms.theta_coef, dense, updates, rows, scratch, terms.compute
             )
 
-        blocks = list(row_blocks(shape, whole))
-        for _ in pool.map(fill, blocks) if pool and len(blocks) > 1 else map(fill, blocks):
-            pass
+        over_blocks(fill, shape, pool, whole)
         for x in [x for _, x in dense] + ([theta] if theta is not None else []):
             self.buffers.give(x)
         return out

@@ -133,10 +133,11 @@ def remove(folders: list[Path]) -> list[str]:
 
 
 def _writable_and_again(func, path: str, _error) -> None:
-    # a read-only folder cannot lose its entries: make it writable and try once more
+    # a read-only folder cannot lose its entries, nor an unreadable one be listed: make the
+    # folder (and a folder that failed to list) usable and try once more; a link is not followed
     parent = os.path.dirname(path)
     os.chmod(parent, os.stat(parent).st_mode | stat.S_IWUSR | stat.S_IXUSR)
-    if func in (os.rmdir, os.unlink) or os.path.isdir(path):
+    if os.path.isdir(path) and not os.path.islink(path):
         os.chmod(path, os.stat(path).st_mode | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
     func(path)
 

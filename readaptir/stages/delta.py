@@ -30,8 +30,8 @@ from readaptir.readapt import (
     Scratch,
     block_pool,
     describe_busy,
+    over_blocks,
     read_ahead,
-    row_blocks,
     timed,
     write_behind,
 )
@@ -196,36 +196,20 @@ def _delta_as(
         back = scratch.take("back", target[rows], target.dtype).copy_(t.add_(delta[rows]))
         return torch.equal(back, target[rows])
 
-    blocks = list(row_blocks(tuple(theta.shape), whole=pool is None))
-    done = pool.map(fill, blocks) if pool is not None and len(blocks) > 1 else map(fill, blocks)
-    return delta, all(list(done))
+    return delta, all(over_blocks(fill, tuple(theta.shape), pool))
 
 
 def _lora_delta(name: str, theta: torch.Tensor, source: Adapter) -> tuple[torch.Tensor, bool]:
-    """A PEFT retriever's Δ for one target, stored as ``tensor_delta`` stores it, and whether
-    Θ + Δ gives the retriever back exactly."""
+    """A PEFT retriever's Δ for one target (its update, taken in float64), stored as
+    ``storage_dtype`` says, and whether Θ + Δ gives the retriever back exactly."""
     theta64 = theta.double()
-    delta, target = _delta(name, theta, theta64, source)
+    delta = source.update(name, theta64)
+    if delta is None:
+        raise WeightError(f"{name} is not a target of the adapter in {source.folder}")
+    target = (theta64 + delta).to(theta.dtype)  # a PEFT retriever is Θ + Δ, held in Θ's dtype
     kind = storage_dtype(theta64, delta, target, theta.dtype)
     exact = kind == torch.float32 or torch.equal((theta64 + delta).to(target.dtype), target)
     return delta.to(kind), exact
-
-
-def _delta(
-    name: str, theta: torch.Tensor, base: torch.Tensor, source: Body | Adapter
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Δ in float64 and the retriever tensor it must reproduce, in the retriever's dtype.
-
-    ``theta`` is Θ's tensor as stored, ``base`` the same in float64.
-    """
-    if isinstance(source, Adapter):
-        delta = source.update(name, base)
-        if delta is None:
-            raise WeightError(f"{name} is not a target of the adapter in {source.folder}")
-        # A PEFT retriever is Θ + Δ itself, held in Θ's dtype.
-        return delta, (base + delta).to(theta.dtype)
-    target = source.get(name).to(theta.device)
-    return target.double() - base, target
 
 
 def _check_unchanged(name: str, theta: torch.Tensor, source: Body | Adapter) -> None:
