@@ -585,10 +585,10 @@ def load_recipe(path: Path) -> Recipe:
 
 def recipe_files(recipes_dir: Path) -> list[Path]:
     """The buildable recipes of a folder (recursively); partial ones, named ``_*`` or inside a
-    ``_*`` folder, excluded."""
+    ``_*`` folder, excluded, and hidden ones (``.*``: editor locks, notebook checkpoints) too."""
     root = Path(recipes_dir)
     files = sorted(p for ext in ("*.yaml", "*.yml") for p in root.rglob(ext))
-    return [p for p in files if not any(part.startswith("_") for part in p.relative_to(root).parts)]
+    return [p for p in files if not any(part[:1] in "_." for part in p.relative_to(root).parts)]
 
 
 def _value_tag(value: float) -> str:

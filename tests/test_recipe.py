@@ -59,6 +59,9 @@ def test_partial_recipes_are_not_built_and_names_must_be_unique(tmp_path):
     write(tmp_path / "r" / "a.yaml", "extends: _base.yaml\n")
     write(tmp_path / "r" / "sub" / "b.yaml", "extends: ../_base.yaml\nname: a\n")
     write(tmp_path / "r" / "_parts" / "c.yaml", "extends: ../_base.yaml\nname: a\n")  # partial
+    # hidden: a notebook's checkpoint copy and an editor's lock link to nowhere
+    write(tmp_path / "r" / ".ipynb_checkpoints" / "a-checkpoint.yaml", "extends: ../_base.yaml\n")
+    (tmp_path / "r" / ".#a.yaml").symlink_to("user@host.1234:1700000000")
     with pytest.raises(RecipeError, match=r"b\.yaml: name: 'a' is also the name of .*a\.yaml"):
         load_recipes(tmp_path / "r")
     (tmp_path / "r" / "sub" / "b.yaml").unlink()
