@@ -15,6 +15,8 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from readaptir.artifacts import read_json
 from readaptir.families import ignores_identical_ids, resolve_encoding
@@ -113,9 +115,28 @@ def stage_output(spec: dict) -> str:
 
 
 def stage_id(kind: str, params: dict, input_ids: dict[str, str]) -> str:
-    payload = {"kind": kind, "version": KIND_VERSIONS[kind], "params": params, "inputs": input_ids}
+    payload = {
+        "kind": kind,
+        "version": KIND_VERSIONS[kind],
+        "params": _identity(params),
+        "inputs": input_ids,
+    }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _identity(value):
+    """``value`` as a stage id sees it: a local input (one with content fingerprints) is what it
+    holds, not where it is, so ``data/sci``, ``./data/sci/`` and its absolute path, or the same
+    folder copied elsewhere, are one input and share every stage."""
+    if isinstance(value, dict):
+        local = "fingerprint" in value or "fingerprints" in value
+        return {
+            k: _identity(v) for k, v in value.items() if not (local and k in ("source", "path"))
+        }
+    if isinstance(value, list):
+        return [_identity(v) for v in value]
+    return value
 
 
 class PlanError(ValueError):
@@ -195,6 +216,7 @@ class Planner:
         self.plan = Plan()
         self._recipe_file = "<recipe>"  # the recipe being planned
         self._set_by: dict[tuple[str, str], str] = {}  # (stage, runtime field) → recipe file
+        self._named: dict[tuple[str, str], str] = {}  # (kind, id) → the stage's name
 
     # -- external inputs -------------------------------------------------------------------------
 
@@ -227,8 +249,8 @@ class Planner:
     def dataset(self, spec: CorpusSpec, key: str, with_qrels: bool = True) -> DatasetRef:
         """A collection's identity: a local folder by content, a fetched one by its stage."""
         if spec.path is None:
-            fetch = self.add_fetch(spec)
-            ident = {"path": f"{fetch.out}/{spec.label}", "name": spec.label, "fetched": fetch.id}
+            fetch = self.add_fetch(spec, key)
+            ident = {"path": f"{fetch.out}/{spec.label}", "fetched": fetch.id}
             if with_qrels:
                 ident["split"] = spec.split
             return DatasetRef(ident, (), {f"data-{spec.label}": fetch})
@@ -242,21 +264,31 @@ class Planner:
                 raise PlanError(key, f"{spec.path}/{name} does not exist")
             prints[name] = self.fingerprints.path(folder / name)
             deps.append(f"{Path(spec.path).expanduser().as_posix().rstrip('/')}/{name}")
-        ident = {"path": spec.path, "name": spec.label, "fingerprints": prints}
+        ident = {"path": spec.path, "fingerprints": prints}
         if with_qrels:
             ident["split"] = spec.split
         return DatasetRef(ident, tuple(deps), {})
 
-    def add_fetch(self, spec: CorpusSpec) -> Stage:
+    def add_fetch(self, spec: CorpusSpec, key: str) -> Stage:
         from readaptir.stages.fetch import beir_url
 
-        url = spec.url or beir_url(spec.beir)
+        url, sha256, deps = spec.url or beir_url(spec.beir), spec.sha256, ()
+        if url.startswith("file:"):
+            # a local archive is known by its content, as a corpus folder is, and DVC watches it
+            archive = Path(url2pathname(urlparse(url).path))
+            if not archive.is_file():
+                raise PlanError(f"{key}.url", f"{url}: {archive} does not exist")
+            digest = self.fingerprints.file(archive)
+            if sha256 not in (None, digest):
+                raise PlanError(f"{key}.sha256", f"{url} has sha256 {digest}, not {sha256}")
+            sha256, deps = digest, (str(archive),)
         return self.add(
             "fetch",
             slug(spec.label),
             f"Fetch {spec.label} ({url})",
-            {"url": url, "name": spec.label, "sha256": spec.sha256},
+            {"url": url, "name": spec.label, "sha256": sha256},
             {},
+            deps,
             group=slug(spec.label),
         )
 
@@ -295,13 +327,15 @@ class Planner:
             group=group,
             runtime=runtime or {},
         )
-        existing = self.plan.stages.get(stage.name)
+        # the same stage under another name: the same input spelled or labelled otherwise
+        existing = self.plan.stages.get(self._named.get((kind, ident), stage.name))
         if existing is not None and existing.id == stage.id:
             stage = replace(existing, runtime=self._shared_runtime(existing, stage, explicit or {}))
             self.plan.stages[stage.name] = stage
             return stage
         for name in explicit or {}:
             self._set_by[(stage.name, name)] = self._recipe_file
+        self._named[kind, ident] = stage.name
         return self.plan.add(stage)
 
     def _shared_runtime(self, existing: Stage, new: Stage, explicit: dict[str, str]) -> dict:
@@ -340,6 +374,7 @@ class Planner:
         params = {
             "recipe": recipe.name,
             "dataset": src.dataset.ident,
+            "dataset_name": recipe.corpus.label,
             "metrics": list(recipe.eval.metrics),
             "ignore_identical_ids": src.ignore_identical_ids,
             "k": recipe.eval.k,

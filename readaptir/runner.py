@@ -198,7 +198,7 @@ def _score(ctx: Context, out: Path) -> dict:
         "recipe": p["recipe"],
         "label": p["label"],
         "sweep": p["sweep"],
-        "dataset": p["dataset"]["name"],
+        "dataset": p.get("dataset_name") or p["dataset"]["name"],  # older specs: in "dataset"
         "in_domain": p["in_domain"],
         "split": p["dataset"]["split"],
         "alpha": p["alpha"],

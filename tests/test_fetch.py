@@ -9,7 +9,7 @@ import pytest
 from test_plan import project  # noqa: F401  (fixture)
 
 from readaptir.plan import plan_recipes
-from readaptir.recipe import load_recipes
+from readaptir.recipe import RecipeError, load_recipes
 from readaptir.stages.fetch import beir_url, fetch
 
 
@@ -33,7 +33,7 @@ def test_fetch_unpacks_checks_and_records(tmp_path, tiny_beir):
         tiny_beir / "qrels" / "test.tsv"
     ).read_text()
     shutil.rmtree(out / "toy")
-    with pytest.raises(ValueError, match="the recipe pins"):
+    with pytest.raises(ValueError, match="the recipe's pin"):
         fetch(archive.as_uri(), "toy", out, sha256="0" * 64)
     (tmp_path / "bad.zip").write_text("not a zip")
     with pytest.raises(ValueError, match="is not a zip archive"):
@@ -86,10 +86,37 @@ def test_fetch_pin_is_case_blind_and_a_failed_fetch_leaves_nothing(tmp_path, tin
     assert (out / "toy" / "corpus.jsonl").is_file()
     bad = tmp_path / "bad"
     bad.mkdir()
-    with pytest.raises(ValueError, match="the recipe pins"):
+    with pytest.raises(ValueError, match="the recipe's pin"):
         fetch(archive.as_uri(), "toy", bad, sha256="0" * 64)
     with zipfile.ZipFile(tmp_path / "empty.zip", "w") as zipped:
         zipped.writestr("README", "no collection here")
     with pytest.raises(ValueError, match="has no corpus.jsonl"):
         fetch((tmp_path / "empty.zip").as_uri(), "toy", bad)
     assert list(bad.iterdir()) == []  # no partial collection, no scratch folder, no fetch.json
+
+
+def test_a_local_archive_is_known_by_its_content(project, tiny_beir, tmp_path):  # noqa: F811
+    archive = make_zip(tmp_path, tiny_beir)
+    recipe = project / "recipes" / "ra-half.yaml"
+    recipe.write_text(f"extends: _common.yaml\ncorpus: {{url: '{archive.as_uri()}'}}\n")
+
+    def fetch_stage():
+        plan = plan_recipes(load_recipes(project / "recipes"), project)
+        return next(s for s in plan.stages.values() if s.kind == "fetch")
+
+    first = fetch_stage()
+    assert first.params["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert first.deps == (str(archive),)  # dvc repro sees it change too
+    with zipfile.ZipFile(archive, "a") as zipped:
+        zipped.writestr("toy/extra.txt", "an edit")
+    assert fetch_stage().id != first.id  # a new archive is fetched again
+    pinned = f"extends: _common.yaml\ncorpus: {{url: '{archive.as_uri()}', sha256: '{'0' * 64}'}}\n"
+    recipe.write_text(pinned)
+    with pytest.raises(RecipeError, match=r"corpus\.sha256: .* has sha256 [0-9a-f]{64}, not 0+"):
+        fetch_stage()
+    archive.unlink()
+    recipe.write_text(f"extends: _common.yaml\ncorpus: {{url: '{archive.as_uri()}'}}\n")
+    with pytest.raises(RecipeError, match=r"corpus\.url: .*toy\.zip does not exist"):
+        fetch_stage()
+    with pytest.raises(ValueError, match=r"^file:.*toy\.zip: .*No such file"):
+        fetch(archive.as_uri(), "toy", tmp_path)

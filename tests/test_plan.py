@@ -114,6 +114,24 @@ def test_corpus_content_changes_embeddings_and_adapter(project):
     assert changed_kinds(before, after) == {"adapter", "embed", "search", "merge", "score"}
 
 
+def test_how_a_local_input_is_spelled_or_labelled_changes_no_stage(project):
+    before = plan_of(project)
+    shutil.copytree(project / "data" / "toy", project / "elsewhere")
+    edit(
+        project,
+        "ra-full",
+        f"extends: _common.yaml\nreadapt: {{alpha: 1.0}}\nbase: {project / 'models/base'}/\n"
+        "retriever: {source: ./models/retriever, family: repllama}\n"
+        "corpus: {path: ./elsewhere/, name: Toy}\n",
+    )
+    after = plan_of(project)
+    kinds = by_kind(after)
+    assert (len(kinds["adapter"]), len(kinds["delta"]), len(kinds["embed"])) == (1, 1, 3)
+    # the label is the report's name of the collection, so only the score stage sees it
+    assert changed_kinds(before, after) == {"score"}
+    assert after.stages["score-ra-full"].params["dataset_name"] == "Toy"
+
+
 def test_eval_k_changes_search_not_embed(project):
     before = plan_of(project)
     edit(project, "ra-half", "extends: _common.yaml\neval: {k: 5}\n")

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import shutil
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -32,7 +33,12 @@ def beir_url(name: str) -> str:
 
 def _download(url: str, target: Path) -> str:
     digest = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=TIMEOUT) as response, target.open("wb") as handle:
+    try:
+        response = urllib.request.urlopen(url, timeout=TIMEOUT)
+    except urllib.error.URLError as err:  # a mistyped BEIR name is a 404 here
+        detail = err if isinstance(err, urllib.error.HTTPError) else err.reason
+        raise ValueError(f"{url}: {detail}") from None
+    with response, target.open("wb") as handle:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=Path(url).name) as bar:
             while block := response.read(CHUNK):
@@ -49,7 +55,10 @@ def fetch(url: str, name: str, out: Path, *, sha256: str | None = None) -> dict:
         LOG.info("fetching %s", url)
         got = _download(url, archive)
         if sha256 and got != sha256.lower():
-            raise ValueError(f"{url}: sha256 is {got}, the recipe pins {sha256}")
+            raise ValueError(
+                f"{url}: sha256 is {got}, not {sha256} (the recipe's pin, or a local archive's "
+                "content at `readaptir build`)"
+            )
         try:
             with zipfile.ZipFile(archive) as zipped:
                 zipped.extractall(Path(scratch) / "unpacked")
