@@ -75,15 +75,21 @@ def _plots(plan: Plan) -> list[dict]:
 def render(plan: Plan) -> dict[str, str]:
     """Every generated file's text, by path relative to the project root."""
     recipes = {name: plan.recipes[name] for name in sorted(plan.recipes)}
+    # which score stage each recipe's metrics must come from: a report leaves out older ones
+    ids = {s.params["recipe"]: s.id for s in plan.stages.values() if s.kind == "score"}
+    scores = {"scores": dict(sorted(ids.items()))}
     if len(plan.stages) <= SPLIT_ABOVE:
         stages = {n: dvc_stage(s, plan) for n, s in plan.stages.items()}
         specs = {n: s.spec(plan) for n, s in plan.stages.items()}
         return {
             "dvc.yaml": _dump({"stages": stages, "plots": _plots(plan)}),
-            ROOT_PARAMS: _dump({"recipes": recipes, "stages": specs}),
+            ROOT_PARAMS: _dump({"recipes": recipes, **scores, "stages": specs}),
         }
     # every recipe stays readable in one place; the copies DVC tracks sit beside their stages
-    files = {"dvc.yaml": _dump({"plots": _plots(plan)}), ROOT_PARAMS: _dump({"recipes": recipes})}
+    files = {
+        "dvc.yaml": _dump({"plots": _plots(plan)}),
+        ROOT_PARAMS: _dump({"recipes": recipes, **scores}),
+    }
     groups: dict[str, list[Stage]] = {}
     for stage in plan.stages.values():
         groups.setdefault(stage.group, []).append(stage)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import subprocess
 from pathlib import Path
 
 from readaptir.artifacts import parse_mapping
 from readaptir.dvcfile import ROOT_PARAMS
 
+LOG = logging.getLogger(__name__)
 SIGNIFICANCE = 0.05
 WORKSPACE = "workspace"
 
@@ -61,15 +63,29 @@ def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, d
         rev = resolve_rev(Path(root), rev)
     # the root params.yaml holds every recipe in both layouts (see dvcfile)
     where = str(Path(root) / ROOT_PARAMS) if rev == WORKSPACE else f"{ROOT_PARAMS} at {rev}"
-    recipes = parse_mapping(_read(root, rev, ROOT_PARAMS) or "", where).get("recipes") or {}
+    params = parse_mapping(_read(root, rev, ROOT_PARAMS) or "", where)
+    recipes, built = params.get("recipes") or {}, params.get("scores") or {}
     if not recipes:
         where = str(root) if rev == WORKSPACE else f"git revision {rev}"
         raise ReportError(f"no built recipes in {where}: run `readaptir build` (and commit) first")
     metrics = {}
     for name in sorted(recipes):
         found = _read(root, rev, f"metrics/{name}.json")
-        if found is not None:
-            metrics[name] = parse_mapping(found, f"metrics/{name}.json", fmt="json")
+        if found is None:
+            continue
+        m = parse_mapping(found, f"metrics/{name}.json", fmt="json")
+        if "stage" in m and name in built and m["stage"] != built[name]:  # older files: no id
+            LOG.warning(
+                "metrics/%s.json%s is of an earlier build of recipe %s (stage %s, now %s): "
+                "left out; run `dvc repro`",
+                name,
+                "" if rev == WORKSPACE else f" at {rev[:12]}",
+                name,
+                m["stage"][:8],
+                str(built[name])[:8],
+            )
+            continue
+        metrics[name] = m
     return recipes, metrics
 
 

@@ -260,6 +260,8 @@ def run_stage(
         write_json(tmp / "stage.json", {"name": name, **spec, "summary": summary})
     shutil.rmtree(ctx.work_dir, ignore_errors=True)  # what a killed run would have resumed from
     if spec["kind"] == "score":  # published only once the stage's own output is complete
-        write_json(Path(root) / "metrics" / f"{spec['params']['recipe']}.json", summary)
+        # the stage's id tells a report whether the metrics are of the recipe as now built
+        metrics = {**summary, "stage": spec["id"]}
+        write_json(Path(root) / "metrics" / f"{spec['params']['recipe']}.json", metrics)
     ctx.fingerprints.save()
     return out

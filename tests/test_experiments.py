@@ -416,3 +416,27 @@ def test_write_plots_csv_and_a_loss_curve_per_adapter_only(tmp_path):
         ("0.5", "0.6", "0.65"),
         ("1.0", "0.6", "0.7"),
     ]
+
+
+def test_metrics_of_an_earlier_build_of_a_recipe_are_left_out(tmp_path, caplog):
+    """Built with α=0.25 but not yet run: the α=0.5 scores must not stand for α=0.25's."""
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    def build(alpha, stage):
+        params = {"recipes": {"r-sf": {"readapt": {"alpha": alpha}}}, "scores": {"r-sf": stage}}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    git("init", "-q")
+    build(0.5, "a" * 16)
+    (tmp_path / "metrics").mkdir()
+    m = {**metrics_file("r-sf", "scifact", "R", 0.745, 0.763), "stage": "a" * 16}
+    (tmp_path / "metrics" / "r-sf.json").write_text(json.dumps(m))
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "a")
+    build(0.25, "b" * 16)
+    assert report.load(tmp_path)[1] == {}
+    assert "metrics/r-sf.json is of an earlier build of recipe r-sf" in caplog.text
+    row = report.diff(tmp_path, "HEAD").splitlines()[2]
+    assert "readapt.alpha: 0.5 -> 0.25" in row and row.replace(" ", "").endswith("|0.7630|-|-|")

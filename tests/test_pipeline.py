@@ -93,6 +93,9 @@ def test_build_repro_noop_and_alpha_change(ws):
     assert repro(ws) == []  # nothing changed: nothing runs
 
     set_alpha(ws, 0.25)
+    # built but not yet run: α=0.5's scores are not shown as α=0.25's
+    stale = cli("report", "--root", str(ws), "--table", "recipes")
+    assert "| alone" in stale and "| ra " not in stale
     ran = repro(ws)
     assert sorted(re.sub(r"-[^-]+$", "", n) if n != "score-ra" else n for n in ran) == [
         "embed-ra-toy",
