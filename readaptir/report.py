@@ -202,7 +202,7 @@ def alpha_rows(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[l
 def _fmt(value, column: str, scale: float) -> str:
     if value is None:
         return "-"
-    if column in ("alpha", "beta", "p") or column.startswith("a="):
+    if column in ("alpha", "beta", "p"):  # an α sweep's "a=…" columns hold scores
         return f"{value:.3g}" if column == "p" else f"{value:g}"
     if isinstance(value, float):
         text = f"{value * scale:.1f}" if scale != 1 else f"{value:.4f}"

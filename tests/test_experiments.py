@@ -203,6 +203,8 @@ def test_alpha_table_keeps_beta_sweeps_apart_and_auto_alpha_zero_stays_in_the_pa
     header, rows = report.alpha_rows(sweep, "nDCG@10")
     assert header[-2:] == ["a=0.5", "a=1"]
     assert [r[3:] for r in rows] == [[0.5, 0.25, 0.5], [1.0, 0.5, 1.0]]
+    text = report.table(sweep, "alpha")  # scores in the score format, not α's
+    assert text.splitlines()[2].replace(" ", "").endswith("|0.5|0.2500|0.5000|")
     auto = {
         **metrics_file("auto", "scifact", "R", 0.7, 0.7, alpha=0.0),
         "alpha_selection": {"metric": "nDCG@10", "tuning_queries": 5, "scores": {}},
