@@ -52,7 +52,10 @@ def dvc_stage(stage: Stage, plan: Plan, folder: str | None = None) -> dict:
         entry["wdir"] = "../.."  # every path stays relative to the project root
     spec = f" --spec {folder}/{SPECS}" if folder else ""
     entry["cmd"] = f"readaptir stage run {stage.name}{spec}"
-    entry["deps"] = [plan.stages[name].out for name in stage.inputs.values()] + list(stage.deps)
+    # a score stage of α=0, β=1 reads the baseline's run as both of its runs: listed once
+    entry["deps"] = list(
+        dict.fromkeys([plan.stages[name].out for name in stage.inputs.values()] + list(stage.deps))
+    )
     # The spec is not a DVC parameter: the output folder is named by the id, a hash of the spec,
     # so a changed spec is a changed output path. (DVC re-reads a parameter file for every stage
     # that names it: hundreds of stages made a no-op `dvc repro` take minutes.)

@@ -144,6 +144,8 @@ def test_retriever_alone_needs_no_merge(project):
     score = plan.stages["score-ra-full"]
     assert score.inputs["baseline"] == score.inputs["readapted"]
     assert len(by_kind(plan)["merge"]) == 1
+    deps = dvcfile.dvc_stage(score, plan)["deps"]
+    assert len(deps) == len(set(deps)) and plan.stages[score.inputs["baseline"]].out in deps
 
 
 def test_generated_files_are_byte_stable(project):
