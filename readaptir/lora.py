@@ -145,6 +145,11 @@ class Adapter:
             raise WeightError(f"{adapter_dir}: only LoRA/DoRA adapters are supported")
         if self.config.get("fan_in_fan_out"):
             raise WeightError(f"{adapter_dir}: fan_in_fan_out (Conv1D) adapters are not supported")
+        if self.config.get("alora_invocation_tokens"):
+            raise WeightError(
+                f"{adapter_dir}: an aLoRA adapter (alora_invocation_tokens) changes only tokens "
+                "after its invocation, which no merged weight can do; PEFT refuses to merge it too"
+            )
         self.ckpt = Checkpoint(adapter_dir)
         by_target: dict[str, dict[str, str]] = {}  # stored target name → role → adapter key
         embeddings: set[str] = set()  # targets whose factors are stored as (r, num), (dim, r)
@@ -171,8 +176,24 @@ class Adapter:
         if self.heads:
             LOG.info("%s: dropping updates to head tensors %s", self.folder, self.heads)
         self._targets = {name: by_target[stored] for name, stored in canon.items()}
+        self._check_dora()
         self._paths = {name: stored.rsplit(".", 1)[0] for name, stored in canon.items()}
         self._embeddings = {name for name, stored in canon.items() if stored in embeddings}
+
+    def _check_dora(self) -> None:
+        # PEFT applies DoRA as the config says, whatever the file holds; the merge must agree
+        dora = bool(self.config.get("use_dora"))
+        for name, roles in self._targets.items():
+            if dora and "A" in roles and "m" not in roles:
+                raise WeightError(
+                    f"{self.folder}: adapter_config.json has use_dora: true, but {name} has "
+                    f"lora factors ({roles['A']}) and no lora_magnitude_vector"
+                )
+            if not dora and "m" in roles:
+                raise WeightError(
+                    f"{self.folder}: {roles['m']} is a DoRA magnitude, but adapter_config.json "
+                    "has use_dora: false (PEFT would ignore it and merge plain LoRA)"
+                )
 
     def targets(self) -> list[str]:
         return list(self._targets)
@@ -234,6 +255,11 @@ class Adapter:
             return shape(roles["bias"])
         if "A" not in roles or "B" not in roles:
             raise WeightError(f"{self.folder}: {name} lacks lora_A or lora_B")
+        for key in (roles["A"], roles["B"]):
+            if len(shape(key)) != 2:  # a Conv layer's adapter, or a damaged file
+                raise WeightError(
+                    f"{self.folder}: {key} has shape {shape(key)}; LoRA factors are matrices"
+                )
         (rank, fan_in), (fan_out, rank_b) = shape(roles["A"]), shape(roles["B"])
         if not rank == rank_b == self._rank(name):
             raise WeightError(

@@ -7,6 +7,8 @@ Exactness: a tensor no term changes is copied as stored (cast only), so α=0, β
 retriever and α=0, β=0 gives Θ bit for bit; every other sum is taken in one wider precision and
 cast once to the output dtype: float32 for 16-bit outputs (bf16/fp16, the 7B models), float64 for
 wider outputs or where a stored Δ tensor needed float64 to give the retriever back exactly.
+A float16 output, narrower in range than bf16 and float32, is checked block by block as it is
+cast: a value beyond its range (inf where no input is) fails the merge, naming the tensor.
 
 Speed and memory: reading the next tensor, computing this one and writing the last overlap, each
 on a thread of its own (a large tensor is itself read by several threads). On a CPU a tensor is
@@ -246,6 +248,31 @@ class Terms:
     passed: torch.Tensor | None = None
 
 
+def _all_finite(block: torch.Tensor) -> bool:
+    """Whether ``block`` holds no inf or nan: its min and max are finite unless a value is not
+    (one pass, no temporary of the block's size: cheaper than ``isfinite`` or a float32 sum)."""
+    return block.numel() == 0 or all(math.isfinite(x) for x in torch.aminmax(block))
+
+
+def _refuse_overflow(terms: Terms, rows: Rows, block: torch.Tensor) -> None:
+    """Fail if ``block``, rows ``rows`` of the output, is non-finite where its inputs are not."""
+    inputs = [x for x in [terms.passed, terms.theta] + [x for _, x in terms.dense] if x is not None]
+    for _, update in terms.updates:
+        inputs += [x for x in (update.replacement, update.added) if x is not None]
+        factors = [x for x in (update.a, update.b, update.magnitude) if x is not None]
+        if not all(x.isfinite().all() for x in factors):
+            return  # a non-finite factor reaches every value of Ψ
+    new = ~block.isfinite()
+    for x in inputs:
+        new &= x[rows].isfinite()
+    if new.any():
+        raise WeightError(
+            f"{terms.name}: {int(new.sum())} readapted values are inf or nan in float16 where no "
+            "input is: beyond its range (±65504); merge in bfloat16 or float32 (the recipe's "
+            "retriever.dtype)"
+        )
+
+
 def read_ahead(read: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
     """``read(item)`` for each of ``items``, on a thread of its own one item ahead of its use."""
     with ThreadPoolExecutor(1) as thread:
@@ -333,26 +360,35 @@ class Readapter:
 
     def _output(self, terms: Terms, pool: ThreadPoolExecutor | None) -> torch.Tensor:
         dtype, theta, dense, updates = terms.dtype, terms.theta, terms.dense, terms.updates
-        if terms.passed is not None:
-            cast = terms.passed.to(dtype)
-            if cast.data_ptr() != terms.passed.data_ptr():
-                self.buffers.give(terms.passed)
+        passed = terms.passed
+        # float16, narrower in range than bf16 and float32: each block checked as cast, in cache
+        checked = dtype == torch.float16
+        if passed is not None and not (checked and passed.dtype != dtype):
+            cast = passed.to(dtype)
+            if cast.data_ptr() != passed.data_ptr():
+                self.buffers.give(passed)
             return cast
         shape = self.base.shape(terms.name)
-        if self.dev == "cpu":
+        if self.dev == "cpu" or passed is not None:  # a passed tensor is on the host
             out = self.buffers.take(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
         else:
             out = torch.empty(shape, dtype=dtype, device=self.dev)
         whole = pool is None or not all(update.row_local for _, update in updates)
 
         def fill(rows: Rows) -> None:
-            scratch = None if whole else Scratch.of_thread()  # whole tensors: no buffers kept
-            out[rows] = readapt_rows(
-                theta, terms.theta_coef, dense, updates, rows, scratch, terms.compute
-            )
+            if passed is not None:
+                out[rows] = passed[rows]
+            else:
+                scratch = None if whole else Scratch.of_thread()  # whole tensors: no buffers kept
+                out[rows] = readapt_rows(
+                    theta, terms.theta_coef, dense, updates, rows, scratch, terms.compute
+                )
+            # on a GPU this waits for the tensor's sums, which its copy to the host waits for too
+            if checked and not _all_finite(out[rows]):
+                _refuse_overflow(terms, rows, out[rows])
 
         over_blocks(fill, shape, pool, whole)
-        for x in [x for _, x in dense] + ([theta] if theta is not None else []):
+        for x in [x for _, x in dense] + [x for x in (theta, passed) if x is not None]:
             self.buffers.give(x)
         return out
 

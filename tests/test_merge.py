@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -566,6 +567,98 @@ def test_head_update_through_tied_embeddings_is_refused(tmp_path, tokenizer):
     )  # fmt: skip
     with pytest.raises(WeightError, match=r"updates lm_head\.weight, which .* ties"):
         run_merge(tmp_path / "out", base, retriever, alpha=1.0, beta=0.0, adapter_dir=adapter)
+
+
+def stored_as(
+    src: Path, out: Path, dtype: torch.dtype, values: dict[tuple[str, int], float] | None = None
+) -> Path:
+    """A copy of the checkpoint ``src`` in ``dtype``, with ``values`` (a canonical tensor name and
+    a flat index → a value) written in."""
+    shutil.copytree(src, out)
+    tensors = {k: v.to(dtype) for k, v in load_file(out / "model.safetensors").items()}
+    for (name, index), value in (values or {}).items():
+        stored = next(k for k in tensors if k == name or k.endswith(f".{name}"))
+        tensors[stored].view(-1)[index] = value
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_beta_zero_keeps_theta_s_dtypes_under_a_float16_retriever(tmp_path, bf16_pair):
+    # Mistral-7B is bf16, e5-mistral-7b-instruct fp16: at β = 0 the output is Θ, in Θ's dtypes
+    huge = {("layers.0.mlp.up_proj.weight", -1): 1e5}  # beyond float16's range
+    base = stored_as(bf16_pair[0], tmp_path / "base", torch.bfloat16, huge)
+    retriever = stored_as(bf16_pair[1], tmp_path / "r", torch.float16)
+    info = run_merge(tmp_path / "out", base, retriever, alpha=0.0, beta=0.0)
+    got, want = Checkpoint(tmp_path / "out"), Body(base)
+    assert info["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    for name in want.names():
+        assert got.dtype(name) == torch.bfloat16 and torch.equal(got.get(name), want.get(name))
+
+
+def test_float16_overflow_is_an_error_naming_the_tensor(
+    monkeypatch, tmp_path, tiny_base, tiny_retriever
+):
+    monkeypatch.setattr(readapt, "BLOCK_ELEMENTS", 256)  # several blocks of rows a tensor
+    name = "layers.0.mlp.up_proj.weight"
+    retriever = stored_as(tiny_retriever, tmp_path / "r", torch.float16, {(name, -1): 65504.0})
+    # an inf of Θ's is carried over, not the merge's doing
+    theta = {(name, -1): 65000.0, (name, 0): float("inf")}
+    base = stored_as(tiny_base, tmp_path / "base", torch.float16, theta)
+    run_merge(tmp_path / "fine", base, retriever, alpha=0.0, beta=0.5)
+    assert not Checkpoint(tmp_path / "fine").get(name).view(-1)[0].isfinite()
+    # −65000 + 2·65504 is beyond float16's range
+    with pytest.raises(WeightError, match=rf"^{re.escape(name)}: 1 readapted values"):
+        run_merge(tmp_path / "over", base, retriever, alpha=0.0, beta=2.0)
+    # a tensor passed as stored, cast to a float16 recipe dtype
+    wide = stored_as(tiny_base, tmp_path / "wide", torch.float32, {("norm.weight", -1): 1e5})
+    with pytest.raises(WeightError, match=r"^norm[.]weight: 1 readapted values"):
+        run_merge(tmp_path / "cast", wide, tiny_retriever, alpha=0.0, beta=0.0, dtype="float16")
+
+
+def edited_adapter(src: Path, out: Path, tensors=None, **config) -> Path:
+    """A copy of the PEFT adapter ``src`` with ``config`` set in its adapter_config.json and
+    ``tensors`` (a function of its tensors) applied to its weights."""
+    shutil.copytree(src, out)
+    path = out / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if tensors is not None:
+        weights = load_file(out / "adapter_model.safetensors")
+        save_file(tensors(weights), out / "adapter_model.safetensors")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "config", "message"),
+    [
+        ("dora_adapter", {"use_dora": False}, r"lora_magnitude_vector.* use_dora: false"),
+        ("lora_adapter", {"use_dora": True}, r"use_dora: true, but layers[.]0[.]\S+ has"),
+        ("lora_adapter", {"alora_invocation_tokens": [5, 6]}, r"aLoRA"),
+    ],
+    ids=["magnitudes-without-use_dora", "use_dora-without-magnitudes", "alora"],
+)
+def test_adapter_config_must_agree_with_its_tensors(
+    request, tmp_path, tiny_base, kind, config, message
+):
+    adapter = edited_adapter(request.getfixturevalue(kind), tmp_path / "adapter", **config)
+    with pytest.raises(WeightError, match=rf"{re.escape(str(adapter))}: .*{message}"):
+        Adapter(adapter, Body(tiny_base).prefix)
+
+
+@pytest.mark.parametrize(
+    "reshape", [lambda a: a.reshape(-1), lambda a: a[..., None, None]], ids=["1-D", "4-D"]
+)
+def test_a_lora_factor_that_is_no_matrix_is_named(tmp_path, tiny_base, lora_adapter, reshape):
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+
+    def edit(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weights[key] = reshape(weights[key]).contiguous()
+        return weights
+
+    adapter = edited_adapter(lora_adapter, tmp_path / "adapter", tensors=edit)
+    shape = tuple(load_file(adapter / "adapter_model.safetensors")[key].shape)
+    with pytest.raises(WeightError, match=re.escape(f"{key} has shape {shape}")):
+        Adapter(adapter, Body(tiny_base).prefix).check(Body(tiny_base))
 
 
 def test_mixed_precision_retriever_is_reproduced_tensor_by_tensor(

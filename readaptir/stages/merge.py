@@ -98,9 +98,11 @@ def merge(
     else:
         retriever = Body(retriever_dir)
         check_same_body(base, retriever)
-    # the model's own storage (the retriever's, or Θ's under a LoRA retriever), tensor by tensor
-    # unless the recipe names one dtype: a bf16 model keeping its norms in float32 stays so
-    stored = base if peft_retriever else retriever
+    # the model's own storage, tensor by tensor unless the recipe names one dtype (a bf16 model
+    # keeping its norms in float32 stays so): the retriever's, but Θ's under a LoRA retriever and
+    # at β = 0, where the output is Θ + αΨ (a float16 retriever's dtype would round a bf16 Θ's
+    # tiniest values and turn its largest into inf)
+    stored = base if peft_retriever or beta == 0 else retriever
     forced = torch_dtype(dtype)
     out_dtype = forced or stored.ckpt.float_dtype()
     knowledge = Adapter(Path(adapter_dir), base.prefix) if alpha != 0 else None
