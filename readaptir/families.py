@@ -11,8 +11,9 @@ punctuation, so ``scifact``, ``SciFact`` and ``sci-fact`` agree, and BEIR's fold
 (``TRECCOVID``, ``Touche2020``, ``DBPedia``). Precedence, lowest first: the family preset, the
 per-collection table below, the recipe's ``retriever.encoding``.
 
-- e5-mistral: the query instruction of each of the 14 collections its authors evaluated on
-  (MS MARCO and 13 BEIR sets); an unknown collection gets a generic instruction and a warning.
+- e5-mistral: the query instruction of each of the 15 collections its authors evaluated on
+  (MS MARCO and 14 BEIR sets, CQADupStack's forums sharing one); an unknown collection gets a
+  generic instruction and a warning.
 - RepLLaMA: 512 tokens for queries and passages (its authors' BEIR setting); on MS MARCO, the
   lengths it was trained with (32 / 196).
 """
@@ -42,6 +43,10 @@ E5_INSTRUCTIONS: dict[str, str] = {
     "arguana": "Given a claim, find documents that refute the claim",
     "climatefever": (
         "Given a claim about climate change, retrieve documents that support or refute the claim"
+    ),
+    "cqadupstack": (
+        "Given a question, retrieve detailed question descriptions from Stackexchange that are "
+        "duplicates to the given question"
     ),
     "dbpediaentity": "Given a query, retrieve relevant entity descriptions from DBPedia",
     "fever": "Given a claim, retrieve documents that support or refute the claim",
@@ -77,8 +82,19 @@ REPLLAMA_LENGTHS: dict[str, tuple[int, int]] = {"msmarco": (32, 196)}
 # numbering (Cranfield and Medline number both from 1) and the passage is kept.
 QUERIES_FROM_CORPUS = frozenset({"arguana", "quora"})
 
+# CQADupStack's forums: BEIR's subfolders (``cqadupstack/android``), MTEB's tasks
+# (``CQADupstackAndroidRetrieval``); all are one collection for the settings here.
+CQADUPSTACK_FORUMS = (
+    "android english gaming gis mathematica physics programmers stats tex unix webmasters wordpress"
+).split()
+
 # Other spellings of the collections above: MTEB task names, BEIR folder names, common variants.
 _ALIASES = {
+    **{
+        f"cqadupstack{forum}{task}": "cqadupstack"
+        for forum in ("", *CQADUPSTACK_FORUMS)
+        for task in ("", "retrieval")
+    },
     "dbpedia": "dbpediaentity",
     "fiqa2018": "fiqa",
     "quoraretrieval": "quora",

@@ -91,6 +91,23 @@ def _prompts(model_dir: Path) -> tuple[str, str]:
     return prompts.get("query", default), passage
 
 
+def _inferred_max_length(model_dir: Path) -> int | None:
+    """sentence-transformers' limit when ``sentence_bert_config.json`` sets none (newer releases
+    leave it out): the smaller of the model's position table and the tokenizer's
+    ``model_max_length``, whichever of them is known."""
+
+    def field(name: str, key: str) -> Any:
+        path = model_dir / name
+        return read_json(path).get(key) if path.is_file() else None
+
+    positions = field("config.json", "max_position_embeddings")
+    tokenizer = field("tokenizer_config.json", "model_max_length")
+    limits = [positions] if isinstance(positions, int) and positions > 0 else []  # XLNet's -1: none
+    if isinstance(tokenizer, int) and tokenizer < _SANE_MAX_LENGTH:
+        limits.append(tokenizer)
+    return min(limits, default=None)
+
+
 def read_st_config(model_dir: Path | None) -> STConfig | None:
     """The sentence-transformers settings stored in ``model_dir``; None when it has none."""
     if model_dir is None or not (Path(model_dir) / "modules.json").is_file():
@@ -120,12 +137,8 @@ def read_st_config(model_dir: Path | None) -> STConfig | None:
         settings = read_json(bert_cfg)
         max_len = settings.get("max_seq_length")
         lower = bool(settings.get("do_lower_case", False))
-    tok_cfg = model_dir / "tokenizer_config.json"
-    if max_len is None and tok_cfg.is_file():
-        # Newer sentence-transformers releases keep the limit in the tokenizer config instead.
-        limit = read_json(tok_cfg).get("model_max_length")
-        if isinstance(limit, int) and limit < _SANE_MAX_LENGTH:
-            max_len = limit
+    if max_len is None:
+        max_len = _inferred_max_length(model_dir)
     normalize = any(t.endswith(".Normalize") for t in types)
     query_prompt, passage_prompt = _prompts(model_dir)
     if (query_prompt or passage_prompt) and not include_prompt:

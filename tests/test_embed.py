@@ -84,6 +84,36 @@ def test_st_config_newer_layout(tmp_path):
         resolve_fields(resolve_encoding("sentence-transformers"), STConfig("max", True, 10))
 
 
+def test_st_max_length_defaults_as_sentence_transformers_does(tiny_retriever, tmp_path):
+    """No max_seq_length in sentence_bert_config.json: the smaller of the position table and the
+    tokenizer's limit, both where known, checked against sentence-transformers itself."""
+    st_lib = pytest.importorskip("sentence_transformers")
+    folder = shutil.copytree(tiny_retriever, tmp_path / "st")
+    (folder / "1_Pooling").mkdir()
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    pooling = {"pooling_mode": "lasttoken", "word_embedding_dimension": 64}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    tok_file = folder / "tokenizer_config.json"
+    tok_config = json.loads(tok_file.read_text())
+    positions = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
+    assert positions == 1024
+    # no tokenizer limit (transformers' sentinel), one above the positions, one below
+    for tokenizer_limit, expected in ((int(1e30), 1024), (2048, 1024), (64, 64)):
+        tok_file.write_text(json.dumps({**tok_config, "model_max_length": tokenizer_limit}))
+        assert read_st_config(folder).max_seq_length == expected
+        model = st_lib.SentenceTransformer(str(folder), device="cpu")
+        assert model.max_seq_length == expected
+
+
 def test_st_modules_and_prompts_not_reproduced_are_refused(tmp_path):
     (tmp_path / "1_Pooling").mkdir()
     modules = [

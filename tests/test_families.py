@@ -17,6 +17,10 @@ from readaptir.families import (
 )
 
 SCIFACT = "Given a scientific claim, retrieve documents that support or refute the claim"
+CQADUPSTACK = (  # microsoft/unilm e5/utils.py, CQADupstackRetrieval
+    "Given a question, retrieve detailed question descriptions from Stackexchange that are "
+    "duplicates to the given question"
+)
 
 
 @pytest.mark.parametrize(
@@ -45,10 +49,10 @@ def test_dataset_key(name, key):
     assert dataset_key(name) == key
 
 
-def test_e5_has_an_instruction_for_msmarco_and_13_beir_sets():
+def test_e5_has_an_instruction_for_msmarco_and_14_beir_sets():
     names = (
-        "MSMARCO ArguAna ClimateFEVER DBPedia FEVER FiQA2018 HotpotQA NFCorpus NQ QuoraRetrieval "
-        "SCIDOCS SciFact TRECCOVID Touche2020"
+        "MSMARCO ArguAna ClimateFEVER CQADupstackRetrieval DBPedia FEVER FiQA2018 HotpotQA "
+        "NFCorpus NQ QuoraRetrieval SCIDOCS SciFact TRECCOVID Touche2020"
     ).split()
     assert {dataset_key(n) for n in names} == set(E5_INSTRUCTIONS)
     assert all(v and not v.endswith(".") for v in E5_INSTRUCTIONS.values())
@@ -152,9 +156,22 @@ def test_every_spelling_of_a_collection_gets_its_instruction(name):
     assert resolve_encoding("e5-mistral", dataset=name).query_instruction == expected
 
 
-@pytest.mark.parametrize("name", ["SciFact-PL", "NQ-PL", "cqadupstack-english", "fev"])
+@pytest.mark.parametrize(
+    "name", ["SciFact-PL", "NQ-PL", "CQADupstackAndroidRetrieval-Fa", "cqadupstack-klingon", "fev"]
+)
 def test_a_name_merely_near_a_collections_gets_the_generic_instruction(name):
     assert resolve_encoding("e5-mistral", dataset=name).query_instruction == E5_DEFAULT_INSTRUCTION
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["cqadupstack", "cqadupstack/android", "cqadupstack/wordpress", "cqadupstack-english",
+     "CQADupstackRetrieval", "CQADupstackAndroidRetrieval", "CQADupstackGisRetrieval"],
+)  # fmt: skip
+def test_every_cqadupstack_forum_gets_its_instruction(name, caplog):
+    with caplog.at_level(logging.WARNING, logger="readaptir.families"):
+        enc = resolve_encoding("e5-mistral", dataset=name)
+    assert enc.query_instruction == CQADUPSTACK and caplog.text == ""
 
 
 def test_repllama_msmarco_lengths_under_an_alias():

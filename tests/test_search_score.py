@@ -321,3 +321,41 @@ def test_inner_products_of_16_bit_inputs_are_float32():
     out = search_module._inner_products(q, p)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, q.float() @ p.float().T, rtol=1e-2, atol=1e-2)
+
+
+def test_ties_at_the_kth_place_do_not_depend_on_engine_or_shards(tmp_path):
+    # Exact duplicates (common in Quora, MS MARCO) tie; integer vectors score exactly on any engine.
+    rng = np.random.default_rng(5)
+    corpus = rng.integers(-1, 2, (6, 4))[rng.integers(0, 6, 60)].astype(np.float16)
+    queries = np.concatenate([rng.integers(-1, 2, (8, 4)), np.zeros((1, 4))]).astype(np.float16)
+    doc_ids = [f"d{i}" for i in rng.permutation(60)]  # ids out of corpus order
+    exact = queries.astype(np.float32) @ corpus.astype(np.float32).T
+    for k in (1, 5, 13):
+        # brute force in trec_eval's order: score, then doc id, both descending
+        want = [sorted(zip(row.tolist(), doc_ids, strict=True), reverse=True)[:k] for row in exact]
+        for shard_size in (60, 16, 7, 2):
+            emb = tmp_path / f"emb-{k}-{shard_size}"
+            _write_embeddings(emb, corpus, queries, shard_size, doc_ids)
+            for backend in ("faiss", "torch"):
+                search(emb, emb / backend, k=k, device="cpu", backend=backend)
+                rows = _read_trec(emb / backend / "run.trec")
+                got = [[(float(r[4]), r[2]) for r in rows if r[0] == f"q{q}"] for q in range(9)]
+                assert got == want, (k, shard_size, backend)
+
+
+def test_only_a_query_tied_at_the_kth_place_is_searched_deeper():
+    eye = np.eye(4, dtype=np.float16)
+    corpus = np.concatenate([eye[:1] * 3, eye[:1] * 2, eye[:1], np.repeat(eye[3:], 17, axis=0)])
+    ids = np.array([f"d{i:02d}" for i in range(20)])
+    engine = search_module.searcher(corpus, "faiss-cpu")
+    calls = []
+
+    def counted(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        calls.append((len(queries), k))
+        return engine(queries, k)
+
+    scores, got = search_module.shard_topk(eye[[0, 3]], ids, counted, k=2)
+    # scores 3, 2, 1: one search of k + 1; 17 documents at 1: doubling until the shard ends
+    assert calls == [(2, 3), (1, 6), (1, 12), (1, 20)]
+    assert got[:, :2].tolist() == [["d00", "d01"], ["d19", "d18"]]
+    assert scores[:, :2].tolist() == [[3, 2], [1, 1]]

@@ -1,6 +1,8 @@
 """Exact inner-product search over sharded embeddings, written as a TREC run file.
 
-Three interchangeable engines compute each shard's exact top-k; shards are then merged:
+Three interchangeable engines compute each shard's exact top-k, with every document tied at the
+k-th score, so that trec_eval's order (not the engine or the shard size) picks among them when the
+shards are merged:
 
 - ``faiss`` on CPU (``IndexFlatIP``), the reference;
 - ``faiss`` on GPU, when the installed FAISS was built with GPU support;
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,8 @@ BACKENDS = ("auto", "faiss", "torch")
 # 1024 x 65536 x 4 bytes = 256 MiB.
 QUERY_CHUNK = 1024
 PASSAGE_CHUNK = 65536
+# The largest k FAISS searches with on a GPU (its GPU_MAX_SELECTION_K).
+FAISS_GPU_MAX_K = 2048
 _WHITESPACE = re.compile(r"\s")
 
 
@@ -55,13 +59,33 @@ def faiss_topk(
     queries: np.ndarray, corpus: np.ndarray, k: int, use_gpu: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, row indices) [queries, k] of the exact inner-product top-``k`` with FAISS."""
+    engine, device = ("faiss-gpu", "cuda") if use_gpu else ("faiss-cpu", "cpu")
+    return searcher(corpus, engine, device)(queries, k)
+
+
+# (queries, k) -> (scores, row indices) [queries, k], best first, over one corpus shard
+Searcher = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def searcher(corpus: np.ndarray, engine: str, device: str = "cpu") -> Searcher:
+    """Exact top-k searches of ``engine`` (see ``choose_backend``) over ``corpus``; FAISS builds
+    its index once for them all."""
+    if engine == "torch":
+        return lambda queries, k: torch_topk(queries, corpus, k, device)
     import faiss
 
+    use_gpu = engine == "faiss-gpu"
     index = faiss.IndexFlatIP(corpus.shape[1])
     if use_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(np.ascontiguousarray(corpus, dtype=np.float32))
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if use_gpu and k > FAISS_GPU_MAX_K:  # a deep search for a large tie
+            return torch_topk(queries, corpus, k, device)
+        return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    return search
 
 
 def torch_topk(
@@ -115,6 +139,37 @@ def _inner_products(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return (q @ p.T).float()
 
 
+def shard_topk(
+    queries: np.ndarray, doc_ids: np.ndarray, topk: Searcher, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, doc ids) [queries, min(k + 1, n)] of one shard of ``n`` documents, among them its
+    top ``k`` in trec_eval's order, for ``merge_topk`` to pick.
+
+    An engine breaks ties its own way (FAISS by corpus position, torch by its kernel), so cutting
+    at k would let the engine and the shard size decide which of the documents tied at the k-th
+    score survive (duplicate passages are common). A query whose (k+1)-th score equals its k-th
+    is searched again, twice as deep each time, until a score below the k-th appears or the shard
+    is exhausted, and its tied documents are ordered trec_eval's way. Queries without such a tie,
+    most of them, cost one search of k + 1. Whatever lies past the top k is outranked by k
+    documents, so the merge never keeps it.
+    """
+    n = len(doc_ids)
+    width = min(k + 1, n)
+    scores, rows = topk(queries, width)
+    ids = doc_ids[rows]
+    if width == n:  # the whole shard: merge_topk orders it
+        return scores, ids
+    tied = np.flatnonzero(scores[:, k] == scores[:, k - 1])
+    depth = width
+    while len(tied):
+        depth = min(2 * depth, n)
+        deep_scores, deep_rows = topk(queries[tied], depth)
+        scores[tied], ids[tied] = merge_topk([(deep_scores, doc_ids[deep_rows])], width)
+        # still open: the deepest score still equals the k-th and the shard has more
+        tied = tied[(deep_scores[:, -1] == deep_scores[:, k - 1]) & (depth < n)]
+    return scores, ids
+
+
 def choose_backend(device: str | None, backend: str = "auto") -> tuple[str, str]:
     """(engine, device) for a search: engine is ``faiss-cpu``, ``faiss-gpu`` or ``torch``."""
     if backend not in BACKENDS:
@@ -151,12 +206,8 @@ def search_shards(
     LOG.info("exact top-%d search with %s on %s", k, engine, where)
     best: tuple[np.ndarray, np.ndarray] | None = None
     for shard_ids, vecs in load_embeddings(embeddings_dir):
-        depth = min(k, len(shard_ids))
-        if engine == "torch":
-            scores, rows = torch_topk(queries, vecs, depth, where)
-        else:
-            scores, rows = faiss_topk(queries, vecs, depth, use_gpu=engine == "faiss-gpu")
-        part = (scores, np.asarray(shard_ids, dtype=str)[rows])
+        ids = np.asarray(shard_ids, dtype=str)
+        part = shard_topk(queries, ids, searcher(vecs, engine, where), k)
         # Keep only a running top-k, so memory stays at two shards' worth of results.
         best = merge_topk([part] if best is None else [best, part], k)
     if best is None:
