@@ -112,7 +112,8 @@ class Result:
 def train(layouts, model, optimizer, schedule, device, autocast, packed) -> None:
     for lay in layouts:
         inputs = causal_inputs(lay, packed)
-        train_step(model, inputs, optimizer, schedule, device, autocast=autocast)
+        # clipped at the recipe's default, as the adapter stage does
+        train_step(model, inputs, optimizer, schedule, device, autocast=autocast, max_grad_norm=1.0)
     sync(device)
 
 

@@ -4,7 +4,8 @@ Builds three inputs of a Llama shape (default about 1B parameters: hidden 2048, 
 intermediate 5632, vocab 32000, bf16), each written by safetensors itself:
 
   Θ  a causal LM (with lm_head), sharded;
-  R  a full retriever, a bare model with every tensor of Θ's body perturbed, sharded;
+  R  a full retriever, a bare model with every tensor of Θ's body perturbed, sharded (bf16, or
+     with ``--retriever-dtype float16`` fp16 as e5-mistral's, which makes the output fp16);
   Ψ  a PEFT DoRA adapter (r 32 on q/k/v/up/down, non-zero B, magnitudes off Θ's row norms).
 
 Then, each in a child process of its own and interleaved ``--repeat`` times (best kept):
@@ -66,6 +67,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_shape_options(ap, LLAMA_1B)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--beta", type=float, default=1.0, help="β of the merge (α is 0.5)")
+    ap.add_argument(
+        "--retriever-dtype",
+        choices=["bfloat16", "float16"],
+        default="bfloat16",
+        help="R's storage, so the output's: float16 as e5-mistral's (each block range-checked)",
+    )
     ap.add_argument("--shard-gb", type=float, default=1.0, help="input and output shard size, GiB")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="the merge's devices: cpu, cuda or cuda,cpu")
@@ -155,10 +162,11 @@ def build(args: argparse.Namespace, work: Path) -> dict:
         for index, (_, shape, _) in enumerate(body):  # Θ's body, in the same order
             w, gen = theta_tensor(index)
             noise = 0.002 * torch.randn(shape, generator=gen, device=dev)
-            yield (w.float() + noise).to(torch.bfloat16).cpu()
+            yield (w.float() + noise).to(r_dtype).cpu()
 
+    r_dtype = getattr(torch, args.retriever_dtype)
     write_sharded(work / "theta", theta_specs, theta_tensors(), shard)
-    write_sharded(work / "retriever", body, r_tensors(), shard)
+    write_sharded(work / "retriever", [(n, s, r_dtype) for n, s, _ in body], r_tensors(), shard)
     from safetensors.torch import save_file
 
     (work / "adapter").mkdir()

@@ -44,18 +44,32 @@ def atomic_output(final: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
+def atomic_file(path: Path, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; it becomes ``path`` only if the block
-    succeeds, so readers see either the old file or the whole new one."""
+    succeeds, so readers see either the old file or the whole new one. ``fsync`` also holds
+    across a power loss (the file reaches the disk before the rename, the rename after it), at
+    the cost of waiting for the disk: for files a later run depends on, such as checkpoints."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
     try:
         yield tmp
+        if fsync:
+            _fsync(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+    if fsync:
+        _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a folder too: its entries are what a rename changes
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -103,11 +103,11 @@ def rank_share(lay: Layout, inputs: dict[str, Any], ranks: Ranks) -> tuple[dict[
 
     A rank left without a row (a step of fewer rows than ranks) computes row 0 with factor 0, so
     that it still joins DDP's gradient reduction; a share without a target carries no labels (a
-    mean over no target is NaN; ``training.batch_loss`` makes it a zero).
+    mean over no target is NaN; ``training.batch_loss`` makes it a zero), in one process too.
     """
-    if ranks.world <= 1:
-        return inputs, 1.0
     labels = inputs["labels"]
+    if ranks.world <= 1 and (labels != IGNORE).any():
+        return inputs, 1.0
     rows = list(range(ranks.rank, labels.shape[0], ranks.world))
     weighted = bool(rows)
     rows = rows or [0]
@@ -126,6 +126,14 @@ def rank_share(lay: Layout, inputs: dict[str, Any], ranks: Ranks) -> tuple[dict[
         del share["labels"]
         return share, 0.0
     return share, mine * ranks.world / total
+
+
+def seed_rank(seed: int, ranks: Ranks) -> None:
+    """Give each rank dropout draws of its own, once the initial weights (the same on every rank)
+    are made: ranks other than 0 reseed torch from (``seed``, rank); rank 0 goes on with the
+    stream of ``seed``, as one process does, so one-process adapters stay what they were."""
+    if ranks.rank:
+        torch.manual_seed((seed * 1_000_003 + ranks.rank) * 7_919 % 2**63)
 
 
 def mean_across_ranks(value: float, ranks: Ranks, device: torch.device | str) -> float:

@@ -145,7 +145,8 @@ def total_steps(plans: Sequence[EpochPlan], epochs: float, max_steps: int | None
     steps = 0
     for e, plan in enumerate(plans):
         fraction = min(1.0, epochs - e)
-        steps += math.ceil(plan.steps * fraction) if fraction < 1 else plan.steps
+        # rounded first: 1.1 - 1 is 0.10000000000000009, whose ceil of 10 steps would be 2
+        steps += math.ceil(round(plan.steps * fraction, 9)) if fraction < 1 else plan.steps
     return steps if max_steps is None else min(steps, max_steps)
 
 
@@ -199,9 +200,10 @@ def layout(rows: Sequence[Sequence[Sequence[int]]], pad_id: int) -> Layout:
 def causal_inputs(lay: Layout, packed: bool) -> dict[str, torch.Tensor]:
     """Next-token inputs; a passage's first token is no target (nothing of its passage precedes it).
 
-    Packed rows pass no attention mask but position ids that restart per passage: transformers then
-    derives the block-diagonal causal mask itself (sdpa/eager) or uses varlen kernels (flash), but
-    only without a KV cache, hence ``use_cache=False``.
+    Packed rows pass no attention mask but position ids that restart per passage: sdpa and eager
+    attention then derive the block-diagonal causal mask themselves, but only without a KV cache,
+    hence ``use_cache=False``. Flash attention reads them (varlen kernels) only in a batch of one
+    row (``check_packed_attention``).
     """
     labels = lay.ids.masked_fill(~lay.real | (lay.positions == 0), IGNORE)
     if packed:
@@ -212,6 +214,18 @@ def causal_inputs(lay: Layout, packed: bool) -> dict[str, torch.Tensor]:
             "use_cache": False,
         }
     return {"input_ids": lay.ids, "attention_mask": lay.real.long(), "labels": labels}
+
+
+def check_packed_attention(attn_implementation: str | None, rows_per_step: int) -> None:
+    """Refuse packed steps of several rows under flash attention: transformers takes position ids
+    as passage boundaries there only for a batch of one row (``_is_packed_sequence``), so in more
+    rows the passages packed together would attend to each other."""
+    if rows_per_step > 1 and "flash" in (attn_implementation or ""):
+        raise ValueError(
+            f"packed rows under {attn_implementation} attention need one row a step, not "
+            f"{rows_per_step}: in a batch of several rows it would let passages attend to each "
+            "other; use batch_size 1 (or batch_tokens up to max_length), packing false, or sdpa"
+        )
 
 
 def block_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -96,6 +96,10 @@ class RetrieverSpec(ModelSpec):
         return value
 
 
+# what a fetch stage writes beside the collection's folder, named by the collection
+FETCH_FILES = ("fetch.json", "stage.json")
+
+
 class CorpusSpec(_Strict):
     """A BEIR-format collection (corpus.jsonl, queries.jsonl, qrels/<split>.tsv): a local
     ``path``, a public ``beir`` set by name, or a zip at ``url``; the last two are fetched by a
@@ -136,6 +140,8 @@ class CorpusSpec(_Strict):
             )
         if not self.label:
             raise FieldError(key, "this gives the collection no name; set `name:`")
+        if self.path is None and self.label in FETCH_FILES:
+            raise FieldError(key, f"{self.label!r} is the name of a file the fetch stage writes")
         return self
 
     @property
@@ -155,6 +161,9 @@ class AdapterSpec(_Strict):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, min_length=1)  # None: the architecture's
     lr: float = Field(2e-4, gt=0)
+    # the HF Trainer's defaults, as the paper trained: no weight decay, gradients clipped to norm 1
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
     batch_size: int = Field(4, gt=0)
     epochs: float = Field(1, gt=0)
     max_length: int = Field(1024, gt=1)
@@ -214,7 +223,9 @@ class ReadaptSpec(_Strict):
     def _sweeps_are_sensible(self) -> ReadaptSpec:
         for key in ("alpha", "beta"):
             value = getattr(self, key)
-            if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            if isinstance(value, list) and not value:
+                raise FieldError(key, "a sweep needs at least one value")
+            if isinstance(value, list) and len(set(value)) != len(value):
                 raise FieldError(key, "a sweep needs distinct values")
         if self.alpha == "auto":
             if isinstance(self.beta, list):

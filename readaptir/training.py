@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 import re
 import time
 from pathlib import Path
@@ -234,16 +235,23 @@ def train_step(
     device: torch.device | str,
     loss_scale: float = 1.0,
     autocast: torch.dtype | None = None,
+    max_grad_norm: float | None = None,
 ) -> float:
     """One optimizer step on one batch of model inputs; returns the loss (before ``loss_scale``).
 
     ``autocast`` (a 16-bit base's ``autocast_dtype``) runs the forward pass in that dtype over
-    float32 adapter weights; gradients and the update stay float32.
+    float32 adapter weights; gradients and the update stay float32. ``max_grad_norm`` clips the
+    gradient of the optimizer's parameters to that total norm (None: no clipping).
     """
     moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
         loss = batch_loss(model, moved)
     (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    if max_grad_norm is not None:
+        # after backward, where DDP has averaged the ranks' gradients: every rank clips the
+        # whole step's gradient alike
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
@@ -307,10 +315,11 @@ def save_checkpoint(
     rank: int = 0,
     world: int = 1,
 ) -> Path:
-    """Everything a resumed run needs, each file written to a temporary name and renamed into
-    place: every rank its random-number state, rank 0 the adapter, optimizer and progress."""
+    """Everything a resumed run needs, each file written to a temporary name, flushed to disk and
+    renamed into place: every rank its random-number state, rank 0 the adapter, optimizer and
+    progress."""
     folder = Path(folder)
-    with atomic_file(folder / RNG_FILE.format(rank=rank)) as tmp:
+    with atomic_file(folder / RNG_FILE.format(rank=rank), fsync=True) as tmp:
         made = {
             "step": progress["step"],
             "fingerprint": progress.get("fingerprint"),
@@ -325,9 +334,20 @@ def save_checkpoint(
             "scheduler": schedule.state_dict(),
             "progress": progress,
         }
-        with atomic_file(path) as tmp:
+        with atomic_file(path, fsync=True) as tmp:
             torch.save(state, tmp)
     return path
+
+
+def _load(path: Path, device: torch.device | str) -> Any:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        # a file cut short (a crash mid-write on a file system that lost it) fails every resume
+        raise RuntimeError(
+            f"{path}: unreadable checkpoint ({type(err).__name__}: {err}); delete the work "
+            f"folder {path.parent} to train this adapter from the start"
+        ) from err
 
 
 def load_checkpoint(
@@ -339,12 +359,12 @@ def load_checkpoint(
     path = Path(folder) / CHECKPOINT_FILE
     if not path.is_file():
         return None
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = _load(path, device)
     if state["progress"].get("fingerprint") != fingerprint:
         LOG.warning("%s belongs to a run with other settings; starting afresh", path)
         return None
     rng_path = Path(folder) / RNG_FILE.format(rank=rank)
-    rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
+    rng = _load(rng_path, "cpu") if rng_path.is_file() else None
     made = {"step": state["progress"]["step"], "fingerprint": fingerprint, "world": world}
     if rng is None or any(rng.get(key) != value for key, value in made.items()):
         LOG.warning(

@@ -389,3 +389,112 @@ def test_training_tokens_start_with_bos_and_fit_max_length(tmp_path, tokenizer, 
         assert all(r[-1] == eos and r.count(eos) == 1 for r in rows)
     else:
         assert all(eos not in r for r in rows)
+
+
+def test_a_blank_title_does_not_drop_the_text(tmp_path):
+    from readaptir.stages.adapter import _training_tokens
+
+    corpus = [{"_id": "a", "title": " ", "text": "text"}, {"_id": "b", "title": " ", "text": " "}]
+    root = write_beir(tmp_path / "c", corpus, [{"_id": "q", "text": "x"}], [("q", "a", 1)])
+    tok = Recorder()
+    _training_tokens(tok, root, "all", None, "test", 16, CAUSAL)
+    assert tok.texts == ["text"]
+
+
+def test_weight_decay_and_gradient_clipping_reach_the_training(
+    tmp_path, tiny_base, tiny_beir, monkeypatch
+):
+    decays, clips = [], []
+
+    class AdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            decays.append(kwargs["weight_decay"])
+            super().__init__(params, **kwargs)
+
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda p, n: clips.append(n) or clip(p, n)
+    )
+    _train(tmp_path, "default", tiny_base, tiny_beir, max_steps=2)
+    assert decays == [0.0] and clips == [1.0, 1.0]  # the HF Trainer's defaults, as the paper's
+    _train(tmp_path, "set", tiny_base, tiny_beir, max_steps=1, weight_decay=0.1, max_grad_norm=0.5)
+    _train(tmp_path, "unclipped", tiny_base, tiny_beir, max_steps=1, max_grad_norm=None)
+    assert decays == [0.0, 0.1, 0.0] and clips == [1.0, 1.0, 0.5]
+
+
+def test_train_step_clips_the_gradient_before_the_update():
+    from transformers import get_scheduler
+
+    from readaptir.training import train_step
+
+    class Linear(torch.nn.Linear):  # a model that takes keyword inputs and returns its loss
+        def forward(self, x):
+            return type("Output", (), {"loss": (super().forward(x) * 100).sum()})
+
+    def update(max_grad_norm):
+        torch.manual_seed(0)
+        model = Linear(3, 2)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        schedule = get_scheduler("constant", optimizer)
+        train_step(model, {"x": torch.ones(4, 3)}, optimizer, schedule, "cpu",
+                   max_grad_norm=max_grad_norm)  # fmt: skip
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        return float((after - before).norm())
+
+    assert update(None) > 100 and update(0.5) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_masked_lm_noise_stays_inside_the_embedding(tmp_path, tokenizer, tiny_beir):
+    """A tokenizer may hold more tokens than the model's embedding has rows (tokens added
+    after training); random replacement tokens are drawn among the rows."""
+    from transformers import AutoTokenizer
+
+    base = tiny.make_bert(tmp_path / "bert", tokenizer, masked_lm=True)
+    larger = AutoTokenizer.from_pretrained(base)
+    larger.add_tokens([f"<unused{i}>" for i in range(5000)])  # never in the passages
+    larger.save_pretrained(base)
+    summary = _train(tmp_path, "mlm", base, tiny_beir, max_steps=3, epochs=1)[0]
+    assert summary["steps"] == 3
+
+
+def test_checkpoints_are_synced_to_disk_and_a_truncated_one_is_named(tmp_path, monkeypatch):
+    import os
+
+    from transformers import get_scheduler
+
+    from readaptir.training import load_checkpoint, save_checkpoint
+
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or fsync(fd))  # fmt: skip
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = get_scheduler("constant", optimizer)
+    path = save_checkpoint(tmp_path, model, optimizer, schedule, {"step": 3, "fingerprint": "f"})
+    names = [Path(s).name for s in synced]
+    assert any(n.startswith(".tmp-checkpoint.pt") for n in names)  # before the rename
+    assert any(n.startswith(".tmp-rng-rank0.pt") for n in names)
+    assert names.count(tmp_path.name) == 2  # the folder, after each rename
+    path.write_bytes(path.read_bytes()[:100])  # what a power loss can leave
+    with pytest.raises(
+        RuntimeError, match=r"checkpoint\.pt: unreadable checkpoint.*delete the work"
+    ):
+        load_checkpoint(tmp_path, "f", "cpu")
+
+
+def test_flash_attention_with_several_packed_rows_is_refused(
+    tmp_path, tiny_base, tiny_beir, monkeypatch
+):
+    from readaptir.stages import adapter
+
+    def flash(*args):
+        model = load_model(*args)
+        model.config._attn_implementation = "flash_attention_2"
+        return model
+
+    monkeypatch.setattr(adapter, "load_model", flash)
+    with pytest.raises(ValueError, match="flash_attention_2 attention need one row a step, not 4"):
+        _train(tmp_path, "flash", tiny_base, tiny_beir, max_steps=1)

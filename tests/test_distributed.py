@@ -133,3 +133,30 @@ def test_mean_across_ranks_is_a_mean_not_a_sum(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     assert mean_across_ranks(0.5, Ranks(0, 2), "cpu") == pytest.approx(1.0)
     assert mean_across_ranks(0.5, Ranks(), "cpu") == 0.5
+
+
+def test_one_process_step_without_targets_is_a_zero_loss(tokenizer):
+    """As on several ranks: a step whose targets are all ignored (one-token passages; an MLM
+    step of [CLS][SEP] passages) adds a zero, not a NaN."""
+    lay = layout([[[5], [6]], [[7]]], pad_id=0)
+    share, factor = rank_share(lay, causal_inputs(lay, packed=True), Ranks())
+    assert factor == 0.0 and "labels" not in share
+    model = AutoModelForCausalLM.from_config(tiny.llama_config(tokenizer))
+    loss = batch_loss(model, share) * factor
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(not p.grad.any() for p in model.parameters())
+
+
+def test_ranks_after_the_first_draw_their_own_dropout():
+    def draws(rank: int) -> torch.Tensor:
+        torch.manual_seed(5)  # the run's seed, as every rank sets it before building the model
+        distributed.seed_rank(5, Ranks(rank, 3))
+        return torch.rand(4)
+
+    torch.manual_seed(5)
+    alone = torch.rand(4)  # one process
+    first, second, third = (draws(r) for r in range(3))
+    assert torch.equal(first, alone)  # rank 0 keeps the one-process stream
+    assert not torch.equal(second, first) and not torch.equal(third, second)
+    assert torch.equal(draws(1), second)  # and each rank its own, the same every run

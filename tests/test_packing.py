@@ -12,6 +12,7 @@ from readaptir.packing import (
     block_mask,
     budget_steps,
     causal_inputs,
+    check_packed_attention,
     layout,
     mask_tokens,
     masked_inputs,
@@ -186,3 +187,22 @@ def test_padded_steps_under_a_token_budget():
         assert len(rows) * max(int(lengths[r].sum()) for r in rows) <= 100 or len(rows) == 1
         seen += [int(i) for row in rows for i in row]
     assert sorted(seen) == list(range(50))
+
+
+def test_fractional_epochs_take_their_share_of_steps_despite_float_error():
+    plans = [plan_epoch(np.full(10, 8), seed=0, epoch=e, max_length=8, rows_per_step=1,
+                        packing=True) for e in range(3)]  # fmt: skip
+    assert plans[0].steps == 10
+    assert total_steps(plans[:2], 1.1, None) == 11  # 1.1 - 1 is 0.10000000000000009
+    assert total_steps(plans[:1], 0.3, None) == 3  # 0.3 × 10 is 3.0000000000000004
+    assert total_steps(plans[:2], 1.15, None) == 12  # a started step still counts
+    assert total_steps(plans, 2.7, None) == 27 and total_steps(plans, 2.7, 5) == 5
+
+
+def test_flash_attention_takes_one_packed_row_a_step():
+    for implementation in ("flash_attention_2", "kernels-community/flash-attn3"):
+        with pytest.raises(ValueError, match="need one row a step, not 2"):
+            check_packed_attention(implementation, 2)
+        check_packed_attention(implementation, 1)  # position ids mark the passages (varlen)
+    check_packed_attention("sdpa", 4)
+    check_packed_attention(None, 4)

@@ -106,11 +106,14 @@ def test_partial_recipes_are_not_built_and_names_must_be_unique(tmp_path):
         ("readapt:\n  alpha: [0.1, x]\n", "readapt.alpha.1", 5, "valid number, got 'x'"),
         ("readapt: {alpha: auto, alpha_grid: [0.5, 0.5]}\n", "readapt.alpha_grid", 4, "two"),
         ("readapt: {alpha: [0.5, 0.5]}\n", "readapt.alpha", 4, "distinct values"),
+        ("readapt: {beta: []}\n", "readapt.beta", 4, "at least one value"),
         ("readapt: {alpha: [0.5], alpha_grid: [0, 0, 1]}\n", "readapt.alpha_grid", 4, "twice"),
         ("readapt:\n  alpha: auto\n  tune_metric: P@1000\n", "readapt.tune_metric", 6, "top 1000"),
         ("eval: {metrics: []}\n", "eval.metrics", 4, "at least 1 item"),
         ("eval: {metrics: [MAP, MAP]}\n", "eval.metrics", 4, "appears twice"),
         ("adapter: {target_modules: []}\n", "adapter.target_modules", 4, "at least 1 item"),
+        ("adapter: {weight_decay: -0.1}\n", "adapter.weight_decay", 4, "greater than or equal"),
+        ("adapter: {max_grad_norm: 0}\n", "adapter.max_grad_norm", 4, "greater than 0"),
         ('name: "abc\\n"\n', "name", 4, "letters, digits"),
     ],
 )
@@ -286,3 +289,30 @@ def test_gradient_checkpointing_out_of_range_is_an_error(tmp_path, value):
         RecipeError, match=r"a\.yaml:5: adapter\.gradient_checkpointing: .*\[0, 1\]"
     ):
         load_recipe(path)
+
+
+def test_weight_decay_and_gradient_clipping_are_part_of_the_adapter(
+    tmp_path, tiny_base, tiny_retriever, tiny_beir
+):
+    import shutil
+
+    from readaptir.plan import plan_recipes
+
+    adapter = load_recipe(write(tmp_path / "a.yaml", MINIMAL)).adapter
+    assert (adapter.weight_decay, adapter.max_grad_norm) == (0.0, 1.0)  # the HF Trainer's
+    for folder, name in ((tiny_base, "base"), (tiny_retriever, "retriever"), (tiny_beir, "toy")):
+        shutil.copytree(folder, tmp_path / "proj" / name)
+    common = "base: base\nretriever: {source: retriever, family: repllama}\ncorpus: toy\n"
+    ids = {}
+    for value in ("{}", "{weight_decay: 0.01}", "{max_grad_norm: 0.5}", "{max_grad_norm: null}"):
+        path = write(tmp_path / "proj" / "recipes" / "r.yaml", f"{common}adapter: {value}\n")
+        plan = plan_recipes([load_recipe(path)], tmp_path / "proj")
+        ids[value] = next(s.id for s in plan.stages.values() if s.kind == "adapter")
+    assert len(set(ids.values())) == 4  # another value trains another adapter
+
+
+@pytest.mark.parametrize("name", ["fetch.json", "stage.json"])
+def test_a_fetched_collection_may_not_take_the_name_of_a_file_beside_it(tmp_path, name):
+    text = MINIMAL.replace("corpus: data/scifact", f"corpus: {{beir: scifact, name: {name}}}")
+    with pytest.raises(RecipeError, match=rf"bad\.yaml:3: corpus\.name: '{name}' is the name of"):
+        load_recipe(write(tmp_path / "bad.yaml", text))

@@ -37,6 +37,7 @@ from readaptir.distributed import (
     mean_across_ranks,
     rank_device,
     rank_share,
+    seed_rank,
     wrap_distributed,
 )
 from readaptir.models import load_tokenizer, torch_dtype
@@ -44,6 +45,7 @@ from readaptir.packing import (
     Layout,
     TokenStore,
     causal_inputs,
+    check_packed_attention,
     layout,
     masked_inputs,
     plan_epoch,
@@ -124,11 +126,8 @@ def _training_tokens(
         qrels = load_qrels(Path(qrels_dir or corpus_dir), qrels_split)
     keep = passage_filter(selection, qrels)
     # streamed: at MS MARCO scale only the token ids are held, never the passages' text
-    texts = (
-        passage_text(p, TRAIN_TEMPLATE)
-        for p in iter_passages(corpus_dir)
-        if (p.title or p.text).strip() and keep(p)
-    )
+    selected = (passage_text(p, TRAIN_TEMPLATE) for p in iter_passages(corpus_dir) if keep(p))
+    texts = (text for text in selected if text)  # stripped: a blank passage is empty
     tokens = _tokenize(tokenizer, texts, max_length, append_eos=objective == CAUSAL)
     if len(tokens) == 0:
         raise ValueError(
@@ -169,6 +168,8 @@ def train_adapter(
     dropout: float = 0.05,
     target_modules: Sequence[str] | None = None,
     lr: float = 2e-4,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
     batch_size: int = 4,
     epochs: float = 1,
     max_length: int = 1024,
@@ -194,7 +195,8 @@ def train_adapter(
     ``batch_size``: packed, ``max(1, batch_tokens // max_length)`` rows a step; padded, as many
     passages as fit ``batch_tokens`` once padded to the step's longest; ``passages`` picks
     the passages judged (or not) in ``qrels_dir``'s ``qrels/<qrels_split>.tsv`` (``qrels_dir``
-    defaults to ``corpus_dir``); ``on_step(step)`` is called after every step.
+    defaults to ``corpus_dir``); ``max_grad_norm`` None does not clip; ``on_step(step)`` is
+    called after every step.
     """
     args = dict(locals())
     import torch
@@ -216,6 +218,8 @@ def train_adapter(
 
     model = load_model(base_dir, objective, torch_dtype(dtype))
     offset = position_offset(model)
+    # random replacement tokens: a tokenizer may hold more tokens than the embedding has rows
+    vocab_size = min(len(tokenizer), model.get_input_embeddings().num_embeddings)
     if objective != CAUSAL:
         limit = model.config.max_position_embeddings - offset
         if max_length > limit:
@@ -223,12 +227,14 @@ def train_adapter(
                 "max_length %d exceeds the model's %d positions; using %d", max_length, limit, limit
             )
             max_length = limit
+    # a token budget: packed rows are max_length long; padded ones fill each step to the budget
+    rows_per_step = max(1, batch_tokens // max_length) if batch_tokens else batch_size
+    if packing:
+        check_packed_attention(model.config._attn_implementation, rows_per_step)
 
     tokens = _training_tokens(
         tokenizer, corpus_dir, passages, qrels_dir, qrels_split, max_length, objective
     )
-    # a token budget: packed rows are max_length long; padded ones fill each step to the budget
-    rows_per_step = max(1, batch_tokens // max_length) if batch_tokens else batch_size
     padded_budget = batch_tokens if batch_tokens and not packing else None
     step_size = f"{padded_budget} tokens" if padded_budget else rows_per_step
     plans = [
@@ -271,11 +277,12 @@ def train_adapter(
         dropout=dropout,
         target_modules=targets,
     ).to(device)
+    seed_rank(seed, ranks)
     model.train()
     autocast = autocast_dtype(model)
     mask_dtype = autocast or torch.float32
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     schedule = get_scheduler(
         scheduler,
         optimizer,
@@ -311,7 +318,7 @@ def train_adapter(
             packing,
             special_ids=tokenizer.all_special_ids,
             mask_id=tokenizer.mask_token_id,
-            vocab_size=len(tokenizer),
+            vocab_size=vocab_size,
             generator=generator,
             position_offset=offset,
             dtype=mask_dtype,
@@ -329,7 +336,14 @@ def train_adapter(
         lay = layout([[tokens[i] for i in row] for row in plan.step_rows(epoch_step)], pad_id)
         share, scale = rank_share(lay, make_inputs(lay, step), ranks)
         loss = train_step(
-            engine, share, optimizer, schedule, device, loss_scale=scale, autocast=autocast
+            engine,
+            share,
+            optimizer,
+            schedule,
+            device,
+            loss_scale=scale,
+            autocast=autocast,
+            max_grad_norm=max_grad_norm,
         )
         loss = mean_across_ranks(loss * scale, ranks, device)  # the step's loss over all its rows
         step, epoch_step = step + 1, epoch_step + 1
