@@ -178,7 +178,7 @@ def test_split_pipelines_run_and_stale_groups_go(ws, monkeypatch):
     )
     cli("build", "--root", str(ws))
     assert set(yaml.safe_load((ws / "dvc.yaml").read_text())) == {"plots"}
-    assert set(yaml.safe_load((ws / "params.yaml").read_text())) == {"recipes"}
+    assert set(yaml.safe_load((ws / "params.yaml").read_text())) == {"recipes", "scores"}
     groups = sorted(p.name for p in (ws / "pipelines").iterdir())
     assert groups == ["models", "toy"]
     toy = yaml.safe_load((ws / "pipelines" / "toy" / "params.yaml").read_text())
