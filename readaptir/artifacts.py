@@ -8,6 +8,7 @@ when everything succeeded, so a stage killed midway leaves nothing a later run t
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -68,6 +69,10 @@ def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)  # a folder too: its entries are what a rename changes
     try:
         os.fsync(fd)
+    except OSError as err:
+        # some network and FUSE file systems cannot sync a folder; the file itself was synced
+        if not path.is_dir() or err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 

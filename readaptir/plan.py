@@ -39,7 +39,7 @@ KIND_VERSIONS = {
     "fetch": 1,
     "adapter": 4,
     "delta": 2,
-    "merge": 2,
+    "merge": 3,
     "embed": 1,
     "search": 1,
     "score": 2,
@@ -224,6 +224,21 @@ class Planner:
         path = project_path(self.root, source)
         return path if path.exists() else None
 
+    def _spelling(self, path: str) -> str:
+        """One spelling of a local path, whatever the recipe wrote (``./data/sci/``, its absolute
+        path): relative to the project root inside it, else absolute; links are not followed.
+        The stages that read it keep it, so DVC sees the same deps from every recipe."""
+        full = os.path.normpath(project_path(self.root, path).absolute())
+        root = os.path.normpath(self.root.absolute())
+        inside = os.path.commonpath([full, root]) == root
+        return Path(os.path.relpath(full, root)).as_posix() if inside else Path(full).as_posix()
+
+    def _where(self, spec: CorpusSpec) -> str:
+        """A collection's part of stage names and its pipeline group: a local one's folder name,
+        not its ``name`` (a label for reports), so that recipes sharing its stages name them
+        alike and adding one renames nothing (DVC would run a renamed stage again)."""
+        return slug(self._spelling(spec.path) if spec.path else spec.label)
+
     def model(self, spec: ModelSpec, key: str) -> tuple[dict, tuple[str, ...]]:
         """A model's identity and, for a local folder, the dependency path."""
         local = self._local(spec.source)
@@ -235,8 +250,8 @@ class Planner:
                     f"{spec.source!r} is not a model folder (no config.json, nor a PEFT "
                     "adapter_config.json)",
                 )
-            ident = {"source": spec.source, "fingerprint": self.fingerprints.path(local)}
-            return ident, (str(Path(spec.source).expanduser()),)
+            source = self._spelling(spec.source)
+            return {"source": source, "fingerprint": self.fingerprints.path(local)}, (source,)
         first = spec.source.split("/")[0]
         # a link to a folder that is gone (an unmounted disk) counts as a folder: were it taken
         # for a hub id, every stage id would change
@@ -263,8 +278,8 @@ class Planner:
             if not (folder / name).is_file():
                 raise PlanError(key, f"{spec.path}/{name} does not exist")
             prints[name] = self.fingerprints.path(folder / name)
-            deps.append(f"{Path(spec.path).expanduser().as_posix().rstrip('/')}/{name}")
-        ident = {"path": spec.path, "fingerprints": prints}
+            deps.append(f"{self._spelling(spec.path)}/{name}")
+        ident = {"path": self._spelling(spec.path), "fingerprints": prints}
         if with_qrels:
             ident["split"] = spec.split
         return DatasetRef(ident, tuple(deps), {})
@@ -275,13 +290,14 @@ class Planner:
         url, sha256, deps = spec.url or beir_url(spec.beir), spec.sha256, ()
         if url.startswith("file:"):
             # a local archive is known by its content, as a corpus folder is, and DVC watches it
-            archive = Path(url2pathname(urlparse(url).path))
+            where = url2pathname(urlparse(url).path)  # a relative one: under the project root
+            archive = project_path(self.root, where)
             if not archive.is_file():
                 raise PlanError(f"{key}.url", f"{url}: {archive} does not exist")
             digest = self.fingerprints.file(archive)
             if sha256 not in (None, digest):
                 raise PlanError(f"{key}.sha256", f"{url} has sha256 {digest}, not {sha256}")
-            sha256, deps = digest, (str(archive),)
+            sha256, deps = digest, (self._spelling(where),)
         return self.add(
             "fetch",
             slug(spec.label),
@@ -425,8 +441,8 @@ class Planner:
             encoding=resolve_encoding(
                 recipe.retriever.family, recipe.retriever.encoding, dataset=recipe.corpus.label
             ).model_dump(),
-            retriever_name=slug(recipe.retriever.source),
-            dataset_name=slug(recipe.corpus.label),
+            retriever_name=slug(retriever["source"]),
+            dataset_name=self._where(recipe.corpus),
             retriever_is_peft=self.is_peft(recipe.retriever),
             ignore_identical_ids=ignores_identical_ids(
                 recipe.eval.ignore_identical_ids, recipe.corpus.label
@@ -488,7 +504,7 @@ class Planner:
             merge_inputs["delta"] = self.add(
                 "delta",
                 src.retriever_name,
-                f"Retriever delta: {recipe.retriever.source} - {recipe.base.source}",
+                f"Retriever delta: {src.retriever['source']} - {src.base['source']}",
                 {"base": src.base, "retriever": src.retriever},
                 {},
                 src.base_deps + src.retriever_deps,
@@ -533,7 +549,7 @@ class Planner:
             "train_corpus": corpus.ident,
             "hyper": hyper,
         }
-        label, selection = slug(train.label), recipe.adapter.passages
+        label, selection = self._where(train), recipe.adapter.passages
         deps, inputs = base_deps + corpus.deps, dict(corpus.inputs)
         if selection != "all":
             # judged/unjudged in the evaluated split: the judgments are part of the identity
@@ -545,11 +561,11 @@ class Planner:
             "adapter",
             label,
             f"Knowledge adapter ({recipe.adapter.method}, r={recipe.adapter.r}) on "
-            f"{train.label} ({selection} passages)",
+            f"{self._where(train)} ({selection} passages)",
             params,
             inputs,
             deps,
-            group=slug(train.label),
+            group=self._where(train),
             runtime=runtime,
             explicit=explicit,
         )

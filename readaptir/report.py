@@ -74,14 +74,23 @@ def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, d
         if found is None:
             continue
         m = parse_mapping(found, f"metrics/{name}.json", fmt="json")
-        if "stage" in m and name in built and m["stage"] != built[name]:  # older files: no id
+        at = "" if rev == WORKSPACE else f" at {rev[:12]}"
+        if name in built and "stage" not in m:
+            LOG.warning(
+                "metrics/%s.json%s records no score stage (it is older than that record): "
+                "whether it is of recipe %s as now built is unknown; `dvc repro` makes sure",
+                name,
+                at,
+                name,
+            )
+        elif name in built and m["stage"] != built[name]:
             LOG.warning(
                 "metrics/%s.json%s is of an earlier build of recipe %s (stage %s, now %s): "
                 "left out; run `dvc repro`",
                 name,
-                "" if rev == WORKSPACE else f" at {rev[:12]}",
+                at,
                 name,
-                m["stage"][:8],
+                str(m["stage"])[:8],
                 str(built[name])[:8],
             )
             continue

@@ -11,6 +11,7 @@ import logging
 import pickle
 import re
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -340,14 +341,15 @@ def save_checkpoint(
 
 
 def _load(path: Path, device: torch.device | str) -> Any:
+    """``path``'s state, or None when the file is damaged (cut short by a crash on a file
+    system that lost it: torch saves a zip archive, whose directory comes last); any other
+    failure (a busy GPU, a missing package) is raised as it is."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
-        # a file cut short (a crash mid-write on a file system that lost it) fails every resume
-        raise RuntimeError(
-            f"{path}: unreadable checkpoint ({type(err).__name__}: {err}); delete the work "
-            f"folder {path.parent} to train this adapter from the start"
-        ) from err
+    except (RuntimeError, EOFError, pickle.UnpicklingError):
+        if zipfile.is_zipfile(path):
+            raise
+        return None
 
 
 def load_checkpoint(
@@ -360,6 +362,11 @@ def load_checkpoint(
     if not path.is_file():
         return None
     state = _load(path, device)
+    if state is None:
+        raise RuntimeError(
+            f"{path}: a damaged checkpoint (cut short); delete the work folder {path.parent} to "
+            "train this adapter from the start"
+        )
     if state["progress"].get("fingerprint") != fingerprint:
         LOG.warning("%s belongs to a run with other settings; starting afresh", path)
         return None

@@ -459,7 +459,7 @@ def test_masked_lm_noise_stays_inside_the_embedding(tmp_path, tokenizer, tiny_be
     assert summary["steps"] == 3
 
 
-def test_checkpoints_are_synced_to_disk_and_a_truncated_one_is_named(tmp_path, monkeypatch):
+def test_checkpoints_are_synced_to_disk_and_a_truncated_one_is_named(tmp_path, monkeypatch, caplog):
     import os
 
     from transformers import get_scheduler
@@ -468,8 +468,12 @@ def test_checkpoints_are_synced_to_disk_and_a_truncated_one_is_named(tmp_path, m
 
     synced = []
     fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-                        or fsync(fd))  # fmt: skip
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     schedule = get_scheduler("constant", optimizer)
@@ -478,10 +482,13 @@ def test_checkpoints_are_synced_to_disk_and_a_truncated_one_is_named(tmp_path, m
     assert any(n.startswith(".tmp-checkpoint.pt") for n in names)  # before the rename
     assert any(n.startswith(".tmp-rng-rank0.pt") for n in names)
     assert names.count(tmp_path.name) == 2  # the folder, after each rename
-    path.write_bytes(path.read_bytes()[:100])  # what a power loss can leave
-    with pytest.raises(
-        RuntimeError, match=r"checkpoint\.pt: unreadable checkpoint.*delete the work"
-    ):
+    rng = tmp_path / "rng-rank0.pt"
+    rng.write_bytes(rng.read_bytes()[:100])  # what a power loss can leave
+    resumed = load_checkpoint(tmp_path, "f", "cpu")  # the random state alone: fresh draws
+    assert resumed is not None and resumed["rng"] is None
+    assert "no random-number state of rank 0 at step 3" in caplog.text
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match=r"checkpoint\.pt: a damaged checkpoint.*delete the"):
         load_checkpoint(tmp_path, "f", "cpu")
 
 

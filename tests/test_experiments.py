@@ -442,3 +442,7 @@ def test_metrics_of_an_earlier_build_of_a_recipe_are_left_out(tmp_path, caplog):
     assert "metrics/r-sf.json is of an earlier build of recipe r-sf" in caplog.text
     row = report.diff(tmp_path, "HEAD").splitlines()[2]
     assert "readapt.alpha: 0.5 -> 0.25" in row and row.replace(" ", "").endswith("|0.7630|-|-|")
+    del m["stage"]  # written before the record: kept, with a warning
+    (tmp_path / "metrics" / "r-sf.json").write_text(json.dumps(m))
+    assert list(report.load(tmp_path)[1]) == ["r-sf"]
+    assert "metrics/r-sf.json records no score stage" in caplog.text

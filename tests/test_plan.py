@@ -116,20 +116,29 @@ def test_corpus_content_changes_embeddings_and_adapter(project):
 
 def test_how_a_local_input_is_spelled_or_labelled_changes_no_stage(project):
     before = plan_of(project)
-    shutil.copytree(project / "data" / "toy", project / "elsewhere")
-    edit(
-        project,
-        "ra-full",
-        f"extends: _common.yaml\nreadapt: {{alpha: 1.0}}\nbase: {project / 'models/base'}/\n"
-        "retriever: {source: ./models/retriever, family: repllama}\n"
-        "corpus: {path: ./elsewhere/, name: Toy}\n",
-    )
+
+    def recipe(corpus: str) -> None:
+        edit(
+            project,
+            "ra-full",
+            f"extends: _common.yaml\nreadapt: {{alpha: 1.0}}\nbase: {project / 'models/base'}/\n"
+            f"retriever: {{source: ./models/retriever, family: repllama}}\ncorpus: {corpus}\n",
+        )
+
+    def unchanged(plan) -> list:  # whole stages: ids, deps and the paths their specs read
+        return sorted(str(s) for s in plan.stages.values() if s.kind != "score")
+
+    recipe("{path: ./data/../data/toy/, name: Toy}")
     after = plan_of(project)
-    kinds = by_kind(after)
-    assert (len(kinds["adapter"]), len(kinds["delta"]), len(kinds["embed"])) == (1, 1, 3)
+    assert unchanged(after) == unchanged(before)
     # the label is the report's name of the collection, so only the score stage sees it
     assert changed_kinds(before, after) == {"score"}
     assert after.stages["score-ra-full"].params["dataset_name"] == "Toy"
+    shutil.copytree(project / "data" / "toy", project / "elsewhere")
+    recipe("elsewhere")  # a copy: the same content, so the same stages
+    kinds = by_kind(plan_of(project))
+    assert (len(kinds["adapter"]), len(kinds["delta"]), len(kinds["embed"])) == (1, 1, 3)
+    assert changed_kinds(before, plan_of(project)) == {"score"}
 
 
 def test_eval_k_changes_search_not_embed(project):
