@@ -105,6 +105,10 @@ _ALIASES = {
 }
 
 
+# the fields only queries use: the corpus's embeddings do not depend on them
+QUERY_FIELDS = ("query_template", "query_instruction", "max_query_length")
+
+
 class Encoding(BaseModel):
     """Everything that decides the text fed to the model and how its states become a vector.
 

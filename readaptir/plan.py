@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from readaptir.artifacts import read_json
-from readaptir.families import ignores_identical_ids, resolve_encoding
+from readaptir.families import QUERY_FIELDS, ignores_identical_ids, resolve_encoding
 from readaptir.fingerprint import Fingerprints, project_path
 from readaptir.models import warn_if_other_base
 from readaptir.recipe import (
@@ -40,7 +40,8 @@ KIND_VERSIONS = {
     "adapter": 4,
     "delta": 2,
     "merge": 3,
-    "embed": 1,
+    "embed": 2,
+    "queries": 1,
     "search": 1,
     "score": 2,
 }
@@ -199,7 +200,8 @@ class Sources:
     base_deps: tuple[str, ...]
     retriever: dict
     retriever_deps: tuple[str, ...]
-    dataset: DatasetRef
+    dataset: DatasetRef  # the collection with the split's queries and judgments
+    corpus: DatasetRef  # its passages alone
     encoding: dict
     retriever_name: str
     dataset_name: str
@@ -438,6 +440,7 @@ class Planner:
             retriever,
             retriever_deps,
             dataset,
+            self.dataset(recipe.corpus, "corpus", with_qrels=False),
             encoding=resolve_encoding(
                 recipe.retriever.family, recipe.retriever.encoding, dataset=recipe.corpus.label
             ).model_dump(),
@@ -452,11 +455,22 @@ class Planner:
     def embed_and_search(
         self, recipe: Recipe, src: Sources, model: dict, inputs: dict, deps: tuple, who: str
     ) -> Stage:
-        where = src.dataset_name
+        where, split = src.dataset_name, recipe.corpus.split
+        # the corpus apart from the queries: new judgments or another split encode no passage
+        passage_side = {k: v for k, v in src.encoding.items() if k not in QUERY_FIELDS}
         embed = self.add(
             "embed",
             f"{who}-{where}",
-            f"Embed {where} ({recipe.corpus.split}) with {who}",
+            f"Embed {where}'s passages with {who}",
+            {"model": model, "dataset": src.corpus.ident, "encoding": passage_side},
+            {**inputs, **src.corpus.inputs},
+            deps + src.corpus.deps,
+            group=where,
+        )
+        queries = self.add(
+            "queries",
+            f"{who}-{where}",
+            f"Embed {where}'s queries judged in {split} with {who}",
             {"model": model, "dataset": src.dataset.ident, "encoding": src.encoding},
             {**inputs, **src.dataset.inputs},
             deps + src.dataset.deps,
@@ -469,7 +483,7 @@ class Planner:
             f"{who}-{where}",
             f"Exact top-{depth} search, {who} on {where}",
             {"k": depth},
-            {"embeddings": embed},
+            {"embeddings": embed, "queries": queries},
             group=where,
         )
 

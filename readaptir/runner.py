@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from readaptir.artifacts import atomic_output, resolve_device, write_json
 from readaptir.distributed import launched_ranks, processes, relaunch
@@ -20,10 +21,13 @@ from readaptir.dvcfile import ROOT_PARAMS, read_stage_spec
 from readaptir.fingerprint import Fingerprints, project_path
 from readaptir.plan import stage_output
 
+if TYPE_CHECKING:
+    from readaptir.families import Encoding
+
 LOG = logging.getLogger(__name__)
 
 # the stages that compute on a device (fetch and score use none)
-COMPUTING_KINDS = ("adapter", "delta", "merge", "embed", "search")
+COMPUTING_KINDS = ("adapter", "delta", "merge", "embed", "queries", "search")
 
 
 class StaleInputError(RuntimeError):
@@ -143,30 +147,45 @@ def _merge(ctx: Context, out: Path) -> dict:
     )
 
 
-def _embed(ctx: Context, out: Path) -> dict:
+def _encoding_inputs(ctx: Context) -> tuple[Path, Path | None, Encoding]:
+    """(model folder, base folder, Encoding) of an embed or queries stage."""
     from readaptir.families import Encoding
-    from readaptir.stages.embed import embed
 
     p = ctx.params
     model = ctx.inputs.get("model") or ctx.retriever_dir(
         p["model"]["retriever"], p["model"]["base"]
     )
-    return embed(
-        model,
-        ctx.dataset_dir(p["dataset"]),
-        p["dataset"]["split"],
-        Encoding(**p["encoding"]),
-        out,
-        base_dir=ctx.model_dir(p["model"]["base"]),
-        device=ctx.device,
-        work_dir=ctx.work_dir,
+    return model, ctx.model_dir(p["model"]["base"]), Encoding(**p["encoding"])
+
+
+def _embed(ctx: Context, out: Path) -> dict:
+    from readaptir.stages.embed import embed_corpus
+
+    model, base, encoding = _encoding_inputs(ctx)
+    dataset = ctx.dataset_dir(ctx.params["dataset"])
+    return embed_corpus(
+        model, dataset, encoding, out, base_dir=base, device=ctx.device, work_dir=ctx.work_dir
     )
+
+
+def _queries(ctx: Context, out: Path) -> dict:
+    from readaptir.stages.embed import embed_queries
+
+    model, base, encoding = _encoding_inputs(ctx)
+    dataset, split = ctx.dataset_dir(ctx.params["dataset"]), ctx.params["dataset"]["split"]
+    return embed_queries(model, dataset, split, encoding, out, base_dir=base, device=ctx.device)
 
 
 def _search(ctx: Context, out: Path) -> None:
     from readaptir.stages.search import search
 
-    search(ctx.inputs["embeddings"], out, k=ctx.params["k"], device=ctx.device)
+    search(
+        ctx.inputs["embeddings"],
+        out,
+        k=ctx.params["k"],
+        device=ctx.device,
+        queries_dir=ctx.inputs.get("queries"),  # specs built before the queries stage: none
+    )
 
 
 def _fetch(ctx: Context, out: Path) -> dict:
@@ -215,6 +234,7 @@ RUNNERS: dict[str, Callable[[Context, Path], object]] = {
     "delta": _delta,
     "merge": _merge,
     "embed": _embed,
+    "queries": _queries,
     "search": _search,
     "score": _score,
 }

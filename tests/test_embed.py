@@ -34,7 +34,7 @@ from readaptir.families import Encoding, resolve_encoding
 from readaptir.models import load_encoder
 from readaptir.st_config import STConfig, read_st_config, resolve_fields
 from readaptir.stages import embed as embed_module
-from readaptir.stages.embed import embed
+from readaptir.stages.embed import embed, embed_queries
 from readaptir.vectors import load_embeddings, load_queries_embeddings
 
 TEXTS = [
@@ -437,7 +437,9 @@ def test_nothing_to_score_fails_before_any_encoding(tmp_path, monkeypatch, qrels
     monkeypatch.setattr(embed_module, "load_encoder", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(CorpusError, match=r"qrels/test\.tsv: no query can be scored: " + why):
         embed(Path("no-model"), root, "test", resolve_encoding("repllama", {}), tmp_path / "emb")
-    assert not any((tmp_path / "emb").iterdir())
+    with pytest.raises(CorpusError, match="no query can be scored"):  # the queries stage alone
+        embed_queries(Path("no-model"), root, "test", resolve_encoding("repllama", {}), tmp_path)
+    assert not (tmp_path / "emb").exists()
     with pytest.raises(CorpusError, match="no query can be scored"):
         load_judgments(root, "test")  # the score stage's reading, the same check
 

@@ -50,7 +50,7 @@ def test_beir_corpus_is_one_fetch_stage_shared_by_its_users(project):  # noqa: F
     fetches = [s for s in plan.stages.values() if s.kind == "fetch"]
     assert len(fetches) == 1 and fetches[0].params["url"] == beir_url("scifact")
     users = {s.kind for s in plan.stages.values() if fetches[0].name in s.inputs.values()}
-    assert users == {"embed", "adapter", "score"}
+    assert users == {"embed", "queries", "adapter", "score"}
     embed = next(s for s in plan.stages.values() if s.kind == "embed")
     assert embed.params["dataset"]["path"] == f"{fetches[0].out}/scifact"
 

@@ -100,6 +100,7 @@ def test_build_repro_noop_and_alpha_change(ws):
     assert sorted(re.sub(r"-[^-]+$", "", n) if n != "score-ra" else n for n in ran) == [
         "embed-ra-toy",
         "merge-retriever",
+        "queries-ra-toy",
         "score-ra",
         "search-ra-toy",
     ]
@@ -112,6 +113,14 @@ def test_build_repro_noop_and_alpha_change(ws):
     set_alpha(ws, 0.5)  # back to a version built before: restored, not recomputed
     assert repro(ws) == []
     assert json.loads((ws / "metrics" / "ra.json").read_text())["alpha"] == 0.5
+
+    # a judgment added: queries, runs and scores again, never the passages' embeddings
+    qrels = ws / "data" / "toy" / "qrels" / "test.tsv"
+    qrels.write_text(qrels.read_text() + "q4\td8\t1\n")
+    cli("build", "--root", str(ws))
+    kinds = sorted({n.split("-")[0] for n in repro(ws)})
+    assert kinds == ["queries", "score", "search"]
+    assert json.loads((ws / "metrics" / "ra.json").read_text())["queries"] == 5
 
 
 def test_failed_stage_leaves_no_output_and_exits_nonzero(ws):
@@ -249,7 +258,7 @@ def test_adapter_stage_on_two_ranks_learns_what_one_process_does(ws):
 def test_embed_stage_on_two_ranks_writes_what_one_process_does(ws):
     import numpy as np
 
-    from readaptir.vectors import load_embeddings, load_queries_embeddings
+    from readaptir.vectors import load_embeddings
 
     stages = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]
     name = next(n for n in stages if n.startswith("embed-") and not n.startswith("embed-ra-"))
@@ -257,12 +266,12 @@ def test_embed_stage_on_two_ranks_writes_what_one_process_does(ws):
     def encode(procs: str) -> tuple:
         run_in_processes(ws, name, procs)
         out = next((ws / "artifacts" / "embed").glob("[!.]*"))
-        vectors = [v for _, v in load_embeddings(out)], load_queries_embeddings(out)[1]
+        vectors = [v for _, v in load_embeddings(out)]
         shutil.rmtree(out)
         return vectors
 
-    (two, two_q), (one, one_q) = encode("2"), encode("1")
-    assert len(two) == len(one) and np.allclose(two_q, one_q, atol=1e-3)
+    two, one = encode("2"), encode("1")
+    assert len(two) == len(one)
     assert all(np.allclose(a, b, atol=1e-3) for a, b in zip(two, one, strict=True))
     left = [p.name for p in (ws / "artifacts" / "embed").iterdir()]
     assert not [n for n in left if n.startswith((".work-", ".tmp-"))]  # no work or temporary folder

@@ -57,6 +57,7 @@ def test_sweep_shares_adapter_delta_and_baseline(project):
     kinds = by_kind(plan_of(project))
     assert {k: len(v) for k, v in kinds.items()} == {
         "embed": 3,
+        "queries": 3,
         "search": 3,
         "adapter": 1,
         "delta": 1,
@@ -87,15 +88,15 @@ def changed_kinds(before, after):
     return {k for k in a if sorted(s.id for s in a[k]) != sorted(s.id for s in b.get(k, []))}
 
 
-def test_alpha_change_touches_only_merge_embed_search_score(project):
+def test_alpha_change_touches_only_merge_embed_queries_search_score(project):
     before = plan_of(project)
     edit(project, "ra-half", "extends: _common.yaml\nreadapt: {alpha: 0.25}\n")
     after = plan_of(project)
-    assert changed_kinds(before, after) == {"merge", "embed", "search", "score"}
+    assert changed_kinds(before, after) == {"merge", "embed", "queries", "search", "score"}
     # exactly one stage of each changed kind is new: the other recipe is untouched
     old = {(s.name, s.id) for s in before.stages.values()}
     new = [s for s in after.stages.values() if (s.name, s.id) not in old]
-    assert sorted(s.kind for s in new) == ["embed", "merge", "score", "search"]
+    assert sorted(s.kind for s in new) == ["embed", "merge", "queries", "score", "search"]
 
 
 def test_adapter_hyperparameter_changes_adapter_not_delta(project):
@@ -111,7 +112,8 @@ def test_corpus_content_changes_embeddings_and_adapter(project):
     corpus = project / "data" / "toy" / "corpus.jsonl"
     corpus.write_text(corpus.read_text() + '{"_id": "extra", "title": "", "text": "more"}\n')
     after = plan_of(project)
-    assert changed_kinds(before, after) == {"adapter", "embed", "search", "merge", "score"}
+    kinds = {"adapter", "embed", "queries", "search", "merge", "score"}
+    assert changed_kinds(before, after) == kinds
 
 
 def test_how_a_local_input_is_spelled_or_labelled_changes_no_stage(project):
@@ -337,7 +339,7 @@ def test_kind_version_bump_rebuilds_that_kind_and_what_reads_it(project, monkeyp
     with monkeypatch.context() as m:
         m.setitem(plan_module.KIND_VERSIONS, "adapter", plan_module.KIND_VERSIONS["adapter"] + 1)
         assert changed_kinds(before, plan_of(project)) == {
-            "adapter", "merge", "embed", "search", "score"
+            "adapter", "merge", "embed", "queries", "search", "score"
         }  # fmt: skip
     with monkeypatch.context() as m:
         m.setitem(plan_module.KIND_VERSIONS, "search", plan_module.KIND_VERSIONS["search"] + 1)
@@ -349,11 +351,14 @@ def test_kind_version_bump_rebuilds_that_kind_and_what_reads_it(project, monkeyp
     [
         ({"eval": {"metrics": ["nDCG@10"]}}, {"score"}),  # eval metrics
         ({"retriever": {"source": "models/retriever", "family": "repllama",  # encoding dtype
-                        "encoding": {"dtype": "float32"}}}, {"embed", "search", "score"}),
+                        "encoding": {"dtype": "float32"}}},
+         {"embed", "queries", "search", "score"}),
+        ({"retriever": {"source": "models/retriever", "family": "repllama",  # query length
+                        "encoding": {"max_query_length": 16}}}, {"queries", "search", "score"}),
         ({"retriever": {"source": "models/retriever", "family": "repllama",  # merge dtype
-                        "dtype": "float32"}}, {"merge", "embed", "search", "score"}),
+                        "dtype": "float32"}}, {"merge", "embed", "queries", "search", "score"}),
         ({"base": {"source": "models/base", "dtype": "float32"}},  # adapter (and Δ, merge) dtype
-         {"adapter", "merge", "embed", "search", "score"}),
+         {"adapter", "merge", "embed", "queries", "search", "score"}),
     ],
 )  # fmt: skip
 def test_each_setting_is_in_the_ids_of_exactly_the_stages_it_affects(
@@ -375,8 +380,9 @@ def test_split_changes_search_side_not_adapter(project, corpus):
     common_file.write_text(yaml.safe_dump({**common, "corpus": corpus}))
     before = plan_of(project)
     common_file.write_text(yaml.safe_dump({**common, "corpus": {**corpus, "split": "dev"}}))
-    # the adapter trains on passages, not on the judged split: it (and the merge) stay
-    assert changed_kinds(before, plan_of(project)) == {"embed", "search", "score"}
+    # the adapter trains on passages, not on the judged split: it (and the merge) stay, and so
+    # do the passages' embeddings (hours at scale): the queries are embedded apart
+    assert changed_kinds(before, plan_of(project)) == {"queries", "search", "score"}
 
 
 def test_fingerprint_cache_sees_same_size_edits_and_folders_hash_names_and_subfolders(tmp_path):
@@ -433,8 +439,10 @@ def test_dvc_yaml_names_external_inputs_as_deps(project):
     (delta,) = kinds["delta"]
     assert {"models/base", "models/retriever"} <= deps[delta.name]
     baseline = next(s for s in kinds["embed"] if "model" not in s.inputs)
+    assert deps[baseline.name] == {"models/retriever", "data/toy/corpus.jsonl"}  # no queries
+    queries = next(s for s in kinds["queries"] if "model" not in s.inputs)
     assert {"models/retriever", "data/toy/corpus.jsonl", "data/toy/queries.jsonl",
-            "data/toy/qrels/test.tsv"} <= deps[baseline.name]  # fmt: skip
+            "data/toy/qrels/test.tsv"} <= deps[queries.name]  # fmt: skip
     score = plan.stages["score-ra-half"]
     assert "data/toy/qrels/test.tsv" in deps[score.name]
 

@@ -1,5 +1,7 @@
-"""Embed a collection: every passage, and the queries judged in one split, into the float16
-shards of ``vectors`` (the folder's layout is described there).
+"""Embed a collection into the float16 files of ``vectors`` (the layout is described there):
+every passage (``embed_corpus``, the embed stage: hours at MS MARCO's scale) and the queries
+judged in one split (``embed_queries``, the queries stage: seconds), apart so that new judgments
+or another split never encode the corpus again; ``embed`` does both into one folder.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -37,9 +39,9 @@ from readaptir.distributed import (
     rank_device,
 )
 from readaptir.encoding import DEFAULT_BATCH_TOKENS, encode_texts
-from readaptir.families import Encoding, Pooling
+from readaptir.families import QUERY_FIELDS, Encoding, Pooling
 from readaptir.models import load_encoder, torch_dtype
-from readaptir.st_config import read_st_config, resolve_fields
+from readaptir.st_config import Resolved, read_st_config, resolve_fields
 from readaptir.vectors import (
     CORPUS_IDS,
     INFO_FILE,
@@ -129,6 +131,56 @@ def _finite(vecs: np.ndarray, what: str, model_dir: Path, normalized: bool | Non
     return vecs
 
 
+@dataclass(frozen=True)
+class Encoder:
+    """A model loaded to encode texts the way an ``Encoding`` says (``load``)."""
+
+    encode: Callable[..., np.ndarray]  # (texts, max_length=, on_batch=) -> float16 vectors
+    resolved: Resolved
+    dtype: str
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path,
+        base_dir: Path | None,
+        encoding: Encoding,
+        dtype: str | None,
+        device: str,
+        batch_tokens: int,
+    ) -> Encoder:
+        st = read_st_config(model_dir) or read_st_config(base_dir)
+        resolved = resolve_fields(encoding, st)
+        if dtype is None and encoding.dtype != "auto":
+            dtype = encoding.dtype
+        model, tokenizer = load_encoder(
+            model_dir, base_dir, default_dtype(dtype, device, resolved.pooling), device
+        )
+        LOG.info("encoding on %s in %s with %s", device, model.dtype, resolved)
+        encode = functools.partial(
+            encode_texts,
+            model,
+            tokenizer,
+            pooling=resolved.pooling,
+            normalize=resolved.normalize,
+            append_eos=encoding.append_eos,
+            lowercase=resolved.lowercase,
+            batch_tokens=batch_tokens,
+            out_dtype=torch.float16,
+        )
+        return cls(encode, resolved, str(model.dtype).removeprefix("torch."))
+
+
+def judged_queries(dataset_dir: Path, split: str) -> tuple[dict[str, str], set[str]]:
+    """The collection's queries and the ids of those worth encoding: judged in ``split``, on a
+    document of the corpus (one judging only absent documents scores 0 whatever its ranking)."""
+    queries = load_queries(dataset_dir)
+    raw_qrels = load_qrels(dataset_dir, split)
+    known = passage_ids(dataset_dir)  # millions of ids at MS MARCO's scale, dropped on return
+    _, _, wanted = judgments_from(raw_qrels, queries, known, dataset_dir, split)
+    return queries, wanted
+
+
 def embed(
     model_dir: Path,
     dataset_dir: Path,
@@ -144,19 +196,66 @@ def embed(
     work_dir: Path | None = None,
     on_shard: Callable[[int], None] | None = None,
 ) -> dict:
-    """Encode the corpus and the split's judged queries into ``out``; returns ``info.json``.
+    """``embed_corpus`` and ``embed_queries`` into one folder with one loaded model; the
+    queries and judgments are read first, so that bad ones fail before hours of encoding."""
+    judged = judged_queries(dataset_dir, split)
+    ranks = launched_ranks()
+    encoder = Encoder.load(
+        model_dir,
+        base_dir,
+        encoding,
+        dtype,
+        rank_device(ranks, resolve_device(device)),
+        batch_tokens,
+    )
+    info = embed_corpus(
+        model_dir,
+        dataset_dir,
+        encoding,
+        out,
+        shard_size=shard_size,
+        work_dir=work_dir,
+        on_shard=on_shard,
+        encoder=encoder,
+    )
+    if not ranks.main:
+        return info
+    info |= embed_queries(
+        model_dir, dataset_dir, split, encoding, out, encoder=encoder, judged=judged
+    )
+    info["encoding"] = encoding.model_dump()
+    write_json(Path(out) / INFO_FILE, info)
+    return info
+
+
+def embed_corpus(
+    model_dir: Path,
+    dataset_dir: Path,
+    encoding: Encoding,
+    out: Path,
+    *,
+    base_dir: Path | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    shard_size: int = 100_000,
+    work_dir: Path | None = None,
+    on_shard: Callable[[int], None] | None = None,
+    encoder: Encoder | None = None,
+) -> dict:
+    """Encode every passage into ``out``'s corpus shards; returns ``info.json``.
 
     The corpus is read, tokenised, length-sorted and encoded one shard of ``shard_size`` passages
     at a time, so neither its text nor its vectors are ever held whole in memory: peak memory is
     one shard's text, token ids and float16 vectors (100k x 4096 x 2 bytes = 0.8 GB for a 7B
     model). Within a shard, batches are formed longest first under ``batch_tokens``; vectors are
-    written back in corpus order.
+    written back in corpus order. Only the passage side of ``encoding`` is used (and recorded).
 
     With ``work_dir`` the shards are written there first and a complete shard already there (made
     with the same shard size, corpus and model files) is not encoded again, so a killed run
     resumes; then they move into ``out``. Under torchrun each rank encodes every world-th shard
     into ``work_dir``, and rank 0, after all ranks are done, writes the rest. ``on_shard(index)``
-    is called after each shard this process encodes.
+    is called after each shard this process encodes. ``encoder``: a model already loaded.
     """
     if shard_size < 1:
         raise ValueError("shard_size must be positive")
@@ -167,35 +266,10 @@ def embed(
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; embeddings need a fresh folder")
-
-    # Everything that can fail on bad input is checked before hours of encoding.
-    queries = load_queries(dataset_dir)
-    raw_qrels = load_qrels(dataset_dir, split)
-    known = passage_ids(dataset_dir)
-    total = len(known)
-    # a query judging only absent documents scores 0 whatever its ranking: not worth encoding
-    _, _, wanted = judgments_from(raw_qrels, queries, known, dataset_dir, split)
-    del known  # millions of ids at MS MARCO's scale; the loop below keeps its own
-    st = read_st_config(model_dir) or read_st_config(base_dir)
-    resolved = resolve_fields(encoding, st)
-    device = rank_device(ranks, resolve_device(device))
-    if dtype is None and encoding.dtype != "auto":
-        dtype = encoding.dtype
-    model, tokenizer = load_encoder(
-        model_dir, base_dir, default_dtype(dtype, device, resolved.pooling), device
-    )
-    LOG.info("encoding on %s in %s with %s", device, model.dtype, resolved)
-    encode = functools.partial(
-        encode_texts,
-        model,
-        tokenizer,
-        pooling=resolved.pooling,
-        normalize=resolved.normalize,
-        append_eos=encoding.append_eos,
-        lowercase=resolved.lowercase,
-        batch_tokens=batch_tokens,
-        out_dtype=torch.float16,
-    )
+    total = len(passage_ids(dataset_dir))  # every passage id checked before hours of encoding
+    if encoder is None:
+        where = rank_device(ranks, resolve_device(device))
+        encoder = Encoder.load(model_dir, base_dir, encoding, dtype, where, batch_tokens)
 
     work = Path(work_dir) if work_dir is not None else out
     join_group(ranks, "gloo", timeout=BARRIER_TIMEOUT)  # for barriers alone
@@ -215,8 +289,9 @@ def embed(
                 progress.skip(len(chunk))  # another rank's, or encoded before an interruption
                 continue
             texts = [passage_text(p, encoding.passage_template) for p in chunk]
-            vecs = encode(texts, max_length=resolved.max_passage_length, on_batch=progress)
-            save_shard(path, _finite(vecs, f"shard {shard}", model_dir, resolved.normalize))
+            max_length = encoder.resolved.max_passage_length
+            vecs = encoder.encode(texts, max_length=max_length, on_batch=progress)
+            save_shard(path, _finite(vecs, f"shard {shard}", model_dir, encoder.resolved.normalize))
             LOG.info("shard %d written; so far %s", shard, progress.summary())
             if on_shard is not None:
                 on_shard(shard)
@@ -234,7 +309,41 @@ def embed(
         raise ValueError(f"{out}: shards of different vector sizes {sorted(dims)}")
     (dim,) = dims
     write_json(out / CORPUS_IDS, order)
+    info = {
+        "dim": int(dim),
+        "passages": len(order),
+        "shards": shards,
+        "encoding": encoding.model_dump(exclude=set(QUERY_FIELDS)),
+        "dtype": encoder.dtype,
+        "resolved": asdict(encoder.resolved),
+    }
+    write_json(out / INFO_FILE, info)
+    return info
 
+
+def embed_queries(
+    model_dir: Path,
+    dataset_dir: Path,
+    split: str,
+    encoding: Encoding,
+    out: Path,
+    *,
+    base_dir: Path | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    encoder: Encoder | None = None,
+    judged: tuple[dict[str, str], set[str]] | None = None,
+) -> dict:
+    """Encode the queries judged in ``split`` (``judged_queries``) into ``out``, in the queries
+    file's order; returns their count and the vector size. ``encoder``: a model already
+    loaded; ``judged``: ``judged_queries`` already read."""
+    queries, wanted = judged or judged_queries(dataset_dir, split)
+    if encoder is None:
+        where = resolve_device(device)
+        encoder = Encoder.load(model_dir, base_dir, encoding, dtype, where, batch_tokens)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     query_ids = [q for q in queries if q in wanted]
     texts = [
         query_text(queries[q], encoding.query_template, encoding.query_instruction)
@@ -242,23 +351,11 @@ def embed(
     ]
     progress = Throughput(len(texts), "queries", "query")
     try:
-        vecs = encode(texts, max_length=resolved.max_query_length, on_batch=progress)
+        max_length = encoder.resolved.max_query_length
+        vecs = encoder.encode(texts, max_length=max_length, on_batch=progress)
     finally:
         progress.close()
-    np.save(
-        out / QUERY_VECTORS,
-        _finite(vecs.reshape(len(texts), dim), "queries", model_dir, resolved.normalize),
-    )
+    vecs = vecs.reshape(len(texts), -1)  # wanted is never empty
+    np.save(out / QUERY_VECTORS, _finite(vecs, "queries", model_dir, encoder.resolved.normalize))
     write_json(out / QUERY_IDS, query_ids)
-
-    info = {
-        "dim": int(dim),
-        "passages": len(order),
-        "queries": len(query_ids),
-        "shards": shards,
-        "encoding": encoding.model_dump(),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "resolved": asdict(resolved),
-    }
-    write_json(out / INFO_FILE, info)
-    return info
+    return {"queries": len(query_ids), "query_dim": int(vecs.shape[1]), "dtype": encoder.dtype}

@@ -196,16 +196,26 @@ def _cuda() -> bool:
 
 
 def search_shards(
-    embeddings_dir: Path, k: int, device: str | None = None, backend: str = "auto"
+    embeddings_dir: Path,
+    k: int,
+    device: str | None = None,
+    backend: str = "auto",
+    queries_dir: Path | None = None,
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(query ids, scores [queries, k'], doc ids [queries, k']) over every corpus shard."""
+    """(query ids, scores [queries, k'], doc ids [queries, k']) over every corpus shard; the
+    queries from ``queries_dir`` (default: the corpus's folder)."""
     if k < 1:
         raise ValueError("k must be positive")
-    query_ids, queries = load_queries_embeddings(embeddings_dir)
+    query_ids, queries = load_queries_embeddings(queries_dir or embeddings_dir)
     engine, where = choose_backend(device, backend)
     LOG.info("exact top-%d search with %s on %s", k, engine, where)
     best: tuple[np.ndarray, np.ndarray] | None = None
     for shard_ids, vecs in load_embeddings(embeddings_dir):
+        if vecs.shape[1] != queries.shape[1]:
+            raise ValueError(
+                f"{embeddings_dir}: passage vectors of size {vecs.shape[1]}, but the queries' "
+                f"are of size {queries.shape[1]}: embedded by different models"
+            )
         ids = np.asarray(shard_ids, dtype=str)
         part = shard_topk(queries, ids, searcher(vecs, engine, where), k)
         # Keep only a running top-k, so memory stays at two shards' worth of results.
@@ -241,9 +251,11 @@ def search(
     k: int = 100,
     device: str | None = None,
     backend: str = "auto",
+    queries_dir: Path | None = None,
 ) -> None:
-    """Exact top-``k`` passages for every query of an ``embed`` folder, into ``out/run.trec``."""
-    query_ids, scores, doc_ids = search_shards(embeddings_dir, k, device, backend)
+    """Exact top-``k`` passages of an ``embed`` folder for every query of ``queries_dir`` (a
+    ``queries`` stage's folder; default: the embed folder's own), into ``out/run.trec``."""
+    query_ids, scores, doc_ids = search_shards(embeddings_dir, k, device, backend, queries_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(format_run(query_ids, scores, doc_ids), encoding="utf-8")
