@@ -382,7 +382,8 @@ def report(args: argparse.Namespace, sizes: dict, runs: dict[str, list[dict]], b
     floor_times = ", ".join(f"{r['seconds']:.2f}" for r in runs["floor"])
     lines = [
         f"shape: hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, "
-        f"vocab {args.vocab}, heads {args.heads}/{args.kv_heads}, bf16: "
+        f"vocab {args.vocab}, heads {args.heads}/{args.kv_heads}, Θ bf16, R and output "
+        f"{args.retriever_dtype}: "
         f"{sizes['params'] / 1e6:,.0f}M parameters",
         f"inputs: Θ {sizes['theta'] / gb:.2f} GB (with lm_head), R {sizes['body'] / gb:.2f} GB, "
         f"DoRA r{args.rank} adapter {sizes['adapter'] / gb:.3f} GB; shards of "
