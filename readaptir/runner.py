@@ -23,6 +23,7 @@ from readaptir.plan import stage_output
 
 if TYPE_CHECKING:
     from readaptir.families import Encoding
+    from readaptir.stages.embed import Encoder
 
 LOG = logging.getLogger(__name__)
 
@@ -147,33 +148,35 @@ def _merge(ctx: Context, out: Path) -> dict:
     )
 
 
-def _encoding_inputs(ctx: Context) -> tuple[Path, Path | None, Encoding]:
-    """(model folder, base folder, Encoding) of an embed or queries stage."""
+def _encoder(ctx: Context) -> tuple[Encoder, Encoding]:
+    """The model of an embed or queries stage, loaded, and the encoding it follows."""
     from readaptir.families import Encoding
+    from readaptir.stages.embed import Encoder
 
     p = ctx.params
     model = ctx.inputs.get("model") or ctx.retriever_dir(
         p["model"]["retriever"], p["model"]["base"]
     )
-    return model, ctx.model_dir(p["model"]["base"]), Encoding(**p["encoding"])
+    encoding = Encoding(**p["encoding"])
+    base = ctx.model_dir(p["model"]["base"])
+    return Encoder.load(model, encoding, base_dir=base, device=ctx.device), encoding
 
 
 def _embed(ctx: Context, out: Path) -> dict:
     from readaptir.stages.embed import embed_corpus
 
-    model, base, encoding = _encoding_inputs(ctx)
     dataset = ctx.dataset_dir(ctx.params["dataset"])
-    return embed_corpus(
-        model, dataset, encoding, out, base_dir=base, device=ctx.device, work_dir=ctx.work_dir
-    )
+    encoder, encoding = _encoder(ctx)
+    return embed_corpus(encoder, dataset, encoding, out, work_dir=ctx.work_dir)
 
 
 def _queries(ctx: Context, out: Path) -> dict:
-    from readaptir.stages.embed import embed_queries
+    from readaptir.stages.embed import embed_queries, judged_queries
 
-    model, base, encoding = _encoding_inputs(ctx)
     dataset, split = ctx.dataset_dir(ctx.params["dataset"]), ctx.params["dataset"]["split"]
-    return embed_queries(model, dataset, split, encoding, out, base_dir=base, device=ctx.device)
+    judged = judged_queries(dataset, split)  # bad judgments fail before the model loads
+    encoder, encoding = _encoder(ctx)
+    return embed_queries(encoder, dataset, split, encoding, out, judged=judged)
 
 
 def _search(ctx: Context, out: Path) -> None:

@@ -1,14 +1,15 @@
-"""The embed stage's output folder: float16 vectors in shards, with their ids.
+"""The embed and queries stages' output folders: float16 vectors, with their ids.
 
 Layout (float16 halves disk and RAM; scoring happens in float32 later)::
 
     corpus-00000.npy ...   at most ``shard_size`` passage vectors each, in corpus order
     corpus_ids.json        passage ids in corpus order
-    queries.npy            vectors of the judged queries
-    query_ids.json         their ids, in queries-file order
     info.json              sizes, the encoding asked for and the settings actually used
+    queries.npy            vectors of the judged queries (the queries stage's folder)
+    query_ids.json         their ids, in queries-file order
 
-The embed stage writes it, the search stage reads it one shard at a time. A long embedding keeps
+``stages.embed.embed`` writes all of them into one folder. The search stage reads the passages one
+shard at a time. A long embedding keeps
 its finished shards in a work folder first (``prepare_work``, ``save_shard``, ``complete_shard``),
 so that a killed run, or the ranks of a run on several GPUs, can pick them up.
 """

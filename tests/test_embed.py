@@ -34,7 +34,7 @@ from readaptir.families import Encoding, resolve_encoding
 from readaptir.models import load_encoder
 from readaptir.st_config import STConfig, read_st_config, resolve_fields
 from readaptir.stages import embed as embed_module
-from readaptir.stages.embed import embed, embed_queries
+from readaptir.stages.embed import embed, judged_queries
 from readaptir.vectors import load_embeddings, load_queries_embeddings
 
 TEXTS = [
@@ -84,13 +84,9 @@ def test_st_config_newer_layout(tmp_path):
         resolve_fields(resolve_encoding("sentence-transformers"), STConfig("max", True, 10))
 
 
-def test_st_max_length_defaults_as_sentence_transformers_does(tiny_retriever, tmp_path):
-    """No max_seq_length in sentence_bert_config.json: the smaller of the position table and the
-    tokenizer's limit, both where known, checked against sentence-transformers itself."""
-    st_lib = pytest.importorskip("sentence_transformers")
-    folder = shutil.copytree(tiny_retriever, tmp_path / "st")
-    (folder / "1_Pooling").mkdir()
-    modules = [
+def st_modules(*extra: dict) -> list[dict]:
+    """modules.json of a Transformer and its Pooling (in ``1_Pooling``), then ``extra``."""
+    return [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {
             "idx": 1,
@@ -98,8 +94,17 @@ def test_st_max_length_defaults_as_sentence_transformers_does(tiny_retriever, tm
             "path": "1_Pooling",
             "type": "sentence_transformers.models.Pooling",
         },
+        *extra,
     ]
-    (folder / "modules.json").write_text(json.dumps(modules))
+
+
+def test_st_max_length_defaults_as_sentence_transformers_does(tiny_retriever, tmp_path):
+    """No max_seq_length in sentence_bert_config.json: the smaller of the position table and the
+    tokenizer's limit, both where known, checked against sentence-transformers itself."""
+    st_lib = pytest.importorskip("sentence_transformers")
+    folder = shutil.copytree(tiny_retriever, tmp_path / "st")
+    (folder / "1_Pooling").mkdir()
+    (folder / "modules.json").write_text(json.dumps(st_modules()))
     pooling = {"pooling_mode": "lasttoken", "word_embedding_dimension": 64}
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
     tok_file = folder / "tokenizer_config.json"
@@ -116,16 +121,8 @@ def test_st_max_length_defaults_as_sentence_transformers_does(tiny_retriever, tm
 
 def test_st_modules_and_prompts_not_reproduced_are_refused(tmp_path):
     (tmp_path / "1_Pooling").mkdir()
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {
-            "idx": 1,
-            "name": "1",
-            "path": "1_Pooling",
-            "type": "sentence_transformers.models.Pooling",
-        },
-        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
-    ]
+    dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    modules = st_modules(dense)
     (tmp_path / "modules.json").write_text(json.dumps(modules))
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "mean"}))
     with pytest.raises(ValueError, match=r"modules\.json: module 2_Dense .*not applied here"):
@@ -438,7 +435,7 @@ def test_nothing_to_score_fails_before_any_encoding(tmp_path, monkeypatch, qrels
     with pytest.raises(CorpusError, match=r"qrels/test\.tsv: no query can be scored: " + why):
         embed(Path("no-model"), root, "test", resolve_encoding("repllama", {}), tmp_path / "emb")
     with pytest.raises(CorpusError, match="no query can be scored"):  # the queries stage alone
-        embed_queries(Path("no-model"), root, "test", resolve_encoding("repllama", {}), tmp_path)
+        judged_queries(root, "test")  # what the queries stage reads before its model
     assert not (tmp_path / "emb").exists()
     with pytest.raises(CorpusError, match="no query can be scored"):
         load_judgments(root, "test")  # the score stage's reading, the same check

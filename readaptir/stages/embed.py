@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -133,22 +133,30 @@ def _finite(vecs: np.ndarray, what: str, model_dir: Path, normalized: bool | Non
 
 @dataclass(frozen=True)
 class Encoder:
-    """A model loaded to encode texts the way an ``Encoding`` says (``load``)."""
+    """A model loaded to encode texts the way an ``Encoding`` says (``load``): one load serves
+    the passages and the queries."""
 
     encode: Callable[..., np.ndarray]  # (texts, max_length=, on_batch=) -> float16 vectors
     resolved: Resolved
     dtype: str
+    model_dir: Path
+    base_dir: Path | None
 
     @classmethod
     def load(
         cls,
         model_dir: Path,
-        base_dir: Path | None,
         encoding: Encoding,
-        dtype: str | None,
-        device: str,
-        batch_tokens: int,
+        *,
+        base_dir: Path | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
     ) -> Encoder:
+        """``model_dir`` (a PEFT retriever over ``base_dir``) on ``device`` (this rank's under
+        torchrun), in ``dtype`` (default: ``encoding``'s, else ``default_dtype``), batches of
+        ``batch_tokens``."""
+        device = rank_device(launched_ranks(), resolve_device(device))
         st = read_st_config(model_dir) or read_st_config(base_dir)
         resolved = resolve_fields(encoding, st)
         if dtype is None and encoding.dtype != "auto":
@@ -168,7 +176,8 @@ class Encoder:
             batch_tokens=batch_tokens,
             out_dtype=torch.float16,
         )
-        return cls(encode, resolved, str(model.dtype).removeprefix("torch."))
+        dtype_name = str(model.dtype).removeprefix("torch.")
+        return cls(encode, resolved, dtype_name, Path(model_dir), base_dir)
 
 
 def judged_queries(dataset_dir: Path, split: str) -> tuple[dict[str, str], set[str]]:
@@ -181,67 +190,37 @@ def judged_queries(dataset_dir: Path, split: str) -> tuple[dict[str, str], set[s
     return queries, wanted
 
 
+# embed()'s options that are embed_corpus's; the others are Encoder.load's
+CORPUS_OPTIONS = ("shard_size", "work_dir", "on_shard")
+
+
 def embed(
-    model_dir: Path,
-    dataset_dir: Path,
-    split: str,
-    encoding: Encoding,
-    out: Path,
-    *,
-    base_dir: Path | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
-    shard_size: int = 100_000,
-    work_dir: Path | None = None,
-    on_shard: Callable[[int], None] | None = None,
+    model_dir: Path, dataset_dir: Path, split: str, encoding: Encoding, out: Path, **options: Any
 ) -> dict:
-    """``embed_corpus`` and ``embed_queries`` into one folder with one loaded model; the
-    queries and judgments are read first, so that bad ones fail before hours of encoding."""
+    """``embed_corpus`` and ``embed_queries`` into one folder with one model; ``options`` are
+    ``embed_corpus``'s (``CORPUS_OPTIONS``) and ``Encoder.load``'s. The queries and judgments
+    are read first, so that bad ones fail before hours of encoding."""
     judged = judged_queries(dataset_dir, split)
-    ranks = launched_ranks()
-    encoder = Encoder.load(
-        model_dir,
-        base_dir,
-        encoding,
-        dtype,
-        rank_device(ranks, resolve_device(device)),
-        batch_tokens,
-    )
-    info = embed_corpus(
-        model_dir,
-        dataset_dir,
-        encoding,
-        out,
-        shard_size=shard_size,
-        work_dir=work_dir,
-        on_shard=on_shard,
-        encoder=encoder,
-    )
-    if not ranks.main:
+    corpus = {k: options.pop(k) for k in CORPUS_OPTIONS if k in options}
+    encoder = Encoder.load(model_dir, encoding, **options)
+    info = embed_corpus(encoder, dataset_dir, encoding, out, **corpus)
+    if not launched_ranks().main:
         return info
-    info |= embed_queries(
-        model_dir, dataset_dir, split, encoding, out, encoder=encoder, judged=judged
-    )
+    info |= embed_queries(encoder, dataset_dir, split, encoding, out, judged=judged)
     info["encoding"] = encoding.model_dump()
     write_json(Path(out) / INFO_FILE, info)
     return info
 
 
 def embed_corpus(
-    model_dir: Path,
+    encoder: Encoder,
     dataset_dir: Path,
     encoding: Encoding,
     out: Path,
     *,
-    base_dir: Path | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     shard_size: int = 100_000,
     work_dir: Path | None = None,
     on_shard: Callable[[int], None] | None = None,
-    encoder: Encoder | None = None,
 ) -> dict:
     """Encode every passage into ``out``'s corpus shards; returns ``info.json``.
 
@@ -255,7 +234,7 @@ def embed_corpus(
     with the same shard size, corpus and model files) is not encoded again, so a killed run
     resumes; then they move into ``out``. Under torchrun each rank encodes every world-th shard
     into ``work_dir``, and rank 0, after all ranks are done, writes the rest. ``on_shard(index)``
-    is called after each shard this process encodes. ``encoder``: a model already loaded.
+    is called after each shard this process encodes.
     """
     if shard_size < 1:
         raise ValueError("shard_size must be positive")
@@ -267,15 +246,13 @@ def embed_corpus(
     if any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; embeddings need a fresh folder")
     total = len(passage_ids(dataset_dir))  # every passage id checked before hours of encoding
-    if encoder is None:
-        where = rank_device(ranks, resolve_device(device))
-        encoder = Encoder.load(model_dir, base_dir, encoding, dtype, where, batch_tokens)
+    model_dir = encoder.model_dir
 
     work = Path(work_dir) if work_dir is not None else out
     join_group(ranks, "gloo", timeout=BARRIER_TIMEOUT)  # for barriers alone
     if ranks.main and work != out:
         identity = {"shard_size": shard_size, "passages": total}
-        prepare_work(work, {**identity, "model": files_identity(model_dir, base_dir)})
+        prepare_work(work, {**identity, "model": files_identity(model_dir, encoder.base_dir)})
     barrier(ranks)  # the work folder is ready
     order: list[str] = []  # passage ids in corpus order
     shards = 0
@@ -322,26 +299,17 @@ def embed_corpus(
 
 
 def embed_queries(
-    model_dir: Path,
+    encoder: Encoder,
     dataset_dir: Path,
     split: str,
     encoding: Encoding,
     out: Path,
     *,
-    base_dir: Path | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
-    encoder: Encoder | None = None,
     judged: tuple[dict[str, str], set[str]] | None = None,
 ) -> dict:
-    """Encode the queries judged in ``split`` (``judged_queries``) into ``out``, in the queries
-    file's order; returns their count and the vector size. ``encoder``: a model already
-    loaded; ``judged``: ``judged_queries`` already read."""
+    """Encode the queries judged in ``split`` (``judged_queries``, unless already read as
+    ``judged``) into ``out``, in the queries file's order; returns their count and size."""
     queries, wanted = judged or judged_queries(dataset_dir, split)
-    if encoder is None:
-        where = resolve_device(device)
-        encoder = Encoder.load(model_dir, base_dir, encoding, dtype, where, batch_tokens)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     query_ids = [q for q in queries if q in wanted]
@@ -356,6 +324,7 @@ def embed_queries(
     finally:
         progress.close()
     vecs = vecs.reshape(len(texts), -1)  # wanted is never empty
-    np.save(out / QUERY_VECTORS, _finite(vecs, "queries", model_dir, encoder.resolved.normalize))
+    finite = _finite(vecs, "queries", encoder.model_dir, encoder.resolved.normalize)
+    np.save(out / QUERY_VECTORS, finite)
     write_json(out / QUERY_IDS, query_ids)
     return {"queries": len(query_ids), "query_dim": int(vecs.shape[1]), "dtype": encoder.dtype}
