@@ -35,6 +35,12 @@ class StaleInputError(RuntimeError):
     pass
 
 
+BEFORE_QUERIES_STAGE = (
+    "this stage's spec is of an earlier readaptir, whose embed stage embedded the queries too: "
+    "run `readaptir build`"
+)
+
+
 class Context:
     """What a stage needs besides its own parameters: paths, fingerprints, the device."""
 
@@ -148,25 +154,29 @@ def _merge(ctx: Context, out: Path) -> dict:
     )
 
 
-def _encoder(ctx: Context) -> tuple[Encoder, Encoding]:
-    """The model of an embed or queries stage, loaded, and the encoding it follows."""
+def _encoder(ctx: Context, side: str) -> tuple[Encoder, Encoding]:
+    """The model of an embed (``side`` passage) or queries stage, loaded, and the encoding it
+    follows."""
     from readaptir.families import Encoding
     from readaptir.stages.embed import Encoder
 
     p = ctx.params
+    if ctx.spec["kind"] == "embed" and "split" in p["dataset"]:
+        raise StaleInputError(BEFORE_QUERIES_STAGE)
     model = ctx.inputs.get("model") or ctx.retriever_dir(
         p["model"]["retriever"], p["model"]["base"]
     )
     encoding = Encoding(**p["encoding"])
     base = ctx.model_dir(p["model"]["base"])
-    return Encoder.load(model, encoding, base_dir=base, device=ctx.device), encoding
+    encoder = Encoder.load(model, encoding, base_dir=base, device=ctx.device, sides=(side,))
+    return encoder, encoding
 
 
 def _embed(ctx: Context, out: Path) -> dict:
     from readaptir.stages.embed import embed_corpus
 
     dataset = ctx.dataset_dir(ctx.params["dataset"])
-    encoder, encoding = _encoder(ctx)
+    encoder, encoding = _encoder(ctx, "passage")
     return embed_corpus(encoder, dataset, encoding, out, work_dir=ctx.work_dir)
 
 
@@ -175,19 +185,21 @@ def _queries(ctx: Context, out: Path) -> dict:
 
     dataset, split = ctx.dataset_dir(ctx.params["dataset"]), ctx.params["dataset"]["split"]
     judged = judged_queries(dataset, split)  # bad judgments fail before the model loads
-    encoder, encoding = _encoder(ctx)
+    encoder, encoding = _encoder(ctx, "query")
     return embed_queries(encoder, dataset, split, encoding, out, judged=judged)
 
 
 def _search(ctx: Context, out: Path) -> None:
     from readaptir.stages.search import search
 
+    if "queries" not in ctx.inputs:
+        raise StaleInputError(BEFORE_QUERIES_STAGE)
     search(
         ctx.inputs["embeddings"],
         out,
         k=ctx.params["k"],
         device=ctx.device,
-        queries_dir=ctx.inputs.get("queries"),  # specs built before the queries stage: none
+        queries_dir=ctx.inputs["queries"],
     )
 
 

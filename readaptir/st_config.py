@@ -58,8 +58,8 @@ class Resolved:
 
     pooling: Pooling
     normalize: bool
-    max_query_length: int
-    max_passage_length: int
+    max_query_length: int | None  # None: not resolved, for a stage that encodes only passages
+    max_passage_length: int | None  # and the other way round
     lowercase: bool = False
 
 
@@ -156,8 +156,12 @@ def read_st_config(model_dir: Path | None) -> STConfig | None:
     )
 
 
-def resolve_fields(encoding: Encoding, st: STConfig | None) -> Resolved:
-    """Fill the encoding's ``None`` fields from the model's sentence-transformers settings."""
+def resolve_fields(
+    encoding: Encoding, st: STConfig | None, sides: tuple[str, ...] = ("query", "passage")
+) -> Resolved:
+    """Fill the encoding's ``None`` fields from the model's sentence-transformers settings, for
+    the ``sides`` that will be encoded (a stage embedding only passages is given no query
+    settings, and neither checks nor resolves them)."""
 
     def fallback(name: str, value: Any) -> Any:
         LOG.warning(
@@ -170,6 +174,8 @@ def resolve_fields(encoding: Encoding, st: STConfig | None) -> Resolved:
             ("query", st.query_prompt, encoding.query_template),
             ("passage", st.passage_prompt, encoding.passage_template),
         ):
+            if what not in sides:
+                continue
             # what the template puts before the text, its instruction filled in
             fixed = {"text": "", "title": "", "instruction": encoding.query_instruction}
             prefix = template.format_map(fixed).strip()
@@ -201,9 +207,12 @@ def resolve_fields(encoding: Encoding, st: STConfig | None) -> Resolved:
         normalize = st.normalize if st is not None else fallback("normalize", FALLBACK_NORMALIZE)
     st_len = st.max_seq_length if st is not None else None
     lengths = {}
-    for name in ("max_query_length", "max_passage_length"):
+    for side in ("query", "passage"):
+        name = f"max_{side}_length"
         value = getattr(encoding, name)
-        if value is None:
+        if side not in sides:
+            value = None
+        elif value is None:
             value = st_len if st_len is not None else fallback(name, FALLBACK_MAX_LENGTH)
         lengths[name] = value
     lowercase = encoding.lowercase

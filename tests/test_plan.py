@@ -461,6 +461,48 @@ def test_stage_refuses_inputs_changed_since_build(project, changed):
     assert not (project / baseline.out).exists()
 
 
+def test_embed_and_queries_stages_of_a_model_with_prompts_check_their_own_side(project):
+    """The passages' stage holds no query settings: the model's query prompt is the queries
+    stage's to check, against the recipe's query template."""
+    from test_embed import st_modules
+
+    from readaptir.runner import run_stage
+
+    retriever = project / "models" / "retriever"
+    (retriever / "1_Pooling").mkdir()
+    (retriever / "modules.json").write_text(json.dumps(st_modules()))
+    (retriever / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "lasttoken"}))
+    prompts = {"prompts": {"query": "query: ", "passage": "passage: "}}
+    (retriever / "config_sentence_transformers.json").write_text(json.dumps(prompts))
+    plan = plan_of(project)  # repllama's templates start with those prompts
+    dvcfile.write(plan, project)
+    for kind in ("embed", "queries"):
+        stage = next(s for s in by_kind(plan)[kind] if "model" not in s.inputs)
+        assert (run_stage(project, stage.name, device="cpu") / "stage.json").is_file()
+    edit(project, "ra-half", "extends: _common.yaml\nretriever: {source: models/retriever, "
+         "family: repllama, encoding: {query_template: '{text}'}}\n")  # fmt: skip
+    plan = plan_of(project)
+    dvcfile.write(plan, project)
+    queries = next(s for s in by_kind(plan)["queries"] if "model" not in s.inputs and
+                   not (project / s.out).exists())  # fmt: skip
+    with pytest.raises(ValueError, match=r"prompt 'query: '.*retriever\.encoding\.query_templ"):
+        run_stage(project, queries.name, device="cpu")
+
+
+def test_a_search_spec_of_before_the_queries_stage_asks_for_a_build(project):
+    from readaptir.runner import StaleInputError, run_stage
+
+    plan = plan_of(project)
+    dvcfile.write(plan, project)
+    search = next(iter(by_kind(plan)["search"]))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    del params["stages"][search.name]["inputs"]["queries"]  # as an earlier build wrote it
+    (project / "old.yaml").write_text(yaml.safe_dump(params))
+    (project / plan.stages[search.inputs["embeddings"]].out).mkdir(parents=True)
+    with pytest.raises(StaleInputError, match="earlier readaptir.*run `readaptir build`"):
+        run_stage(project, search.name, spec_file="old.yaml", device="cpu")
+
+
 def test_passage_selection_uses_the_evaluated_collections_judgments(project):
     shutil.copytree(project / "data" / "toy", project / "data" / "other")
     qrels = project / "data" / "toy" / "qrels"

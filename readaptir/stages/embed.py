@@ -152,13 +152,14 @@ class Encoder:
         dtype: str | None = None,
         device: str | None = None,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        sides: tuple[str, ...] = ("query", "passage"),
     ) -> Encoder:
         """``model_dir`` (a PEFT retriever over ``base_dir``) on ``device`` (this rank's under
         torchrun), in ``dtype`` (default: ``encoding``'s, else ``default_dtype``), batches of
-        ``batch_tokens``."""
+        ``batch_tokens``, for the ``sides`` (query, passage) it will encode."""
         device = rank_device(launched_ranks(), resolve_device(device))
         st = read_st_config(model_dir) or read_st_config(base_dir)
-        resolved = resolve_fields(encoding, st)
+        resolved = resolve_fields(encoding, st, sides)
         if dtype is None and encoding.dtype != "auto":
             dtype = encoding.dtype
         model, tokenizer = load_encoder(
@@ -207,7 +208,6 @@ def embed(
     if not launched_ranks().main:
         return info
     info |= embed_queries(encoder, dataset_dir, split, encoding, out, judged=judged)
-    info["encoding"] = encoding.model_dump()
     write_json(Path(out) / INFO_FILE, info)
     return info
 
@@ -327,4 +327,10 @@ def embed_queries(
     finite = _finite(vecs, "queries", encoder.model_dir, encoder.resolved.normalize)
     np.save(out / QUERY_VECTORS, finite)
     write_json(out / QUERY_IDS, query_ids)
-    return {"queries": len(query_ids), "query_dim": int(vecs.shape[1]), "dtype": encoder.dtype}
+    return {
+        "queries": len(query_ids),
+        "query_dim": int(vecs.shape[1]),
+        "encoding": encoding.model_dump(),
+        "dtype": encoder.dtype,
+        "resolved": asdict(encoder.resolved),
+    }
