@@ -275,13 +275,13 @@ class Planner:
         if folder is None or not folder.is_dir():
             raise PlanError(key, f"corpus folder {spec.path!r} does not exist")
         names = (*DATASET_FILES, f"qrels/{spec.split}.tsv") if with_qrels else ("corpus.jsonl",)
-        prints, deps = {}, []
+        prints, deps, path = {}, [], self._spelling(spec.path)
         for name in names:
             if not (folder / name).is_file():
                 raise PlanError(key, f"{spec.path}/{name} does not exist")
             prints[name] = self.fingerprints.path(folder / name)
-            deps.append(f"{self._spelling(spec.path)}/{name}")
-        ident = {"path": self._spelling(spec.path), "fingerprints": prints}
+            deps.append(f"{path}/{name}")
+        ident = {"path": path, "fingerprints": prints}
         if with_qrels:
             ident["split"] = spec.split
         return DatasetRef(ident, tuple(deps), {})
@@ -513,7 +513,7 @@ class Planner:
         weights_runtime = {"device": device} if chosen or device != "auto" else None
         explicit = {"device": "readapt.device"} if chosen else None
         if alpha != 0:
-            merge_inputs["adapter"] = self.add_adapter(recipe, src.base, src.base_deps)
+            merge_inputs["adapter"] = self.add_adapter(recipe, src)
         if beta != 0 and recipe.readapt.delta == "stored":
             merge_inputs["delta"] = self.add(
                 "delta",
@@ -547,10 +547,10 @@ class Planner:
             recipe, src, {"retriever": None, "base": None}, {"model": merge}, (), "ra"
         )
 
-    def add_adapter(self, recipe: Recipe, base: dict, base_deps: tuple[str, ...]) -> Stage:
+    def add_adapter(self, recipe: Recipe, src: Sources) -> Stage:
         train = recipe.train_corpus
-        key = "adapter.train_corpus" if recipe.adapter.train_corpus else "corpus"
-        corpus = self.dataset(train, key, with_qrels=False)
+        own = recipe.adapter.train_corpus is None  # the evaluated collection's passages
+        corpus = src.corpus if own else self.dataset(train, "adapter.train_corpus", False)
         runtime_keys = set(RUNTIME_FIELDS["adapter"])  # the same adapter either way
         hyper = recipe.adapter.model_dump(
             mode="json", exclude={"train_corpus", "passages", *runtime_keys}
@@ -558,16 +558,16 @@ class Planner:
         runtime = recipe.adapter.model_dump(include=runtime_keys)
         explicit = {k: f"adapter.{k}" for k in runtime_keys & recipe.adapter.model_fields_set}
         params = {
-            "base": base,
+            "base": src.base,
             "dtype": recipe.base.dtype,
             "train_corpus": corpus.ident,
             "hyper": hyper,
         }
-        label, selection = self._where(train), recipe.adapter.passages
-        deps, inputs = base_deps + corpus.deps, dict(corpus.inputs)
+        where, selection = self._where(train), recipe.adapter.passages
+        label, deps, inputs = where, src.base_deps + corpus.deps, dict(corpus.inputs)
         if selection != "all":
             # judged/unjudged in the evaluated split: the judgments are part of the identity
-            judged = self.dataset(recipe.corpus, "corpus")
+            judged = src.dataset
             params["selection"] = {"passages": selection, "judgments": judged.ident}
             deps, inputs = deps + judged.deps, {**inputs, **judged.inputs}
             label += f"-{selection}"
@@ -575,11 +575,11 @@ class Planner:
             "adapter",
             label,
             f"Knowledge adapter ({recipe.adapter.method}, r={recipe.adapter.r}) on "
-            f"{self._where(train)} ({selection} passages)",
+            f"{where} ({selection} passages)",
             params,
             inputs,
             deps,
-            group=self._where(train),
+            group=where,
             runtime=runtime,
             explicit=explicit,
         )

@@ -161,8 +161,6 @@ def _encoder(ctx: Context, side: str) -> tuple[Encoder, Encoding]:
     from readaptir.stages.embed import Encoder
 
     p = ctx.params
-    if ctx.spec["kind"] == "embed" and "split" in p["dataset"]:
-        raise StaleInputError(BEFORE_QUERIES_STAGE)
     model = ctx.inputs.get("model") or ctx.retriever_dir(
         p["model"]["retriever"], p["model"]["base"]
     )
@@ -175,6 +173,8 @@ def _encoder(ctx: Context, side: str) -> tuple[Encoder, Encoding]:
 def _embed(ctx: Context, out: Path) -> dict:
     from readaptir.stages.embed import embed_corpus
 
+    if "split" in ctx.params["dataset"]:  # passages and queries in one spec
+        raise StaleInputError(BEFORE_QUERIES_STAGE)
     dataset = ctx.dataset_dir(ctx.params["dataset"])
     encoder, encoding = _encoder(ctx, "passage")
     return embed_corpus(encoder, dataset, encoding, out, work_dir=ctx.work_dir)
