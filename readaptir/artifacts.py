@@ -22,6 +22,9 @@ import yaml
 LOG = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
+# a model folder's weights: one safetensors file, or shards listed by an index
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 
 
 @contextlib.contextmanager

@@ -19,11 +19,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used: every stage's process reads its ranks here
+    import torch
 
-from readaptir.packing import IGNORE, Layout
+    from readaptir.packing import Layout
 
 LOG = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ def launched_ranks() -> Ranks:
 def rank_device(ranks: Ranks, device: str) -> str:
     """One GPU per rank: ``cuda:LOCAL_RANK``, made the current device before any process group
     forms (so NCCL and pinned host memory bind it); any other device as it is."""
+    import torch
+
     device = str(device)
     if ranks.world > 1 and device.startswith("cuda"):
         device = f"cuda:{ranks.local}"
@@ -105,6 +108,10 @@ def rank_share(lay: Layout, inputs: dict[str, Any], ranks: Ranks) -> tuple[dict[
     that it still joins DDP's gradient reduction; a share without a target carries no labels (a
     mean over no target is NaN; ``training.batch_loss`` makes it a zero), in one process too.
     """
+    import torch
+
+    from readaptir.packing import IGNORE
+
     labels = inputs["labels"]
     if ranks.world <= 1 and (labels != IGNORE).any():
         return inputs, 1.0
@@ -133,6 +140,8 @@ def seed_rank(seed: int, ranks: Ranks) -> None:
     are made: ranks other than 0 reseed torch from (``seed``, rank); rank 0 goes on with the
     stream of ``seed``, as one process does, so one-process adapters stay what they were."""
     if ranks.rank:
+        import torch
+
         torch.manual_seed((seed * 1_000_003 + ranks.rank) * 7_919 % 2**63)
 
 
@@ -140,6 +149,7 @@ def mean_across_ranks(value: float, ranks: Ranks, device: torch.device | str) ->
     """The mean of ``value`` over the ranks (``value`` itself in one process)."""
     if ranks.world <= 1:
         return value
+    import torch
     import torch.distributed as dist
 
     total = torch.tensor([value], dtype=torch.float64, device=device)
@@ -150,6 +160,8 @@ def mean_across_ranks(value: float, ranks: Ranks, device: torch.device | str) ->
 def processes(requested: int | None, device: str) -> int:
     """How many processes an adapter stage runs in: ``requested``, else one per visible GPU when
     the (resolved) device is CUDA without an index, else one."""
+    import torch
+
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--procs must be at least 1, not {requested}")

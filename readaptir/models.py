@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from readaptir.artifacts import read_json
+from readaptir.artifacts import INDEX, SINGLE, read_json
 
 LOG = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _check_vocabulary(tokenizer, rows: int | None, tok_dir: Path) -> None:
 def check_weight_files(folder: Path) -> None:
     """Every safetensors header of a model folder checked, so that a corrupt, cut-short or
     git-lfs pointer file is named before transformers reads it (its own error names no file)."""
-    from readaptir.shards import INDEX, SINGLE, Checkpoint
+    from readaptir.shards import Checkpoint
 
     if (Path(folder) / SINGLE).is_file() or (Path(folder) / INDEX).is_file():
         Checkpoint(folder)

@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from readaptir.artifacts import read_json
+from readaptir.artifacts import INDEX, SINGLE, read_json
 from readaptir.families import QUERY_FIELDS, ignores_identical_ids, resolve_encoding
 from readaptir.fingerprint import Fingerprints, project_path
 from readaptir.models import warn_if_other_base
@@ -31,7 +31,6 @@ from readaptir.recipe import (
     located,
     slug,
 )
-from readaptir.shards import INDEX, SINGLE
 from readaptir.workspace import alive
 
 # Bump a kind's version when its code changes what it writes: every stage of that kind rebuilds.

@@ -21,12 +21,10 @@ from typing import BinaryIO
 
 import torch
 
-from readaptir.artifacts import parse_mapping
+from readaptir.artifacts import INDEX, SINGLE, parse_mapping
 
 LOG = logging.getLogger(__name__)
 
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 ADAPTER = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"  # older PEFT releases' format; small enough to load whole
 _ST_DTYPES = {
