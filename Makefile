@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/readaptir demo --force demo-workspace
 
+# two workers, the slow tests started first (tests/conftest.py); `pytest` alone runs one process
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist worksteal
 
 lint: setup
 	$(VENV)/bin/ruff check readaptir tests bench

@@ -13,6 +13,20 @@ from readaptir.corpus import write_collection as write_beir
 
 SHARED_DATA = Path(os.environ.get("READAPTIR_DATA", Path(__file__).parents[2] / "shared" / "data"))
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first, the real-data one before the end-to-end ones: under `make test`'s
+    two workers (pytest-xdist, work stealing) the longest start at once and the quick ones fill
+    in beside them. The collection order is kept within each rank."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 0 if item.path.name == "test_realdata.py" else 1
+
+    items.sort(key=rank)
+
+
 WORDS = (
     "protein cell gene river mountain market price engine signal network model theory data "
     "light energy water carbon patient therapy court law music film storm ocean forest city"

@@ -178,6 +178,23 @@ def test_validate_reports_file_key_and_fails(ws):
     assert (ws / "dvc.yaml").read_bytes() == before  # nothing half-written
 
 
+def test_commands_without_a_model_do_not_load_torch(ws):
+    """build and validate, and the code of report and of the score stage, start without torch
+    (seconds a call): only the stages that run a model or a search pay for it."""
+    commands = [["build"], ["validate"]]
+    code = (
+        "import sys\nfrom readaptir.cli import main\n"
+        f"for args in {commands!r}:\n"
+        f"    main(args + ['--root', {str(ws)!r}], standalone_mode=False)\n"
+        "import readaptir.report, readaptir.runner, readaptir.evaluation, readaptir.stages.score\n"
+        "heavy = {'torch', 'transformers', 'peft'}\n"
+        "print('loaded:', sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ws)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loaded: []" in done.stdout, done.stdout[-3000:]
+
+
 def test_split_pipelines_run_and_stale_groups_go(ws, monkeypatch):
     from readaptir import dvcfile
 
