@@ -46,6 +46,22 @@ def repro(root: Path) -> list[str]:
     return [n.split("dvc.yaml:")[-1] for n in re.findall(r"Running stage '([^']+)'", out)]
 
 
+def ndcg_at_10(run_file: Path, qrels_file: Path) -> float:
+    """Mean nDCG@10 over the judged queries, by pytrec_eval straight from the two files."""
+    import pytrec_eval
+
+    qrels: dict[str, dict[str, int]] = {}
+    for line in qrels_file.read_text().splitlines()[1:]:
+        query, doc, grade = line.split("\t")
+        qrels.setdefault(query, {})[doc] = int(grade)
+    run: dict[str, dict[str, float]] = {}
+    for line in run_file.read_text().splitlines():
+        query, _, doc, _, score, _ = line.split()
+        run.setdefault(query, {})[doc] = float(score)
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut_10"}).evaluate(run)
+    return sum(v["ndcg_cut_10"] for v in per_query.values()) / len(qrels)
+
+
 def set_alpha(root: Path, alpha: float) -> None:
     (root / "recipes" / "ra.yaml").write_text(
         f"extends: _common.yaml\nreadapt: {{alpha: {alpha}}}\n"
@@ -76,9 +92,15 @@ def test_build_repro_noop_and_alpha_change(ws):
     dvc = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]
     ran = repro(ws)
     assert sorted(ran) == sorted(dvc)  # everything built once, shared stages once
+    specs = yaml.safe_load((ws / "params.yaml").read_text())["stages"]
     for name in ("alone", "ra"):
         metrics = json.loads((ws / "metrics" / f"{name}.json").read_text())
-        assert 0 <= metrics["retriever"]["nDCG@10"] <= 1 and metrics["queries"] == 4
+        assert metrics["queries"] == 4
+        runs = specs[f"score-{name}"]["inputs"]  # scored again here, from the run files alone
+        for side, role in (("retriever", "baseline"), ("readapted", "readapted")):
+            run = ws / runs[role] / "run.trec"
+            want = ndcg_at_10(run, ws / "data" / "toy" / "qrels" / "test.tsv")
+            assert metrics[side]["nDCG@10"] == pytest.approx(want, abs=1e-9)
     alone = json.loads((ws / "metrics" / "alone.json").read_text())
     assert alone["readapted"] == alone["retriever"]  # α=0, β=1 is the retriever itself
     report = cli("report", "--root", str(ws), "--table", "recipes")

@@ -316,11 +316,18 @@ def test_a_depth_cut_keeps_the_tie_trec_eval_ranks_first(tmp_path):
     assert score(run, root, "test", ["MAP"], depth=1)["per_query"]["q"]["MAP"] == 0.0
 
 
-def test_inner_products_of_16_bit_inputs_are_float32():
-    q, p = torch.randn(3, 8).half(), torch.randn(5, 8).half()
-    out = search_module._inner_products(q, p)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, q.float() @ p.float().T, rtol=1e-2, atol=1e-2)
+def test_torch_search_scores_16_bit_vectors_in_float32():
+    """float16 vectors, as the embed stages store them, score as float32 sums: 4096 terms summed
+    in float16 would be off by about 1e-2 (on a GPU too, where one is present)."""
+    rng = np.random.default_rng(0)
+    corpus = rng.standard_normal((50, 4096)).astype(np.float16)
+    queries = rng.standard_normal((3, 4096)).astype(np.float16)
+    exact = queries.astype(np.float64) @ corpus.astype(np.float64).T
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        scores, rows = search_module.torch_topk(queries, corpus, 5, device)
+        assert scores.dtype == np.float32
+        np.testing.assert_allclose(scores, np.take_along_axis(exact, rows, 1), rtol=0, atol=1e-3)
+        assert (rows == np.argsort(-exact, 1)[:, :5]).all()
 
 
 def test_ties_at_the_kth_place_do_not_depend_on_engine_or_shards(tmp_path):

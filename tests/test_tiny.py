@@ -1,8 +1,11 @@
+import torch
+from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 
 def test_tiny_models_load_with_auto_classes(tiny_base, tiny_retriever):
-    assert AutoModelForCausalLM.from_pretrained(tiny_base).lm_head is not None
+    head = AutoModelForCausalLM.from_pretrained(tiny_base).lm_head.weight
+    assert torch.equal(head, load_file(tiny_base / "model.safetensors")["lm_head.weight"])
     model = AutoModel.from_pretrained(tiny_retriever)
     assert type(model).__name__ == "LlamaModel"
     tok = AutoTokenizer.from_pretrained(tiny_retriever)

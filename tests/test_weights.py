@@ -107,7 +107,7 @@ def test_shard_writer_single_file(tmp_path):
 def test_shard_writer_refuses_duplicates(tmp_path):
     writer = ShardWriter(tmp_path)
     writer.add("a", torch.ones(1))
-    with pytest.raises(WeightError, match="a"):
+    with pytest.raises(WeightError, match="tensor a written twice"):
         writer.add("a", torch.ones(1))
 
 
