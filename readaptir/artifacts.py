@@ -89,9 +89,25 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_text(path: Path) -> str:
+    """A text file's content; one that is not UTF-8 is an error naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at {err.start})"
+        ) from None
+
+
 def read_json(path: Path) -> Any:
     """A JSON file's content; text that does not parse is an error naming the file and line."""
-    return _parsed(Path(path).read_text(encoding="utf-8"), str(path), "json")
+    return _parsed(read_text(path), str(path), "json")
+
+
+def read_json_mapping(path: Path) -> dict:
+    """The JSON object a file holds (a model's config.json, say); anything else is an error
+    naming the file."""
+    return parse_mapping(read_text(path), str(path), fmt="json")
 
 
 def parse_mapping(text: str, where: str, fmt: str = "yaml") -> dict:

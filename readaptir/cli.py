@@ -223,6 +223,7 @@ def plots_cmd(root: Path, metric: str) -> None:
     from readaptir.plots import write_plots
 
     _, metrics = report.load(root)
+    report.check_metric(metric, metrics)
     for path in write_plots(root, metrics, metric):
         click.echo(f"wrote {path}")
 

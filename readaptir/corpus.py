@@ -58,16 +58,16 @@ def _records(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line of a JSONL file."""
     if not path.is_file():
         raise CorpusError(f"{path}: file not found")
-    for lineno, line in _lines(path, path.name):
+    for lineno, line in _lines(path, str(path)):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise CorpusError(f"{path.name} line {lineno}: not valid JSON ({err})") from None
+            raise CorpusError(f"{path} line {lineno}: not valid JSON ({err})") from None
         if not isinstance(obj, dict):
             kind = type(obj).__name__
-            raise CorpusError(f"{path.name} line {lineno}: expected a JSON object, got {kind}")
+            raise CorpusError(f"{path} line {lineno}: expected a JSON object, got {kind}")
         yield lineno, obj
 
 
@@ -96,7 +96,7 @@ def iter_passages(dataset_dir: Path) -> Iterator[Passage]:
     path = Path(dataset_dir) / CORPUS_FILE
     seen: set[str] = set()
     for lineno, obj in _records(path):
-        where = f"{path.name} line {lineno}"
+        where = f"{path} line {lineno}"
         pid = _id(obj, where)
         if pid in seen:
             raise CorpusError(f"{where}: duplicate id {pid!r}")
@@ -125,7 +125,7 @@ def load_queries(dataset_dir: Path) -> dict[str, str]:
     path = Path(dataset_dir) / QUERIES_FILE
     queries: dict[str, str] = {}
     for lineno, obj in _records(path):
-        where = f"{path.name} line {lineno}"
+        where = f"{path} line {lineno}"
         qid = _id(obj, where)
         if qid in queries:
             raise CorpusError(f"{where}: duplicate id {qid!r}")
@@ -153,7 +153,7 @@ def load_qrels(dataset_dir: Path, split: str) -> dict[str, dict[str, int]]:
         available = sorted(p.stem for p in qdir.glob("*.tsv")) if qdir.is_dir() else []
         listed = ", ".join(available) if available else "none"
         raise CorpusError(f"{path}: no judgments for split {split!r} (available splits: {listed})")
-    name = f"{QRELS_DIR}/{path.name}"
+    name = str(path)
     qrels: dict[str, dict[str, int]] = {}
     conflicts = 0
     first = True

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from readaptir.artifacts import atomic_write_text, parse_mapping
+from readaptir.artifacts import atomic_write_text, parse_mapping, read_text
 from readaptir.plan import Plan, Stage
 from readaptir.plots import ALPHA_CSV
 
@@ -158,7 +158,7 @@ def read_stage_spec(root: Path, name: str, spec_file: str = ROOT_PARAMS) -> dict
     """The spec that ``readaptir build`` wrote for stage ``name`` into ``spec_file``."""
     path = Path(root) / spec_file
     try:
-        params = parse_mapping(path.read_text(encoding="utf-8"), str(path))
+        params = parse_mapping(read_text(path), str(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: run `readaptir build` first") from None
     stages = params.get("stages") or {}
@@ -174,7 +174,5 @@ def all_stage_specs(root: Path) -> dict[str, dict]:
     specs: dict[str, dict] = {}
     for path in [Path(root) / ROOT_PARAMS, *sorted(Path(root).glob(f"{PIPELINES}/*/{SPECS}"))]:
         if path.is_file():
-            specs.update(
-                parse_mapping(path.read_text(encoding="utf-8"), str(path)).get("stages") or {}
-            )
+            specs.update(parse_mapping(read_text(path), str(path)).get("stages") or {})
     return specs

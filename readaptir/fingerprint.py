@@ -31,9 +31,11 @@ class Fingerprints:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.cache_path = self.root / CACHE_FILE
-        try:
-            self._cache: dict[str, list] = json.loads(self.cache_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        try:  # a cache that cannot be read, whatever it holds, is rebuilt
+            self._cache: dict[str, list] = json.loads(self.cache_path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):  # UnicodeDecodeError and JSONDecodeError too
+            self._cache = {}
+        if not isinstance(self._cache, dict):
             self._cache = {}
         self._dirty = False
 
@@ -42,7 +44,7 @@ class Fingerprints:
         stat = path.stat()
         key = str(path)
         hit = self._cache.get(key)
-        if hit and hit[0] == stat.st_size and hit[1] == stat.st_mtime_ns:
+        if isinstance(hit, list) and hit[:2] == [stat.st_size, stat.st_mtime_ns] and len(hit) == 3:
             return hit[2]
         digest = hashlib.sha256()
         with path.open("rb") as handle:

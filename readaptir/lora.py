@@ -15,7 +15,7 @@ from types import EllipsisType
 
 import torch
 
-from readaptir.artifacts import read_json
+from readaptir.artifacts import read_json_mapping
 from readaptir.shards import Checkpoint, WeightError
 from readaptir.weights import Body, split_head, ties_embeddings
 
@@ -136,9 +136,7 @@ class Adapter:
 
     def __init__(self, adapter_dir: Path, prefix: str) -> None:
         self.folder = Path(adapter_dir)
-        self.config = read_json(self.folder / "adapter_config.json")
-        if not isinstance(self.config, dict):
-            raise WeightError(f"{self.folder}/adapter_config.json: not a mapping")
+        self.config = read_json_mapping(self.folder / "adapter_config.json")
         # PEFT's LoraConfig defaults, which its own loading applies to a config that omits them
         self.config = {"r": 8, "lora_alpha": 8, **self.config}
         if self.config.get("peft_type") != "LORA":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from readaptir.artifacts import INDEX, SINGLE, read_json
+from readaptir.artifacts import INDEX, SINGLE, read_json_mapping
 
 LOG = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def is_peft_adapter(model_dir: Path) -> bool:
 
 
 def peft_config(model_dir: Path) -> dict:
-    return read_json(Path(model_dir) / ADAPTER_CONFIG)
+    return read_json_mapping(Path(model_dir) / ADAPTER_CONFIG)
 
 
 def warn_if_other_base(retriever_dir: Path, base: dict, where: str) -> None:
@@ -88,7 +88,7 @@ def load_encoder(model_dir: Path, base_dir: Path | None = None, dtype=None, devi
     weights_dir = Path(base_dir) if adapter else model_dir
     tok_dir = model_dir if _has_tokenizer(model_dir) or base_dir is None else Path(base_dir)
     tokenizer = load_tokenizer(tok_dir)
-    rows = read_json(weights_dir / "config.json").get("vocab_size")
+    rows = read_json_mapping(weights_dir / "config.json").get("vocab_size")
     _check_vocabulary(tokenizer, rows, tok_dir)  # before minutes of loading a 7B model
     if adapter:
         stored = _adapter_keys(model_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from readaptir.artifacts import INDEX, SINGLE, read_json
+from readaptir.artifacts import INDEX, SINGLE, read_json_mapping
 from readaptir.families import QUERY_FIELDS, ignores_identical_ids, resolve_encoding
 from readaptir.fingerprint import Fingerprints, project_path
 from readaptir.models import warn_if_other_base
@@ -162,8 +162,8 @@ SHAPE_FIELDS = (
 def check_same_shape(base_dir: Path, retriever_dir: Path) -> None:
     """Fail early when the retriever cannot be the base plus a delta (configs disagree)."""
     try:
-        base = read_json(base_dir / "config.json")
-        retr = read_json(retriever_dir / "config.json")
+        base = read_json_mapping(base_dir / "config.json")
+        retr = read_json_mapping(retriever_dir / "config.json")
     except FileNotFoundError:
         return  # the delta stage checks every tensor anyway
     for key in SHAPE_FIELDS:
@@ -278,6 +278,8 @@ class Planner:
         for name in names:
             if not (folder / name).is_file():
                 raise PlanError(key, f"{spec.path}/{name} does not exist")
+            if name == "corpus.jsonl" and not (folder / name).stat().st_size:
+                raise PlanError(key, f"{spec.path}/{name} is empty: the collection has no passages")
             prints[name] = self.fingerprints.path(folder / name)
             deps.append(f"{path}/{name}")
         ident = {"path": path, "fingerprints": prints}
@@ -548,6 +550,13 @@ class Planner:
 
     def add_adapter(self, recipe: Recipe, src: Sources) -> Stage:
         train = recipe.train_corpus
+        base_dir, hidden = self._local(recipe.base.source), None
+        if base_dir and (base_dir / "config.json").is_file():
+            hidden = read_json_mapping(base_dir / "config.json").get("hidden_size")
+        if isinstance(hidden, int) and recipe.adapter.r > hidden:
+            raise PlanError(
+                "adapter.r", f"{recipe.adapter.r} is above the base's hidden size ({hidden})"
+            )
         own = recipe.adapter.train_corpus is None  # the evaluated collection's passages
         corpus = src.corpus if own else self.dataset(train, "adapter.train_corpus", False)
         runtime_keys = set(RUNTIME_FIELDS["adapter"])  # the same adapter either way

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import (
@@ -29,6 +30,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch: a name is also a file and 
 # what a fetched collection's folder may be called (its name, or the last part of its source)
 CORPUS_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
+URL_SCHEMES = ("https", "http", "ftp", "file")  # what urllib opens
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -126,6 +128,11 @@ class CorpusSpec(_Strict):
         given = [k for k in ("path", "beir", "url") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError("give exactly one of path, beir or url")
+        if self.beir is not None and not CORPUS_NAME_RE.fullmatch(self.beir):
+            raise FieldError("beir", f"a BEIR set's name (e.g. trec-covid), not {self.beir!r}")
+        if self.url is not None and urlparse(self.url).scheme not in URL_SCHEMES:
+            schemes = ", ".join(f"{s}://" for s in URL_SCHEMES)
+            raise FieldError("url", f"{self.url!r} is not a URL the fetch stage reads ({schemes})")
         if self.sha256 is not None and not SHA256_RE.fullmatch(self.sha256):
             raise FieldError("sha256", f"64 lower-case hex digits, not {self.sha256!r}")
         # a fetched collection is a folder of that name; any name is in stage names and tables

@@ -16,7 +16,7 @@ import logging
 import subprocess
 from pathlib import Path
 
-from readaptir.artifacts import parse_mapping
+from readaptir.artifacts import parse_mapping, read_text
 from readaptir.dvcfile import ROOT_PARAMS
 
 LOG = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _git_show(root: Path, rev: str, path: str) -> str | None:
 def _read(root: Path, rev: str, path: str) -> str | None:
     if rev == WORKSPACE:
         file = Path(root) / path
-        return file.read_text() if file.is_file() else None
+        return read_text(file) if file.is_file() else None
     return _git_show(root, rev, path)
 
 
@@ -73,8 +73,9 @@ def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, d
         found = _read(root, rev, f"metrics/{name}.json")
         if found is None:
             continue
-        m = parse_mapping(found, f"metrics/{name}.json", fmt="json")
         at = "" if rev == WORKSPACE else f" at {rev[:12]}"
+        m = parse_mapping(found, f"metrics/{name}.json{at}", fmt="json")
+        check_scores(m, f"metrics/{name}.json{at}")
         if name in built and "stage" not in m:
             LOG.warning(
                 "metrics/%s.json%s records no score stage (it is older than that record): "
@@ -96,6 +97,20 @@ def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, d
             continue
         metrics[name] = m
     return recipes, metrics
+
+
+def check_scores(m: dict, where: str) -> None:
+    """A metrics file as the score stage writes it: the collection, α, β and both runs' scores
+    (numbers by metric name); anything else is an error naming the file and key."""
+    for key in ("dataset", "alpha", "beta", "retriever", "readapted"):
+        if key not in m:
+            raise ReportError(f"{where}: no {key!r}: not a metrics file of a score stage")
+    for side in ("retriever", "readapted"):
+        if not isinstance(m[side], dict):
+            raise ReportError(f"{where}: {side}: expected scores by metric name")
+        for metric, value in m[side].items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ReportError(f"{where}: {side}.{metric}: expected a number, found {value!r}")
 
 
 def _mean(values: list[float]) -> float | None:

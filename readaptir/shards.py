@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import torch
 
-from readaptir.artifacts import INDEX, SINGLE, parse_mapping
+from readaptir.artifacts import INDEX, SINGLE, read_json_mapping
 
 LOG = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class Checkpoint:
         if (folder / SINGLE).is_file():  # what transformers reads where both are present
             return [folder / SINGLE], None
         if (folder / INDEX).is_file():
-            index = parse_mapping((folder / INDEX).read_text(), str(folder / INDEX), fmt="json")
+            index = read_json_mapping(folder / INDEX)
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not all(
                 isinstance(f, str) for f in weight_map.values()

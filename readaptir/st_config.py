@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from readaptir.artifacts import read_json
+from readaptir.artifacts import read_json, read_json_mapping
 from readaptir.families import Encoding, Pooling
 
 LOG = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def _prompts(model_dir: Path) -> tuple[str, str]:
     path = model_dir / "config_sentence_transformers.json"
     if not path.is_file():
         return "", ""
-    config = read_json(path)
+    config = read_json_mapping(path)
     prompts = config.get("prompts") or {}
     default = prompts.get(config.get("default_prompt_name") or "", "")
     passage = next((prompts[n] for n in _DOCUMENT_PROMPTS if n in prompts), default)
@@ -98,7 +98,7 @@ def _inferred_max_length(model_dir: Path) -> int | None:
 
     def field(name: str, key: str) -> Any:
         path = model_dir / name
-        return read_json(path).get(key) if path.is_file() else None
+        return read_json_mapping(path).get(key) if path.is_file() else None
 
     positions = field("config.json", "max_position_embeddings")
     tokenizer = field("tokenizer_config.json", "model_max_length")
@@ -127,14 +127,14 @@ def read_st_config(model_dir: Path | None) -> STConfig | None:
     for m in modules:
         cfg = model_dir / m.get("path", "") / "config.json"
         if m.get("type", "").endswith(".Pooling") and cfg.is_file():
-            settings = read_json(cfg)
+            settings = read_json_mapping(cfg)
             pooling = _st_pooling_mode(settings)
             include_prompt = settings.get("include_prompt", True)
     max_len = None
     lower = False
     bert_cfg = model_dir / "sentence_bert_config.json"
     if bert_cfg.is_file():
-        settings = read_json(bert_cfg)
+        settings = read_json_mapping(bert_cfg)
         max_len = settings.get("max_seq_length")
         lower = bool(settings.get("do_lower_case", False))
     if max_len is None:

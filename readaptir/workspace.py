@@ -57,6 +57,11 @@ def init(root: Path) -> list[str]:
     """Idempotent: DVC initialised, cache links set, recipes/ and ignore rules present."""
     root = Path(root)
     top = git_root(next(p for p in [root, *root.absolute().parents] if p.is_dir()))  # no mkdir yet
+    for name in ("recipes", "metrics", ".gitignore"):  # checked before anything is changed
+        path = root / name
+        if (path.exists() or path.is_symlink()) and path.is_dir() == (name == ".gitignore"):
+            kind = "a folder" if name == ".gitignore" else "not a folder"
+            raise FileExistsError(f"{path} exists and is {kind}: move it away, then init again")
     root.mkdir(parents=True, exist_ok=True)
     done = []
     if not (root / ".dvc").is_dir():

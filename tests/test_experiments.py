@@ -446,3 +446,42 @@ def test_metrics_of_an_earlier_build_of_a_recipe_are_left_out(tmp_path, caplog):
     (tmp_path / "metrics" / "r-sf.json").write_text(json.dumps(m))
     assert list(report.load(tmp_path)[1]) == ["r-sf"]
     assert "metrics/r-sf.json records no score stage" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"readapted": {"nDCG@10": "high"}}, "readapted.nDCG@10: expected a number, found 'high'"),
+        ({"retriever": [0.7]}, "retriever: expected scores by metric name"),
+        ({"readapted": None}, "readapted: expected scores by metric name"),
+        ({"dataset": None}, None),  # present: a null dataset is only a label
+    ],
+)
+def test_a_metrics_file_not_as_the_score_stage_writes_it_is_named(tmp_path, change, message):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"recipes": {"r-sf": {}}}))
+    (tmp_path / "metrics").mkdir()
+    m = {**metrics_file("r-sf", "scifact", "R", 0.745, 0.763), **change}
+    (tmp_path / "metrics" / "r-sf.json").write_text(json.dumps(m))
+    if message is None:
+        assert list(report.load(tmp_path)[1]) == ["r-sf"]
+        return
+    with pytest.raises(report.ReportError, match=re.escape(f"metrics/r-sf.json: {message}")):
+        report.load(tmp_path)
+    (tmp_path / "metrics" / "r-sf.json").write_text("{}")
+    with pytest.raises(report.ReportError, match="metrics/r-sf.json: no 'dataset'"):
+        report.load(tmp_path)
+
+
+def test_plots_of_a_metric_no_file_holds_is_an_error(tmp_path):
+    from click.testing import CliRunner
+
+    from readaptir.cli import main
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"recipes": {"r-sf": {}}}))
+    (tmp_path / "metrics").mkdir()
+    m = metrics_file("r-sf", "scifact", "R", 0.745, 0.763)
+    (tmp_path / "metrics" / "r-sf.json").write_text(json.dumps(m))
+    result = CliRunner().invoke(main, ["plots", "--metric", "Foo", "--root", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no metrics file holds 'Foo'; they hold nDCG@10" in result.output
+    assert not (tmp_path / "plots").exists()

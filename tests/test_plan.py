@@ -187,6 +187,24 @@ def test_build_never_replaces_files_it_did_not_write(project, tmp_path):
     with pytest.raises(RuntimeError, match="not inside a git repository"):
         workspace.init(outside)
     assert not (tmp_path / "no-git").exists()  # nothing made on the way to the error
+    subprocess.run(["git", "init", "-q", str(tmp_path / "repo")], check=True)
+    (tmp_path / "repo" / "metrics").write_text("mine\n")  # a file where init puts a folder
+    with pytest.raises(FileExistsError, match=r"repo/metrics exists and is not a folder"):
+        workspace.init(tmp_path / "repo")
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == [".git", "metrics"]
+
+
+@pytest.mark.parametrize("cache", ["[]", '{"x": 1}', b"\xff\xfe", '{"x'])
+def test_an_unreadable_fingerprint_cache_is_rebuilt(tmp_path, cache):
+    (tmp_path / "a.bin").write_text("aaaa")
+    want = Fingerprints(tmp_path).file(tmp_path / "a.bin")
+    cache_file = Fingerprints(tmp_path).cache_path
+    cache_file.parent.mkdir(exist_ok=True)
+    if isinstance(cache, bytes):
+        cache_file.write_bytes(cache)
+    else:
+        cache_file.write_text(cache.replace("x", str((tmp_path / "a.bin").resolve())))
+    assert Fingerprints(tmp_path).file(tmp_path / "a.bin") == want
 
 
 def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, tokenizer):
@@ -213,7 +231,26 @@ def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, 
     edit(project, "ra-full", "extends: _common.yaml\n")
     with pytest.raises(ValueError, match=r"base/config\.json:1: not valid JSON"):
         plan_of(project)
+    config.write_text("[1]")
+    with pytest.raises(ValueError, match=r"base/config\.json: expected a mapping, found list"):
+        plan_of(project)
+    config.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match=r"base/config\.json: not UTF-8 text \(byte 0xff at 0\)"):
+        plan_of(project)
     config.write_text(good)
+    edit(project, "ra-full", "extends: _common.yaml\nadapter: {r: 1000}\n")
+    with pytest.raises(
+        RecipeError,
+        match=r"ra-full\.yaml:2: adapter\.r: 1000 is above the base's hidden size \(64\)",
+    ):
+        plan_of(project)
+    corpus = project / "data" / "toy" / "corpus.jsonl"
+    passages = corpus.read_text()
+    corpus.write_text("")
+    edit(project, "ra-full", "extends: _common.yaml\n")
+    with pytest.raises(RecipeError, match=r"corpus: data/toy/corpus\.jsonl is empty"):
+        plan_of(project)
+    corpus.write_text(passages)
     shutil.copytree(project / "models" / "retriever", project / "models" / "bin-only")
     (project / "models" / "bin-only" / "model.safetensors").rename(
         project / "models" / "bin-only" / "pytorch_model.bin"

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from readaptir.artifacts import read_json, resolve_device, write_json
+from readaptir.artifacts import read_json, read_json_mapping, resolve_device, write_json
 from readaptir.lora import Adapter
 from readaptir.models import is_peft_adapter, torch_dtype
 from readaptir.readapt import (
@@ -170,7 +170,7 @@ def _open_delta(delta_dir: Path, base: Body) -> Checkpoint:
     meta_path = delta_dir / DELTA_JSON
     if not meta_path.is_file():
         raise WeightError(f"{delta_dir} has no {DELTA_JSON}; is it a delta stage output?")
-    meta = read_json(meta_path)
+    meta = read_json_mapping(meta_path)
     delta = Checkpoint(delta_dir)
     for name in delta.names():
         if name not in base:
@@ -189,7 +189,7 @@ def _open_delta(delta_dir: Path, base: Body) -> Checkpoint:
 
 def _write_config(src: Path, out: Path, dtype: torch.dtype) -> None:
     # The output holds the bare model, whatever class the source was saved as.
-    config = read_json(src / "config.json")
+    config = read_json_mapping(src / "config.json")
     config["architectures"] = [auto_model_class(src).__name__]
     config["dtype"] = dtype_name(dtype)
     if "torch_dtype" in config:
