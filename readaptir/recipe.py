@@ -549,8 +549,8 @@ def _located(chain: Chain, err: ValidationError) -> RecipeError:
             if first["type"] == "string_type" and isinstance(first["input"], int | float):
                 message += " (YAML read a number: quote it)"  # a revision like 1e45678
     if len(problems) > 1:
-        more = len(problems) - 1
-        message += f" (and {more} more problem{'s' if more > 1 else ''})"
+        more = [".".join(str(p) for p in other) or "(top level)" for other in list(problems)[1:]]
+        message += f" (and {len(more)} more: {', '.join(more)})"
     key = ".".join(str(p) for p in loc) or None
     path, line = _setter(chain, loc)
     return RecipeError(path, key, message, line)
@@ -605,7 +605,7 @@ def recipe_files(recipes_dir: Path) -> list[Path]:
     """The buildable recipes of a folder (recursively); partial ones, named ``_*`` or inside a
     ``_*`` folder, excluded, and hidden ones (``.*``: editor locks, notebook checkpoints) too."""
     root = Path(recipes_dir)
-    files = sorted(p for ext in ("*.yaml", "*.yml") for p in root.rglob(ext))
+    files = sorted(p for ext in ("*.yaml", "*.yml") for p in root.rglob(ext) if not p.is_dir())
     return [p for p in files if not any(part[:1] in "_." for part in p.relative_to(root).parts)]
 
 

@@ -65,7 +65,16 @@ def test_partial_recipes_are_not_built_and_names_must_be_unique(tmp_path):
     with pytest.raises(RecipeError, match=r"b\.yaml: name: 'a' is also the name of .*a\.yaml"):
         load_recipes(tmp_path / "r")
     (tmp_path / "r" / "sub" / "b.yaml").unlink()
+    (tmp_path / "r" / "odd.yaml").mkdir()  # a folder, whatever its name, is not a recipe
     assert [r.name for r in load_recipes(tmp_path / "r")] == ["a"]
+
+
+def test_every_problem_of_a_recipe_is_named(tmp_path):
+    path = write(tmp_path / "bad.yaml", MINIMAL + "adapter: {r: 0, lr: -1}\nreadapt: {beta: x}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(err.value).startswith(f"{path}:4: adapter.r: Input should be greater than 0")
+    assert str(err.value).endswith("(and 2 more: adapter.lr, readapt.beta)")
 
 
 @pytest.mark.parametrize(
