@@ -19,9 +19,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/readaptir demo --force demo-workspace
 
-# two workers, the slow tests started first (tests/conftest.py); `pytest` alone runs one process
+# two workers, the slow tests started first (tests/conftest.py); `pytest` alone runs one process.
+# Passive OpenMP waits: torch's threads in one worker sleep rather than spin while the other runs.
 test: setup
-	$(PY) -m pytest -n 2 --dist worksteal
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -n 2 --dist worksteal
 
 lint: setup
 	$(VENV)/bin/ruff check readaptir tests bench
