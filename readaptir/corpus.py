@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 LOG = logging.getLogger(__name__)
+T = TypeVar("T", bound=Sized)
 
 CORPUS_FILE = "corpus.jsonl"
 QUERIES_FILE = "queries.jsonl"
@@ -109,12 +111,16 @@ def passage_ids(dataset_dir: Path) -> set[str]:
 
     A cheap first pass (no text is kept) so that a bad line fails before hours of encoding.
     """
-    return {p.id for p in iter_passages(dataset_dir)}
+    return _some({p.id for p in iter_passages(dataset_dir)}, dataset_dir)
 
 
 def load_corpus(dataset_dir: Path) -> list[Passage]:
     """Every passage of ``corpus.jsonl`` in file order."""
-    passages = list(iter_passages(dataset_dir))
+    return _some(list(iter_passages(dataset_dir)), dataset_dir)
+
+
+def _some(passages: T, dataset_dir: Path) -> T:
+    """``passages``, unless there are none: a collection without passages is an error."""
     if not passages:
         raise CorpusError(f"{Path(dataset_dir) / CORPUS_FILE}: no passages")
     return passages
@@ -247,8 +253,6 @@ def judgments_from(
 ) -> Judgments:
     """``load_judgments`` of a split's files already read. A query no run can score above 0 is
     left out of the retrievable ones; none left is an error: every score would be 0."""
-    if not doc_ids:
-        raise CorpusError(f"{Path(dataset_dir) / CORPUS_FILE}: no passages")
     qrels, warnings = usable_judgments(raw, queries, doc_ids, split)
     wanted = retrievable(qrels, doc_ids)
     if not wanted:

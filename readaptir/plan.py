@@ -206,6 +206,7 @@ class Sources:
     dataset_name: str
     retriever_is_peft: bool
     ignore_identical_ids: bool
+    base_hidden: int | None  # a local base's hidden size (None: a hub id, or not in its config)
 
 
 class Planner:
@@ -278,10 +279,10 @@ class Planner:
         for name in names:
             if not (folder / name).is_file():
                 raise PlanError(key, f"{spec.path}/{name} does not exist")
-            if name == "corpus.jsonl" and not (folder / name).stat().st_size:
-                raise PlanError(key, f"{spec.path}/{name} is empty: the collection has no passages")
             prints[name] = self.fingerprints.path(folder / name)
             deps.append(f"{path}/{name}")
+        if not (folder / "corpus.jsonl").stat().st_size:
+            raise PlanError(key, f"{spec.path}/corpus.jsonl is empty (no passages)")
         ident = {"path": path, "fingerprints": prints}
         if with_qrels:
             ident["split"] = spec.split
@@ -451,7 +452,15 @@ class Planner:
             ignore_identical_ids=ignores_identical_ids(
                 recipe.eval.ignore_identical_ids, recipe.corpus.label
             ),
+            base_hidden=self._hidden_size(recipe.base.source),
         )
+
+    def _hidden_size(self, source: str) -> int | None:
+        folder = self._local(source)
+        if folder is None or not (folder / "config.json").is_file():
+            return None
+        hidden = read_json_mapping(folder / "config.json").get("hidden_size")
+        return hidden if isinstance(hidden, int) else None
 
     def embed_and_search(
         self, recipe: Recipe, src: Sources, model: dict, inputs: dict, deps: tuple, who: str
@@ -549,11 +558,8 @@ class Planner:
         )
 
     def add_adapter(self, recipe: Recipe, src: Sources) -> Stage:
-        train = recipe.train_corpus
-        base_dir, hidden = self._local(recipe.base.source), None
-        if base_dir and (base_dir / "config.json").is_file():
-            hidden = read_json_mapping(base_dir / "config.json").get("hidden_size")
-        if isinstance(hidden, int) and recipe.adapter.r > hidden:
+        train, hidden = recipe.train_corpus, src.base_hidden
+        if hidden is not None and recipe.adapter.r > hidden:
             raise PlanError(
                 "adapter.r", f"{recipe.adapter.r} is above the base's hidden size ({hidden})"
             )

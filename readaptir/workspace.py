@@ -57,10 +57,11 @@ def init(root: Path) -> list[str]:
     """Idempotent: DVC initialised, cache links set, recipes/ and ignore rules present."""
     root = Path(root)
     top = git_root(next(p for p in [root, *root.absolute().parents] if p.is_dir()))  # no mkdir yet
-    for name in ("recipes", "metrics", ".gitignore"):  # checked before anything is changed
+    # checked before anything is changed: what init makes must be free to be made
+    for name, folder in (("recipes", True), ("metrics", True), (".gitignore", False)):
         path = root / name
-        if (path.exists() or path.is_symlink()) and path.is_dir() == (name == ".gitignore"):
-            kind = "a folder" if name == ".gitignore" else "not a folder"
+        if (path.exists() or path.is_symlink()) and path.is_dir() != folder:
+            kind = "not a folder" if folder else "a folder"
             raise FileExistsError(f"{path} exists and is {kind}: move it away, then init again")
     root.mkdir(parents=True, exist_ok=True)
     done = []

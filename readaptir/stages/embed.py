@@ -23,8 +23,6 @@ from tqdm.auto import tqdm
 
 from readaptir.artifacts import resolve_device, write_json
 from readaptir.corpus import (
-    CORPUS_FILE,
-    CorpusError,
     iter_passages,
     judgments_from,
     load_qrels,
@@ -248,8 +246,6 @@ def embed_corpus(
     if any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; embeddings need a fresh folder")
     total = len(passage_ids(dataset_dir))  # every passage id checked before hours of encoding
-    if not total:
-        raise CorpusError(f"{Path(dataset_dir) / CORPUS_FILE}: no passages")
     model_dir = encoder.model_dir
 
     work = Path(work_dir) if work_dir is not None else out
