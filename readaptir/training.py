@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import pickle
-import re
 import time
 import zipfile
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from readaptir.artifacts import atomic_file
 from readaptir.models import check_weight_files
+from readaptir.targets import matches, unmatched
 
 LOG = logging.getLogger(__name__)
 
@@ -100,20 +100,13 @@ def linear_modules(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     return body, head
 
 
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)  # PEFT's rule for a list of names
-
-
 def resolve_targets(body: list[str], head: list[str], targets: list[str]) -> list[str]:
     """The head modules that ``targets`` would also wrap (to exclude); fails when no body module
-    matches, listing the body's Linear modules with layer numbers collapsed."""
-    if not any(_matches(n, t) for n in body for t in targets):
-        shapes = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in body})
-        raise ValueError(
-            f"adapter target_modules {targets} match no Linear module of the base model; "
-            f"its Linear modules are: {', '.join(shapes)}"
-        )
-    return [n for n in head if any(_matches(n, t) for t in targets)]
+    matches, listing the body's Linear modules."""
+    problem = unmatched(targets, body, "Linear modules")
+    if problem:
+        raise ValueError(f"adapter target_modules {targets} {problem}")
+    return [n for n in head if any(matches(n, t) for t in targets)]
 
 
 def attach_adapter(
@@ -154,7 +147,7 @@ def attach_adapter(
     fresh = getattr(model, "head_to_train", [])
     wrapped = get_peft_model(model, config, autocast_adapter_dtype=True)
     for name, param in wrapped.named_parameters():
-        if any(_matches(name, f) for f in fresh):
+        if any(matches(name, f) for f in fresh):
             param.data = param.data.float()
             param.requires_grad_(True)
     if method == "dora" and fast_dora:
