@@ -285,6 +285,12 @@ def usable_judgments(
             f"(e.g. {_sample(unknown_q)}); ignored"
         )
     qrels = {q: dict(judged) for q, judged in raw.items() if q not in unknown_q}
+    blank = {q for q in qrels if not queries[q].strip()}
+    if blank:
+        warnings.append(
+            f"{QUERIES_FILE}: {len(blank)} judged queries have no text (e.g. {_sample(blank)}); "
+            "each is searched with its template alone"
+        )
     absent = [(q, d) for q, judged in qrels.items() for d in judged if d not in doc_ids]
     if absent:
         docs = {d for _, d in absent}

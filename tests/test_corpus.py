@@ -190,6 +190,12 @@ def test_usable_judgments_without_loading_the_corpus():
         "they count, and no run can retrieve them",
         "qrels/dev.tsv: 1 queries judge only absent documents; they score 0",
     ]
+    blank = {"q1": "a", "q2": " \n", "q3": ""}
+    _, warnings = usable_judgments({"q1": {"d1": 1}, "q2": {"d1": 1}}, blank, {"d1"}, "dev")
+    assert warnings == [  # q3 has no text but no judgment either: it is never searched
+        "queries.jsonl: 1 judged queries have no text (e.g. 'q2'); "
+        "each is searched with its template alone"
+    ]
 
 
 def test_ids_with_whitespace_fail_at_load(beir):
