@@ -663,17 +663,26 @@ def load_recipes(recipes_dir: Path) -> list[Recipe]:
     files = recipe_files(recipes_dir)
     if not files:
         raise RecipeError(recipes_dir, None, "no recipes (*.yaml) found")
+    # names key output folders: two differing in case alone would share them where the file
+    # system ignores case (macOS, Windows)
     recipes, seen = [], {}
     for path in files:
         expanded = [v for r in expand_grid(load_recipe(path)) for v in expand_sweeps(r)]
         for recipe in expanded:
-            if recipe.name in seen:
-                other = (
-                    "another variant of this recipe"
-                    if seen[recipe.name] == path
-                    else (str(seen[recipe.name]))
+            key = recipe.name.casefold()
+            if key in seen:
+                name, where = seen[key]
+                other = "another variant of this recipe" if where == path else str(where)
+                raise RecipeError(
+                    path,
+                    "name",
+                    f"{recipe.name!r} is also the name of {other}"
+                    + (
+                        f" (as {name!r}: names must differ in more than case)"
+                        if name != recipe.name
+                        else ""
+                    ),
                 )
-                raise RecipeError(path, "name", f"{recipe.name!r} is also the name of {other}")
-            seen[recipe.name] = path
+            seen[key] = (recipe.name, path)
             recipes.append(recipe)
     return recipes

@@ -64,6 +64,11 @@ def test_partial_recipes_are_not_built_and_names_must_be_unique(tmp_path):
     (tmp_path / "r" / ".#a.yaml").symlink_to("user@host.1234:1700000000")
     with pytest.raises(RecipeError, match=r"b\.yaml: name: 'a' is also the name of .*a\.yaml"):
         load_recipes(tmp_path / "r")
+    write(tmp_path / "r" / "sub" / "b.yaml", "extends: ../_base.yaml\nname: A\n")
+    with pytest.raises(
+        RecipeError, match=r"'A' is also the name of .*a\.yaml \(as 'a': names must"
+    ):
+        load_recipes(tmp_path / "r")  # they would share output folders where case is ignored
     (tmp_path / "r" / "sub" / "b.yaml").unlink()
     (tmp_path / "r" / "odd.yaml").mkdir()  # a folder, whatever its name, is not a recipe
     assert [r.name for r in load_recipes(tmp_path / "r")] == ["a"]
