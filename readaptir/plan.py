@@ -480,7 +480,10 @@ class Planner:
             for path in files:
                 if not path.is_file():
                     raise PlanError("base", f"{folder / INDEX} names {path.name}, which is missing")
-                header, _ = read_safetensors_header(path)
+                try:
+                    header, _ = read_safetensors_header(path)
+                except ValueError as err:
+                    raise PlanError("base", str(err)) from None
                 names += [
                     name.removesuffix(".weight")
                     for name, info in header.items()

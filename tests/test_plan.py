@@ -722,6 +722,11 @@ def test_target_modules_are_checked_in_every_shard_of_a_sharded_base(project):
     edit(project, "ra-full", "extends: _common.yaml\nadapter: {target_modules: [q_porj]}\n")
     with pytest.raises(RecipeError, match=r"adapter\.target_modules: \['q_porj'\] match none"):
         plan_of(project)
+    shards[2].write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(
+        RecipeError, match=r"_common\.yaml:3: base: .*00012\.safetensors is not a .*lfs"
+    ):
+        plan_of(project)
     shards[1].unlink()
     with pytest.raises(
         RecipeError,
