@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,29 +102,6 @@ def read_text(path: Path) -> str:
 def read_json(path: Path) -> Any:
     """A JSON file's content; text that does not parse is an error naming the file and line."""
     return _parsed(read_text(path), str(path), "json")
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The tensor entries of a safetensors file's header (name → dtype, shape, offsets) and where
-    the tensor bytes start; a file that is not safetensors is an error naming it."""
-    total = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        size = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if size is None or size > total - 8:
-            lfs = head.startswith(b"version ")  # "version https://git-lfs…": a pointer file
-            raise ValueError(
-                f"{path} is not a safetensors file"
-                + (" (a git-lfs pointer: run `git lfs pull`)" if lfs else f" ({total} bytes)")
-            )
-        try:
-            header = json.loads(fh.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: unreadable safetensors header ({err})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: unreadable safetensors header")
-    header.pop("__metadata__", None)
-    return header, 8 + size
 
 
 def read_json_mapping(path: Path) -> dict:

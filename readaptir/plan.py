@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from readaptir.artifacts import INDEX, SINGLE, read_json_mapping, read_safetensors_header
+from readaptir.artifacts import INDEX, SINGLE, read_json_mapping
 from readaptir.families import QUERY_FIELDS, ignores_identical_ids, resolve_encoding
 from readaptir.fingerprint import Fingerprints, project_path
 from readaptir.models import warn_if_other_base
@@ -31,7 +31,6 @@ from readaptir.recipe import (
     located,
     slug,
 )
-from readaptir.targets import unmatched
 from readaptir.workspace import alive
 
 # Bump a kind's version when its code changes what it writes: every stage of that kind rebuilds.
@@ -220,7 +219,7 @@ class Planner:
         self._recipe_file = "<recipe>"  # the recipe being planned
         self._set_by: dict[tuple[str, str], str] = {}  # (stage, runtime field) → recipe file
         self._named: dict[tuple[str, str], str] = {}  # (kind, id) → the stage's name
-        self._matrices: dict[Path, list[str] | None] = {}  # a local base's 2-D weights
+        self._linear: dict[Path, list[str]] = {}  # a local base's body Linear modules
 
     # -- external inputs -------------------------------------------------------------------------
 
@@ -464,33 +463,22 @@ class Planner:
         hidden = read_json_mapping(folder / "config.json").get("hidden_size")
         return hidden if isinstance(hidden, int) else None
 
-    def _weight_matrices(self, source: str) -> list[str] | None:
-        """The 2-D weights of a local base saved with safetensors, as module names (``.weight``
-        dropped), read from the headers alone; None for a hub id or other weight files."""
-        folder = self._local(source)
-        if folder is None:
-            return None
-        if folder not in self._matrices:
-            files = [folder / SINGLE] if (folder / SINGLE).is_file() else []
-            if not files and (folder / INDEX).is_file():
-                weight_map = read_json_mapping(folder / INDEX).get("weight_map")
-                if isinstance(weight_map, dict):  # else the stages name what is wrong with it
-                    files = [folder / str(f) for f in sorted(set(weight_map.values()))]
-            names = []
-            for path in files:
-                if not path.is_file():
-                    raise PlanError("base", f"{folder / INDEX} names {path.name}, which is missing")
-                try:
-                    header, _ = read_safetensors_header(path)
-                except ValueError as err:
-                    raise PlanError("base", str(err)) from None
-                names += [
-                    name.removesuffix(".weight")
-                    for name, info in header.items()
-                    if name.endswith(".weight") and len(info.get("shape", ())) == 2
-                ]
-            self._matrices[folder] = names or None
-        return self._matrices[folder]
+    def _check_targets(self, recipe: Recipe) -> None:
+        """A local base's Linear modules against explicit ``adapter.target_modules``, before any
+        stage runs (torch is imported for it, only then)."""
+        targets, folder = recipe.adapter.target_modules, self._local(recipe.base.source)
+        if not targets or folder is None or not (folder / "config.json").is_file():
+            return
+        if folder not in self._linear:
+            from readaptir.training import base_linear_modules, unmatched
+
+            try:
+                self._linear[folder] = base_linear_modules(folder)[0]
+            except ValueError as err:  # a model type transformers lacks, or with no LM class
+                raise PlanError("base", str(err)) from None
+        problem = unmatched(targets, self._linear[folder])
+        if problem:
+            raise PlanError("adapter.target_modules", f"{targets} {problem}")
 
     def embed_and_search(
         self, recipe: Recipe, src: Sources, model: dict, inputs: dict, deps: tuple, who: str
@@ -593,10 +581,7 @@ class Planner:
             raise PlanError(
                 "adapter.r", f"{recipe.adapter.r} is above the base's hidden size ({hidden})"
             )
-        targets, matrices = recipe.adapter.target_modules, self._weight_matrices(recipe.base.source)
-        problem = unmatched(targets, matrices, "2-D weights") if targets and matrices else None
-        if problem:
-            raise PlanError("adapter.target_modules", f"{targets} {problem}")
+        self._check_targets(recipe)
         own = recipe.adapter.train_corpus is None  # the evaluated collection's passages
         corpus = src.corpus if own else self.dataset(train, "adapter.train_corpus", False)
         runtime_keys = set(RUNTIME_FIELDS["adapter"])  # the same adapter either way

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import torch
 
-from readaptir.artifacts import INDEX, SINGLE, read_json_mapping, read_safetensors_header
+from readaptir.artifacts import INDEX, SINGLE, read_json_mapping
 
 LOG = logging.getLogger(__name__)
 
@@ -58,13 +58,26 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def _read_header(path: Path) -> tuple[dict[str, dict], int]:
-    """The tensor entries of a safetensors header, checked, and where the tensor bytes start."""
-    try:
-        header, start = read_safetensors_header(path)
-    except ValueError as err:
-        raise WeightError(str(err)) from None
-    _check_entries(path, header, path.stat().st_size - start)
-    return header, start
+    """The tensor entries of a safetensors header and where the tensor bytes start."""
+    total = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if size is None or size > total - 8:
+            lfs = head.startswith(b"version ")  # "version https://git-lfs…": a pointer file
+            raise WeightError(
+                f"{path} is not a safetensors file"
+                + (" (a git-lfs pointer: run `git lfs pull`)" if lfs else f" ({total} bytes)")
+            )
+        try:
+            header = json.loads(fh.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise WeightError(f"{path}: unreadable safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise WeightError(f"{path}: unreadable safetensors header")
+    header.pop("__metadata__", None)
+    _check_entries(path, header, total - 8 - size)
+    return header, 8 + size
 
 
 def _check_entries(path: Path, header: dict, data_bytes: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import pickle
+import re
 import time
 import zipfile
 from pathlib import Path
@@ -18,7 +19,6 @@ import torch
 
 from readaptir.artifacts import atomic_file
 from readaptir.models import check_weight_files
-from readaptir.targets import matches, unmatched
 
 LOG = logging.getLogger(__name__)
 
@@ -47,6 +47,12 @@ def objective_for(config: Any) -> str:
     raise ValueError(f"model type {kind!r} has neither a causal-LM nor a masked-LM architecture")
 
 
+def _lm_class(objective: str) -> type:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return AutoModelForCausalLM if objective == CAUSAL else AutoModelForMaskedLM
+
+
 def load_model(base_dir: Path, objective: str, dtype: torch.dtype | None) -> torch.nn.Module:
     """Θ with the head its objective needs, in ``dtype`` (None: the checkpoint's own, with float16
     trained as bfloat16: float16 gradients underflow without loss scaling).
@@ -55,16 +61,15 @@ def load_model(base_dir: Path, objective: str, dtype: torch.dtype | None) -> tor
     base saved without an MLM head gets one freshly initialised, trained beside the adapter
     (``head_to_train`` names its parameters) and, like any head, left out of Ψ.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
     if dtype == torch.float16:
         raise ValueError(
             "adapter training in float16 needs loss scaling, which is not done here; train in "
             "bfloat16 (or float32, or auto: a float16 checkpoint trains in bfloat16)"
         )
-    cls = AutoModelForCausalLM if objective == CAUSAL else AutoModelForMaskedLM
     check_weight_files(base_dir)
-    model, info = cls.from_pretrained(base_dir, dtype=dtype, output_loading_info=True)
+    model, info = _lm_class(objective).from_pretrained(
+        base_dir, dtype=dtype, output_loading_info=True
+    )
     missing = sorted(info.get("missing_keys") or ())
     prefix = getattr(model, "base_model_prefix", "") + "."
     body = [name for name in missing if name.startswith(prefix)]
@@ -100,13 +105,38 @@ def linear_modules(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     return body, head
 
 
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)  # PEFT's rule for a list of names
+
+
+def unmatched(targets: list[str], body: list[str]) -> str | None:
+    """None when a target names one of the body's Linear modules; else why not, listing them with
+    layer numbers collapsed, so that the names a user may write are seen at a glance."""
+    if any(_matches(n, t) for n in body for t in targets):
+        return None
+    shapes = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in body})
+    return f"match none of the base model's Linear modules, which are: {', '.join(shapes)}"
+
+
 def resolve_targets(body: list[str], head: list[str], targets: list[str]) -> list[str]:
     """The head modules that ``targets`` would also wrap (to exclude); fails when no body module
-    matches, listing the body's Linear modules."""
-    problem = unmatched(targets, body, "Linear modules")
+    matches (see ``unmatched``)."""
+    problem = unmatched(targets, body)
     if problem:
         raise ValueError(f"adapter target_modules {targets} {problem}")
-    return [n for n in head if any(matches(n, t) for t in targets)]
+    return [n for n in head if any(_matches(n, t) for t in targets)]
+
+
+def base_linear_modules(base_dir: Path) -> tuple[list[str], list[str]]:
+    """``linear_modules`` of the model the adapter stage trains from ``base_dir``, built on the
+    meta device from its config alone (no weight is read): the names PEFT will match, which may
+    differ from the checkpoint's (a head class adds a prefix; some architectures rename on load)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        model = _lm_class(objective_for(config)).from_config(config)
+    return linear_modules(model)
 
 
 def attach_adapter(
@@ -147,7 +177,7 @@ def attach_adapter(
     fresh = getattr(model, "head_to_train", [])
     wrapped = get_peft_model(model, config, autocast_adapter_dtype=True)
     for name, param in wrapped.named_parameters():
-        if any(matches(name, f) for f in fresh):
+        if any(_matches(name, f) for f in fresh):
             param.data = param.data.float()
             param.requires_grad_(True)
     if method == "dora" and fast_dora:

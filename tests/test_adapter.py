@@ -18,12 +18,14 @@ from readaptir.training import (
     MASKED,
     Meter,
     attach_adapter,
+    base_linear_modules,
     checkpointed,
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
     load_model,
     objective_for,
     resolve_targets,
+    unmatched,
 )
 
 SMALL = dict(r=4, lora_alpha=8, batch_size=4, max_length=32, lr=1e-3, epochs=2)
@@ -251,6 +253,27 @@ def test_objective_by_architecture_and_target_errors(tokenizer, tiny_base, tiny_
         resolve_targets(body, [], ["query"])
     with pytest.raises(ValueError, match="up_proj"):
         _train(tmp_path, "bad", tiny_base, tiny_beir, target_modules=["query"], max_steps=1)
+
+
+def test_the_build_sees_the_module_names_training_will_have(tmp_path, tokenizer, tiny_base):
+    # a headless encoder stores encoder.layer.*; the masked-LM model it trains as says bert.encoder
+    bert = tiny.make_bert(tmp_path / "bert", tokenizer)
+    body, head = base_linear_modules(bert)
+    model = attach_adapter(load_model(bert, MASKED, None), objective=MASKED, method="lora", r=2,
+                           lora_alpha=4, dropout=0.0, target_modules=["query"])  # fmt: skip
+    wrapped = {
+        n.removeprefix("base_model.model.")
+        for n, m in model.named_modules()
+        if hasattr(m, "lora_A")
+    }
+    assert wrapped == {n for n in body if n.endswith(".query")}
+    assert "bert.encoder.layer.0.attention.self.query" in body
+    assert set(head) == {"cls.predictions.transform.dense", "cls.predictions.decoder"}
+    assert unmatched(["bert.encoder.layer.0.attention.self.query"], body) is None
+    assert (
+        unmatched(["lm_head"], base_linear_modules(tiny_base)[0]) is not None
+    )  # a head is no target
+    assert not any(p.device.type == "meta" for p in model.parameters())
 
 
 def test_passage_selection_by_judgments(tmp_path, tiny_base, tiny_beir):

@@ -247,9 +247,12 @@ def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, 
     with pytest.raises(
         RecipeError,
         match=r"ra-full\.yaml:2: adapter\.target_modules: \['q_porj', 'v_prj'\] match none of the "
-        r"base model's 2-D weights, which are: .*model\.layers\.\*\.self_attn\.q_proj",
+        r"base model's Linear modules, which are: .*model\.layers\.\*\.self_attn\.q_proj",
     ):
         plan_of(project)  # found at build time, not when the adapter stage loads the base
+    edit(project, "ra-full", "extends: _common.yaml\nadapter: {target_modules: [lm_head]}\n")
+    with pytest.raises(RecipeError, match=r"\['lm_head'\] match none"):
+        plan_of(project)  # the head serves the loss alone
     edit(project, "ra-full", "extends: _common.yaml\nadapter: {target_modules: [v_prj, q_proj]}\n")
     assert "adapter" in {s.kind for s in plan_of(project).stages.values()}
     corpus = project / "data" / "toy" / "corpus.jsonl"
@@ -707,29 +710,3 @@ def test_prune_makes_a_read_only_folder_writable_to_empty_it(tmp_path):
     workspace._writable_and_again(os.unlink, str(folder / "weights"), None)
     assert folder.stat().st_mode & 0o200 and not (folder / "weights").exists()
     assert workspace.remove([folder]) == [] and not folder.exists()
-
-
-def test_target_modules_are_checked_in_every_shard_of_a_sharded_base(project):
-    from transformers import AutoModelForCausalLM
-
-    base = project / "models" / "base"
-    AutoModelForCausalLM.from_pretrained(base).save_pretrained(base, max_shard_size="40KB")
-    (base / "model.safetensors").unlink()
-    shards = sorted(base.glob("model-*.safetensors"))
-    assert len(shards) > 2
-    edit(project, "ra-full", "extends: _common.yaml\nadapter: {target_modules: [lm_head]}\n")
-    plan_of(project)  # the head is in the last shard alone
-    edit(project, "ra-full", "extends: _common.yaml\nadapter: {target_modules: [q_porj]}\n")
-    with pytest.raises(RecipeError, match=r"adapter\.target_modules: \['q_porj'\] match none"):
-        plan_of(project)
-    shards[2].write_text("version https://git-lfs.github.com/spec/v1\n")
-    with pytest.raises(
-        RecipeError, match=r"_common\.yaml:3: base: .*00012\.safetensors is not a .*lfs"
-    ):
-        plan_of(project)
-    shards[1].unlink()
-    with pytest.raises(
-        RecipeError,
-        match=rf"_common\.yaml:3: base: .*index\.json names {shards[1].name}, which is missing",
-    ):
-        plan_of(project)
