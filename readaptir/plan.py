@@ -169,9 +169,12 @@ def check_same_shape(base_dir: Path, retriever_dir: Path) -> None:
     for key in SHAPE_FIELDS:
         ours, theirs = _shape_field(retr, key), _shape_field(base, key)
         if ours != theirs:  # a field one config lacks counts too: the merge copies that config
+            # blamed on the one that lacks it, else on the retriever (the base is the reference)
+            blamed, other = ("base", "retriever") if theirs is None else ("retriever", "base")
+            mine, its = (theirs, ours) if blamed == "base" else (ours, theirs)
             raise PlanError(
-                "retriever",
-                f"its {key} is {ours!r} but the base's is {theirs!r}: the retriever must "
+                blamed,
+                f"its {key} is {mine!r} but the {other}'s is {its!r}: the retriever must "
                 "have the base's architecture and shapes for weight arithmetic",
             )
 

@@ -236,6 +236,10 @@ def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, 
         config.write_bytes(broken)
         with pytest.raises(ValueError, match=r"base/config\.json" + message):
             plan_of(project)
+    config.write_text("{}")
+    with pytest.raises(RecipeError, match=r"_common\.yaml:\d+: base: its model_type is None but "
+                       r"the retriever's is 'llama'"):  # fmt: skip
+        plan_of(project)  # blamed on the config that lacks it
     config.write_text(good)
     edit(project, "ra-full", "extends: _common.yaml\nadapter: {r: 1000}\n")
     with pytest.raises(
