@@ -605,7 +605,9 @@ def recipe_files(recipes_dir: Path) -> list[Path]:
     """The buildable recipes of a folder (recursively); partial ones, named ``_*`` or inside a
     ``_*`` folder, excluded, and hidden ones (``.*``: editor locks, notebook checkpoints) too."""
     root = Path(recipes_dir)
-    files = sorted(p for ext in ("*.yaml", "*.yml") for p in root.rglob(ext) if not p.is_dir())
+    files = sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in (".yaml", ".yml") and not p.is_dir()
+    )
     return [p for p in files if not any(part[:1] in "_." for part in p.relative_to(root).parts)]
 
 
@@ -662,7 +664,7 @@ def load_recipes(recipes_dir: Path) -> list[Recipe]:
     """Every buildable recipe, corpus grids and α/β sweeps expanded; names must be unique."""
     files = recipe_files(recipes_dir)
     if not files:
-        raise RecipeError(recipes_dir, None, "no recipes (*.yaml) found")
+        raise RecipeError(recipes_dir, None, "no recipes (*.yaml or *.yml) found")
     # names key output folders: two differing in case alone would share them where the file
     # system ignores case (macOS, Windows)
     recipes, seen = [], {}

@@ -71,7 +71,9 @@ def test_partial_recipes_are_not_built_and_names_must_be_unique(tmp_path):
         load_recipes(tmp_path / "r")  # they would share output folders where case is ignored
     (tmp_path / "r" / "sub" / "b.yaml").unlink()
     (tmp_path / "r" / "odd.yaml").mkdir()  # a folder, whatever its name, is not a recipe
-    assert [r.name for r in load_recipes(tmp_path / "r")] == ["a"]
+    write(tmp_path / "r" / "B.YML", "extends: _base.yaml\n")  # the suffix in any case
+    write(tmp_path / "r" / "notes.txt", "extends: _base.yaml\n")
+    assert [r.name for r in load_recipes(tmp_path / "r")] == ["B", "a"]
 
 
 def test_every_problem_of_a_recipe_is_named(tmp_path):
