@@ -481,7 +481,7 @@ class Planner:
                 raise PlanError("base", str(err)) from None
         problem = unmatched(targets, self._linear[folder])
         if problem:
-            raise PlanError("adapter.target_modules", f"{targets} {problem}")
+            raise PlanError("adapter.target_modules", problem)
 
     def embed_and_search(
         self, recipe: Recipe, src: Sources, model: dict, inputs: dict, deps: tuple, who: str

@@ -110,20 +110,30 @@ def _matches(name: str, target: str) -> bool:
 
 
 def unmatched(targets: list[str], body: list[str]) -> str | None:
-    """None when a target names one of the body's Linear modules; else why not, listing them with
-    layer numbers collapsed, so that the names a user may write are seen at a glance."""
-    if any(_matches(n, t) for n in body for t in targets):
+    """None when every target names one of the body's Linear modules; else which do not (PEFT
+    itself only fails when none does, and would train an adapter without the others), listing
+    the modules with layer numbers collapsed, so that the names a user may write are seen."""
+    missing = [t for t in targets if not any(_matches(n, t) for n in body)]
+    if not missing:
         return None
     shapes = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in body})
-    return f"match none of the base model's Linear modules, which are: {', '.join(shapes)}"
+    return (
+        f"{missing} match none of the base model's Linear modules, which are: {', '.join(shapes)}"
+    )
 
 
-def resolve_targets(body: list[str], head: list[str], targets: list[str]) -> list[str]:
-    """The head modules that ``targets`` would also wrap (to exclude); fails when no body module
-    matches (see ``unmatched``)."""
+def resolve_targets(
+    body: list[str], head: list[str], targets: list[str], every: bool = True
+) -> list[str]:
+    """The head modules that ``targets`` would also wrap (to exclude). Fails when a target names
+    no body module (see ``unmatched``); with ``every`` False (an architecture's default names),
+    only when none does, and warns of the others."""
     problem = unmatched(targets, body)
+    matched = [t for t in targets if any(_matches(n, t) for n in body)]
+    if problem and (every or not matched):
+        raise ValueError(f"adapter target_modules {problem}")
     if problem:
-        raise ValueError(f"adapter target_modules {targets} {problem}")
+        LOG.warning("default adapter target_modules %s: the adapter covers %s", problem, matched)
     return [n for n in head if any(_matches(n, t) for t in targets)]
 
 
@@ -149,8 +159,10 @@ def attach_adapter(
     dropout: float,
     target_modules: list[str],
     fast_dora: bool = True,
+    default_targets: bool = False,
 ) -> torch.nn.Module:
-    """Wrap ``model`` with a PEFT LoRA/DoRA adapter over the body's ``target_modules``.
+    """Wrap ``model`` with a PEFT LoRA/DoRA adapter over the body's ``target_modules``, every one
+    of which must name a module unless they are the architecture's ``default_targets``.
 
     Adapter weights are float32 whatever the base's dtype: a bf16 base computes in bf16 under
     autocast (``autocast_dtype``) while the optimizer updates float32 weights, since bf16 weights
@@ -164,7 +176,7 @@ def attach_adapter(
     from readaptir.dora import use_fast_dora
 
     body, head = linear_modules(model)
-    excluded = resolve_targets(body, head, list(target_modules))
+    excluded = resolve_targets(body, head, list(target_modules), every=not default_targets)
     config = LoraConfig(
         r=r,
         lora_alpha=lora_alpha,

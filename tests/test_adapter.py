@@ -240,7 +240,9 @@ def test_encoder_base_trains_masked_lm_adapter(tmp_path, tokenizer, tiny_beir, c
     assert _same(tensors, again)
 
 
-def test_objective_by_architecture_and_target_errors(tokenizer, tiny_base, tiny_beir, tmp_path):
+def test_objective_by_architecture_and_target_errors(
+    tokenizer, tiny_base, tiny_beir, tmp_path, caplog
+):
     assert objective_for(LlamaConfig()) == CAUSAL
     assert objective_for(BertConfig()) == MASKED
     assert objective_for(BertConfig(is_decoder=True)) == CAUSAL
@@ -251,8 +253,17 @@ def test_objective_by_architecture_and_target_errors(tokenizer, tiny_base, tiny_
     listed = r"match none of the base model's Linear modules, which are: .*self_attn\.q_proj"
     with pytest.raises(ValueError, match=listed):
         resolve_targets(body, [], ["query"])
+    with pytest.raises(ValueError, match=r"target_modules \['qproj'\] match none"):
+        resolve_targets(body, [], ["q_proj", "qproj"])  # each name must name something
+    with caplog.at_level("WARNING", logger="readaptir.training"):
+        assert resolve_targets(body, [], ["q_proj", "up_proj"], every=False) == []
+    assert "['up_proj'] match none" in caplog.text and "covers ['q_proj']" in caplog.text
     with pytest.raises(ValueError, match="up_proj"):
         _train(tmp_path, "bad", tiny_base, tiny_beir, target_modules=["query"], max_steps=1)
+    with pytest.raises(ValueError, match=r"\['qproj'\] match none"):
+        _train(
+            tmp_path, "bad2", tiny_base, tiny_beir, target_modules=["q_proj", "qproj"], max_steps=1
+        )
 
 
 def test_the_build_sees_the_module_names_training_will_have(tmp_path, tokenizer, tiny_base):

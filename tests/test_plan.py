@@ -258,6 +258,9 @@ def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, 
     with pytest.raises(RecipeError, match=r"\['lm_head'\] match none"):
         plan_of(project)  # the head serves the loss alone
     edit(project, "ra-full", "extends: _common.yaml\nadapter: {target_modules: [v_prj, q_proj]}\n")
+    with pytest.raises(RecipeError, match=r"\['v_prj'\] match none"):
+        plan_of(project)  # PEFT would train q_proj alone, silently
+    edit(project, "ra-full", "extends: _common.yaml\nadapter: {target_modules: [v_proj, q_proj]}\n")
     assert "adapter" in {s.kind for s in plan_of(project).stages.values()}
     corpus = project / "data" / "toy" / "corpus.jsonl"
     passages = corpus.read_text()

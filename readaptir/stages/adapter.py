@@ -276,6 +276,7 @@ def train_adapter(
         lora_alpha=lora_alpha,
         dropout=dropout,
         target_modules=targets,
+        default_targets=not target_modules,
     ).to(device)
     seed_rank(seed, ranks)
     model.train()
