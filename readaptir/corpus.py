@@ -289,7 +289,7 @@ def usable_judgments(
     if blank:
         warnings.append(
             f"{QUERIES_FILE}: {len(blank)} judged queries have no text (e.g. {_sample(blank)}); "
-            "each is searched with its template alone"
+            "each is searched as its template with empty text"
         )
     absent = [(q, d) for q, judged in qrels.items() for d in judged if d not in doc_ids]
     if absent:

@@ -194,7 +194,7 @@ def test_usable_judgments_without_loading_the_corpus():
     _, warnings = usable_judgments({"q1": {"d1": 1}, "q2": {"d1": 1}}, blank, {"d1"}, "dev")
     assert warnings == [  # q3 has no text but no judgment either: it is never searched
         "queries.jsonl: 1 judged queries have no text (e.g. 'q2'); "
-        "each is searched with its template alone"
+        "each is searched as its template with empty text"
     ]
 
 
