@@ -84,7 +84,11 @@ def _id(obj: dict, where: str) -> str:
     return str(value)
 
 
-def _str_field(obj: dict, key: str, where: str) -> str:
+def _str_field(obj: dict, key: str, where: str, required: bool = False) -> str:
+    """``obj[key]`` as text; absent or null is empty, but a ``required`` key must be there: a
+    collection that names its text otherwise (``contents``, ``body``) is not read as empty."""
+    if required and key not in obj:
+        raise CorpusError(f"{where}: no '{key}' field (it has {', '.join(map(repr, obj))})")
     value = obj.get(key)
     if value is None:
         return ""
@@ -103,7 +107,8 @@ def iter_passages(dataset_dir: Path) -> Iterator[Passage]:
         if pid in seen:
             raise CorpusError(f"{where}: duplicate id {pid!r}")
         seen.add(pid)
-        yield Passage(pid, _str_field(obj, "title", where), _str_field(obj, "text", where))
+        text = _str_field(obj, "text", where, required=True)
+        yield Passage(pid, _str_field(obj, "title", where), text)
 
 
 def passage_ids(dataset_dir: Path) -> set[str]:
@@ -135,7 +140,7 @@ def load_queries(dataset_dir: Path) -> dict[str, str]:
         qid = _id(obj, where)
         if qid in queries:
             raise CorpusError(f"{where}: duplicate id {qid!r}")
-        queries[qid] = _str_field(obj, "text", where)
+        queries[qid] = _str_field(obj, "text", where, required=True)
     if not queries:
         raise CorpusError(f"{path}: no queries")
     return queries

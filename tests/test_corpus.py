@@ -86,6 +86,10 @@ def test_passage_text_strips_empty_title():
         ('{"title": "t", "text": "no id"}', r"corpus\.jsonl line 3: missing or empty '_id'"),
         ('{"_id": "a", "text": "again"}', r"corpus\.jsonl line 3: duplicate id 'a'"),
         ('{"_id": "c", "text": 5}', r"corpus\.jsonl line 3: 'text' must be a string"),
+        (  # a collection that names its text otherwise is not read as empty passages
+            '{"_id": "c", "title": "t", "contents": "words"}',
+            r"corpus\.jsonl line 3: no 'text' field \(it has '_id', 'title', 'contents'\)",
+        ),
     ],
 )
 def test_malformed_corpus_names_the_line(beir, line, message):
@@ -106,6 +110,11 @@ def test_text_that_is_not_utf8_names_the_file_and_line(beir):
 
 
 def test_malformed_queries_name_the_line(beir):
+    _write_lines(
+        beir / "queries.jsonl", ['{"_id": "q", "text": "t"}', '{"_id": "r", "query": "u"}']
+    )
+    with pytest.raises(CorpusError, match=r"queries\.jsonl line 2: no 'text' field"):
+        load_queries(beir)
     _write_lines(beir / "queries.jsonl", ['{"_id": "q", "text": "t"}', '{"_id": "q", "text": "u"}'])
     with pytest.raises(CorpusError, match=r"queries\.jsonl line 2: duplicate id 'q'"):
         load_queries(beir)
