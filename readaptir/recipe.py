@@ -328,6 +328,17 @@ class Recipe(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _judgments_select_their_own_passages(self) -> Recipe:
+        if self.adapter.passages != "all" and self.adapter.train_corpus is not None:
+            raise FieldError(
+                "adapter.passages",
+                f"{self.adapter.passages} selects passages of the evaluated collection by its "
+                "judgments; with adapter.train_corpus the adapter trains on another collection, "
+                "whose ids those judgments do not name",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tuned_within_the_run(self) -> Recipe:
         if self.readapt.auto:
             try:

@@ -565,15 +565,23 @@ def test_passage_selection_uses_the_evaluated_collections_judgments(project):
     common_file = project / "recipes" / "_common.yaml"
     common = yaml.safe_load(common_file.read_text())
     common["corpus"] = {"path": "data/toy", "split": "dev"}
-    common["adapter"] = {**common["adapter"], "train_corpus": "data/other", "passages": "judged"}
+    common["adapter"] = {**common["adapter"], "passages": "judged"}
     common_file.write_text(yaml.safe_dump(common))
     (project / "recipes" / "ra.yaml").write_text("extends: _common.yaml\n")
     plan = plan_of(project)
     (adapter,) = [s for s in plan.stages.values() if s.kind == "adapter"]
-    assert adapter.params["train_corpus"]["path"] == "data/other"
+    assert adapter.params["train_corpus"]["path"] == "data/toy"
     judgments = adapter.params["selection"]["judgments"]
     assert (judgments["path"], judgments["split"]) == ("data/toy", "dev")
     assert adapter.params["selection"]["passages"] == "judged"
+    # another collection's passages are not what the evaluated split's judgments name
+    (project / "recipes" / "ra.yaml").write_text(
+        "extends: _common.yaml\nadapter: {train_corpus: data/other}\n"
+    )
+    with pytest.raises(
+        RecipeError, match=r"_common\.yaml:\d+: adapter\.passages: judged selects passages"
+    ):
+        plan_of(project)
 
 
 def test_a_peft_retriever_trained_on_another_base_is_warned_about(project, caplog):
