@@ -25,7 +25,7 @@ import re
 import string
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 LOG = logging.getLogger(__name__)
 
@@ -146,6 +146,16 @@ class Encoding(BaseModel):
         if "text" not in names:
             raise ValueError("needs {text}: without it every text would encode the same")
         return value
+
+    @model_validator(mode="after")
+    def _instruction_has_a_place(self) -> Encoding:
+        if self.query_instruction and "{instruction}" not in self.query_template:
+            raise ValueError(
+                f"query_instruction is set ({self.query_instruction[:40]!r}) but query_template "
+                f"{self.query_template!r} has no {{instruction}}: it would be dropped (set "
+                "query_instruction to '' to encode without one)"
+            )
+        return self
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from readaptir.families import FAMILIES, Encoding
+from readaptir.families import FAMILIES, Encoding, resolve_encoding
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch: a name is also a file and stage name
 # what a fetched collection's folder may be called (its name, or the last part of its source)
@@ -93,8 +93,13 @@ class RetrieverSpec(ModelSpec):
 
     @field_validator("encoding")
     @classmethod
-    def _known_encoding_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
-        Encoding(**value)  # every override must be a known field of the right type
+    def _known_encoding_fields(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # every override a known field of the right type, and consistent with the family's preset
+        family = info.data.get("family")  # absent when it failed its own check
+        if family:
+            resolve_encoding(family, value)
+        else:
+            Encoding(**value)
         return value
 
 

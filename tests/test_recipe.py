@@ -334,3 +334,24 @@ def test_a_fetched_collection_may_not_take_the_name_of_a_file_beside_it(tmp_path
     text = MINIMAL.replace("corpus: data/scifact", f"corpus: {{beir: scifact, name: {name}}}")
     with pytest.raises(RecipeError, match=rf"bad\.yaml:3: corpus\.name: '{name}' is the name of"):
         load_recipe(write(tmp_path / "bad.yaml", text))
+
+
+@pytest.mark.parametrize(
+    "family, encoding, dropped",
+    [
+        ("repllama", "{query_instruction: find papers}", True),  # its template has no place
+        ("e5-mistral", "{query_instruction: find papers}", False),
+        ("e5-mistral", "{query_template: 'Q: {text}'}", True),  # the preset's instruction
+        ("e5-mistral", "{query_template: 'Q: {text}', query_instruction: ''}", False),
+        ("custom", "{query_template: '{instruction} {text}', query_instruction: x}", False),
+    ],
+)
+def test_an_instruction_the_template_would_drop_is_refused(tmp_path, family, encoding, dropped):
+    retriever = f"retriever: {{source: x, family: {family}, encoding: {encoding}}}"
+    text = MINIMAL.replace("retriever: castorini/repllama-v1-7b-lora-passage", retriever)
+    path = write(tmp_path / "r.yaml", text)
+    if not dropped:
+        load_recipe(path)
+        return
+    with pytest.raises(RecipeError, match=r"retriever\.encoding: query_instruction is set .* no "):
+        load_recipe(path)
