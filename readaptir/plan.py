@@ -256,6 +256,12 @@ class Planner:
                     f"{spec.source!r} is not a model folder (no config.json, nor a PEFT "
                     "adapter_config.json)",
                 )
+            if spec.revision is not None:
+                raise PlanError(
+                    key,
+                    f"revision {spec.revision!r} pins a hub model, but {spec.source!r} is a local "
+                    "folder, whose content is its identity: remove the revision",
+                )
             source = self._spelling(spec.source)
             return {"source": source, "fingerprint": self.fingerprints.path(local)}, (source,)
         first = spec.source.split("/")[0]

@@ -140,6 +140,10 @@ class CorpusSpec(_Strict):
             raise FieldError("url", f"{self.url!r} is not a URL the fetch stage reads ({schemes})")
         if self.sha256 is not None and not SHA256_RE.fullmatch(self.sha256):
             raise FieldError("sha256", f"64 lower-case hex digits, not {self.sha256!r}")
+        if self.sha256 is not None and self.path is not None:
+            raise FieldError(
+                "sha256", "pins a fetched archive (beir or url); a local path is hashed as it is"
+            )
         # a fetched collection is a folder of that name; any name is in stage names and tables
         key = "name" if self.name is not None else given[0]
         if (self.name is not None or self.path is None) and not CORPUS_NAME_RE.fullmatch(

@@ -221,6 +221,9 @@ def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, 
     config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_size": None}))
     with pytest.raises(RecipeError, match=r"retriever: its hidden_size is None but the base's is"):
         plan_of(project)  # a config lacking the field: the merge would copy it
+    edit(project, "ra-full", "extends: _common.yaml\nbase: {source: models/base, revision: v2}\n")
+    with pytest.raises(RecipeError, match=r"ra-full\.yaml:2: base: revision 'v2' pins a hub model"):
+        plan_of(project)  # a local folder has no revisions: its content is what counts
     for not_a_model in (".", "models/base/config.json", "data/toy"):
         edit(project, "ra-full", f"extends: _common.yaml\nbase: {not_a_model}\n")
         with pytest.raises(RecipeError, match=r"ra-full\.yaml:2: base: .* is not a model folder"):

@@ -155,6 +155,7 @@ def test_bad_values_name_file_key_and_line(tmp_path, extra, key, line, fragment)
         ("{url: notaurl}", "corpus.url", "'notaurl' is not a URL the fetch stage reads (https://"),
         ("'.'", "corpus.path", "no name; set `name:`"),
         ("{beir: scifact, sha256: abc}", "corpus.sha256", "64 lower-case hex digits"),
+        (f"{{path: data/x, sha256: '{'a' * 64}'}}", "corpus.sha256", "a local path is hashed as"),
         ("[data/a, {path: data/b, nmae: x}]", "corpus.1.nmae", "unknown key"),
         ("[data/a, 5]", "corpus.1", "got 5"),
         ("{beir: scifact, split: 5, nmae: x}", "corpus.split", "got 5 (YAML read a number: quote"),
