@@ -594,8 +594,9 @@ class Planner:
         own = recipe.adapter.train_corpus is None  # the evaluated collection's passages
         corpus = src.corpus if own else self.dataset(train, "adapter.train_corpus", False)
         runtime_keys = set(RUNTIME_FIELDS["adapter"])  # the same adapter either way
+        unused = {"batch_size"} if recipe.adapter.batch_tokens else set()  # batch_tokens rules
         hyper = recipe.adapter.model_dump(
-            mode="json", exclude={"train_corpus", "passages", *runtime_keys}
+            mode="json", exclude={"train_corpus", "passages", *runtime_keys, *unused}
         )
         runtime = recipe.adapter.model_dump(include=runtime_keys)
         explicit = {k: f"adapter.{k}" for k in runtime_keys & recipe.adapter.model_fields_set}

@@ -107,6 +107,15 @@ def test_adapter_hyperparameter_changes_adapter_not_delta(project):
     assert len(by_kind(after)["adapter"]) == 2
 
 
+def test_batch_size_leaves_the_adapter_alone_where_batch_tokens_replaces_it(project):
+    adapter_ids = []
+    for batch in ("{batch_tokens: 256}", "{batch_tokens: 256, batch_size: 64}", "{batch_size: 64}"):
+        edit(project, "ra-half", f"extends: _common.yaml\nadapter: {batch}\n")
+        edit(project, "ra-full", f"extends: _common.yaml\nadapter: {batch}\n")
+        adapter_ids.append([s.id for s in by_kind(plan_of(project))["adapter"]])
+    assert adapter_ids[0] == adapter_ids[1] != adapter_ids[2]
+
+
 def test_corpus_content_changes_embeddings_and_adapter(project):
     before = plan_of(project)
     corpus = project / "data" / "toy" / "corpus.jsonl"
