@@ -267,10 +267,19 @@ def render(
 
 
 def check_metric(metric: str, *metrics: dict[str, dict]) -> None:
-    """A metric no metrics file holds is a typo, not an empty table."""
+    """A metric no metrics file holds is a typo, not an empty table; the recipes whose files
+    lack it are named, not left out of averages and tables without a word."""
     held = {name for ms in metrics for m in ms.values() for name in m.get("readapted", {})}
     if held and metric not in held:
         raise ReportError(f"no metrics file holds {metric!r}; they hold {', '.join(sorted(held))}")
+    lacking = sorted(
+        n for ms in metrics for n, m in ms.items() if metric not in m.get("readapted", {})
+    )
+    if held and lacking:
+        LOG.warning(
+            "%d recipes have no %s (their eval.metrics leave it out), so no score here: %s",
+            len(lacking), metric, ", ".join(lacking),
+        )  # fmt: skip
 
 
 def table(

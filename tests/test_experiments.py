@@ -161,6 +161,18 @@ def test_paper_table_numbers_equal_the_metrics_files():
         report.table(METRICS, "recipes", metric="ndcg@10")  # a typo, not an empty table
 
 
+def test_recipes_without_the_metric_are_named(caplog):
+    other = metrics_file("r-fiqa", "fiqa", "RepLLaMA", 0.3, 0.31)
+    for side in ("retriever", "readapted", "change", "comparison"):
+        other[side] = {"MRR@10": 0.3}
+    with caplog.at_level("WARNING", logger="readaptir.report"):
+        header, rows = report.paper_rows({**METRICS, "r-fiqa": other}, "nDCG@10")
+        report.table({**METRICS, "r-fiqa": other}, "paper")
+    assert "fiqa" not in [row[0] for row in rows]  # no score to show
+    assert "1 recipes have no nDCG@10 (their eval.metrics leave it out)" in caplog.text
+    assert caplog.text.count("r-fiqa") == 1
+
+
 def test_two_recipes_in_one_cell_is_an_error():
     clash = {**METRICS, "r-sf2": metrics_file("r-sf2", "scifact", "RepLLaMA", 0.7, 0.71)}
     with pytest.raises(report.ReportError, match="'r-sf' and 'r-sf2' both fill RepLLaMA"):
