@@ -64,6 +64,18 @@ def tokenize(
     return [_ends_with_eos(list(ids), eos, max_length) for ids in enc["input_ids"]]
 
 
+def log_filled(lengths: Sequence[int], max_length: int, what: str) -> int:
+    """Says how many sequences fill ``max_length`` tokens (those that were longer were cut there:
+    a collection of long documents loses their tails) and returns the count."""
+    filled = int(np.count_nonzero(np.asarray(lengths) >= max_length))
+    if filled:
+        LOG.info(
+            "%d of %d %s (%.1f%%) fill max_length=%d tokens; any longer were cut there",
+            filled, len(lengths), what, 100 * filled / len(lengths), max_length,
+        )  # fmt: skip
+    return filled
+
+
 def _ends_with_eos(ids: list[int], eos: int, max_length: int) -> list[int]:
     # Trailing EOS may come from the tokenizer or from a literal "</s>" ending the text: keep one.
     end = len(ids)
@@ -195,6 +207,7 @@ def encode_texts(
 ) -> np.ndarray:
     """Vectors [len(texts), dim] as a numpy array in the order of ``texts``."""
     seqs = tokenize(tokenizer, texts, max_length, append_eos, lowercase)
+    log_filled([len(s) for s in seqs], max_length, "texts")
     vecs = encode_ids(
         model,
         seqs,

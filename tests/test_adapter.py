@@ -451,13 +451,15 @@ def test_training_text_is_title_and_text_of_the_selected_passages(tmp_path):
 
 
 @pytest.mark.parametrize("objective", [CAUSAL, MASKED])
-def test_training_tokens_start_with_bos_and_fit_max_length(tmp_path, tokenizer, objective):
+def test_training_tokens_start_with_bos_and_fit_max_length(tmp_path, tokenizer, objective, caplog):
     from readaptir.stages.adapter import _training_tokens
 
     long = " ".join(["word"] * 200)
     corpus = [{"_id": "a", "title": "T", "text": long}, {"_id": "b", "text": "short one"}]
     root = write_beir(tmp_path / "c", corpus, [{"_id": "q", "text": "x"}], [("q", "a", 1)])
-    store = _training_tokens(tokenizer, root, "all", None, "test", 16, objective)
+    with caplog.at_level("INFO", logger="readaptir.encoding"):
+        store = _training_tokens(tokenizer, root, "all", None, "test", 16, objective)
+    assert "1 of 2 passages (50.0%) fill max_length=16 tokens; any longer were cut" in caplog.text
     rows = [list(map(int, store[i])) for i in range(len(store))]
     assert len(rows[0]) == 16  # truncated to max_length (EOS included for causal)
     assert all(r[0] == tokenizer.bos_token_id for r in rows)

@@ -708,3 +708,15 @@ def test_a_peft_retriever_is_applied_whole_or_refused(tiny_base, tmp_path):
     (broken / "adapter_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match=r"adapter_model\.bin: not a readable PyTorch state dict"):
         load_encoder(broken, tiny_base)
+
+
+def test_texts_cut_at_max_length_are_counted_in_the_log(tiny_retriever, caplog):
+    model, tok = load_encoder(tiny_retriever)
+    texts = ["word " * 100, "a", "b"]
+    with caplog.at_level("INFO", logger="readaptir.encoding"):
+        encode_texts(model, tok, texts, pooling="last", normalize=True, max_length=16)
+    assert "1 of 3 texts (33.3%) fill max_length=16 tokens; any longer were cut there" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="readaptir.encoding"):
+        encode_texts(model, tok, texts[1:], pooling="last", normalize=True, max_length=16)
+    assert "fill max_length" not in caplog.text

@@ -40,6 +40,7 @@ from readaptir.distributed import (
     seed_rank,
     wrap_distributed,
 )
+from readaptir.encoding import log_filled
 from readaptir.models import load_tokenizer, torch_dtype
 from readaptir.packing import (
     Layout,
@@ -133,6 +134,7 @@ def _training_tokens(
         raise ValueError(
             f"{corpus_dir}: passages={selection!r} leaves no passage with text to train on"
         )
+    log_filled(tokens.lengths, max_length, "passages")
     return tokens
 
 
