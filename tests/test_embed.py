@@ -715,7 +715,7 @@ def test_texts_cut_at_max_length_are_counted_in_the_log(tiny_retriever, caplog):
     texts = ["word " * 100, "a", "b"]
     with caplog.at_level("INFO", logger="readaptir.encoding"):
         encode_texts(model, tok, texts, pooling="last", normalize=True, max_length=16)
-    assert "1 of 3 texts (33.3%) fill max_length=16 tokens; any longer were cut there" in caplog.text
+    assert "1 of 3 texts (33.3%) fill max_length=16 tokens; any longer were cut" in caplog.text
     caplog.clear()
     with caplog.at_level("INFO", logger="readaptir.encoding"):
         encode_texts(model, tok, texts[1:], pooling="last", normalize=True, max_length=16)
