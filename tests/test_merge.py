@@ -467,6 +467,24 @@ def test_minilm_sentence_transformer(tmp_path, minilm_dir):
     )
 
 
+def test_a_peft_retriever_over_a_sentence_transformer_keeps_its_bases_encoding(
+    tmp_path, minilm_dir
+):
+    from transformers import AutoModel
+
+    from readaptir.st_config import read_st_config
+
+    retriever = make_adapter(AutoModel.from_pretrained(minilm_dir), tmp_path / "lora", dora=False,
+                             seed=0, target_modules=["query", "value"])  # fmt: skip
+    assert not (retriever / "modules.json").exists()
+    out = tmp_path / "merged"
+    run_merge(out, minilm_dir, retriever, alpha=0.0, beta=1.0)
+    # the retriever alone is encoded with the base's pooling and length (Encoder.load): the
+    # readapted model must be too, or the comparison is of two encodings
+    assert read_st_config(out) == read_st_config(minilm_dir) is not None
+    assert (out / "modules.json").read_bytes() == (minilm_dir / "modules.json").read_bytes()
+
+
 @pytest.fixture(scope="module")
 def bf16_pair(tmp_path_factory, tiny_base, tiny_retriever) -> tuple[Path, Path]:
     """Θ and the retriever stored in bf16, as the 7B models are."""

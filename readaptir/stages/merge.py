@@ -151,7 +151,7 @@ def merge(
 
     config_src = base_dir if peft_retriever else retriever_dir
     _write_config(config_src, out, out_dtype)
-    _copy_support_files(retriever_dir, base_dir, out)
+    _copy_support_files(retriever_dir, base_dir, out, peft_retriever)
     info = {
         "alpha": alpha,
         "beta": beta,
@@ -197,8 +197,10 @@ def _write_config(src: Path, out: Path, dtype: torch.dtype) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _copy_support_files(retriever_dir: Path, base_dir: Path, out: Path) -> None:
-    """Tokenizer files (the retriever's, else the base's) and sentence-transformers modules."""
+def _copy_support_files(retriever_dir: Path, base_dir: Path, out: Path, peft: bool) -> None:
+    """Tokenizer files (the retriever's, else the base's) and sentence-transformers modules: the
+    retriever's, else for a PEFT retriever the base's, as the retriever alone is encoded with
+    (``Encoder.load``), so that both runs pool and cut texts alike."""
     tok_src = retriever_dir
     if not any((retriever_dir / f).is_file() for f in TOKENIZER_FILES):
         LOG.info("%s has no tokenizer files; using the base's", retriever_dir)
@@ -206,13 +208,13 @@ def _copy_support_files(retriever_dir: Path, base_dir: Path, out: Path) -> None:
     for name in TOKENIZER_FILES:
         if (tok_src / name).is_file():
             shutil.copy2(tok_src / name, out / name)
-    modules = retriever_dir / "modules.json"
-    if not modules.is_file():
+    st_src = retriever_dir if (retriever_dir / "modules.json").is_file() or not peft else base_dir
+    if not (st_src / "modules.json").is_file():
         return
     for name in ST_FILES:
-        if (retriever_dir / name).is_file():
-            shutil.copy2(retriever_dir / name, out / name)
-    for module in read_json(modules):
+        if (st_src / name).is_file():
+            shutil.copy2(st_src / name, out / name)
+    for module in read_json(st_src / "modules.json"):
         sub = module.get("path", "")
-        if sub and (retriever_dir / sub).is_dir():  # modules without files have no folder
-            shutil.copytree(retriever_dir / sub, out / sub)
+        if sub and (st_src / sub).is_dir():  # modules without files have no folder
+            shutil.copytree(st_src / sub, out / sub)
