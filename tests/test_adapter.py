@@ -287,6 +287,22 @@ def test_the_build_sees_the_module_names_training_will_have(tmp_path, tokenizer,
     assert not any(p.device.type == "meta" for p in model.parameters())
 
 
+def test_a_tokenizer_larger_than_the_bases_embeddings_fails_before_training(
+    tmp_path, tiny_base, tiny_beir
+):
+    import shutil
+
+    from readaptir.models import load_tokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    tok = load_tokenizer(base)
+    tok.add_tokens(["an-added-token"])  # a rare one: training would fail at its first step
+    tok.save_pretrained(base)
+    with pytest.raises(ValueError, match=r"base: the tokenizer has \d+ tokens, the model's"):
+        _train(tmp_path, "vocab", base, tiny_beir, max_steps=1)
+
+
 def test_passage_selection_by_judgments(tmp_path, tiny_base, tiny_beir):
     passages = [Passage(f"d{i}", "", f"text {i}") for i in range(5)]
     qrels = {"q0": {"d0": 1, "d1": 0}, "q1": {"d3": 2, "d9": 1}}

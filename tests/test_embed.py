@@ -663,6 +663,14 @@ def test_a_tokenizer_larger_than_the_embeddings_is_refused(tiny_retriever, tmp_p
         load_encoder(model)
 
 
+def test_cls_pooling_on_a_causal_decoder_is_refused(tiny_retriever, tmp_path):
+    encoding = resolve_encoding("custom", {"pooling": "cls"})
+    with pytest.raises(ValueError, match="pooling cls on a causal decoder: its first token"):
+        embed_module.Encoder.load(tiny_retriever, encoding, device="cpu")
+    # the same model with last-token pooling loads
+    embed_module.Encoder.load(tiny_retriever, resolve_encoding("repllama"), device="cpu")
+
+
 def test_a_peft_retriever_is_applied_whole_or_refused(tiny_base, tmp_path):
     from peft import PeftModel
     from test_merge import make_adapter

@@ -41,7 +41,7 @@ from readaptir.distributed import (
     wrap_distributed,
 )
 from readaptir.encoding import log_filled
-from readaptir.models import load_tokenizer, torch_dtype
+from readaptir.models import check_vocabulary, load_tokenizer, torch_dtype
 from readaptir.packing import (
     Layout,
     TokenStore,
@@ -213,7 +213,9 @@ def train_adapter(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    objective = objective_for(AutoConfig.from_pretrained(base_dir))
+    config = AutoConfig.from_pretrained(base_dir)
+    check_vocabulary(tokenizer, getattr(config, "vocab_size", None), base_dir)
+    objective = objective_for(config)
     if objective != CAUSAL and tokenizer.mask_token_id is None:
         raise ValueError(f"{base_dir}: an encoder base needs a tokenizer with a mask token")
     targets = list(target_modules) if target_modules else list(DEFAULT_TARGETS[objective])

@@ -165,6 +165,11 @@ class Encoder:
         model, tokenizer = load_encoder(
             model_dir, base_dir, default_dtype(dtype, device, resolved.pooling), device
         )
+        if resolved.pooling == "cls" and _is_causal(model.config):
+            raise ValueError(
+                f"{model_dir}: pooling cls on a causal decoder: its first token sees only "
+                "itself, so every text would get the same vector; use last (or mean)"
+            )
         LOG.info("encoding on %s in %s with %s", device, model.dtype, resolved)
         encode = functools.partial(
             encode_texts,
@@ -179,6 +184,15 @@ class Encoder:
         )
         dtype_name = str(model.dtype).removeprefix("torch.")
         return cls(encode, resolved, dtype_name, Path(model_dir), base_dir)
+
+
+def _is_causal(config: Any) -> bool:
+    from readaptir.training import CAUSAL, objective_for
+
+    try:
+        return objective_for(config) == CAUSAL
+    except ValueError:  # neither a causal nor a masked LM type: an encoder of another kind
+        return False
 
 
 def judged_queries(dataset_dir: Path, split: str) -> tuple[dict[str, str], set[str]]:
