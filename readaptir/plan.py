@@ -155,6 +155,9 @@ SHAPE_FIELDS = (
     "num_hidden_layers",
     "num_attention_heads",
     "num_key_value_heads",
+    "head_dim",
+    "attention_bias",
+    "mlp_bias",
     "vocab_size",
 )
 
@@ -180,9 +183,19 @@ def check_same_shape(base_dir: Path, retriever_dir: Path) -> None:
 
 
 def _shape_field(config: dict, key: str):
+    """A config's field, or what transformers takes where it is absent (or null)."""
+    value = config.get(key)
+    if value is not None:
+        return value
     if key == "num_key_value_heads":  # absent in older configs: one per attention head
-        return config.get(key, config.get("num_attention_heads"))
-    return config.get(key)
+        return config.get("num_attention_heads")
+    if key == "head_dim":
+        hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+        both = isinstance(hidden, int) and isinstance(heads, int) and heads > 0
+        return hidden // heads if both else None
+    if key in ("attention_bias", "mlp_bias"):
+        return False
+    return None
 
 
 @dataclass(frozen=True)
