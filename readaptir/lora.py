@@ -16,6 +16,7 @@ from types import EllipsisType
 import torch
 
 from readaptir.artifacts import read_json_mapping
+from readaptir.models import check_mergeable_adapter
 from readaptir.shards import Checkpoint, WeightError
 from readaptir.weights import Body, split_head, ties_embeddings
 
@@ -139,15 +140,10 @@ class Adapter:
         self.config = read_json_mapping(self.folder / "adapter_config.json")
         # PEFT's LoraConfig defaults, which its own loading applies to a config that omits them
         self.config = {"r": 8, "lora_alpha": 8, **self.config}
-        if self.config.get("peft_type") != "LORA":
-            raise WeightError(f"{adapter_dir}: only LoRA/DoRA adapters are supported")
-        if self.config.get("fan_in_fan_out"):
-            raise WeightError(f"{adapter_dir}: fan_in_fan_out (Conv1D) adapters are not supported")
-        if self.config.get("alora_invocation_tokens"):
-            raise WeightError(
-                f"{adapter_dir}: an aLoRA adapter (alora_invocation_tokens) changes only tokens "
-                "after its invocation, which no merged weight can do; PEFT refuses to merge it too"
-            )
+        try:
+            check_mergeable_adapter(self.config, self.folder)
+        except ValueError as err:
+            raise WeightError(str(err)) from None
         self.ckpt = Checkpoint(adapter_dir)
         by_target: dict[str, dict[str, str]] = {}  # stored target name → role → adapter key
         embeddings: set[str] = set()  # targets whose factors are stored as (r, num), (dim, r)

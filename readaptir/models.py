@@ -35,6 +35,23 @@ def peft_config(model_dir: Path) -> dict:
     return read_json_mapping(Path(model_dir) / ADAPTER_CONFIG)
 
 
+def check_mergeable_adapter(config: dict, adapter_dir: Path) -> None:
+    """A PEFT adapter's config that the merge can apply tensor by tensor: LoRA or DoRA, on Linear
+    (not Conv1D) layers, for every token; else an error naming the folder and why."""
+    if config.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{adapter_dir}: only LoRA/DoRA adapters are supported "
+            f"(its adapter_config.json has peft_type {config.get('peft_type')!r})"
+        )
+    if config.get("fan_in_fan_out"):
+        raise ValueError(f"{adapter_dir}: fan_in_fan_out (Conv1D) adapters are not supported")
+    if config.get("alora_invocation_tokens"):
+        raise ValueError(
+            f"{adapter_dir}: an aLoRA adapter (alora_invocation_tokens) changes only tokens "
+            "after its invocation, which no merged weight can do; PEFT refuses to merge it too"
+        )
+
+
 def warn_if_other_base(retriever_dir: Path, base: dict, where: str) -> None:
     """Warn when a PEFT retriever says it was trained on another hub model than the recipe's
     ``base`` (its identity: a hub id, or a local folder, which is not compared).

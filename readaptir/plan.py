@@ -21,7 +21,7 @@ from urllib.request import url2pathname
 from readaptir.artifacts import INDEX, SINGLE, read_json_mapping
 from readaptir.families import QUERY_FIELDS, ignores_identical_ids, resolve_encoding
 from readaptir.fingerprint import Fingerprints, project_path
-from readaptir.models import warn_if_other_base
+from readaptir.models import check_mergeable_adapter, peft_config, warn_if_other_base
 from readaptir.recipe import (
     RUNTIME_FIELDS,
     CorpusSpec,
@@ -549,6 +549,11 @@ class Planner:
         )
         if base_dir and retriever_dir and not src.retriever_is_peft:
             check_same_shape(base_dir, retriever_dir)
+        if retriever_dir and src.retriever_is_peft:  # the retriever alone runs with any kind
+            try:
+                check_mergeable_adapter(peft_config(retriever_dir), retriever_dir)
+            except ValueError as err:
+                raise PlanError("retriever", str(err)) from None
         full_retriever = None if src.retriever_is_peft or beta == 0 else retriever_dir
         for key, folder in (("base", base_dir), ("retriever", full_retriever)):
             if folder is not None and not any((folder / f).is_file() for f in (SINGLE, INDEX)):

@@ -749,3 +749,20 @@ def test_prune_makes_a_read_only_folder_writable_to_empty_it(tmp_path):
     workspace._writable_and_again(os.unlink, str(folder / "weights"), None)
     assert folder.stat().st_mode & 0o200 and not (folder / "weights").exists()
     assert workspace.remove([folder]) == [] and not folder.exists()
+
+
+def test_a_peft_retriever_the_merge_cannot_apply_fails_at_build(project):
+    adapter = project / "models" / "ia3"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    edit(project, "ra-half", "extends: _common.yaml\nretriever: {source: models/ia3}\n")
+    with pytest.raises(
+        RecipeError,
+        match=r"ra-half\.yaml:2: retriever: .*models/ia3: only LoRA/DoRA adapters are supported "
+        r"\(its adapter_config\.json has peft_type 'IA3'\)",
+    ):
+        plan_of(project)  # not after the adapter trained, in the merge
+    edit(project, "ra-half", "extends: _common.yaml\nretriever: {source: models/ia3}\n"
+                             "readapt: {alpha: 0.0, beta: 1.0}\n")  # fmt: skip
+    edit(project, "ra-full", "extends: _common.yaml\nreadapt: {alpha: 0.0, beta: 1.0}\n")
+    plan_of(project)  # the retriever alone needs no merge
