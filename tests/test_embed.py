@@ -671,6 +671,21 @@ def test_cls_pooling_on_a_causal_decoder_is_refused(tiny_retriever, tmp_path):
     embed_module.Encoder.load(tiny_retriever, resolve_encoding("repllama"), device="cpu")
 
 
+def test_lengths_past_an_encoders_position_table_are_refused(tokenizer, tmp_path):
+    from readaptir import tiny
+
+    bert = tiny.make_bert(tmp_path / "bert", tokenizer)
+    table = json.loads((bert / "config.json").read_text())["max_position_embeddings"]
+    too_long = resolve_encoding("custom", {"pooling": "cls", "max_passage_length": table + 1})
+    with pytest.raises(ValueError, match=rf"max_passage_length {table + 1} is more than the "
+                       rf"model's {table} positions"):  # fmt: skip
+        embed_module.Encoder.load(bert, too_long, device="cpu", sides=("passage",))
+    # the queries stage does not encode passages; the table's own length is allowed
+    embed_module.Encoder.load(bert, too_long, device="cpu", sides=("query",))
+    fits = resolve_encoding("custom", {"pooling": "cls", "max_passage_length": table})
+    embed_module.Encoder.load(bert, fits, device="cpu", sides=("passage",))
+
+
 def test_a_peft_retriever_is_applied_whole_or_refused(tiny_base, tmp_path):
     from peft import PeftModel
     from test_merge import make_adapter

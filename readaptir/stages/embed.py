@@ -165,6 +165,14 @@ class Encoder:
         model, tokenizer = load_encoder(
             model_dir, base_dir, default_dtype(dtype, device, resolved.pooling), device
         )
+        limit = _position_limit(model)
+        for side in sides:
+            length = getattr(resolved, f"max_{side}_length")
+            if limit is not None and length is not None and length > limit:
+                raise ValueError(
+                    f"{model_dir}: max_{side}_length {length} is more than the model's "
+                    f"{limit} positions (its table of position embeddings): set it to {limit}"
+                )
         if resolved.pooling == "cls" and _is_causal(model.config):
             raise ValueError(
                 f"{model_dir}: pooling cls on a causal decoder: its first token sees only "
@@ -184,6 +192,17 @@ class Encoder:
         )
         dtype_name = str(model.dtype).removeprefix("torch.")
         return cls(encode, resolved, dtype_name, Path(model_dir), base_dir)
+
+
+def _position_limit(model: torch.nn.Module) -> int | None:
+    """The positions of a model with a table of absolute position embeddings (BERT-style; a
+    longer text fails deep in the model); None for one without (rotary decoders)."""
+    from readaptir.training import position_offset
+
+    table = getattr(getattr(model, "embeddings", None), "position_embeddings", None)
+    if not isinstance(table, torch.nn.Embedding):
+        return None
+    return table.num_embeddings - position_offset(model)
 
 
 def _is_causal(config: Any) -> bool:
