@@ -66,6 +66,12 @@ def evaluate(
     summary: dict = {}
     if select:
         tune, reported = query_split(judged, select["fraction"], select["seed"])
+        if not tune or not reported:
+            raise ValueError(
+                f"alpha: auto splits the {len(judged)} judged queries of {dataset_dir} "
+                f"({split}) into {len(tune)} to choose α on and {len(reported)} to report on; "
+                "each part needs at least one: change tune_fraction, or set alpha"
+            )
         metric = parse_metric(select["metric"])[0]
         best, scores = select_alpha(select["grid"], per_query, tune, metric)
         chosen = select["grid"][best]
