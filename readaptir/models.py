@@ -103,7 +103,7 @@ def load_encoder(model_dir: Path, base_dir: Path | None = None, dtype=None, devi
     if adapter and base_dir is None:
         raise ValueError(f"{model_dir} is a PEFT adapter; its base model is needed to load it")
     weights_dir = Path(base_dir) if adapter else model_dir
-    tok_dir = model_dir if _has_tokenizer(model_dir) or base_dir is None else Path(base_dir)
+    tok_dir = model_dir if has_tokenizer(model_dir) or base_dir is None else Path(base_dir)
     tokenizer = load_tokenizer(tok_dir)
     rows = read_json_mapping(weights_dir / "config.json").get("vocab_size")
     check_vocabulary(tokenizer, rows, tok_dir)  # before minutes of loading a 7B model
@@ -124,7 +124,7 @@ def load_tokenizer(folder: Path):
     """The folder's tokenizer; none there, or one that does not load, is an error naming it."""
     from transformers import AutoTokenizer
 
-    if not _has_tokenizer(folder):
+    if not has_tokenizer(folder):
         raise FileNotFoundError(f"no tokenizer files in {folder}")
     try:
         return AutoTokenizer.from_pretrained(folder)
@@ -222,6 +222,6 @@ def _peft_key(name: str) -> str:
     return name.removesuffix(".weight") if "lora_magnitude_vector" in name else name
 
 
-def _has_tokenizer(path: Path) -> bool:
+def has_tokenizer(path: Path) -> bool:
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
     return any((Path(path) / n).is_file() for n in names)

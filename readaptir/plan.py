@@ -21,7 +21,12 @@ from urllib.request import url2pathname
 from readaptir.artifacts import INDEX, SINGLE, read_json_mapping
 from readaptir.families import QUERY_FIELDS, ignores_identical_ids, resolve_encoding
 from readaptir.fingerprint import Fingerprints, project_path
-from readaptir.models import check_mergeable_adapter, peft_config, warn_if_other_base
+from readaptir.models import (
+    check_mergeable_adapter,
+    has_tokenizer,
+    peft_config,
+    warn_if_other_base,
+)
 from readaptir.recipe import (
     RUNTIME_FIELDS,
     CorpusSpec,
@@ -405,6 +410,7 @@ class Planner:
         self._recipe_file = str(recipe.file)
         src = self.sources(recipe)
         peft = src.retriever_is_peft
+        self._check_tokenizers(recipe, peft)
         baseline = self.embed_and_search(
             recipe,
             src,
@@ -451,6 +457,22 @@ class Planner:
             group=src.dataset_name,
         )
         self.plan.recipes[recipe.name] = recipe.resolved()
+
+    def _check_tokenizers(self, recipe: Recipe, peft: bool) -> None:
+        """Local models without the tokenizer a stage will load: the retriever's (a PEFT one's
+        may be its base's) for the retriever-alone run, the base's for the adapter."""
+        base = self._local(recipe.base.source)
+        retriever = self._local(recipe.retriever.source)
+        if retriever is not None and not has_tokenizer(retriever):
+            if not peft:
+                raise PlanError("retriever", f"{retriever} has no tokenizer files to encode with")
+            if base is not None and not has_tokenizer(base):
+                raise PlanError(
+                    "retriever", f"neither {retriever} nor the base {base} has tokenizer files"
+                )
+        alphas = recipe.readapt.alpha_grid if recipe.readapt.auto else [recipe.readapt.alpha]
+        if base is not None and any(alphas) and not has_tokenizer(base):
+            raise PlanError("base", f"{base} has no tokenizer files, which the adapter trains with")
 
     def sources(self, recipe: Recipe) -> Sources:
         base, base_deps = self.model(recipe.base, "base")

@@ -766,3 +766,22 @@ def test_a_peft_retriever_the_merge_cannot_apply_fails_at_build(project):
                              "readapt: {alpha: 0.0, beta: 1.0}\n")  # fmt: skip
     edit(project, "ra-full", "extends: _common.yaml\nreadapt: {alpha: 0.0, beta: 1.0}\n")
     plan_of(project)  # the retriever alone needs no merge
+
+
+def test_a_local_model_without_the_tokenizer_a_stage_loads_fails_at_build(project):
+    def untokenized(name):
+        folder = project / "models" / f"{name}-notok"
+        shutil.copytree(project / "models" / name, folder)
+        for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt"):
+            (folder / f).unlink(missing_ok=True)
+        return f"models/{name}-notok"
+
+    retriever, base = untokenized("retriever"), untokenized("base")
+    edit(project, "ra-full", f"extends: _common.yaml\nretriever: {{source: {retriever}}}\n")
+    with pytest.raises(RecipeError, match=r"ra-full\.yaml:2: retriever: .* no tokenizer files"):
+        plan_of(project)  # the retriever-alone embed would fail
+    edit(project, "ra-full", f"extends: _common.yaml\nbase: {base}\n")
+    with pytest.raises(RecipeError, match=r"ra-full\.yaml:2: base: .* which the adapter trains"):
+        plan_of(project)  # the adapter stage would fail, after the retriever-alone stages
+    edit(project, "ra-full", f"extends: _common.yaml\nbase: {base}\nreadapt: {{alpha: 0.0}}\n")
+    plan_of(project)  # α = 0 trains no adapter: the base's tokenizer is not needed
