@@ -201,7 +201,14 @@ def _with_adapter(model, adapter_dir: Path, stored: set[str]):
 
     config = PeftConfig.from_pretrained(adapter_dir)
     config.task_type = None  # no task wrapper: CAUSAL_LM's would want generation hooks
-    model = PeftModel.from_pretrained(model, adapter_dir, config=config)
+    try:
+        model = PeftModel.from_pretrained(model, adapter_dir, config=config)
+    except RuntimeError as err:  # torch's size mismatch names tensors, not the folder
+        first = str(err).strip().splitlines()
+        raise ValueError(
+            f"{adapter_dir}: PEFT cannot load the adapter onto its base ({' '.join(first[:3])}): "
+            "check its adapter_config.json (r, target_modules) against its tensors and base"
+        ) from None
     # as saved: whole embedding layers only where the file has them (PEFT's "auto" would look
     # the base up on the hub)
     embeddings = any(k.endswith(("embed_tokens.weight", "lm_head.weight")) for k in stored)

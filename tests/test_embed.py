@@ -712,6 +712,8 @@ def test_a_peft_retriever_is_applied_whole_or_refused(tiny_base, tmp_path):
         load_encoder(adapter(lora, "fewer", target_modules=["q_proj"]), tiny_base)
     with pytest.raises(ValueError, match=r"adapter tensors are not applied .*lora_magnitude"):
         load_encoder(adapter(dora, "not-dora", use_dora=False), tiny_base)
+    with pytest.raises(ValueError, match=r"other-r: PEFT cannot load the adapter onto its base \("):
+        load_encoder(adapter(lora, "other-r", r=8), tiny_base)  # its tensors are r=4
     # trained over the causal-LM wrapper (keys under base_model.model.model.): taken as the merge
     # stage takes it, the body of PEFT's merge over that wrapper
     causal = make_adapter(
