@@ -297,10 +297,13 @@ def test_a_tokenizer_larger_than_the_bases_embeddings_fails_before_training(
     base = tmp_path / "base"
     shutil.copytree(tiny_base, base)
     tok = load_tokenizer(base)
-    tok.add_tokens(["an-added-token"])  # a rare one: training would fail at its first step
+    tok.add_tokens(["zebrafish"])  # past the embeddings: fine until a passage holds it
     tok.save_pretrained(base)
-    with pytest.raises(ValueError, match=r"base: the tokenizer has \d+ tokens, the model's"):
-        _train(tmp_path, "vocab", base, tiny_beir, max_steps=1)
+    _train(tmp_path, "unused", base, tiny_beir, max_steps=1)
+    corpus = tiny_beir / "corpus.jsonl"
+    corpus.write_text(corpus.read_text() + '{"_id": "z", "text": "a zebrafish"}\n')
+    with pytest.raises(ValueError, match=r"base: the tokenizer gives the corpus token id \d+, but"):
+        _train(tmp_path, "used", base, tiny_beir, max_steps=1)  # not at the step that meets it
 
 
 def test_passage_selection_by_judgments(tmp_path, tiny_base, tiny_beir):

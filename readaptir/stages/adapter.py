@@ -41,7 +41,7 @@ from readaptir.distributed import (
     wrap_distributed,
 )
 from readaptir.encoding import log_filled
-from readaptir.models import check_vocabulary, load_tokenizer, torch_dtype
+from readaptir.models import load_tokenizer, torch_dtype
 from readaptir.packing import (
     Layout,
     TokenStore,
@@ -213,9 +213,7 @@ def train_adapter(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    config = AutoConfig.from_pretrained(base_dir)
-    check_vocabulary(tokenizer, getattr(config, "vocab_size", None), base_dir)
-    objective = objective_for(config)
+    objective = objective_for(AutoConfig.from_pretrained(base_dir))
     if objective != CAUSAL and tokenizer.mask_token_id is None:
         raise ValueError(f"{base_dir}: an encoder base needs a tokenizer with a mask token")
     targets = list(target_modules) if target_modules else list(DEFAULT_TARGETS[objective])
@@ -239,6 +237,14 @@ def train_adapter(
     tokens = _training_tokens(
         tokenizer, corpus_dir, passages, qrels_dir, qrels_split, max_length, objective
     )
+    rows = model.get_input_embeddings().num_embeddings
+    if tokens.ids.size and int(tokens.ids.max()) >= rows:
+        # a tokenizer may hold tokens past the embeddings (added after training) that the corpus
+        # never uses; one it does use would fail at the first step that meets it
+        raise ValueError(
+            f"{base_dir}: the tokenizer gives the corpus token id {int(tokens.ids.max())}, but "
+            f"the model's embeddings have {rows} rows: they do not belong together"
+        )
     padded_budget = batch_tokens if batch_tokens and not packing else None
     step_size = f"{padded_budget} tokens" if padded_budget else rows_per_step
     plans = [
