@@ -66,11 +66,10 @@ def evaluate(
     summary: dict = {}
     if select:
         tune, reported = query_split(judged, select["fraction"], select["seed"])
-        if not tune or not reported:
+        if not tune or not reported:  # the split gives each part one of two queries or more
             raise ValueError(
-                f"alpha: auto splits the {len(judged)} judged queries of {dataset_dir} "
-                f"({split}) into {len(tune)} to choose α on and {len(reported)} to report on; "
-                "each part needs at least one: change tune_fraction, or set alpha"
+                f"alpha: auto needs at least two judged queries, to choose α on some and report "
+                f"on the others; {dataset_dir} ({split}) has {len(judged)}: set alpha"
             )
         metric = parse_metric(select["metric"])[0]
         best, scores = select_alpha(select["grid"], per_query, tune, metric)

@@ -165,6 +165,9 @@ SHAPE_FIELDS = (
     "mlp_bias",
     "vocab_size",
 )
+# compared only where both configs set them: what transformers takes in their absence differs
+# between model types (GPT-NeoX's attention bias is on, Gemma's head_dim is 256)
+BOTH_SET_FIELDS = ("head_dim", "attention_bias", "mlp_bias")
 
 
 def check_same_shape(base_dir: Path, retriever_dir: Path) -> None:
@@ -176,6 +179,8 @@ def check_same_shape(base_dir: Path, retriever_dir: Path) -> None:
         return  # the delta stage checks every tensor anyway
     for key in SHAPE_FIELDS:
         ours, theirs = _shape_field(retr, key), _shape_field(base, key)
+        if key in BOTH_SET_FIELDS and None in (retr.get(key), base.get(key)):
+            continue  # their defaults differ by model type; the merge checks every tensor
         if ours != theirs:  # a field one config lacks counts too: the merge copies that config
             # blamed on the one that lacks it, else on the retriever (the base is the reference)
             blamed, other = ("base", "retriever") if theirs is None else ("retriever", "base")
@@ -188,19 +193,9 @@ def check_same_shape(base_dir: Path, retriever_dir: Path) -> None:
 
 
 def _shape_field(config: dict, key: str):
-    """A config's field, or what transformers takes where it is absent (or null)."""
-    value = config.get(key)
-    if value is not None:
-        return value
     if key == "num_key_value_heads":  # absent in older configs: one per attention head
-        return config.get("num_attention_heads")
-    if key == "head_dim":
-        hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
-        both = isinstance(hidden, int) and isinstance(heads, int) and heads > 0
-        return hidden // heads if both else None
-    if key in ("attention_bias", "mlp_bias"):
-        return False
-    return None
+        return config.get(key, config.get("num_attention_heads"))
+    return config.get(key)
 
 
 @dataclass(frozen=True)
@@ -278,7 +273,8 @@ class Planner:
                 raise PlanError(
                     key,
                     f"revision {spec.revision!r} pins a hub model, but {spec.source!r} is a local "
-                    "folder, whose content is its identity: remove the revision",
+                    "folder, whose content is its identity: remove the revision (or set "
+                    "`revision: null` where a parent recipe sets it)",
                 )
             source = self._spelling(spec.source)
             return {"source": source, "fingerprint": self.fingerprints.path(local)}, (source,)

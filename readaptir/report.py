@@ -273,7 +273,7 @@ def check_metric(metric: str, *metrics: dict[str, dict]) -> None:
     if held and metric not in held:
         raise ReportError(f"no metrics file holds {metric!r}; they hold {', '.join(sorted(held))}")
     lacking = sorted(
-        n for ms in metrics for n, m in ms.items() if metric not in m.get("readapted", {})
+        {n for ms in metrics for n, m in ms.items() if metric not in m.get("readapted", {})}
     )
     if held and lacking:
         LOG.warning(
