@@ -229,6 +229,17 @@ def _peft_key(name: str) -> str:
     return name.removesuffix(".weight") if "lora_magnitude_vector" in name else name
 
 
+# files any one of which makes a tokenizer transformers can load (with what the folder holds)
+TOKENIZER_CORE = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+    "vocab.json",
+)
+
+
 def has_tokenizer(path: Path) -> bool:
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
-    return any((Path(path) / n).is_file() for n in names)
+    return any((Path(path) / n).is_file() for n in TOKENIZER_CORE)

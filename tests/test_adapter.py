@@ -304,6 +304,11 @@ def test_a_tokenizer_larger_than_the_bases_embeddings_fails_before_training(
     corpus.write_text(corpus.read_text() + '{"_id": "z", "text": "a zebrafish"}\n')
     with pytest.raises(ValueError, match=r"base: the tokenizer gives the corpus token id \d+, but"):
         _train(tmp_path, "used", base, tiny_beir, max_steps=1)  # not at the step that meets it
+    corpus.write_text(corpus.read_text().replace("a zebrafish", "a fish"))
+    tok.add_special_tokens({"pad_token": "<added-pad>"})  # every padded row would hold it
+    tok.save_pretrained(base)
+    with pytest.raises(ValueError, match=r"the tokenizer gives padding id \d+, but the model's"):
+        _train(tmp_path, "pad", base, tiny_beir, max_steps=1, packing=False)
 
 
 def test_passage_selection_by_judgments(tmp_path, tiny_base, tiny_beir):

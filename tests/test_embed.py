@@ -686,6 +686,22 @@ def test_lengths_past_an_encoders_position_table_are_refused(tokenizer, tmp_path
     embed_module.Encoder.load(bert, fits, device="cpu", sides=("passage",))
 
 
+def test_a_length_from_the_models_own_files_is_cut_to_its_positions(caplog, tmp_path):
+    # sentence-transformers' rule gives a RoBERTa-style model without max_seq_length its table's
+    # 514 rows, two of which are no positions: cut to 512, where a recipe's 514 is an error
+    from readaptir.st_config import Resolved
+
+    inferred = Resolved(pooling="mean", normalize=True, max_query_length=None,
+                        max_passage_length=514)  # fmt: skip
+    preset = resolve_encoding("sentence-transformers")
+    with caplog.at_level("WARNING", logger="readaptir.stages.embed"):
+        cut = embed_module._within_positions(inferred, preset, 512, tmp_path, ("passage",))
+    assert cut.max_passage_length == 512 and "past its 512 positions; using 512" in caplog.text
+    asked = resolve_encoding("sentence-transformers", {"max_passage_length": 514})
+    with pytest.raises(ValueError, match="max_passage_length 514 is more than the model's 512"):
+        embed_module._within_positions(inferred, asked, 512, tmp_path, ("passage",))
+
+
 def test_a_peft_retriever_is_applied_whole_or_refused(tiny_base, tmp_path):
     from peft import PeftModel
     from test_merge import make_adapter

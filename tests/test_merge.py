@@ -840,3 +840,21 @@ def test_a_delta_missing_a_tensor_is_refused(tmp_path, tiny_base, tiny_retriever
     with pytest.raises(WeightError, match=r"no Δ for tensor layers\.1\.mlp\.up_proj\.weight"):
         run_merge(out, tiny_base, tiny_retriever, alpha=0.0, beta=1.0, delta_dir=delta)
     assert not any(out.iterdir())
+
+
+def test_the_merged_tokenizer_is_the_one_the_retriever_alone_encodes_with(
+    tmp_path, tiny_base, tiny_retriever
+):
+    from readaptir.models import has_tokenizer, load_tokenizer
+
+    retriever = tmp_path / "retriever"
+    shutil.copytree(tiny_retriever, retriever)
+    for f in retriever.iterdir():
+        if f.name.startswith("tokenizer"):
+            f.unlink()
+    (retriever / "special_tokens_map.json").write_text('{"eos_token": "</s>"}')
+    assert not has_tokenizer(retriever)  # a special-tokens map alone loads no tokenizer
+    out = tmp_path / "merged"
+    run_merge(out, tiny_base, retriever, alpha=0.0, beta=0.5)
+    assert (out / "tokenizer.json").read_bytes() == (tiny_base / "tokenizer.json").read_bytes()
+    assert len(load_tokenizer(out)) == len(load_tokenizer(tiny_base))

@@ -237,14 +237,18 @@ def train_adapter(
     tokens = _training_tokens(
         tokenizer, corpus_dir, passages, qrels_dir, qrels_split, max_length, objective
     )
+    # a tokenizer may hold tokens past the embeddings (added after training) that training never
+    # feeds the model; one it does feed would fail at the first step that meets it
     rows = model.get_input_embeddings().num_embeddings
-    if tokens.ids.size and int(tokens.ids.max()) >= rows:
-        # a tokenizer may hold tokens past the embeddings (added after training) that the corpus
-        # never uses; one it does use would fail at the first step that meets it
-        raise ValueError(
-            f"{base_dir}: the tokenizer gives the corpus token id {int(tokens.ids.max())}, but "
-            f"the model's embeddings have {rows} rows: they do not belong together"
-        )
+    fed = {"the corpus token": int(tokens.ids.max()) if tokens.ids.size else 0, "padding": pad_id}
+    if objective != CAUSAL:
+        fed["the mask token"] = tokenizer.mask_token_id
+    for what, token in fed.items():
+        if token is not None and token >= rows:
+            raise ValueError(
+                f"{base_dir}: the tokenizer gives {what} id {token}, but the model's embeddings "
+                f"have {rows} rows: they do not belong together"
+            )
     padded_budget = batch_tokens if batch_tokens and not packing else None
     step_size = f"{padded_budget} tokens" if padded_budget else rows_per_step
     plans = [

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,7 +40,7 @@ from readaptir.distributed import (
 )
 from readaptir.encoding import DEFAULT_BATCH_TOKENS, encode_texts
 from readaptir.families import QUERY_FIELDS, Encoding, Pooling
-from readaptir.models import load_encoder, torch_dtype
+from readaptir.models import is_peft_adapter, load_encoder, torch_dtype
 from readaptir.st_config import Resolved, read_st_config, resolve_fields
 from readaptir.vectors import (
     CORPUS_IDS,
@@ -159,25 +159,19 @@ class Encoder:
         ``batch_tokens``, for the ``sides`` (query, passage) it will encode."""
         device = rank_device(launched_ranks(), resolve_device(device))
         st = read_st_config(model_dir) or read_st_config(base_dir)
+        st_base = is_peft_adapter(model_dir)  # its config.json is its base's
         resolved = resolve_fields(encoding, st, sides)
         if dtype is None and encoding.dtype != "auto":
             dtype = encoding.dtype
-        model, tokenizer = load_encoder(
-            model_dir, base_dir, default_dtype(dtype, device, resolved.pooling), device
-        )
-        limit = _position_limit(model)
-        for side in sides:
-            length = getattr(resolved, f"max_{side}_length")
-            if limit is not None and length is not None and length > limit:
-                raise ValueError(
-                    f"{model_dir}: max_{side}_length {length} is more than the model's "
-                    f"{limit} positions (its table of position embeddings): set it to {limit}"
-                )
-        if resolved.pooling == "cls" and _is_causal(model.config):
+        if resolved.pooling == "cls" and _is_causal(base_dir if st_base else model_dir):
             raise ValueError(
                 f"{model_dir}: pooling cls on a causal decoder: its first token sees only "
                 "itself, so every text would get the same vector; use last (or mean)"
             )
+        model, tokenizer = load_encoder(
+            model_dir, base_dir, default_dtype(dtype, device, resolved.pooling), device
+        )
+        resolved = _within_positions(resolved, encoding, _position_limit(model), model_dir, sides)
         LOG.info("encoding on %s in %s with %s", device, model.dtype, resolved)
         encode = functools.partial(
             encode_texts,
@@ -205,11 +199,36 @@ def _position_limit(model: torch.nn.Module) -> int | None:
     return table.num_embeddings - position_offset(model)
 
 
-def _is_causal(config: Any) -> bool:
+def _within_positions(
+    resolved: Resolved, encoding: Encoding, limit: int | None, model_dir: Path, sides: tuple
+) -> Resolved:
+    """``resolved`` with no length past ``limit``: one the recipe or family set is an error, one
+    taken from the model's own files (sentence-transformers' rule can give a RoBERTa-style
+    model its 514-row table, two of whose rows are not positions) is cut to it."""
+    for side in sides:
+        key = f"max_{side}_length"
+        length = getattr(resolved, key)
+        if limit is None or length is None or length <= limit:
+            continue
+        if getattr(encoding, key) is not None:
+            raise ValueError(
+                f"{model_dir}: {key} {length} is more than the model's {limit} positions (its "
+                f"table of position embeddings): set it to {limit}"
+            )
+        LOG.warning("%s: %s %d from the model's files is past its %d positions; using %d",
+                    model_dir, key, length, limit, limit)  # fmt: skip
+        resolved = replace(resolved, **{key: limit})
+    return resolved
+
+
+def _is_causal(config_dir: Path) -> bool:
+    """Whether the model whose config.json is in ``config_dir`` is a causal decoder."""
+    from transformers import AutoConfig
+
     from readaptir.training import CAUSAL, objective_for
 
     try:
-        return objective_for(config) == CAUSAL
+        return objective_for(AutoConfig.from_pretrained(config_dir)) == CAUSAL
     except ValueError:  # neither a causal nor a masked LM type: an encoder of another kind
         return False
 

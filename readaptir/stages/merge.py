@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from readaptir.artifacts import read_json, read_json_mapping, resolve_device, write_json
 from readaptir.lora import Adapter
-from readaptir.models import is_peft_adapter, torch_dtype
+from readaptir.models import has_tokenizer, is_peft_adapter, torch_dtype
 from readaptir.readapt import (
     Readapter,
     block_pool,
@@ -202,7 +202,7 @@ def _copy_support_files(retriever_dir: Path, base_dir: Path, out: Path, peft: bo
     retriever's, else for a PEFT retriever the base's, as the retriever alone is encoded with
     (``Encoder.load``), so that both runs pool and cut texts alike."""
     tok_src = retriever_dir
-    if not any((retriever_dir / f).is_file() for f in TOKENIZER_FILES):
+    if not has_tokenizer(retriever_dir):  # the rule the retriever alone is encoded by
         LOG.info("%s has no tokenizer files; using the base's", retriever_dir)
         tok_src = base_dir
     for name in TOKENIZER_FILES:
