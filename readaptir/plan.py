@@ -170,13 +170,8 @@ SHAPE_FIELDS = (
 BOTH_SET_FIELDS = ("head_dim", "attention_bias", "mlp_bias")
 
 
-def check_same_shape(base_dir: Path, retriever_dir: Path) -> None:
-    """Fail early when the retriever cannot be the base plus a delta (configs disagree)."""
-    try:
-        base = read_json_mapping(base_dir / "config.json")
-        retr = read_json_mapping(retriever_dir / "config.json")
-    except FileNotFoundError:
-        return  # the delta stage checks every tensor anyway
+def check_same_shape(base: dict, retr: dict) -> None:
+    """Fail early when the retriever cannot be the base plus a delta (their configs disagree)."""
     for key in SHAPE_FIELDS:
         ours, theirs = _shape_field(retr, key), _shape_field(base, key)
         if key in BOTH_SET_FIELDS and None in (retr.get(key), base.get(key)):
@@ -222,7 +217,6 @@ class Sources:
     dataset_name: str
     retriever_is_peft: bool
     ignore_identical_ids: bool
-    base_hidden: int | None  # a local base's hidden size (None: a hub id, or not in its config)
 
 
 class Planner:
@@ -236,12 +230,20 @@ class Planner:
         self._set_by: dict[tuple[str, str], str] = {}  # (stage, runtime field) → recipe file
         self._named: dict[tuple[str, str], str] = {}  # (kind, id) → the stage's name
         self._linear: dict[Path, list[str]] = {}  # a local base's body Linear modules
+        self._configs: dict[Path, dict | None] = {}  # local models' config.json, read once
 
     # -- external inputs -------------------------------------------------------------------------
 
     def _local(self, source: str) -> Path | None:
         path = project_path(self.root, source)
         return path if path.exists() else None
+
+    def _config(self, folder: Path) -> dict | None:
+        """A local model's config.json (None without one: a PEFT adapter), read once a build."""
+        if folder not in self._configs:
+            path = folder / "config.json"
+            self._configs[folder] = read_json_mapping(path) if path.is_file() else None
+        return self._configs[folder]
 
     def _spelling(self, path: str) -> str:
         """One spelling of a local path, whatever the recipe wrote (``./data/sci/``, its absolute
@@ -406,7 +408,7 @@ class Planner:
         self._recipe_file = str(recipe.file)
         src = self.sources(recipe)
         peft = src.retriever_is_peft
-        self._check_tokenizers(recipe, peft)
+        self._check_retriever_tokenizer(recipe, peft)
         baseline = self.embed_and_search(
             recipe,
             src,
@@ -454,9 +456,9 @@ class Planner:
         )
         self.plan.recipes[recipe.name] = recipe.resolved()
 
-    def _check_tokenizers(self, recipe: Recipe, peft: bool) -> None:
-        """Local models without the tokenizer a stage will load: the retriever's (a PEFT one's
-        may be its base's) for the retriever-alone run, the base's for the adapter."""
+    def _check_retriever_tokenizer(self, recipe: Recipe, peft: bool) -> None:
+        """A local retriever without the tokenizer its retriever-alone run loads (a PEFT one's
+        may be its base's)."""
         base = self._local(recipe.base.source)
         retriever = self._local(recipe.retriever.source)
         if retriever is not None and not has_tokenizer(retriever):
@@ -466,9 +468,6 @@ class Planner:
                 raise PlanError(
                     "retriever", f"neither {retriever} nor the base {base} has tokenizer files"
                 )
-        alphas = recipe.readapt.alpha_grid if recipe.readapt.auto else [recipe.readapt.alpha]
-        if base is not None and any(alphas) and not has_tokenizer(base):
-            raise PlanError("base", f"{base} has no tokenizer files, which the adapter trains with")
 
     def sources(self, recipe: Recipe) -> Sources:
         base, base_deps = self.model(recipe.base, "base")
@@ -493,21 +492,27 @@ class Planner:
             ignore_identical_ids=ignores_identical_ids(
                 recipe.eval.ignore_identical_ids, recipe.corpus.label
             ),
-            base_hidden=self._hidden_size(recipe.base.source),
         )
 
-    def _hidden_size(self, source: str) -> int | None:
-        folder = self._local(source)
-        if folder is None or not (folder / "config.json").is_file():
-            return None
-        hidden = read_json_mapping(folder / "config.json").get("hidden_size")
-        return hidden if isinstance(hidden, int) else None
-
-    def _check_targets(self, recipe: Recipe) -> None:
-        """A local base's Linear modules against explicit ``adapter.target_modules``, before any
-        stage runs (torch is imported for it, only then)."""
-        targets, folder = recipe.adapter.target_modules, self._local(recipe.base.source)
-        if not targets or folder is None or not (folder / "config.json").is_file():
+    def _check_base_for_adapter(self, recipe: Recipe) -> None:
+        """A local base the adapter stage would fail on: ``adapter.r`` above its hidden size, no
+        tokenizer, explicit ``adapter.target_modules`` that match none of its Linear modules
+        (torch is imported for that, only then)."""
+        folder = self._local(recipe.base.source)
+        config = self._config(folder) if folder is not None else None
+        if config is None:
+            return
+        hidden = config.get("hidden_size")
+        if isinstance(hidden, int) and recipe.adapter.r > hidden:
+            raise PlanError(
+                "adapter.r", f"{recipe.adapter.r} is above the base's hidden size ({hidden})"
+            )
+        if not has_tokenizer(folder):
+            raise PlanError(
+                "base", f"{folder} has no tokenizer files, which the adapter trains with"
+            )
+        targets = recipe.adapter.target_modules
+        if not targets:
             return
         if folder not in self._linear:
             from readaptir.training import base_linear_modules, unmatched
@@ -566,7 +571,9 @@ class Planner:
             self._local(recipe.retriever.source),
         )
         if base_dir and retriever_dir and not src.retriever_is_peft:
-            check_same_shape(base_dir, retriever_dir)
+            configs = self._config(base_dir), self._config(retriever_dir)
+            if None not in configs:  # else the merge checks every tensor
+                check_same_shape(*configs)
         if retriever_dir and src.retriever_is_peft:  # the retriever alone runs with any kind
             try:
                 check_mergeable_adapter(peft_config(retriever_dir), retriever_dir)
@@ -621,12 +628,8 @@ class Planner:
         )
 
     def add_adapter(self, recipe: Recipe, src: Sources) -> Stage:
-        train, hidden = recipe.train_corpus, src.base_hidden
-        if hidden is not None and recipe.adapter.r > hidden:
-            raise PlanError(
-                "adapter.r", f"{recipe.adapter.r} is above the base's hidden size ({hidden})"
-            )
-        self._check_targets(recipe)
+        train = recipe.train_corpus
+        self._check_base_for_adapter(recipe)
         own = recipe.adapter.train_corpus is None  # the evaluated collection's passages
         corpus = src.corpus if own else self.dataset(train, "adapter.train_corpus", False)
         runtime_keys = set(RUNTIME_FIELDS["adapter"])  # the same adapter either way
