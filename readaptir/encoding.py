@@ -64,16 +64,15 @@ def tokenize(
     return [_ends_with_eos(list(ids), eos, max_length) for ids in enc["input_ids"]]
 
 
-def log_filled(lengths: Sequence[int], max_length: int, what: str) -> int:
+def log_filled(lengths: Sequence[int], max_length: int, what: str) -> None:
     """Says how many sequences fill ``max_length`` tokens (those that were longer were cut there:
-    a collection of long documents loses their tails) and returns the count."""
+    a collection of long documents loses their tails)."""
     filled = int(np.count_nonzero(np.asarray(lengths) >= max_length))
     if filled:
         LOG.info(
             "%d of %d %s (%.1f%%) fill max_length=%d tokens; any longer were cut there",
             filled, len(lengths), what, 100 * filled / len(lengths), max_length,
         )  # fmt: skip
-    return filled
 
 
 def _ends_with_eos(ids: list[int], eos: int, max_length: int) -> list[int]:

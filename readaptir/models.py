@@ -106,7 +106,7 @@ def load_encoder(model_dir: Path, base_dir: Path | None = None, dtype=None, devi
     tok_dir = model_dir if has_tokenizer(model_dir) or base_dir is None else Path(base_dir)
     tokenizer = load_tokenizer(tok_dir)
     rows = read_json_mapping(weights_dir / "config.json").get("vocab_size")
-    check_vocabulary(tokenizer, rows, tok_dir)  # before minutes of loading a 7B model
+    _check_vocabulary(tokenizer, rows, tok_dir)  # before minutes of loading a 7B model
     if adapter:
         stored = _adapter_keys(model_dir)
         # an adapter trained over the causal-LM wrapper names its tensors under the body's prefix
@@ -116,7 +116,7 @@ def load_encoder(model_dir: Path, base_dir: Path | None = None, dtype=None, devi
         model = getattr(model, model.base_model_prefix) if wrapped else model
     else:
         model = _bare_model(model_dir, dtype)
-    check_vocabulary(tokenizer, model.get_input_embeddings().num_embeddings, tok_dir)
+    _check_vocabulary(tokenizer, model.get_input_embeddings().num_embeddings, tok_dir)
     return model.to(device).eval(), tokenizer
 
 
@@ -132,7 +132,7 @@ def load_tokenizer(folder: Path):
         raise ValueError(f"{folder}: the tokenizer does not load ({err})") from None
 
 
-def check_vocabulary(tokenizer, rows: int | None, tok_dir: Path) -> None:
+def _check_vocabulary(tokenizer, rows: int | None, tok_dir: Path) -> None:
     """A tokenizer with more tokens than the embeddings have rows is an error naming its folder
     (else the first text holding such a token fails deep in the model, with no file named)."""
     if isinstance(rows, int) and len(tokenizer) > rows:

@@ -253,6 +253,16 @@ def position_offset(model: torch.nn.Module) -> int:
     return padding_idx + 1 if isinstance(padding_idx, int) else 0
 
 
+def position_limit(model: torch.nn.Module) -> int | None:
+    """The positions of a model with a table of absolute position embeddings (BERT-style: a
+    longer text fails deep in the model); None for one without (rotary decoders)."""
+    embeddings = getattr(model.base_model, "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if not isinstance(table, torch.nn.Embedding):
+        return None
+    return table.num_embeddings - position_offset(model)
+
+
 def batch_loss(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """The model's mean loss over the targets in ``labels``; without labels (a rank's share of a
     step that holds no target) a zero that still reaches every parameter, so that DDP's gradient

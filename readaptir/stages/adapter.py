@@ -62,6 +62,7 @@ from readaptir.training import (
     load_checkpoint,
     load_model,
     objective_for,
+    position_limit,
     position_offset,
     remove_checkpoint,
     restore_checkpoint,
@@ -220,15 +221,15 @@ def train_adapter(
 
     model = load_model(base_dir, objective, torch_dtype(dtype))
     offset = position_offset(model)
+    rows = model.get_input_embeddings().num_embeddings
     # random replacement tokens: a tokenizer may hold more tokens than the embedding has rows
-    vocab_size = min(len(tokenizer), model.get_input_embeddings().num_embeddings)
-    if objective != CAUSAL:
-        limit = model.config.max_position_embeddings - offset
-        if max_length > limit:
-            LOG.warning(
-                "max_length %d exceeds the model's %d positions; using %d", max_length, limit, limit
-            )
-            max_length = limit
+    vocab_size = min(len(tokenizer), rows)
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:
+        LOG.warning(
+            "max_length %d exceeds the model's %d positions; using %d", max_length, limit, limit
+        )
+        max_length = limit
     # a token budget: packed rows are max_length long; padded ones fill each step to the budget
     rows_per_step = max(1, batch_tokens // max_length) if batch_tokens else batch_size
     if packing:
@@ -239,7 +240,6 @@ def train_adapter(
     )
     # a tokenizer may hold tokens past the embeddings (added after training) that training never
     # feeds the model; one it does feed would fail at the first step that meets it
-    rows = model.get_input_embeddings().num_embeddings
     fed = {"the corpus token": int(tokens.ids.max()) if tokens.ids.size else 0, "padding": pad_id}
     if objective != CAUSAL:
         fed["the mask token"] = tokenizer.mask_token_id

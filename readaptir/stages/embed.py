@@ -42,6 +42,7 @@ from readaptir.encoding import DEFAULT_BATCH_TOKENS, encode_texts
 from readaptir.families import QUERY_FIELDS, Encoding, Pooling
 from readaptir.models import is_peft_adapter, load_encoder, torch_dtype
 from readaptir.st_config import Resolved, read_st_config, resolve_fields
+from readaptir.training import CAUSAL, objective_for, position_limit
 from readaptir.vectors import (
     CORPUS_IDS,
     INFO_FILE,
@@ -159,11 +160,11 @@ class Encoder:
         ``batch_tokens``, for the ``sides`` (query, passage) it will encode."""
         device = rank_device(launched_ranks(), resolve_device(device))
         st = read_st_config(model_dir) or read_st_config(base_dir)
-        st_base = is_peft_adapter(model_dir)  # its config.json is its base's
+        config_dir = base_dir if is_peft_adapter(model_dir) else model_dir  # whose config.json
         resolved = resolve_fields(encoding, st, sides)
         if dtype is None and encoding.dtype != "auto":
             dtype = encoding.dtype
-        if resolved.pooling == "cls" and _is_causal(base_dir if st_base else model_dir):
+        if resolved.pooling == "cls" and config_dir is not None and _is_causal(config_dir):
             raise ValueError(
                 f"{model_dir}: pooling cls on a causal decoder: its first token sees only "
                 "itself, so every text would get the same vector; use last (or mean)"
@@ -171,7 +172,8 @@ class Encoder:
         model, tokenizer = load_encoder(
             model_dir, base_dir, default_dtype(dtype, device, resolved.pooling), device
         )
-        resolved = _within_positions(resolved, encoding, _position_limit(model), model_dir, sides)
+        limit = position_limit(model)
+        resolved = _within_positions(resolved, encoding, limit, model_dir, sides)
         LOG.info("encoding on %s in %s with %s", device, model.dtype, resolved)
         encode = functools.partial(
             encode_texts,
@@ -186,17 +188,6 @@ class Encoder:
         )
         dtype_name = str(model.dtype).removeprefix("torch.")
         return cls(encode, resolved, dtype_name, Path(model_dir), base_dir)
-
-
-def _position_limit(model: torch.nn.Module) -> int | None:
-    """The positions of a model with a table of absolute position embeddings (BERT-style; a
-    longer text fails deep in the model); None for one without (rotary decoders)."""
-    from readaptir.training import position_offset
-
-    table = getattr(getattr(model, "embeddings", None), "position_embeddings", None)
-    if not isinstance(table, torch.nn.Embedding):
-        return None
-    return table.num_embeddings - position_offset(model)
 
 
 def _within_positions(
@@ -224,8 +215,6 @@ def _within_positions(
 def _is_causal(config_dir: Path) -> bool:
     """Whether the model whose config.json is in ``config_dir`` is a causal decoder."""
     from transformers import AutoConfig
-
-    from readaptir.training import CAUSAL, objective_for
 
     try:
         return objective_for(AutoConfig.from_pretrained(config_dir)) == CAUSAL
