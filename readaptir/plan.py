@@ -531,15 +531,8 @@ class Planner:
         where, split = src.dataset_name, recipe.corpus.split
         # the corpus apart from the queries: new judgments or another split encode no passage
         passage_side = {k: v for k, v in src.encoding.items() if k not in QUERY_FIELDS}
-        embed = self.add(
-            "embed",
-            f"{who}-{where}",
-            f"Embed {where}'s passages with {who}",
-            {"model": model, "dataset": src.corpus.ident, "encoding": passage_side},
-            {**inputs, **src.corpus.inputs},
-            deps + src.corpus.deps,
-            group=where,
-        )
+        # the queries first: DVC runs independent stages in file order, and this stage reads the
+        # queries and judgments, so a broken file fails in seconds, not after the corpus is embedded
         queries = self.add(
             "queries",
             f"{who}-{where}",
@@ -547,6 +540,15 @@ class Planner:
             {"model": model, "dataset": src.dataset.ident, "encoding": src.encoding},
             {**inputs, **src.dataset.inputs},
             deps + src.dataset.deps,
+            group=where,
+        )
+        embed = self.add(
+            "embed",
+            f"{who}-{where}",
+            f"Embed {where}'s passages with {who}",
+            {"model": model, "dataset": src.corpus.ident, "encoding": passage_side},
+            {**inputs, **src.corpus.inputs},
+            deps + src.corpus.deps,
             group=where,
         )
         # one more when the query's own passage will be dropped, so that k remain, as in BEIR

@@ -159,6 +159,24 @@ def test_failed_stage_leaves_no_output_and_exits_nonzero(ws):
     assert not embed_dir.exists() or not any(embed_dir.iterdir())
 
 
+def test_a_broken_queries_file_fails_before_any_passage_is_embedded(ws):
+    queries = ws / "data" / "toy" / "queries.jsonl"
+    queries.write_text(queries.read_text() + '{"_id": "q9", "query": "no text field"}\n')
+    cli("build", "--root", str(ws))
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=ws,
+        env=workspace.tool_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert "queries.jsonl line" in done.stdout + done.stderr
+    ran = re.findall(r"Running stage '([^']+)'", done.stdout)
+    assert [n.split("-")[0] for n in ran] == ["queries"]  # the first stage to run, and the last
+    assert not (ws / "artifacts" / "embed").exists()
+
+
 def test_broken_generated_files_are_one_line_errors_naming_them(ws):
     def fails(*args: str) -> str:
         result = CliRunner().invoke(main, [*args, "--root", str(ws)])
