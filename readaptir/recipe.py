@@ -269,14 +269,27 @@ class EvalSpec(_Strict):
     metrics: list[str] = Field(["nDCG@10", "Recall@100", "MRR@10"], min_length=1)
     ignore_identical_ids: Literal["auto"] | bool = "auto"
 
-    @field_validator("metrics")
-    @classmethod
-    def _metrics_fit_the_run(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("a metric appears twice")
-        for name in value:
-            _check_cutoff(name, info.data.get("k", 100))
-        return value
+    @model_validator(mode="after")
+    def _metrics_fit_the_run(self) -> EvalSpec:
+        if len(set(self.metrics)) != len(self.metrics):
+            raise FieldError("metrics", "a metric appears twice")
+        if "metrics" in self.model_fields_set:
+            for name in self.metrics:
+                try:
+                    _check_cutoff(name, self.k)
+                except ValueError as err:
+                    raise FieldError("metrics", str(err)) from None
+            return self
+        # the defaults too: Recall@100 of a top-5 run would be a silently wrong score
+        deep = [m for m in self.metrics if (_check_metric(m) or 0) > self.k]
+        if deep:
+            need = max(_check_metric(m) or 0 for m in deep)
+            raise FieldError(
+                "k",
+                f"the default metrics {', '.join(deep)} need the top {need} of each run, but "
+                f"eval.k is {self.k}: raise eval.k or set eval.metrics",
+            )
+        return self
 
 
 def _check_cutoff(metric: str, k: int) -> None:

@@ -154,7 +154,7 @@ def test_how_a_local_input_is_spelled_or_labelled_changes_no_stage(project):
 
 def test_eval_k_changes_search_not_embed(project):
     before = plan_of(project)
-    edit(project, "ra-half", "extends: _common.yaml\neval: {k: 5}\n")
+    edit(project, "ra-half", "extends: _common.yaml\neval: {k: 5, metrics: [nDCG@5]}\n")
     assert changed_kinds(before, plan_of(project)) == {"search", "score"}
 
 

@@ -107,6 +107,8 @@ def test_every_problem_of_a_recipe_is_named(tmp_path):
         ("corpus: other\n", "corpus", 4, "appears twice"),
         ("eval: {metrics: [nDCG@10, Bleu@4]}\n", "eval.metrics", 4, "unknown metric 'Bleu@4'"),
         ("eval: {k: 10, metrics: [Recall@100]}\n", "eval.metrics", 4, "eval.k is 10"),
+        # the default metrics hold Recall@100: a top-5 run would score it silently wrong
+        ("eval: {k: 5}\n", "eval.k", 4, "nDCG@10, Recall@100, MRR@10 need the top 100"),
         ("readapt: {alpha: auto, tune_metric: ndcg}\n", "readapt.tune_metric", 4, "cutoff"),
         ("eval: {k: 0}\n", "eval.k", 4, "greater than 0"),
         ("name: 'bad name!'\n", "name", 4, "letters, digits"),
