@@ -201,6 +201,17 @@ class DatasetRef:
     deps: tuple[str, ...]
     inputs: dict[str, Stage]
 
+    def judgments(self, split: str) -> DatasetRef:
+        """The collection known by its ``split`` judgments alone (a local one; a fetched one is
+        known by its stage): what selects an adapter's judged or unjudged passages, which the
+        queries' text cannot change."""
+        prints = self.ident.get("fingerprints")
+        if prints is None:
+            return self
+        name = f"qrels/{split}.tsv"
+        ident = {**self.ident, "fingerprints": {name: prints[name]}}
+        return DatasetRef(ident, tuple(d for d in self.deps if d.endswith(f"/{name}")), self.inputs)
+
 
 @dataclass(frozen=True)
 class Sources:
@@ -651,7 +662,7 @@ class Planner:
         label, deps, inputs = where, src.base_deps + corpus.deps, dict(corpus.inputs)
         if selection != "all":
             # judged/unjudged in the evaluated split: the judgments are part of the identity
-            judged = src.dataset
+            judged = src.dataset.judgments(recipe.corpus.split)
             params["selection"] = {"passages": selection, "judgments": judged.ident}
             deps, inputs = deps + judged.deps, {**inputs, **judged.inputs}
             label += f"-{selection}"

@@ -597,6 +597,13 @@ def test_passage_selection_uses_the_evaluated_collections_judgments(project):
     judgments = adapter.params["selection"]["judgments"]
     assert (judgments["path"], judgments["split"]) == ("data/toy", "dev")
     assert adapter.params["selection"]["passages"] == "judged"
+    assert sorted(adapter.deps) == ["data/toy/corpus.jsonl", "data/toy/qrels/dev.tsv", "models/base"]
+    # a query's text selects no passage: the adapter (days at 7B) stays; a judgment is another
+    queries = project / "data" / "toy" / "queries.jsonl"
+    queries.write_text(queries.read_text().replace('"text": "', '"text": "edited ', 1))
+    assert changed_kinds(plan, plan_of(project)) == {"queries", "search", "score"}
+    (qrels / "dev.tsv").write_text((qrels / "dev.tsv").read_text() + "q1\td9\t1\n")
+    assert "adapter" in changed_kinds(plan, plan_of(project))
     # another collection's passages are not what the evaluated split's judgments name
     (project / "recipes" / "ra.yaml").write_text(
         "extends: _common.yaml\nadapter: {train_corpus: data/other}\n"
