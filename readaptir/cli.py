@@ -93,7 +93,8 @@ def validate(root: Path) -> None:
 )
 @user_errors
 def build(root: Path, prune: bool) -> None:
-    """Expand recipes/*.yaml into dvc.yaml and params.yaml."""
+    """Expand the recipes (recipes/**/*.yaml or .yml; files and folders named _* are partials)
+    into dvc.yaml and params.yaml."""
     recipes, plan = _plan(root)
     changed = dvcfile.write(plan, root)
     kinds: dict[str, int] = {}
@@ -111,7 +112,9 @@ def _leftovers(root: Path, stale: list[Path], prune: bool) -> None:
     """Say what stages no recipe has any more left under artifacts/, or remove it."""
     if not stale:
         return
-    folders = "folder" if len(stale) == 1 else "folders"
+    folders, belong, them = (
+        ("folder", "belongs", "it") if len(stale) == 1 else ("folders", "belong", "them")
+    )
     names = ", ".join(str(p.relative_to(root)) for p in stale[:3]) + (
         " …" if len(stale) > 3 else ""
     )
@@ -119,8 +122,8 @@ def _leftovers(root: Path, stale: list[Path], prune: bool) -> None:
         freed = workspace.freed_bytes(stale)
         size = f"{freed / 1e9:.1f} GB" if freed >= 1e8 else f"{freed / 1e6:.2f} MB"
         click.echo(
-            f"{len(stale)} {folders} under artifacts/ belong to no stage of these recipes "
-            f"({names}); removing them frees {size}: `readaptir build --prune`, then "
+            f"{len(stale)} {folders} under artifacts/ {belong} to no stage of these recipes "
+            f"({names}); removing {them} frees {size}: `readaptir build --prune`, then "
             "`dvc gc -w` for DVC's cached copies"
         )
         return
@@ -143,7 +146,12 @@ def stage() -> None:
 @stage.command("run")
 @click.argument("name")
 @root_option
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when present).")
+@click.option(
+    "--device",
+    default=None,
+    help="cpu, cuda, cuda:1 … (default: $READAPTIR_DEVICE, else a delta or merge stage's "
+    "readapt.device, else CUDA when present).",
+)
 @click.option(
     "--spec",
     "spec_file",

@@ -597,7 +597,11 @@ def test_passage_selection_uses_the_evaluated_collections_judgments(project):
     judgments = adapter.params["selection"]["judgments"]
     assert (judgments["path"], judgments["split"]) == ("data/toy", "dev")
     assert adapter.params["selection"]["passages"] == "judged"
-    assert sorted(adapter.deps) == ["data/toy/corpus.jsonl", "data/toy/qrels/dev.tsv", "models/base"]
+    assert sorted(adapter.deps) == [
+        "data/toy/corpus.jsonl",
+        "data/toy/qrels/dev.tsv",
+        "models/base",
+    ]
     # a query's text selects no passage: the adapter (days at 7B) stays; a judgment is another
     queries = project / "data" / "toy" / "queries.jsonl"
     queries.write_text(queries.read_text().replace('"text": "', '"text": "edited ', 1))
