@@ -14,7 +14,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -128,6 +128,24 @@ def stage_id(kind: str, params: dict, input_ids: dict[str, str]) -> str:
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def recipe_digest(resolved: dict) -> str:
+    """A resolved recipe's hash: its score stage holds it, so that a recipe in ``params.yaml``
+    edited after the build (``dvc exp run -S``) is refused rather than credited with the scores
+    of the recipe as built."""
+    blob = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def spec_is_intact(spec: dict) -> bool:
+    """Whether a stage spec read back from its file still hashes to its id (its inputs are
+    known by their output folders, named by their ids)."""
+    inputs = {role: PurePosixPath(out).name for role, out in (spec.get("inputs") or {}).items()}
+    try:
+        return stage_id(spec["kind"], spec["params"], dict(sorted(inputs.items()))) == spec["id"]
+    except (KeyError, TypeError):
+        return False
 
 
 def _identity(value):
@@ -429,8 +447,10 @@ class Planner:
             src.retriever_name,
         )
         readapt = recipe.readapt
+        resolved = recipe.resolved()
         params = {
             "recipe": recipe.name,
+            "recipe_digest": recipe_digest(resolved),
             "dataset": src.dataset.ident,
             "dataset_name": recipe.corpus.label,
             "metrics": list(recipe.eval.metrics),
@@ -465,7 +485,7 @@ class Planner:
             name=f"score-{recipe.name}",
             group=src.dataset_name,
         )
-        self.plan.recipes[recipe.name] = recipe.resolved()
+        self.plan.recipes[recipe.name] = resolved
 
     def _check_retriever_tokenizer(self, recipe: Recipe, peft: bool) -> None:
         """A local retriever without the tokenizer its retriever-alone run loads (a PEFT one's

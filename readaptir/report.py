@@ -71,9 +71,15 @@ def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, d
     metrics = {}
     for name in sorted(recipes):
         found = _read(root, rev, f"metrics/{name}.json")
-        if found is None:
-            continue
         at = "" if rev == WORKSPACE else f" at {rev[:12]}"
+        if found is None:  # a sweep's new variant, say: a curve without it would look whole
+            LOG.warning(
+                "recipe %s is built but has no metrics/%s.json%s: left out; run `dvc repro`",
+                name,
+                name,
+                at,
+            )
+            continue
         m = parse_mapping(found, f"metrics/{name}.json{at}", fmt="json")
         check_scores(m, f"metrics/{name}.json{at}")
         if name in built and "stage" not in m:

@@ -15,11 +15,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from readaptir.artifacts import atomic_output, resolve_device, write_json
+from readaptir.artifacts import (
+    atomic_output,
+    parse_mapping,
+    read_text,
+    resolve_device,
+    write_json,
+)
 from readaptir.distributed import launched_ranks, processes, relaunch
 from readaptir.dvcfile import ROOT_PARAMS, read_stage_spec
 from readaptir.fingerprint import Fingerprints, project_path
-from readaptir.plan import stage_output
+from readaptir.plan import recipe_digest, spec_is_intact, stage_output
 
 if TYPE_CHECKING:
     from readaptir.families import Encoding
@@ -210,6 +216,24 @@ def _fetch(ctx: Context, out: Path) -> dict:
     return fetch(p["url"], p["name"], out, sha256=p["sha256"])
 
 
+def _check_recipe(root: Path, p: dict, spec_file: str) -> None:
+    """The recipe in params.yaml (and in the copy a split pipeline's score stage tracks, beside
+    its specs) is the one this stage was planned from: one set there after the build
+    (``dvc exp run -S recipes.…``) would change no stage, and its metrics would claim it."""
+    if "recipe_digest" not in p:  # a spec of an earlier readaptir
+        return
+    copies = dict.fromkeys([Path(ROOT_PARAMS), Path(spec_file).parent / ROOT_PARAMS])
+    for name in copies:
+        path = Path(root) / name
+        recipes = parse_mapping(read_text(path), str(path)).get("recipes") or {}
+        if recipe_digest(recipes.get(p["recipe"])) != p["recipe_digest"]:
+            raise StaleInputError(
+                f"{path}: recipes.{p['recipe']} is not the recipe `readaptir build` planned "
+                "this stage from (edited by hand, or by `dvc exp run -S`): edit recipes/ and "
+                "run `readaptir build`"
+            )
+
+
 def _score(ctx: Context, out: Path) -> dict:
     from readaptir.evaluation import evaluate
 
@@ -271,6 +295,14 @@ def run_stage(
     if spec["kind"] not in RUNNERS:
         known = ", ".join(sorted(RUNNERS))
         raise ValueError(f"{spec_file}: stage {name} has kind {spec['kind']!r}, not one of {known}")
+    if not spec_is_intact(spec):
+        raise StaleInputError(
+            f"{spec_file}: stages.{name} does not hash to its id {spec['id']}: edited after "
+            f"`readaptir build` (by hand, or by `dvc exp run -S`), or built by another "
+            "readaptir; edit the recipes and run `readaptir build`"
+        )
+    if spec["kind"] == "score":
+        _check_recipe(root, spec["params"], spec_file)
     ctx = Context(root, spec, device)
     if spec["kind"] in DISTRIBUTED_KINDS and "WORLD_SIZE" not in os.environ:
         n = processes(procs, ctx.device)

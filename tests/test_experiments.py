@@ -462,6 +462,12 @@ def test_metrics_of_an_earlier_build_of_a_recipe_are_left_out(tmp_path, caplog):
     (tmp_path / "metrics" / "r-sf.json").write_text(json.dumps(m))
     assert list(report.load(tmp_path)[1]) == ["r-sf"]
     assert "metrics/r-sf.json records no score stage" in caplog.text
+    # built, never run (a sweep's new variant): named too, not silently missing from a curve
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["recipes"]["r-new"], params["scores"]["r-new"] = {}, "c" * 16
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert list(report.load(tmp_path)[1]) == ["r-sf"]
+    assert "recipe r-new is built but has no metrics/r-new.json: left out" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -258,6 +258,18 @@ def test_split_pipelines_run_and_stale_groups_go(ws, monkeypatch):
     assert repro(ws) == []
     assert json.loads((ws / "metrics" / "ra.json").read_text())["alpha"] == 0.5
     assert "| ra " in cli("report", "--root", str(ws), "--table", "recipes")
+    # α set in the copy the score stage tracks, as `dvc exp run -S` sets it: no stage would
+    # merge again, so the score stage refuses rather than credit α=0.3 with α=0.5's scores
+    copy = ws / "pipelines" / "toy" / "params.yaml"
+    built = copy.read_text()
+    edited = yaml.safe_load(built)
+    edited["recipes"]["ra"]["readapt"]["alpha"] = 0.3
+    copy.write_text(yaml.safe_dump(edited))
+    with pytest.raises(RuntimeError, match=r"recipes\.ra is not the recipe `readaptir build`"):
+        repro(ws)
+    ra = ws / "metrics" / "ra.json"  # DVC removes a stage's outputs before it runs
+    assert not ra.exists() or json.loads(ra.read_text())["alpha"] == 0.5
+    copy.write_text(built)
     (ws / "recipes" / "ra.yaml").unlink()  # no Δ left: the models group goes
     cli("build", "--root", str(ws))
     assert sorted(p.name for p in (ws / "pipelines").iterdir()) == ["toy"]

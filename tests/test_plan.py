@@ -11,7 +11,7 @@ import yaml
 from readaptir import dvcfile, workspace
 from readaptir import plan as plan_module
 from readaptir.fingerprint import Fingerprints
-from readaptir.plan import plan_recipes
+from readaptir.plan import plan_recipes, stage_id
 from readaptir.recipe import RecipeError, load_recipes
 
 
@@ -574,11 +574,39 @@ def test_a_search_spec_of_before_the_queries_stage_asks_for_a_build(project):
     dvcfile.write(plan, project)
     search = next(iter(by_kind(plan)["search"]))
     params = yaml.safe_load((project / "params.yaml").read_text())
-    del params["stages"][search.name]["inputs"]["queries"]  # as an earlier build wrote it
+    old = params["stages"][search.name]
+    del old["inputs"]["queries"]  # as an earlier build wrote it, and hashed it
+    old["id"] = stage_id(
+        "search", old["params"], {"embeddings": plan.stages[search.inputs["embeddings"]].id}
+    )
     (project / "old.yaml").write_text(yaml.safe_dump(params))
     (project / plan.stages[search.inputs["embeddings"]].out).mkdir(parents=True)
     with pytest.raises(StaleInputError, match="earlier readaptir.*run `readaptir build`"):
         run_stage(project, search.name, spec_file="old.yaml", device="cpu")
+
+
+def test_generated_parameters_edited_after_the_build_are_refused(project):
+    """`dvc exp run -S` edits params.yaml: no stage may run on, or score for, what the build did
+    not plan (the merge would keep its old α and the metrics claim the new one)."""
+    from readaptir.runner import StaleInputError, run_stage
+
+    plan = plan_of(project)
+    dvcfile.write(plan, project)
+    merge = next(iter(by_kind(plan)["merge"]))
+    built = (project / "params.yaml").read_text()
+    params = yaml.safe_load(built)
+    params["stages"][merge.name]["params"]["alpha"] = 0.3
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(StaleInputError, match=rf"stages\.{merge.name} does not hash to its id"):
+        run_stage(project, merge.name, device="cpu")
+    params = yaml.safe_load(built)
+    params["recipes"]["ra-half"]["readapt"]["alpha"] = 0.3
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(StaleInputError, match=r"recipes\.ra-half is not the recipe"):
+        run_stage(project, "score-ra-half", device="cpu")
+    (project / "params.yaml").write_text(built)  # as built: past both checks, to its inputs
+    with pytest.raises(FileNotFoundError, match="input 'baseline' of score-ra-half is missing"):
+        run_stage(project, "score-ra-half", device="cpu")
 
 
 def test_passage_selection_uses_the_evaluated_collections_judgments(project):
