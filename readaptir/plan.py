@@ -94,23 +94,32 @@ class Plan:
 
     def leftovers(self, root: Path) -> list[Path]:
         """Folders under ``root``/artifacts that no stage of this plan makes: outputs of stages
-        no recipe has any more, and what their interrupted runs left (``.work-`` checkpoints and
-        shards, ``.tmp-`` outputs). Anything else there is not readaptir's and is left out, and
-        so is everything of a stage whose ``.tmp-<id>-<pid>`` process still runs."""
-        keep = {(stage.kind, stage.id) for stage in self.stages.values()}
+        no recipe has any more, and what interrupted runs left: a ``.tmp-<id>-<pid>`` output
+        whose process is gone, a ``.work-`` folder (checkpoints, shards) of a stage no recipe
+        has or whose output is complete (restored from DVC's cache, say). Anything else there is
+        not readaptir's and is left out, and so is everything of a stage whose process runs."""
+        current = {(stage.kind, stage.id) for stage in self.stages.values()}
         found = []
         for kind in KIND_VERSIONS:
             folder = Path(root) / "artifacts" / kind
             made = [
-                (path, LEFTOVER.fullmatch(path.name))
+                (path, m)
                 for path in (sorted(folder.iterdir()) if folder.is_dir() else [])
+                if (m := LEFTOVER.fullmatch(path.name)) and path.is_dir()
             ]
-            keep |= {(kind, m["tmp"]) for _, m in made if m and m["pid"] and alive(int(m["pid"]))}
-            found += [
-                path
-                for path, m in made
-                if m and path.is_dir() and (kind, m["id"] or m["tmp"]) not in keep
-            ]
+            running = {m["tmp"] for _, m in made if m["pid"] and alive(int(m["pid"]))}
+            for path, m in made:
+                ident = m["id"] or m["tmp"]
+                if ident in running:
+                    continue
+                if m["tmp"]:  # its process is gone: nothing will rename it into place
+                    found.append(path)
+                elif path.name.startswith(".work-"):
+                    done = (folder / ident).is_dir()
+                    if (kind, ident) not in current or done:
+                        found.append(path)
+                elif (kind, ident) not in current:
+                    found.append(path)
         return found
 
 

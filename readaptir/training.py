@@ -338,7 +338,9 @@ class Meter:
 # --- checkpoints -------------------------------------------------------------------------------
 
 CHECKPOINT_FILE = "checkpoint.pt"
-RNG_FILE = "rng-rank{rank}.pt"  # one per rank: dropout draws differ from rank to rank
+# one per rank (dropout draws differ from rank to rank) and step: a kill after a rank's new state
+# is written and before rank 0's checkpoint.pt is leaves the state of the step that file holds
+RNG_FILE = "rng-rank{rank}-step{step}.pt"
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -363,9 +365,11 @@ def save_checkpoint(
 ) -> Path:
     """Everything a resumed run needs, each file written to a temporary name, flushed to disk and
     renamed into place: every rank its random-number state, rank 0 the adapter, optimizer and
-    progress."""
+    progress. A rank keeps its states of this step and the one before: rank 0's checkpoint.pt
+    is of one of them (the ranks step together, so none saves again before rank 0 has)."""
     folder = Path(folder)
-    with atomic_file(folder / RNG_FILE.format(rank=rank), fsync=True) as tmp:
+    step = progress["step"]
+    with atomic_file(folder / RNG_FILE.format(rank=rank, step=step), fsync=True) as tmp:
         made = {
             "step": progress["step"],
             "fingerprint": progress.get("fingerprint"),
@@ -382,7 +386,15 @@ def save_checkpoint(
         }
         with atomic_file(path, fsync=True) as tmp:
             torch.save(state, tmp)
+    for old in _rng_files(folder, rank)[:-2]:
+        old.unlink(missing_ok=True)
     return path
+
+
+def _rng_files(folder: Path, rank: int | str) -> list[Path]:
+    """A rank's (``*``: every rank's) random-number states in ``folder``, by step."""
+    found = Path(folder).glob(RNG_FILE.format(rank=rank, step="*"))
+    return sorted(found, key=lambda p: int(p.stem.rpartition("-step")[2]))
 
 
 def _load(path: Path, device: torch.device | str) -> Any:
@@ -415,7 +427,7 @@ def load_checkpoint(
     if state["progress"].get("fingerprint") != fingerprint:
         LOG.warning("%s belongs to a run with other settings; starting afresh", path)
         return None
-    rng_path = Path(folder) / RNG_FILE.format(rank=rank)
+    rng_path = Path(folder) / RNG_FILE.format(rank=rank, step=state["progress"]["step"])
     rng = _load(rng_path, "cpu") if rng_path.is_file() else None
     made = {"step": state["progress"]["step"], "fingerprint": fingerprint, "world": world}
     if rng is None or any(rng.get(key) != value for key, value in made.items()):
@@ -452,6 +464,6 @@ def restore_checkpoint(
 
 
 def remove_checkpoint(folder: Path) -> None:
-    for path in Path(folder).glob(RNG_FILE.format(rank="*")):
+    for path in _rng_files(folder, "*"):
         path.unlink(missing_ok=True)
     (Path(folder) / CHECKPOINT_FILE).unlink(missing_ok=True)

@@ -398,6 +398,38 @@ def test_checkpoint_keeps_each_ranks_random_state(tmp_path, caplog):
     assert other_world["rng"] is None
 
 
+def test_a_kill_between_a_random_state_and_its_checkpoint_resumes_exactly(tmp_path, monkeypatch):
+    from transformers import get_scheduler
+
+    from readaptir import training
+    from readaptir.training import load_checkpoint, restore_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = get_scheduler("constant", optimizer)
+    torch.manual_seed(5)
+    for step in (2, 4):
+        save_checkpoint(tmp_path, model, optimizer, schedule, {"step": step, "fingerprint": "f"})
+    expected = torch.rand(3)  # the draws after step 4's checkpoint
+
+    def killed(model):  # rank 0 dies once its step-6 random state is on disk
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "trainable_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, model, optimizer, schedule, {"step": 6, "fingerprint": "f"})
+    state = load_checkpoint(tmp_path, "f", "cpu")
+    assert state["progress"]["step"] == 4 and state["rng"] is not None
+    torch.manual_seed(7)
+    restore_checkpoint(state, model, optimizer, schedule)
+    assert torch.equal(torch.rand(3), expected)
+    # a finished save keeps this step's state and the one before, not older ones
+    monkeypatch.undo()
+    save_checkpoint(tmp_path, model, optimizer, schedule, {"step": 8, "fingerprint": "f"})
+    kept = sorted(p.name for p in tmp_path.glob("rng-rank0-*"))
+    assert kept == ["rng-rank0-step6.pt", "rng-rank0-step8.pt"]
+
+
 @pytest.mark.slow
 def test_two_rank_run_with_dropout_resumes_to_the_same_adapter(tmp_path, tiny_base, tiny_beir):
     """Each rank draws its own dropout masks: a resumed multi-process run must draw them again."""
@@ -583,9 +615,9 @@ def test_checkpoints_are_synced_to_disk_and_a_truncated_one_is_named(tmp_path, m
     path = save_checkpoint(tmp_path, model, optimizer, schedule, {"step": 3, "fingerprint": "f"})
     names = [Path(s).name for s in synced]
     assert any(n.startswith(".tmp-checkpoint.pt") for n in names)  # before the rename
-    assert any(n.startswith(".tmp-rng-rank0.pt") for n in names)
+    assert any(n.startswith(".tmp-rng-rank0-step3.pt") for n in names)
     assert names.count(tmp_path.name) == 2  # the folder, after each rename
-    rng = tmp_path / "rng-rank0.pt"
+    rng = tmp_path / "rng-rank0-step3.pt"
     rng.write_bytes(rng.read_bytes()[:100])  # what a power loss can leave
     resumed = load_checkpoint(tmp_path, "f", "cpu")  # the random state alone: fresh draws
     assert resumed is not None and resumed["rng"] is None

@@ -709,11 +709,14 @@ def test_build_names_and_prunes_what_no_stage_makes_any_more(project):
 
     before = merges()
     edit(project, "ra-half", "extends: _common.yaml\nreadapt: {alpha: 0.25}\n")
-    kept = [project / out for out in sorted(merges())]
-    kept.append(kept[0].with_name(f".work-{kept[0].name}"))  # a current stage's unfinished run
+    unfinished, done = [project / out for out in sorted(merges())]
+    kept = [done, unfinished.with_name(f".work-{unfinished.name}")]  # a killed run resumes
     stale = [project / out for out in sorted(before - merges())]  # α = 0.5, edited away
     stale.append(project / "artifacts" / "embed" / f".work-{'0' * 16}")
     stale.append(project / "artifacts" / "score" / f".tmp-{'1' * 16}-4242424242")  # no such pid
+    # what a killed run of a current stage left, once DVC restored its output from the cache
+    stale.append(done.with_name(f".work-{done.name}"))
+    stale.append(done.with_name(f".tmp-{done.name}-4242424242"))
     running = f"{'2' * 16}"  # a stage run by hand, still going: its folders stay
     kept += [project / "artifacts" / "embed" / f"{p}{running}" for p in ("", ".work-")]
     kept.append(project / "artifacts" / "embed" / f".tmp-{running}-{os.getpid()}")
