@@ -112,9 +112,7 @@ def _leftovers(root: Path, stale: list[Path], prune: bool) -> None:
     """Say what stages no recipe has any more left under artifacts/, or remove it."""
     if not stale:
         return
-    folders, belong, them = (
-        ("folder", "belongs", "it") if len(stale) == 1 else ("folders", "belong", "them")
-    )
+    folders, are, them = ("folder", "is", "it") if len(stale) == 1 else ("folders", "are", "them")
     names = ", ".join(str(p.relative_to(root)) for p in stale[:3]) + (
         " …" if len(stale) > 3 else ""
     )
@@ -122,9 +120,9 @@ def _leftovers(root: Path, stale: list[Path], prune: bool) -> None:
         freed = workspace.freed_bytes(stale)
         size = f"{freed / 1e9:.1f} GB" if freed >= 1e8 else f"{freed / 1e6:.2f} MB"
         click.echo(
-            f"{len(stale)} {folders} under artifacts/ {belong} to no stage of these recipes "
-            f"({names}); removing {them} frees {size}: `readaptir build --prune`, then "
-            "`dvc gc -w` for DVC's cached copies"
+            f"{len(stale)} {folders} under artifacts/ {are} left over (outputs no stage of these "
+            f"recipes makes, or what interrupted runs left: {names}); removing {them} frees "
+            f"{size}: `readaptir build --prune`, then `dvc gc -w` for DVC's cached copies"
         )
         return
     running = workspace.dvc_running(root)

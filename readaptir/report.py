@@ -18,6 +18,7 @@ from pathlib import Path
 
 from readaptir.artifacts import parse_mapping, read_text
 from readaptir.dvcfile import ROOT_PARAMS
+from readaptir.plan import recipe_digest
 
 LOG = logging.getLogger(__name__)
 SIGNIFICANCE = 0.05
@@ -99,6 +100,16 @@ def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, d
                 name,
                 str(m["stage"])[:8],
                 str(built[name])[:8],
+            )
+            continue
+        if m.get("recipe_digest") not in (None, recipe_digest(recipes[name])):
+            LOG.warning(
+                "metrics/%s.json%s is of another recipe %s than %s holds (set there by hand or "
+                "by `dvc exp run -S`?): left out; edit recipes/, `readaptir build`, `dvc repro`",
+                name,
+                at,
+                name,
+                ROOT_PARAMS,
             )
             continue
         metrics[name] = m

@@ -328,7 +328,11 @@ def run_stage(
     shutil.rmtree(ctx.work_dir, ignore_errors=True)  # what a killed run would have resumed from
     if spec["kind"] == "score":  # published only once the stage's own output is complete
         # the stage's id tells a report whether the metrics are of the recipe as now built
-        metrics = {**summary, "stage": spec["id"]}
+        metrics = {
+            **summary,
+            "stage": spec["id"],
+            "recipe_digest": spec["params"].get("recipe_digest"),
+        }
         write_json(Path(root) / "metrics" / f"{spec['params']['recipe']}.json", metrics)
     ctx.fingerprints.save()
     return out

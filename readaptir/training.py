@@ -386,15 +386,21 @@ def save_checkpoint(
         }
         with atomic_file(path, fsync=True) as tmp:
             torch.save(state, tmp)
-    for old in _rng_files(folder, rank)[:-2]:
-        old.unlink(missing_ok=True)
+    # this step's and the one before it: a file of a higher step is of an abandoned run
+    earlier = [p for p in _rng_files(folder, rank) if _step_of(p) < step][-1:]
+    for old in _rng_files(folder, rank):
+        if _step_of(old) != step and old not in earlier:
+            old.unlink(missing_ok=True)
     return path
 
 
 def _rng_files(folder: Path, rank: int | str) -> list[Path]:
     """A rank's (``*``: every rank's) random-number states in ``folder``, by step."""
-    found = Path(folder).glob(RNG_FILE.format(rank=rank, step="*"))
-    return sorted(found, key=lambda p: int(p.stem.rpartition("-step")[2]))
+    return sorted(Path(folder).glob(RNG_FILE.format(rank=rank, step="*")), key=_step_of)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.stem.rpartition("-step")[2])
 
 
 def _load(path: Path, device: torch.device | str) -> Any:

@@ -428,6 +428,9 @@ def test_a_kill_between_a_random_state_and_its_checkpoint_resumes_exactly(tmp_pa
     save_checkpoint(tmp_path, model, optimizer, schedule, {"step": 8, "fingerprint": "f"})
     kept = sorted(p.name for p in tmp_path.glob("rng-rank0-*"))
     assert kept == ["rng-rank0-step6.pt", "rng-rank0-step8.pt"]
+    # a run started afresh beside an abandoned one's later states keeps its own
+    save_checkpoint(tmp_path, model, optimizer, schedule, {"step": 2, "fingerprint": "g"})
+    assert [p.name for p in tmp_path.glob("rng-rank0-*")] == ["rng-rank0-step2.pt"]
 
 
 @pytest.mark.slow

@@ -468,6 +468,17 @@ def test_metrics_of_an_earlier_build_of_a_recipe_are_left_out(tmp_path, caplog):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert list(report.load(tmp_path)[1]) == ["r-sf"]
     assert "recipe r-new is built but has no metrics/r-new.json: left out" in caplog.text
+    # α set in params.yaml after the build (`dvc exp run -S`), no stage rerun: not α=0.25's scores
+    from readaptir.plan import recipe_digest
+
+    built = {"readapt": {"alpha": 0.5}}
+    m = {**m, "stage": "b" * 16, "recipe_digest": recipe_digest(built)}
+    (tmp_path / "metrics" / "r-sf.json").write_text(json.dumps(m))
+    assert report.load(tmp_path)[1] == {}
+    assert "metrics/r-sf.json is of another recipe r-sf than params.yaml holds" in caplog.text
+    params["recipes"]["r-sf"] = built
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert list(report.load(tmp_path)[1]) == ["r-sf"]
 
 
 @pytest.mark.parametrize(
