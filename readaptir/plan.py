@@ -138,15 +138,18 @@ def stage_id(kind: str, params: dict, input_ids: dict[str, str]) -> str:
         "params": _identity(params),
         "inputs": input_ids,
     }
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _digest(payload)
 
 
 def recipe_digest(resolved: dict) -> str:
     """A resolved recipe's hash: its score stage holds it, so that a recipe in ``params.yaml``
     edited after the build (``dvc exp run -S``) is refused rather than credited with the scores
     of the recipe as built."""
-    blob = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
+    return _digest(resolved)
+
+
+def _digest(value) -> str:
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -273,29 +273,31 @@ class EvalSpec(_Strict):
     def _metrics_fit_the_run(self) -> EvalSpec:
         if len(set(self.metrics)) != len(self.metrics):
             raise FieldError("metrics", "a metric appears twice")
-        if "metrics" in self.model_fields_set:
-            for name in self.metrics:
-                try:
-                    _check_cutoff(name, self.k)
-                except ValueError as err:
-                    raise FieldError("metrics", str(err)) from None
+        try:
+            cutoffs = {m: _check_metric(m) or 0 for m in self.metrics}
+        except ValueError as err:  # an unknown metric
+            raise FieldError("metrics", str(err)) from None
+        deep = [m for m in self.metrics if cutoffs[m] > self.k]
+        if not deep:
             return self
+        if "metrics" in self.model_fields_set:
+            raise FieldError("metrics", _too_deep(deep[0], cutoffs[deep[0]], self.k))
         # the defaults too: Recall@100 of a top-5 run would be a silently wrong score
-        deep = [m for m in self.metrics if (_check_metric(m) or 0) > self.k]
-        if deep:
-            need = max(_check_metric(m) or 0 for m in deep)
-            raise FieldError(
-                "k",
-                f"the default metrics {', '.join(deep)} need the top {need} of each run, but "
-                f"eval.k is {self.k}: raise eval.k or set eval.metrics",
-            )
-        return self
+        raise FieldError(
+            "k",
+            f"the default metrics {', '.join(deep)} need the top {max(cutoffs.values())} of each "
+            f"run, but eval.k is {self.k}: raise eval.k or set eval.metrics",
+        )
 
 
 def _check_cutoff(metric: str, k: int) -> None:
     cutoff = _check_metric(metric)
     if cutoff is not None and cutoff > k:
-        raise ValueError(f"{metric} needs the top {cutoff} of each run, but eval.k is {k}")
+        raise ValueError(_too_deep(metric, cutoff, k))
+
+
+def _too_deep(metric: str, cutoff: int, k: int) -> str:
+    return f"{metric} needs the top {cutoff} of each run, but eval.k is {k}"
 
 
 class Recipe(_Strict):

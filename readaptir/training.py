@@ -387,8 +387,9 @@ def save_checkpoint(
         with atomic_file(path, fsync=True) as tmp:
             torch.save(state, tmp)
     # this step's and the one before it: a file of a higher step is of an abandoned run
-    earlier = [p for p in _rng_files(folder, rank) if _step_of(p) < step][-1:]
-    for old in _rng_files(folder, rank):
+    files = _rng_files(folder, rank)
+    earlier = [p for p in files if _step_of(p) < step][-1:]
+    for old in files:
         if _step_of(old) != step and old not in earlier:
             old.unlink(missing_ok=True)
     return path
