@@ -57,6 +57,43 @@ def _read(root: Path, rev: str, path: str) -> str | None:
     return _git_show(root, rev, path)
 
 
+# a recipe whose metrics file is left out of report, diff and plots (or is in, with a doubt)
+FLAGS = {
+    "missing": "%d recipe(s) built but with no metrics/<recipe>.json%s, left out "
+    "(run `dvc repro`): %s",
+    "unrecorded": "%d metrics file(s)%s record no score stage (older than that record), so whether "
+    "they are of the recipe as now built is unknown (`dvc repro` makes sure): %s",
+    "stale": "%d metrics file(s)%s are of an earlier build of their recipe, left out "
+    "(run `dvc repro`): %s",
+    "foreign": f"%d metrics file(s)%s are of another recipe than {ROOT_PARAMS} holds (set there by "
+    "hand or by `dvc exp run -S`?), left out (edit recipes/, `readaptir build`, `dvc repro`): %s",
+}
+
+
+def _load_metrics(
+    root: Path, rev: str, name: str, recipe: dict, stage: str | None, into: dict[str, dict]
+) -> str | None:
+    """Recipe ``name``'s metrics file put ``into`` the metrics unless it is not of the recipe as
+    built; the reason (a key of ``FLAGS``) when it is left out or doubtful."""
+    found = _read(root, rev, f"metrics/{name}.json")
+    if found is None:  # a sweep's new variant, say: a curve without it would look whole
+        return "missing"
+    where = f"metrics/{name}.json" + ("" if rev == WORKSPACE else f" at {rev[:12]}")
+    m = parse_mapping(found, where, fmt="json")
+    check_scores(m, where)
+    if stage is not None and "stage" in m and m["stage"] != stage:
+        return "stale"
+    if m.get("recipe_digest") not in (None, recipe_digest(recipe)):
+        return "foreign"
+    into[name] = m
+    return "unrecorded" if stage is not None and "stage" not in m else None
+
+
+def _named(names: list[str], shown: int = 8) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, dict]]:
     """(resolved recipes, metrics) by recipe name, from the workspace or a git revision (or a
     DVC experiment's name)."""
@@ -69,50 +106,16 @@ def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, d
     if not recipes:
         where = str(root) if rev == WORKSPACE else f"git revision {rev}"
         raise ReportError(f"no built recipes in {where}: run `readaptir build` (and commit) first")
-    metrics = {}
+    metrics: dict[str, dict] = {}
+    flagged: dict[str, list[str]] = {reason: [] for reason in FLAGS}
     for name in sorted(recipes):
-        found = _read(root, rev, f"metrics/{name}.json")
-        at = "" if rev == WORKSPACE else f" at {rev[:12]}"
-        if found is None:  # a sweep's new variant, say: a curve without it would look whole
-            LOG.warning(
-                "recipe %s is built but has no metrics/%s.json%s: left out; run `dvc repro`",
-                name,
-                name,
-                at,
-            )
-            continue
-        m = parse_mapping(found, f"metrics/{name}.json{at}", fmt="json")
-        check_scores(m, f"metrics/{name}.json{at}")
-        if name in built and "stage" not in m:
-            LOG.warning(
-                "metrics/%s.json%s records no score stage (it is older than that record): "
-                "whether it is of recipe %s as now built is unknown; `dvc repro` makes sure",
-                name,
-                at,
-                name,
-            )
-        elif name in built and m["stage"] != built[name]:
-            LOG.warning(
-                "metrics/%s.json%s is of an earlier build of recipe %s (stage %s, now %s): "
-                "left out; run `dvc repro`",
-                name,
-                at,
-                name,
-                str(m["stage"])[:8],
-                str(built[name])[:8],
-            )
-            continue
-        if m.get("recipe_digest") not in (None, recipe_digest(recipes[name])):
-            LOG.warning(
-                "metrics/%s.json%s is of another recipe %s than %s holds (set there by hand or "
-                "by `dvc exp run -S`?): left out; edit recipes/, `readaptir build`, `dvc repro`",
-                name,
-                at,
-                name,
-                ROOT_PARAMS,
-            )
-            continue
-        metrics[name] = m
+        reason = _load_metrics(root, rev, name, recipes[name], built.get(name), metrics)
+        if reason:
+            flagged[reason].append(name)
+    at = "" if rev == WORKSPACE else f" at {rev[:12]}"
+    for reason, names in flagged.items():
+        if names:  # a hundred-variant sweep: one line, not a hundred
+            LOG.warning(FLAGS[reason], len(names), at, _named(names))
     return recipes, metrics
 
 
@@ -295,7 +298,7 @@ def check_metric(metric: str, *metrics: dict[str, dict]) -> None:
     if held and lacking:
         LOG.warning(
             "%d recipes have no %s (their eval.metrics leave it out), so no score here: %s",
-            len(lacking), metric, ", ".join(lacking),
+            len(lacking), metric, _named(lacking),
         )  # fmt: skip
 
 
@@ -338,6 +341,8 @@ def _flatten(data, prefix: str = "") -> dict[str, object]:
 
 def diff(root: Path, rev_a: str, rev_b: str = WORKSPACE, metric: str = "nDCG@10") -> str:
     """Per recipe: what changed in its parameters beside how its scores moved."""
+    if WORKSPACE not in (rev_a, rev_b) and resolve_rev(root, rev_a) == resolve_rev(root, rev_b):
+        LOG.warning("%s and %s are one commit: nothing can have changed", rev_a, rev_b)
     recipes_a, metrics_a = load(root, rev_a)
     recipes_b, metrics_b = load(root, rev_b)
     check_metric(metric, metrics_a, metrics_b)

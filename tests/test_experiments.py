@@ -183,7 +183,7 @@ def test_two_recipes_in_one_cell_is_an_error():
         report.paper_rows(clash, "nDCG@10")
 
 
-def test_diff_between_two_committed_recipe_versions(tmp_path):
+def test_diff_between_two_committed_recipe_versions(tmp_path, caplog):
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
 
@@ -206,6 +206,9 @@ def test_diff_between_two_committed_recipe_versions(tmp_path):
     git("update-ref", "refs/exps/ab/cdef/my-exp", "HEAD~1")  # where DVC keeps an experiment
     by_name = report.diff(tmp_path, "my-exp", "HEAD")
     assert "RA my-exp" in by_name and by_name.splitlines()[2:] == text.splitlines()[2:]
+    assert "are one commit" not in caplog.text
+    report.diff(tmp_path, "my-exp", "HEAD~1")  # a zero change that is no finding
+    assert "my-exp and HEAD~1 are one commit: nothing can have changed" in caplog.text
     with pytest.raises(report.ReportError, match="'nope' is neither a git revision nor"):
         report.diff(tmp_path, "nope")
 
@@ -455,19 +458,19 @@ def test_metrics_of_an_earlier_build_of_a_recipe_are_left_out(tmp_path, caplog):
     git("-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "a")
     build(0.25, "b" * 16)
     assert report.load(tmp_path)[1] == {}
-    assert "metrics/r-sf.json is of an earlier build of recipe r-sf" in caplog.text
+    assert "1 metrics file(s) are of an earlier build of their recipe, left out" in caplog.text
     row = report.diff(tmp_path, "HEAD").splitlines()[2]
     assert "readapt.alpha: 0.5 -> 0.25" in row and row.replace(" ", "").endswith("|0.7630|-|-|")
     del m["stage"]  # written before the record: kept, with a warning
     (tmp_path / "metrics" / "r-sf.json").write_text(json.dumps(m))
     assert list(report.load(tmp_path)[1]) == ["r-sf"]
-    assert "metrics/r-sf.json records no score stage" in caplog.text
+    assert "1 metrics file(s) record no score stage" in caplog.text
     # built, never run (a sweep's new variant): named too, not silently missing from a curve
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["recipes"]["r-new"], params["scores"]["r-new"] = {}, "c" * 16
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert list(report.load(tmp_path)[1]) == ["r-sf"]
-    assert "recipe r-new is built but has no metrics/r-new.json: left out" in caplog.text
+    assert "1 recipe(s) built but with no metrics/<recipe>.json, left out" in caplog.text
     # α set in params.yaml after the build (`dvc exp run -S`), no stage rerun: not α=0.25's scores
     from readaptir.plan import recipe_digest
 
@@ -475,10 +478,26 @@ def test_metrics_of_an_earlier_build_of_a_recipe_are_left_out(tmp_path, caplog):
     m = {**m, "stage": "b" * 16, "recipe_digest": recipe_digest(built)}
     (tmp_path / "metrics" / "r-sf.json").write_text(json.dumps(m))
     assert report.load(tmp_path)[1] == {}
-    assert "metrics/r-sf.json is of another recipe r-sf than params.yaml holds" in caplog.text
+    assert "1 metrics file(s) are of another recipe than params.yaml holds" in caplog.text
     params["recipes"]["r-sf"] = built
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert list(report.load(tmp_path)[1]) == ["r-sf"]
+
+
+def test_recipes_left_out_for_one_reason_are_one_warning(tmp_path, caplog):
+    """A new sweep of twenty variants, built and not yet run: one line naming them, not twenty."""
+    names = [f"sweep-a{i:02d}" for i in range(20)]
+    params = {"recipes": {"r-sf": {}, **{n: {} for n in names}}, "scores": {"r-sf": "a" * 16}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "metrics").mkdir()
+    m = {**metrics_file("r-sf", "scifact", "R", 0.745, 0.763), "stage": "a" * 16}
+    (tmp_path / "metrics" / "r-sf.json").write_text(json.dumps(m))
+    assert list(report.load(tmp_path)[1]) == ["r-sf"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "20 recipe(s) built but with no metrics/<recipe>.json, left out (run `dvc repro`): "
+        + ", ".join(names[:8])
+        + " and 12 more"
+    ]
 
 
 @pytest.mark.parametrize(
