@@ -39,8 +39,11 @@ def atomic_output(final: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
+        full = _full_disk(err, final)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise full from err
         raise
     if final.exists():
         shutil.rmtree(final) if final.is_dir() else final.unlink()
@@ -60,12 +63,46 @@ def atomic_file(path: Path, fsync: bool = False) -> Iterator[Path]:
         yield tmp
         if fsync:
             _fsync(tmp)
-    except BaseException:
+    except BaseException as err:
+        full = _full_disk(err, path)
         tmp.unlink(missing_ok=True)
+        if full:
+            raise full from err
         raise
     os.replace(tmp, path)
     if fsync:
         _fsync(path.parent)
+
+
+# free bytes under which a failed write is put down to a full disk: safetensors, torch.save and
+# numpy each say so differently (torch: "unexpected pos", numpy: "requested and 0 written"), and
+# none of them names the file
+FULL_DISK_FREE = 16 * 2**20
+
+
+class DiskFullError(OSError):
+    """A write that failed for want of space, naming what was being written."""
+
+
+def _full_disk(err: BaseException, target: Path) -> OSError | None:
+    """The error to raise instead of ``err`` when it came of a full disk (or quota): one that names
+    what was being written and keeps ``err``'s own words; None otherwise (checked before the
+    partial output is removed, which frees space)."""
+    if not isinstance(err, Exception) or isinstance(err, DiskFullError):
+        return None  # Ctrl-C and exits stay what they are, and so does an inner write's report
+    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full:
+        try:
+            full = shutil.disk_usage(target.parent).free < FULL_DISK_FREE
+        except OSError:
+            return None
+    if not full:
+        return None
+    return DiskFullError(
+        errno.ENOSPC,
+        f"no space left on the disk of {target} ({err}); free some (`readaptir build --prune`"
+        " removes outputs no stage makes any more, `dvc gc -w` then frees DVC's cache) and rerun",
+    )
 
 
 def _fsync(path: Path) -> None:

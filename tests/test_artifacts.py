@@ -1,0 +1,67 @@
+"""Stage outputs appear whole or not at all, and a failed write says what failed."""
+
+import errno
+from types import SimpleNamespace
+
+import pytest
+
+from readaptir import artifacts
+from readaptir.artifacts import DiskFullError, atomic_file, atomic_output
+
+
+@pytest.fixture
+def free_bytes(monkeypatch):
+    """Set what the disk has free, as ``shutil.disk_usage`` reports it."""
+    free = {"now": 10**12}
+    monkeypatch.setattr(
+        artifacts.shutil, "disk_usage", lambda path: SimpleNamespace(free=free["now"])
+    )
+    return free
+
+
+def _fail_inside(final, err):
+    with atomic_output(final) as tmp:
+        (tmp / "part.bin").write_bytes(b"x" * 10)
+        raise err
+
+
+# what torch.save, numpy and safetensors raise on a full disk, in their own words
+UNNAMED = [
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+    OSError("1000000 requested and 0 written"),
+]
+
+
+@pytest.mark.parametrize("err", UNNAMED, ids=["torch", "numpy"])
+def test_a_full_disk_names_the_output_keeps_the_cause_and_leaves_nothing(tmp_path, free_bytes, err):
+    final = tmp_path / "artifacts" / "embed" / "0123abcd"
+    free_bytes["now"] = 0
+    with pytest.raises(DiskFullError) as raised:
+        _fail_inside(final, err)
+    message = str(raised.value)
+    assert f"no space left on the disk of {final} ({err})" in message
+    assert "readaptir build --prune" in message and raised.value.errno == errno.ENOSPC
+    assert list(final.parent.iterdir()) == []
+
+
+def test_a_failure_with_space_left_is_passed_on_as_it_is(tmp_path, free_bytes):
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        _fail_inside(tmp_path / "out", UNNAMED[0])
+    # a quota says ENOSPC or EDQUOT while the disk itself has room
+    with pytest.raises(DiskFullError, match="no space left on the disk of"):
+        _fail_inside(tmp_path / "out", OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_stays_an_interrupt_and_an_inner_report_is_not_wrapped_twice(
+    tmp_path, free_bytes
+):
+    free_bytes["now"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        _fail_inside(tmp_path / "out", KeyboardInterrupt())
+    with pytest.raises(DiskFullError) as raised, atomic_output(tmp_path / "out") as tmp:
+        with atomic_file(tmp / "vectors.npy") as part:
+            part.write_bytes(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(raised.value).count("no space left on the disk of") == 1
+    assert list(tmp_path.iterdir()) == []
