@@ -41,7 +41,7 @@ from readaptir.workspace import alive
 # Bump a kind's version when its code changes what it writes: every stage of that kind rebuilds.
 KIND_VERSIONS = {
     "fetch": 1,
-    "adapter": 4,
+    "adapter": 5,
     "delta": 2,
     "merge": 3,
     "embed": 2,

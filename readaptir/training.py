@@ -192,9 +192,32 @@ def attach_adapter(
         if any(_matches(name, f) for f in fresh):
             param.data = param.data.float()
             param.requires_grad_(True)
-    if method == "dora" and fast_dora:
-        use_fast_dora(wrapped)
+    if method == "dora":
+        exact_dora_magnitudes(wrapped)
+        if fast_dora:
+            use_fast_dora(wrapped)
     return wrapped
+
+
+def exact_dora_magnitudes(model: torch.nn.Module) -> None:
+    """Start every DoRA magnitude at the float32 row norm ``||W + s·BA||`` (``||W||``, B being 0).
+
+    PEFT takes it in the base's dtype, so over a bf16 base each row's magnitude starts rounded to
+    bf16 (off by up to 2⁻⁸ of the norm) while the forward divides by the float32 norm: σ ≠ 1 before
+    any step, the untrained adapter already rescales Θ's rows at random (||Ψ||/||W|| ≈ 2e-3 for a
+    4096² layer), noise that α carries into every merge. One float32 weight at a time."""
+    from readaptir.dora import low_rank_row_norm
+
+    for module in model.modules():
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        for name, magnitude in (magnitudes or {}).items():
+            norm = low_rank_row_norm(
+                module.get_base_layer().weight,
+                module.lora_A[name].weight,
+                module.lora_B[name].weight,
+                module.scaling[name],
+            )
+            magnitude.weight.data = norm.to(magnitude.weight.dtype)
 
 
 def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:

@@ -15,6 +15,7 @@ from readaptir.dora import (
     low_rank_row_norm,
     use_fast_dora,
 )
+from readaptir.lora import dora_update, lora_product
 from readaptir.training import attach_adapter
 
 # the layer's own autograd functions run on a GPU too where there is one (bench/device.sh)
@@ -160,6 +161,32 @@ def _peft_then_ours(model, dora, magnitude, x, loss, autocast=None):
         x.grad = None
         results.append((out, grads))
     return results
+
+
+@pytest.mark.parametrize("fast_dora", [True, False])
+def test_an_untrained_dora_adapter_over_a_bf16_base_changes_nothing(fast_dora):
+    """PEFT starts a magnitude at ||W|| taken in bf16: σ = m / ||W + sBA|| would be off 1 by up
+    to 2⁻⁸ per row before any step, Ψ a random rescaling of Θ that α carries into every merge."""
+    torch.manual_seed(0)
+    base = _OneLayer()
+    base.body["up"].weight.data *= torch.rand(96, 1) * 4  # rows of different norms
+    model = attach_adapter(base.to(torch.bfloat16), objective="masked", method="dora", r=4,
+                           lora_alpha=8, dropout=0.0, target_modules=["up"],
+                           fast_dora=fast_dora)  # fmt: skip
+    (dora,) = [m for m in model.modules() if hasattr(m, "lora_magnitude_vector")]
+    weight = dora.get_base_layer().weight.float()
+    magnitude = dora.lora_magnitude_vector["default"].weight
+    assert magnitude.dtype == torch.float32
+    torch.testing.assert_close(magnitude, torch.linalg.vector_norm(weight, dim=1))
+    lora = lora_product(dora.lora_A["default"].weight, dora.lora_B["default"].weight, 2.0, False)
+    psi = dora_update(weight, lora, magnitude, embedding=False)
+    assert psi.abs().max() <= 1e-6 * weight.abs().max()
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        adapted = model(x)
+        with model.disable_adapter():
+            plain = model(x)
+    torch.testing.assert_close(adapted.float(), plain.float(), rtol=0.0, atol=1e-2)
 
 
 def test_linear_subclasses_keep_peft_s_forward():
