@@ -44,8 +44,8 @@ KIND_VERSIONS = {
     "adapter": 5,
     "delta": 2,
     "merge": 3,
-    "embed": 2,
-    "queries": 1,
+    "embed": 3,
+    "queries": 2,
     "search": 1,
     "score": 2,
 }

@@ -45,7 +45,7 @@ class STConfig:
     """
 
     pooling: str | None
-    normalize: bool
+    normalize: bool | None  # None: no Normalize module, no similarity_fn_name (cosine by default)
     max_seq_length: int | None
     do_lower_case: bool = False
     query_prompt: str = ""  # config_sentence_transformers.json's prompt for queries
@@ -79,12 +79,8 @@ _KNOWN_MODULES = (".Transformer", ".Pooling", ".Normalize")
 _DOCUMENT_PROMPTS = ("document", "passage", "corpus")
 
 
-def _prompts(model_dir: Path) -> tuple[str, str]:
+def _prompts(config: dict) -> tuple[str, str]:
     """(query prompt, passage prompt) that sentence-transformers would prepend by default."""
-    path = model_dir / "config_sentence_transformers.json"
-    if not path.is_file():
-        return "", ""
-    config = read_json_mapping(path)
     prompts = config.get("prompts") or {}
     default = prompts.get(config.get("default_prompt_name") or "", "")
     passage = next((prompts[n] for n in _DOCUMENT_PROMPTS if n in prompts), default)
@@ -106,6 +102,22 @@ def _inferred_max_length(model_dir: Path) -> int | None:
     if isinstance(tokenizer, int) and tokenizer < _SANE_MAX_LENGTH:
         limits.append(tokenizer)
     return min(limits, default=None)
+
+
+def _normalized(has_normalize: bool, similarity: Any, path: Path) -> bool | None:
+    """Whether the vectors are unit length before the dot products of the search, so that they
+    rank as the model's own similarity function does; None when the model leaves that to
+    sentence-transformers' default, cosine (Euclidean distance of unit vectors ranks as cosine)."""
+    euclidean_of_unit_vectors = similarity == "euclidean" and has_normalize
+    if similarity not in (None, "cosine", "dot") and not euclidean_of_unit_vectors:
+        raise ValueError(
+            f"{path}: similarity_fn_name {similarity!r} does not rank as the search here does "
+            "(by dot product, of unit vectors for cosine); supported: 'cosine', 'dot', and "
+            "'euclidean' after a Normalize module"
+        )
+    if has_normalize or similarity == "cosine":
+        return True
+    return False if similarity == "dot" else None
 
 
 def read_st_config(model_dir: Path | None) -> STConfig | None:
@@ -139,8 +151,12 @@ def read_st_config(model_dir: Path | None) -> STConfig | None:
         lower = bool(settings.get("do_lower_case", False))
     if max_len is None:
         max_len = _inferred_max_length(model_dir)
-    normalize = any(t.endswith(".Normalize") for t in types)
-    query_prompt, passage_prompt = _prompts(model_dir)
+    st_path = model_dir / "config_sentence_transformers.json"
+    st_settings = read_json_mapping(st_path) if st_path.is_file() else {}
+    normalize = _normalized(
+        any(t.endswith(".Normalize") for t in types), st_settings.get("similarity_fn_name"), st_path
+    )
+    query_prompt, passage_prompt = _prompts(st_settings)
     if (query_prompt or passage_prompt) and not include_prompt:
         raise ValueError(
             f"{model_dir}: its pooling leaves the prompt's tokens out (include_prompt false), "
@@ -203,6 +219,13 @@ def resolve_fields(
                 f"supported: {', '.join(_ST_POOLING)}"
             )
     normalize = encoding.normalize
+    if normalize is None and st is not None and st.normalize is None:
+        LOG.warning(
+            "the model names no similarity_fn_name and has no Normalize module: scored by "
+            "cosine, sentence-transformers' default; set retriever.encoding.normalize: false "
+            "for a model trained for the dot product"
+        )
+        normalize = True
     if normalize is None:
         normalize = st.normalize if st is not None else fallback("normalize", FALLBACK_NORMALIZE)
     st_len = st.max_seq_length if st is not None else None

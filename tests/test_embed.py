@@ -77,9 +77,10 @@ def test_st_config_newer_layout(tmp_path):
     (tmp_path / "modules.json").write_text(json.dumps(modules))
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "lasttoken"}))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
-    assert read_st_config(tmp_path) == STConfig("lasttoken", normalize=False, max_seq_length=128)
+    # no Normalize module and no similarity_fn_name: sentence-transformers' default, cosine
+    assert read_st_config(tmp_path) == STConfig("lasttoken", normalize=None, max_seq_length=128)
     resolved = resolve_fields(resolve_encoding("sentence-transformers"), read_st_config(tmp_path))
-    assert (resolved.pooling, resolved.normalize, resolved.max_query_length) == ("last", False, 128)
+    assert (resolved.pooling, resolved.normalize, resolved.max_query_length) == ("last", True, 128)
     with pytest.raises(ValueError, match="'max' is not supported"):
         resolve_fields(resolve_encoding("sentence-transformers"), STConfig("max", True, 10))
 
@@ -154,6 +155,57 @@ def test_st_modules_and_prompts_not_reproduced_are_refused(tmp_path):
     (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(default_only))
     st = read_st_config(tmp_path)
     assert (st.query_prompt, st.passage_prompt) == ("Represent: ", "Represent: ")
+
+
+@pytest.mark.parametrize(
+    "similarity, normalize_module, normalized",
+    [(None, False, True), ("cosine", False, True), ("dot", False, False), ("dot", True, True),
+     ("euclidean", True, True)],
+)  # fmt: skip
+def test_st_models_score_as_their_own_similarity(
+    minilm, minilm_dir, tmp_path, caplog, similarity, normalize_module, normalized
+):
+    """The search's dot products of our vectors rank as sentence-transformers' model.similarity
+    does: cosine unless config_sentence_transformers.json names another function."""
+    st_lib = pytest.importorskip("sentence_transformers")
+    folder = shutil.copytree(minilm_dir, tmp_path / "st")
+    modules = json.loads((folder / "modules.json").read_text())
+    kept = [m for m in modules if normalize_module or not m["type"].endswith(".Normalize")]
+    (folder / "modules.json").write_text(json.dumps(kept))
+    settings = {} if similarity is None else {"similarity_fn_name": similarity}
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(settings))
+    with caplog.at_level(logging.WARNING, logger="readaptir.st_config"):
+        resolved = resolve_fields(resolve_encoding("sentence-transformers"), read_st_config(folder))
+    assert resolved.normalize is normalized
+    unset = similarity is None and not normalize_module
+    assert ("names no similarity_fn_name" in caplog.text) == unset
+    model, tok = minilm
+    queries, passages = TEXTS[:2], TEXTS[2:]
+    kw = dict(pooling=resolved.pooling, normalize=resolved.normalize, max_length=256)
+    ours = encode_texts(model, tok, queries, **kw) @ encode_texts(model, tok, passages, **kw).T
+    st_model = st_lib.SentenceTransformer(str(folder), device="cpu")
+    theirs = st_model.similarity(st_model.encode(queries), st_model.encode(passages)).numpy()
+    if similarity == "euclidean":  # a negated distance: the same order as the cosine
+        np.testing.assert_array_equal(np.argsort(ours, axis=1), np.argsort(theirs, axis=1))
+    else:
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "similarity, normalize_module", [("manhattan", True), ("euclidean", False)]
+)
+def test_st_similarities_the_search_cannot_rank_by_are_refused(
+    tmp_path, similarity, normalize_module
+):
+    (tmp_path / "modules.json").write_text(
+        json.dumps(st_modules(*[{"path": "2", "type": "x.Normalize"}] * normalize_module))
+    )
+    settings = {"similarity_fn_name": similarity}
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(settings))
+    with pytest.raises(
+        ValueError, match=rf"config_sentence_transformers\.json: similarity_fn_name '{similarity}'"
+    ):
+        read_st_config(tmp_path)
 
 
 def test_missing_st_files_fall_back_with_a_warning(tiny_retriever, caplog):
@@ -290,7 +342,7 @@ def test_lowercase_before_tokenizing(tokenizer, tmp_path):
         json.dumps({"max_seq_length": 64, "do_lower_case": True})
     )
     st = read_st_config(tmp_path)
-    assert st == STConfig(None, False, 64, do_lower_case=True)
+    assert st == STConfig(None, None, 64, do_lower_case=True)
     assert resolve_fields(resolve_encoding("sentence-transformers"), st).lowercase is True
     # A recipe's explicit setting wins; other families never lower-case unless asked.
     assert not resolve_fields(Encoding(lowercase=False), st).lowercase
