@@ -126,6 +126,21 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def files_identity(*folders: Path | None) -> list[list]:
+    """Name, size and modification time of every file under ``folders``: cheap, and changed by a
+    rebuilt model (whose content-addressed id stays the same)."""
+    rows: list[list] = []
+    for index, folder in enumerate(folders):
+        if folder is None:
+            continue
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                name = path.relative_to(folder).as_posix()
+                rows.append([index, name, stat.st_size, stat.st_mtime_ns])
+    return rows
+
+
 def read_text(path: Path) -> str:
     """A text file's content; one that is not UTF-8 is an error naming it."""
     try:

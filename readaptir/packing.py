@@ -12,9 +12,12 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from readaptir.artifacts import atomic_file
 
 IGNORE = -100
 MLM_RATE = 0.15
@@ -40,6 +43,18 @@ class TokenStore:
         np.cumsum(lengths, out=offsets[1:])
         ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
         return cls(ids, offsets)
+
+    def save(self, ids_path: Path, offsets_path: Path) -> None:
+        """Both arrays as .npy files, each written whole or not at all."""
+        for array, path in ((self.ids, ids_path), (self.offsets, offsets_path)):
+            with atomic_file(path, fsync=True) as tmp, tmp.open("wb") as handle:
+                np.save(handle, array)
+
+    @classmethod
+    def load(cls, ids_path: Path, offsets_path: Path) -> TokenStore:
+        """Read back what ``save`` wrote, the ids memory-mapped: processes on one machine share
+        one copy in the page cache."""
+        return cls(np.load(ids_path, mmap_mode="r"), np.load(offsets_path))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

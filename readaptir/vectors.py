@@ -80,21 +80,6 @@ def complete_shard(path: Path, rows: int) -> bool:
     return vecs.ndim == 2 and vecs.shape[0] == rows and vecs.dtype == np.float16
 
 
-def files_identity(*folders: Path | None) -> list[list]:
-    """Name, size and modification time of every file under ``folders``: cheap, and changed by a
-    rebuilt model (whose content-addressed id stays the same)."""
-    rows: list[list] = []
-    for index, folder in enumerate(folders):
-        if folder is None:
-            continue
-        for path in sorted(Path(folder).rglob("*")):
-            if path.is_file():
-                stat = path.stat()
-                name = path.relative_to(folder).as_posix()
-                rows.append([index, name, stat.st_size, stat.st_mtime_ns])
-    return rows
-
-
 def prepare_work(folder: Path, identity: dict) -> None:
     """Keep the shards in ``folder`` only if they were made under ``identity`` (shard size,
     corpus size, model files); otherwise start it afresh."""

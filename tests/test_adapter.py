@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig,
 
 from readaptir import tiny
 from readaptir.corpus import Passage, load_qrels
+from readaptir.stages import adapter as adapter_module
 from readaptir.stages.adapter import passage_filter, train_adapter
 from readaptir.training import (
     CAUSAL,
@@ -135,17 +136,38 @@ def _killed_at_step_7(tmp_path, base, corpus) -> Path:
     return ckpt
 
 
-def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_base, tiny_beir):
+def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_base, tiny_beir, monkeypatch):
     args = RESUMABLE
     _, whole_out, whole = _train(tmp_path, "whole", tiny_base, tiny_beir, **args)
     ckpt = _killed_at_step_7(tmp_path, tiny_base, tiny_beir)
-    summary, out, resumed = _train(
-        tmp_path, "resumed", tiny_base, tiny_beir, **args, checkpoint_dir=ckpt, checkpoint_every=3
-    )
+    assert (ckpt / adapter_module.TOKENS_MANIFEST).is_file()
+
+    def tokenize(*args, **kwargs):
+        raise AssertionError("a resumed run tokenized the corpus again")
+
+    with monkeypatch.context() as patch:  # the killed run's tokens are read back
+        patch.setattr(adapter_module, "_tokenize", tokenize)
+        summary, out, resumed = _train(tmp_path, "resumed", tiny_base, tiny_beir, **args,
+                                       checkpoint_dir=ckpt, checkpoint_every=3)  # fmt: skip
     assert summary["resumed_from"] == 6 and summary["steps"] == 12
     assert _same(whole, resumed)
     assert _log(out) == _log(whole_out)
-    assert not (ckpt / "checkpoint.pt").exists() and not list(ckpt.glob("rng-rank*"))
+    assert not list(ckpt.iterdir())  # checkpoint, random states and tokens all gone
+
+
+def test_saved_tokens_of_other_settings_are_made_again(tmp_path, tiny_base, tiny_beir, monkeypatch):
+    ckpt = _killed_at_step_7(tmp_path, tiny_base, tiny_beir)
+    calls = []
+    tokenize = adapter_module._tokenize
+    monkeypatch.setattr(
+        adapter_module, "_tokenize", lambda *a, **k: calls.append(a[2]) or tokenize(*a, **k)
+    )
+    args = {**RESUMABLE, "max_length": 16}  # shorter passages: other tokens, another run
+    fresh = _train(tmp_path, "fresh", tiny_base, tiny_beir, **args)[2]
+    summary, _, other = _train(tmp_path, "other", tiny_base, tiny_beir, **args,
+                               checkpoint_dir=ckpt, checkpoint_every=3)  # fmt: skip
+    assert calls == [16, 16] and summary["resumed_from"] == 0
+    assert _same(fresh, other)
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, tiny_base, tiny_beir, caplog):
@@ -449,6 +471,12 @@ def test_two_rank_run_with_dropout_resumes_to_the_same_adapter(tmp_path, tiny_ba
         "                  checkpoint_dir=None if ckpt == '-' else Path(ckpt))\n"
         "print(json.dumps(s))\n"
     )
+    script = (
+        "import readaptir.stages.adapter as stage\n"
+        "tokenize = stage._tokenize\n"
+        "stage._tokenize = lambda *a, **k: print('tokenized', flush=True) or tokenize(*a, **k)\n"
+        + script
+    )
 
     def run(name: str, ckpt: str, kill: str = "") -> list[tuple[int, str]]:
         out = tmp_path / name
@@ -457,8 +485,12 @@ def test_two_rank_run_with_dropout_resumes_to_the_same_adapter(tmp_path, tiny_ba
     whole = run("whole", "-")
     assert [code for code, _ in whole] == [0, 0]
     ckpt = str(tmp_path / "ckpt")
-    assert [code for code, _ in run("killed", ckpt, "kill")] == [3, 3]
+    killed = run("killed", ckpt, "kill")
+    assert [code for code, _ in killed] == [3, 3]
+    # with a work folder rank 0 alone tokenizes, once: the other rank and the resumed run read it
+    assert [out.count("tokenized") for _, out in whole + killed] == [1, 1, 1, 0]
     resumed = run("resumed", ckpt)
+    assert [out.count("tokenized") for _, out in resumed] == [0, 0]
     assert json.loads(resumed[0][1].strip().splitlines()[-1])["resumed_from"] == 6
     weights = [
         load_file(tmp_path / n / "0" / "adapter_model.safetensors") for n in ("whole", "resumed")

@@ -4,7 +4,8 @@ Decoder bases learn by next-token prediction, encoder bases by masked-LM (``trai
 is title and text (EOS appended for decoders) truncated to ``max_length``; by default passages are
 packed into rows of ``max_length`` tokens with attention kept inside each passage (``packing``),
 ``packing=False`` pads one per row. With ``checkpoint_dir`` a killed run resumes from its last
-checkpoint and ends with the adapter an uninterrupted run makes (bit for bit on CPU). Under
+checkpoint and ends with the adapter an uninterrupted run makes (bit for bit on CPU), its tokens
+read back from the same folder. Under
 torchrun (WORLD_SIZE > 1) the ranks share each step's rows and the model is wrapped in DDP; the
 steps are the same as in one process (``distributed``).
 
@@ -24,13 +25,16 @@ import itertools
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from readaptir.artifacts import files_identity, read_json, write_json
 from readaptir.corpus import Passage, iter_passages, load_qrels, passage_text
 from readaptir.distributed import (
+    Ranks,
     join_group,
     launched_ranks,
     leave_distributed,
@@ -75,6 +79,9 @@ LOG = logging.getLogger(__name__)
 TRAIN_TEMPLATE = "{title} {text}"
 PASSAGE_SELECTIONS = ("all", "judged", "unjudged")
 TOKENIZE_CHUNK = 10_000
+# the training tokens in a work folder: the arrays, then the manifest saying what made them
+TOKENS_IDS, TOKENS_OFFSETS, TOKENS_MANIFEST = "tokens-ids.npy", "tokens-offsets.npy", "tokens.json"
+TOKENS_POLL_SECONDS = 1.0
 
 
 def passage_filter(
@@ -137,6 +144,39 @@ def _training_tokens(
         )
     log_filled(tokens.lengths, max_length, "passages")
     return tokens
+
+
+def _shared_tokens(
+    folder: Path | None, identity: dict, ranks: Ranks, make: Callable[[], TokenStore]
+) -> TokenStore:
+    """The training tokens, made once per work ``folder``: rank 0 tokenizes and saves them there
+    (the manifest, ``identity``, last), the other ranks and a resumed run read them back, where
+    each would tokenize the whole corpus again (tens of minutes at MS MARCO scale). The ranks
+    wait by watching the manifest, not at a barrier, which would time out on a long corpus."""
+    if folder is None:
+        return make()
+    folder = Path(folder)
+    manifest = folder / TOKENS_MANIFEST
+    identity = json.loads(json.dumps(identity))
+
+    def saved() -> bool:
+        try:
+            return read_json(manifest) == identity
+        except (OSError, ValueError):
+            return False
+
+    if ranks.main and not saved():
+        manifest.unlink(missing_ok=True)
+        make().save(folder / TOKENS_IDS, folder / TOKENS_OFFSETS)
+        write_json(manifest, identity)
+    while not saved():
+        time.sleep(TOKENS_POLL_SECONDS)
+    return TokenStore.load(folder / TOKENS_IDS, folder / TOKENS_OFFSETS)
+
+
+def _remove_tokens(folder: Path) -> None:
+    for name in (TOKENS_MANIFEST, TOKENS_IDS, TOKENS_OFFSETS):
+        (Path(folder) / name).unlink(missing_ok=True)
 
 
 # Arguments that do not change the numbers, or do so only through rows, steps and data (hashed).
@@ -235,8 +275,20 @@ def train_adapter(
     if packing:
         check_packed_attention(model.config._attn_implementation, rows_per_step)
 
-    tokens = _training_tokens(
-        tokenizer, corpus_dir, passages, qrels_dir, qrels_split, max_length, objective
+    identity = {
+        "files": files_identity(base_dir, corpus_dir, qrels_dir if passages != "all" else None),
+        "passages": passages,
+        "qrels_split": qrels_split,
+        "max_length": max_length,
+        "objective": objective,
+    }
+    tokens = _shared_tokens(
+        checkpoint_dir,
+        identity,
+        ranks,
+        lambda: _training_tokens(
+            tokenizer, corpus_dir, passages, qrels_dir, qrels_split, max_length, objective
+        ),
     )
     # a tokenizer may hold tokens past the embeddings (added after training) that training never
     # feeds the model; one it does feed would fail at the first step that meets it
@@ -399,6 +451,7 @@ def train_adapter(
         _write_log(Path(out) / "training_log.csv", log_rows)
         if checkpoint_dir:
             remove_checkpoint(checkpoint_dir)
+            _remove_tokens(checkpoint_dir)
         LOG.info("adapter trained: %s", summary)
     del engine  # DDP's reducer goes before its process group, or freeing it later hangs
     leave_distributed(ranks)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from readaptir.artifacts import resolve_device, write_json
+from readaptir.artifacts import files_identity, resolve_device, write_json
 from readaptir.corpus import (
     iter_passages,
     judgments_from,
@@ -49,7 +49,6 @@ from readaptir.vectors import (
     QUERY_IDS,
     QUERY_VECTORS,
     complete_shard,
-    files_identity,
     prepare_work,
     save_shard,
     shard_file,
