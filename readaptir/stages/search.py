@@ -70,8 +70,9 @@ Searcher = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 def searcher(corpus: np.ndarray, engine: str, device: str = "cpu") -> Searcher:
     """Exact top-k searches of ``engine`` (see ``choose_backend``) over ``corpus``; FAISS builds
     its index once for them all."""
-    if engine == "torch":
-        return lambda queries, k: torch_topk(queries, corpus, k, device)
+    if engine == "torch":  # the shard goes to the device once, for the searches of its ties too
+        passages = device_passages(corpus, device)
+        return lambda queries, k: torch_topk(queries, passages, k, device)
     import faiss
 
     use_gpu = engine == "faiss-gpu"
@@ -88,9 +89,17 @@ def searcher(corpus: np.ndarray, engine: str, device: str = "cpu") -> Searcher:
     return search
 
 
+def device_passages(corpus: np.ndarray, device: str) -> torch.Tensor:
+    """``corpus`` on ``device`` in the dtype the torch engine multiplies in: float16 stays float16
+    on a GPU; CPU matrix products in 16 bits are slow and gain nothing, so float32 there."""
+    on_gpu = torch.device(device).type != "cpu"
+    dtype = torch.float16 if on_gpu and corpus.dtype == np.float16 else torch.float32
+    return torch.from_numpy(np.ascontiguousarray(corpus)).to(device, dtype)
+
+
 def torch_topk(
     queries: np.ndarray,
-    corpus: np.ndarray,
+    corpus: np.ndarray | torch.Tensor,
     k: int,
     device: str = "cuda",
     *,
@@ -100,14 +109,12 @@ def torch_topk(
     """(scores, row indices) [queries, k] of the exact inner-product top-``k`` with torch.
 
     Works through [query_chunk, passage_chunk] score blocks, keeping a running top-k per query, so
-    memory stays at one block whatever the shard size.
+    memory stays at one block whatever the shard size. ``corpus`` may already be on the device
+    (``device_passages``).
     """
     k = min(k, len(corpus))
-    on_gpu = torch.device(device).type != "cpu"
-    # CPU matrix products in 16 bits are slow and gain nothing: use float32 there.
-    dtype = torch.float16 if on_gpu and corpus.dtype == np.float16 else torch.float32
-    passages = torch.from_numpy(np.ascontiguousarray(corpus)).to(device, dtype)
-    q_all = torch.from_numpy(np.ascontiguousarray(queries)).to(device, dtype)
+    passages = corpus if isinstance(corpus, torch.Tensor) else device_passages(corpus, device)
+    q_all = torch.from_numpy(np.ascontiguousarray(queries)).to(device, passages.dtype)
     top_scores: list[torch.Tensor] = []
     top_rows: list[torch.Tensor] = []
     with torch.inference_mode():
