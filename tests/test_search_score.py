@@ -247,6 +247,18 @@ def test_hand_computed_metrics(toy, tmp_path):
 def test_identical_ids_kept_when_asked(toy, tmp_path):
     kept = score(tmp_path / "run.trec", toy, "test", ["MRR@10"])  # the default
     assert kept["per_query"]["qa"]["MRR@10"] == pytest.approx(1 / 3)
+    assert not any("own id first" in w for w in kept["warnings"])  # 1 of 2: a coincidence
+
+
+def test_most_queries_finding_their_own_id_first_is_a_warning(toy, tmp_path):
+    """Queries taken from the corpus, in a collection auto does not know, find themselves."""
+    run = tmp_path / "run.trec"
+    run.write_text(run.read_text() + "qb Q0 qb 0 0.95 test\n")
+    kept = score(run, toy, "test", ["MRR@10"])
+    (warning,) = [w for w in kept["warnings"] if "own id first" in w]
+    assert warning.startswith("2 of 2 queries") and "eval.ignore_identical_ids: true" in warning
+    dropped = score(run, toy, "test", ["MRR@10"], ignore_identical_ids=True)
+    assert not any("own id first" in w for w in dropped["warnings"])
 
 
 def test_absent_judged_documents_count_as_in_beir(toy, tmp_path):

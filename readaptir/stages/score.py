@@ -130,6 +130,14 @@ def score(
         raise ValueError(f"{dataset_dir}: split {split!r} has no usable judgments")
 
     run = {q: docs for q, docs in read_run(run_file).items() if q in qrels}
+    first_is_self = sum(1 for q, docs in run.items() if docs and max(docs, key=docs.get) == q)
+    if not ignore_identical_ids and first_is_self > len(run) / 2:
+        warnings.append(
+            f"{first_is_self} of {len(run)} queries rank the passage with their own id first: "
+            "they look like passages of the corpus (as in ArguAna and Quora), found again; set "
+            "eval.ignore_identical_ids: true to leave each query's own passage out"
+        )
+        LOG.warning("%s", warnings[-1])
     if ignore_identical_ids:
         removed = sum(1 for q, docs in run.items() if q in docs)
         run = {q: {d: s for d, s in docs.items() if d != q} for q, docs in run.items()}
