@@ -210,7 +210,11 @@ def exact_dora_magnitudes(model: torch.nn.Module) -> None:
 
     for module in model.modules():
         magnitudes = getattr(module, "lora_magnitude_vector", None)
-        for name, magnitude in (magnitudes or {}).items():
+        if magnitudes is None or getattr(module, "fan_in_fan_out", False):
+            continue  # a Conv1D's weight is stored transposed: PEFT's own start stays
+        if type(module.get_base_layer()) is not torch.nn.Linear:
+            continue  # an embedding, a quantised layer: other norms, PEFT's own start stays
+        for name, magnitude in magnitudes.items():
             norm = low_rank_row_norm(
                 module.get_base_layer().weight,
                 module.lora_A[name].weight,
