@@ -11,7 +11,7 @@ reproduce fails instead of being skipped: modules other than Transformer, Poolin
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,13 @@ class STConfig:
     """
 
     pooling: str | None
-    normalize: bool | None  # None: no Normalize module, no similarity_fn_name (cosine by default)
+    normalize: bool  # a Normalize module
     max_seq_length: int | None
     do_lower_case: bool = False
     query_prompt: str = ""  # config_sentence_transformers.json's prompt for queries
     passage_prompt: str = ""  # ... and for documents
+    similarity: str | None = None  # similarity_fn_name, one sentence-transformers knows
+    similarity_file: str = field(default="", compare=False)  # where it is set
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ def _st_pooling_mode(config: dict) -> str | None:
 _KNOWN_MODULES = (".Transformer", ".Pooling", ".Normalize")
 # sentence-transformers' prompt names for documents, in the order its encode_document tries them
 _DOCUMENT_PROMPTS = ("document", "passage", "corpus")
+_ST_SIMILARITIES = ("cosine", "dot", "euclidean", "manhattan")
 
 
 def _prompts(config: dict) -> tuple[str, str]:
@@ -104,20 +107,26 @@ def _inferred_max_length(model_dir: Path) -> int | None:
     return min(limits, default=None)
 
 
-def _normalized(has_normalize: bool, similarity: Any, path: Path) -> bool | None:
-    """Whether the vectors are unit length before the dot products of the search, so that they
-    rank as the model's own similarity function does; None when the model leaves that to
-    sentence-transformers' default, cosine (Euclidean distance of unit vectors ranks as cosine)."""
-    euclidean_of_unit_vectors = similarity == "euclidean" and has_normalize
-    if similarity not in (None, "cosine", "dot") and not euclidean_of_unit_vectors:
+def _unit_length(st: STConfig) -> bool:
+    """Whether the vectors are made unit length before the search's dot products, so that they
+    rank as the model's own similarity function does (sentence-transformers' cosine unless
+    ``similarity_fn_name`` names another; Euclidean distance of unit vectors ranks as cosine)."""
+    if st.similarity == "manhattan" or (st.similarity == "euclidean" and not st.normalize):
         raise ValueError(
-            f"{path}: similarity_fn_name {similarity!r} does not rank as the search here does "
-            "(by dot product, of unit vectors for cosine); supported: 'cosine', 'dot', and "
-            "'euclidean' after a Normalize module"
+            f"{st.similarity_file}: similarity_fn_name {st.similarity!r} does not rank as the "
+            "search here does (by dot product, of unit vectors for cosine); set "
+            "retriever.encoding.normalize to search by dot product anyway"
         )
-    if has_normalize or similarity == "cosine":
+    if st.normalize or st.similarity in ("cosine", "euclidean"):
         return True
-    return False if similarity == "dot" else None
+    if st.similarity == "dot":
+        return False
+    LOG.warning(
+        "the model names no similarity_fn_name and has no Normalize module: scored by "
+        "cosine, sentence-transformers' default; set retriever.encoding.normalize: false "
+        "for a model trained for the dot product"
+    )
+    return True
 
 
 def read_st_config(model_dir: Path | None) -> STConfig | None:
@@ -153,9 +162,9 @@ def read_st_config(model_dir: Path | None) -> STConfig | None:
         max_len = _inferred_max_length(model_dir)
     st_path = model_dir / "config_sentence_transformers.json"
     st_settings = read_json_mapping(st_path) if st_path.is_file() else {}
-    normalize = _normalized(
-        any(t.endswith(".Normalize") for t in types), st_settings.get("similarity_fn_name"), st_path
-    )
+    similarity = st_settings.get("similarity_fn_name")
+    if similarity not in _ST_SIMILARITIES:  # sentence-transformers ignores another: cosine
+        similarity = None
     query_prompt, passage_prompt = _prompts(st_settings)
     if (query_prompt or passage_prompt) and not include_prompt:
         raise ValueError(
@@ -164,11 +173,13 @@ def read_st_config(model_dir: Path | None) -> STConfig | None:
         )
     return STConfig(
         pooling,
-        normalize,
+        any(t.endswith(".Normalize") for t in types),
         max_len,
         do_lower_case=lower,
         query_prompt=query_prompt,
         passage_prompt=passage_prompt,
+        similarity=similarity,
+        similarity_file=str(st_path),
     )
 
 
@@ -219,15 +230,10 @@ def resolve_fields(
                 f"supported: {', '.join(_ST_POOLING)}"
             )
     normalize = encoding.normalize
-    if normalize is None and st is not None and st.normalize is None:
-        LOG.warning(
-            "the model names no similarity_fn_name and has no Normalize module: scored by "
-            "cosine, sentence-transformers' default; set retriever.encoding.normalize: false "
-            "for a model trained for the dot product"
-        )
-        normalize = True
     if normalize is None:
-        normalize = st.normalize if st is not None else fallback("normalize", FALLBACK_NORMALIZE)
+        normalize = (
+            _unit_length(st) if st is not None else fallback("normalize", FALLBACK_NORMALIZE)
+        )
     st_len = st.max_seq_length if st is not None else None
     lengths = {}
     for side in ("query", "passage"):

@@ -78,7 +78,7 @@ def test_st_config_newer_layout(tmp_path):
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "lasttoken"}))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
     # no Normalize module and no similarity_fn_name: sentence-transformers' default, cosine
-    assert read_st_config(tmp_path) == STConfig("lasttoken", normalize=None, max_seq_length=128)
+    assert read_st_config(tmp_path) == STConfig("lasttoken", normalize=False, max_seq_length=128)
     resolved = resolve_fields(resolve_encoding("sentence-transformers"), read_st_config(tmp_path))
     assert (resolved.pooling, resolved.normalize, resolved.max_query_length) == ("last", True, 128)
     with pytest.raises(ValueError, match="'max' is not supported"):
@@ -205,7 +205,9 @@ def test_st_similarities_the_search_cannot_rank_by_are_refused(
     with pytest.raises(
         ValueError, match=rf"config_sentence_transformers\.json: similarity_fn_name '{similarity}'"
     ):
-        read_st_config(tmp_path)
+        resolve_fields(resolve_encoding("sentence-transformers"), read_st_config(tmp_path))
+    explicit = resolve_fields(Encoding(normalize=False), read_st_config(tmp_path))
+    assert explicit.normalize is False  # the recipe's choice: searched by dot product
 
 
 def test_missing_st_files_fall_back_with_a_warning(tiny_retriever, caplog):
@@ -342,7 +344,7 @@ def test_lowercase_before_tokenizing(tokenizer, tmp_path):
         json.dumps({"max_seq_length": 64, "do_lower_case": True})
     )
     st = read_st_config(tmp_path)
-    assert st == STConfig(None, None, 64, do_lower_case=True)
+    assert st == STConfig(None, False, 64, do_lower_case=True)
     assert resolve_fields(resolve_encoding("sentence-transformers"), st).lowercase is True
     # A recipe's explicit setting wins; other families never lower-case unless asked.
     assert not resolve_fields(Encoding(lowercase=False), st).lowercase
