@@ -90,19 +90,43 @@ def _full_disk(err: BaseException, target: Path) -> OSError | None:
     partial output is removed, which frees space)."""
     if not isinstance(err, Exception) or isinstance(err, DiskFullError):
         return None  # Ctrl-C and exits stay what they are, and so does an inner write's report
-    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
-    if not full:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if not _same_disk(err.filename, target):
+            return None  # another disk (/tmp, /dev/shm) filled up: its own error names it
+    elif not _a_failed_write(err):
+        return None  # a bad config or an out-of-memory stays what it is, whatever the disk has left
+    else:
         try:
-            full = shutil.disk_usage(target.parent).free < FULL_DISK_FREE
+            if shutil.disk_usage(target.parent).free >= FULL_DISK_FREE:
+                return None
         except OSError:
             return None
-    if not full:
-        return None
     return DiskFullError(
         errno.ENOSPC,
         f"no space left on the disk of {target} ({err}); free some (`readaptir build --prune`"
         " removes outputs no stage makes any more, `dvc gc -w` then frees DVC's cache) and rerun",
     )
+
+
+def _a_failed_write(err: Exception) -> bool:
+    """Whether ``err`` is of the kinds a writer raises when the disk is full: an OSError, torch's
+    RuntimeError (not its out-of-memory one) or safetensors' own error."""
+    if type(err).__name__ == "OutOfMemoryError":
+        return False
+    return isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "SafetensorError"
+
+
+def _same_disk(filename: Any, target: Path) -> bool:
+    """Whether the file an error names lies on the disk ``target`` is written to (True when the
+    error names no file, or either is gone)."""
+    if not isinstance(filename, (str, os.PathLike)):
+        return True
+    try:
+        there = Path(filename)
+        there = there if there.exists() else there.parent
+        return os.stat(there).st_dev == os.stat(target.parent).st_dev
+    except OSError:
+        return True
 
 
 def _fsync(path: Path) -> None:

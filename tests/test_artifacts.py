@@ -4,6 +4,8 @@ import errno
 from types import SimpleNamespace
 
 import pytest
+import torch
+from safetensors import SafetensorError
 
 from readaptir import artifacts
 from readaptir.artifacts import DiskFullError, atomic_file, atomic_output
@@ -29,10 +31,11 @@ def _fail_inside(final, err):
 UNNAMED = [
     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
     OSError("1000000 requested and 0 written"),
+    SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"),
 ]
 
 
-@pytest.mark.parametrize("err", UNNAMED, ids=["torch", "numpy"])
+@pytest.mark.parametrize("err", UNNAMED, ids=["torch", "numpy", "safetensors"])
 def test_a_full_disk_names_the_output_keeps_the_cause_and_leaves_nothing(tmp_path, free_bytes, err):
     final = tmp_path / "artifacts" / "embed" / "0123abcd"
     free_bytes["now"] = 0
@@ -50,6 +53,30 @@ def test_a_failure_with_space_left_is_passed_on_as_it_is(tmp_path, free_bytes):
     # a quota says ENOSPC or EDQUOT while the disk itself has room
     with pytest.raises(DiskFullError, match="no space left on the disk of"):
         _fail_inside(tmp_path / "out", OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "err",
+    [ValueError("retriever.pooling: unknown"), torch.OutOfMemoryError("CUDA out of memory")],
+    ids=["config", "cuda-oom"],
+)
+def test_an_error_that_is_not_a_write_stays_itself_on_a_nearly_full_disk(tmp_path, free_bytes, err):
+    free_bytes["now"] = 0
+    with pytest.raises(type(err), match=str(err)):
+        _fail_inside(tmp_path / "out", err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_another_disk_filling_up_is_reported_as_that_disk_s_error(tmp_path, free_bytes):
+    # /proc is never the disk a stage writes to: the error names its own file, not the output
+    elsewhere = OSError(errno.ENOSPC, "No space left on device", "/proc/self/shm-segment")
+    with pytest.raises(OSError) as raised:
+        _fail_inside(tmp_path / "out", elsewhere)
+    assert not isinstance(raised.value, DiskFullError) and raised.value is elsewhere
+    here = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out.part"))
+    with pytest.raises(DiskFullError, match=f"no space left on the disk of {tmp_path / 'out'}"):
+        _fail_inside(tmp_path / "out", here)
     assert list(tmp_path.iterdir()) == []
 
 
