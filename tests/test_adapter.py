@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, LlamaConfig
 
 from readaptir import tiny
+from readaptir.artifacts import write_json
 from readaptir.corpus import Passage, load_qrels
+from readaptir.distributed import Ranks
+from readaptir.packing import TokenStore
 from readaptir.stages import adapter as adapter_module
 from readaptir.stages.adapter import passage_filter, train_adapter
 from readaptir.training import (
@@ -168,6 +172,46 @@ def test_saved_tokens_of_other_settings_are_made_again(tmp_path, tiny_base, tiny
                                checkpoint_dir=ckpt, checkpoint_every=3)  # fmt: skip
     assert calls == [16, 16] and summary["resumed_from"] == 0
     assert _same(fresh, other)
+
+
+def test_a_corpus_file_changed_since_the_tokens_were_saved_is_tokenized_again(
+    tmp_path, tiny_base, tiny_beir, monkeypatch
+):
+    ckpt = _killed_at_step_7(tmp_path, tiny_base, tiny_beir)
+    calls = []
+    tokenize = adapter_module._tokenize
+    monkeypatch.setattr(
+        adapter_module, "_tokenize", lambda *a, **k: calls.append(a[2]) or tokenize(*a, **k)
+    )
+    corpus = tiny_beir / "corpus.jsonl"
+    later = corpus.stat().st_mtime_ns + 2 * 10**9  # rewritten in place: its size may not change
+    os.utime(corpus, ns=(later, later))
+    _train(tmp_path, "touched", tiny_base, tiny_beir, **RESUMABLE,
+           checkpoint_dir=ckpt, checkpoint_every=3)  # fmt: skip
+    assert len(calls) == 1  # untouched, the saved tokens are read back (test above)
+
+
+def test_a_rank_waiting_for_rank_0_s_tokens_says_so_and_reads_them(tmp_path, monkeypatch, caplog):
+    made = TokenStore.from_chunks([[[5, 6, 7], [8]]])
+    polls = []
+
+    def sleep(seconds):  # rank 0 finishes after the third look
+        polls.append(seconds)
+        if len(polls) == 3:
+            made.save(
+                tmp_path / adapter_module.TOKENS_IDS, tmp_path / adapter_module.TOKENS_OFFSETS
+            )
+            write_json(tmp_path / adapter_module.TOKENS_MANIFEST, {"files": []})
+
+    monkeypatch.setattr(adapter_module.time, "sleep", sleep)
+    monkeypatch.setattr(adapter_module, "TOKENS_WAIT_LOG_SECONDS", 0.0)
+    with caplog.at_level("INFO", logger="readaptir.stages.adapter"):
+        store = adapter_module._shared_tokens(
+            tmp_path, {"files": []}, Ranks(1, 2), lambda: pytest.fail("rank 1 tokenized")
+        )
+    assert len(polls) == 3 and caplog.text.count("rank 1: waited") == 3
+    assert "if rank 0 has stopped, stop this run too" in caplog.text
+    assert store.ids.tolist() == [5, 6, 7, 8] and store.offsets.tolist() == [0, 3, 4]
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, tiny_base, tiny_beir, caplog):

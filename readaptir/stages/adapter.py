@@ -82,6 +82,7 @@ TOKENIZE_CHUNK = 10_000
 # the training tokens in a work folder: the arrays, then the manifest saying what made them
 TOKENS_IDS, TOKENS_OFFSETS, TOKENS_MANIFEST = "tokens-ids.npy", "tokens-offsets.npy", "tokens.json"
 TOKENS_POLL_SECONDS = 1.0
+TOKENS_WAIT_LOG_SECONDS = 300.0  # how often a waiting rank says it still waits
 
 
 def passage_filter(
@@ -169,8 +170,19 @@ def _shared_tokens(
         manifest.unlink(missing_ok=True)
         make().save(folder / TOKENS_IDS, folder / TOKENS_OFFSETS)
         write_json(manifest, identity)
+    started = last_said = time.monotonic()
     while not saved():
         time.sleep(TOKENS_POLL_SECONDS)
+        now = time.monotonic()
+        if now - last_said >= TOKENS_WAIT_LOG_SECONDS:
+            # under a launcher that does not stop the other ranks when rank 0 dies, this is the
+            # sign that it did
+            LOG.info(
+                "rank %d: waited %.0f s for rank 0 to write the training tokens (%s); if rank 0 "
+                "has stopped, stop this run too",
+                ranks.rank, now - started, manifest,
+            )  # fmt: skip
+            last_said = now
     return TokenStore.load(folder / TOKENS_IDS, folder / TOKENS_OFFSETS)
 
 
