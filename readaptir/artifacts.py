@@ -109,11 +109,14 @@ def _full_disk(err: BaseException, target: Path) -> OSError | None:
 
 
 def _a_failed_write(err: Exception) -> bool:
-    """Whether ``err`` is of the kinds a writer raises when the disk is full: an OSError, torch's
-    RuntimeError (not its out-of-memory one) or safetensors' own error."""
+    """Whether ``err`` is of the kinds a writer raises when the disk is full without saying so: an
+    OSError with no errno (numpy), torch's RuntimeError (not its out-of-memory one) or safetensors'
+    own error. An OSError with another errno (a missing input, a permission) says what it is."""
+    if isinstance(err, OSError):
+        return err.errno is None
     if type(err).__name__ == "OutOfMemoryError":
         return False
-    return isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "SafetensorError"
+    return isinstance(err, RuntimeError) or type(err).__name__ == "SafetensorError"
 
 
 def _same_disk(filename: Any, target: Path) -> bool:

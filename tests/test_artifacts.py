@@ -1,6 +1,7 @@
 """Stage outputs appear whole or not at all, and a failed write says what failed."""
 
 import errno
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -58,12 +59,16 @@ def test_a_failure_with_space_left_is_passed_on_as_it_is(tmp_path, free_bytes):
 
 @pytest.mark.parametrize(
     "err",
-    [ValueError("retriever.pooling: unknown"), torch.OutOfMemoryError("CUDA out of memory")],
-    ids=["config", "cuda-oom"],
+    [
+        ValueError("retriever.pooling: unknown"),
+        torch.OutOfMemoryError("CUDA out of memory"),
+        FileNotFoundError(errno.ENOENT, "No such file or directory", "corpus.jsonl"),
+    ],
+    ids=["config", "cuda-oom", "missing-input"],
 )
 def test_an_error_that_is_not_a_write_stays_itself_on_a_nearly_full_disk(tmp_path, free_bytes, err):
     free_bytes["now"] = 0
-    with pytest.raises(type(err), match=str(err)):
+    with pytest.raises(type(err), match=re.escape(str(err))):
         _fail_inside(tmp_path / "out", err)
     assert list(tmp_path.iterdir()) == []
 
