@@ -10,6 +10,8 @@ from readaptir.artifacts import INDEX, SINGLE, read_json_mapping
 LOG = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
+# PEFT initialisations that rewrite the base layer's weight (W − its start, or a quantised W)
+BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
 def local_dir(source: str, revision: str | None = None) -> Path:
@@ -37,7 +39,8 @@ def peft_config(model_dir: Path) -> dict:
 
 def check_mergeable_adapter(config: dict, adapter_dir: Path) -> None:
     """A PEFT adapter's config that the merge can apply tensor by tensor: LoRA or DoRA, on Linear
-    (not Conv1D) layers, for every token; else an error naming the folder and why."""
+    (not Conv1D) layers, for every token, over the base's own weights; else an error naming the
+    folder and why."""
     if config.get("peft_type") != "LORA":
         raise ValueError(
             f"{adapter_dir}: only LoRA/DoRA adapters are supported "
@@ -45,6 +48,15 @@ def check_mergeable_adapter(config: dict, adapter_dir: Path) -> None:
         )
     if config.get("fan_in_fan_out"):
         raise ValueError(f"{adapter_dir}: fan_in_fan_out (Conv1D) adapters are not supported")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise ValueError(
+            f"{adapter_dir}: its {ADAPTER_CONFIG} has init_lora_weights {init!r}, which "
+            "replaces the base's weights before training (by a residual or a quantised copy), "
+            "so the adapter holds only on those, not on the base the merge reads; convert it "
+            "to a plain LoRA adapter first (PEFT: save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=<the adapter saved before training>))"
+        )
     if config.get("alora_invocation_tokens"):
         raise ValueError(
             f"{adapter_dir}: an aLoRA adapter (alora_invocation_tokens) changes only tokens "

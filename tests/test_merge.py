@@ -36,6 +36,13 @@ def make_adapter(model, out: Path, *, dora: bool, seed: int, **extra) -> Path:
     extra.setdefault("target_modules", TARGETS)
     config = LoraConfig(use_dora=dora, r=4, lora_alpha=8, lora_dropout=0.0, **extra)
     peft_model = get_peft_model(model, config)
+    train(peft_model, seed)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def train(peft_model, seed: int) -> None:
+    """Move every trainable tensor of ``peft_model`` off its init, as training would."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -43,8 +50,6 @@ def make_adapter(model, out: Path, *, dora: bool, seed: int, **extra) -> Path:
                 p.mul_(1 + 0.1 * torch.randn_like(p))
             elif p.requires_grad:  # lora_B starts at zero; modules_to_save at Θ
                 p.add_(0.05 * torch.randn_like(p))
-    peft_model.save_pretrained(out)
-    return out
 
 
 def state(model) -> dict[str, torch.Tensor]:
@@ -412,11 +417,11 @@ def test_mismatches_fail_up_front(request, tmp_path, tiny_base, retriever, tenso
     out = tmp_path / "delta"
     with pytest.raises(WeightError, match=tensor.replace(".", r"\.")):
         compute_delta(tiny_base, retriever_dir, out)
-    assert not any(out.iterdir())
+    assert not out.exists()
     out = tmp_path / "merged"
     with pytest.raises(WeightError, match=tensor.replace(".", r"\.")):
         run_merge(out, tiny_base, retriever_dir, alpha=0.0, beta=0.0)
-    assert not any(out.iterdir())
+    assert not out.exists()
 
 
 def test_adapter_for_another_base_fails(tmp_path, tokenizer, tiny_retriever, dora_adapter):
@@ -426,7 +431,7 @@ def test_adapter_for_another_base_fails(tmp_path, tokenizer, tiny_retriever, dor
     out = tmp_path / "out"
     with pytest.raises(WeightError, match=r"layers\.1\."):
         run_merge(out, small, tiny_retriever, alpha=1.0, beta=0.0, adapter_dir=dora_adapter)
-    assert not any(out.iterdir())
+    assert not out.exists()
 
 
 def test_missing_adapter(tmp_path, tiny_base, tiny_retriever):
@@ -652,8 +657,17 @@ def edited_adapter(src: Path, out: Path, tensors=None, **config) -> Path:
         ("dora_adapter", {"use_dora": False}, r"lora_magnitude_vector.* use_dora: false"),
         ("lora_adapter", {"use_dora": True}, r"use_dora: true, but layers[.]0[.]\S+ has"),
         ("lora_adapter", {"alora_invocation_tokens": [5, 6]}, r"aLoRA"),
+        *[
+            ("lora_adapter", {"init_lora_weights": init}, rf"init_lora_weights '{init}'.* convert")
+            for init in ("pissa_niter_4", "olora", "corda", "loftq", "lora_ga")
+        ],
     ],
-    ids=["magnitudes-without-use_dora", "use_dora-without-magnitudes", "alora"],
+    ids=[
+        "magnitudes-without-use_dora",
+        "use_dora-without-magnitudes",
+        "alora",
+        *["pissa_niter_4", "olora", "corda", "loftq", "lora_ga"],
+    ],
 )
 def test_adapter_config_must_agree_with_its_tensors(
     request, tmp_path, tiny_base, kind, config, message
@@ -661,6 +675,41 @@ def test_adapter_config_must_agree_with_its_tensors(
     adapter = edited_adapter(request.getfixturevalue(kind), tmp_path / "adapter", **config)
     with pytest.raises(WeightError, match=rf"{re.escape(str(adapter))}: .*{message}"):
         Adapter(adapter, Body(tiny_base).prefix)
+
+
+@pytest.mark.filterwarnings("ignore:PiSSA changes the base weights")  # PEFT's, converting
+def test_a_pissa_retriever_is_refused_and_merges_once_converted_to_lora(
+    tmp_path, tiny_base, lora_adapter
+):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="pissa")
+    model = get_peft_model(AutoModel.from_pretrained(tiny_base), config)
+    model.peft_config["default"].init_lora_weights = True  # PEFT's way to keep the start
+    model.save_pretrained(tmp_path / "start")
+    model.peft_config["default"].init_lora_weights = "pissa"
+    train(model, seed=6)
+    model.save_pretrained(tmp_path / "pissa")
+    model.save_pretrained(
+        tmp_path / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "start")
+    )
+    retriever = state(model.merge_and_unload())  # over the residual PiSSA left in the base
+
+    config_file = re.escape(str(tmp_path / "pissa"))
+    with pytest.raises(WeightError, match=rf"^{config_file}: .*init_lora_weights 'pissa'"):
+        run_merge(tmp_path / "refused", tiny_base, tmp_path / "pissa", alpha=0.0, beta=1.0)
+    with pytest.raises(WeightError, match=rf"^{config_file}: .*init_lora_weights 'pissa'"):
+        compute_delta(tiny_base, tmp_path / "pissa", tmp_path / "no-delta")
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "no-delta").exists()
+    run_merge(tmp_path / "out", tiny_base, tmp_path / "lora", alpha=0.0, beta=1.0)
+    got = load_state(tmp_path / "out")
+    assert got.keys() == retriever.keys()
+    for name, tensor in retriever.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+    for init in ("gaussian", "eva", "orthogonal"):  # they start B·A over the base as it is
+        edited = edited_adapter(lora_adapter, tmp_path / init, init_lora_weights=init)
+        Adapter(edited, Body(tiny_base).prefix).check(Body(tiny_base))
 
 
 @pytest.mark.parametrize(
@@ -839,7 +888,7 @@ def test_a_delta_missing_a_tensor_is_refused(tmp_path, tiny_base, tiny_retriever
     out = tmp_path / "out"
     with pytest.raises(WeightError, match=r"no Δ for tensor layers\.1\.mlp\.up_proj\.weight"):
         run_merge(out, tiny_base, tiny_retriever, alpha=0.0, beta=1.0, delta_dir=delta)
-    assert not any(out.iterdir())
+    assert not out.exists()
 
 
 def test_the_merged_tokenizer_is_the_one_the_retriever_alone_encodes_with(

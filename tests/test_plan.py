@@ -792,18 +792,29 @@ def test_prune_makes_a_read_only_folder_writable_to_empty_it(tmp_path):
     assert workspace.remove([folder]) == [] and not folder.exists()
 
 
-def test_a_peft_retriever_the_merge_cannot_apply_fails_at_build(project):
-    adapter = project / "models" / "ia3"
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"peft_type": "IA3"},
+            r"only LoRA/DoRA adapters are supported "
+            r"\(its adapter_config\.json has peft_type 'IA3'\)",
+        ),
+        (
+            {"peft_type": "LORA", "init_lora_weights": "olora"},
+            r"its adapter_config\.json has init_lora_weights 'olora', which replaces the base's",
+        ),
+    ],
+    ids=["ia3", "olora"],
+)
+def test_a_peft_retriever_the_merge_cannot_apply_fails_at_build(project, config, message):
+    adapter = project / "models" / "peft"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    edit(project, "ra-half", "extends: _common.yaml\nretriever: {source: models/ia3}\n")
-    with pytest.raises(
-        RecipeError,
-        match=r"ra-half\.yaml:2: retriever: .*models/ia3: only LoRA/DoRA adapters are supported "
-        r"\(its adapter_config\.json has peft_type 'IA3'\)",
-    ):
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    edit(project, "ra-half", "extends: _common.yaml\nretriever: {source: models/peft}\n")
+    with pytest.raises(RecipeError, match=rf"ra-half\.yaml:2: retriever: .*models/peft: {message}"):
         plan_of(project)  # not after the adapter trained, in the merge
-    edit(project, "ra-half", "extends: _common.yaml\nretriever: {source: models/ia3}\n"
+    edit(project, "ra-half", "extends: _common.yaml\nretriever: {source: models/peft}\n"
                              "readapt: {alpha: 0.0, beta: 1.0}\n")  # fmt: skip
     edit(project, "ra-full", "extends: _common.yaml\nreadapt: {alpha: 0.0, beta: 1.0}\n")
     plan_of(project)  # the retriever alone needs no merge

@@ -57,8 +57,7 @@ def storage_dtype(
 
 
 def _require_empty(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} is not empty")
 
 
@@ -71,6 +70,7 @@ def compute_delta(
     dev = resolve_device(device)
     base = Body(base_dir)
     source, names, info = _open_source(base, retriever_dir)
+    out.mkdir(parents=True, exist_ok=True)  # only once every check has passed
     info["storage"] = _write_deltas(base, source, names, out, dev, info)
     write_json(out / DELTA_JSON, info)
     LOG.info("Δ of %d tensors written to %s", len(info["storage"]), out)

@@ -84,8 +84,7 @@ def merge(
     if alpha != 0 and adapter_dir is None:
         raise ValueError(f"alpha={alpha} needs a knowledge adapter (adapter_dir)")
     base_dir, out, retriever_dir = Path(base_dir), Path(out), Path(retriever_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} is not empty")
 
     # Everything is checked on headers alone before a single tensor is read or written.
@@ -129,6 +128,7 @@ def merge(
         base, source if beta != 0 else None, theta_coef, beta, knowledge, alpha, dev
     )
     total = sum(math.prod(shape) * dt.itemsize for _, shape, dt in layout)
+    out.mkdir(parents=True, exist_ok=True)  # only once every check has passed
     started = time.perf_counter()
     with (
         exact_float32(),
