@@ -362,18 +362,41 @@ def test_ties_at_the_kth_place_do_not_depend_on_engine_or_shards(tmp_path):
                 assert got == want, (k, shard_size, backend)
 
 
+def test_duplicates_in_two_shards_keep_trec_order_when_one_shard_searches_deeper(tmp_path):
+    """Real-valued unit vectors: an engine scores a passage a step apart in a batch of queries
+    and in the one tied query searched again, so the scores must come from one routine."""
+    rng = np.random.default_rng(1)
+    corpus = rng.standard_normal((400, 4096))
+    queries = rng.standard_normal((32, 4096))  # FAISS takes BLAS for 20 queries or more
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    corpus, queries = corpus.astype(np.float16), queries.astype(np.float16)
+    copies = [3, 10, 20, 30, 40, 50, 250, 260, 270]  # six in the first shard: it ties at k = 5
+    corpus[copies] = queries[0]
+    doc_ids = [f"d{400 - i:04d}" for i in range(400)]  # the second shard's ids sort higher
+    _write_embeddings(tmp_path / "emb", corpus, queries, shard_size=200, doc_ids=doc_ids)
+    want = sorted((doc_ids[i] for i in copies), reverse=True)[:5]
+    for backend in ("faiss", "torch"):
+        search(tmp_path / "emb", tmp_path / backend, k=5, device="cpu", backend=backend)
+        rows = [r for r in _read_trec(tmp_path / backend / "run.trec") if r[0] == "q0"]
+        assert [r[2] for r in rows] == want, backend
+        assert len({r[4] for r in rows}) == 1, backend  # one score for the one vector
+
+
 def test_only_a_query_tied_at_the_kth_place_is_searched_deeper():
     eye = np.eye(4, dtype=np.float16)
     corpus = np.concatenate([eye[:1] * 3, eye[:1] * 2, eye[:1], np.repeat(eye[3:], 17, axis=0)])
     ids = np.array([f"d{i:02d}" for i in range(20)])
-    engine = search_module.searcher(corpus, "faiss-cpu")
+    shard = search_module.ShardSearch(corpus, "faiss-cpu")
+    search_engine = shard.topk
     calls = []
 
     def counted(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         calls.append((len(queries), k))
-        return engine(queries, k)
+        return search_engine(queries, k)
 
-    scores, got = search_module.shard_topk(eye[[0, 3]], ids, counted, k=2)
+    shard.topk = counted
+    scores, got = search_module.shard_topk(eye[[0, 3]], ids, shard, k=2)
     # scores 3, 2, 1: one search of k + 1; 17 documents at 1: doubling until the shard ends
     assert calls == [(2, 3), (1, 6), (1, 12), (1, 20)]
     assert got[:, :2].tolist() == [["d00", "d01"], ["d19", "d18"]]
