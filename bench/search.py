@@ -10,9 +10,10 @@ scores. Printed, all from the same run:
   (d) agreement with a float64 reference: the share of the reference's top-k found, whether each
       query's planted passage ranks first, and the largest score difference;
   (e) the corpus searched as one shard the way the search stage does (``shard_topk``: the engine's
-      top k + 1 on the resident shard, those candidates scored again in float64, deeper searches
-      of ties) against the engine's top k + 1 alone, and the float64 scoring by itself. The engine
-      is the stage's: torch on a GPU, FAISS on the CPU.
+      candidates on the resident shard, scored again in float64, deeper searches where a document
+      not fetched could still reach the k-th score) against the engine's top k + 1 alone, and the
+      float64 scoring of k + 1 candidates by itself. The engine is torch on a GPU (the stage's
+      where FAISS has no GPU support) and FAISS on the CPU.
 
     python bench/search.py --tiny      # CPU smoke run, a few seconds
     python bench/search.py             # 1M x 4096 float16 (8 GB) on a GPU

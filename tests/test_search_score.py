@@ -383,7 +383,49 @@ def test_duplicates_in_two_shards_keep_trec_order_when_one_shard_searches_deeper
         assert len({r[4] for r in rows}) == 1, backend  # one score for the one vector
 
 
-def test_only_a_query_tied_at_the_kth_place_is_searched_deeper():
+@pytest.mark.parametrize("margin", [0, search_module.CANDIDATE_MARGIN])
+def test_a_passage_an_engine_scores_level_with_duplicates_does_not_hide_them(monkeypatch, margin):
+    """Twelve copies of a passage and a near copy X that float32 engines score level with them
+    (exactly lower): wherever the engine cuts, the copies all stay ahead of X."""
+    monkeypatch.setattr(search_module, "CANDIDATE_MARGIN", margin)
+    rng = np.random.default_rng(2)
+    dim, n = 768, 2053
+    corpus = (rng.standard_normal((n, dim)) / np.sqrt(dim)).astype(np.float16)
+    query = (rng.standard_normal((1, dim)) / np.sqrt(dim)).astype(np.float16)
+    copy = query[0].copy()
+    copy[10] = 0
+    copies = [0, 1, 7, 15, 16, 17, 500, 1023, 1024, 2047, 2048, 2052]
+    corpus[copies] = copy
+    corpus[5] = copy
+    corpus[5, 10] = -np.sign(query[0, 10]) * 7 * 2.0**-24  # a float16 step below the copies
+    ids = np.array([f"d{i:04d}" for i in range(n)], dtype=object)
+    exact = query.astype(np.float64) @ corpus.astype(np.float64).T
+    engine = search_module.ShardSearch(corpus, "faiss-cpu").topk(query, 13)[0][0]
+    assert engine[-1] == engine[0] and exact[0, 5] < exact[0, 0]  # level for FAISS, not exactly
+    for k in (5, 11, 12):
+        want = sorted(ids[copies], reverse=True)[:k]
+        for engine in ("faiss-cpu", "torch"):
+            for bounds in ((0, n), (0, 5, 6, n)):  # one shard; X in a shard of its own
+                parts = [
+                    search_module.shard_topk(
+                        query, ids[a:b], search_module.ShardSearch(corpus[a:b], engine), k
+                    )
+                    for a, b in zip(bounds, bounds[1:], strict=False)
+                ]
+                got = merge_topk(parts, k)[1][0].tolist()
+                assert got == want, (k, engine, bounds)
+
+
+def test_a_longer_id_found_by_a_deeper_search_is_kept_whole(monkeypatch):
+    monkeypatch.setattr(search_module, "CANDIDATE_MARGIN", 0)
+    corpus = np.ones((8, 4), dtype=np.float16)  # all tied: searched to the end
+    ids = np.array(["a", "b", "c", "d", "e", "f", "g", "zzzzzz"], dtype=object)
+    shard = search_module.ShardSearch(corpus, "faiss-cpu")
+    _, got = search_module.shard_topk(np.ones((1, 4), dtype=np.float16), ids, shard, k=2)
+    assert got[0].tolist() == ["zzzzzz", "g", "f"]
+
+
+def test_only_a_query_tied_at_the_kth_place_is_searched_deeper(monkeypatch):
     eye = np.eye(4, dtype=np.float16)
     corpus = np.concatenate([eye[:1] * 3, eye[:1] * 2, eye[:1], np.repeat(eye[3:], 17, axis=0)])
     ids = np.array([f"d{i:02d}" for i in range(20)])
@@ -396,6 +438,7 @@ def test_only_a_query_tied_at_the_kth_place_is_searched_deeper():
         return search_engine(queries, k)
 
     shard.topk = counted
+    monkeypatch.setattr(search_module, "CANDIDATE_MARGIN", 0)  # k + 1 fetched at first
     scores, got = search_module.shard_topk(eye[[0, 3]], ids, shard, k=2)
     # scores 3, 2, 1: one search of k + 1; 17 documents at 1: doubling until the shard ends
     assert calls == [(2, 3), (1, 6), (1, 12), (1, 20)]

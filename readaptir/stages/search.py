@@ -10,15 +10,18 @@ shards are merged:
   support. Float16/bfloat16 inputs, float32 scores (accumulated in float32 where the GPU supports
   a float32 output, else rounded from a 16-bit product). On CPU it runs in float32 and equals FAISS.
 
-``backend="auto"`` takes FAISS-GPU, else torch on CUDA, else FAISS-CPU. The engine picks each
-shard's candidates; the scores written are theirs taken again by one float64 routine
-(``ShardSearch.scores``), so a passage scores the same in every shard and search, on any engine.
+``backend="auto"`` takes FAISS-GPU, else torch on CUDA, else FAISS-CPU. The engine only fetches
+each shard's candidates; the scores ranked and written are theirs taken again by one float64
+routine (``ShardSearch.scores``), so a passage scores the same in every shard and search, on any
+engine, and a query is searched deeper while a document not fetched could, within the engine's
+rounding, still reach the k-th score (``shard_topk``).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,9 +42,16 @@ PASSAGE_CHUNK = 65536
 # The largest k FAISS searches with on a GPU (its GPU_MAX_SELECTION_K).
 FAISS_GPU_MAX_K = 2048
 # Candidates scored again at once, [queries, candidates, dim] float64 elements: on a CPU few
-# enough to stay in cache (4 MiB: 3.7x faster than 256 MiB blocks, bench/search.py), on a GPU
-# enough to keep it busy (256 MiB)
+# enough to stay in cache (4 MiB blocks scored 500 queries x 101 candidates x 4096 dimensions
+# 3.7x faster than 256 MiB ones on a 2-core CPU), on a GPU enough to keep it busy (256 MiB)
 SCORE_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 25}
+# How far an engine's float32 score may be from the exact inner product, as a share of
+# |q|·max|p|: float32 sums on a CPU were within 2^-20.6 (FAISS and torch, 256 to 4096
+# dimensions), 16-bit products summed on an H100 within 2^-15.8 (bench/search.py (d)).
+ENGINE_ERROR = {"cpu": 2.0**-16, "cuda": 2.0**-12}
+# Candidates fetched past the k + 1 a shard returns, so that documents within an engine's error
+# of the k-th score are nearly always among them without a deeper search: at least 16, k / 8
+CANDIDATE_MARGIN = 16
 _WHITESPACE = re.compile(r"\s")
 
 
@@ -75,20 +85,29 @@ class ShardSearch:
 
     def __init__(self, corpus: np.ndarray, engine: str, device: str = "cpu") -> None:
         self.engine = engine
+        corpus = np.ascontiguousarray(corpus, dtype=corpus.dtype.newbyteorder("="))
         # the vectors the torch engine searches and every engine's candidates are scored from:
         # FAISS on CPU scores them from the stored array itself (16-bit ones gathered as they are)
         if engine == "faiss-cpu":
-            self.vectors = torch.from_numpy(corpus)
+            with warnings.catch_warnings():  # a read-only array: it is only ever read
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                self.vectors = torch.from_numpy(corpus)
         else:
             self.vectors = device_passages(corpus, device)
+        on_gpu = engine == "faiss-gpu" or self.vectors.device.type != "cpu"
+        self.error = ENGINE_ERROR["cuda" if on_gpu else "cpu"]
         self.index = None
-        if engine != "torch":
+        if engine == "torch":
+            self.max_norm = max_norm(self.vectors)
+        else:
             import faiss
 
+            flat = np.ascontiguousarray(corpus, dtype=np.float32)
+            self.max_norm = max_norm(torch.from_numpy(flat))  # float32 norms are fast on a CPU
             index = faiss.IndexFlatIP(corpus.shape[1])
             if engine == "faiss-gpu":
                 index = faiss.index_cpu_to_all_gpus(index)
-            index.add(np.ascontiguousarray(corpus, dtype=np.float32))
+            index.add(flat)
             self.index = index
 
     def topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +116,11 @@ class ShardSearch:
             return torch_topk(queries, self.vectors, k, str(self.vectors.device))
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
+    def slack(self, queries: np.ndarray) -> np.ndarray:
+        """float64 [queries]: how far below an engine score the exact one may lie, at most."""
+        norms = np.linalg.norm(np.asarray(queries, dtype=np.float64), axis=1)
+        return self.error * norms * self.max_norm
+
     def scores(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """float32 [queries, n]: each query's inner product with its ``rows``, summed in float64
         and rounded once.
@@ -104,8 +128,11 @@ class ShardSearch:
         An engine's own scores depend on how it was called (FAISS takes BLAS for 20 queries or
         more, another loop below; a GPU matrix product picks its kernel by shape), so the same
         passage could score a step apart in two shards or two searches, enough to reorder exact
-        duplicates. Products of 16- or 32-bit values are exact in float64 and its sum is far
-        finer than a float32 step, so every call gives identical vectors one score.
+        duplicates. Products of 16-bit values are exact multiples of 2^-48, so their float64 sum
+        is exact (below 32 in magnitude) and identical 16-bit vectors, which the embed stage
+        stores, score identically in every call. For float32 vectors the float64 sum is off by
+        far less than a float32 step, which the rounding hides unless the value lies that close
+        to a rounding boundary.
         """
         vectors = self.vectors
         q_all = torch.from_numpy(np.ascontiguousarray(queries)).to(vectors.device, torch.float64)
@@ -123,6 +150,16 @@ class ShardSearch:
                     candidates = vectors[rows_all[qs : qs + q_step, cs : cs + c_step]].double()
                     out[qs : qs + q_step, cs : cs + c_step] = torch.bmm(candidates, q)[..., 0]
         return out.cpu().numpy()
+
+
+def max_norm(vectors: torch.Tensor) -> float:
+    """The largest row norm of ``vectors``, in float32 blocks of ``PASSAGE_CHUNK`` rows."""
+    largest = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(vectors), PASSAGE_CHUNK):
+            block = vectors[start : start + PASSAGE_CHUNK].float()
+            largest = max(largest, float(torch.linalg.vector_norm(block, dim=1).max()))
+    return largest
 
 
 def device_passages(corpus: np.ndarray, device: str) -> torch.Tensor:
@@ -188,33 +225,38 @@ def shard_topk(
     """(scores, doc ids) [queries, min(k + 1, n)] of one shard of ``n`` documents, among them its
     top ``k`` in trec_eval's order, for ``merge_topk`` to pick.
 
-    The engine finds the candidates; their scores are taken again by ``ShardSearch.scores``, one
-    routine for every shard and search. An engine breaks ties its own way (FAISS by corpus
-    position, torch by its kernel), so cutting at k would let the engine and the shard size decide
-    which of the documents tied at the k-th score survive (duplicate passages are common). A query
-    whose (k+1)-th score equals its k-th is searched again, twice as deep each time, until a score
-    below the k-th appears or the shard is exhausted, and its tied documents are ordered
-    trec_eval's way. Queries without such a tie, most of them, cost one search of k + 1. Whatever
-    lies past the top k is outranked by k documents, so the merge never keeps it.
+    The engine fetches candidates; their scores are taken again by ``ShardSearch.scores``, one
+    routine for every shard and search, and ranked with ties by doc id. An engine's own order
+    cannot decide which documents tied at the k-th score survive (duplicate passages are common):
+    its scores are a rounding away from the exact ones, and it breaks ties its own way. So a
+    query is searched again, twice as deep each time, until the engine scores every document not
+    fetched at least ``slack`` below the k-th exact score, or the shard is exhausted. Fetching
+    ``CANDIDATE_MARGIN`` more than needed spares nearly every query that second search.
+    Whatever lies past the top k is outranked by k documents, so the merge never keeps it.
     """
+    doc_ids = np.asarray(doc_ids, dtype=str)  # one width of string for every search's ids
     n = len(doc_ids)
     width = min(k + 1, n)
 
-    def ranked(queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = shard.topk(queries, depth)[1]
-        return merge_topk([(shard.scores(queries, rows), doc_ids[rows])], depth)
+    def ranked(queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, ids) ranked, and the lowest engine score fetched, per query."""
+        engine_scores, rows = shard.topk(queries, depth)
+        scores, ids = merge_topk([(shard.scores(queries, rows), doc_ids[rows])], depth)
+        return scores, ids, engine_scores[:, -1]
 
-    scores, ids = ranked(queries, width)
-    if width == n:  # the whole shard: merge_topk orders it
-        return scores, ids
-    tied = np.flatnonzero(scores[:, k] == scores[:, k - 1])
-    depth = width
-    while len(tied):
+    depth = min(width + max(CANDIDATE_MARGIN, k // 8), n)
+    scores, ids, floor = ranked(queries, depth)
+    if depth == n:  # the whole shard: exact
+        return scores[:, :width], ids[:, :width]
+    slack = shard.slack(queries)
+    scores, ids = scores[:, :width].copy(), ids[:, :width].copy()
+    # open: a document not fetched might still score the k-th score or more
+    open_ = np.flatnonzero(floor + slack >= scores[:, k - 1])
+    while len(open_):
         depth = min(2 * depth, n)
-        deep_scores, deep_ids = ranked(queries[tied], depth)
-        scores[tied], ids[tied] = deep_scores[:, :width], deep_ids[:, :width]
-        # still open: the deepest score still equals the k-th and the shard has more
-        tied = tied[(deep_scores[:, -1] == deep_scores[:, k - 1]) & (depth < n)]
+        deep_scores, deep_ids, floor = ranked(queries[open_], depth)
+        scores[open_], ids[open_] = deep_scores[:, :width], deep_ids[:, :width]
+        open_ = open_[(floor + slack[open_] >= deep_scores[:, k - 1]) & (depth < n)]
     return scores, ids
 
 
