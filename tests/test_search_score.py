@@ -416,6 +416,29 @@ def test_a_passage_an_engine_scores_level_with_duplicates_does_not_hide_them(mon
                 assert got == want, (k, engine, bounds)
 
 
+def test_a_document_an_engine_scores_its_whole_error_low_still_ties_after_rounding(monkeypatch):
+    """x's exact score is below the k-th (1.0) but rounds to it in float32, and an engine may
+    score x up to its error lower, level with b: the search must go on to fetch x."""
+    monkeypatch.setattr(search_module, "CANDIDATE_MARGIN", 0)
+    longest = 1 + 0.75 * 2.0**-8  # max|p|: a slack of 2^-16 and 0.75 of a float32 step
+    slack = search_module.ENGINE_ERROR["cpu"] * longest  # for |q| = 1
+    floor = np.float32(1 - slack)
+    while np.float64(floor) + slack >= 1.0:
+        floor = np.nextafter(floor, np.float32(0))
+    x = np.float64(floor) + slack
+    assert x < 1.0 and np.float32(x) == 1.0
+    corpus = np.array([[1.0, 0.0], [floor, 0.0], [x, 0.0], [0.0, longest]])
+    ids = np.array(["a", "b", "x", "z"])
+
+    class Engine(search_module.ShardSearch):
+        def topk(self, queries, k):  # exact but for x, scored its whole error low
+            scores = np.array([[1.0, floor, floor, 0.0]], np.float32)
+            return scores[:, :k], np.array([[0, 1, 2, 3]])[:, :k]
+
+    _, got = search_module.shard_topk(np.array([[1.0, 0.0]]), ids, Engine(corpus, "faiss-cpu"), 1)
+    assert got[0, 0] == "x"  # tied with a at 1.0 in float32, and the larger id
+
+
 def test_a_longer_id_found_by_a_deeper_search_is_kept_whole(monkeypatch):
     monkeypatch.setattr(search_module, "CANDIDATE_MARGIN", 0)
     corpus = np.ones((8, 4), dtype=np.float16)  # all tied: searched to the end

@@ -1,24 +1,25 @@
 """Exact inner-product search over sharded embeddings, written as a TREC run file.
 
-Three interchangeable engines compute each shard's exact top-k, with every document tied at the
-k-th score, so that trec_eval's order (not the engine or the shard size) picks among them when the
-shards are merged:
+Three interchangeable engines fetch each shard's candidates, from which ``shard_topk`` keeps the
+exact top-k in trec_eval's order (ties by doc id) and ``merge_topk`` the top-k of all shards, the
+same whatever the engine or the shard size:
 
 - ``faiss`` on CPU (``IndexFlatIP``), the reference;
 - ``faiss`` on GPU, when the installed FAISS was built with GPU support;
 - ``torch``: chunked matrix products and ``topk`` on the GPU, for machines whose FAISS has no GPU
   support. Float16/bfloat16 inputs, float32 scores (accumulated in float32 where the GPU supports
-  a float32 output, else rounded from a 16-bit product). On CPU it runs in float32 and equals FAISS.
+  a float32 output, else rounded from a 16-bit product). On CPU it runs in float32.
 
 ``backend="auto"`` takes FAISS-GPU, else torch on CUDA, else FAISS-CPU. The engine only fetches
 each shard's candidates; the scores ranked and written are theirs taken again by one float64
 routine (``ShardSearch.scores``), so a passage scores the same in every shard and search, on any
 engine, and a query is searched deeper while a document not fetched could, within the engine's
-rounding, still reach the k-th score (``shard_topk``).
+error (``ENGINE_ERROR``), still reach the k-th score (``shard_topk``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import warnings
@@ -46,9 +47,10 @@ FAISS_GPU_MAX_K = 2048
 # 3.7x faster than 256 MiB ones on a 2-core CPU), on a GPU enough to keep it busy (256 MiB)
 SCORE_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 25}
 # How far an engine's float32 score may be from the exact inner product, as a share of
-# |q|·max|p|: float32 sums on a CPU were within 2^-20.6 (FAISS and torch, 256 to 4096
-# dimensions), 16-bit products summed on an H100 within 2^-15.8 (bench/search.py (d)).
-ENGINE_ERROR = {"cpu": 2.0**-16, "cuda": 2.0**-12}
+# |q|·max|p|: float32 sums on a CPU were within 2^-20.6 for random vectors and 2^-18.5 for
+# same-sign ones (FAISS and torch, 256 to 4096 dimensions), float16 products summed in float32 on
+# an H100 within 2^-15.8 (bench/search.py (d)); a float16 product rounds to 2^-11 of itself
+ENGINE_ERROR = {"cpu": 2.0**-16, "cuda": 2.0**-12, "cuda-float16-output": 2.0**-10}
 # Candidates fetched past the k + 1 a shard returns, so that documents within an engine's error
 # of the k-th score are nearly always among them without a deeper search: at least 16, k / 8
 CANDIDATE_MARGIN = 16
@@ -96,6 +98,8 @@ class ShardSearch:
             self.vectors = device_passages(corpus, device)
         on_gpu = engine == "faiss-gpu" or self.vectors.device.type != "cpu"
         self.error = ENGINE_ERROR["cuda" if on_gpu else "cpu"]
+        if on_gpu and self.vectors.dtype == torch.float16 and not float32_output("cuda"):
+            self.error = ENGINE_ERROR["cuda-float16-output"]  # torch's engine rounds to float16
         self.index = None
         if engine == "torch":
             self.max_norm = max_norm(self.vectors)
@@ -129,7 +133,8 @@ class ShardSearch:
         more, another loop below; a GPU matrix product picks its kernel by shape), so the same
         passage could score a step apart in two shards or two searches, enough to reorder exact
         duplicates. Products of 16-bit values are exact multiples of 2^-48, so their float64 sum
-        is exact (below 32 in magnitude) and identical 16-bit vectors, which the embed stage
+        is exact (while the sum of their magnitudes stays below 32, as for unit vectors) and
+        identical 16-bit vectors, which the embed stage
         stores, score identically in every call. For float32 vectors the float64 sum is off by
         far less than a float32 step, which the rounding hides unless the value lies that close
         to a rounding boundary.
@@ -212,11 +217,21 @@ def _inner_products(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """q @ p.T as float32: 16-bit inputs with a float32 result where the backend offers one."""
     if q.dtype == torch.float32:
         return q @ p.T
-    try:
-        # Recent PyTorch on CUDA: 16-bit inputs, float32 accumulation and output.
+    if float32_output(q.device.type):
         return torch.mm(q, p.T, out_dtype=torch.float32)
+    return (q @ p.T).float()
+
+
+@functools.cache
+def float32_output(device_type: str) -> bool:
+    """Whether this PyTorch multiplies float16 matrices into a float32 result (accumulated in
+    float32) on ``device_type``: CUDA from PyTorch 2.8 on."""
+    a = torch.ones(2, 2, dtype=torch.float16, device=device_type)
+    try:
+        torch.mm(a, a, out_dtype=torch.float32)
     except (TypeError, RuntimeError, NotImplementedError):
-        return (q @ p.T).float()
+        return False
+    return True
 
 
 def shard_topk(
@@ -231,7 +246,7 @@ def shard_topk(
     its scores are a rounding away from the exact ones, and it breaks ties its own way. So a
     query is searched again, twice as deep each time, until the engine scores every document not
     fetched at least ``slack`` below the k-th exact score, or the shard is exhausted. Fetching
-    ``CANDIDATE_MARGIN`` more than needed spares nearly every query that second search.
+    max(``CANDIDATE_MARGIN``, k / 8) more than needed spares nearly every query that second search.
     Whatever lies past the top k is outranked by k documents, so the merge never keeps it.
     """
     doc_ids = np.asarray(doc_ids, dtype=str)  # one width of string for every search's ids
@@ -251,13 +266,19 @@ def shard_topk(
     slack = shard.slack(queries)
     scores, ids = scores[:, :width].copy(), ids[:, :width].copy()
     # open: a document not fetched might still score the k-th score or more
-    open_ = np.flatnonzero(floor + slack >= scores[:, k - 1])
+    # (in float32, as the scores are: a document within half a step below rounds to a tie)
+    open_ = np.flatnonzero(reach(floor, slack) >= scores[:, k - 1])
     while len(open_):
         depth = min(2 * depth, n)
         deep_scores, deep_ids, floor = ranked(queries[open_], depth)
         scores[open_], ids[open_] = deep_scores[:, :width], deep_ids[:, :width]
-        open_ = open_[(floor + slack[open_] >= deep_scores[:, k - 1]) & (depth < n)]
+        open_ = open_[(reach(floor, slack[open_]) >= deep_scores[:, k - 1]) & (depth < n)]
     return scores, ids
+
+
+def reach(floor: np.ndarray, slack: np.ndarray) -> np.ndarray:
+    """The highest float32 score a document the engine scored at most ``floor`` may have."""
+    return (floor.astype(np.float64) + slack).astype(np.float32)
 
 
 def choose_backend(device: str | None, backend: str = "auto") -> tuple[str, str]:
