@@ -256,8 +256,9 @@ def judgments_from(
     dataset_dir: Path,
     split: str,
 ) -> Judgments:
-    """``load_judgments`` of a split's files already read. A query no run can score above 0 is
-    left out of the retrievable ones; none left is an error: every score would be 0."""
+    """``load_judgments`` of a split's files already read. A query with no judgment on a passage
+    of the corpus is left out of the retrievable ones (one judged only grade 0 stays: it scores 0
+    too, as in BEIR); none left is an error: every score would be 0."""
     qrels, warnings = usable_judgments(raw, queries, doc_ids, split)
     wanted = retrievable(qrels, doc_ids)
     if not wanted:
