@@ -56,7 +56,9 @@ def storage_dtype(
     return torch.float32 if torch.equal(narrow.to(target.dtype), target) else torch.float64
 
 
-def _require_empty(out: Path) -> None:
+def require_empty(out: Path) -> None:
+    """Refuse an output folder that holds anything; one that does not exist yet is made by the
+    caller once its checks have passed, so a refused run leaves none behind."""
     if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} is not empty")
 
@@ -66,7 +68,7 @@ def compute_delta(
 ) -> dict:
     """Write Δ = retriever − Θ into ``out`` (safetensors + delta.json) and return the info."""
     base_dir, retriever_dir, out = Path(base_dir), Path(retriever_dir), Path(out)
-    _require_empty(out)
+    require_empty(out)
     dev = resolve_device(device)
     base = Body(base_dir)
     source, names, info = _open_source(base, retriever_dir)

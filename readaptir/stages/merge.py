@@ -40,7 +40,7 @@ from readaptir.shards import (
     WeightError,
     dtype_name,
 )
-from readaptir.stages.delta import DELTA_JSON
+from readaptir.stages.delta import DELTA_JSON, require_empty
 from readaptir.weights import Body, auto_model_class, check_same_body, is_buffer
 
 LOG = logging.getLogger(__name__)
@@ -84,8 +84,7 @@ def merge(
     if alpha != 0 and adapter_dir is None:
         raise ValueError(f"alpha={alpha} needs a knowledge adapter (adapter_dir)")
     base_dir, out, retriever_dir = Path(base_dir), Path(out), Path(retriever_dir)
-    if out.is_dir() and any(out.iterdir()):
-        raise FileExistsError(f"output folder {out} is not empty")
+    require_empty(out)
 
     # Everything is checked on headers alone before a single tensor is read or written.
     base = Body(base_dir)

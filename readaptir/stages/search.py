@@ -98,7 +98,8 @@ class ShardSearch:
             self.vectors = device_passages(corpus, device)
         on_gpu = engine == "faiss-gpu" or self.vectors.device.type != "cpu"
         self.error = ENGINE_ERROR["cuda" if on_gpu else "cpu"]
-        if on_gpu and self.vectors.dtype == torch.float16 and not float32_output("cuda"):
+        gpu16 = on_gpu and self.vectors.dtype == torch.float16
+        if gpu16 and not float32_output(self.vectors.device.type):
             self.error = ENGINE_ERROR["cuda-float16-output"]  # torch's engine rounds to float16
         self.index = None
         if engine == "torch":
@@ -134,10 +135,9 @@ class ShardSearch:
         passage could score a step apart in two shards or two searches, enough to reorder exact
         duplicates. Products of 16-bit values are exact multiples of 2^-48, so their float64 sum
         is exact (while the sum of their magnitudes stays below 32, as for unit vectors) and
-        identical 16-bit vectors, which the embed stage
-        stores, score identically in every call. For float32 vectors the float64 sum is off by
-        far less than a float32 step, which the rounding hides unless the value lies that close
-        to a rounding boundary.
+        identical 16-bit vectors, which the embed stage stores, score identically in every call.
+        For float32 vectors the float64 sum is off by far less than a float32 step, which the
+        rounding hides unless the value lies that close to a rounding boundary.
         """
         vectors = self.vectors
         q_all = torch.from_numpy(np.ascontiguousarray(queries)).to(vectors.device, torch.float64)
@@ -327,8 +327,7 @@ def search_shards(
                 f"{embeddings_dir}: passage vectors of size {vecs.shape[1]}, but the queries' "
                 f"are of size {queries.shape[1]}: embedded by different models"
             )
-        ids = np.asarray(shard_ids, dtype=str)
-        part = shard_topk(queries, ids, ShardSearch(vecs, engine, where), k)
+        part = shard_topk(queries, shard_ids, ShardSearch(vecs, engine, where), k)
         # Keep only a running top-k, so memory stays at two shards' worth of results.
         best = merge_topk([part] if best is None else [best, part], k)
     if best is None:
