@@ -149,6 +149,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def require_empty(out: Path) -> None:
+    """Refuse an output folder that holds anything; one that does not exist yet is made by the
+    caller once its checks have passed, so a refused run leaves none behind."""
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"output folder {out} is not empty")
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

@@ -612,6 +612,24 @@ def _same_vectors(a, b) -> bool:
     )
 
 
+def test_a_refused_corpus_or_output_folder_leaves_nothing_written(tiny_retriever, tmp_path):
+    encoding = resolve_encoding("repllama", FLOAT32)
+    encoder = embed_module.Encoder.load(tiny_retriever, encoding, dtype="float32")
+    bad = write_beir(
+        tmp_path / "bad", [{"_id": "1", "text": "a"}, {"_id": "1", "text": "b"}], [], []
+    )
+    out = tmp_path / "emb"
+    with pytest.raises(CorpusError, match=r"corpus\.jsonl line 2: duplicate id '1'"):
+        embed_module.embed_corpus(encoder, bad, encoding, out)
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    good = write_beir(tmp_path / "good", [{"_id": "1", "text": "a"}], [], [])
+    with pytest.raises(FileExistsError, match=r"output folder .*emb is not empty"):
+        embed_module.embed_corpus(encoder, good, encoding, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 def test_killed_embedding_resumes_from_its_finished_shards(tiny_retriever, tiny_beir, tmp_path):
     encoding = resolve_encoding("repllama", FLOAT32)
     whole = embed(tiny_retriever, tiny_beir, "test", encoding, tmp_path / "whole", **KW)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from readaptir.artifacts import resolve_device, write_json
+from readaptir.artifacts import require_empty, resolve_device, write_json
 from readaptir.lora import Adapter, Rows
 from readaptir.models import is_peft_adapter
 from readaptir.readapt import (
@@ -54,13 +54,6 @@ def storage_dtype(
     compute = compute_dtype(target.dtype, [stored, torch.float32])
     narrow = base.to(compute) + delta.float().to(compute)
     return torch.float32 if torch.equal(narrow.to(target.dtype), target) else torch.float64
-
-
-def require_empty(out: Path) -> None:
-    """Refuse an output folder that holds anything; one that does not exist yet is made by the
-    caller once its checks have passed, so a refused run leaves none behind."""
-    if out.is_dir() and any(out.iterdir()):
-        raise FileExistsError(f"output folder {out} is not empty")
 
 
 def compute_delta(

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from readaptir.artifacts import files_identity, resolve_device, write_json
+from readaptir.artifacts import files_identity, require_empty, resolve_device, write_json
 from readaptir.corpus import (
     iter_passages,
     judgments_from,
@@ -282,10 +282,9 @@ def embed_corpus(
     if ranks.world > 1 and work_dir is None:
         raise ValueError("several processes share the shards through a work_dir")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; embeddings need a fresh folder")
+    require_empty(out)
     total = len(passage_ids(dataset_dir))  # every passage id checked before hours of encoding
+    out.mkdir(parents=True, exist_ok=True)  # only once every check has passed
     model_dir = encoder.model_dir
 
     work = Path(work_dir) if work_dir is not None else out

@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from readaptir.artifacts import read_json, read_json_mapping, resolve_device, write_json
+from readaptir.artifacts import (
+    read_json,
+    read_json_mapping,
+    require_empty,
+    resolve_device,
+    write_json,
+)
 from readaptir.lora import Adapter
 from readaptir.models import has_tokenizer, is_peft_adapter, torch_dtype
 from readaptir.readapt import (
@@ -40,7 +46,7 @@ from readaptir.shards import (
     WeightError,
     dtype_name,
 )
-from readaptir.stages.delta import DELTA_JSON, require_empty
+from readaptir.stages.delta import DELTA_JSON
 from readaptir.weights import Body, auto_model_class, check_same_body, is_buffer
 
 LOG = logging.getLogger(__name__)
