@@ -719,3 +719,56 @@ def test_flash_attention_with_several_packed_rows_is_refused(
     monkeypatch.setattr(adapter, "load_model", flash)
     with pytest.raises(ValueError, match="flash_attention_2 attention need one row a step, not 4"):
         _train(tmp_path, "flash", tiny_base, tiny_beir, max_steps=1)
+
+
+def _tiny_decoder(out: Path, tokenizer, model_type: str) -> Path:
+    """A random-init OPT or BLOOM: decoders whose attention mask ignores restarting positions."""
+    from transformers import AutoConfig
+
+    sizes = {
+        "opt": dict(hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, num_attention_heads=4),
+        "bloom": dict(hidden_size=32, n_head=4),
+    }[model_type]
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        num_hidden_layers=2,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **sizes,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("model_type, targets", [("opt", None), ("bloom", ["query_key_value"])])
+def test_packing_is_refused_where_packed_passages_would_attend_to_each_other(
+    tmp_path, tokenizer, tiny_beir, model_type, targets
+):
+    base = _tiny_decoder(tmp_path / model_type, tokenizer, model_type)
+    kw = dict(target_modules=targets, max_steps=2)
+    with pytest.raises(
+        ValueError,
+        match=rf"a {model_type} model lets a packed passage attend.*"
+        r"set adapter\.packing: false",
+    ):
+        _train(tmp_path, "packed", base, tiny_beir, **kw)
+    summary, _, weights = _train(tmp_path, "padded", base, tiny_beir, packing=False, **kw)
+    assert summary["steps"] == 2 and weights
+
+
+def test_the_packing_probe_leaves_training_as_it_was(tmp_path, tiny_base, tiny_beir, monkeypatch):
+    """Llama keeps packed passages apart: the probe passes, and the adapter is the one trained
+    without it (no random draw, no mode or weight change)."""
+    probed = []
+    real = adapter_module.check_passages_kept_apart
+    monkeypatch.setattr(
+        adapter_module, "check_passages_kept_apart", lambda *a, **k: probed.append(real(*a, **k))
+    )
+    _, _, with_probe = _train(tmp_path, "probed", tiny_base, tiny_beir, dropout=0.1, max_steps=3)
+    monkeypatch.setattr(adapter_module, "check_passages_kept_apart", lambda *a, **k: None)
+    _, _, without = _train(tmp_path, "unprobed", tiny_base, tiny_beir, dropout=0.1, max_steps=3)
+    assert probed == [None] and _same(with_probe, without)

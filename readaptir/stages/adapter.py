@@ -51,6 +51,7 @@ from readaptir.packing import (
     TokenStore,
     causal_inputs,
     check_packed_attention,
+    check_passages_kept_apart,
     layout,
     masked_inputs,
     plan_epoch,
@@ -403,6 +404,15 @@ def train_adapter(
             dtype=mask_dtype,
         )
 
+    if packing:  # before the first step: a model that cannot keep packed passages apart fails
+        check_passages_kept_apart(
+            model,
+            lambda lay: make_inputs(lay, 0),
+            vocab_size=vocab_size,
+            pad_id=pad_id,
+            device=device,
+            autocast=autocast,
+        )
     engine = wrap_distributed(model, ranks)
     meter = Meter(steps, step)
     log_every = max(1, steps // 20)
