@@ -161,6 +161,26 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def folder_files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, in sorted order, linked subfolders followed (a model folder
+    may link its parts from elsewhere; ``Path.rglob`` does not enter them). A link to a folder
+    above it, a loop no walk ends, is an error naming the link."""
+    files: list[Path] = []
+
+    def visit(path: Path, above: frozenset[str]) -> None:
+        real = os.path.realpath(path)
+        if real in above:
+            raise ValueError(f"{path} links to a folder that holds it: its files never end")
+        for child in path.iterdir():
+            if child.is_dir():
+                visit(child, above | {real})
+            elif child.is_file():
+                files.append(child)
+
+    visit(Path(folder), frozenset())
+    return sorted(files)
+
+
 def files_identity(*folders: Path | None) -> list[list]:
     """Name, size and modification time of every file under ``folders``: cheap, and changed by a
     rebuilt model (whose content-addressed id stays the same)."""
@@ -168,11 +188,10 @@ def files_identity(*folders: Path | None) -> list[list]:
     for index, folder in enumerate(folders):
         if folder is None:
             continue
-        for path in sorted(Path(folder).rglob("*")):
-            if path.is_file():
-                stat = path.stat()
-                name = path.relative_to(folder).as_posix()
-                rows.append([index, name, stat.st_size, stat.st_mtime_ns])
+        for path in folder_files(folder):
+            stat = path.stat()
+            name = path.relative_to(folder).as_posix()
+            rows.append([index, name, stat.st_size, stat.st_mtime_ns])
     return rows
 
 

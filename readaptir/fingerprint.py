@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from readaptir.artifacts import atomic_write_text
+from readaptir.artifacts import atomic_write_text, folder_files
 
 LOG = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Fingerprints:
         if not path.is_dir():
             raise FileNotFoundError(f"{path} does not exist")
         digest = hashlib.sha256()
-        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+        for child in folder_files(path):
             rel = child.relative_to(path)
             if any(part.startswith(".") for part in rel.parts):
                 continue

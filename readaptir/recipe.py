@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from readaptir.artifacts import folder_files
 from readaptir.families import FAMILIES, Encoding, resolve_encoding
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch: a name is also a file and stage name
@@ -640,9 +641,7 @@ def recipe_files(recipes_dir: Path) -> list[Path]:
     """The buildable recipes of a folder (recursively); partial ones, named ``_*`` or inside a
     ``_*`` folder, excluded, and hidden ones (``.*``: editor locks, notebook checkpoints) too."""
     root = Path(recipes_dir)
-    files = sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in (".yaml", ".yml") and not p.is_dir()
-    )
+    files = [p for p in folder_files(root) if p.suffix.lower() in (".yaml", ".yml")]
     return [p for p in files if not any(part[:1] in "_." for part in p.relative_to(root).parts)]
 
 

@@ -10,6 +10,7 @@ import yaml
 
 from readaptir import dvcfile, workspace
 from readaptir import plan as plan_module
+from readaptir.artifacts import files_identity
 from readaptir.fingerprint import Fingerprints
 from readaptir.plan import plan_recipes, stage_id
 from readaptir.recipe import RecipeError, load_recipes
@@ -837,3 +838,27 @@ def test_a_local_model_without_the_tokenizer_a_stage_loads_fails_at_build(projec
         plan_of(project)  # the adapter stage would fail, after the retriever-alone stages
     edit(project, "ra-full", f"extends: _common.yaml\nbase: {base}\nreadapt: {{alpha: 0.0}}\n")
     plan_of(project)  # α = 0 trains no adapter: the base's tokenizer is not needed
+
+
+def test_a_linked_subfolder_counts_as_its_files_and_a_link_loop_is_named(tmp_path):
+    """A model folder may link a part (a sentence-transformers Pooling folder, say) from
+    elsewhere: its files are the model's, and a change there is a new model."""
+    store = tmp_path / "store" / "pool"
+    store.mkdir(parents=True)
+    (store / "config.json").write_text('{"pooling": "mean"}')
+    linked, copied = tmp_path / "proj" / "linked", tmp_path / "proj" / "copied"
+    for folder in (linked, copied):
+        folder.mkdir(parents=True)
+        (folder / "a.bin").write_text("aaaa")
+    (linked / "1_Pooling").symlink_to(store, target_is_directory=True)
+    shutil.copytree(store, copied / "1_Pooling")
+    fp = Fingerprints(tmp_path / "proj")
+    before = fp.path(linked)
+    assert before == fp.path(copied)  # a linked folder hashes as the files it holds
+    assert [row[1] for row in files_identity(linked)] == ["1_Pooling/config.json", "a.bin"]
+    (store / "config.json").write_text('{"pooling": "cls"}')
+    assert fp.path(linked) != before
+
+    (store / "loop").symlink_to(linked, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"1_Pooling/loop links to a folder that holds it"):
+        fp.path(linked)

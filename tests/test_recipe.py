@@ -74,6 +74,9 @@ def test_partial_recipes_are_not_built_and_names_must_be_unique(tmp_path):
     write(tmp_path / "r" / "B.YML", "extends: _base.yaml\n")  # the suffix in any case
     write(tmp_path / "r" / "notes.txt", "extends: _base.yaml\n")
     assert [r.name for r in load_recipes(tmp_path / "r")] == ["B", "a"]
+    write(tmp_path / "shared" / "c.yaml", MINIMAL)  # a linked folder's recipes are built too
+    (tmp_path / "r" / "linked").symlink_to(tmp_path / "shared", target_is_directory=True)
+    assert [r.name for r in load_recipes(tmp_path / "r")] == ["B", "a", "c"]
 
 
 def test_every_problem_of_a_recipe_is_named(tmp_path):
