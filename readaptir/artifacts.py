@@ -162,9 +162,10 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def folder_files(folder: Path) -> list[Path]:
-    """Every file under ``folder``, in sorted order, linked subfolders followed (a model folder
-    may link its parts from elsewhere; ``Path.rglob`` does not enter them). A link to a folder
-    above it, a loop no walk ends, is an error naming the link."""
+    """Everything under ``folder`` but folders, in sorted order (none if it is not a folder):
+    files, and links to nothing, which callers skip or name; linked subfolders are followed (a
+    model folder may link its parts from elsewhere; ``Path.rglob`` does not enter them). A link
+    to a folder above it, a loop no walk ends, is an error naming the link."""
     files: list[Path] = []
 
     def visit(path: Path, above: frozenset[str]) -> None:
@@ -174,10 +175,11 @@ def folder_files(folder: Path) -> list[Path]:
         for child in path.iterdir():
             if child.is_dir():
                 visit(child, above | {real})
-            elif child.is_file():
+            else:
                 files.append(child)
 
-    visit(Path(folder), frozenset())
+    if Path(folder).is_dir():
+        visit(Path(folder), frozenset())
     return sorted(files)
 
 
@@ -188,7 +190,7 @@ def files_identity(*folders: Path | None) -> list[list]:
     for index, folder in enumerate(folders):
         if folder is None:
             continue
-        for path in folder_files(folder):
+        for path in filter(Path.is_file, folder_files(folder)):
             stat = path.stat()
             name = path.relative_to(folder).as_posix()
             rows.append([index, name, stat.st_size, stat.st_mtime_ns])

@@ -63,7 +63,7 @@ class Fingerprints:
         if not path.is_dir():
             raise FileNotFoundError(f"{path} does not exist")
         digest = hashlib.sha256()
-        for child in folder_files(path):
+        for child in filter(Path.is_file, folder_files(path)):
             rel = child.relative_to(path)
             if any(part.startswith(".") for part in rel.parts):
                 continue
