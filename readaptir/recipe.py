@@ -393,7 +393,8 @@ RUNTIME_FIELDS = {
     "adapter": ("checkpoint_every", "gradient_checkpointing"),
     "readapt": ("device",),
 }
-SHORTHAND_KEYS = ("base", "retriever", "corpus")
+# keys a plain string may stand for a mapping under, and the field that string gives
+SHORTHAND = {"base": "source", "retriever": "source", "corpus": "path"}
 
 
 class ShorthandOverride(ValueError):
@@ -410,17 +411,34 @@ def deep_merge(parent: dict, child: dict) -> dict:
     for key, value in child.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)
-        elif key in SHORTHAND_KEYS and isinstance(value, str) and isinstance(merged.get(key), dict):
-            inherited = ", ".join(sorted(merged[key]))
-            raise ShorthandOverride(
-                key,
-                f"a plain string here would drop what the parent recipe sets ({inherited});"
-                f" write a mapping, e.g. {key}: {{{'path' if key == 'corpus' else 'source'}: "
-                f"{value}}}, and repeat what should change",
-            )
+        elif key in SHORTHAND and (lost := _dropped(key, merged.get(key), value)):
+            raise ShorthandOverride(key, _override_message(key, merged[key], value, lost))
         else:
             merged[key] = value
     return merged
+
+
+def _dropped(key: str, inherited: Any, value: Any) -> list[str]:
+    """The keys of a parent's mapping that ``value`` replacing it would lose: a string sets only
+    the path (a corpus's) or source, a list (of corpora) what every one of its items sets."""
+    items = value if isinstance(value, list) else [value]
+    if not isinstance(inherited, dict) or not all(isinstance(i, (str, dict)) for i in items):
+        return []  # nothing inherited, or not a recipe's shape at all (the schema says more)
+    given = [set(item) if isinstance(item, dict) else {SHORTHAND[key]} for item in items]
+    return sorted(k for k in inherited if not all(k in keys for keys in given))
+
+
+def _override_message(key: str, inherited: dict, value: Any, lost: list[str]) -> str:
+    field = SHORTHAND[key]
+    if isinstance(value, str):
+        return (
+            f"a plain string here would drop what the parent recipe sets ({', '.join(lost)});"
+            f" write a mapping, e.g. {key}: {{{field}: {value}}}, and repeat what should stay"
+        )
+    return (
+        f"this list replaces the parent recipe's {key} ({', '.join(sorted(inherited))}) and "
+        f"an item does not set {', '.join(lost)}: write each item as a mapping that does"
+    )
 
 
 class _RecipeLoader(yaml.SafeLoader):

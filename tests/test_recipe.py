@@ -253,6 +253,31 @@ def test_corpus_list_makes_a_grid_and_extends_takes_several_parents(tmp_path):
     assert marco.sweep == "grid-msmarco" and marco.file.endswith("grid.yaml")
 
 
+def test_a_string_or_list_that_would_drop_a_parents_settings_is_refused(tmp_path):
+    write(
+        tmp_path / "_p.yaml",
+        MINIMAL.replace("corpus: data/scifact", "corpus: {path: d, split: dev}"),
+    )
+    refusals = {
+        "corpus: data/other": r"c\.yaml:2: corpus: a plain string here would drop what the parent "
+        r"recipe sets \(split\); write a mapping, e\.g\. corpus: \{path: data/other\}",
+        "corpus: [data/a, {path: data/b, split: dev}]": r"c\.yaml:2: corpus: this list replaces "
+        r"the parent recipe's corpus \(path, split\) and an item does not set split",
+    }
+    for text, refusal in refusals.items():
+        with pytest.raises(RecipeError, match=refusal):
+            load_recipe(write(tmp_path / "c.yaml", f"extends: _p.yaml\n{text}\n"))
+    # nothing is lost where every item (or the string) sets what the parent sets
+    write(
+        tmp_path / "c.yaml",
+        "extends: _p.yaml\ncorpus: [{path: a, split: dev}, {path: b, split: test}]\n",
+    )
+    assert [r.corpus.split for r in load_recipes(tmp_path)] == ["dev", "test"]
+    write(tmp_path / "_q.yaml", MINIMAL.replace("corpus: data/scifact", "corpus: {path: d}"))
+    write(tmp_path / "c.yaml", "extends: _q.yaml\ncorpus: [data/a, data/b]\n")
+    assert [r.corpus.path for r in load_recipes(tmp_path)] == ["data/a", "data/b"]
+
+
 def test_errors_point_at_the_file_that_sets_the_key(tmp_path):
     write(tmp_path / "_p.yaml", MINIMAL + "adapter:\n  lr: 1e-4\n  r: zero\n")
     with pytest.raises(RecipeError) as err:
@@ -262,7 +287,7 @@ def test_errors_point_at_the_file_that_sets_the_key(tmp_path):
 
 def test_a_string_cannot_silently_drop_inherited_settings(tmp_path):
     write(tmp_path / "_p.yaml", "base: b\nretriever: {source: r, family: repllama}\ncorpus: c\n")
-    with pytest.raises(RecipeError, match=r"f\.yaml:2: retriever: .*drop.*family, source"):
+    with pytest.raises(RecipeError, match=r"f\.yaml:2: retriever: .*drop.*sets \(family\)"):
         load_recipe(write(tmp_path / "f.yaml", "extends: _p.yaml\nretriever: other/model\n"))
 
 
