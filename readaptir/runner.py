@@ -164,6 +164,7 @@ def _encoder(ctx: Context, side: str) -> tuple[Encoder, Encoding]:
     """The model of an embed (``side`` passage) or queries stage, loaded, and the encoding it
     follows."""
     from readaptir.families import Encoding
+    from readaptir.models import is_peft_adapter
     from readaptir.stages.embed import Encoder
 
     p = ctx.params
@@ -171,7 +172,14 @@ def _encoder(ctx: Context, side: str) -> tuple[Encoder, Encoding]:
         p["model"]["retriever"], p["model"]["base"]
     )
     encoding = Encoding(**p["encoding"])
-    base = ctx.model_dir(p["model"]["base"])
+    base = None
+    if is_peft_adapter(model):  # a full retriever (or a merged model) encodes without Θ
+        if p["model"]["base"] is None:
+            raise StaleInputError(
+                f"{model} is a PEFT adapter, but the hub said otherwise when `readaptir build` "
+                "planned this stage (a revision changed since?): run `readaptir build` again"
+            )
+        base = ctx.model_dir(p["model"]["base"])
     encoder = Encoder.load(model, encoding, base_dir=base, device=ctx.device, sides=(side,))
     return encoder, encoding
 

@@ -862,3 +862,65 @@ def test_a_linked_subfolder_counts_as_its_files_and_a_link_loop_is_named(tmp_pat
     (store / "loop").symlink_to(linked, target_is_directory=True)
     with pytest.raises(ValueError, match=r"1_Pooling/loop links to a folder that holds it"):
         fp.path(linked)
+
+
+@pytest.mark.parametrize("hub_says", [False, True, None])
+def test_a_full_hub_retrievers_baseline_is_built_once_whatever_the_base(
+    project, monkeypatch, hub_says
+):
+    """The hub is asked whether a retriever is a PEFT adapter: a full retriever's baseline does
+    not depend on Θ; an adapter's does, and so does one the hub cannot answer for."""
+    from readaptir import models
+
+    asked = []
+
+    def file_exists(repo, filename, revision=None):
+        asked.append((repo, filename, revision))
+        if hub_says is None:
+            raise ConnectionError("no network")
+        return hub_says
+
+    monkeypatch.setattr("huggingface_hub.file_exists", file_exists)
+    retriever = "retriever: {source: intfloat/e5-mistral-7b-instruct, family: e5-mistral}"
+    ids = []
+    for revision in ("null", "abc123"):
+        for name in ("ra-half", "ra-full"):
+            edit(
+                project,
+                name,
+                f"extends: _common.yaml\n{retriever}\n"
+                f"base: {{source: mistralai/Mistral-7B-v0.1, revision: {revision}}}\n",
+            )
+        stages = plan_of(project).stages.values()
+        ids.append({s.id for s in stages if s.kind == "embed" and s.params["model"]["retriever"]})
+    # asked once a build, for the retriever alone
+    assert asked == [("intfloat/e5-mistral-7b-instruct", "adapter_config.json", None)] * 2
+    assert len(ids[0]) == 1 and (ids[0] == ids[1]) == (hub_says is False)
+    assert models.hub_holds_adapter("x/y", None) is (None if hub_says is None else hub_says)
+
+
+def test_an_embedding_stage_fetches_the_base_only_for_a_peft_retriever(project, monkeypatch):
+    from readaptir import models
+    from readaptir.runner import Context, StaleInputError, _encoder
+
+    fetched = []
+
+    def local_dir(source, revision=None):
+        fetched.append(source)
+        return project / "models" / {"hub/full": "retriever", "hub/lora": "lora"}[source]
+
+    monkeypatch.setattr(models, "local_dir", local_dir)
+    lora = project / "models" / "lora"  # stands for the hub's snapshot of an adapter
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    stages = plan_of(project).stages.values()
+    encoding = next(s for s in stages if s.kind == "embed").params["encoding"]
+
+    def spec(retriever, base):
+        params = {"model": {"retriever": {"source": retriever}, "base": base}, "encoding": encoding}
+        return Context(project, {"kind": "queries", "params": params, "inputs": {}}, "cpu")
+
+    _encoder(spec("hub/full", {"source": "hub/base"}), "query")
+    assert fetched == ["hub/full"]  # a full retriever encodes without Θ: it is never fetched
+    with pytest.raises(StaleInputError, match=r"lora is a PEFT adapter, but the hub said"):
+        _encoder(spec("hub/lora", None), "query")
