@@ -117,16 +117,46 @@ def _unit_length(st: STConfig) -> bool:
             "search here does (by dot product, of unit vectors for cosine); set "
             "retriever.encoding.normalize to search by dot product anyway"
         )
-    if st.normalize or st.similarity in ("cosine", "euclidean"):
-        return True
-    if st.similarity == "dot":
-        return False
+    said = _said_unit_length(st)
+    if said is not None:
+        return said
     LOG.warning(
         "the model names no similarity_fn_name and has no Normalize module: scored by "
         "cosine, sentence-transformers' default; set retriever.encoding.normalize: false "
         "for a model trained for the dot product"
     )
     return True
+
+
+def _said_unit_length(st: STConfig) -> bool | None:
+    """Unit vectors (a Normalize module, or a similarity that ranks as cosine of them), or not
+    (the dot product); None where the files say neither."""
+    if st.normalize or st.similarity in ("cosine", "euclidean"):
+        return True
+    return False if st.similarity == "dot" else None
+
+
+def _warn_where_set_otherwise(encoding: Encoding, st: STConfig, sides: tuple[str, ...]) -> None:
+    """Warn where the encoding sets the pooling or normalisation otherwise than the model's own
+    sentence-transformers files, or a length past theirs: a family's fixed preset (``custom``'s
+    mean pooling and 512 tokens, say) over a model made to be used another way."""
+    own_pooling = _ST_POOLING.get(st.pooling or "")
+    own_normalize = _said_unit_length(st)
+    differs = []
+    if encoding.pooling is not None and own_pooling not in (None, encoding.pooling):
+        differs.append(f"pooling {encoding.pooling} (the model's: {own_pooling})")
+    if encoding.normalize is not None and own_normalize not in (None, encoding.normalize):
+        differs.append(f"normalize {encoding.normalize} (the model's: {own_normalize})")
+    for side in sides:
+        length = getattr(encoding, f"max_{side}_length")
+        if length is not None and st.max_seq_length is not None and length > st.max_seq_length:
+            differs.append(f"max_{side}_length {length} (the model's: {st.max_seq_length})")
+    if differs:
+        LOG.warning(
+            "the encoding sets %s, unlike the model's sentence-transformers files: is the "
+            "retriever's family right? (family sentence-transformers takes the model's own)",
+            "; ".join(differs),
+        )
 
 
 def read_st_config(model_dir: Path | None) -> STConfig | None:
@@ -244,6 +274,8 @@ def resolve_fields(
         elif value is None:
             value = st_len if st_len is not None else fallback(name, FALLBACK_MAX_LENGTH)
         lengths[name] = value
+    if st is not None:
+        _warn_where_set_otherwise(encoding, st, sides)
     lowercase = encoding.lowercase
     if lowercase is None:
         # Unlike pooling, lower-casing has a safe default: sentence-transformers' own (off).

@@ -231,6 +231,40 @@ def test_missing_st_files_fall_back_with_a_warning(tiny_retriever, caplog):
     )
 
 
+def test_settings_unlike_the_models_own_files_are_warned_about(minilm_dir, caplog):
+    """A family's fixed preset over a sentence-transformers model made to be used otherwise."""
+    st = read_st_config(minilm_dir)  # mean pooling, unit vectors, 256 tokens
+    cases = {
+        "sentence-transformers": None,  # takes the model's own: nothing to say
+        "custom": "max_query_length 512 (the model's: 256); max_passage_length 512",
+    }
+    for family, said in cases.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="readaptir.st_config"):
+            resolve_fields(resolve_encoding(family), st)
+        assert (said in caplog.text) if said else not caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="readaptir.st_config"):
+        resolve_fields(
+            Encoding(pooling="cls", normalize=False, max_passage_length=128), st, ("passage",)
+        )
+    assert (
+        "sets pooling cls (the model's: mean); normalize False (the model's: True)" in caplog.text
+    )
+    assert "max_passage_length" not in caplog.text  # a shorter length is the recipe's to choose
+
+
+def test_last_token_pooling_without_an_eos_is_warned_about(tiny_retriever, caplog):
+    for family, overrides, warned in (
+        ("repllama", FLOAT32, False),
+        ("custom", {**FLOAT32, "pooling": "last"}, True),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="readaptir.stages.embed"):
+            embed_module.Encoder.load(tiny_retriever, resolve_encoding(family, overrides))
+        assert ("last-token pooling of texts that end without an EOS" in caplog.text) == warned
+
+
 def test_minilm_matches_sentence_transformers(minilm, minilm_dir, st_model):
     model, tok = minilm
     resolved = resolve_fields(resolve_encoding("sentence-transformers"), read_st_config(minilm_dir))

@@ -38,7 +38,7 @@ from readaptir.distributed import (
     leave_distributed,
     rank_device,
 )
-from readaptir.encoding import DEFAULT_BATCH_TOKENS, encode_texts
+from readaptir.encoding import DEFAULT_BATCH_TOKENS, appends_eos, encode_texts
 from readaptir.families import QUERY_FIELDS, Encoding, Pooling
 from readaptir.models import is_peft_adapter, load_encoder, torch_dtype
 from readaptir.st_config import Resolved, read_st_config, resolve_fields
@@ -173,6 +173,13 @@ class Encoder:
         )
         limit = position_limit(model)
         resolved = _within_positions(resolved, encoding, limit, model_dir, sides)
+        if resolved.pooling == "last" and not encoding.append_eos and not appends_eos(tokenizer):
+            LOG.warning(
+                "%s: last-token pooling of texts that end without an EOS: each vector is its "
+                "text's last word's; a model trained to end on one (RepLLaMA, e5-mistral) needs "
+                "retriever.encoding.append_eos: true (their families set it)",
+                model_dir,
+            )
         LOG.info("encoding on %s in %s with %s", device, model.dtype, resolved)
         encode = functools.partial(
             encode_texts,
