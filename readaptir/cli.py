@@ -88,13 +88,18 @@ def validate(root: Path) -> None:
 @click.option(
     "--prune",
     is_flag=True,
-    help="Remove the folders under artifacts/ that no stage of the recipes makes (refused "
-    "while DVC runs a stage).",
+    help="Remove the folders under artifacts/ that no stage of the recipes makes and no recipe "
+    "reads.",
 )
 @user_errors
 def build(root: Path, prune: bool) -> None:
     """Expand the recipes (recipes/**/*.yaml or .yml; files and folders named _* are partials)
     into dvc.yaml and params.yaml."""
+    running = workspace.dvc_running(root)
+    if running:  # a stage still to run would read the new params.yaml beside the old dvc.yaml
+        raise click.ClickException(
+            f"DVC is running in {root} ({running[0]}): build when it is done; nothing written"
+        )
     recipes, plan = _plan(root)
     changed = dvcfile.write(plan, root)
     kinds: dict[str, int] = {}
@@ -125,11 +130,6 @@ def _leftovers(root: Path, stale: list[Path], prune: bool) -> None:
             f"{size}: `readaptir build --prune`, then `dvc gc -w` for DVC's cached copies"
         )
         return
-    running = workspace.dvc_running(root)
-    if running:
-        raise click.ClickException(
-            f"DVC is running in {root} ({running[0]}): prune when it is done; nothing removed"
-        )
     failed = workspace.remove(stale)
     click.echo(f"removed {len(stale) - len(failed)} of {len(stale)} {folders}: {names}")
     if failed:

@@ -99,8 +99,14 @@ class Plan:
         no recipe has any more, and what interrupted runs left: a ``.tmp-<id>-<pid>`` output
         whose process is gone, a ``.work-`` folder (checkpoints, shards) of a stage no recipe
         has or whose output is complete (restored from DVC's cache, say). Anything else there is
-        not readaptir's and is left out, and so is everything of a stage whose process runs."""
+        not readaptir's and is left out, and so is everything of a stage whose process runs, and
+        a folder a recipe reads (a merged model taken as the next round's retriever, say)."""
         current = {(stage.kind, stage.id) for stage in self.stages.values()}
+        read = [
+            Path(os.path.normpath(project_path(root, dep).absolute()))
+            for stage in self.stages.values()
+            for dep in stage.deps
+        ]
         found = []
         for kind in KIND_VERSIONS:
             folder = Path(root) / "artifacts" / kind
@@ -112,7 +118,8 @@ class Plan:
             running = {m["tmp"] for _, m in made if m["pid"] and alive(int(m["pid"]))}
             for path, m in made:
                 ident = m["id"] or m["tmp"]
-                if ident in running:
+                full = Path(os.path.normpath(path.absolute()))
+                if ident in running or any(r.is_relative_to(full) for r in read):
                     continue
                 if m["tmp"]:  # its process is gone: nothing will rename it into place
                     found.append(path)

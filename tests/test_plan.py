@@ -746,7 +746,8 @@ def test_build_names_and_prunes_what_no_stage_makes_any_more(project):
     assert "left over" not in _build(project)
 
 
-def test_prune_waits_for_dvc_and_goes_on_past_a_failure(project, monkeypatch):
+def test_build_waits_for_dvc_and_prune_goes_on_past_a_failure(project, monkeypatch):
+    _build(project)
     edit(project, "ra-half", "extends: _common.yaml\nreadapt: {alpha: 0.25}\n")
     stale = [project / "artifacts" / "embed" / f".work-{c * 16}" for c in "01"]
     for folder in stale:
@@ -757,9 +758,12 @@ def test_prune_waits_for_dvc_and_goes_on_past_a_failure(project, monkeypatch):
     gone.wait()
     held = {"pid": os.getpid(), "cmd": "readaptir stage run embed-x"}
     lock.write_text(json.dumps({"write": {"artifacts/embed/x": held}, "read": {}}))
-    said = _build(project, "--prune", code=1)
-    assert "DVC is running" in said and "readaptir stage run embed-x" in said
-    assert "nothing removed" in said and all(path.exists() for path in stale)
+    written = {name: (project / name).read_bytes() for name in ("dvc.yaml", "params.yaml")}
+    for flags in (["--prune"], []):  # a stage still to run would read the new params.yaml
+        said = _build(project, *flags, code=1)
+        assert "DVC is running" in said and "readaptir stage run embed-x" in said
+        assert "nothing written" in said and all(path.exists() for path in stale)
+        assert all((project / name).read_bytes() == text for name, text in written.items())
     held["pid"] = gone.pid  # a lock left by a run that is over
     lock.write_text(json.dumps({"read": {"artifacts/embed/x": [held]}}))
     rmtree = workspace.shutil.rmtree
@@ -774,6 +778,23 @@ def test_prune_waits_for_dvc_and_goes_on_past_a_failure(project, monkeypatch):
     assert "removed 1 of 2 folders" in said
     assert f"could not remove {stale[0]}: Permission denied" in said
     assert stale[0].exists() and not stale[1].exists()
+
+
+def test_prune_keeps_an_output_a_recipe_reads(project):
+    """A merged model taken as the next round's retriever is no stage's output any more once
+    its α changes, but a recipe reads it."""
+    _build(project)
+    merges = by_kind(plan_of(project))["merge"]
+    merged = project / "artifacts" / "merge" / merges[0].id
+    shutil.copytree(project / "models" / "retriever", merged)  # stands for the merge's output
+    (project / "recipes" / "round2.yaml").write_text(
+        f"extends: _common.yaml\nretriever: {{source: artifacts/merge/{merged.name}}}\n"
+    )
+    for name in ("ra-half", "ra-full"):
+        edit(project, name, "extends: _common.yaml\nreadapt: {alpha: 0.25}\n")
+    assert "left over" not in _build(project, "--prune") and merged.is_dir()
+    (project / "recipes" / "round2.yaml").unlink()
+    assert "removed 1 of 1 folder" in _build(project, "--prune") and not merged.exists()
 
 
 def test_a_model_folder_behind_a_dangling_link_is_not_taken_for_a_hub_id(project):
