@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import logging
+import math
 import subprocess
 from pathlib import Path
 
@@ -103,6 +104,14 @@ def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, d
     where = str(Path(root) / ROOT_PARAMS) if rev == WORKSPACE else f"{ROOT_PARAMS} at {rev}"
     params = parse_mapping(_read(root, rev, ROOT_PARAMS) or "", where)
     recipes, built = params.get("recipes") or {}, params.get("scores") or {}
+    for key, value, held in (("recipes", recipes, dict), ("scores", built, str)):
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, held) for k, v in value.items()
+        ):
+            raise ReportError(
+                f"{where}: {key}: not as `readaptir build` writes it (recipe names to their "
+                f"{'settings' if held is dict else 'score stages'}): run `readaptir build` again"
+            )
     if not recipes:
         where = str(root) if rev == WORKSPACE else f"git revision {rev}"
         raise ReportError(f"no built recipes in {where}: run `readaptir build` (and commit) first")
@@ -129,8 +138,36 @@ def check_scores(m: dict, where: str) -> None:
         if not isinstance(m[side], dict):
             raise ReportError(f"{where}: {side}: expected scores by metric name")
         for metric, value in m[side].items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ReportError(f"{where}: {side}.{metric}: expected a number, found {value!r}")
+            _expect(_is_number(value), where, f"{side}.{metric}", "a number", value)
+    for key in ("alpha", "beta"):
+        _expect(_is_number(m[key]), where, key, "a number", m[key])
+    for key in ("dataset", "label", "sweep"):
+        _expect(m.get(key) is None or isinstance(m[key], str), where, key, "a name", m[key])
+    in_domain = m.get("in_domain", False)
+    _expect(isinstance(in_domain, bool), where, "in_domain", "true or false", in_domain)
+    comparisons = m.get("comparison", {})
+    _expect(isinstance(comparisons, dict), where, "comparison", "tests by metric name", comparisons)
+    for metric, test in comparisons.items():
+        key = f"comparison.{metric}"
+        _expect(isinstance(test, dict), where, key, "wins, ties, losses and p_value", test)
+        for count in ("wins", "ties", "losses"):
+            value = test.get(count)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            _expect(ok, where, f"{key}.{count}", "a count", value)
+        p_value = test.get("p_value")
+        _expect(
+            _is_number(p_value) and 0 <= p_value <= 1, where, f"{key}.p_value", "a p-value", p_value
+        )
+
+
+def _is_number(value: object) -> bool:
+    """A finite int or float (JSON's NaN and Infinity are none, nor is true or false)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _expect(ok: bool, where: str, key: str, what: str, value: object) -> None:
+    if not ok:
+        raise ReportError(f"{where}: {key}: expected {what}, found {value!r}")
 
 
 def _mean(values: list[float]) -> float | None:

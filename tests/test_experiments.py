@@ -507,6 +507,25 @@ def test_recipes_left_out_for_one_reason_are_one_warning(tmp_path, caplog):
         ({"retriever": [0.7]}, "retriever: expected scores by metric name"),
         ({"readapted": None}, "readapted: expected scores by metric name"),
         ({"dataset": None}, None),  # present: a null dataset is only a label
+        (
+            {"readapted": {"nDCG@10": float("nan")}},
+            "readapted.nDCG@10: expected a number, found nan",
+        ),
+        ({"alpha": "0.5"}, "alpha: expected a number, found '0.5'"),
+        ({"beta": True}, "beta: expected a number, found True"),
+        ({"dataset": ["x"]}, "dataset: expected a name, found ['x']"),
+        ({"label": 5}, "label: expected a name, found 5"),
+        ({"in_domain": "yes"}, "in_domain: expected true or false, found 'yes'"),
+        ({"comparison": [1]}, "comparison: expected tests by metric name, found [1]"),
+        ({"comparison": {"nDCG@10": 5}}, "comparison.nDCG@10: expected wins, ties, losses and"),
+        (
+            {"comparison": {"nDCG@10": {"wins": 1, "ties": 0, "losses": -1, "p_value": 1}}},
+            "comparison.nDCG@10.losses: expected a count, found -1",
+        ),
+        (
+            {"comparison": {"nDCG@10": {"wins": 1, "ties": 0, "losses": 0, "p_value": "x"}}},
+            "comparison.nDCG@10.p_value: expected a p-value, found 'x'",
+        ),
     ],
 )
 def test_a_metrics_file_not_as_the_score_stage_writes_it_is_named(tmp_path, change, message):
@@ -521,6 +540,22 @@ def test_a_metrics_file_not_as_the_score_stage_writes_it_is_named(tmp_path, chan
         report.load(tmp_path)
     (tmp_path / "metrics" / "r-sf.json").write_text("{}")
     with pytest.raises(report.ReportError, match="metrics/r-sf.json: no 'dataset'"):
+        report.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "params, key",
+    [
+        ({"recipes": ["a", "b"]}, "recipes"),
+        ({"recipes": {1: {}, "b": {}}}, "recipes"),
+        ({"recipes": {"a": "x"}}, "recipes"),
+        ({"recipes": {"a": {}}, "scores": ["x"]}, "scores"),
+        ({"recipes": {"a": {}}, "scores": {"a": 5}}, "scores"),
+    ],
+)
+def test_a_params_file_not_as_build_writes_it_is_named(tmp_path, params, key):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(report.ReportError, match=rf"params\.yaml: {key}: not as `readaptir build`"):
         report.load(tmp_path)
 
 
