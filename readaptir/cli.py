@@ -42,7 +42,7 @@ def user_errors(func):
 
 root_option = click.option(
     "--root",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=".",
     show_default=True,
     help="Project root (holds recipes/, dvc.yaml, params.yaml).",

@@ -572,3 +572,15 @@ def test_plots_of_a_metric_no_file_holds_is_an_error(tmp_path):
     assert result.exit_code == 1
     assert "no metrics file holds 'Foo'; they hold nDCG@10" in result.output
     assert not (tmp_path / "plots").exists()
+
+
+@pytest.mark.parametrize("command", [["diff", "HEAD"], ["report"], ["build"], ["init"]])
+def test_a_root_that_is_not_a_folder_is_named(tmp_path, command):
+    from click.testing import CliRunner
+
+    from readaptir.cli import main
+
+    (tmp_path / "file").write_text("x")
+    for root, said in (("missing", "missing' does not exist"), ("file", "file' is a file")):
+        result = CliRunner().invoke(main, [*command, "--root", str(tmp_path / root)])
+        assert result.exit_code == 2 and said in result.output, result.output
