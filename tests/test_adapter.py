@@ -191,6 +191,28 @@ def test_a_corpus_file_changed_since_the_tokens_were_saved_is_tokenized_again(
     assert len(calls) == 1  # untouched, the saved tokens are read back (test above)
 
 
+@pytest.mark.parametrize("changed", ["corpus", "base"])
+def test_a_checkpoint_of_another_corpus_or_base_is_not_resumed(
+    tmp_path, tokenizer, tiny_base, tiny_beir, changed
+):
+    """Rewritten with the same counts (each passage's words reversed) or rebuilt with other
+    weights, the input makes another run, which starts over."""
+    base = shutil.copytree(tiny_base, tmp_path / "base")
+    ckpt = _killed_at_step_7(tmp_path, base, tiny_beir)
+    if changed == "corpus":
+        corpus = tiny_beir / "corpus.jsonl"
+        lines = [json.loads(line) for line in corpus.read_text().splitlines()]
+        for line in lines:
+            line["text"] = " ".join(reversed(line["text"].split()))
+        corpus.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    else:
+        tiny.make_llama(base, tokenizer, seed=1)
+    fresh = _train(tmp_path, "fresh", base, tiny_beir, **RESUMABLE)[2]
+    summary, _, other = _train(tmp_path, "other", base, tiny_beir, **RESUMABLE,
+                               checkpoint_dir=ckpt, checkpoint_every=3)  # fmt: skip
+    assert summary["resumed_from"] == 0 and _same(fresh, other)
+
+
 def test_a_rank_waiting_for_rank_0_s_tokens_says_so_and_reads_them(tmp_path, monkeypatch, caplog):
     made = TokenStore.from_chunks([[[5, 6, 7], [8]]])
     polls = []

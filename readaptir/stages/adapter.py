@@ -199,10 +199,18 @@ _NOT_RESUME_RELEVANT = {
 }  # fmt: skip
 
 
-def _fingerprint(args: dict, step_size: int | str, steps: int, tokens: TokenStore) -> str:
-    """What a checkpoint must have been made under to be resumed from (any number of ranks)."""
-    settings = dict(args, rows=step_size, steps=steps)
-    settings["data"] = [len(tokens), int(tokens.lengths.sum())]
+def _fingerprint(
+    args: dict, step_size: int | str, steps: int, tokens: TokenStore, base_dir: Path
+) -> str:
+    """What a checkpoint must have been made under to be resumed from (any number of ranks):
+    the settings, the very token ids trained on (a corpus, selection or tokenizer changed since
+    the kill is another run, whatever its counts; hashing MS MARCO's ~3 GB of ids takes seconds)
+    and Θ's files (name, size, modification time: a rebuilt base is another run too)."""
+    settings = dict(args, rows=step_size, steps=steps, base=files_identity(base_dir))
+    data = hashlib.sha256()
+    for array in (tokens.offsets, tokens.ids):
+        data.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    settings["data"] = data.hexdigest()
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -372,7 +380,7 @@ def train_adapter(
 
     fingerprint = _fingerprint(
         {k: v for k, v in args.items() if k not in _NOT_RESUME_RELEVANT},
-        step_size, steps, tokens,
+        step_size, steps, tokens, base_dir,
     )  # fmt: skip
     progress = {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0, "log": []}
     state = (
