@@ -86,9 +86,24 @@ def reset_peak(device: torch.device) -> None:
 
 
 def peak_gib(device: torch.device) -> float:
+    """Peak memory: on a GPU what the caching allocator reserved, which is what must fit (the
+    tensors' own peak, ``max_memory_allocated``, leaves out its blocks and fragmentation)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        return torch.cuda.max_memory_reserved(device) / 2**30
     return peak_rss_bytes() / 2**30
+
+
+# the card the issue's target is set for: a larger one is capped to it, so "fits" means fits there
+CARD_BYTES = 80 * 10**9
+
+
+def cap_memory(device: torch.device) -> str:
+    """On a GPU of more than ``CARD_BYTES``, this process may allocate no more than that."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    if total <= CARD_BYTES:
+        return f"the whole card, {total / 1e9:.0f} GB"
+    torch.cuda.set_per_process_memory_fraction(CARD_BYTES / total, device)
+    return f"capped at {CARD_BYTES / 1e9:.0f} GB of its {total / 1e9:.0f} GB"
 
 
 @dataclass
@@ -223,6 +238,8 @@ def main() -> None:
     shape = f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {device} ({name}), torch {torch.__version__}")
+    if device.type == "cuda":
+        print(f"GPU memory: {cap_memory(device)} (a setting past it runs out of memory)")
     base = build_llama(args, device)
     params = sum(p.numel() for p in base.parameters())
     print(f"random-weight bf16 Llama, {shape}: {params / 1e6:,.1f}M parameters")
@@ -246,7 +263,7 @@ def main() -> None:
          "this one", padded, False, 0.0),
     ]  # fmt: skip
     results: dict[str, Result] = {}
-    memory = "GPU allocated" if device.type == "cuda" else "RSS"
+    memory = "GPU reserved" if device.type == "cuda" else "RSS"
     for key, label, batches, fast_dora, share in settings:
         disable_gradient_checkpointing(base)  # every setting starts from the same model
         if share:

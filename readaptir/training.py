@@ -262,15 +262,20 @@ def enable_gradient_checkpointing(model: torch.nn.Module, share: float = 1.0) ->
 
 
 def disable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Checkpointing off in every layer, and the hook that makes the embeddings' output need
-    gradients gone too: each enabling adds one, and (on a model without PEFT) disabling removes
-    none."""
+    """Checkpointing off in every layer, and every hook that makes the embeddings' output need
+    gradients gone too: enabling checkpointing adds one, PEFT wrapping a checkpointed model
+    another (transformers keeps the handle of the last one only), and (on a model without PEFT)
+    disabling removes none."""
     if hasattr(model, "activation_checkpointing_disable"):  # the name in recent transformers
         model.activation_checkpointing_disable()
     else:
         model.gradient_checkpointing_disable()
     with contextlib.suppress(AttributeError):  # older releases fail when there is no hook
         model.disable_input_require_grads()
+    hooks = model.get_input_embeddings()._forward_hooks
+    for key, hook in list(hooks.items()):
+        if "inputs_require_grad" in getattr(hook, "__name__", ""):  # transformers' and PEFT's
+            del hooks[key]
 
 
 def position_offset(model: torch.nn.Module) -> int:

@@ -794,3 +794,17 @@ def test_the_packing_probe_leaves_training_as_it_was(tmp_path, tiny_base, tiny_b
     monkeypatch.setattr(adapter_module, "check_passages_kept_apart", lambda *a, **k: None)
     _, _, without = _train(tmp_path, "unprobed", tiny_base, tiny_beir, dropout=0.1, max_steps=3)
     assert probed == [None] and _same(with_probe, without)
+
+
+def test_disabling_checkpointing_removes_every_input_gradient_hook(tokenizer):
+    """Enabling checkpointing adds a hook, PEFT wrapping the checkpointed model another, and
+    transformers keeps the handle of the last one only: disabling leaves none of them."""
+    model = AutoModelForCausalLM.from_config(tiny.llama_config(tokenizer))
+    for _ in range(2):
+        enable_gradient_checkpointing(model)
+        wrapped = attach_adapter(model, objective=CAUSAL, method="dora", r=4, lora_alpha=8,
+                                 dropout=0.0, target_modules=["q_proj"])  # fmt: skip
+        assert len(model.get_input_embeddings()._forward_hooks) == 2
+        model = wrapped.unload()
+        disable_gradient_checkpointing(model)
+        assert not model.get_input_embeddings()._forward_hooks
