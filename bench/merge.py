@@ -283,9 +283,27 @@ def child(args: argparse.Namespace) -> dict:
 def io_floor(work: Path, out: Path, shard: int, beta: float) -> None:
     """Read what the merge reads once into memory, write the output's bytes once: safetensors.
 
-    At β = 1 the merge reads of Θ only the weights DoRA rescales (its Ψ depends on them)."""
+    At β = 1 the merge reads of Θ only the weights DoRA rescales (its Ψ depends on them). Like
+    the merge, it copies into memory it reuses (one buffer for what is read and dropped, one for
+    the output shard being written): memory newly faulted in costs this kind of machine more
+    than the copies, and more the more it is loaded, which is no part of the reads and writes."""
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    buffers = {
+        "read": torch.empty(0, dtype=torch.uint8),
+        "shard": torch.empty(0, dtype=torch.uint8),
+    }
+
+    def copied(tensor: torch.Tensor, role: str, offset: int = 0) -> torch.Tensor:
+        """``tensor`` (a memory map until copied) copied into the ``role`` buffer at ``offset``."""
+        end = offset + tensor.numel() * tensor.element_size()
+        if len(buffers[role]) < end:
+            grown = torch.empty(max(end, 2 * len(buffers[role])), dtype=torch.uint8)
+            grown[:offset] = buffers[role][:offset]
+            buffers[role] = grown
+        view = buffers[role][offset:end].view(tensor.dtype).view(tensor.shape)
+        return view.copy_(tensor)
 
     def files(folder: Path) -> list[Path]:
         return sorted(folder.glob("*.safetensors"))
@@ -295,14 +313,11 @@ def io_floor(work: Path, out: Path, shard: int, beta: float) -> None:
             return False
         return beta != 1.0 or any(key.endswith(f".{t}.weight") for t in TARGETS)
 
-    for path in files(work / "theta"):
-        with safe_open(path, "pt") as fh:
-            for key in filter(needed, fh.keys()):
-                fh.get_tensor(key).clone()  # its tensors are memory maps until copied
-    for path in files(work / "adapter"):
-        with safe_open(path, "pt") as fh:
-            for key in fh.keys():
-                fh.get_tensor(key).clone()
+    for folder, wanted in ((work / "theta", needed), (work / "adapter", None)):
+        for path in files(folder):
+            with safe_open(path, "pt") as fh:
+                for key in filter(wanted, fh.keys()):
+                    copied(fh.get_tensor(key), "read")
     out.mkdir()
     # R's tensors in name order, read a shard's worth at a time (the merge holds no more)
     handles = {}
@@ -318,7 +333,10 @@ def io_floor(work: Path, out: Path, shard: int, beta: float) -> None:
         for key, fh in handles.items()
     ]
     for i, group in enumerate(plan_shards(specs, shard), start=1):
-        tensors = {key: handles[key].get_tensor(key).clone() for key, _, _ in group}
+        tensors, offset = {}, 0
+        for key, _, _ in group:
+            tensors[key] = copied(handles[key].get_tensor(key), "shard", offset)
+            offset += -(-tensors[key].nbytes // 64) * 64  # each tensor 64-byte aligned
         save_file(tensors, out / f"model-{i:05d}.safetensors")
 
 
