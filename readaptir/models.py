@@ -33,19 +33,6 @@ def is_peft_adapter(model_dir: Path) -> bool:
     return (Path(model_dir) / ADAPTER_CONFIG).is_file()
 
 
-def hub_holds_adapter(source: str, revision: str | None) -> bool | None:
-    """Whether the hub repository ``source`` at ``revision`` is a PEFT adapter (holds
-    ``adapter_config.json``), asked without downloading anything; None when the hub cannot
-    answer (offline mode, no network, a gated or missing repository)."""
-    from huggingface_hub import file_exists
-
-    try:
-        return bool(file_exists(source, ADAPTER_CONFIG, revision=revision))
-    except Exception as err:  # any failure to ask leaves the answer unknown, not an error
-        LOG.info("could not ask the hub whether %s is a PEFT adapter: %s", source, err)
-        return None
-
-
 def peft_config(model_dir: Path) -> dict:
     return read_json_mapping(Path(model_dir) / ADAPTER_CONFIG)
 

@@ -24,7 +24,6 @@ from readaptir.fingerprint import Fingerprints, project_path
 from readaptir.models import (
     check_mergeable_adapter,
     has_tokenizer,
-    hub_holds_adapter,
     is_peft_adapter,
     peft_config,
     warn_if_other_base,
@@ -282,7 +281,6 @@ class Planner:
         self._recipe_file = "<recipe>"  # the recipe being planned
         self._set_by: dict[tuple[str, str], str] = {}  # (stage, runtime field) → recipe file
         self._named: dict[tuple[str, str], str] = {}  # (kind, id) → the stage's name
-        self._hub_adapters: dict[tuple[str, str | None], bool] = {}  # is_peft of hub retrievers
         self._linear: dict[Path, list[str]] = {}  # a local base's body Linear modules
         self._configs: dict[Path, dict | None] = {}  # local models' config.json, read once
 
@@ -393,16 +391,12 @@ class Planner:
         )
 
     def is_peft(self, spec: RetrieverSpec) -> bool:
-        """Whether the retriever is a PEFT adapter over Θ: a local folder says; the hub is asked
-        once a build, and one it cannot answer for counts as an adapter (whose stages also
-        depend on Θ: a full retriever's baseline is then rebuilt when Θ changes, never stale)."""
+        """Whether the retriever is a PEFT adapter over Θ, whose stages then depend on Θ too: a
+        local folder says; a hub one counts as one, whatever it is, so that ids are the same
+        whether or not the hub can be asked (a full retriever's baseline is then rebuilt when Θ
+        changes, never stale)."""
         local = self._local(spec.source)
-        if local is not None:
-            return is_peft_adapter(local)
-        key = (spec.source, spec.revision)
-        if key not in self._hub_adapters:
-            self._hub_adapters[key] = hub_holds_adapter(spec.source, spec.revision) is not False
-        return self._hub_adapters[key]
+        return local is None or is_peft_adapter(local)
 
     # -- stages ----------------------------------------------------------------------------------
 

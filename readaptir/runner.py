@@ -172,14 +172,8 @@ def _encoder(ctx: Context, side: str) -> tuple[Encoder, Encoding]:
         p["model"]["retriever"], p["model"]["base"]
     )
     encoding = Encoding(**p["encoding"])
-    base = None
-    if is_peft_adapter(model):  # a full retriever (or a merged model) encodes without Θ
-        if p["model"]["base"] is None:
-            raise StaleInputError(
-                f"{model} is a PEFT adapter, but the hub said otherwise when `readaptir build` "
-                "planned this stage (a revision changed since?): run `readaptir build` again"
-            )
-        base = ctx.model_dir(p["model"]["base"])
+    # a full retriever (or a merged model) encodes without Θ: it is not fetched
+    base = ctx.model_dir(p["model"]["base"]) if is_peft_adapter(model) else None
     encoder = Encoder.load(model, encoding, base_dir=base, device=ctx.device, sides=(side,))
     return encoder, encoding
 

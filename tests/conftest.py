@@ -11,8 +11,8 @@ import pytest
 from readaptir import tiny
 from readaptir.corpus import write_collection as write_beir
 
-# the tests ask the hub nothing, whatever the network (hub queries answer "unknown"): set before
-# huggingface_hub, which reads it once, is first imported
+# nothing in the tests reaches the hub, whatever the network: set before huggingface_hub, which
+# reads it once, is first imported
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 SHARED_DATA = Path(os.environ.get("READAPTIR_DATA", Path(__file__).parents[2] / "shared" / "data"))
