@@ -153,9 +153,9 @@ def stage() -> None:
 @click.option(
     "--spec",
     "spec_file",
-    default="params.yaml",
-    show_default=True,
-    help="The file holding the stage's spec (relative to the root).",
+    default=None,
+    help="The file holding the stage's spec (relative to the root; default: the one of "
+    "params.yaml and pipelines/*/specs.yaml that has it).",
 )
 @click.option(
     "--procs",
@@ -165,7 +165,9 @@ def stage() -> None:
     help="Processes for an adapter or embed stage, under torchrun (default: one per visible GPU).",
 )
 @user_errors
-def stage_run(name: str, root: Path, device: str | None, spec_file: str, procs: int | None) -> None:
+def stage_run(
+    name: str, root: Path, device: str | None, spec_file: str | None, procs: int | None
+) -> None:
     """Run one stage of the pipeline by NAME."""
     from readaptir.distributed import launched_ranks
     from readaptir.runner import run_stage

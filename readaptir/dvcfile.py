@@ -50,8 +50,9 @@ def dvc_stage(stage: Stage, plan: Plan, folder: str | None = None) -> dict:
     entry: dict = {"desc": stage.desc}
     if folder:
         entry["wdir"] = "../.."  # every path stays relative to the project root
-    spec = f" --spec {folder}/{SPECS}" if folder else ""
-    entry["cmd"] = f"readaptir stage run {stage.name}{spec}"
+    # the same command in either layout: DVC's run cache is keyed by it, so a project that grows
+    # past SPLIT_ABOVE (or shrinks below it) finds every stage it has run in the cache
+    entry["cmd"] = f"readaptir stage run {stage.name}"
     # a score stage of α=0, β=1 reads the baseline's run as both of its runs: listed once
     entry["deps"] = list(
         dict.fromkeys([plan.stages[name].out for name in stage.inputs.values()] + list(stage.deps))
@@ -141,6 +142,9 @@ def write(plan: Plan, root: Path) -> list[Path]:
             (folder / "dvc.lock").unlink(missing_ok=True)  # the lock of a pipeline that is gone
             if not any(folder.iterdir()):
                 folder.rmdir()
+    pipelines = root / PIPELINES
+    if pipelines.is_dir() and not any(pipelines.iterdir()):  # back in one dvc.yaml
+        pipelines.rmdir()
     return changed
 
 
@@ -167,6 +171,23 @@ def read_stage_spec(root: Path, name: str, spec_file: str = ROOT_PARAMS) -> dict
     if not isinstance(stages[name], dict) or not isinstance(stages[name].get("kind"), str):
         raise ValueError(f"{spec_file}: stages.{name} is not a stage spec: run `readaptir build`")
     return stages[name]
+
+
+def find_stage_spec(root: Path, name: str) -> tuple[dict, str]:
+    """Stage ``name``'s spec and the file holding it (relative to ``root``), whichever layout the
+    build wrote: the root params.yaml, or a pipeline's specs.yaml."""
+    root = Path(root)
+    pipelines = sorted(p.relative_to(root).as_posix() for p in root.glob(f"{PIPELINES}/*/{SPECS}"))
+    for spec_file in [ROOT_PARAMS, *pipelines]:
+        path = root / spec_file
+        if not path.is_file():
+            continue
+        stages = parse_mapping(read_text(path), str(path)).get("stages")
+        if isinstance(stages, dict) and name in stages:
+            return read_stage_spec(root, name, spec_file), spec_file
+    raise KeyError(
+        f"no stage {name!r} in {ROOT_PARAMS} or {PIPELINES}/*/{SPECS}: run `readaptir build` again"
+    )
 
 
 def all_stage_specs(root: Path) -> dict[str, dict]:

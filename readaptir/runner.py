@@ -23,7 +23,7 @@ from readaptir.artifacts import (
     write_json,
 )
 from readaptir.distributed import launched_ranks, processes, relaunch
-from readaptir.dvcfile import ROOT_PARAMS, read_stage_spec
+from readaptir.dvcfile import ROOT_PARAMS, find_stage_spec, read_stage_spec
 from readaptir.fingerprint import Fingerprints, project_path
 from readaptir.plan import recipe_digest, spec_is_intact, stage_output
 
@@ -285,15 +285,19 @@ def run_stage(
     root: Path,
     name: str,
     device: str | None = None,
-    spec_file: str = ROOT_PARAMS,
+    spec_file: str | None = None,
     procs: int | None = None,
 ) -> Path:
-    """Run stage ``name`` of the built plan; returns its output folder.
+    """Run stage ``name`` of the built plan (its spec from ``spec_file``, default the file of
+    either layout that holds it); returns its output folder.
 
     Adapter and embed stages run in ``procs`` processes under torchrun (default: one per visible
     GPU); other stages run in this process.
     """
-    spec = read_stage_spec(root, name, spec_file)
+    if spec_file is None:
+        spec, spec_file = find_stage_spec(root, name)
+    else:
+        spec = read_stage_spec(root, name, spec_file)
     if spec["kind"] not in RUNNERS:
         known = ", ".join(sorted(RUNNERS))
         raise ValueError(f"{spec_file}: stage {name} has kind {spec['kind']!r}, not one of {known}")

@@ -275,6 +275,24 @@ def test_split_pipelines_run_and_stale_groups_go(ws, monkeypatch):
     assert sorted(p.name for p in (ws / "pipelines").iterdir()) == ["toy"]
 
 
+def test_growing_past_the_split_reruns_nothing_but_the_scores(ws, monkeypatch):
+    """A project that grows into pipelines/ (or shrinks back) keeps its stages' commands, so
+    DVC's run cache has every stage it ran; at most the score stages, whose recipe copy moves,
+    run again (seconds): never the adapter, the embeddings or the merge."""
+    from readaptir import dvcfile
+
+    ran = repro(ws)
+    scores = sorted(n for n in ran if n.startswith("score-"))
+    assert "adapter" in " ".join(ran)
+    for split in (0, 60):  # into pipelines/, then back into one dvc.yaml
+        monkeypatch.setattr(dvcfile, "SPLIT_ABOVE", split)
+        cli("build", "--root", str(ws))
+        assert (ws / "pipelines").is_dir() == (split == 0)
+        # the scores at most (back in one dvc.yaml they are in the run cache too)
+        assert set(repro(ws)) <= set(scores)
+        assert repro(ws) == []
+
+
 def run_in_processes(ws: Path, name: str, procs: str) -> None:
     """`readaptir stage run NAME --procs PROCS` on the CPU, in a process group of its own, so that
     a hang fails the test with every rank stopped; checks that it ran in PROCS processes."""
