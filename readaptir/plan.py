@@ -502,10 +502,12 @@ class Planner:
             }
         else:
             inputs["readapted"] = self.readapted(recipe, src, readapt.alpha, readapt.beta, baseline)
+        alone = inputs.get("readapted") is baseline  # α=0, β=1: nothing readapted
         self.add(
             "score",
             recipe.name,
-            f"Score {recipe.name}: retriever alone vs readapted",
+            f"Score {recipe.name}: retriever alone"
+            + (" (α=0, β=1: nothing to readapt)" if alone else " vs readapted"),
             params,
             inputs,
             src.dataset.deps,

@@ -167,6 +167,8 @@ def test_retriever_alone_needs_no_merge(project):
     assert len(by_kind(plan)["merge"]) == 1
     deps = dvcfile.dvc_stage(score, plan)["deps"]
     assert len(deps) == len(set(deps)) and plan.stages[score.inputs["baseline"]].out in deps
+    assert score.desc == "Score ra-full: retriever alone (α=0, β=1: nothing to readapt)"
+    assert plan.stages["score-ra-half"].desc == "Score ra-half: retriever alone vs readapted"
 
 
 def test_generated_files_are_byte_stable(project):
