@@ -38,6 +38,7 @@ import math
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -355,12 +356,6 @@ def warm(work: Path) -> None:
                 pass
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def verdict(ratio: float) -> str:
     """The target's verdict; a merge faster than the floor means the floor run was slowed (a
     noisy machine), not that the merge beat it: no verdict then."""
@@ -369,14 +364,15 @@ def verdict(ratio: float) -> str:
     return "met" if ratio <= 1.3 else "missed"
 
 
-def merge_lines(args, sizes, runs: list[dict], floors: list[dict], device: str) -> list[str]:
-    """(a), (c), (d) and (e) for the merges on one device."""
+def merge_lines(args, sizes, runs: list[dict], floor: dict[str, float], device: str) -> list[str]:
+    """(a), (c), (d) and (e) for the merges on one device; ``floor``: the floor's median and best
+    seconds."""
     gb = 1e9
     merge = min(runs, key=lambda r: r["seconds"])
     peak = max(r["rss_peak"] for r in runs)
     target = sizes["shard"] + GiB
-    merged, floor = median([r["seconds"] for r in runs]), median([r["seconds"] for r in floors])
-    ratio, best = merged / floor, merge["seconds"] / min(r["seconds"] for r in floors)
+    merged = statistics.median(r["seconds"] for r in runs)
+    ratio, best = merged / floor["median"], merge["seconds"] / floor["best"]
     times = ", ".join(f"{r['seconds']:.2f}" for r in runs)
     lines = [
         f"(a) on {device}: merge Θ + {ALPHA}·Ψ + {args.beta:g}·Δ, Δ read from R: "
@@ -386,7 +382,7 @@ def merge_lines(args, sizes, runs: list[dict], floors: list[dict], device: str) 
         "importing transformers' model code (and making a CUDA context: once per process)",
         f"(c) on {device}: ratio a/b of the medians {ratio:.2f} (target ≤ 1.3: "
         f"{verdict(ratio)}); of the best runs {best:.2f}; "
-        f"{(merged + merge['imports']) / floor:.2f} with the imports",
+        f"{(merged + merge['imports']) / floor['median']:.2f} with the imports",
         f"(d) on {device}: merge peak RSS {peak / GiB:.2f} GiB ({merge['rss_before'] / GiB:.2f} "
         f"GiB before the merge: interpreter and imports); target one input shard + 1 GiB = "
         f"{target / GiB:.2f} GiB: {'met' if peak <= target else 'missed'}",
@@ -417,7 +413,10 @@ def report(args: argparse.Namespace, sizes: dict, runs: dict[str, list[dict]], b
     gb = 1e9
     best = {kind: min(r["seconds"] for r in rs) for kind, rs in runs.items()}
     floor_times = ", ".join(f"{r['seconds']:.2f}" for r in runs["floor"])
-    floor_median = median([r["seconds"] for r in runs["floor"]])
+    floor = {
+        "median": statistics.median(r["seconds"] for r in runs["floor"]),
+        "best": best["floor"],
+    }
     lines = [
         f"shape: hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, "
         f"vocab {args.vocab}, heads {args.heads}/{args.kv_heads}, Θ bf16, R and output "
@@ -431,11 +430,11 @@ def report(args: argparse.Namespace, sizes: dict, runs: dict[str, list[dict]], b
         f"devices: {args.device}; torch threads: {torch.get_num_threads()}; runs: {args.repeat}",
         f"(b) I/O floor, safetensors (read once what the merge reads: R, the adapter and "
         f"{'the DoRA targets of Θ' if args.beta == 1 else 'Θ'}; write the output once): "
-        f"median {floor_median:.2f} s, best {best['floor']:.2f} s (runs: {floor_times}); "
+        f"median {floor['median']:.2f} s, best {floor['best']:.2f} s (runs: {floor_times}); "
         f"{min(r['cpu'] for r in runs['floor']):.2f} CPU-s",
     ]
     for device in args.device.split(","):
-        lines += merge_lines(args, sizes, runs[f"merge {device}"], runs["floor"], device)
+        lines += merge_lines(args, sizes, runs[f"merge {device}"], floor, device)
     if "merge-delta" in runs:
         d_peak = max(r["rss_peak"] for r in runs["delta"])
         lines.append(

@@ -158,33 +158,44 @@ def _ours(text: str) -> bool:
     return not text.strip() or text.startswith(HEADER)
 
 
-def read_stage_spec(root: Path, name: str, spec_file: str = ROOT_PARAMS) -> dict:
-    """The spec that ``readaptir build`` wrote for stage ``name`` into ``spec_file``."""
+def _spec_files(root: Path) -> list[str]:
+    """The files that may hold stage specs, relative to ``root``: the root params.yaml (one
+    ``dvc.yaml``) and each pipeline's specs.yaml (a split plan)."""
+    pipelines = root.glob(f"{PIPELINES}/*/{SPECS}")
+    return [ROOT_PARAMS, *sorted(p.relative_to(root).as_posix() for p in pipelines)]
+
+
+def _stages(root: Path, spec_file: str) -> dict:
+    """The ``stages`` mapping of ``spec_file`` (empty when it holds none)."""
     path = Path(root) / spec_file
     try:
         params = parse_mapping(read_text(path), str(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: run `readaptir build` first") from None
     stages = params.get("stages") or {}
-    if not isinstance(stages, dict) or name not in stages:
-        raise KeyError(f"{spec_file} has no stage {name!r}: run `readaptir build` again")
+    return stages if isinstance(stages, dict) else {}
+
+
+def _checked_spec(stages: dict, name: str, spec_file: str) -> dict:
     if not isinstance(stages[name], dict) or not isinstance(stages[name].get("kind"), str):
         raise ValueError(f"{spec_file}: stages.{name} is not a stage spec: run `readaptir build`")
     return stages[name]
 
 
+def read_stage_spec(root: Path, name: str, spec_file: str = ROOT_PARAMS) -> dict:
+    """The spec that ``readaptir build`` wrote for stage ``name`` into ``spec_file``."""
+    stages = _stages(root, spec_file)
+    if name not in stages:
+        raise KeyError(f"{spec_file} has no stage {name!r}: run `readaptir build` again")
+    return _checked_spec(stages, name, spec_file)
+
+
 def find_stage_spec(root: Path, name: str) -> tuple[dict, str]:
     """Stage ``name``'s spec and the file holding it (relative to ``root``), whichever layout the
-    build wrote: the root params.yaml, or a pipeline's specs.yaml."""
-    root = Path(root)
-    pipelines = sorted(p.relative_to(root).as_posix() for p in root.glob(f"{PIPELINES}/*/{SPECS}"))
-    for spec_file in [ROOT_PARAMS, *pipelines]:
-        path = root / spec_file
-        if not path.is_file():
-            continue
-        stages = parse_mapping(read_text(path), str(path)).get("stages")
-        if isinstance(stages, dict) and name in stages:
-            return read_stage_spec(root, name, spec_file), spec_file
+    build wrote."""
+    for spec_file in _spec_files(Path(root)):
+        if (Path(root) / spec_file).is_file() and name in (stages := _stages(root, spec_file)):
+            return _checked_spec(stages, name, spec_file), spec_file
     raise KeyError(
         f"no stage {name!r} in {ROOT_PARAMS} or {PIPELINES}/*/{SPECS}: run `readaptir build` again"
     )
@@ -193,7 +204,7 @@ def find_stage_spec(root: Path, name: str) -> tuple[dict, str]:
 def all_stage_specs(root: Path) -> dict[str, dict]:
     """Every stage spec of the built plan, whichever layout it was written in."""
     specs: dict[str, dict] = {}
-    for path in [Path(root) / ROOT_PARAMS, *sorted(Path(root).glob(f"{PIPELINES}/*/{SPECS}"))]:
-        if path.is_file():
-            specs.update(parse_mapping(read_text(path), str(path)).get("stages") or {})
+    for spec_file in _spec_files(Path(root)):
+        if (Path(root) / spec_file).is_file():
+            specs.update(_stages(root, spec_file))
     return specs

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,62 +240,6 @@ def check_packed_attention(attn_implementation: str | None, rows_per_step: int) 
             f"packed rows under {attn_implementation} attention need one row a step, not "
             f"{rows_per_step}: in a batch of several rows it would let passages attend to each "
             "other; use batch_size 1 (or batch_tokens up to max_length), packing false, or sdpa"
-        )
-
-
-# the probe's passages: two packed in a row, and how far apart the second one's logits may be
-# (relative to their largest) when the first one changes
-PROBE_TOKENS = 8
-PROBE_TOLERANCE = 1e-4
-
-
-def check_passages_kept_apart(
-    model: torch.nn.Module,
-    make_inputs: Callable[[Layout], dict[str, torch.Tensor]],
-    *,
-    vocab_size: int,
-    pad_id: int,
-    device: torch.device | str,
-    autocast: torch.dtype | None = None,
-) -> None:
-    """Refuse packing for a model that lets a packed passage attend to the passages before it.
-
-    Each architecture builds its attention mask its own way: Llama-style decoders read the
-    passages off the position ids, but OPT, BLOOM, MPT and XGLM, for instance, do not, and a
-    packed row would train each passage on the ones packed before it. Two rows, ``[a, p]`` and
-    ``[b, p]`` with ``a`` and ``b`` random passages of one length, go through the model one at a
-    time (eval mode, no gradients, ``autocast`` as in training; inputs from ``make_inputs``, the
-    token ids unmasked): where attention stays inside each passage, ``p``'s logits are computed
-    by the same arithmetic on the same values in both, and agree to the last bit; where it
-    crosses, they differ.
-    """
-    generator = torch.Generator().manual_seed(0)
-    first, second, probe = torch.randint(vocab_size, (3, PROBE_TOKENS), generator=generator)
-    was_training = model.training
-    model.eval()
-    logits = []
-    try:
-        with (
-            torch.no_grad(),
-            torch.autocast(torch.device(device).type, dtype=autocast, enabled=bool(autocast)),
-        ):
-            for before in (first, second):
-                lay = layout([[before.tolist(), probe.tolist()]], pad_id)
-                inputs = {**make_inputs(lay), "input_ids": lay.ids}
-                inputs.pop("labels", None)
-                moved = {
-                    k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
-                }
-                logits.append(model(**moved).logits[0, PROBE_TOKENS:].float())
-    finally:
-        model.train(was_training)
-    scale = float(logits[0].abs().max())
-    change = float((logits[0] - logits[1]).abs().max())
-    if not change <= PROBE_TOLERANCE * scale:
-        raise ValueError(
-            f"packing: true, but a {model.config.model_type} model lets a packed passage attend "
-            f"to the passages before it (another passage before one moved its logits by "
-            f"{change:.3g}, against {scale:.3g} at most): set adapter.packing: false in the recipe"
         )
 
 

@@ -12,6 +12,7 @@ import pickle
 import re
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 
 from readaptir.artifacts import atomic_file
 from readaptir.models import check_weight_files
+from readaptir.packing import Layout, layout
 
 LOG = logging.getLogger(__name__)
 
@@ -305,6 +307,17 @@ def batch_loss(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     return output.logits.sum() * 0.0
 
 
+@contextlib.contextmanager
+def training_forward(
+    inputs: dict[str, Any], device: torch.device | str, autocast: torch.dtype | None
+) -> Iterator[dict[str, Any]]:
+    """``inputs`` on ``device``, for a forward pass under ``autocast`` (a 16-bit base's
+    ``autocast_dtype``; None: none) as training runs it."""
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
+        yield moved
+
+
 def train_step(
     model: torch.nn.Module,
     inputs: dict[str, Any],
@@ -321,8 +334,7 @@ def train_step(
     float32 adapter weights; gradients and the update stay float32. ``max_grad_norm`` clips the
     gradient of the optimizer's parameters to that total norm (None: no clipping).
     """
-    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
+    with training_forward(inputs, device, autocast) as moved:
         loss = batch_loss(model, moved)
     (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     if max_grad_norm is not None:
@@ -506,3 +518,53 @@ def remove_checkpoint(folder: Path) -> None:
     for path in _rng_files(folder, "*"):
         path.unlink(missing_ok=True)
     (Path(folder) / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+
+# the probe's passages: two packed in a row, and how far apart the second one's logits may be
+# (relative to their largest) when the first one changes
+PROBE_TOKENS = 8
+PROBE_TOLERANCE = 1e-4
+
+
+def check_passages_kept_apart(
+    model: torch.nn.Module,
+    make_inputs: Callable[[Layout], dict[str, torch.Tensor]],
+    *,
+    vocab_size: int,
+    pad_id: int,
+    device: torch.device | str,
+    autocast: torch.dtype | None = None,
+) -> None:
+    """Refuse packing for a model that lets a packed passage attend to the passages before it.
+
+    Each architecture builds its attention mask its own way: Llama-style decoders read the
+    passages off the position ids, but OPT, BLOOM, MPT and XGLM, for instance, do not, and a
+    packed row would train each passage on the ones packed before it. Two rows, ``[a, p]`` and
+    ``[b, p]`` with ``a`` and ``b`` random passages of one length, go through the model one at a
+    time (eval mode, no gradients, ``autocast`` as in training; inputs from ``make_inputs``, the
+    token ids unmasked): where attention stays inside each passage, ``p``'s logits are computed
+    by the same arithmetic on the same values in both, and agree to the last bit; where it
+    crosses, they differ.
+    """
+    generator = torch.Generator().manual_seed(0)
+    first, second, probe = torch.randint(vocab_size, (3, PROBE_TOKENS), generator=generator)
+    was_training = model.training
+    model.eval()
+    logits = []
+    try:
+        for before in (first, second):
+            lay = layout([[before.tolist(), probe.tolist()]], pad_id)
+            inputs = {**make_inputs(lay), "input_ids": lay.ids}
+            inputs.pop("labels", None)
+            with torch.no_grad(), training_forward(inputs, device, autocast) as moved:
+                logits.append(model(**moved).logits[0, PROBE_TOKENS:].float())
+    finally:
+        model.train(was_training)
+    scale = float(logits[0].abs().max())
+    change = float((logits[0] - logits[1]).abs().max())
+    if not change <= PROBE_TOLERANCE * scale:
+        raise ValueError(
+            f"packing: true, but a {model.config.model_type} model lets a packed passage attend "
+            f"to the passages before it (another passage before one moved its logits by "
+            f"{change:.3g}, against {scale:.3g} at most): set adapter.packing: false in the recipe"
+        )
