@@ -107,6 +107,7 @@ def rank_share(lay: Layout, inputs: dict[str, Any], ranks: Ranks) -> tuple[dict[
     A rank left without a row (a step of fewer rows than ranks) computes row 0 with factor 0, so
     that it still joins DDP's gradient reduction; a share without a target carries no labels (a
     mean over no target is NaN; ``training.batch_loss`` makes it a zero), in one process too.
+    Shares are contiguous: masked-LM heads flatten their labels with ``view``.
     """
     import torch
 
@@ -124,9 +125,9 @@ def rank_share(lay: Layout, inputs: dict[str, Any], ranks: Ranks) -> tuple[dict[
         if not isinstance(value, torch.Tensor):
             share[key] = value
         elif value.dim() == 4:  # an explicit (batch, 1, L, L) attention mask
-            share[key] = value[rows][:, :, :width, :width]
+            share[key] = value[rows][:, :, :width, :width].contiguous()
         else:
-            share[key] = value[rows][:, :width]
+            share[key] = value[rows][:, :width].contiguous()
     total = int((labels != IGNORE).sum())
     mine = int((share["labels"] != IGNORE).sum()) if weighted else 0
     if not mine:

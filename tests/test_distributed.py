@@ -38,6 +38,7 @@ def test_shares_partition_the_step_and_their_factors_sum_to_world():
             width = int(lay.real[r::world].sum(1).max())  # trimmed to the share's longest row
             assert share["input_ids"].shape[1] == share["position_ids"].shape[1] == width
             assert torch.equal(share["input_ids"], inputs["input_ids"][r::world, :width])
+            assert all(v.is_contiguous() for v in share.values() if torch.is_tensor(v))
     # a step with fewer rows than ranks: the idle rank computes row 0 with no weight
     one = layout(_rows(1, seed=1), pad_id=0)
     share, factor = rank_share(one, causal_inputs(one, packed=False), Ranks(1, 2))
@@ -76,6 +77,8 @@ def test_ranks_average_to_the_one_process_gradient(tmp_path, tokenizer, objectiv
     rows = _rows(5, seed=2)
     if objective == CAUSAL:  # one-token passages hold no target: rank 1 of 2 gets none at all
         rows[1], rows[3] = [[7], [8]], [[9]]
+    else:  # the longest row on rank 1 of 2: rank 0's rows are cut narrower than the step
+        rows[1] = [list(range(10, 40))]
     lay = layout(rows, pad_id=tokenizer.pad_token_id or 0)
     for packed in (True, False):
         if objective == CAUSAL:
