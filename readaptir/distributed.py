@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -190,9 +191,40 @@ def relaunch(procs: int, args: Sequence[str]) -> None:
         f"--nproc-per-node={procs}", "-m", "readaptir", *args,
     ]  # fmt: skip
     LOG.info("launching %d processes: %s", procs, " ".join(cmd))
-    done = subprocess.run(cmd, check=False)
-    if done.returncode != 0:
+    code = run_forwarding_signals(cmd)
+    if code != 0:
         raise RuntimeError(
-            f"the {procs}-process run failed (torchrun exit code {done.returncode}); "
+            f"the {procs}-process run failed (torchrun exit code {code}); "
             "see the ranks' messages above"
         )
+
+
+def run_forwarding_signals(cmd: Sequence[str]) -> int:
+    """Run ``cmd`` to its end and return its exit code, passing it the first SIGTERM or SIGINT
+    this process gets.
+
+    torchrun starts its ranks in sessions of their own and stops them only when it is signalled
+    itself: a stage killed alone (``kill``, a scheduler's stop) would leave every rank training,
+    and rank 0 would still publish its adapter after DVC had marked the stage failed. So the
+    child runs in a session of its own and is told exactly once (a second signal would cut
+    torchrun's shutdown of its ranks short, as a terminal's Ctrl-C to the whole group would);
+    this process then waits for it to stop its ranks.
+    """
+    child = subprocess.Popen(list(cmd), start_new_session=True)
+    told: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if not told:
+            told.append(signum)
+            LOG.warning("%s: stopping the ranks", signal.Signals(signum).name)
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if told:
+        raise KeyboardInterrupt if told[0] == signal.SIGINT else SystemExit(128 + told[0])
+    return code

@@ -1,7 +1,12 @@
 """Several ranks learn what one process learns: each takes a share of a step, weighted by tokens."""
 
+import contextlib
+import os
 import random
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -116,15 +121,53 @@ def test_process_count():
 def test_relaunch_runs_the_requested_number_of_processes(monkeypatch):
     seen = []
 
-    def fake_run(cmd, check):
+    def fake_run(cmd):
         seen.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0 if len(seen) == 1 else 1)
+        return 0 if len(seen) == 1 else 1
 
-    monkeypatch.setattr(distributed.subprocess, "run", fake_run)
+    monkeypatch.setattr(distributed, "run_forwarding_signals", fake_run)
     relaunch(3, ["stage", "run", "x"])
     assert "--nproc-per-node=3" in seen[0] and seen[0][-4:] == ["readaptir", "stage", "run", "x"]
     with pytest.raises(RuntimeError, match="3-process run failed"):
         relaunch(3, ["stage", "run", "x"])
+
+
+# a stand-in for torchrun: reports its pid, then on SIGTERM takes a moment to stop its ranks
+_CHILD = """
+import os, signal, sys, time
+def stop(signum, frame):
+    time.sleep(0.5)
+    open(sys.argv[1] + "/stopped", "w").write(signal.Signals(signum).name)
+    sys.exit(1)
+signal.signal(signal.SIGTERM, stop)
+open(sys.argv[1] + "/pid", "w").write(str(os.getpid()))
+time.sleep(60)
+"""
+
+
+def test_a_terminated_stage_stops_torchrun_and_waits_for_it(tmp_path):
+    """``kill`` of the stage's process reaches the launcher (which stops the ranks), once."""
+    (tmp_path / "child.py").write_text(_CHILD)
+    stage = (
+        "import sys; from readaptir.distributed import run_forwarding_signals; "
+        f"run_forwarding_signals([sys.executable, {str(tmp_path / 'child.py')!r}, "
+        f"{str(tmp_path)!r}])"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", stage])
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int((tmp_path / "pid").read_text())
+    try:
+        parent.send_signal(signal.SIGTERM)
+        parent.send_signal(signal.SIGTERM)  # a second one does not cut the launcher's stop short
+        assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+        assert (tmp_path / "stopped").read_text() == "SIGTERM"  # the parent waited for its stop
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)
+    finally:  # never leave the stand-in running
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_mean_across_ranks_is_a_mean_not_a_sum(monkeypatch):
