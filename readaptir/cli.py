@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from readaptir import dvcfile, report, workspace
+from readaptir.distributed import Ranks, launched_ranks
 from readaptir.plan import plan_recipes
 from readaptir.recipe import load_recipes
 
@@ -49,12 +50,20 @@ root_option = click.option(
 )
 
 
+def log_level(verbose: bool, ranks: Ranks) -> int:
+    """Debug with -v; else info, but only warnings from ranks past the first of a multi-GPU run
+    (their progress lines are rank 0's, reduced across ranks: each would print it again)."""
+    if verbose:
+        return logging.DEBUG
+    return logging.INFO if ranks.main else logging.WARNING
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """Readapt dense retrievers with unlabeled text: recipes → DVC stages → nDCG@10."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=log_level(verbose, launched_ranks()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

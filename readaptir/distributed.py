@@ -188,7 +188,8 @@ def relaunch(procs: int, args: Sequence[str]) -> None:
     """Run ``readaptir ARGS`` in ``procs`` processes under torchrun on this machine."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={procs}", "-m", "readaptir", *args,
+        f"--nproc-per-node={procs}", "-m", "readaptir",
+        *(["-v"] if LOG.isEnabledFor(logging.DEBUG) else []), *args,
     ]  # fmt: skip
     LOG.info("launching %d processes: %s", procs, " ".join(cmd))
     code = run_forwarding_signals(cmd)

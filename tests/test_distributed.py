@@ -1,6 +1,7 @@
 """Several ranks learn what one process learns: each takes a share of a step, weighted by tokens."""
 
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -13,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from readaptir import distributed, tiny
+from readaptir.cli import log_level
 from readaptir.distributed import Ranks, mean_across_ranks, processes, rank_share, relaunch
 from readaptir.packing import IGNORE, causal_inputs, layout, masked_inputs
 from readaptir.training import CAUSAL, MASKED, attach_adapter, batch_loss
@@ -123,13 +125,22 @@ def test_relaunch_runs_the_requested_number_of_processes(monkeypatch):
 
     def fake_run(cmd):
         seen.append(cmd)
-        return 0 if len(seen) == 1 else 1
+        return 1 if len(seen) == 2 else 0  # the second run fails
 
     monkeypatch.setattr(distributed, "run_forwarding_signals", fake_run)
     relaunch(3, ["stage", "run", "x"])
     assert "--nproc-per-node=3" in seen[0] and seen[0][-4:] == ["readaptir", "stage", "run", "x"]
     with pytest.raises(RuntimeError, match="3-process run failed"):
         relaunch(3, ["stage", "run", "x"])
+    monkeypatch.setattr(distributed.LOG, "isEnabledFor", lambda level: True)  # readaptir -v
+    relaunch(2, ["stage", "run", "x"])
+    assert seen[-1][-5:] == ["readaptir", "-v", "stage", "run", "x"]  # the ranks log as verbosely
+
+
+def test_ranks_past_the_first_log_warnings_only():
+    assert log_level(False, Ranks(0, 4)) == logging.INFO
+    assert log_level(False, Ranks(3, 4, 3)) == logging.WARNING
+    assert log_level(True, Ranks(3, 4, 3)) == logging.DEBUG
 
 
 # a stand-in for torchrun: reports its pid, then on SIGTERM takes a moment to stop its ranks
