@@ -520,6 +520,12 @@ def remove_checkpoint(folder: Path) -> None:
     (Path(folder) / CHECKPOINT_FILE).unlink(missing_ok=True)
 
 
+def _has_local_attention(config: Any) -> bool:
+    """Whether some layers attend within a sliding window (ModernBERT's local layers): those
+    build their window from a 2D mask, and take an explicit 4D one as it is."""
+    return "sliding_attention" in (getattr(config, "layer_types", None) or ())
+
+
 # the probe's passages: two packed in a row, and how far apart the second one's logits may be
 # (relative to their largest) when the first one changes
 PROBE_TOKENS = 8
@@ -546,6 +552,7 @@ def check_passages_kept_apart(
     by the same arithmetic on the same values in both, and agree to the last bit; where it
     crosses, they differ.
     """
+    kind = model.config.model_type
     generator = torch.Generator().manual_seed(0)
     first, second, probe = torch.randint(vocab_size, (3, PROBE_TOKENS), generator=generator)
     was_training = model.training
@@ -556,15 +563,28 @@ def check_passages_kept_apart(
             lay = layout([[before.tolist(), probe.tolist()]], pad_id)
             inputs = {**make_inputs(lay), "input_ids": lay.ids}
             inputs.pop("labels", None)
+            block = inputs.get("attention_mask")
+            if block is not None and block.dim() == 4 and _has_local_attention(model.config):
+                raise ValueError(
+                    f"packing: true, but a {kind} model's sliding-window (local) attention "
+                    "layers would take the packed rows' block mask as it is and attend across "
+                    "each whole passage: set adapter.packing: false in the recipe"
+                )
             with torch.no_grad(), training_forward(inputs, device, autocast) as moved:
-                logits.append(model(**moved).logits[0, PROBE_TOKENS:].float())
+                try:
+                    logits.append(model(**moved).logits[0, PROBE_TOKENS:].float())
+                except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                    raise ValueError(
+                        f"packing: true, but a {kind} model fails on packed rows ({err}): set "
+                        "adapter.packing: false in the recipe"
+                    ) from err
     finally:
         model.train(was_training)
     scale = float(logits[0].abs().max())
     change = float((logits[0] - logits[1]).abs().max())
     if not change <= PROBE_TOLERANCE * scale:
         raise ValueError(
-            f"packing: true, but a {model.config.model_type} model lets a packed passage attend "
+            f"packing: true, but a {kind} model lets a packed passage attend "
             f"to the passages before it (another passage before one moved its logits by "
             f"{change:.3g}, against {scale:.3g} at most): set adapter.packing: false in the recipe"
         )

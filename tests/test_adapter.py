@@ -782,6 +782,55 @@ def test_packing_is_refused_where_packed_passages_would_attend_to_each_other(
     assert summary["steps"] == 2 and weights
 
 
+def _tiny_encoder(out: Path, tokenizer, model_type: str) -> Path:
+    """A random-init DeBERTa-v2 (which takes no packed block mask) or ModernBERT (whose local
+    attention layers would ignore their window under one), with a masked-LM head."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    sizes = {
+        "deberta-v2": dict(relative_attention=True, position_buckets=32, max_relative_positions=-1,
+                           pos_att_type=["p2c", "c2p"], position_biased_input=False),
+        "modernbert": dict(global_attn_every_n_layers=2, local_attention=8, cls_token_id=bos,
+                           sep_token_id=eos, bos_token_id=bos, eos_token_id=eos),
+    }[model_type]  # fmt: skip
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        **sizes,
+    )
+    torch.manual_seed(0)
+    AutoModelForMaskedLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "model_type, targets, refusal",
+    [
+        ("deberta-v2", ["query_proj", "value_proj"], "fails on packed rows"),
+        ("modernbert", ["Wqkv", "Wi"], "sliding-window"),
+    ],
+)
+def test_packing_is_refused_where_an_encoder_cannot_take_a_packed_mask(
+    tmp_path, tokenizer, tiny_beir, model_type, targets, refusal
+):
+    base = _tiny_encoder(tmp_path / model_type, tokenizer, model_type)
+    kw = dict(target_modules=targets, max_steps=2)
+    with pytest.raises(
+        ValueError, match=rf"a {model_type} model.*{refusal}.*set adapter\.packing: false"
+    ):
+        _train(tmp_path, "packed", base, tiny_beir, **kw)
+    summary, _, weights = _train(tmp_path, "padded", base, tiny_beir, packing=False, **kw)
+    assert summary["steps"] == 2 and weights
+
+
 def test_the_packing_probe_leaves_training_as_it_was(tmp_path, tiny_base, tiny_beir, monkeypatch):
     """Llama keeps packed passages apart: the probe passes, and the adapter is the one trained
     without it (no random draw, no mode or weight change)."""
