@@ -368,7 +368,7 @@ class Readapter:
             if cast.data_ptr() != passed.data_ptr():
                 self.buffers.give(passed)
             return cast
-        shape = self.base.shape(terms.name)
+        shape = passed.shape if passed is not None else self.base.shape(terms.name)
         if self.dev == "cpu" or passed is not None:  # a passed tensor is on the host
             out = self.buffers.take(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
         else:

@@ -22,6 +22,16 @@ LOG = logging.getLogger(__name__)
 BUFFER_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
 
 
+# Modules one class of an architecture builds and another does not: BertModel's pooler, which
+# BertForMaskedLM and RoBERTa's or XLM-R's masked-LM checkpoints lack while their retrievers,
+# saved as bare models, hold one. No pooling readaptir does reads it; one side's alone is allowed.
+OPTIONAL_PREFIXES = ("pooler.",)
+
+
+def is_optional(name: str) -> bool:
+    return name.startswith(OPTIONAL_PREFIXES)
+
+
 # Tensors outside the body of a prefixed checkpoint that serve only the language-model objective,
 # whatever the architecture says besides (``lm_head_names``): causal LM heads, BERT's MLM head.
 HEADS = ("lm_head.", "cls.")
@@ -203,13 +213,15 @@ class Body:
 
 
 def check_same_body(base: Body, other: Body) -> list[str]:
-    """Raise unless ``other`` has ``base``'s tensors with the same shapes (buffers aside).
+    """Raise unless ``other`` has ``base``'s tensors with the same shapes (buffers and optional
+    modules aside).
 
-    Returns the buffers only one side holds, which are dropped.
+    Returns the tensors only one side holds: buffers, dropped, and optional modules (a pooler),
+    which the output takes from the retriever's side alone.
     """
     for name in other.names():
         if name not in base:
-            if not is_buffer(name):
+            if not (is_buffer(name) or is_optional(name)):
                 raise WeightError(
                     f"tensor {name} {other.shape(name)} of {other.folder} "
                     f"is missing from {base.folder}"
@@ -220,11 +232,11 @@ def check_same_body(base: Body, other: Body) -> list[str]:
                 f"but {base.shape(name)} in {base.folder}"
             )
     for name in base.names():
-        if name not in other and not is_buffer(name):
+        if name not in other and not (is_buffer(name) or is_optional(name)):
             raise WeightError(
                 f"tensor {name} {base.shape(name)} of {base.folder} is missing from {other.folder}"
             )
     one_side = sorted(set(base.names()) ^ set(other.names()))
     if one_side:
-        LOG.info("dropping buffers present on one side only: %s", one_side)
+        LOG.info("tensors present on one side only (buffers, a pooler): %s", one_side)
     return one_side

@@ -907,3 +907,50 @@ def test_the_merged_tokenizer_is_the_one_the_retriever_alone_encodes_with(
     run_merge(out, tiny_base, retriever, alpha=0.0, beta=0.5)
     assert (out / "tokenizer.json").read_bytes() == (tiny_base / "tokenizer.json").read_bytes()
     assert len(load_tokenizer(out)) == len(load_tokenizer(tiny_base))
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    ckpt = Checkpoint(folder)
+    return {name: ckpt.get(name) for name in ckpt.names()}
+
+
+def test_a_pooler_on_one_side_only_is_the_retrievers(tmp_path, tokenizer):
+    """BERT's and RoBERTa's masked-LM checkpoints hold no pooler, their retrievers (bare models)
+    one: the output keeps the retriever's as it is; a pooler Θ alone holds is dropped."""
+    from transformers import AutoModelForMaskedLM, BertModel
+
+    from readaptir import tiny
+
+    base = tiny.make_bert(tmp_path / "base", tokenizer, masked_lm=True)
+    retriever = tiny.make_bert(tmp_path / "retr", tokenizer, seed=1)
+    pooler = sorted(n for n in load_file(retriever / "model.safetensors") if "pooler" in n)
+    assert pooler and not any("pooler" in n for n in load_file(base / "model.safetensors"))
+    knowledge = make_adapter(AutoModelForMaskedLM.from_pretrained(base), tmp_path / "psi",
+                             dora=True, seed=2, target_modules=["query", "value"])  # fmt: skip
+    assert compute_delta(base, retriever, tmp_path / "delta")["retriever_only"] == pooler
+    want = load_file(retriever / "model.safetensors")
+    for route, kw in {"direct": {}, "stored": {"delta_dir": tmp_path / "delta"}}.items():
+        info = run_merge(tmp_path / route, base, retriever, alpha=0.0, beta=1.0, **kw)
+        got = _tensors(tmp_path / route)
+        assert info["retriever_only"] == pooler and got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), route
+        run_merge(tmp_path / f"{route}-psi", base, retriever, alpha=0.5, beta=1.0,
+                  adapter_dir=knowledge, **kw)  # fmt: skip
+        readapted = _tensors(tmp_path / f"{route}-psi")
+        assert all(torch.equal(readapted[k], want[k]) for k in pooler)
+        assert not torch.equal(readapted["encoder.layer.0.attention.self.query.weight"],
+                               want["encoder.layer.0.attention.self.query.weight"])  # fmt: skip
+
+    # the other way round: a pooler in Θ (BertModel), none in the retriever
+    bare = tiny.make_bert(tmp_path / "bare", tokenizer)
+    torch.manual_seed(3)
+    BertModel(
+        BertModel.config_class.from_pretrained(bare), add_pooling_layer=False
+    ).save_pretrained(tmp_path / "no-pooler")
+    info = run_merge(tmp_path / "dropped", bare, tmp_path / "no-pooler", alpha=0.0, beta=1.0)
+    assert set(pooler) <= set(info["dropped"])
+    got = _tensors(tmp_path / "dropped")
+    want = load_file(tmp_path / "no-pooler" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    delta = compute_delta(bare, tmp_path / "no-pooler", tmp_path / "delta-dropped")
+    assert set(pooler) <= set(delta["dropped"]["base"])

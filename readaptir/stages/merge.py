@@ -32,6 +32,7 @@ from readaptir.lora import Adapter
 from readaptir.models import has_tokenizer, is_peft_adapter, torch_dtype
 from readaptir.readapt import (
     Readapter,
+    Terms,
     block_pool,
     describe_busy,
     exact_float32,
@@ -47,7 +48,7 @@ from readaptir.shards import (
     dtype_name,
 )
 from readaptir.stages.delta import DELTA_JSON
-from readaptir.weights import Body, auto_model_class, check_same_body, is_buffer
+from readaptir.weights import Body, auto_model_class, check_same_body, is_buffer, is_optional
 
 LOG = logging.getLogger(__name__)
 
@@ -96,12 +97,17 @@ def merge(
     base = Body(base_dir)
     retriever: Body | Adapter
     peft_retriever = is_peft_adapter(retriever_dir)
+    # optional modules (a pooler) one side holds: the retriever's kept as they are, Θ's dropped
+    optional: list[str] = []
+    theta_only: list[str] = []
     if peft_retriever:
         retriever = Adapter(retriever_dir, base.prefix)
         retriever.check(base)
     else:
         retriever = Body(retriever_dir)
-        check_same_body(base, retriever)
+        one_side = [n for n in check_same_body(base, retriever) if is_optional(n)]
+        optional = [n for n in one_side if n in retriever]
+        theta_only = [n for n in one_side if n in base]
     # the model's own storage, tensor by tensor unless the recipe names one dtype (a bf16 model
     # keeping its norms in float32 stays so): the retriever's, but Θ's under a LoRA retriever and
     # at β = 0, where the output is Θ + αΨ (a float16 retriever's dtype would round a bf16 Θ's
@@ -116,23 +122,31 @@ def merge(
     source = _open_delta(Path(delta_dir), base) if route == "delta" else retriever
     theta_coef = 1 - beta if route == "retriever" and not peft_retriever else 1.0
 
-    names = [n for n in base.names() if not is_buffer(n)]
-    dropped = base.heads + [n for n in base.names() if is_buffer(n)]
+    names = [n for n in base.names() if not is_buffer(n) and n not in theta_only]
+    dropped = base.heads + [n for n in base.names() if is_buffer(n)] + theta_only
     if dropped:
         LOG.info("not written to the readapted model: %s", dropped)
-    layout: list[TensorSpec] = [
-        (
-            n,
-            base.shape(n),
-            (forced or stored.dtype(n)) if stored.dtype(n).is_floating_point else base.dtype(n),
-        )
-        for n in names
-    ]
+
+    def spec(name: str, body: Body) -> TensorSpec:
+        """A float as the recipe forces or as ``body`` stores it; another dtype as stored."""
+        dt = body.dtype(name)
+        return name, body.shape(name), (forced or dt) if dt.is_floating_point else dt
+
+    layout = [spec(n, stored if stored.dtype(n).is_floating_point else base) for n in names]
+    layout += [spec(n, retriever) for n in optional]
     dev = resolve_device(device)
     readapter = Readapter(
         base, source if beta != 0 else None, theta_coef, beta, knowledge, alpha, dev
     )
-    total = sum(math.prod(shape) * dt.itemsize for _, shape, dt in layout)
+    sizes = {name: math.prod(shape) * dt.itemsize for name, shape, dt in layout}
+    total = sum(sizes.values())
+
+    def read(spec: TensorSpec) -> Terms:
+        name, _, dtype = spec
+        if name in optional:
+            return Terms(name, dtype, passed=readapter.read(retriever, name, on_device=False))
+        return readapter.terms(name, dtype)
+
     out.mkdir(parents=True, exist_ok=True)  # only once every check has passed
     started = time.perf_counter()
     with (
@@ -142,9 +156,9 @@ def merge(
         write_behind(writer, readapter.buffers, readapter.busy) as add,
         tqdm(total=total, unit="B", unit_scale=True, desc="merge") as bar,
     ):
-        for terms in read_ahead(lambda spec: readapter.terms(spec[0], spec[2]), layout):
+        for terms in read_ahead(read, layout):
             add(terms.name, readapter.output(terms, pool))
-            bar.update(math.prod(base.shape(terms.name)) * terms.dtype.itemsize)
+            bar.update(sizes[terms.name])
     seconds = time.perf_counter() - started
     LOG.info("merged %.2f GB in %.1f s (%.2f GB/s)", total / 1e9, seconds, total / 1e9 / seconds)
     LOG.info(
@@ -162,8 +176,9 @@ def merge(
         "beta": beta,
         "route": route,
         "dtype": dtype_name(out_dtype),
-        "tensors": len(names),
+        "tensors": len(layout),
         "dropped": dropped,
+        "retriever_only": optional,
     }
     write_json(out / READAPT_JSON, info)
     LOG.info("readapted model (α=%s, β=%s, %s) written to %s", alpha, beta, info["dtype"], out)
