@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,37 +97,87 @@ def is_buffer(name: str) -> bool:
     return name.endswith(BUFFER_SUFFIXES)
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """What the classes of an architecture hold besides its bare body, built once on the meta
+    device from config.json: the tensors outside the body (``heads``: causal-LM, masked-LM and
+    pretraining heads, under the names transformers saves them by, e.g. GPT-NeoX's
+    ``embed_out`` for ``lm_head``), every tensor they hold (``known``, body ones unprefixed too),
+    and the patterns of stored tensors transformers ignores on loading (``ignored``: GPT-NeoX's
+    and GPT-J's ``attention.masked_bias``, DeBERTa-v3's ``mask_predictions``)."""
+
+    heads: frozenset[str] = frozenset()
+    known: frozenset[str] = frozenset()
+    ignored: tuple[re.Pattern[str], ...] = ()
+
+    def unused(self, name: str) -> bool:
+        """A stored tensor that transformers ignores on loading: no class of the architecture
+        holds it, and one of their ignore patterns names it."""
+        return name not in self.known and any(p.search(name) for p in self.ignored)
+
+
+def _stored_names(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> set[str]:
+    """The names transformers saves ``tensors`` of ``model`` by (its renamings reverted)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return set(revert_weight_conversion(model, tensors))
+    except Exception:  # a release without conversions, or one that cannot take meta tensors
+        return set(tensors)
+
+
 @functools.lru_cache(maxsize=16)
-def _lm_head_names(key: tuple[str, int]) -> frozenset[str]:
+def _architecture(key: tuple[str, int]) -> Architecture:
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING,
         MODEL_FOR_MASKED_LM_MAPPING,
+        MODEL_FOR_PRETRAINING_MAPPING,
+        MODEL_MAPPING,
     )
 
     try:
         config = _read_config(key)
     except (OSError, ValueError):
-        return frozenset()
-    names: set[str] = set()
-    for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING):
+        return Architecture()
+    heads: set[str] = set()
+    known: set[str] = set()
+    patterns: set[str] = set()
+    for mapping in (
+        MODEL_MAPPING,
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_MASKED_LM_MAPPING,
+        MODEL_FOR_PRETRAINING_MAPPING,
+    ):
         try:
             cls = mapping[type(config)]
             with torch.device("meta"):
                 model = cls(config)
         except Exception:  # no such class, or one that cannot be built bare: HEADS serve
             continue
+        patterns |= set(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ())
         lead = cls.base_model_prefix + "."
-        names |= {n for n in model.state_dict() if not n.startswith(lead)}
-    return frozenset(names)
+        tensors = model.state_dict()
+        known |= set(tensors) | {n[len(lead) :] for n in tensors if n.startswith(lead)}
+        if mapping is not MODEL_MAPPING:
+            outside = {n: t for n, t in tensors.items() if not n.startswith(lead)}
+            heads |= set(outside) | _stored_names(model, outside)
+    return Architecture(
+        frozenset(heads), frozenset(known | heads), tuple(re.compile(p) for p in sorted(patterns))
+    )
+
+
+def architecture(model_dir: Path) -> Architecture:
+    try:
+        return _architecture(_config_key(model_dir))
+    except WeightError:  # no config.json: only the fixed HEADS names serve
+        return Architecture()
 
 
 def lm_head_names(model_dir: Path) -> frozenset[str]:
-    """The tensors outside the body of the architecture's causal-LM and masked-LM classes (e.g.
-    DistilBERT's ``vocab_projector``, ALBERT's ``predictions``), built once on the meta device."""
-    try:
-        return _lm_head_names(_config_key(model_dir))
-    except WeightError:  # no config.json: only the fixed HEADS names serve
-        return frozenset()
+    """The tensors outside the body of the architecture's causal-LM, masked-LM and pretraining
+    classes (e.g. DistilBERT's ``vocab_projector``, ALBERT's ``predictions``, ELECTRA's
+    ``discriminator_predictions``)."""
+    return architecture(model_dir).heads
 
 
 # Legacy (TensorFlow-era) names of a LayerNorm's parameters, which transformers renames on loading
@@ -187,11 +239,17 @@ class Body:
         self.folder = Path(model_dir)
         self.ckpt = Checkpoint(model_dir)
         self.prefix = base_model_prefix(model_dir) if prefix is None else prefix
+        arch = architecture(self.folder)
+        names = self.ckpt.names()
+        unused = [n for n in names if arch.unused(n)]
         self._raw, self.heads = split_head(
-            self.ckpt.names(), self.prefix, self.folder, lm_head_names(self.folder)
+            [n for n in names if n not in unused], self.prefix, self.folder, arch.heads
         )
         if self.heads:
             LOG.info("%s: dropping head tensors %s", self.folder, self.heads)
+        if unused:
+            LOG.info("%s: dropping tensors transformers ignores on loading %s", self.folder, unused)
+        self.heads += unused
 
     def names(self) -> list[str]:
         return list(self._raw)

@@ -954,3 +954,52 @@ def test_a_pooler_on_one_side_only_is_the_retrievers(tmp_path, tokenizer):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     delta = compute_delta(bare, tmp_path / "no-pooler", tmp_path / "delta-dropped")
     assert set(pooler) <= set(delta["dropped"]["base"])
+
+
+def _theta_and_retriever(tmp_path: Path, tokenizer, kind: str) -> tuple[Path, Path]:
+    """Θ saved as its pretraining class, and a retriever: its bare model, every tensor moved."""
+    import transformers
+
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                 num_attention_heads=4, intermediate_size=64)  # fmt: skip
+    config, cls = {
+        "gpt_neox": (transformers.GPTNeoXConfig(**sizes), transformers.GPTNeoXForCausalLM),
+        "electra": (transformers.ElectraConfig(embedding_size=16, **sizes),
+                    transformers.ElectraForPreTraining),
+    }[kind]  # fmt: skip
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path / "theta")
+    model = transformers.AutoModel.from_pretrained(tmp_path / "theta")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "retriever")
+    for folder in ("theta", "retriever"):
+        tokenizer.save_pretrained(tmp_path / folder)
+    return tmp_path / "theta", tmp_path / "retriever"
+
+
+@pytest.mark.parametrize(
+    "kind, set_aside",
+    [
+        # GPT-NeoX saves its head as embed_out; hub checkpoints carry masked_bias, which
+        # transformers ignores on loading
+        ("gpt_neox", ["embed_out.weight", "gpt_neox.layers.0.attention.masked_bias"]),
+        # an ELECTRA retriever's Θ is the discriminator, with its pretraining head
+        ("electra", ["discriminator_predictions.dense.weight"]),
+    ],
+)
+def test_heads_and_tensors_transformers_ignores_are_set_aside(tmp_path, tokenizer, kind, set_aside):
+    theta, retriever = _theta_and_retriever(tmp_path, tokenizer, kind)
+    if kind == "gpt_neox":
+        tensors = load_file(theta / "model.safetensors")
+        tensors[set_aside[1]] = torch.tensor(-1e9)
+        save_file(tensors, theta / "model.safetensors", metadata={"format": "pt"})
+    info = run_merge(tmp_path / "merged", theta, retriever, alpha=0.0, beta=1.0)
+    assert set(set_aside) <= set(info["dropped"])
+    want = load_file(retriever / "model.safetensors")
+    got = _tensors(tmp_path / "merged")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    delta = compute_delta(theta, retriever, tmp_path / "delta")
+    assert set(set_aside) <= set(delta["dropped"]["base"])
