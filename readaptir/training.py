@@ -29,6 +29,18 @@ DEFAULT_TARGETS = {
     CAUSAL: ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
     MASKED: ("query", "key", "value", "dense"),
 }
+# Model types whose modules the names above match none of: their attention and feed-forward
+# projections. Only such types belong here: a stage id holds the recipe's target_modules, not
+# the defaults, so a type the names above match would take other targets under the same id.
+TYPE_TARGETS = {
+    "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
+    "modernbert": ("Wqkv", "Wo", "Wi"),
+}
+
+
+def targets_for(config: Any) -> tuple[str, ...]:
+    """The adapter's target modules when the recipe names none."""
+    return TYPE_TARGETS.get(config.model_type) or DEFAULT_TARGETS[objective_for(config)]
 
 
 def objective_for(config: Any) -> str:
@@ -132,8 +144,13 @@ def resolve_targets(
     only when none does, and warns of the others."""
     problem = unmatched(targets, body)
     matched = [t for t in targets if any(_matches(n, t) for n in body)]
-    if problem and (every or not matched):
+    if problem and every:
         raise ValueError(f"adapter target_modules {problem}")
+    if problem and not matched:
+        raise ValueError(
+            f"the default adapter target_modules {problem}; set adapter.target_modules in the "
+            "recipe to the ones to adapt"
+        )
     if problem:
         LOG.warning("default adapter target_modules %s: the adapter covers %s", problem, matched)
     return [n for n in head if any(_matches(n, t) for t in targets)]

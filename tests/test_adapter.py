@@ -346,6 +346,8 @@ def test_objective_by_architecture_and_target_errors(
     with caplog.at_level("WARNING", logger="readaptir.training"):
         assert resolve_targets(body, [], ["q_proj", "up_proj"], every=False) == []
     assert "['up_proj'] match none" in caplog.text and "covers ['q_proj']" in caplog.text
+    with pytest.raises(ValueError, match=r"^the default .*set adapter\.target_modules"):
+        resolve_targets(body, [], ["query", "key"], every=False)  # defaults that match nothing
     with pytest.raises(ValueError, match="up_proj"):
         _train(tmp_path, "bad", tiny_base, tiny_beir, target_modules=["query"], max_steps=1)
     with pytest.raises(ValueError, match=r"\['qproj'\] match none"):
@@ -783,8 +785,8 @@ def test_packing_is_refused_where_packed_passages_would_attend_to_each_other(
 
 
 def _tiny_encoder(out: Path, tokenizer, model_type: str) -> Path:
-    """A random-init DeBERTa-v2 (which takes no packed block mask) or ModernBERT (whose local
-    attention layers would ignore their window under one), with a masked-LM head."""
+    """A random-init DeBERTa-v2 (which takes no packed block mask), ModernBERT (whose local
+    attention layers would ignore their window under one) or DistilBERT, with a masked-LM head."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -793,6 +795,7 @@ def _tiny_encoder(out: Path, tokenizer, model_type: str) -> Path:
                            pos_att_type=["p2c", "c2p"], position_biased_input=False),
         "modernbert": dict(global_attn_every_n_layers=2, local_attention=8, cls_token_id=bos,
                            sep_token_id=eos, bos_token_id=bos, eos_token_id=eos),
+        "distilbert": dict(hidden_dim=64),
     }[model_type]  # fmt: skip
     config = AutoConfig.for_model(
         model_type,
@@ -829,6 +832,21 @@ def test_packing_is_refused_where_an_encoder_cannot_take_a_packed_mask(
         _train(tmp_path, "packed", base, tiny_beir, **kw)
     summary, _, weights = _train(tmp_path, "padded", base, tiny_beir, packing=False, **kw)
     assert summary["steps"] == 2 and weights
+
+
+@pytest.mark.parametrize(
+    "model_type, targets",
+    [
+        ("distilbert", {"q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"}),
+        ("modernbert", {"Wqkv", "Wo", "Wi"}),
+    ],
+)
+def test_encoders_bert_names_miss_have_default_targets_of_their_own(
+    tmp_path, tokenizer, tiny_beir, model_type, targets
+):
+    base = _tiny_encoder(tmp_path / model_type, tokenizer, model_type)
+    _, _, tensors = _train(tmp_path, "default", base, tiny_beir, packing=False, max_steps=2)
+    assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors} == targets
 
 
 def test_the_packing_probe_leaves_training_as_it_was(tmp_path, tiny_base, tiny_beir, monkeypatch):

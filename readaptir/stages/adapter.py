@@ -58,7 +58,6 @@ from readaptir.packing import (
 )
 from readaptir.training import (
     CAUSAL,
-    DEFAULT_TARGETS,
     Meter,
     attach_adapter,
     autocast_dtype,
@@ -72,6 +71,7 @@ from readaptir.training import (
     remove_checkpoint,
     restore_checkpoint,
     save_checkpoint,
+    targets_for,
     train_step,
 )
 
@@ -275,10 +275,11 @@ def train_adapter(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    objective = objective_for(AutoConfig.from_pretrained(base_dir))
+    config = AutoConfig.from_pretrained(base_dir)
+    objective = objective_for(config)
     if objective != CAUSAL and tokenizer.mask_token_id is None:
         raise ValueError(f"{base_dir}: an encoder base needs a tokenizer with a mask token")
-    targets = list(target_modules) if target_modules else list(DEFAULT_TARGETS[objective])
+    targets = list(target_modules or targets_for(config))
 
     model = load_model(base_dir, objective, torch_dtype(dtype))
     offset = position_offset(model)
