@@ -16,7 +16,7 @@ from types import EllipsisType
 import torch
 
 from readaptir.artifacts import read_json_mapping
-from readaptir.models import check_mergeable_adapter
+from readaptir.models import PEFT_LEAD, check_mergeable_adapter
 from readaptir.shards import Checkpoint, WeightError
 from readaptir.weights import Body, split_head, ties_embeddings
 
@@ -24,7 +24,6 @@ LOG = logging.getLogger(__name__)
 
 Rows = slice | EllipsisType  # a block of leading-dimension rows, or ``...`` for the whole tensor
 
-_PEFT_LEAD = "base_model.model."
 _ADAPTER_KEY = re.compile(
     r"(?P<path>.+?)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A"
     r"|lora_embedding_B|lora_magnitude_vector(?:\.weight)?|base_layer\.\w+)"
@@ -148,9 +147,9 @@ class Adapter:
         by_target: dict[str, dict[str, str]] = {}  # stored target name → role → adapter key
         embeddings: set[str] = set()  # targets whose factors are stored as (r, num), (dim, r)
         for key in self.ckpt.names():
-            if not key.startswith(_PEFT_LEAD):
+            if not key.startswith(PEFT_LEAD):
                 raise WeightError(f"unexpected key {key} in {self.folder}")
-            rest = key[len(_PEFT_LEAD) :]
+            rest = key[len(PEFT_LEAD) :]
             if ".original_module." in rest or ".modules_to_save." in rest:
                 continue  # a saved module's wrapper copies; its plain name is saved beside them
             match = _ADAPTER_KEY.fullmatch(rest)

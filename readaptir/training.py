@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from readaptir.artifacts import atomic_file
-from readaptir.models import check_weight_files
+from readaptir.models import PEFT_LEAD, check_weight_files
 from readaptir.packing import Layout, layout
 
 LOG = logging.getLogger(__name__)
@@ -166,6 +166,30 @@ def base_linear_modules(base_dir: Path) -> tuple[list[str], list[str]]:
     with torch.device("meta"):
         model = _lm_class(objective_for(config)).from_config(config)
     return linear_modules(model)
+
+
+def check_stored_targets(model: torch.nn.Module, base_dir: Path) -> None:
+    """Refuse an adapter whose wrapped modules are not tensors ``base_dir`` stores: some
+    architectures (nomic-bert, gte) store fused or renamed weights (``attn.Wqkv``) that
+    transformers converts on loading, and the merge, which reads Θ as stored, could not add Ψ."""
+    from peft.tuners.lora import LoraLayer
+
+    from readaptir.weights import Body
+
+    body = Body(base_dir)
+    lead = PEFT_LEAD + body.prefix + "."
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        stored = (name[len(lead) :] if name.startswith(lead) else name) + ".weight"
+        if stored not in body:
+            near = ", ".join(sorted(n for n in body.names() if ".0." in n)[:6])
+            raise ValueError(
+                f"{base_dir} stores no {stored}, which the adapter would train: transformers "
+                f"renames or fuses a {model.config.model_type} model's stored weights on loading "
+                f"(it stores e.g. {near}), and Ψ could not be merged into them; readapting this "
+                "architecture needs alpha: 0"
+            )
 
 
 def attach_adapter(

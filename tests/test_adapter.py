@@ -796,6 +796,7 @@ def _tiny_encoder(out: Path, tokenizer, model_type: str) -> Path:
         "modernbert": dict(global_attn_every_n_layers=2, local_attention=8, cls_token_id=bos,
                            sep_token_id=eos, bos_token_id=bos, eos_token_id=eos),
         "distilbert": dict(hidden_dim=64),
+        "nomic_bert": {},
     }[model_type]  # fmt: skip
     config = AutoConfig.for_model(
         model_type,
@@ -847,6 +848,17 @@ def test_encoders_bert_names_miss_have_default_targets_of_their_own(
     base = _tiny_encoder(tmp_path / model_type, tokenizer, model_type)
     _, _, tensors = _train(tmp_path, "default", base, tiny_beir, packing=False, max_steps=2)
     assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors} == targets
+
+
+def test_an_adapter_on_weights_stored_under_other_names_is_refused_before_training(
+    tmp_path, tokenizer, tiny_beir
+):
+    """nomic-bert stores attn.Wqkv, which transformers splits into q/k/v_proj on loading: Ψ of
+    q_proj could not be merged into what Θ stores, so the stage fails before a step."""
+    base = _tiny_encoder(tmp_path / "nomic", tokenizer, "nomic_bert")
+    with pytest.raises(ValueError, match=r"stores no .*q_proj\.weight.*attn\.Wqkv.*alpha: 0"):
+        _train(tmp_path, "fused", base, tiny_beir, target_modules=["q_proj"], packing=False)
+    assert not (tmp_path / "fused" / "adapter_model.safetensors").exists()
 
 
 def test_the_packing_probe_leaves_training_as_it_was(tmp_path, tiny_base, tiny_beir, monkeypatch):

@@ -62,6 +62,7 @@ from readaptir.training import (
     attach_adapter,
     autocast_dtype,
     check_passages_kept_apart,
+    check_stored_targets,
     enable_gradient_checkpointing,
     load_checkpoint,
     load_model,
@@ -366,6 +367,7 @@ def train_adapter(
         target_modules=targets,
         default_targets=not target_modules,
     ).to(device)
+    check_stored_targets(model, base_dir)
     seed_rank(seed, ranks)
     model.train()
     autocast = autocast_dtype(model)
