@@ -143,7 +143,7 @@ class Adapter:
             check_mergeable_adapter(self.config, self.folder)
         except ValueError as err:
             raise WeightError(str(err)) from None
-        self.ckpt = Checkpoint(adapter_dir)
+        self.ckpt = Checkpoint(adapter_dir, adapter=True)
         by_target: dict[str, dict[str, str]] = {}  # stored target name → role → adapter key
         embeddings: set[str] = set()  # targets whose factors are stored as (r, num), (dim, r)
         for key in self.ckpt.names():

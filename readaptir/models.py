@@ -202,7 +202,7 @@ def _adapter_keys(adapter_dir: Path) -> set[str]:
     config = peft_config(adapter_dir)
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
         raise ValueError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: no peft_type")
-    return {_peft_key(n) for n in Checkpoint(adapter_dir).names()}
+    return {_peft_key(n) for n in Checkpoint(adapter_dir, adapter=True).names()}
 
 
 def _with_adapter(model, adapter_dir: Path, stored: set[str]):

@@ -187,10 +187,12 @@ def _header_bytes(specs: Sequence[TensorSpec]) -> bytes:
 
 
 class Checkpoint:
-    """Lazy view of the safetensors files in a model or PEFT adapter folder."""
+    """Lazy view of the safetensors files in a model or PEFT adapter folder; with ``adapter``,
+    the adapter's files first (a repository may hold merged weights beside them)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, adapter: bool = False) -> None:
         self.folder = Path(folder)
+        self.adapter = adapter
         self._meta: dict[str, dict] = {}
         self._file_of: dict[str, Path] = {}
         self._data_start: dict[Path, int] = {}
@@ -243,6 +245,8 @@ class Checkpoint:
     def _locate(self) -> tuple[list[Path], dict[str, str] | None]:
         """The weight files, and the index's map of tensor names to them (if there is one)."""
         folder = self.folder
+        if self.adapter and (folder / ADAPTER).is_file():
+            return [folder / ADAPTER], None
         if (folder / SINGLE).is_file():  # what transformers reads where both are present
             return [folder / SINGLE], None
         if (folder / INDEX).is_file():

@@ -764,6 +764,19 @@ def test_lora_retriever_saved_as_bin(tmp_path, tiny_base, lora_retriever):
         Checkpoint(old)
 
 
+def test_a_lora_retriever_beside_merged_weights_is_read_as_the_adapter(
+    tmp_path, tiny_base, tiny_retriever, lora_retriever
+):
+    """A repository holding an adapter and the model merged with it: PEFT reads the adapter."""
+    both = tmp_path / "both"
+    shutil.copytree(lora_retriever, both)
+    shutil.copy(tiny_retriever / "model.safetensors", both / "model.safetensors")
+    run_merge(tmp_path / "alone", tiny_base, lora_retriever, alpha=0.0, beta=1.0)
+    run_merge(tmp_path / "beside", tiny_base, both, alpha=0.0, beta=1.0)
+    want, got = _tensors(tmp_path / "alone"), _tensors(tmp_path / "beside")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_base_with_legacy_layernorm_names(tmp_path, tokenizer):
     """An old BERT checkpoint names LayerNorm parameters gamma/beta; transformers loads it, and so
     do the delta and the merge, writing modern names."""
