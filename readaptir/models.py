@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from readaptir.artifacts import INDEX, SINGLE, read_json_mapping
@@ -14,8 +15,28 @@ ADAPTER_CONFIG = "adapter_config.json"
 BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
+# Other copies of the weights a repository's safetensors hold, in formats never read here: a 7B
+# model's repository often holds a second full copy as PyTorch pickles (Llama-2, Mistral-7B-v0.1)
+# and a third in its authors' own layout (Mistral's consolidated.safetensors, Llama 3's original/).
+OTHER_WEIGHTS = (
+    "pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "consolidated*", "original/*",
+    "tf_model*", "*.h5", "flax_model*", "*.msgpack", "*.onnx", "*.onnx_data", "onnx/*",
+    "openvino/*", "*.gguf", "*.ot", "*.tflite", "coreml/*",
+)  # fmt: skip
+# the safetensors weights transformers and PEFT load: where a repository has them, nothing else
+_LOADED_WEIGHTS = re.compile(r"(model|adapter_model)(-\d+-of-\d+)?\.safetensors")
+
+
+def skipped_files(files: list[str]) -> list[str]:
+    """The patterns of a repository's files not to fetch: ``OTHER_WEIGHTS`` where it has the
+    safetensors weights transformers loads, else none (a model published as pickles alone still
+    encodes, through transformers)."""
+    return list(OTHER_WEIGHTS) if any(_LOADED_WEIGHTS.fullmatch(f) for f in files) else []
+
+
 def local_dir(source: str, revision: str | None = None) -> Path:
-    """A local folder holding the model: ``source`` itself, or a hub snapshot at ``revision``."""
+    """A local folder holding the model: ``source`` itself, or a hub snapshot at ``revision``
+    (without ``skipped_files``)."""
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -23,10 +44,19 @@ def local_dir(source: str, revision: str | None = None) -> Path:
         return path.resolve()
     if source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder {source!r} does not exist")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
     LOG.info("fetching %s@%s from the hub", source, revision or "main")
-    return Path(snapshot_download(repo_id=source, revision=revision))
+    try:
+        skipped = skipped_files(HfApi().list_repo_files(source, revision=revision))
+    except Exception as err:  # offline, or the listing refused: the snapshot call says why
+        LOG.debug("listing %s: %s", source, err)
+        skipped = []
+    if skipped:
+        LOG.info("%s: not fetching other formats of its safetensors weights", source)
+    return Path(
+        snapshot_download(repo_id=source, revision=revision, ignore_patterns=skipped or None)
+    )
 
 
 def is_peft_adapter(model_dir: Path) -> bool:

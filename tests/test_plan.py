@@ -909,6 +909,47 @@ def test_a_hub_retrievers_ids_ask_the_hub_nothing(project, monkeypatch):
     assert ids[0] != ids[1]  # another Θ, another baseline: never one made over the other
 
 
+def test_a_hub_snapshot_leaves_other_copies_of_its_safetensors_weights(monkeypatch, tmp_path):
+    """A 7B repository's .bin (and consolidated) copies would double or triple the download."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from readaptir import models
+
+    shards = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    tokenizer = ["tokenizer.model", "tokenizer.json", "config.json"]
+    repos = {
+        "llama": [*shards, "model.safetensors.index.json", *tokenizer,
+                  "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
+                  "consolidated.safetensors", "original/consolidated.00.pth", "flax_model.msgpack"],
+        "repllama": ["adapter_config.json", "adapter_model.bin"],  # a PEFT adapter as a pickle
+        "contriever": ["config.json", "pytorch_model.bin", "vocab.txt"],  # pickles alone
+    }  # fmt: skip
+    fetched = {}
+
+    def snapshot(repo_id, revision=None, ignore_patterns=None):
+        fetched[repo_id] = list(
+            filter_repo_objects(repos[repo_id], ignore_patterns=ignore_patterns)
+        )
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "list_repo_files", lambda _, repo, revision: repos[repo]
+    )
+    for repo in repos:
+        assert models.local_dir(repo) == tmp_path
+    assert fetched["llama"] == [*shards, "model.safetensors.index.json", *tokenizer]
+    assert fetched["repllama"] == repos["repllama"] and fetched["contriever"] == repos["contriever"]
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
+    models.local_dir("llama")  # no listing: the snapshot call takes the cache, or says why not
+    assert fetched["llama"] == repos["llama"]
+
+
 def test_an_embedding_stage_fetches_the_base_only_for_a_peft_retriever(project, monkeypatch):
     from readaptir import models
     from readaptir.runner import Context, _encoder
