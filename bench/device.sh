@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The GPU figures of bench/ in one go, for a CUDA machine with torch, transformers, peft,
-# safetensors, numpy, tqdm and pytest (nothing here imports DVC, FAISS or pydantic). Each step
+# safetensors, numpy, tqdm and pytest (nothing here imports DVC or FAISS; only stage-tests
+# imports pydantic). Each step
 # has a time limit of its own, so one that runs long leaves the others their turn; each logs to
 # $OUT/<step>.txt (default bench-out/).
 #
 #   bash bench/device.sh                       # every step at 7B shapes (time limits: 15 min in all)
 #   bash bench/device.sh merge-tests merge     # some of the steps (7 min of limits), and
 #   bash bench/device.sh dora-tests dora adapter embed search   # the others (8 min)
+#   bash bench/device.sh stage-tests           # the adapter and embed stages on "cuda" (2 min)
 #   bash bench/device.sh --tiny                # tiny shapes: a smoke run, on a CPU too
 #
 # Steps: merge-tests (the merge invariants with READAPTIR_DEVICE=cuda), merge (Llama-2-7B shape,
 # ~27 GB of inputs written under a temporary folder; merged on the GPU and on the CPU), dora-tests
-# (the DoRA forward against PEFT's, on the CPU and the GPU), dora, adapter, embed, search.
+# (the DoRA forward against PEFT's, on the CPU and the GPU), dora, adapter, embed, search, and
+# stage-tests (tests/test_gpu.py: the adapter and embed stages on the GPU against the CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}
@@ -63,10 +66,12 @@ for name in "${steps[@]}"; do
         --repeat 2 --dir "$scratch/merge"
       rm -rf "$scratch/merge" ;;
     dora-tests) step dora-tests 60 $py -m pytest -q -p no:cacheprovider tests/test_dora.py ;;
+    stage-tests) step stage-tests 120 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
     dora) step dora 60 $py bench/dora.py "${tiny[@]}" ;;
     adapter) step adapter 180 $py bench/adapter.py "${tiny[@]}" ;;
     embed) step embed 120 $py bench/embed.py "${tiny[@]}" ;;
     search) step search 60 $py bench/search.py "${tiny[@]}" ;;
-    *) echo "unknown step $name (merge-tests, merge, dora-tests, dora, adapter, embed, search)" >&2; exit 2 ;;
+    *) echo "unknown step $name (merge-tests, merge, dora-tests, dora, adapter, embed, search," \
+         "stage-tests)" >&2; exit 2 ;;
   esac
 done

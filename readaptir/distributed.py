@@ -58,8 +58,9 @@ def rank_device(ranks: Ranks, device: str) -> str:
     device = str(device)
     if ranks.world > 1 and device.startswith("cuda"):
         device = f"cuda:{ranks.local}"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)  # also in one process on cuda:N: its RNG is the one saved
+    if device.startswith("cuda"):  # also in one process on cuda:N: its RNG is the one saved
+        index = torch.device(device).index  # None for "cuda", which set_device refuses
+        torch.cuda.set_device(torch.cuda.current_device() if index is None else index)
     return device
 
 

@@ -181,6 +181,20 @@ def test_a_terminated_stage_stops_torchrun_and_waits_for_it(tmp_path):
             os.kill(child, signal.SIGKILL)
 
 
+def test_a_gpu_without_an_index_is_the_current_one(monkeypatch):
+    """One process on "cuda" (a one-GPU machine): torch's set_device refuses a device without an
+    index, so the current one is made current; under torchrun each rank takes its LOCAL_RANK."""
+    made = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    # torch's own argument checks still run; the CPU build has no _cuda_setDevice
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", made.append, raising=False)
+    assert distributed.rank_device(Ranks(), "cuda") == "cuda"
+    assert distributed.rank_device(Ranks(), "cuda:1") == "cuda:1"
+    assert distributed.rank_device(Ranks(3, 4, 3), "cuda") == "cuda:3"
+    assert distributed.rank_device(Ranks(), "cpu") == "cpu"
+    assert made == [0, 1, 3]
+
+
 def test_mean_across_ranks_is_a_mean_not_a_sum(monkeypatch):
     import torch.distributed as dist
 

@@ -1,0 +1,40 @@
+"""The stages on a CUDA GPU where one is present (bench/device.sh runs these): the device
+handling no CPU run reaches. Skipped on a machine without one."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from readaptir.families import resolve_encoding
+from readaptir.stages.adapter import train_adapter
+from readaptir.stages.embed import embed
+from readaptir.vectors import load_embeddings, load_queries_embeddings
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_embedding_on_the_gpu_is_the_cpus(tiny_retriever, tiny_beir, tmp_path):
+    """On "cuda" (no index: what a one-GPU machine resolves to), corpus and queries."""
+    encoding = resolve_encoding("repllama", {"dtype": "float32"})
+    vectors = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        embed(tiny_retriever, tiny_beir, "test", encoding, out, shard_size=5, device=device)
+        corpus = np.concatenate([v for _, v in load_embeddings(out)])
+        vectors[device] = (corpus, load_queries_embeddings(out)[1])
+    for cpu, gpu in zip(vectors["cpu"], vectors["cuda"], strict=True):
+        np.testing.assert_allclose(gpu.astype(np.float32), cpu.astype(np.float32), atol=2e-3)
+
+
+def test_an_adapter_trains_on_the_gpu_as_on_the_cpu(tiny_base, tiny_beir, tmp_path):
+    settings = dict(r=4, lora_alpha=8, batch_size=4, max_length=32, lr=1e-3, max_steps=3)
+    adapters = {}
+    for device in ("cpu", "cuda"):
+        (tmp_path / device).mkdir()
+        summary = train_adapter(tiny_base, tiny_beir, tmp_path / device, device=device, **settings)
+        assert summary["steps"] == 3
+        adapters[device] = load_file(tmp_path / device / "adapter_model.safetensors")
+    assert adapters["cpu"].keys() == adapters["cuda"].keys()
+    for name, tensor in adapters["cpu"].items():
+        assert torch.allclose(adapters["cuda"][name], tensor, atol=1e-4), name
