@@ -172,17 +172,19 @@ def encode_ids(
     with torch.inference_mode():
         for batch in batches:
             ids, mask = pad_batch([seqs[i] for i in batch], pad_token, padding_side)
+            # every copy to the GPU from pinned memory: one from pageable memory (even of the
+            # rows' index) waits for all the work queued before it
+            index = torch.as_tensor(batch)
             if pin:
-                ids, mask = ids.pin_memory(), mask.pin_memory()
-            ids = ids.to(device, non_blocking=pin)
-            mask = mask.to(device, non_blocking=pin)
+                ids, mask, index = ids.pin_memory(), mask.pin_memory(), index.pin_memory()
+            ids, mask, index = (x.to(device, non_blocking=pin) for x in (ids, mask, index))
             hidden = model(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
             vecs = pool(hidden, mask, pooling)
             if normalize:
                 vecs = F.normalize(vecs, dim=-1)
             if out is None:
                 out = torch.empty((len(seqs), vecs.shape[-1]), dtype=out_dtype, device=device)
-            out[torch.as_tensor(batch, device=device)] = vecs.to(out_dtype)
+            out[index] = vecs.to(out_dtype)
             if on_batch is not None:
                 on_batch(len(batch), sum(len(seqs[i]) for i in batch))
     if out is None:

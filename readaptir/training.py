@@ -489,12 +489,12 @@ def _step_of(path: Path) -> int:
     return int(path.stem.rpartition("-step")[2])
 
 
-def _load(path: Path, device: torch.device | str) -> Any:
-    """``path``'s state, or None when the file is damaged (cut short by a crash on a file
-    system that lost it: torch saves a zip archive, whose directory comes last); any other
-    failure (a busy GPU, a missing package) is raised as it is."""
+def _load(path: Path) -> Any:
+    """``path``'s state on the CPU, or None when the file is damaged (cut short by a crash on a
+    file system that lost it: torch saves a zip archive, whose directory comes last); any other
+    failure (a missing package) is raised as it is."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError):
         if zipfile.is_zipfile(path):
             raise
@@ -502,15 +502,17 @@ def _load(path: Path, device: torch.device | str) -> Any:
 
 
 def load_checkpoint(
-    folder: Path, fingerprint: str, device: torch.device | str, rank: int = 0, world: int = 1
+    folder: Path, fingerprint: str, rank: int = 0, world: int = 1
 ) -> dict[str, Any] | None:
     """The checkpoint in ``folder`` when one was made by a run with the same ``fingerprint``,
     with this rank's random-number state when it was saved at the same step by a run of as many
-    ranks under the same fingerprint."""
+    ranks under the same fingerprint. Read onto the CPU: restoring moves each tensor where its
+    parameter is, and leaves AdamW's step counts on the CPU, as a fresh run has them (on a GPU,
+    each would cost a wait for the device per parameter and step)."""
     path = Path(folder) / CHECKPOINT_FILE
     if not path.is_file():
         return None
-    state = _load(path, device)
+    state = _load(path)
     if state is None:
         raise RuntimeError(
             f"{path}: a damaged checkpoint (cut short); delete the work folder {path.parent} to "
@@ -520,7 +522,7 @@ def load_checkpoint(
         LOG.warning("%s belongs to a run with other settings; starting afresh", path)
         return None
     rng_path = Path(folder) / RNG_FILE.format(rank=rank, step=state["progress"]["step"])
-    rng = _load(rng_path, "cpu") if rng_path.is_file() else None
+    rng = _load(rng_path) if rng_path.is_file() else None
     made = {"step": state["progress"]["step"], "fingerprint": fingerprint, "world": world}
     if rng is None or any(rng.get(key) != value for key, value in made.items()):
         LOG.warning(

@@ -477,14 +477,14 @@ def test_checkpoint_keeps_each_ranks_random_state(tmp_path, caplog):
         expected[rank] = torch.rand(3)
     for rank in (0, 1):
         torch.manual_seed(7)
-        restore_checkpoint(load_checkpoint(tmp_path, "f", "cpu", rank), model, optimizer, schedule)
+        restore_checkpoint(load_checkpoint(tmp_path, "f", rank), model, optimizer, schedule)
         assert torch.equal(torch.rand(3), expected[rank])
     # a rank whose state is from another step (killed before saving it) says so and goes on
     save_checkpoint(tmp_path, model, optimizer, schedule, {**progress, "step": 6}, rank=0)
     with caplog.at_level("WARNING", logger="readaptir.training"):
-        state = load_checkpoint(tmp_path, "f", "cpu", rank=1)
+        state = load_checkpoint(tmp_path, "f", rank=1)
     assert state["rng"] is None and "no random-number state of rank 1 at step 6" in caplog.text
-    other_world = load_checkpoint(tmp_path, "f", "cpu", rank=0, world=2)  # made by one process
+    other_world = load_checkpoint(tmp_path, "f", rank=0, world=2)  # made by one process
     assert other_world["rng"] is None
 
 
@@ -508,7 +508,7 @@ def test_a_kill_between_a_random_state_and_its_checkpoint_resumes_exactly(tmp_pa
     monkeypatch.setattr(training, "trainable_state", killed)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, model, optimizer, schedule, {"step": 6, "fingerprint": "f"})
-    state = load_checkpoint(tmp_path, "f", "cpu")
+    state = load_checkpoint(tmp_path, "f")
     assert state["progress"]["step"] == 4 and state["rng"] is not None
     torch.manual_seed(7)
     restore_checkpoint(state, model, optimizer, schedule)
@@ -722,12 +722,12 @@ def test_checkpoints_are_synced_to_disk_and_a_truncated_one_is_named(tmp_path, m
     assert names.count(tmp_path.name) == 2  # the folder, after each rename
     rng = tmp_path / "rng-rank0-step3.pt"
     rng.write_bytes(rng.read_bytes()[:100])  # what a power loss can leave
-    resumed = load_checkpoint(tmp_path, "f", "cpu")  # the random state alone: fresh draws
+    resumed = load_checkpoint(tmp_path, "f")  # the random state alone: fresh draws
     assert resumed is not None and resumed["rng"] is None
     assert "no random-number state of rank 0 at step 3" in caplog.text
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(RuntimeError, match=r"checkpoint\.pt: a damaged checkpoint.*delete the"):
-        load_checkpoint(tmp_path, "f", "cpu")
+        load_checkpoint(tmp_path, "f")
 
 
 def test_flash_attention_with_several_packed_rows_is_refused(

@@ -38,3 +38,30 @@ def test_an_adapter_trains_on_the_gpu_as_on_the_cpu(tiny_base, tiny_beir, tmp_pa
     assert adapters["cpu"].keys() == adapters["cuda"].keys()
     for name, tensor in adapters["cpu"].items():
         assert torch.allclose(adapters["cuda"][name], tensor, atol=1e-4), name
+
+
+def test_a_run_killed_on_the_gpu_resumes_to_the_uninterrupted_adapter(
+    tiny_base, tiny_beir, tmp_path
+):
+    """Optimizer state and the GPU's random-number state come back from a checkpoint."""
+    settings = dict(r=4, lora_alpha=8, batch_size=3, max_length=32, lr=1e-3, epochs=3,
+                    dropout=0.1, packing=False, device="cuda")  # fmt: skip
+    for name in ("whole", "killed", "resumed"):
+        (tmp_path / name).mkdir()
+    train_adapter(tiny_base, tiny_beir, tmp_path / "whole", **settings)
+
+    def kill_at_7(step: int) -> None:
+        if step == 7:
+            raise KeyboardInterrupt
+
+    ckpt = dict(checkpoint_dir=tmp_path / "ckpt", checkpoint_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(tiny_base, tiny_beir, tmp_path / "killed", **settings, **ckpt,
+                      on_step=kill_at_7)  # fmt: skip
+    summary = train_adapter(tiny_base, tiny_beir, tmp_path / "resumed", **settings, **ckpt)
+    assert summary["resumed_from"] == 6
+    whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for name, tensor in whole.items():
+        assert torch.allclose(resumed[name], tensor, atol=1e-5), name

@@ -387,7 +387,7 @@ def train_adapter(
     )  # fmt: skip
     progress = {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0, "log": []}
     state = (
-        load_checkpoint(checkpoint_dir, fingerprint, device, ranks.rank, ranks.world)
+        load_checkpoint(checkpoint_dir, fingerprint, ranks.rank, ranks.world)
         if checkpoint_dir
         else None
     )
