@@ -20,6 +20,7 @@ from readaptir.stages import adapter as adapter_module
 from readaptir.stages.adapter import passage_filter, train_adapter
 from readaptir.training import (
     CAUSAL,
+    DEFAULT_TARGETS,
     MASKED,
     Meter,
     attach_adapter,
@@ -70,6 +71,10 @@ def test_dora_adapter_trains_logs_and_loads(tmp_path, tiny_base, tiny_beir, monk
     assert not any("lm_head" in k for k in tensors)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), out)
     assert model.peft_config["default"].use_dora
+    # PEFT holds target_modules as a set, in the order of the process's string hashing: sorted,
+    # a retrained adapter is the same bytes, which DVC takes for the same output
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(DEFAULT_TARGETS[CAUSAL])
 
     # packed rows carry the same real tokens in fewer steps
     packed, out, _ = _train(tmp_path, "packed", tiny_base, tiny_beir, **args)

@@ -215,6 +215,17 @@ def _fingerprint(
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _sort_config_lists(path: Path) -> None:
+    """PEFT keeps ``target_modules`` as a set and writes it in the order of this process's string
+    hashing: sorted, the file is the same bytes from run to run (DVC would take a retrained
+    adapter for a changed one and rerun every stage after it)."""
+    config = read_json(path)
+    for key in ("target_modules", "exclude_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    write_json(path, config)
+
+
 def _write_log(path: Path, rows: list[tuple]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -481,6 +492,7 @@ def train_adapter(
     }
     if ranks.main:
         model.save_pretrained(out)
+        _sort_config_lists(Path(out) / "adapter_config.json")
         _write_log(Path(out) / "training_log.csv", log_rows)
         if checkpoint_dir:
             remove_checkpoint(checkpoint_dir)
