@@ -51,6 +51,34 @@ def atomic_output(final: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def held_alone(path: Path, what: str) -> Iterator[None]:
+    """Hold the exclusive lock of file ``path`` for the block, or fail at once naming the
+    process that holds it. The system drops a lock with its holder, however that ends."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RuntimeError(
+                f"{what} is already running (pid {holder}), perhaps left running by a `dvc "
+                "repro` that was killed (DVC does not stop its stage): wait for it or stop it"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def atomic_file(path: Path, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; it becomes ``path`` only if the block
     succeeds, so readers see either the old file or the whole new one. ``fsync`` also holds

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from readaptir.artifacts import (
     atomic_output,
+    held_alone,
     parse_mapping,
     read_text,
     resolve_device,
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from readaptir.stages.embed import Encoder
 
 LOG = logging.getLogger(__name__)
+
+# where a running stage holds its lock (under the project root; git ignores .readaptir/)
+LOCK_DIR = Path(".readaptir") / "running"
 
 # the stages that compute on a device (fetch and score use none)
 COMPUTING_KINDS = ("adapter", "delta", "merge", "embed", "queries", "search")
@@ -309,6 +313,18 @@ def run_stage(
         )
     if spec["kind"] == "score":
         _check_recipe(root, spec["params"], spec_file)
+    if "WORLD_SIZE" in os.environ:  # a rank of a relaunch: the launching process holds the lock
+        return _run(root, name, spec, spec_file, device, procs)
+    # one run of a stage at a time: DVC does not stop a stage when it is killed itself, and a
+    # rerun beside that stage would train into its work folder and replace its output
+    with held_alone(Path(root) / LOCK_DIR / f"{name}.lock", f"stage {name}"):
+        return _run(root, name, spec, spec_file, device, procs)
+
+
+def _run(
+    root: Path, name: str, spec: dict, spec_file: str, device: str | None, procs: int | None
+) -> Path:
+    """The checked stage's work: relaunched in ``procs`` processes, or in this one."""
     ctx = Context(root, spec, device)
     if spec["kind"] in DISTRIBUTED_KINDS and "WORLD_SIZE" not in os.environ:
         n = processes(procs, ctx.device)

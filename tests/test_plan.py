@@ -612,6 +612,42 @@ def test_generated_parameters_edited_after_the_build_are_refused(project):
         run_stage(project, "score-ra-half", device="cpu")
 
 
+# holds a lock as another process would, until killed
+_HOLDER = """
+import sys, time
+from readaptir.artifacts import held_alone
+with held_alone(sys.argv[1], "x"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_stage_runs_once_at_a_time(project):
+    """A stage left running by a killed `dvc repro` holds its lock: a rerun beside it fails at
+    once, naming its pid, instead of training into its work folder; once it ends, runs go on."""
+    import subprocess
+    import sys
+
+    from readaptir.runner import LOCK_DIR, run_stage
+
+    plan = plan_of(project)
+    dvcfile.write(plan, project)
+    queries = next(s for s in by_kind(plan)["queries"] if "model" not in s.inputs)
+    lock = project / LOCK_DIR / f"{queries.name}.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(lock)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        with pytest.raises(RuntimeError, match=rf"stage {queries.name} is already running "
+                           rf"\(pid {holder.pid}\)"):  # fmt: skip
+            run_stage(project, queries.name, device="cpu")
+        assert not (project / queries.out).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run_stage(project, queries.name, device="cpu") / "stage.json").is_file()
+
+
 def test_passage_selection_uses_the_evaluated_collections_judgments(project):
     shutil.copytree(project / "data" / "toy", project / "data" / "other")
     qrels = project / "data" / "toy" / "qrels"
