@@ -70,6 +70,8 @@ def init(root: Path) -> list[str]:
         dvc(root, "init", "--quiet", *subdir)
         done.append("initialised DVC")
     dvc(root, "config", "cache.type", CACHE_TYPES)
+    # dvc init staged its config; stage it as it now is, so that a commit holds the cache setting
+    subprocess.run(["git", "add", "--", ".dvc/config"], cwd=root, check=False, capture_output=True)
     done.append(f"DVC cache links: {CACHE_TYPES} (large outputs are stored once)")
     (root / "recipes").mkdir(exist_ok=True)
     (root / "metrics").mkdir(exist_ok=True)

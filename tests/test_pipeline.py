@@ -69,6 +69,14 @@ def set_alpha(root: Path, alpha: float) -> None:
     cli("build", "--root", str(root))
 
 
+def test_init_stages_the_dvc_config_it_writes(tmp_path):
+    """dvc init stages .dvc/config; a commit without `git add` still holds the cache links."""
+    git(tmp_path, "init", "-q")
+    cli("init", "--root", str(tmp_path))
+    assert ".dvc/config" not in git(tmp_path, "diff", "--name-only")  # nothing left unstaged
+    assert "cache" in git(tmp_path, "show", ":.dvc/config")
+
+
 @pytest.fixture
 def ws(tmp_path, tiny_base, tiny_retriever, tiny_beir) -> Path:
     root = tmp_path / "ws"
