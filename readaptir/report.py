@@ -346,6 +346,12 @@ def table(
     if kind == "paper":
         header, rows = paper_rows(metrics, metric)
         _, _, cells = paper_cells(metrics, metric)
+        if not cells and metrics:
+            raise ReportError(
+                "every recipe with metrics is a sweep (a list of α, or alpha: auto's grid), "
+                "which this table leaves out: see `readaptir report --table alpha` or "
+                "`--table recipes`"
+            )
         marks = {}
         for i, row in enumerate(rows):
             for j, column in enumerate(header):

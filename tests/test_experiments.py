@@ -163,6 +163,10 @@ def test_paper_table_numbers_equal_the_metrics_files():
     assert "r-sf,scifact,0.5,1.0,0.745,0.763" in csv_text
     with pytest.raises(report.ReportError, match=r"no metrics file holds 'ndcg@10'; they hold"):
         report.table(METRICS, "recipes", metric="ndcg@10")  # a typo, not an empty table
+    sweeps_only = {"r-sweep": METRICS["r-sweep"]}  # an empty table would say nothing
+    with pytest.raises(report.ReportError, match=r"every recipe .* is a sweep.*--table alpha"):
+        report.table(sweeps_only, "paper")
+    assert "r-sweep" in report.table(sweeps_only, "recipes")
 
 
 def test_recipes_without_the_metric_are_named(caplog):
