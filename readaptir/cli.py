@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ def user_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
+        except BrokenPipeError:  # the reader went away (`| head`): it has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error
+            sys.exit(1)
         except USER_ERRORS as err:
             if logging.getLogger().isEnabledFor(logging.DEBUG):
                 raise  # -v: the whole traceback
@@ -67,6 +71,8 @@ def main(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not verbose:  # FAISS says at info level which builds it tried, as errors it recovered from
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 @main.command()

@@ -54,9 +54,13 @@ def local_dir(source: str, revision: str | None = None) -> Path:
         skipped = []
     if skipped:
         LOG.info("%s: not fetching other formats of its safetensors weights", source)
-    return Path(
-        snapshot_download(repo_id=source, revision=revision, ignore_patterns=skipped or None)
-    )
+    try:
+        folder = snapshot_download(
+            repo_id=source, revision=revision, ignore_patterns=skipped or None
+        )
+    except Exception as err:  # the hub's errors name no model when the network fails
+        raise OSError(f"fetching {source}@{revision or 'main'} from the hub: {err}") from err
+    return Path(folder)
 
 
 def is_peft_adapter(model_dir: Path) -> bool:

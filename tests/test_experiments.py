@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 import re
 import subprocess
 
@@ -588,3 +589,19 @@ def test_a_root_that_is_not_a_folder_is_named(tmp_path, command):
     for root, said in (("missing", "missing' does not exist"), ("file", "file' is a file")):
         result = CliRunner().invoke(main, [*command, "--root", str(tmp_path / root)])
         assert result.exit_code == 2 and said in result.output, result.output
+
+
+def test_a_reader_that_goes_away_ends_a_command_quietly(tmp_path):
+    """`readaptir report | head -1`: no "Error: Broken pipe" once head has what it wanted."""
+    import sys
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"recipes": {"r-sf": {}}}))
+    (tmp_path / "metrics").mkdir()
+    m = metrics_file("r-sf", "scifact", "R", 0.745, 0.763)
+    (tmp_path / "metrics" / "r-sf.json").write_text(json.dumps(m))
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the command writes
+    command = [sys.executable, "-m", "readaptir", "report", "--root", str(tmp_path)]
+    done = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    assert "Broken pipe" not in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -985,6 +985,13 @@ def test_a_hub_snapshot_leaves_other_copies_of_its_safetensors_weights(monkeypat
     models.local_dir("llama")  # no listing: the snapshot call takes the cache, or says why not
     assert fetched["llama"] == repos["llama"]
 
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("ConnectError: [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(OSError, match=r"fetching llama@v2 from the hub: ConnectError"):
+        models.local_dir("llama", "v2")  # the error names the model
+
 
 def test_an_embedding_stage_fetches_the_base_only_for_a_peft_retriever(project, monkeypatch):
     from readaptir import models
