@@ -36,6 +36,9 @@ LOG = logging.getLogger(__name__)
 
 # where a running stage holds its lock (under the project root; git ignores .readaptir/)
 LOCK_DIR = Path(".readaptir") / "running"
+# a stage's figures of its last run (times, rates, where it resumed), kept out of its output
+RUNS_DIR = Path(".readaptir") / "runs"
+RUN_FIGURES = ("seconds", "tokens_per_second", "resumed_from")
 
 # the stages that compute on a device (fetch and score use none)
 COMPUTING_KINDS = ("adapter", "delta", "merge", "embed", "queries", "search")
@@ -346,7 +349,12 @@ def _run(
     LOG.info("stage %s (%s) -> %s", name, spec["kind"], out)
     with atomic_output(out) as tmp:
         summary = RUNNERS[spec["kind"]](ctx, tmp)
+        # how a run went is not what it made: the output DVC hashes holds the rest, so that a
+        # rerun of the stage (dvc repro -f, another machine) can be the same bytes
+        run = {key: summary.pop(key) for key in RUN_FIGURES if key in summary}
         write_json(tmp / "stage.json", {"name": name, **spec, "summary": summary})
+    if run:
+        write_json(Path(root) / RUNS_DIR / f"{name}.json", {"id": spec["id"], **run})
     shutil.rmtree(ctx.work_dir, ignore_errors=True)  # what a killed run would have resumed from
     if spec["kind"] == "score":  # published only once the stage's own output is complete
         # the stage's id tells a report whether the metrics are of the recipe as now built

@@ -648,6 +648,24 @@ def test_a_stage_runs_once_at_a_time(project):
     assert (run_stage(project, queries.name, device="cpu") / "stage.json").is_file()
 
 
+def test_a_stage_run_again_writes_the_same_bytes(project):
+    """An adapter trained again (dvc repro -f, a lost cache) is the same output to DVC, which
+    would otherwise run every stage after it again: its run times are kept beside it."""
+    from readaptir.runner import RUNS_DIR, run_stage
+
+    plan = plan_of(project)
+    dvcfile.write(plan, project)
+    adapter = next(iter(by_kind(plan)["adapter"]))
+    runs = []
+    for _ in range(2):
+        out = run_stage(project, adapter.name, device="cpu")
+        runs.append({p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()})
+        shutil.rmtree(out)
+    assert runs[0] == runs[1]
+    figures = json.loads((project / RUNS_DIR / f"{adapter.name}.json").read_text())
+    assert figures["id"] == adapter.id and figures["seconds"] > 0 and "tokens_per_second" in figures
+
+
 def test_passage_selection_uses_the_evaluated_collections_judgments(project):
     shutil.copytree(project / "data" / "toy", project / "data" / "other")
     qrels = project / "data" / "toy" / "qrels"
