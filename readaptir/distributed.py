@@ -185,6 +185,10 @@ def processes(requested: int | None, device: str) -> int:
     return torch.cuda.device_count()
 
 
+# the signals torchrun stops its ranks on (TORCHELASTIC_SIGNALS_TO_HANDLE's default)
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
 def relaunch(procs: int, args: Sequence[str]) -> None:
     """Run ``readaptir ARGS`` in ``procs`` processes under torchrun on this machine."""
     cmd = [
@@ -202,28 +206,37 @@ def relaunch(procs: int, args: Sequence[str]) -> None:
 
 
 def run_forwarding_signals(cmd: Sequence[str]) -> int:
-    """Run ``cmd`` to its end and return its exit code, passing it the first SIGTERM or SIGINT
-    this process gets.
+    """Run ``cmd`` to its end and return its exit code, passing it the first of the signals
+    torchrun stops its ranks on (SIGTERM, SIGINT, SIGHUP, SIGQUIT) that this process gets.
 
     torchrun starts its ranks in sessions of their own and stops them only when it is signalled
-    itself: a stage killed alone (``kill``, a scheduler's stop) would leave every rank training,
-    and rank 0 would still publish its adapter after DVC had marked the stage failed. So the
-    child runs in a session of its own and is told exactly once (a second signal would cut
-    torchrun's shutdown of its ranks short, as a terminal's Ctrl-C to the whole group would);
-    this process then waits for it to stop its ranks.
+    itself: a stage killed alone (``kill``, a scheduler's stop, a closed terminal) would leave
+    every rank training, and rank 0 would still publish its adapter after DVC had marked the
+    stage failed. So the child runs in a session of its own and is told exactly once (a second
+    signal would cut torchrun's shutdown of its ranks short, as a terminal's Ctrl-C to the whole
+    group would); this process then waits for it to stop its ranks. The handlers are in place
+    before the child starts; off the main thread, where Python takes no handlers, the child runs
+    in this process's session and gets a terminal's signals itself.
     """
-    child = subprocess.Popen(list(cmd), start_new_session=True)
+    import threading
+
+    child: list[subprocess.Popen] = []
     told: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
         if not told:
             told.append(signum)
             LOG.warning("%s: stopping the ranks", signal.Signals(signum).name)
-            child.send_signal(signum)
+            if child:
+                child[0].send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handled = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED} if handled else {}
     try:
-        code = child.wait()
+        child.append(subprocess.Popen(list(cmd), start_new_session=handled))
+        if told:  # a signal came before the child was there to be told
+            child[0].send_signal(told[0])
+        code = child[0].wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

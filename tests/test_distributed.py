@@ -151,13 +151,16 @@ def stop(signum, frame):
     open(sys.argv[1] + "/stopped", "w").write(signal.Signals(signum).name)
     sys.exit(1)
 signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGHUP, stop)
 open(sys.argv[1] + "/pid", "w").write(str(os.getpid()))
 time.sleep(60)
 """
 
 
-def test_a_terminated_stage_stops_torchrun_and_waits_for_it(tmp_path):
-    """``kill`` of the stage's process reaches the launcher (which stops the ranks), once."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_terminated_stage_stops_torchrun_and_waits_for_it(tmp_path, sig):
+    """``kill`` of the stage's process, or its terminal closing, reaches the launcher (which
+    stops the ranks), once."""
     (tmp_path / "child.py").write_text(_CHILD)
     stage = (
         "import sys; from readaptir.distributed import run_forwarding_signals; "
@@ -170,10 +173,10 @@ def test_a_terminated_stage_stops_torchrun_and_waits_for_it(tmp_path):
         time.sleep(0.05)
     child = int((tmp_path / "pid").read_text())
     try:
-        parent.send_signal(signal.SIGTERM)
-        parent.send_signal(signal.SIGTERM)  # a second one does not cut the launcher's stop short
-        assert parent.wait(timeout=30) == 128 + signal.SIGTERM
-        assert (tmp_path / "stopped").read_text() == "SIGTERM"  # the parent waited for its stop
+        parent.send_signal(sig)
+        parent.send_signal(sig)  # a second one does not cut the launcher's stop short
+        assert parent.wait(timeout=30) == 128 + sig
+        assert (tmp_path / "stopped").read_text() == sig.name  # the parent waited for its stop
         with pytest.raises(ProcessLookupError):
             os.kill(child, 0)
     finally:  # never leave the stand-in running
@@ -193,6 +196,21 @@ def test_a_gpu_without_an_index_is_the_current_one(monkeypatch):
     assert distributed.rank_device(Ranks(3, 4, 3), "cuda") == "cuda:3"
     assert distributed.rank_device(Ranks(), "cpu") == "cpu"
     assert made == [0, 1, 3]
+
+
+def test_a_launch_off_the_main_thread_runs_and_is_waited_for():
+    """Python takes signal handlers on its main thread only: elsewhere the launch runs as is."""
+    import threading
+
+    codes = []
+    launch = threading.Thread(
+        target=lambda: codes.append(
+            distributed.run_forwarding_signals([sys.executable, "-c", "raise SystemExit(3)"])
+        )
+    )
+    launch.start()
+    launch.join(timeout=60)
+    assert codes == [3]
 
 
 def test_mean_across_ranks_is_a_mean_not_a_sum(monkeypatch):
