@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,12 +66,18 @@ def held_alone(path: Path, what: str) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise RuntimeError(
-                f"{what} is already running (pid {holder}), perhaps left running by a `dvc "
+                f"{what} is already running ({holder}), perhaps left running by a `dvc "
                 "repro` that was killed (DVC does not stop its stage): wait for it or stop it"
             ) from None
+        except OSError as err:  # a file system without locks (NFS without lockd, Lustre)
+            if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            LOG.warning("%s: no lock on this file system (%s); running unguarded", path, err)
+            yield
+            return
         handle.seek(0)
         handle.truncate()
-        handle.write(f"{os.getpid()}\n")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
         try:
             yield

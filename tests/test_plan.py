@@ -625,6 +625,7 @@ with held_alone(sys.argv[1], "x"):
 def test_a_stage_runs_once_at_a_time(project):
     """A stage left running by a killed `dvc repro` holds its lock: a rerun beside it fails at
     once, naming its pid, instead of training into its work folder; once it ends, runs go on."""
+    import socket
     import subprocess
     import sys
 
@@ -639,13 +640,29 @@ def test_a_stage_runs_once_at_a_time(project):
     try:
         assert holder.stdout.readline() == b"held\n"
         with pytest.raises(RuntimeError, match=rf"stage {queries.name} is already running "
-                           rf"\(pid {holder.pid}\)"):  # fmt: skip
+                           rf"\(pid {holder.pid} on {socket.gethostname()}\)"):  # fmt: skip
             run_stage(project, queries.name, device="cpu")
         assert not (project / queries.out).exists()
     finally:
         holder.kill()
         holder.wait()
     assert (run_stage(project, queries.name, device="cpu") / "stage.json").is_file()
+
+
+def test_a_file_system_without_locks_runs_unguarded(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from readaptir.artifacts import held_alone
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with caplog.at_level("WARNING"), held_alone(tmp_path / "x.lock", "stage x"):
+        ran.append(True)
+    assert ran and "no lock on this file system" in caplog.text
 
 
 def test_a_stage_run_again_writes_the_same_bytes(project):

@@ -75,7 +75,7 @@ def compute_delta(
 def _open_source(base: Body, retriever_dir: Path) -> tuple[Body | Adapter, list[str], dict]:
     """The retriever (a full model, or a PEFT adapter over Θ) checked against Θ on headers
     alone, the names Δ is taken over, and what delta.json records of them so far."""
-    info: dict = {"dropped": {"base": base.heads}, "buffers": [], "zero": [], "inexact": []}
+    info: dict = {"dropped": {"base": list(base.heads)}, "buffers": [], "zero": [], "inexact": []}
     if is_peft_adapter(retriever_dir):
         adapter = Adapter(retriever_dir, base.prefix)
         adapter.check(base)  # before any tensor is read
