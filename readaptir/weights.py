@@ -104,7 +104,7 @@ class Architecture:
     pretraining heads, under the names transformers saves them by, e.g. GPT-NeoX's
     ``embed_out`` for ``lm_head``), every tensor they hold (``known``, body ones unprefixed too),
     and the patterns of stored tensors transformers ignores on loading (``ignored``: GPT-NeoX's
-    and GPT-J's ``attention.masked_bias``, DeBERTa-v3's ``mask_predictions``)."""
+    and GPT-J's ``attention.masked_bias``)."""
 
     heads: frozenset[str] = frozenset()
     known: frozenset[str] = frozenset()

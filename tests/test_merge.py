@@ -953,6 +953,10 @@ def test_a_pooler_on_one_side_only_is_the_retrievers(tmp_path, tokenizer):
         assert all(torch.equal(readapted[k], want[k]) for k in pooler)
         assert not torch.equal(readapted["encoder.layer.0.attention.self.query.weight"],
                                want["encoder.layer.0.attention.self.query.weight"])  # fmt: skip
+    # a float16 output checks each tensor's range as it casts: the pooler's too
+    run_merge(tmp_path / "half", base, retriever, alpha=0.0, beta=1.0, dtype="float16")
+    half = _tensors(tmp_path / "half")
+    assert all(torch.equal(half[k], want[k].half()) for k in pooler)
 
     # the other way round: a pooler in Θ (BertModel), none in the retriever
     bare = tiny.make_bert(tmp_path / "bare", tokenizer)
