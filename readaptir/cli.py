@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +29,25 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe no one reads any more (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor, or no poll here
+        return False
+
+
 def user_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except BrokenPipeError:  # the reader went away (`| head`): it has what it wanted
+        except BrokenPipeError as err:
+            if not _reader_gone():
+                raise click.ClickException(str(err)) from err
+            # the reader of our output went away (`| head`): it has what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error
             sys.exit(1)
         except USER_ERRORS as err:

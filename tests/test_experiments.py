@@ -605,3 +605,19 @@ def test_a_reader_that_goes_away_ends_a_command_quietly(tmp_path):
     done = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, text=True)
     os.close(write)
     assert "Broken pipe" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_broken_pipe_other_than_the_output_is_an_error():
+    """Only the reader of standard output going away ends a command quietly."""
+    import errno
+
+    import click
+
+    from readaptir.cli import user_errors
+
+    @user_errors
+    def writes_to_a_worker():
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    with pytest.raises(click.ClickException, match="Broken pipe"):
+        writes_to_a_worker()
