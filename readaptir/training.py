@@ -616,7 +616,12 @@ def check_passages_kept_apart(
             with torch.no_grad(), training_forward(inputs, device, autocast) as moved:
                 try:
                     logits.append(model(**moved).logits[0, PROBE_TOKENS:].float())
+                except torch.OutOfMemoryError:
+                    raise
                 except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                    alone = {"input_ids": probe[None]}
+                    with training_forward(alone, device, autocast) as unpacked:
+                        model(**unpacked)  # a failure of its own is not packing's: raised as is
                     raise ValueError(
                         f"packing: true, but a {kind} model fails on packed rows ({err}): set "
                         "adapter.packing: false in the recipe"

@@ -866,6 +866,23 @@ def test_an_adapter_on_weights_stored_under_other_names_is_refused_before_traini
     assert not (tmp_path / "fused" / "adapter_model.safetensors").exists()
 
 
+def test_a_model_that_fails_unpacked_too_is_not_blamed_on_packing():
+    from types import SimpleNamespace
+
+    from readaptir.packing import causal_inputs
+    from readaptir.training import check_passages_kept_apart
+
+    class Broken(torch.nn.Module):
+        config = SimpleNamespace(model_type="broken")
+
+        def forward(self, **inputs):
+            raise RuntimeError("a device-side assert")
+
+    with pytest.raises(RuntimeError, match="^a device-side assert$"):
+        check_passages_kept_apart(Broken(), lambda lay: causal_inputs(lay, True),
+                                  vocab_size=50, pad_id=0, device="cpu")  # fmt: skip
+
+
 def test_the_packing_probe_leaves_training_as_it_was(tmp_path, tiny_base, tiny_beir, monkeypatch):
     """Llama keeps packed passages apart: the probe passes, and the adapter is the one trained
     without it (no random draw, no mode or weight change)."""
