@@ -346,7 +346,7 @@ def table(
     if kind == "paper":
         header, rows = paper_rows(metrics, metric)
         _, _, cells = paper_cells(metrics, metric)
-        if not cells and metrics:
+        if metrics and all(m.get("sweep") for m in metrics.values()):
             raise ReportError(
                 "every recipe with metrics is a sweep (a list of α, or alpha: auto's grid), "
                 "which this table leaves out: see `readaptir report --table alpha` or "

@@ -69,9 +69,12 @@ def init(root: Path) -> list[str]:
         subdir = ["--subdir"] if top != root.resolve() else []
         dvc(root, "init", "--quiet", *subdir)
         done.append("initialised DVC")
+    config = root / ".dvc" / "config"
+    before = config.read_bytes() if config.is_file() else None
     dvc(root, "config", "cache.type", CACHE_TYPES)
-    # dvc init staged its config; stage it as it now is, so that a commit holds the cache setting
-    subprocess.run(["git", "add", "--", ".dvc/config"], cwd=root, check=False, capture_output=True)
+    if config.read_bytes() != before:  # dvc init staged the file: stage what was added to it
+        git_add = ["git", "add", "--", str(config)]
+        subprocess.run(git_add, cwd=root, check=False, capture_output=True)
     done.append(f"DVC cache links: {CACHE_TYPES} (large outputs are stored once)")
     (root / "recipes").mkdir(exist_ok=True)
     (root / "metrics").mkdir(exist_ok=True)
