@@ -344,14 +344,14 @@ def table(
 ) -> str:
     check_metric(metric, metrics)
     if kind == "paper":
-        header, rows = paper_rows(metrics, metric)
-        _, _, cells = paper_cells(metrics, metric)
         if metrics and all(m.get("sweep") for m in metrics.values()):
             raise ReportError(
                 "every recipe with metrics is a sweep (a list of α, or alpha: auto's grid), "
                 "which this table leaves out: see `readaptir report --table alpha` or "
                 "`--table recipes`"
             )
+        header, rows = paper_rows(metrics, metric)
+        _, _, cells = paper_cells(metrics, metric)
         marks = {}
         for i, row in enumerate(rows):
             for j, column in enumerate(header):

@@ -351,8 +351,7 @@ def _run(
         summary = RUNNERS[spec["kind"]](ctx, tmp)
         # how a run went is not what it made: the output DVC hashes holds the rest, so that a
         # rerun of the stage (dvc repro -f, another machine) can be the same bytes
-        figures = RUN_FIGURES if isinstance(summary, dict) else ()  # some stages return None
-        run = {key: summary.pop(key) for key in figures if key in summary}
+        run = {key: summary.pop(key) for key in RUN_FIGURES if key in (summary or {})}
         write_json(tmp / "stage.json", {"name": name, **spec, "summary": summary})
     if run:
         write_json(Path(root) / RUNS_DIR / f"{name}.json", {"id": spec["id"], **run})

@@ -270,13 +270,20 @@ class Body:
         return self.ckpt.get(self._raw[name], buffer)
 
 
-def check_same_body(base: Body, other: Body) -> list[str]:
-    """Raise unless ``other`` has ``base``'s tensors with the same shapes (buffers and optional
-    modules aside).
+@dataclass(frozen=True)
+class OneSided:
+    """What only one of two checked bodies holds: buffers (dropped; models rebuild them), and
+    optional modules (a pooler) that Θ alone holds (dropped) or the retriever alone (written as
+    it is)."""
 
-    Returns the tensors only one side holds: buffers, dropped, and optional modules (a pooler),
-    which the output takes from the retriever's side alone.
-    """
+    buffers: list[str]
+    base_only: list[str]
+    other_only: list[str]
+
+
+def check_same_body(base: Body, other: Body) -> OneSided:
+    """Raise unless ``other`` has ``base``'s tensors with the same shapes (buffers and optional
+    modules aside); what only one side holds."""
     for name in other.names():
         if name not in base:
             if not (is_buffer(name) or is_optional(name)):
@@ -297,4 +304,9 @@ def check_same_body(base: Body, other: Body) -> list[str]:
     one_side = sorted(set(base.names()) ^ set(other.names()))
     if one_side:
         LOG.info("tensors present on one side only (buffers, a pooler): %s", one_side)
-    return one_side
+    optional = [n for n in one_side if not is_buffer(n)]
+    return OneSided(
+        buffers=[n for n in one_side if is_buffer(n)],
+        base_only=[n for n in optional if n in base],
+        other_only=[n for n in optional if n in other],
+    )

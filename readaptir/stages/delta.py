@@ -36,7 +36,7 @@ from readaptir.readapt import (
     write_behind,
 )
 from readaptir.shards import BufferPool, ShardWriter, WeightError, dtype_name
-from readaptir.weights import Body, check_same_body, compute_dtype, is_buffer, is_optional
+from readaptir.weights import Body, check_same_body, compute_dtype, is_buffer
 
 LOG = logging.getLogger(__name__)
 
@@ -89,10 +89,10 @@ def _open_source(base: Body, retriever_dir: Path) -> tuple[Body | Adapter, list[
         return adapter, names, info
     retriever = Body(retriever_dir)
     one_side = check_same_body(base, retriever)
-    info["buffers"] = [n for n in one_side if is_buffer(n)]
-    info["dropped"]["base"] += [n for n in one_side if is_optional(n) and n in base]
+    info["buffers"] = one_side.buffers
+    info["dropped"]["base"] += one_side.base_only
     # taken by the merge from the retriever as they are: Θ has nothing to take a Δ from
-    info["retriever_only"] = [n for n in one_side if is_optional(n) and n in retriever]
+    info["retriever_only"] = one_side.other_only
     info["kind"] = "full"
     info["dropped"]["retriever"] = retriever.heads
     info["retriever_dtype"] = dtype_name(retriever.ckpt.float_dtype())

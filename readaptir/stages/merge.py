@@ -48,7 +48,7 @@ from readaptir.shards import (
     dtype_name,
 )
 from readaptir.stages.delta import DELTA_JSON
-from readaptir.weights import Body, auto_model_class, check_same_body, is_buffer, is_optional
+from readaptir.weights import Body, auto_model_class, check_same_body, is_buffer
 
 LOG = logging.getLogger(__name__)
 
@@ -105,9 +105,8 @@ def merge(
         retriever.check(base)
     else:
         retriever = Body(retriever_dir)
-        one_side = [n for n in check_same_body(base, retriever) if is_optional(n)]
-        optional = [n for n in one_side if n in retriever]
-        theta_only = [n for n in one_side if n in base]
+        one_side = check_same_body(base, retriever)
+        optional, theta_only = one_side.other_only, one_side.base_only
     # the model's own storage, tensor by tensor unless the recipe names one dtype (a bf16 model
     # keeping its norms in float32 stays so): the retriever's, but Θ's under a LoRA retriever and
     # at β = 0, where the output is Θ + αΨ (a float16 retriever's dtype would round a bf16 Θ's
