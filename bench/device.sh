@@ -8,13 +8,13 @@
 #   bash bench/device.sh                       # every step at 7B shapes (time limits: 15 min in all)
 #   bash bench/device.sh merge-tests merge     # some of the steps (7 min of limits), and
 #   bash bench/device.sh dora-tests dora adapter embed search   # the others (8 min)
-#   bash bench/device.sh stage-tests           # the adapter and embed stages on "cuda" (2 min)
+#   bash bench/device.sh stage-tests           # the adapter, embed and search stages on "cuda" (2 min)
 #   bash bench/device.sh --tiny                # tiny shapes: a smoke run, on a CPU too
 #
 # Steps: merge-tests (the merge invariants with READAPTIR_DEVICE=cuda), merge (Llama-2-7B shape,
 # ~27 GB of inputs written under a temporary folder; merged on the GPU and on the CPU), dora-tests
 # (the DoRA forward against PEFT's, on the CPU and the GPU), dora, adapter, embed, search, and
-# stage-tests (tests/test_gpu.py: the adapter and embed stages on the GPU against the CPU).
+# stage-tests (tests/test_gpu.py: the adapter, embed and search stages on the GPU against the CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}

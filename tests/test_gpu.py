@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from readaptir.families import resolve_encoding
 from readaptir.stages.adapter import train_adapter
 from readaptir.stages.embed import embed
+from readaptir.stages.search import search
 from readaptir.vectors import load_embeddings, load_queries_embeddings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -65,3 +66,21 @@ def test_a_run_killed_on_the_gpu_resumes_to_the_uninterrupted_adapter(
     assert whole.keys() == resumed.keys()
     for name, tensor in whole.items():
         assert torch.allclose(resumed[name], tensor, atol=1e-5), name
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_a_search_on_the_gpu_writes_the_cpus_run(backend, tiny_retriever, tiny_beir, tmp_path):
+    """The torch engine on "cuda", and FAISS's GPU index where this FAISS has GPU support."""
+    if backend == "faiss":
+        faiss = pytest.importorskip("faiss")
+        if getattr(faiss, "get_num_gpus", lambda: 0)() == 0:
+            pytest.skip("this FAISS has no GPU support")
+    encoding = resolve_encoding("repllama", {"dtype": "float32"})
+    embed(tiny_retriever, tiny_beir, "test", encoding, tmp_path / "emb", shard_size=5, device="cpu")
+    runs = {}
+    for device in ("cpu", "cuda"):
+        search(tmp_path / "emb", tmp_path / device, k=4, device=device, backend=backend)
+        runs[device] = (tmp_path / device / "run.trec").read_text().splitlines()
+    assert [line.split()[:4] for line in runs["cuda"]] == [line.split()[:4] for line in runs["cpu"]]
+    for gpu, cpu in zip(runs["cuda"], runs["cpu"], strict=True):
+        assert float(gpu.split()[4]) == pytest.approx(float(cpu.split()[4]), abs=1e-5)

@@ -126,9 +126,37 @@ def test_choose_backend(monkeypatch):
     assert choose_backend(None, "faiss") == ("faiss-cpu", "cpu")
     machine(cuda=True, faiss_gpus=1)
     assert choose_backend(None) == ("faiss-gpu", "cuda")
+    assert choose_backend("cuda:1") == ("faiss-gpu", "cuda:1")
     assert choose_backend(None, "torch") == ("torch", "cuda")
     with pytest.raises(ValueError, match="unknown search backend 'annoy'"):
         choose_backend(None, "annoy")
+
+
+def test_faiss_on_a_gpu_uses_the_gpu_named_and_one_set_of_resources(monkeypatch):
+    """Every shard's index goes to the one GPU the device names, not to every visible GPU, and
+    shares FAISS's GPU resources (stand-ins here: this FAISS has no GPU support)."""
+    made, copies = [], []
+
+    class Resources:
+        def __init__(self) -> None:
+            made.append(self)
+
+    def index_cpu_to_gpu(resources, gpu, index):
+        copies.append((resources, gpu))
+        return index
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", Resources, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", index_cpu_to_gpu, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    search_module.faiss_resources.cache_clear()
+    try:
+        index = faiss.IndexFlatIP(4)
+        for device in ("cuda:1", "cuda:1", "cuda"):
+            assert search_module.faiss_gpu_index(index, device) is index
+    finally:
+        search_module.faiss_resources.cache_clear()
+    assert len(made) == 1
+    assert copies == [(made[0], 1), (made[0], 1), (made[0], 3)]
 
 
 def test_run_file_is_what_trec_eval_reads(tmp_path):

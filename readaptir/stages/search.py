@@ -5,7 +5,8 @@ exact top-k in trec_eval's order (ties by doc id) and ``merge_topk`` the top-k o
 same whatever the engine or the shard size:
 
 - ``faiss`` on CPU (``IndexFlatIP``), the reference;
-- ``faiss`` on GPU, when the installed FAISS was built with GPU support;
+- ``faiss`` on GPU, when the installed FAISS was built with GPU support, on the one GPU the device
+  names;
 - ``torch``: chunked matrix products and ``topk`` on the GPU, for machines whose FAISS has no GPU
   support. Float16/bfloat16 inputs, float32 scores (accumulated in float32 where the GPU supports
   a float32 output, else rounded from a 16-bit product). On CPU it runs in float32.
@@ -111,7 +112,7 @@ class ShardSearch:
             self.max_norm = max_norm(torch.from_numpy(flat))  # float32 norms are fast on a CPU
             index = faiss.IndexFlatIP(corpus.shape[1])
             if engine == "faiss-gpu":
-                index = faiss.index_cpu_to_all_gpus(index)
+                index = faiss_gpu_index(index, device)
             index.add(flat)
             self.index = index
 
@@ -155,6 +156,26 @@ class ShardSearch:
                     candidates = vectors[rows_all[qs : qs + q_step, cs : cs + c_step]].double()
                     out[qs : qs + q_step, cs : cs + c_step] = torch.bmm(candidates, q)[..., 0]
         return out.cpu().numpy()
+
+
+def faiss_gpu_index(index, device: str):
+    """``index`` copied to the one GPU ``device`` names ("cuda": the current one; FAISS numbers
+    GPUs as CUDA does), with the GPU resources of ``faiss_resources``."""
+    import faiss
+
+    gpu = torch.device(device).index
+    return faiss.index_cpu_to_gpu(
+        faiss_resources(), torch.cuda.current_device() if gpu is None else gpu, index
+    )
+
+
+@functools.cache
+def faiss_resources():
+    """FAISS's GPU resources, made once per process: every shard's index shares them, rather than
+    reserving FAISS's scratch memory and making its cuBLAS handles again shard after shard."""
+    import faiss
+
+    return faiss.StandardGpuResources()
 
 
 def max_norm(vectors: torch.Tensor) -> float:
@@ -290,7 +311,7 @@ def choose_backend(device: str | None, backend: str = "auto") -> tuple[str, str]
     if backend == "torch":
         return "torch", torch_device if wants_gpu and _cuda() else "cpu"
     if wants_gpu and _faiss_gpus() > 0:
-        return "faiss-gpu", "cuda"
+        return "faiss-gpu", torch_device
     if backend == "auto" and wants_gpu and _cuda():
         return "torch", torch_device
     return "faiss-cpu", "cpu"
