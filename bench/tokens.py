@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from readaptir.models import load_tokenizer  # noqa: E402
+from readaptir.objective import MASKED  # noqa: E402
 from readaptir.packing import TokenStore  # noqa: E402
 from readaptir.stages.adapter import TOKENS_IDS, TOKENS_OFFSETS, _training_tokens  # noqa: E402
-from readaptir.training import MASKED  # noqa: E402
 
 
 def repeated_corpus(source: Path, passages: int, out: Path) -> None:

@@ -575,7 +575,7 @@ class Planner:
         if not targets:
             return
         if folder not in self._linear:
-            from readaptir.training import base_linear_modules, unmatched
+            from readaptir.targets import base_linear_modules, unmatched
 
             try:
                 self._linear[folder] = base_linear_modules(folder)[0]

@@ -1,195 +1,24 @@
-"""The model side of knowledge-adapter training: objective, adapter, step and checkpoints.
+"""The model side of knowledge-adapter training: the adapter, the step, and the packing probe.
 
-Decoder bases learn by next-token prediction, encoder bases (BERT-style) by masked-LM; the LM head
-serves only the loss and is never adapted, since Ψ is applied to a retriever that has none.
+Beside it: ``readaptir.objective`` (the base and its objective), ``readaptir.targets`` (the
+modules the adapter wraps) and ``readaptir.checkpoints`` (what a killed run resumes from).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import pickle
-import re
 import time
-import zipfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from readaptir.artifacts import atomic_file
-from readaptir.models import PEFT_LEAD, check_weight_files
+from readaptir.objective import CAUSAL
 from readaptir.packing import Layout, layout
+from readaptir.targets import linear_modules, matches, resolve_targets
 
 LOG = logging.getLogger(__name__)
-
-CAUSAL, MASKED = "causal", "masked"
-DEFAULT_TARGETS = {
-    CAUSAL: ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
-    MASKED: ("query", "key", "value", "dense"),
-}
-# Model types whose modules the names above match none of: their attention and feed-forward
-# projections. Only such types belong here: a stage id holds the recipe's target_modules, not
-# the defaults, so a type the names above match would take other targets under the same id.
-TYPE_TARGETS = {
-    "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
-    "modernbert": ("Wqkv", "Wo", "Wi"),
-}
-
-
-def targets_for(config: Any) -> tuple[str, ...]:
-    """The adapter's target modules when the recipe names none."""
-    return TYPE_TARGETS.get(config.model_type) or DEFAULT_TARGETS[objective_for(config)]
-
-
-def objective_for(config: Any) -> str:
-    """``causal`` for decoders, ``masked`` for encoders with a masked-LM architecture."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    kind = config.model_type
-    causal = kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    masked = kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    # BERT-like types register a causal head too; only their decoder configs want it
-    if causal and (getattr(config, "is_decoder", False) or not masked):
-        return CAUSAL
-    if masked:
-        return MASKED
-    raise ValueError(f"model type {kind!r} has neither a causal-LM nor a masked-LM architecture")
-
-
-def _lm_class(objective: str) -> type:
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
-    return AutoModelForCausalLM if objective == CAUSAL else AutoModelForMaskedLM
-
-
-def load_model(base_dir: Path, objective: str, dtype: torch.dtype | None) -> torch.nn.Module:
-    """Θ with the head its objective needs, in ``dtype`` (None: the checkpoint's own, with float16
-    trained as bfloat16: float16 gradients underflow without loss scaling).
-
-    A base without its LM head is refused for next-token training (the head is Θ's); an encoder
-    base saved without an MLM head gets one freshly initialised, trained beside the adapter
-    (``head_to_train`` names its parameters) and, like any head, left out of Ψ.
-    """
-    if dtype == torch.float16:
-        raise ValueError(
-            "adapter training in float16 needs loss scaling, which is not done here; train in "
-            "bfloat16 (or float32, or auto: a float16 checkpoint trains in bfloat16)"
-        )
-    check_weight_files(base_dir)
-    model, info = _lm_class(objective).from_pretrained(
-        base_dir, dtype=dtype, output_loading_info=True
-    )
-    missing = sorted(info.get("missing_keys") or ())
-    prefix = getattr(model, "base_model_prefix", "") + "."
-    body = [name for name in missing if name.startswith(prefix)]
-    if body or (missing and objective == CAUSAL):
-        raise ValueError(
-            f"{base_dir}: the checkpoint lacks {len(missing)} tensors the {objective} model needs "
-            f"(e.g. {', '.join((body or missing)[:3])}); Θ must be the pretrained model with its "
-            "LM head"
-        )
-    if missing:
-        LOG.warning(
-            "%s has no masked-LM head (%s): a fresh one is trained with the adapter",
-            base_dir,
-            ", ".join(missing),
-        )
-    model.head_to_train = missing
-    if any(p.dtype == torch.float16 for p in model.parameters()):
-        LOG.info("float16 checkpoint: training in bfloat16")
-        model = model.to(torch.bfloat16)
-    if objective == CAUSAL:
-        # a KV cache in training would also stop transformers from reading packed position ids
-        model.config.use_cache = False
-    return model
-
-
-def linear_modules(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """Names of the Linear modules in the body and in the head (outside the base-model prefix)."""
-    prefix = getattr(model, "base_model_prefix", "") + "."
-    body, head = [], []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            (body if name.startswith(prefix) else head).append(name)
-    return body, head
-
-
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)  # PEFT's rule for a list of names
-
-
-def unmatched(targets: list[str], body: list[str]) -> str | None:
-    """None when every target names one of the body's Linear modules; else which do not (PEFT
-    itself only fails when none does, and would train an adapter without the others), listing
-    the modules with layer numbers collapsed, so that the names a user may write are seen."""
-    missing = [t for t in targets if not any(_matches(n, t) for n in body)]
-    if not missing:
-        return None
-    shapes = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in body})
-    return (
-        f"{missing} match none of the base model's Linear modules, which are: {', '.join(shapes)}"
-    )
-
-
-def resolve_targets(
-    body: list[str], head: list[str], targets: list[str], every: bool = True
-) -> list[str]:
-    """The head modules that ``targets`` would also wrap (to exclude). Fails when a target names
-    no body module (see ``unmatched``); with ``every`` False (an architecture's default names),
-    only when none does, and warns of the others."""
-    problem = unmatched(targets, body)
-    matched = [t for t in targets if any(_matches(n, t) for n in body)]
-    if problem and every:
-        raise ValueError(f"adapter target_modules {problem}")
-    if problem and not matched:
-        raise ValueError(
-            f"the default adapter target_modules {problem}; set adapter.target_modules in the "
-            "recipe to the ones to adapt"
-        )
-    if problem:
-        LOG.warning("default adapter target_modules %s: the adapter covers %s", problem, matched)
-    return [n for n in head if any(_matches(n, t) for t in targets)]
-
-
-def base_linear_modules(base_dir: Path) -> tuple[list[str], list[str]]:
-    """``linear_modules`` of the model the adapter stage trains from ``base_dir``, built on the
-    meta device from its config alone (no weight is read): the names PEFT will match, which may
-    differ from the checkpoint's (a head class adds a prefix; some architectures rename on load)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(base_dir)
-    with torch.device("meta"):
-        model = _lm_class(objective_for(config)).from_config(config)
-    return linear_modules(model)
-
-
-def check_stored_targets(model: torch.nn.Module, base_dir: Path) -> None:
-    """Refuse an adapter whose wrapped modules are not tensors ``base_dir`` stores: some
-    architectures (nomic-bert, gte) store fused or renamed weights (``attn.Wqkv``) that
-    transformers converts on loading, and the merge, which reads Θ as stored, could not add Ψ."""
-    from peft.tuners.lora import LoraLayer
-
-    from readaptir.weights import Body
-
-    body = Body(base_dir)
-    lead = PEFT_LEAD + body.prefix + "."
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        stored = (name[len(lead) :] if name.startswith(lead) else name) + ".weight"
-        if stored not in body:
-            near = ", ".join(sorted(n for n in body.names() if ".0." in n)[:6])
-            raise ValueError(
-                f"{base_dir} stores no {stored}, which the adapter would train: transformers "
-                f"renames or fuses a {model.config.model_type} model's stored weights on loading "
-                f"(it stores e.g. {near}), and Ψ could not be merged into them; readapting this "
-                "architecture needs alpha: 0"
-            )
 
 
 def attach_adapter(
@@ -232,7 +61,7 @@ def attach_adapter(
     fresh = getattr(model, "head_to_train", [])
     wrapped = get_peft_model(model, config, autocast_adapter_dtype=True)
     for name, param in wrapped.named_parameters():
-        if any(_matches(name, f) for f in fresh):
+        if any(matches(name, f) for f in fresh):
             param.data = param.data.float()
             param.requires_grad_(True)
     if method == "dora":
@@ -418,149 +247,6 @@ class Meter:
     def eta(self, step: int) -> float:
         done = step - self.start_step
         return self.elapsed() / done * (self.total - step) if done else float("nan")
-
-
-# --- checkpoints -------------------------------------------------------------------------------
-
-CHECKPOINT_FILE = "checkpoint.pt"
-# one per rank (dropout draws differ from rank to rank) and step: a kill after a rank's new state
-# is written and before rank 0's checkpoint.pt is leaves the state of the step that file holds
-RNG_FILE = "rng-rank{rank}-step{step}.pt"
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> dict[str, torch.Tensor]:
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state()  # this rank's own GPU
-    return rng
-
-
-def save_checkpoint(
-    folder: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: Any,
-    progress: dict[str, Any],
-    rank: int = 0,
-    world: int = 1,
-) -> Path:
-    """Everything a resumed run needs, each file written to a temporary name, flushed to disk and
-    renamed into place: every rank its random-number state, rank 0 the adapter, optimizer and
-    progress. A rank keeps its states of this step and the one before: rank 0's checkpoint.pt
-    is of one of them (the ranks step together, so none saves again before rank 0 has)."""
-    folder = Path(folder)
-    step = progress["step"]
-    with atomic_file(folder / RNG_FILE.format(rank=rank, step=step), fsync=True) as tmp:
-        made = {
-            "step": progress["step"],
-            "fingerprint": progress.get("fingerprint"),
-            "world": world,
-        }
-        torch.save({**made, "rng": _rng_state()}, tmp)
-    path = folder / CHECKPOINT_FILE
-    if rank == 0:
-        state = {
-            "adapter": trainable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(),
-            "progress": progress,
-        }
-        with atomic_file(path, fsync=True) as tmp:
-            torch.save(state, tmp)
-    # this step's and the one before it: a file of a higher step is of an abandoned run
-    files = _rng_files(folder, rank)
-    earlier = [p for p in files if _step_of(p) < step][-1:]
-    for old in files:
-        if _step_of(old) != step and old not in earlier:
-            old.unlink(missing_ok=True)
-    return path
-
-
-def _rng_files(folder: Path, rank: int | str) -> list[Path]:
-    """A rank's (``*``: every rank's) random-number states in ``folder``, by step."""
-    return sorted(Path(folder).glob(RNG_FILE.format(rank=rank, step="*")), key=_step_of)
-
-
-def _step_of(path: Path) -> int:
-    return int(path.stem.rpartition("-step")[2])
-
-
-def _load(path: Path) -> Any:
-    """``path``'s state on the CPU, or None when the file is damaged (cut short by a crash on a
-    file system that lost it: torch saves a zip archive, whose directory comes last); any other
-    failure (a missing package) is raised as it is."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError):
-        if zipfile.is_zipfile(path):
-            raise
-        return None
-
-
-def load_checkpoint(
-    folder: Path, fingerprint: str, rank: int = 0, world: int = 1
-) -> dict[str, Any] | None:
-    """The checkpoint in ``folder`` when one was made by a run with the same ``fingerprint``,
-    with this rank's random-number state when it was saved at the same step by a run of as many
-    ranks under the same fingerprint. Read onto the CPU: restoring moves each tensor where its
-    parameter is, and leaves AdamW's step counts on the CPU, as a fresh run has them (on a GPU,
-    each would cost a wait for the device per parameter and step)."""
-    path = Path(folder) / CHECKPOINT_FILE
-    if not path.is_file():
-        return None
-    state = _load(path)
-    if state is None:
-        raise RuntimeError(
-            f"{path}: a damaged checkpoint (cut short); delete the work folder {path.parent} to "
-            "train this adapter from the start"
-        )
-    if state["progress"].get("fingerprint") != fingerprint:
-        LOG.warning("%s belongs to a run with other settings; starting afresh", path)
-        return None
-    rng_path = Path(folder) / RNG_FILE.format(rank=rank, step=state["progress"]["step"])
-    rng = _load(rng_path) if rng_path.is_file() else None
-    made = {"step": state["progress"]["step"], "fingerprint": fingerprint, "world": world}
-    if rng is None or any(rng.get(key) != value for key, value in made.items()):
-        LOG.warning(
-            "no random-number state of rank %d at step %d: resuming with fresh dropout draws "
-            "(the adapter will differ slightly from an uninterrupted run's)",
-            rank,
-            state["progress"]["step"],
-        )
-        state["rng"] = None
-    else:
-        state["rng"] = rng["rng"]
-    return state
-
-
-def restore_checkpoint(
-    state: dict[str, Any],
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: Any,
-) -> dict[str, Any]:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in state["adapter"].items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["scheduler"])
-    rng = state["rng"]
-    if rng is not None:
-        torch.set_rng_state(rng["torch"].cpu())
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"].cpu())
-    return state["progress"]
-
-
-def remove_checkpoint(folder: Path) -> None:
-    for path in _rng_files(folder, "*"):
-        path.unlink(missing_ok=True)
-    (Path(folder) / CHECKPOINT_FILE).unlink(missing_ok=True)
 
 
 def _has_local_attention(config: Any) -> bool:

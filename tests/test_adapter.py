@@ -15,23 +15,17 @@ from readaptir import tiny
 from readaptir.artifacts import write_json
 from readaptir.corpus import Passage, load_qrels
 from readaptir.distributed import Ranks
+from readaptir.objective import CAUSAL, MASKED, load_model, objective_for
 from readaptir.packing import TokenStore
 from readaptir.stages import adapter as adapter_module
 from readaptir.stages.adapter import passage_filter, train_adapter
+from readaptir.targets import DEFAULT_TARGETS, base_linear_modules, resolve_targets, unmatched
 from readaptir.training import (
-    CAUSAL,
-    DEFAULT_TARGETS,
-    MASKED,
     Meter,
     attach_adapter,
-    base_linear_modules,
     checkpointed,
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
-    load_model,
-    objective_for,
-    resolve_targets,
-    unmatched,
 )
 
 SMALL = dict(r=4, lora_alpha=8, batch_size=4, max_length=32, lr=1e-3, epochs=2)
@@ -245,7 +239,7 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, tiny_base, tiny
     args = RESUMABLE
     ckpt = _killed_at_step_7(tmp_path, tiny_base, tiny_beir)
     fresh = _train(tmp_path, "fresh", tiny_base, tiny_beir, **args, lr=5e-4)[2]
-    with caplog.at_level("WARNING", logger="readaptir.training"):
+    with caplog.at_level("WARNING", logger="readaptir.checkpoints"):
         summary, _, other = _train(tmp_path, "other", tiny_base, tiny_beir, **args, lr=5e-4,
                                    checkpoint_dir=ckpt, checkpoint_every=3)  # fmt: skip
     assert summary["resumed_from"] == 0 and "other settings" in caplog.text
@@ -314,7 +308,7 @@ def test_checkpointing_leaves_the_adapter_unchanged(tmp_path, tiny_base, tiny_be
 
 def test_encoder_base_trains_masked_lm_adapter(tmp_path, tokenizer, tiny_beir, caplog):
     base = tiny.make_bert(tmp_path / "bert", tokenizer)  # no MLM head: one is made for training
-    with caplog.at_level("WARNING", logger="readaptir.training"):
+    with caplog.at_level("WARNING", logger="readaptir.objective"):
         summary, out, tensors = _train(tmp_path, "mlm", base, tiny_beir, max_steps=3)
     assert "no masked-LM head" in caplog.text and "cls.predictions" in caplog.text
     model = load_model(base, MASKED, torch.bfloat16)
@@ -348,7 +342,7 @@ def test_objective_by_architecture_and_target_errors(
         resolve_targets(body, [], ["query"])
     with pytest.raises(ValueError, match=r"target_modules \['qproj'\] match none"):
         resolve_targets(body, [], ["q_proj", "qproj"])  # each name must name something
-    with caplog.at_level("WARNING", logger="readaptir.training"):
+    with caplog.at_level("WARNING", logger="readaptir.targets"):
         assert resolve_targets(body, [], ["q_proj", "up_proj"], every=False) == []
     assert "['up_proj'] match none" in caplog.text and "covers ['q_proj']" in caplog.text
     with pytest.raises(ValueError, match=r"^the default .*set adapter\.target_modules"):
@@ -469,7 +463,7 @@ def test_one_eos_closes_each_passage_even_if_the_tokenizer_adds_one():
 def test_checkpoint_keeps_each_ranks_random_state(tmp_path, caplog):
     from transformers import get_scheduler
 
-    from readaptir.training import load_checkpoint, restore_checkpoint, save_checkpoint
+    from readaptir.checkpoints import load_checkpoint, restore_checkpoint, save_checkpoint
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -486,7 +480,7 @@ def test_checkpoint_keeps_each_ranks_random_state(tmp_path, caplog):
         assert torch.equal(torch.rand(3), expected[rank])
     # a rank whose state is from another step (killed before saving it) says so and goes on
     save_checkpoint(tmp_path, model, optimizer, schedule, {**progress, "step": 6}, rank=0)
-    with caplog.at_level("WARNING", logger="readaptir.training"):
+    with caplog.at_level("WARNING", logger="readaptir.checkpoints"):
         state = load_checkpoint(tmp_path, "f", rank=1)
     assert state["rng"] is None and "no random-number state of rank 1 at step 6" in caplog.text
     other_world = load_checkpoint(tmp_path, "f", rank=0, world=2)  # made by one process
@@ -496,8 +490,8 @@ def test_checkpoint_keeps_each_ranks_random_state(tmp_path, caplog):
 def test_a_kill_between_a_random_state_and_its_checkpoint_resumes_exactly(tmp_path, monkeypatch):
     from transformers import get_scheduler
 
-    from readaptir import training
-    from readaptir.training import load_checkpoint, restore_checkpoint, save_checkpoint
+    from readaptir import checkpoints
+    from readaptir.checkpoints import load_checkpoint, restore_checkpoint, save_checkpoint
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -510,7 +504,7 @@ def test_a_kill_between_a_random_state_and_its_checkpoint_resumes_exactly(tmp_pa
     def killed(model):  # rank 0 dies once its step-6 random state is on disk
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "trainable_state", killed)
+    monkeypatch.setattr(checkpoints, "trainable_state", killed)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, model, optimizer, schedule, {"step": 6, "fingerprint": "f"})
     state = load_checkpoint(tmp_path, "f")
@@ -707,7 +701,7 @@ def test_checkpoints_are_synced_to_disk_and_a_truncated_one_is_named(tmp_path, m
 
     from transformers import get_scheduler
 
-    from readaptir.training import load_checkpoint, save_checkpoint
+    from readaptir.checkpoints import load_checkpoint, save_checkpoint
 
     synced = []
     fsync = os.fsync

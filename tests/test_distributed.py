@@ -16,8 +16,9 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 from readaptir import distributed, tiny
 from readaptir.cli import log_level
 from readaptir.distributed import Ranks, mean_across_ranks, processes, rank_share, relaunch
+from readaptir.objective import CAUSAL, MASKED
 from readaptir.packing import IGNORE, causal_inputs, layout, masked_inputs
-from readaptir.training import CAUSAL, MASKED, attach_adapter, batch_loss
+from readaptir.training import attach_adapter, batch_loss
 
 
 def _rows(n_rows: int, seed: int) -> list[list[list[int]]]:

@@ -32,6 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from readaptir.artifacts import files_identity, read_json, write_json
+from readaptir.checkpoints import (
+    load_checkpoint,
+    remove_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from readaptir.corpus import Passage, iter_passages, load_qrels, passage_text
 from readaptir.distributed import (
     Ranks,
@@ -46,6 +52,7 @@ from readaptir.distributed import (
 )
 from readaptir.encoding import log_filled
 from readaptir.models import load_tokenizer, torch_dtype
+from readaptir.objective import CAUSAL, load_model, objective_for
 from readaptir.packing import (
     Layout,
     TokenStore,
@@ -56,23 +63,15 @@ from readaptir.packing import (
     plan_epoch,
     total_steps,
 )
+from readaptir.targets import check_stored_targets, targets_for
 from readaptir.training import (
-    CAUSAL,
     Meter,
     attach_adapter,
     autocast_dtype,
     check_passages_kept_apart,
-    check_stored_targets,
     enable_gradient_checkpointing,
-    load_checkpoint,
-    load_model,
-    objective_for,
     position_limit,
     position_offset,
-    remove_checkpoint,
-    restore_checkpoint,
-    save_checkpoint,
-    targets_for,
     train_step,
 )
 

@@ -41,8 +41,9 @@ from readaptir.distributed import (
 from readaptir.encoding import DEFAULT_BATCH_TOKENS, appends_eos, encode_texts
 from readaptir.families import QUERY_FIELDS, Encoding, Pooling
 from readaptir.models import is_peft_adapter, load_encoder, torch_dtype
+from readaptir.objective import CAUSAL, objective_for
 from readaptir.st_config import Resolved, read_st_config, resolve_fields
-from readaptir.training import CAUSAL, objective_for, position_limit
+from readaptir.training import position_limit
 from readaptir.vectors import (
     CORPUS_IDS,
     INFO_FILE,
