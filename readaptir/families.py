@@ -115,9 +115,12 @@ class Encoding(BaseModel):
     Templates use ``{text}`` (query or passage body), ``{title}`` (passages) and ``{instruction}``
     (queries). A passage whose title is empty has the result stripped of surrounding whitespace.
     ``lowercase`` lower-cases the text before tokenisation (uncased sentence-transformers models).
-    ``dtype`` is the precision the model runs in; ``resolve_encoding`` turns ``auto`` into bfloat16
-    for last-token pooling (decoder LLM retrievers, trained in bf16) and float32 otherwise, the same
-    on every machine, so that an embedding stage's id fixes the precision of its vectors.
+    ``dtype`` is the precision the model runs in. ``auto`` is bfloat16 for a causal decoder (LLM
+    retrievers are trained in bf16, and float16 can overflow) and float32 for an encoder: fixed by
+    ``resolve_encoding`` for last-token pooling, which marks a decoder, and otherwise by the embed
+    stage from the model's config (a decoder with mean pooling, or one whose sentence-transformers
+    files choose its pooling). Either way the recipe and the model alone decide it, the same on
+    every machine, so that an embedding stage's id fixes the precision of its vectors.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -237,7 +240,6 @@ def resolve_encoding(
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
     fields = {**PRESETS[family], **collection_defaults(family, dataset, overrides)}
     encoding = Encoding(**{**fields, **(overrides or {})})
-    if encoding.dtype == "auto":
-        precision = "bfloat16" if encoding.pooling == "last" else "float32"
-        encoding = encoding.model_copy(update={"dtype": precision})
+    if encoding.dtype == "auto" and encoding.pooling == "last":
+        encoding = encoding.model_copy(update={"dtype": "bfloat16"})
     return encoding

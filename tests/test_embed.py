@@ -599,7 +599,8 @@ def test_embed_lowercases_when_the_model_says_so(tiny_retriever, tmp_path):
         {"_id": "d1", "text": "RIVER"},
     ]
     root = write_beir(tmp_path / "beir", corpus, [{"_id": "q0", "text": "Cell"}], [("q0", "d0", 1)])
-    encoding = resolve_encoding("sentence-transformers", {"pooling": "mean", "normalize": True})
+    overrides = {"pooling": "mean", "normalize": True, "dtype": "float32"}  # a decoder: not auto
+    encoding = resolve_encoding("sentence-transformers", overrides)
     info = embed(model_dir, root, "test", encoding, tmp_path / "emb")
     assert info["resolved"]["lowercase"] is True
     ((_, stored),) = load_embeddings(tmp_path / "emb")
@@ -767,6 +768,26 @@ def test_a_tokenizer_larger_than_the_embeddings_is_refused(tiny_retriever, tmp_p
     tok.save_pretrained(model)
     with pytest.raises(ValueError, match="do not belong together"):
         load_encoder(model)
+
+
+def test_auto_precision_is_bfloat16_for_a_decoder_and_float32_for_an_encoder(
+    tiny_retriever, minilm_dir, tmp_path
+):
+    """Whatever says what the pooling is: a decoder whose sentence-transformers files choose
+    last-token pooling, or one pooled by its mean, runs in bfloat16 (a 7B model in float32 would
+    run many times slower); an encoder in float32; on any device."""
+    decoder = shutil.copytree(tiny_retriever, tmp_path / "st")
+    (decoder / "1_Pooling").mkdir()
+    (decoder / "modules.json").write_text(json.dumps(st_modules()))
+    pooling = {"pooling_mode": "lasttoken", "word_embedding_dimension": 64}
+    (decoder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    for model, encoding, expected in (
+        (decoder, resolve_encoding("sentence-transformers"), "bfloat16"),
+        (tiny_retriever, resolve_encoding("custom", {"pooling": "mean"}), "bfloat16"),
+        (minilm_dir, resolve_encoding("sentence-transformers"), "float32"),
+        (tiny_retriever, resolve_encoding("custom", {"dtype": "float32"}), "float32"),
+    ):
+        assert embed_module.Encoder.load(model, encoding, device="cpu").dtype == expected, model
 
 
 def test_cls_pooling_on_a_causal_decoder_is_refused(tiny_retriever, tmp_path):

@@ -119,13 +119,14 @@ def test_custom_takes_every_field_from_the_recipe():
     assert PRESETS["custom"] == {}
 
 
-def test_precision_is_fixed_at_build_time_by_family():
-    """``auto`` never reaches a stage: the same precision on any machine, part of the stage id."""
+def test_precision_is_fixed_at_build_time_where_the_pooling_marks_a_decoder():
+    """Last-token pooling is bfloat16 in the stage id; otherwise ``auto`` is the model's to decide
+    (see test_embed), as precisely fixed by the id, which holds the model's identity."""
     assert resolve_encoding("repllama").dtype == "bfloat16"
     assert resolve_encoding("e5-mistral", dataset="scifact").dtype == "bfloat16"
-    assert resolve_encoding("sentence-transformers").dtype == "float32"  # pooling from the model
+    assert resolve_encoding("sentence-transformers").dtype == "auto"  # pooling from the model
     assert resolve_encoding("custom", {"pooling": "last"}).dtype == "bfloat16"
-    assert resolve_encoding("custom", {"pooling": "cls"}).dtype == "float32"
+    assert resolve_encoding("custom", {"pooling": "cls"}).dtype == "auto"
     assert resolve_encoding("repllama", {"dtype": "float16"}).dtype == "float16"
     with pytest.raises(ValueError, match="unknown family 'bert'"):
         resolve_encoding("bert")

@@ -61,17 +61,12 @@ LOG = logging.getLogger(__name__)
 BARRIER_TIMEOUT = timedelta(days=7)
 
 
-def default_dtype(dtype: str | None, device: str, pooling: Pooling) -> torch.dtype | None:
-    """``dtype`` when given (a planned stage always gives one: the encoding's, fixed at build
-    time), else float32 on CPU and a 16-bit type on an accelerator (library calls with ``auto``).
-
-    Last-token pooling marks a decoder, which is trained in bfloat16 and can overflow float16.
-    """
-    if dtype is not None:
+def model_dtype(dtype: str, pooling: Pooling, causal: bool) -> torch.dtype:
+    """The precision the model runs in: ``dtype``, or for ``auto`` bfloat16 for a decoder
+    (``causal``, or last-token pooling) and float32 for an encoder, whatever the device."""
+    if dtype != "auto":
         return torch_dtype(dtype)
-    if device == "cpu":
-        return torch.float32
-    return torch.bfloat16 if pooling == "last" else torch.float16
+    return torch.bfloat16 if causal or pooling == "last" else torch.float32
 
 
 T = TypeVar("T")
@@ -156,21 +151,23 @@ class Encoder:
         sides: tuple[str, ...] = ("query", "passage"),
     ) -> Encoder:
         """``model_dir`` (a PEFT retriever over ``base_dir``) on ``device`` (this rank's under
-        torchrun), in ``dtype`` (default: ``encoding``'s, else ``default_dtype``), batches of
+        torchrun), in ``dtype`` (default: ``encoding``'s; see ``model_dtype``), batches of
         ``batch_tokens``, for the ``sides`` (query, passage) it will encode."""
         device = rank_device(launched_ranks(), resolve_device(device))
         st = read_st_config(model_dir) or read_st_config(base_dir)
         config_dir = base_dir if is_peft_adapter(model_dir) else model_dir  # whose config.json
         resolved = resolve_fields(encoding, st, sides)
-        if dtype is None and encoding.dtype != "auto":
-            dtype = encoding.dtype
-        if resolved.pooling == "cls" and config_dir is not None and _is_causal(config_dir):
+        causal = config_dir is not None and _is_causal(config_dir)
+        if resolved.pooling == "cls" and causal:
             raise ValueError(
                 f"{model_dir}: pooling cls on a causal decoder: its first token sees only "
                 "itself, so every text would get the same vector; use last (or mean)"
             )
         model, tokenizer = load_encoder(
-            model_dir, base_dir, default_dtype(dtype, device, resolved.pooling), device
+            model_dir,
+            base_dir,
+            model_dtype(dtype or encoding.dtype, resolved.pooling, causal),
+            device,
         )
         limit = position_limit(model)
         resolved = _within_positions(resolved, encoding, limit, model_dir, sides)
