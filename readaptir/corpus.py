@@ -44,16 +44,17 @@ class Collection:
 
 
 def _lines(path: Path, name: str) -> Iterator[tuple[int, str]]:
-    """(line number, text) of every line of a UTF-8 file; a line that is not UTF-8 is an error
-    naming ``name`` and the line."""
+    """(line number, text) of every line of a UTF-8 file, without a byte-order mark before the
+    first; a line that is not UTF-8 is an error naming ``name`` and the line."""
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
-                yield lineno, raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 raise CorpusError(
                     f"{name} line {lineno}: not UTF-8 text (byte {err.start + 1} of the line)"
                 ) from None
+            yield lineno, text
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -81,7 +82,21 @@ def _id(obj: dict, where: str) -> str:
     if any(ch.isspace() for ch in str(value)):
         # found here, not after hours of encoding when the run file is written
         raise CorpusError(f"{where}: '_id' {str(value)!r} holds whitespace, which TREC runs cannot")
-    return str(value)
+    return _text(str(value), "_id", where)
+
+
+def _text(value: str, key: str, where: str) -> str:
+    """``value``, unless a JSON escape left half of a UTF-16 surrogate pair in it (``\\ud83d``
+    without its partner): no tokenizer takes that, and no UTF-8 run file can hold it."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise CorpusError(
+                f"{where}: '{key}' holds {value[err.start]!r} at character {err.start + 1}, "
+                "half of a surrogate pair, which is not text (an escape without its partner)"
+            ) from None
+    return value
 
 
 def _str_field(obj: dict, key: str, where: str, required: bool = False) -> str:
@@ -94,7 +109,7 @@ def _str_field(obj: dict, key: str, where: str, required: bool = False) -> str:
         return ""
     if not isinstance(value, str):
         raise CorpusError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
-    return value
+    return _text(value, key, where)
 
 
 def iter_passages(dataset_dir: Path) -> Iterator[Passage]:
@@ -146,6 +161,10 @@ def load_queries(dataset_dir: Path) -> dict[str, str]:
     return queries
 
 
+# pytrec_eval holds grades as C ints: one outside them scored other queries' judgments wrongly
+GRADE_LIMIT = 2**31 - 1
+
+
 def _grade(raw: str, where: str) -> int:
     try:
         value = float(raw)
@@ -153,11 +172,30 @@ def _grade(raw: str, where: str) -> int:
         raise CorpusError(f"{where}: score {raw!r} is not a number") from None
     if not value.is_integer():
         raise CorpusError(f"{where}: score {raw!r} is not a whole number")
+    if abs(value) > GRADE_LIMIT:
+        raise CorpusError(
+            f"{where}: score {raw!r} is past ±{GRADE_LIMIT}, which trec_eval cannot hold"
+        )
     return int(value)
 
 
+def _is_number(raw: str) -> bool:
+    try:
+        float(raw)
+    except ValueError:
+        return False
+    return True
+
+
 def load_qrels(dataset_dir: Path, split: str) -> dict[str, dict[str, int]]:
-    """Query id → {document id → grade} from ``qrels/<split>.tsv`` (header line optional)."""
+    """Query id → {document id → grade} from ``qrels/<split>.tsv``."""
+    return _read_qrels(dataset_dir, split)[0]
+
+
+def _read_qrels(dataset_dir: Path, split: str) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """``load_qrels``, and a warning where repeated judgments disagree (the highest grade is
+    kept). A first line whose first field is ``query-id`` or whose score is not a number is a
+    header (BEIR skips the first line, whatever it holds); a file may also have none."""
     qdir = Path(dataset_dir) / QRELS_DIR
     path = qdir / f"{split}.tsv"
     if not path.is_file():
@@ -176,7 +214,7 @@ def load_qrels(dataset_dir: Path, split: str) -> dict[str, dict[str, int]]:
             fields = line.split()
         if first:
             first = False
-            if fields[0].strip() == QRELS_HEADER:
+            if fields[0].strip() == QRELS_HEADER or not _is_number(fields[-1].strip()):
                 continue
         where = f"{name} line {lineno}"
         if len(fields) != 3:
@@ -190,11 +228,16 @@ def load_qrels(dataset_dir: Path, split: str) -> dict[str, dict[str, int]]:
             conflicts += 1
             grade = max(grade, judged[did])
         judged[did] = grade
-    if conflicts:
-        LOG.warning("%s: %d repeated judgments disagree; kept the highest grade", name, conflicts)
     if not qrels:
         raise CorpusError(f"{path}: no judgments")
-    return qrels
+    warnings = []
+    if conflicts:
+        warnings.append(
+            f"{QRELS_DIR}/{split}.tsv: {conflicts} repeated judgments disagree; kept the highest "
+            "grade of each"
+        )
+        LOG.warning("%s", warnings[-1])
+    return qrels, warnings
 
 
 def passage_text(p: Passage, template: str) -> str:
@@ -245,8 +288,11 @@ def load_judgments(dataset_dir: Path, split: str) -> Judgments:
     The corpus is only streamed for its ids, so scoring MS MARCO does not hold its 8.8M passages.
     """
     queries = load_queries(dataset_dir)
-    raw = load_qrels(dataset_dir, split)
-    return judgments_from(raw, queries, passage_ids(dataset_dir), dataset_dir, split)
+    raw, read = _read_qrels(dataset_dir, split)
+    qrels, warnings, wanted = judgments_from(
+        raw, queries, passage_ids(dataset_dir), dataset_dir, split
+    )
+    return qrels, read + warnings, wanted
 
 
 def judgments_from(

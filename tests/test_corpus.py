@@ -14,6 +14,7 @@ from readaptir.corpus import (
     iter_passages,
     load_collection,
     load_corpus,
+    load_judgments,
     load_qrels,
     load_queries,
     passage_ids,
@@ -132,7 +133,13 @@ def test_missing_and_empty_files(tmp_path, beir):
 
 @pytest.mark.parametrize(
     ("line", "message"),
-    [("q1\td1", "line 3: expected"), ("q1\td1\thigh", "line 3: score 'high' is not a number")],
+    [
+        ("q1\td1", "line 3: expected"),
+        ("q1\td1\thigh", "line 3: score 'high' is not a number"),
+        # pytrec_eval holds grades as C ints: past them it scored other queries wrongly, or crashed
+        ("q1\td1\t4294967296", r"line 3: score '4294967296' is past ±2147483647"),
+        ("q1\td1\t-2147483649", r"line 3: score '-2147483649' is past ±2147483647"),
+    ],
 )
 def test_malformed_qrels_name_the_line(beir, line, message):
     _write_lines(beir / "qrels" / "test.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t1", line])
@@ -228,6 +235,44 @@ def test_repeated_judgments_that_disagree_keep_the_highest_grade(qrels_dir, capl
     with caplog.at_level(logging.WARNING, logger="readaptir.corpus"):
         assert load_qrels(qrels_dir, "test") == {"q1": {"d1": 2, "d2": 1}}
     assert "2 repeated judgments disagree; kept the highest grade" in caplog.text
+    # and the score stage's warnings, which its metrics file keeps, say so too
+    qrels, warnings, _ = load_judgments(qrels_dir, "test")
+    assert qrels == {"q1": {"d1": 2, "d2": 1}}
+    assert (
+        "qrels/test.tsv: 2 repeated judgments disagree; kept the highest grade of each" in warnings
+    )
+
+
+def test_a_byte_order_mark_and_a_header_of_other_names_are_read_as_beir_reads_them(qrels_dir):
+    """BEIR skips the first line whatever it holds; a BOM is not part of the first field."""
+    for lines in (
+        ["qid\tdocid\trel", "q1\td1\t2"],
+        ["\ufeffq1\td1\t2"],
+        ["\ufeffquery-id\tc\ts", "q1\td1\t2"],
+    ):
+        _qrels(qrels_dir, lines)
+        assert load_qrels(qrels_dir, "test") == {"q1": {"d1": 2}}, lines
+    (qrels_dir / "corpus.jsonl").write_text('\ufeff{"_id": "d1", "text": "t"}\n')
+    assert load_corpus(qrels_dir) == [Passage("d1", "", "t")]
+
+
+@pytest.mark.parametrize("key", ["text", "_id", "title"])
+def test_half_a_surrogate_pair_is_refused_naming_the_line(beir, key):
+    """A JSON escape of half a pair decodes to a string no tokenizer takes and no UTF-8 file
+    holds: found at load, not as a tokenizer's traceback or when the run file is written."""
+    record = {"_id": "b", "title": "t", "text": "price film"}
+    record[key] += "\ud83d"
+    _write_lines(
+        beir / "corpus.jsonl",
+        [r'{"_id": "a", "text": "caf\u00e9 \ud83d\ude00"}', json.dumps(record)],  # a whole pair
+    )
+    with pytest.raises(
+        CorpusError, match=rf"corpus\.jsonl line 2: '{key}' holds '\\ud83d' at character"
+    ):
+        load_corpus(beir)
+    _write_lines(beir / "queries.jsonl", [json.dumps({"_id": "q", "text": "x\udc80"})])
+    with pytest.raises(CorpusError, match=r"queries\.jsonl line 1: 'text' holds '\\udc80'"):
+        load_queries(beir)
 
 
 def test_qrels_scores_are_whole_numbers_and_columns_may_be_space_separated(qrels_dir):

