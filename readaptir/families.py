@@ -148,6 +148,10 @@ class Encoding(BaseModel):
             raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}}; use {known}")
         if "text" not in names:
             raise ValueError("needs {text}: without it every text would encode the same")
+        try:  # a conversion or format spec str.format refuses, found now rather than at embed
+            value.format_map(dict.fromkeys(allowed[info.field_name], "x"))
+        except (ValueError, IndexError, KeyError) as err:
+            raise ValueError(f"{value!r} is not a template str.format fills: {err}") from None
         return value
 
     @model_validator(mode="after")

@@ -290,11 +290,15 @@ class Planner:
         path = project_path(self.root, source)
         return path if path.exists() else None
 
-    def _config(self, folder: Path) -> dict | None:
-        """A local model's config.json (None without one: a PEFT adapter), read once a build."""
+    def _config(self, folder: Path, key: str) -> dict | None:
+        """A local model's config.json (None without one: a PEFT adapter), read once a build;
+        one that does not parse is an error of the recipe's ``key`` too."""
         if folder not in self._configs:
             path = folder / "config.json"
-            self._configs[folder] = read_json_mapping(path) if path.is_file() else None
+            try:
+                self._configs[folder] = read_json_mapping(path) if path.is_file() else None
+            except ValueError as err:
+                raise PlanError(key, str(err)) from None
         return self._configs[folder]
 
     def _spelling(self, path: str) -> str:
@@ -350,13 +354,18 @@ class Planner:
                 ident["split"] = spec.split
             return DatasetRef(ident, (), {f"data-{spec.label}": fetch})
         folder = self._local(spec.path)
+        if folder is not None and folder.is_file():
+            raise PlanError(
+                key, f"{spec.path!r} is a file; give the collection's folder, which holds it"
+            )
         if folder is None or not folder.is_dir():
             raise PlanError(key, f"corpus folder {spec.path!r} does not exist")
         names = (*DATASET_FILES, f"qrels/{spec.split}.tsv") if with_qrels else ("corpus.jsonl",)
         prints, deps, path = {}, [], self._spelling(spec.path)
         for name in names:
             if not (folder / name).is_file():
-                raise PlanError(key, f"{spec.path}/{name} does not exist")
+                what = "is not a file" if (folder / name).exists() else "does not exist"
+                raise PlanError(key, f"{spec.path}/{name} {what}")
             prints[name] = self.fingerprints.path(folder / name)
             deps.append(f"{path}/{name}")
         if not (folder / "corpus.jsonl").stat().st_size:
@@ -559,7 +568,7 @@ class Planner:
         tokenizer, explicit ``adapter.target_modules`` that match none of its Linear modules
         (torch is imported for that, only then)."""
         folder = self._local(recipe.base.source)
-        config = self._config(folder) if folder is not None else None
+        config = self._config(folder, "base") if folder is not None else None
         if config is None:
             return
         hidden = config.get("hidden_size")
@@ -633,7 +642,7 @@ class Planner:
             self._local(recipe.retriever.source),
         )
         if base_dir and retriever_dir and not src.retriever_is_peft:
-            configs = self._config(base_dir), self._config(retriever_dir)
+            configs = self._config(base_dir, "base"), self._config(retriever_dir, "retriever")
             if None not in configs:  # else the merge checks every tensor
                 check_same_shape(*configs)
         if retriever_dir and src.retriever_is_peft:  # the retriever alone runs with any kind

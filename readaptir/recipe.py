@@ -30,6 +30,8 @@ from readaptir.families import FAMILIES, Encoding, resolve_encoding
 NAME_RE = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch: a name is also a file and stage name
 # what a fetched collection's folder may be called (its name, or the last part of its source)
 CORPUS_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# the largest seed torch.manual_seed takes (a signed 64-bit integer)
+SEED_LIMIT = 2**63 - 1
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 URL_SCHEMES = ("https", "http", "ftp", "file")  # what urllib opens
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -139,6 +141,10 @@ class CorpusSpec(_Strict):
         if self.url is not None and urlparse(self.url).scheme not in URL_SCHEMES:
             schemes = ", ".join(f"{s}://" for s in URL_SCHEMES)
             raise FieldError("url", f"{self.url!r} is not a URL the fetch stage reads ({schemes})")
+        if not CORPUS_NAME_RE.fullmatch(self.split):
+            raise FieldError(
+                "split", f"the name of a qrels file (test, dev, train), not {self.split!r}"
+            )
         if self.sha256 is not None and not SHA256_RE.fullmatch(self.sha256):
             raise FieldError("sha256", f"64 lower-case hex digits, not {self.sha256!r}")
         if self.sha256 is not None and self.path is not None:
@@ -186,7 +192,7 @@ class AdapterSpec(_Strict):
     max_length: int = Field(1024, gt=1)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_LIMIT)
     max_steps: int | None = Field(None, gt=0)
     train_corpus: CorpusSpec | None = None
     # which passages of the training corpus: judged/unjudged in the evaluated split (Table 2)
@@ -227,7 +233,7 @@ class ReadaptSpec(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     alpha_grid: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]  # distinct values
     tune_fraction: float = Field(0.5, gt=0, lt=1)
-    tune_seed: int = 0
+    tune_seed: int = Field(0, ge=0, le=SEED_LIMIT)
     tune_metric: str = "nDCG@10"
 
     @field_validator("tune_metric")
@@ -636,8 +642,24 @@ def located(file: Path | str, key: str | None, message: str) -> RecipeError:
 def load_recipe(path: Path) -> Recipe:
     path = Path(path)
     if path.is_symlink() and not path.exists():
-        raise RecipeError(path, None, f"a link to {path.readlink()}, which does not exist")
-    data, chain = resolve_data(path)
+        try:
+            path.resolve(strict=True)
+        except FileNotFoundError:
+            why = "which does not exist"
+        except (OSError, RuntimeError):  # a loop: RuntimeError before Python 3.13
+            why = "which leads back to itself (a loop of links)"
+        raise RecipeError(path, None, f"a link to {path.readlink()}, {why}")
+    if path.exists() and not path.is_file():  # a named pipe would block, a device never end
+        raise RecipeError(path, None, "not a regular file")
+    try:
+        data, chain = resolve_data(path)
+    except RecursionError:
+        raise RecipeError(
+            path,
+            None,
+            "nested too deeply: an alias that holds itself, nesting hundreds of levels deep, or "
+            "a chain of hundreds of extends",
+        ) from None
     if "name" not in data:
         data["name"] = path.stem
         if not NAME_RE.fullmatch(path.stem):

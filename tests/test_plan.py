@@ -225,6 +225,17 @@ def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, 
     edit(project, "ra-full", "extends: _common.yaml\ncorpus: data/nowhere\n")
     with pytest.raises(RecipeError, match=r"ra-full\.yaml:2: corpus: corpus folder 'data/nowhere'"):
         plan_of(project)
+    edit(project, "ra-full", "extends: _common.yaml\ncorpus: data/toy/corpus.jsonl\n")
+    with pytest.raises(
+        RecipeError, match=r"'data/toy/corpus\.jsonl' is a file; give the collection"
+    ):
+        plan_of(project)
+    shutil.copytree(project / "data" / "toy", project / "data" / "odd")
+    (project / "data" / "odd" / "queries.jsonl").unlink()
+    (project / "data" / "odd" / "queries.jsonl").mkdir()
+    edit(project, "ra-full", "extends: _common.yaml\ncorpus: data/odd\n")
+    with pytest.raises(RecipeError, match=r"corpus: data/odd/queries\.jsonl is not a file"):
+        plan_of(project)
     tiny.make_llama(project / "models" / "wide", tokenizer, causal_lm=False, hidden=32)
     edit(project, "ra-full", "extends: _common.yaml\nretriever: {source: models/wide}\n")
     with pytest.raises(RecipeError, match=r"ra-full\.yaml:2: retriever: its hidden_size is 32"):
@@ -259,8 +270,10 @@ def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, 
         (b"[1]", r": expected a mapping, found list"),
         (b"\xff\xfe{}", r": not UTF-8 text \(byte 0xff at 0\)"),
     ):
-        config.write_bytes(broken)
-        with pytest.raises(ValueError, match=r"base/config\.json" + message):
+        config.write_bytes(broken)  # named as the recipe's base too
+        with pytest.raises(
+            RecipeError, match=r"_common\.yaml:\d+: base: .*base/config\.json" + message
+        ):
             plan_of(project)
     config.write_text("{}")
     with pytest.raises(RecipeError, match=r"_common\.yaml:\d+: base: its model_type is None but "

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,21 @@ def test_every_problem_of_a_recipe_is_named(tmp_path):
         ("adapter: {weight_decay: -0.1}\n", "adapter.weight_decay", 4, "greater than or equal"),
         ("adapter: {max_grad_norm: 0}\n", "adapter.max_grad_norm", 4, "greater than 0"),
         ('name: "abc\\n"\n', "name", 4, "letters, digits"),
+        # torch seeds are signed 64-bit integers: a larger one failed when the stage ran
+        ("adapter: {seed: 99999999999999999999999}\n", "adapter.seed", 4, "less than or equal"),
+        ("readapt: {tune_seed: -1}\n", "readapt.tune_seed", 4, "greater than or equal to 0"),
+        (
+            "retriever: {source: x, encoding: {query_template: '{text!z}'}}\n",
+            "retriever.encoding.query_template",
+            4,
+            "not a template str.format fills: Unknown conversion specifier z",
+        ),
+        (
+            "retriever: {source: x, encoding: {passage_template: '{text:>9999999999999999999}'}}\n",
+            "retriever.encoding.passage_template",
+            4,
+            "not a template str.format fills",
+        ),
     ],
 )
 def test_bad_values_name_file_key_and_line(tmp_path, extra, key, line, fragment):
@@ -164,6 +180,7 @@ def test_bad_values_name_file_key_and_line(tmp_path, extra, key, line, fragment)
         ("[data/a, {path: data/b, nmae: x}]", "corpus.1.nmae", "unknown key"),
         ("[data/a, 5]", "corpus.1", "got 5"),
         ("{beir: scifact, split: 5, nmae: x}", "corpus.split", "got 5 (YAML read a number: quote"),
+        ("{path: data/x, split: ../../x/qrels/test}", "corpus.split", "the name of a qrels file"),
     ],
 )
 def test_bad_corpora_name_the_key(tmp_path, corpus, key, fragment):
@@ -189,6 +206,46 @@ def test_a_dangling_link_is_named_by_the_link(tmp_path):
     (tmp_path / "r.yaml").symlink_to(tmp_path / "gone.yaml")
     with pytest.raises(RecipeError, match=r"r\.yaml: a link to .*gone\.yaml, which does not exist"):
         load_recipes(tmp_path)
+
+
+def test_a_loop_of_links_a_pipe_and_a_device_are_named_as_what_they_are(tmp_path):
+    (tmp_path / "l1.yaml").symlink_to("l2.yaml")
+    (tmp_path / "l2.yaml").symlink_to("l1.yaml")
+    with pytest.raises(
+        RecipeError, match=r"l1\.yaml: a link to l2\.yaml, which leads back to itself"
+    ):
+        load_recipes(tmp_path)
+    for path in tmp_path.iterdir():
+        path.unlink()
+    os.mkfifo(tmp_path / "pipe.yaml")  # reading it would wait for a writer for ever
+    with pytest.raises(RecipeError, match=r"pipe\.yaml: not a regular file"):
+        load_recipes(tmp_path)
+    (tmp_path / "pipe.yaml").unlink()
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")  # reading it would never end
+    with pytest.raises(RecipeError, match=r"zero\.yaml: not a regular file"):
+        load_recipes(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        MINIMAL + "x: &a [*a]\n",  # an alias that holds itself
+        MINIMAL + "x: " + "[" * 3000 + "]" * 3000 + "\n",
+    ],
+)
+def test_a_recipe_nested_without_end_is_named(tmp_path, text):
+    path = write(tmp_path / "deep.yaml", text)
+    with pytest.raises(RecipeError, match=r"deep\.yaml: nested too deeply"):
+        load_recipe(path)
+
+
+def test_a_chain_of_extends_deeper_than_python_recurses_is_named(tmp_path):
+    write(tmp_path / "_p0.yaml", MINIMAL)
+    for i in range(1, 1500):
+        write(tmp_path / f"_p{i}.yaml", f"extends: _p{i - 1}.yaml\n")
+    path = write(tmp_path / "top.yaml", "extends: _p1499.yaml\n")
+    with pytest.raises(RecipeError, match=r"top\.yaml: nested too deeply"):
+        load_recipe(path)
 
 
 def test_errors_name_files_inside_the_working_folder_relative_to_it(tmp_path, monkeypatch):
