@@ -16,10 +16,12 @@ The norm has a low-rank form, with ``C = W·Aᵀ`` (out × r) and ``G = A·Aᵀ`
 
     ||W_i + s·(BA)_i||² = ||W_i||² + 2s·(B_i · C_i) + s²·(B_i G B_iᵀ)
 
-so it costs one out × in × r product (like r extra tokens) and reads ``W`` twice, in float32
-(``LowRankNormDora``). ``LowRankDoraLinear`` keeps the input in bf16 under autocast (its dropout,
-``InputDropout``, gives the bf16 values PEFT's float32 dropout gives the products) and takes ``y``
-in three passes and its backward in three (``DoraOutput``): the same sum in float32, rounded once.
+so it costs one out × in × r product (like r extra tokens) and reads ``W`` twice: for its norm,
+and into the float32 copy that product reads (``LowRankNormDora``); under gradient checkpointing,
+once more in the recompute. ``LowRankDoraLinear`` keeps the input in bf16 under autocast (its
+dropout, ``InputDropout``, gives the bf16 values PEFT's float32 dropout gives the products) and
+takes ``y`` in three passes and its backward in six (``DoraOutput``): the same sum in float32,
+rounded once.
 
 Everything else — the magnitude's and LoRA's gradients, the norm held constant (detached) as DoRA
 prescribes, the saved state dict — is PEFT's own; ``use_fast_dora`` only changes the classes of
@@ -100,9 +102,10 @@ class DoraOutput(torch.autograd.Function):
     """``result + (σ − 1)·plain + σ·scaling·lora`` taken in σ's precision (float32) and rounded
     once to ``result``'s dtype; ``plain`` None stands for ``result`` itself (no dropout, no bias).
 
-    Three passes over the output forward (PEFT's sum takes six) and three backward, where autograd
-    would take about twice as many, each a full-size float32 temporary. (So on a GPU, whose kernels
-    cast mixed dtypes as they read them; a CPU copies such operands to float32 first.)
+    Three passes over the output forward (PEFT's sum takes six, each with autograd's backward) and
+    six backward: one for each input's gradient, four for σ's (a float32 copy of ``plain``, two
+    updates in place, the row sum). (So on a GPU, whose kernels cast mixed dtypes as they read them;
+    a CPU copies such operands to float32 first.)
     """
 
     @staticmethod
