@@ -214,7 +214,10 @@ def _read_qrels(dataset_dir: Path, split: str) -> tuple[dict[str, dict[str, int]
             fields = line.split()
         if first:
             first = False
-            if fields[0].strip() == QRELS_HEADER or not _is_number(fields[-1].strip()):
+            if fields[0].strip() == QRELS_HEADER:
+                continue
+            if len(fields) == 3 and not _is_number(fields[2].strip()):
+                LOG.info("%s line %d taken for a header: %s", name, lineno, " ".join(fields))
                 continue
         where = f"{name} line {lineno}"
         if len(fields) != 3:

@@ -252,6 +252,9 @@ def test_a_byte_order_mark_and_a_header_of_other_names_are_read_as_beir_reads_th
     ):
         _qrels(qrels_dir, lines)
         assert load_qrels(qrels_dir, "test") == {"q1": {"d1": 2}}, lines
+    _qrels(qrels_dir, ["q1\td1", "q1\td1\t2"])  # two fields: not a header but a broken line
+    with pytest.raises(CorpusError, match=r"line 1: expected 'query-id<TAB>corpus-id<TAB>score'"):
+        load_qrels(qrels_dir, "test")
     (qrels_dir / "corpus.jsonl").write_text('\ufeff{"_id": "d1", "text": "t"}\n')
     assert load_corpus(qrels_dir) == [Passage("d1", "", "t")]
 

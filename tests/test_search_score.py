@@ -124,6 +124,8 @@ def test_choose_backend(monkeypatch):
     assert choose_backend("cuda:1") == ("torch", "cuda:1")
     assert choose_backend("cpu") == ("faiss-cpu", "cpu")
     assert choose_backend(None, "faiss") == ("faiss-cpu", "cpu")
+    machine(cuda=False, faiss_gpus=1)  # a torch without CUDA could not hold the shard there
+    assert choose_backend(None) == ("faiss-cpu", "cpu")
     machine(cuda=True, faiss_gpus=1)
     assert choose_backend(None) == ("faiss-gpu", "cuda")
     assert choose_backend("cuda:1") == ("faiss-gpu", "cuda:1")

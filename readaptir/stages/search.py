@@ -310,7 +310,7 @@ def choose_backend(device: str | None, backend: str = "auto") -> tuple[str, str]
     torch_device = "cuda" if device in (None, "auto") else device
     if backend == "torch":
         return "torch", torch_device if wants_gpu and _cuda() else "cpu"
-    if wants_gpu and _faiss_gpus() > 0:
+    if wants_gpu and _cuda() and _faiss_gpus() > 0:  # torch holds the shard for the rescoring
         return "faiss-gpu", torch_device
     if backend == "auto" and wants_gpu and _cuda():
         return "torch", torch_device
