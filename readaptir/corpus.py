@@ -8,6 +8,7 @@ line for what cannot be read.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from collections.abc import Iterator, Sized
@@ -48,11 +49,13 @@ def _lines(path: Path, name: str) -> Iterator[tuple[int, str]]:
     first; a line that is not UTF-8 is an error naming ``name`` and the line."""
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
+            skip = len(codecs.BOM_UTF8) if lineno == 1 and raw.startswith(codecs.BOM_UTF8) else 0
             try:
-                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                text = raw[skip:].decode("utf-8")
             except UnicodeDecodeError as err:
+                byte = skip + err.start + 1  # of the line as it is in the file
                 raise CorpusError(
-                    f"{name} line {lineno}: not UTF-8 text (byte {err.start + 1} of the line)"
+                    f"{name} line {lineno}: not UTF-8 text (byte {byte} of the line)"
                 ) from None
             yield lineno, text
 
@@ -217,7 +220,7 @@ def _read_qrels(dataset_dir: Path, split: str) -> tuple[dict[str, dict[str, int]
             if fields[0].strip() == QRELS_HEADER:
                 continue
             if len(fields) == 3 and not _is_number(fields[2].strip()):
-                LOG.info("%s line %d taken for a header: %s", name, lineno, " ".join(fields))
+                LOG.warning("%s line %d taken for a header: %s", name, lineno, " ".join(fields))
                 continue
         where = f"{name} line {lineno}"
         if len(fields) != 3:

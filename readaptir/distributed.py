@@ -138,6 +138,12 @@ def rank_share(lay: Layout, inputs: dict[str, Any], ranks: Ranks) -> tuple[dict[
     return share, mine * ranks.world / total
 
 
+def torch_seed(value: int) -> int:
+    """``value`` where ``torch.manual_seed`` takes it (-2^63 to 2^64 - 1), else reduced into that
+    range mod 2^64: a seed derived from a recipe's seed may outgrow it."""
+    return value if -(2**63) <= value < 2**64 else value % 2**64
+
+
 def seed_rank(seed: int, ranks: Ranks) -> None:
     """Give each rank dropout draws of its own, once the initial weights (the same on every rank)
     are made: ranks other than 0 reseed torch from (``seed``, rank); rank 0 goes on with the

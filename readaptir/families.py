@@ -117,10 +117,11 @@ class Encoding(BaseModel):
     ``lowercase`` lower-cases the text before tokenisation (uncased sentence-transformers models).
     ``dtype`` is the precision the model runs in. ``auto`` is bfloat16 for a causal decoder (LLM
     retrievers are trained in bf16, and float16 can overflow) and float32 for an encoder: fixed by
-    ``resolve_encoding`` for last-token pooling, which marks a decoder, and otherwise by the embed
-    stage from the model's config (a decoder with mean pooling, or one whose sentence-transformers
-    files choose its pooling). Either way the recipe and the model alone decide it, the same on
-    every machine, so that an embedding stage's id fixes the precision of its vectors.
+    ``resolve_encoding`` where the pooling says (last-token marks a decoder, cls an encoder) or a
+    local model's config does, and otherwise by the embed stage from the model's config (a hub
+    model pooled by its mean, or whose sentence-transformers files choose its pooling). Either way
+    the recipe and the model alone decide it, the same on every machine, so that an embedding
+    stage's id fixes the precision of its vectors.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -237,13 +238,24 @@ def collection_defaults(
 
 
 def resolve_encoding(
-    family: str, overrides: dict[str, Any] | None = None, dataset: str | None = None
+    family: str,
+    overrides: dict[str, Any] | None = None,
+    dataset: str | None = None,
+    decoder: bool | None = None,
 ) -> Encoding:
-    """The family's preset, its settings for collection ``dataset``, then the recipe's overrides."""
+    """The family's preset, its settings for collection ``dataset``, then the recipe's overrides;
+    ``dtype: auto`` fixed where the pooling or ``decoder`` (whether the model is a causal
+    decoder, where its config is at hand) says, else left to the stage."""
     if family not in PRESETS:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
     fields = {**PRESETS[family], **collection_defaults(family, dataset, overrides)}
     encoding = Encoding(**{**fields, **(overrides or {})})
-    if encoding.dtype == "auto" and encoding.pooling == "last":
-        encoding = encoding.model_copy(update={"dtype": "bfloat16"})
+    if encoding.dtype == "auto":
+        if encoding.pooling == "last" or decoder:
+            precision = "bfloat16"
+        elif encoding.pooling == "cls" or decoder is False:  # cls on a decoder is refused
+            precision = "float32"
+        else:
+            return encoding  # the stage reads the model's config
+        encoding = encoding.model_copy(update={"dtype": precision})
     return encoding

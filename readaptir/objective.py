@@ -37,6 +37,15 @@ def objective_for(config: Any) -> str:
     raise ValueError(f"model type {kind!r} has neither a causal-LM nor a masked-LM architecture")
 
 
+def is_causal(config: Any) -> bool:
+    """Whether ``config`` (a transformers config, or an object with its fields) is a causal
+    decoder's; a model type with neither LM architecture counts as an encoder."""
+    try:
+        return objective_for(config) == CAUSAL
+    except ValueError:
+        return False
+
+
 def lm_class(objective: str) -> type:
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 

@@ -15,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -399,6 +400,22 @@ class Planner:
             group=slug(spec.label),
         )
 
+    def _decoder(self, recipe: Recipe) -> bool | None:
+        """Whether the recipe embeds with a causal decoder, by a local config.json: a full local
+        retriever's, else Θ's (the retriever is made from it); None where there is none at hand
+        (a hub model: the embed stage reads its config)."""
+        if self.is_peft(recipe.retriever):
+            spec, key = recipe.base, "base"
+        else:
+            spec, key = recipe.retriever, "retriever"
+        folder = self._local(spec.source)
+        config = self._config(folder, key) if folder is not None else None
+        if not config or not isinstance(config.get("model_type"), str):
+            return None
+        from readaptir.objective import is_causal  # transformers' model tables, only then
+
+        return is_causal(SimpleNamespace(**config))
+
     def is_peft(self, spec: RetrieverSpec) -> bool:
         """Whether the retriever is a PEFT adapter over Θ, whose stages then depend on Θ too: a
         local folder says; a hub one counts as one, whatever it is, so that ids are the same
@@ -545,6 +562,11 @@ class Planner:
         if retriever_dir is not None:  # a hub retriever's adapter is checked when it runs
             warn_if_other_base(retriever_dir, base, f"{self._recipe_file}: retriever")
         dataset = self.dataset(recipe.corpus, "corpus")
+        family, overrides = recipe.retriever.family, recipe.retriever.encoding
+        encoding = resolve_encoding(family, overrides, dataset=recipe.corpus.label)
+        if encoding.dtype == "auto":  # the pooling does not say: a local model's config may
+            decoder = self._decoder(recipe)
+            encoding = resolve_encoding(family, overrides, recipe.corpus.label, decoder)
         return Sources(
             base,
             base_deps,
@@ -552,9 +574,7 @@ class Planner:
             retriever_deps,
             dataset,
             self.dataset(recipe.corpus, "corpus", with_qrels=False),
-            encoding=resolve_encoding(
-                recipe.retriever.family, recipe.retriever.encoding, dataset=recipe.corpus.label
-            ).model_dump(),
+            encoding=encoding.model_dump(),
             retriever_name=slug(retriever["source"]),
             dataset_name=self._where(recipe.corpus),
             retriever_is_peft=self.is_peft(recipe.retriever),

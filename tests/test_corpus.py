@@ -257,6 +257,11 @@ def test_a_byte_order_mark_and_a_header_of_other_names_are_read_as_beir_reads_th
         load_qrels(qrels_dir, "test")
     (qrels_dir / "corpus.jsonl").write_text('\ufeff{"_id": "d1", "text": "t"}\n')
     assert load_corpus(qrels_dir) == [Passage("d1", "", "t")]
+    (qrels_dir / "corpus.jsonl").write_bytes(
+        b"\xef\xbb\xbfab\xff\n"
+    )  # counted from the file's first byte
+    with pytest.raises(CorpusError, match=r"line 1: not UTF-8 text \(byte 6 of the line\)"):
+        load_corpus(qrels_dir)
 
 
 @pytest.mark.parametrize("key", ["text", "_id", "title"])

@@ -250,3 +250,11 @@ def test_ranks_after_the_first_draw_their_own_dropout():
     assert torch.equal(first, alone)  # rank 0 keeps the one-process stream
     assert not torch.equal(second, first) and not torch.equal(third, second)
     assert torch.equal(draws(1), second)  # and each rank its own, the same every run
+
+
+def test_a_derived_seed_torch_takes_is_kept_and_one_past_its_range_brought_into_it():
+    for value in (0, -1, -(2**63), 2**64 - 1):  # as before: the same draws under the same stage id
+        assert distributed.torch_seed(value) == value
+    for value in (2**64, (2**64 - 1) * 1_000_003 * 1_009, -(2**63) - 1):
+        torch.manual_seed(distributed.torch_seed(value))  # no overflow error
+    assert distributed.torch_seed(2**64 + 5) == 5

@@ -119,14 +119,18 @@ def test_custom_takes_every_field_from_the_recipe():
     assert PRESETS["custom"] == {}
 
 
-def test_precision_is_fixed_at_build_time_where_the_pooling_marks_a_decoder():
-    """Last-token pooling is bfloat16 in the stage id; otherwise ``auto`` is the model's to decide
-    (see test_embed), as precisely fixed by the id, which holds the model's identity."""
+def test_precision_is_fixed_at_build_time_where_the_pooling_or_the_model_says():
+    """Last-token pooling marks a decoder (bfloat16), cls an encoder (float32), and so does a
+    local model's config; otherwise ``auto`` is the stage's to read off the model (see
+    test_embed), as precisely fixed by the id, which holds the model's identity."""
     assert resolve_encoding("repllama").dtype == "bfloat16"
     assert resolve_encoding("e5-mistral", dataset="scifact").dtype == "bfloat16"
     assert resolve_encoding("sentence-transformers").dtype == "auto"  # pooling from the model
+    assert resolve_encoding("sentence-transformers", decoder=True).dtype == "bfloat16"
+    assert resolve_encoding("sentence-transformers", decoder=False).dtype == "float32"
+    assert resolve_encoding("custom").dtype == "auto"  # mean pooling: an encoder or a decoder
     assert resolve_encoding("custom", {"pooling": "last"}).dtype == "bfloat16"
-    assert resolve_encoding("custom", {"pooling": "cls"}).dtype == "auto"
+    assert resolve_encoding("custom", {"pooling": "cls"}).dtype == "float32"
     assert resolve_encoding("repllama", {"dtype": "float16"}).dtype == "float16"
     with pytest.raises(ValueError, match="unknown family 'bert'"):
         resolve_encoding("bert")

@@ -465,6 +465,33 @@ def test_each_setting_is_in_the_ids_of_exactly_the_stages_it_affects(
     assert changed_kinds(before, plan_of(project)) == expected
 
 
+def test_auto_precision_is_fixed_by_a_local_models_config_and_left_to_the_stage_for_a_hubs(
+    project, tokenizer
+):
+    """Where the pooling does not say whether the model is a decoder (sentence-transformers'
+    files, mean pooling), a local config does; a hub model's is read when the stage runs."""
+    from readaptir import tiny
+
+    def embed_dtypes() -> set[str]:
+        return {s.params["encoding"]["dtype"] for s in by_kind(plan_of(project))["embed"]}
+
+    st = "retriever: {source: models/retriever, family: sentence-transformers}\n"
+    edit(project, "ra-full", "extends: _common.yaml\n" + st)
+    assert embed_dtypes() == {"bfloat16"}  # a Llama: a decoder
+    tiny.make_bert(project / "models" / "bert", tokenizer)
+    edit(
+        project,
+        "ra-full",
+        "extends: _common.yaml\nbase: models/bert\n"
+        + st.replace("models/retriever", "models/bert"),
+    )
+    (project / "recipes" / "ra-half.yaml").unlink()
+    assert embed_dtypes() == {"float32"}  # an encoder: its id as before
+    hub = "retriever: {source: org/a-retriever, family: custom}\n"  # mean pooling, a hub model
+    edit(project, "ra-full", "extends: _common.yaml\nbase: org/a-base\n" + hub)
+    assert embed_dtypes() == {"auto"}
+
+
 @pytest.mark.parametrize("corpus", [{"path": "data/toy"}, {"beir": "scifact"}])  # local, fetched
 def test_split_changes_search_side_not_adapter(project, corpus):
     qrels = project / "data" / "toy" / "qrels"

@@ -137,9 +137,9 @@ def test_every_problem_of_a_recipe_is_named(tmp_path):
         ("adapter: {weight_decay: -0.1}\n", "adapter.weight_decay", 4, "greater than or equal"),
         ("adapter: {max_grad_norm: 0}\n", "adapter.max_grad_norm", 4, "greater than 0"),
         ('name: "abc\\n"\n', "name", 4, "letters, digits"),
-        # torch seeds are signed 64-bit integers: a larger one failed when the stage ran
-        ("adapter: {seed: 99999999999999999999999}\n", "adapter.seed", 4, "less than or equal"),
-        ("readapt: {tune_seed: -1}\n", "readapt.tune_seed", 4, "greater than or equal to 0"),
+        # the adapter stage seeds torch with it, which takes -2^63 to 2^64 - 1
+        ("adapter: {seed: 18446744073709551616}\n", "adapter.seed", 4, "less than or equal"),
+        ("adapter: {seed: -9223372036854775809}\n", "adapter.seed", 4, "greater than or equal"),
         (
             "retriever: {source: x, encoding: {query_template: '{text!z}'}}\n",
             "retriever.encoding.query_template",

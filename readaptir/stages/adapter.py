@@ -48,6 +48,7 @@ from readaptir.distributed import (
     rank_device,
     rank_share,
     seed_rank,
+    torch_seed,
     wrap_distributed,
 )
 from readaptir.encoding import log_filled
@@ -413,7 +414,7 @@ def train_adapter(
             return causal_inputs(lay, packing)
         # masking drawn over the whole step from (seed, step) alone: a resumed run, or one on any
         # number of ranks, masks the same tokens
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009)
+        generator = torch.Generator().manual_seed(torch_seed((seed * 1_000_003 + step) * 1_009))
         return masked_inputs(
             lay,
             packing,

@@ -41,7 +41,7 @@ from readaptir.distributed import (
 from readaptir.encoding import DEFAULT_BATCH_TOKENS, appends_eos, encode_texts
 from readaptir.families import QUERY_FIELDS, Encoding, Pooling
 from readaptir.models import is_peft_adapter, load_encoder, torch_dtype
-from readaptir.objective import CAUSAL, objective_for
+from readaptir.objective import is_causal
 from readaptir.st_config import Resolved, read_st_config, resolve_fields
 from readaptir.training import position_limit
 from readaptir.vectors import (
@@ -219,10 +219,7 @@ def _is_causal(config_dir: Path) -> bool:
     """Whether the model whose config.json is in ``config_dir`` is a causal decoder."""
     from transformers import AutoConfig
 
-    try:
-        return objective_for(AutoConfig.from_pretrained(config_dir)) == CAUSAL
-    except ValueError:  # neither a causal nor a masked LM type: an encoder of another kind
-        return False
+    return is_causal(AutoConfig.from_pretrained(config_dir))
 
 
 def judged_queries(dataset_dir: Path, split: str) -> tuple[dict[str, str], set[str]]:
