@@ -9,6 +9,7 @@ recipes with the same retriever and corpus.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -130,6 +131,13 @@ class Plan:
                 elif (kind, ident) not in current:
                     found.append(path)
         return found
+
+
+def _blank(path: Path) -> bool:
+    """Whether a file holds nothing but white space (and a byte-order mark): a few bytes read."""
+    if path.stat().st_size > 4096:
+        return False
+    return not path.read_bytes().removeprefix(codecs.BOM_UTF8).strip()
 
 
 def stage_output(spec: dict) -> str:
@@ -369,7 +377,7 @@ class Planner:
                 raise PlanError(key, f"{spec.path}/{name} {what}")
             prints[name] = self.fingerprints.path(folder / name)
             deps.append(f"{path}/{name}")
-        if not (folder / "corpus.jsonl").stat().st_size:
+        if _blank(folder / "corpus.jsonl"):
             raise PlanError(key, f"{spec.path}/corpus.jsonl is empty (no passages)")
         ident = {"path": path, "fingerprints": prints}
         if with_qrels:

@@ -734,6 +734,30 @@ def expand_sweeps(recipe: Recipe) -> list[Recipe]:
     return variants
 
 
+def _name_clash(later: tuple[str, Path], earlier: tuple[str, Path]) -> RecipeError:
+    """Two recipes of one name (or of names differing in case alone): blamed on the one whose
+    own ``name:`` makes the clash, at its line, where only the earlier one's does."""
+    if later[1] == earlier[1]:
+        return RecipeError(
+            later[1], "name", f"{later[0]!r} is also the name of another variant of this recipe"
+        )
+
+    def blame(this: tuple[str, Path], other: tuple[str, Path]) -> RecipeError:
+        case = (
+            f" (as {other[0]!r}: names must differ in more than case)"
+            if other[0] != this[0]
+            else ""
+        )
+        return located(this[1], "name", f"{this[0]!r} is also the name of {_shown(other[1])}{case}")
+
+    error = blame(later, earlier)
+    if error.line is None:
+        other_way = blame(earlier, later)
+        if other_way.line is not None:
+            return other_way
+    return error
+
+
 def load_recipes(recipes_dir: Path) -> list[Recipe]:
     """Every buildable recipe, corpus grids and α/β sweeps expanded; names must be unique."""
     files = recipe_files(recipes_dir)
@@ -747,18 +771,7 @@ def load_recipes(recipes_dir: Path) -> list[Recipe]:
         for recipe in expanded:
             key = recipe.name.casefold()
             if key in seen:
-                name, where = seen[key]
-                other = "another variant of this recipe" if where == path else str(where)
-                raise RecipeError(
-                    path,
-                    "name",
-                    f"{recipe.name!r} is also the name of {other}"
-                    + (
-                        f" (as {name!r}: names must differ in more than case)"
-                        if name != recipe.name
-                        else ""
-                    ),
-                )
+                raise _name_clash((recipe.name, path), seen[key])
             seen[key] = (recipe.name, path)
             recipes.append(recipe)
     return recipes

@@ -236,6 +236,12 @@ def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, 
     edit(project, "ra-full", "extends: _common.yaml\ncorpus: data/odd\n")
     with pytest.raises(RecipeError, match=r"corpus: data/odd/queries\.jsonl is not a file"):
         plan_of(project)
+    (project / "data" / "odd" / "queries.jsonl").rmdir()
+    shutil.copy(project / "data" / "toy" / "queries.jsonl", project / "data" / "odd")
+    for blank in (b"", b"\xef\xbb\xbf\n\n  \n"):  # nothing, or a byte-order mark and blank lines
+        (project / "data" / "odd" / "corpus.jsonl").write_bytes(blank)
+        with pytest.raises(RecipeError, match=r"corpus: data/odd/corpus\.jsonl is empty"):
+            plan_of(project)
     tiny.make_llama(project / "models" / "wide", tokenizer, causal_lm=False, hidden=32)
     edit(project, "ra-full", "extends: _common.yaml\nretriever: {source: models/wide}\n")
     with pytest.raises(RecipeError, match=r"ra-full\.yaml:2: retriever: its hidden_size is 32"):

@@ -63,8 +63,14 @@ def test_partial_recipes_are_not_built_and_names_must_be_unique(tmp_path):
     # hidden: a notebook's checkpoint copy and an editor's lock link to nowhere
     write(tmp_path / "r" / ".ipynb_checkpoints" / "a-checkpoint.yaml", "extends: ../_base.yaml\n")
     (tmp_path / "r" / ".#a.yaml").symlink_to("user@host.1234:1700000000")
-    with pytest.raises(RecipeError, match=r"b\.yaml: name: 'a' is also the name of .*a\.yaml"):
+    with pytest.raises(RecipeError, match=r"b\.yaml:2: name: 'a' is also the name of .*a\.yaml"):
         load_recipes(tmp_path / "r")
+    # the file whose own name: makes the clash is blamed, at its line, whichever is read first
+    write(tmp_path / "r" / "sub" / "b.yaml", "extends: ../_base.yaml\n")
+    write(tmp_path / "r" / "a.yaml", "extends: _base.yaml\nname: b\n")
+    with pytest.raises(RecipeError, match=r"/a\.yaml:2: name: 'b' is also the name of .*b\.yaml$"):
+        load_recipes(tmp_path / "r")
+    write(tmp_path / "r" / "a.yaml", "extends: _base.yaml\n")
     write(tmp_path / "r" / "sub" / "b.yaml", "extends: ../_base.yaml\nname: A\n")
     with pytest.raises(
         RecipeError, match=r"'A' is also the name of .*a\.yaml \(as 'a': names must"
