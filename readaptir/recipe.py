@@ -8,6 +8,7 @@ Relative paths in a recipe are relative to the project root (the folder holding 
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -484,8 +485,16 @@ def _read_yaml(path: Path) -> tuple[dict, yaml.Node | None]:
     return data, node
 
 
-def _no_duplicate_keys(path: Path, node: yaml.Node | None, prefix: str = "") -> None:
-    """YAML keeps the last of two equal keys silently; a recipe must not."""
+def _no_duplicate_keys(
+    path: Path, node: yaml.Node | None, prefix: str = "", done: set[int] | None = None
+) -> None:
+    """YAML keeps the last of two equal keys silently; a recipe must not. Each node is looked at
+    once (``done``), however many aliases name it: aliases of aliases would otherwise be walked
+    as many times as they repeat, exponentially."""
+    done = set() if done is None else done
+    if id(node) in done:
+        return
+    done.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -494,10 +503,10 @@ def _no_duplicate_keys(path: Path, node: yaml.Node | None, prefix: str = "") -> 
                 line = key_node.start_mark.line + 1
                 raise RecipeError(path, key, "the same key appears twice", line)
             seen.add(key_node.value)
-            _no_duplicate_keys(path, value_node, key + ".")
+            _no_duplicate_keys(path, value_node, key + ".", done)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _no_duplicate_keys(path, item, prefix)
+            _no_duplicate_keys(path, item, prefix, done)
 
 
 def _line_of(node: yaml.Node | None, loc: tuple, exact: bool = False) -> int | None:
@@ -555,6 +564,12 @@ def resolve_data(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, Chain]
 _TYPE_TAG = re.compile(r"^(function-|literal\[|list\[|dict\[)|^(float|int|str|bool)$")
 
 
+# a bad value as an error shows it: long strings and lists cut short (an alias bomb is millions)
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 100
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = 8
+_SHOWN.maxlevel = 3
+
 # the input is not of this member of a union at all: the other members say more
 _WRONG_KIND = {"model_type", "dict_type", "list_type", "float_type", "int_type", "bool_type"}
 _WRONG_KIND |= {"string_type", "literal_error"}
@@ -605,12 +620,13 @@ def _located(chain: Chain, err: ValidationError) -> RecipeError:
             dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors)
         )
         if "input" in first and first["type"] != "value_error":
-            message += f", got {first['input']!r}"
+            message += f", got {_SHOWN.repr(first['input'])}"
             if first["type"] == "string_type" and isinstance(first["input"], int | float):
                 message += " (YAML read a number: quote it)"  # a revision like 1e45678
     if len(problems) > 1:
         more = [".".join(str(p) for p in other) or "(top level)" for other in list(problems)[1:]]
-        message += f" (and {len(more)} more: {', '.join(more)})"
+        listed = ", ".join(more[:8]) + (", …" if len(more) > 8 else "")
+        message += f" (and {len(more)} more: {listed})"
     key = ".".join(str(p) for p in loc) or None
     path, line = _setter(chain, loc)
     return RecipeError(path, key, message, line)

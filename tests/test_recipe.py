@@ -232,17 +232,35 @@ def test_a_loop_of_links_a_pipe_and_a_device_are_named_as_what_they_are(tmp_path
         load_recipes(tmp_path)
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        MINIMAL + "x: &a [*a]\n",  # an alias that holds itself
-        MINIMAL + "x: " + "[" * 3000 + "]" * 3000 + "\n",
-    ],
-)
-def test_a_recipe_nested_without_end_is_named(tmp_path, text):
-    path = write(tmp_path / "deep.yaml", text)
+def test_a_recipe_nested_without_end_is_named(tmp_path):
+    path = write(tmp_path / "deep.yaml", MINIMAL + "x: " + "[" * 3000 + "]" * 3000 + "\n")
     with pytest.raises(RecipeError, match=r"deep\.yaml: nested too deeply"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("x: &a [*a]\n", r":4: x: unknown key"),
+        (
+            "adapter: {target_modules: &t [q_proj, *t]}\n",
+            r":4: adapter\.target_modules\.1: .*string",
+        ),
+    ],
+)
+def test_an_alias_that_holds_itself_is_named_by_its_key(tmp_path, text, message):
+    path = write(tmp_path / "loop.yaml", MINIMAL + text)
+    with pytest.raises(RecipeError, match=r"loop\.yaml" + message):
+        load_recipe(path)
+
+
+def test_a_bad_value_is_shown_cut_short(tmp_path):
+    text = MINIMAL.replace(
+        "corpus: data/scifact", "corpus: [" + ", ".join([f"[x{i}]" for i in range(10_000)]) + "]"
+    )
+    with pytest.raises(RecipeError, match=r"corpus\.0: .*got \['x0'\]") as err:
+        load_recipe(write(tmp_path / "long.yaml", text))
+    assert len(str(err.value)) < 1000
 
 
 def test_a_chain_of_extends_deeper_than_python_recurses_is_named(tmp_path):
