@@ -409,9 +409,10 @@ class Planner:
         )
 
     def _decoder(self, recipe: Recipe) -> bool | None:
-        """Whether the recipe embeds with a causal decoder, by a local config.json: a full local
-        retriever's, else Θ's (the retriever is made from it); None where there is none at hand
-        (a hub model: the embed stage reads its config)."""
+        """Whether the recipe embeds with a causal decoder, by a local retriever's config.json (a
+        PEFT one's base's); None for a hub retriever, whose config the embed stage reads."""
+        if self._local(recipe.retriever.source) is None:
+            return None
         if self.is_peft(recipe.retriever):
             spec, key = recipe.base, "base"
         else:

@@ -752,26 +752,31 @@ def expand_sweeps(recipe: Recipe) -> list[Recipe]:
 
 def _name_clash(later: tuple[str, Path], earlier: tuple[str, Path]) -> RecipeError:
     """Two recipes of one name (or of names differing in case alone): blamed on the one whose
-    own ``name:`` makes the clash, at its line, where only the earlier one's does."""
+    own ``name:`` (not a parent's) makes the clash, at its line, where only the earlier one's
+    does."""
     if later[1] == earlier[1]:
         return RecipeError(
             later[1], "name", f"{later[0]!r} is also the name of another variant of this recipe"
         )
 
-    def blame(this: tuple[str, Path], other: tuple[str, Path]) -> RecipeError:
+    def blame(this: tuple[str, Path], other: tuple[str, Path], line: int | None) -> RecipeError:
         case = (
             f" (as {other[0]!r}: names must differ in more than case)"
             if other[0] != this[0]
             else ""
         )
-        return located(this[1], "name", f"{this[0]!r} is also the name of {_shown(other[1])}{case}")
+        message = f"{this[0]!r} is also the name of {_shown(other[1])}{case}"
+        return RecipeError(this[1], "name", message, line)
 
-    error = blame(later, earlier)
-    if error.line is None:
-        other_way = blame(earlier, later)
-        if other_way.line is not None:
-            return other_way
-    return error
+    later_line, earlier_line = _own_line(later[1], "name"), _own_line(earlier[1], "name")
+    if later_line is None and earlier_line is not None:
+        return blame(earlier, later, earlier_line)
+    return blame(later, earlier, later_line)
+
+
+def _own_line(path: Path, key: str) -> int | None:
+    """The line at which the recipe file itself (not a parent) sets the top-level ``key``."""
+    return _line_of(_read_yaml(Path(path).resolve())[1], (key,), exact=True)
 
 
 def load_recipes(recipes_dir: Path) -> list[Recipe]:

@@ -496,6 +496,8 @@ def test_auto_precision_is_fixed_by_a_local_models_config_and_left_to_the_stage_
     hub = "retriever: {source: org/a-retriever, family: custom}\n"  # mean pooling, a hub model
     edit(project, "ra-full", "extends: _common.yaml\nbase: org/a-base\n" + hub)
     assert embed_dtypes() == {"auto"}
+    edit(project, "ra-full", "extends: _common.yaml\n" + hub)  # over a local Llama: its own
+    assert embed_dtypes() == {"auto"}
 
 
 @pytest.mark.parametrize("corpus", [{"path": "data/toy"}, {"beir": "scifact"}])  # local, fetched

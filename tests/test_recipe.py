@@ -70,6 +70,13 @@ def test_partial_recipes_are_not_built_and_names_must_be_unique(tmp_path):
     write(tmp_path / "r" / "a.yaml", "extends: _base.yaml\nname: b\n")
     with pytest.raises(RecipeError, match=r"/a\.yaml:2: name: 'b' is also the name of .*b\.yaml$"):
         load_recipes(tmp_path / "r")
+    # a name both inherit from a parent: the file read second, naming the first
+    write(tmp_path / "r" / "_named.yaml", "extends: _base.yaml\nname: b\n")
+    write(tmp_path / "r" / "a.yaml", "extends: _named.yaml\n")
+    write(tmp_path / "r" / "sub" / "b.yaml", "extends: ../_named.yaml\n")
+    with pytest.raises(RecipeError, match=r"/b\.yaml: name: 'b' is also the name of .*/a\.yaml$"):
+        load_recipes(tmp_path / "r")
+    write(tmp_path / "r" / "sub" / "b.yaml", "extends: ../_base.yaml\n")
     write(tmp_path / "r" / "a.yaml", "extends: _base.yaml\n")
     write(tmp_path / "r" / "sub" / "b.yaml", "extends: ../_base.yaml\nname: A\n")
     with pytest.raises(
