@@ -485,6 +485,9 @@ def _read_yaml(path: Path) -> tuple[dict, yaml.Node | None]:
     return data, node
 
 
+_KEY_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:merge")  # a name, or ``<<`` (a merge)
+
+
 def _no_duplicate_keys(
     path: Path, node: yaml.Node | None, prefix: str = "", done: set[int] | None = None
 ) -> None:
@@ -499,8 +502,15 @@ def _no_duplicate_keys(
         seen: set[str] = set()
         for key_node, value_node in node.value:
             key = f"{prefix}{key_node.value}"
+            line = key_node.start_mark.line + 1
+            if (
+                key_node.tag not in _KEY_TAGS
+            ):  # ~, 1 or true would reach the schema as None, 1, True
+                kind = key_node.tag.rsplit(":", 1)[-1]
+                raise RecipeError(
+                    path, key, f"a key must be a name; YAML reads this one as {kind}", line
+                )
             if key_node.value in seen:
-                line = key_node.start_mark.line + 1
                 raise RecipeError(path, key, "the same key appears twice", line)
             seen.add(key_node.value)
             _no_duplicate_keys(path, value_node, key + ".", done)

@@ -150,6 +150,10 @@ def test_every_problem_of_a_recipe_is_named(tmp_path):
         ("adapter: {weight_decay: -0.1}\n", "adapter.weight_decay", 4, "greater than or equal"),
         ("adapter: {max_grad_norm: 0}\n", "adapter.max_grad_norm", 4, "greater than 0"),
         ('name: "abc\\n"\n', "name", 4, "letters, digits"),
+        # keys are names: YAML reads these as null, a number and a boolean
+        ("~: 2\n", "~", 4, "a key must be a name; YAML reads this one as null"),
+        ("adapter: {1: 2}\n", "adapter.1", 4, "YAML reads this one as int"),
+        ("readapt: {true: 2}\n", "readapt.true", 4, "YAML reads this one as bool"),
         # the adapter stage seeds torch with it, which takes -2^63 to 2^64 - 1
         ("adapter: {seed: 18446744073709551616}\n", "adapter.seed", 4, "less than or equal"),
         ("adapter: {seed: -9223372036854775809}\n", "adapter.seed", 4, "greater than or equal"),
