@@ -474,7 +474,7 @@ def test_embed_streams_the_corpus_shard_by_shard(tiny_retriever, tiny_beir, tmp_
     assert consumed_at_save == [5, 10, 12, 12]
 
 
-def test_embed_handles_empty_documents_and_missing_titles(tiny_retriever, tmp_path):
+def test_embed_handles_empty_documents_and_missing_titles(tiny_retriever, tmp_path, caplog):
     corpus = [
         {"_id": "0042", "title": "", "text": ""},
         {"_id": "42", "text": "no title at all"},
@@ -487,13 +487,15 @@ def test_embed_handles_empty_documents_and_missing_titles(tiny_retriever, tmp_pa
     ]
     qrels = [("007", "42", 2), ("007", "gone", 1), ("q3", "gone", 1)]
     root = write_beir(tmp_path / "beir", corpus, queries, qrels)
-    info = embed(
-        tiny_retriever,
-        root,
-        "test",
-        resolve_encoding("repllama", {"dtype": "float32"}),
-        tmp_path / "emb",
-    )
+    with caplog.at_level(logging.WARNING, logger="readaptir.stages.embed"):
+        info = embed(
+            tiny_retriever,
+            root,
+            "test",
+            resolve_encoding("repllama", {"dtype": "float32"}),
+            tmp_path / "emb",
+        )
+    assert "corpus.jsonl: 1 passages have neither title nor text" in caplog.text
     ((ids, vecs),) = load_embeddings(tmp_path / "emb")
     assert ids == ["0042", "42", "d3"] and info["queries"] == 1
     # 007 judges one present and one absent passage: embedded; q3 only an absent one: it scores 0

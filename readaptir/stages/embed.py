@@ -295,12 +295,13 @@ def embed_corpus(
         prepare_work(work, {**identity, "model": files_identity(model_dir, encoder.base_dir)})
     barrier(ranks)  # the work folder is ready
     order: list[str] = []  # passage ids in corpus order
-    shards = 0
+    shards = empty = 0
     progress = Throughput(total, "passages", "passage", show=ranks.main)
     try:
         for chunk in chunked(iter_passages(dataset_dir), shard_size):
             shard, shards = shards, shards + 1
             order.extend(p.id for p in chunk)
+            empty += sum(1 for p in chunk if not p.title.strip() and not p.text.strip())
             path = shard_file(work, shard)
             if shard % ranks.world != ranks.rank or complete_shard(path, len(chunk)):
                 progress.skip(len(chunk))  # another rank's, or encoded before an interruption
@@ -314,6 +315,14 @@ def embed_corpus(
                 on_shard(shard)
     finally:
         progress.close()
+    if empty and ranks.main:
+        LOG.warning(
+            "%s: %d passages have neither title nor text; each is encoded as the passage template "
+            "alone (%r)",
+            Path(dataset_dir) / "corpus.jsonl",
+            empty,
+            encoding.passage_template,
+        )
     barrier(ranks)  # every rank's shards are written; only rank 0 touches the files from here
     leave_distributed(ranks)
     if not ranks.main:
