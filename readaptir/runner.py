@@ -317,19 +317,26 @@ def run_stage(
     if spec["kind"] == "score":
         _check_recipe(root, spec["params"], spec_file)
     if "WORLD_SIZE" in os.environ:  # a rank of a relaunch: the launching process holds the lock
-        return _run(root, name, spec, spec_file, device, procs)
+        return _run(root, name, spec, spec_file, device, procs, rank=True)
     # one run of a stage at a time: DVC does not stop a stage when it is killed itself, and a
     # rerun beside that stage would train into its work folder and replace its output
     with held_alone(Path(root) / LOCK_DIR / f"{name}.lock", f"stage {name}"):
-        return _run(root, name, spec, spec_file, device, procs)
+        return _run(root, name, spec, spec_file, device, procs, rank=False)
 
 
 def _run(
-    root: Path, name: str, spec: dict, spec_file: str, device: str | None, procs: int | None
+    root: Path,
+    name: str,
+    spec: dict,
+    spec_file: str,
+    device: str | None,
+    procs: int | None,
+    rank: bool,
 ) -> Path:
-    """The checked stage's work: relaunched in ``procs`` processes, or in this one."""
+    """The checked stage's work: relaunched in ``procs`` processes (not from a ``rank`` of a
+    relaunch), or in this one."""
     ctx = Context(root, spec, device)
-    if spec["kind"] in DISTRIBUTED_KINDS and "WORLD_SIZE" not in os.environ:
+    if spec["kind"] in DISTRIBUTED_KINDS and not rank:
         n = processes(procs, ctx.device)
         if n > 1:
             args = ["stage", "run", name, "--root", str(root), "--spec", spec_file]

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from readaptir.artifacts import files_identity, require_empty, resolve_device, write_json
 from readaptir.corpus import (
+    CORPUS_FILE,
     iter_passages,
     judgments_from,
     load_qrels,
@@ -319,7 +320,7 @@ def embed_corpus(
         LOG.warning(
             "%s: %d passages have neither title nor text; each is encoded as the passage template "
             "alone (%r)",
-            Path(dataset_dir) / "corpus.jsonl",
+            Path(dataset_dir) / CORPUS_FILE,
             empty,
             encoding.passage_template,
         )
