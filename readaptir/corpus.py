@@ -212,7 +212,12 @@ def _read_qrels(dataset_dir: Path, split: str) -> tuple[dict[str, dict[str, int]
     for lineno, line in _lines(path, name):
         if not line.strip():
             continue
-        fields = line.rstrip("\r\n").split("\t")
+        line = line.rstrip("\r\n")
+        if "\r" in line:  # lines that end in a carriage return alone read as one line
+            raise CorpusError(
+                f"{name} line {lineno}: a carriage return within the line; lines end in LF or CRLF"
+            )
+        fields = line.split("\t")
         if len(fields) != 3:
             fields = line.split()
         if first:

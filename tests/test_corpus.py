@@ -289,3 +289,12 @@ def test_qrels_scores_are_whole_numbers_and_columns_may_be_space_separated(qrels
     _qrels(qrels_dir, ["q1\td1\t1", "q1\td2\t1.5"])
     with pytest.raises(CorpusError, match=r"line 2: score '1\.5' is not a whole number"):
         load_qrels(qrels_dir, "test")
+
+
+def test_qrels_with_lines_ending_in_a_carriage_return_alone_are_refused(qrels_dir):
+    """Such a file read as one line, its header, and then as "no judgments"."""
+    (qrels_dir / "qrels" / "test.tsv").write_bytes(b"query-id\tcorpus-id\tscore\rq1\td1\t1\r")
+    with pytest.raises(CorpusError, match=r"test\.tsv line 1: a carriage return within the line"):
+        load_qrels(qrels_dir, "test")
+    (qrels_dir / "qrels" / "test.tsv").write_bytes(b"query-id\tcorpus-id\tscore\r\nq1\td1\t1\r\n")
+    assert load_qrels(qrels_dir, "test") == {"q1": {"d1": 1}}
