@@ -612,9 +612,9 @@ class Planner:
         targets = recipe.adapter.target_modules
         if not targets:
             return
-        if folder not in self._linear:
-            from readaptir.targets import base_linear_modules, unmatched
+        from readaptir.targets import base_linear_modules, unmatched
 
+        if folder not in self._linear:
             try:
                 self._linear[folder] = base_linear_modules(folder)[0]
             except ValueError as err:  # a model type transformers lacks, or with no LM class

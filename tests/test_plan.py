@@ -306,7 +306,13 @@ def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, 
     with pytest.raises(RecipeError, match=r"\['v_prj'\] match none"):
         plan_of(project)  # PEFT would train q_proj alone, silently
     edit(project, "ra-full", "extends: _common.yaml\nadapter: {target_modules: [v_proj, q_proj]}\n")
-    assert "adapter" in {s.kind for s in plan_of(project).stages.values()}
+    kinds = [s.kind for s in plan_of(project).stages.values()]
+    assert "adapter" in kinds
+    merges = kinds.count("merge")
+    # the base's modules are read for the first variant of a sweep, and the rest use them
+    edit(project, "ra-full", "extends: _common.yaml\nadapter: {target_modules: [v_proj, q_proj]}\n"
+         "readapt: {alpha: [0.25, 0.5]}\n")  # fmt: skip
+    assert [s.kind for s in plan_of(project).stages.values()].count("merge") == merges + 1
     corpus = project / "data" / "toy" / "corpus.jsonl"
     passages = corpus.read_text()
     corpus.write_text("")
