@@ -37,6 +37,7 @@ import torch
 from shapes import add_shape_options, apply_tiny, llama_config, peak_rss_bytes, sync
 from transformers import LlamaForCausalLM, get_scheduler
 
+from readaptir.dora import LowRankDoraLinear
 from readaptir.packing import Layout, causal_inputs, layout, pack_boundaries
 from readaptir.training import (
     attach_adapter,
@@ -156,6 +157,10 @@ def measure(
         target_modules=TARGETS,
         fast_dora=fast_dora,
     )
+    dora_layers = sum(1 for m in model.modules() if getattr(m, "lora_magnitude_vector", None))
+    ours = sum(1 for m in model.modules() if isinstance(m, LowRankDoraLinear))
+    if ours != (dora_layers if fast_dora else 0):  # a label that says which forward ran is true
+        raise SystemExit(f"{name}: {ours} of {dora_layers} DoRA layers take readaptir's forward")
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     schedule = get_scheduler("constant", optimizer)
@@ -170,8 +175,6 @@ def measure(
         started = time.perf_counter()
         train(timed, *training)
         seconds = time.perf_counter() - started
-        if profile:
-            print(profile_step(timed[-1], training, device), flush=True)
     except torch.cuda.OutOfMemoryError:
         pass  # reported; the memory is freed below, once the traceback is gone
     real = sum(lay.real_tokens for lay in timed)
@@ -180,8 +183,13 @@ def measure(
         tokens_per_step=real / len(timed),
         padded_per_step=sum(lay.ids.numel() for lay in timed) / len(timed),
         tokens_per_s=real / seconds,
-        peak_gib=peak_gib(device),
+        peak_gib=peak_gib(device),  # of the timed steps: before the profiled one
     )
+    if profile and seconds == seconds:
+        try:  # the profile only explains; a profiler failure leaves the figures standing
+            print(profile_step(timed[-1], training, device), flush=True)
+        except Exception as err:
+            print(f"no profile: {type(err).__name__}: {err}", flush=True)
     optimizer.zero_grad(set_to_none=True)
     del training
     base = model.unload()  # the bare Llama again, for the next setting

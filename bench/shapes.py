@@ -57,12 +57,24 @@ def llama_config(args: argparse.Namespace, **extra):
 def peak_rss_bytes() -> int:
     """This process's peak resident set: VmHWM, which (unlike ru_maxrss) does not carry the
     parent's peak across fork and exec, and which writing "5" to /proc/self/clear_refs resets."""
+    hwm = _vm_hwm()
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_source() -> str:
+    """Where ``peak_rss_bytes`` reads from on this system, for a report to say."""
+    if _vm_hwm() is not None:
+        return "VmHWM"
+    return "ru_maxrss: no VmHWM here, so a child's figure may be its parent's peak"
+
+
+def _vm_hwm() -> int | None:
     status = Path("/proc/self/status")
     if status.exists():
         for line in status.read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
 
 
 def sync(device: str | torch.device) -> None:
