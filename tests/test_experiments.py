@@ -489,6 +489,49 @@ def test_metrics_of_an_earlier_build_of_a_recipe_are_left_out(tmp_path, caplog):
     assert list(report.load(tmp_path)[1]) == ["r-sf"]
 
 
+def test_recipes_edited_since_the_last_build_are_named(tmp_path, caplog):
+    """An edit not built changes no stage: `dvc repro` runs nothing, and the results of the
+    recipes as built would pass for the edited ones (in a commit of `dvc exp run` too)."""
+    from readaptir.recipe import load_recipes
+    from readaptir.report import load
+
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+
+    def write(name, alpha):
+        text = f"base: b\nretriever: r\ncorpus: data/scifact\nreadapt: {{alpha: {alpha}}}\n"
+        (recipes / f"{name}.yaml").write_text(text)
+
+    write("r-sf", 0.5)
+    write("r-two", 0.5)
+    built = {r.name: r.resolved() for r in load_recipes(recipes)}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"recipes": built, "scores": {}}))
+    load(tmp_path)
+    assert "since the last `readaptir build`" not in caplog.text
+    (recipes / "r-two.yaml").write_text(
+        (recipes / "r-two.yaml").read_text() + "# a comment changes nothing built\n"
+    )
+    load(tmp_path)
+    assert "since the last `readaptir build`" not in caplog.text
+    write("r-sf", 0.25)
+    write("r-new", 0.5)
+    (recipes / "r-two.yaml").unlink()
+    load(tmp_path)
+    said = "recipes/ have changed since the last `readaptir build` (changed r-sf; added r-new; "
+    assert said + "removed r-two), whose results these are" in caplog.text
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm",
+                    "edited, not built"], cwd=tmp_path, check=True)  # fmt: skip
+    (recipes / "r-sf.yaml").write_text("base: b\nretriever: r\ncorpus: data/scifact\nalpha: 1\n")
+    caplog.clear()
+    load(tmp_path, "HEAD")  # a revision's recipes are read from it, not from the workspace
+    assert "recipes/ at " in caplog.text and "(changed r-sf; added r-new;" in caplog.text
+    caplog.clear()
+    load(tmp_path)
+    assert "recipes/ do not load (recipes/r-sf.yaml:4: alpha: unknown key" in caplog.text
+
+
 def test_recipes_left_out_for_one_reason_are_one_warning(tmp_path, caplog):
     """A new sweep of twenty variants, built and not yet run: one line naming them, not twenty."""
     names = [f"sweep-a{i:02d}" for i in range(20)]
