@@ -260,9 +260,16 @@ def plots_cmd(root: Path, metric: str) -> None:
     from readaptir.plots import write_plots
 
     _, metrics = report.load(root)
+    if not metrics:
+        raise click.ClickException("no metrics yet: run `dvc repro` first")
     report.check_metric(metric, metrics)
-    for path in write_plots(root, metrics, metric):
+    written, removed = write_plots(root, metrics, metric)
+    for path in written:
         click.echo(f"wrote {path}")
+    if not any(path.name == "alpha_curves.png" for path in written):
+        click.echo("no α curve: no recipe is a sweep (`readapt.alpha: [...]`)")
+    for path in removed:
+        click.echo(f"removed {path} (of no recipe as now built)")
 
 
 @main.command()

@@ -46,8 +46,12 @@ def adapter_logs(root: Path) -> dict[str, Path]:
     return logs
 
 
-def write_plots(root: Path, metrics: dict[str, dict], metric: str = "nDCG@10") -> list[Path]:
-    """Write the α-curve CSV and the PNG files; returns the files written."""
+def write_plots(
+    root: Path, metrics: dict[str, dict], metric: str = "nDCG@10"
+) -> tuple[list[Path], list[Path]]:
+    """Write the α-curve CSV and the PNG files; returns the files written and those of an earlier
+    run removed (an α curve where no recipe is a sweep any more, a loss curve of an adapter no
+    recipe builds), so that plots/ shows the recipes as built."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,4 +89,8 @@ def write_plots(root: Path, metrics: dict[str, dict], metric: str = "nDCG@10") -
         fig.savefig(out / f"loss_{name}.png", dpi=120)
         plt.close(fig)
         written.append(out / f"loss_{name}.png")
-    return written
+    ours = [out / "alpha_curves.png", *sorted(out.glob("loss_*.png"))]
+    removed = [path for path in ours if path.is_file() and path not in written]
+    for path in removed:
+        path.unlink()
+    return written, removed

@@ -430,17 +430,29 @@ def test_write_plots_csv_and_a_loss_curve_per_adapter_only(tmp_path):
     assert plots.adapter_logs(tmp_path) == {
         "adapter-a": tmp_path / "artifacts" / "adapter" / "aaa" / "training_log.csv"
     }
-    written = plots.write_plots(tmp_path, _sweep(), "nDCG@10")
+    written, removed = plots.write_plots(tmp_path, _sweep(), "nDCG@10")
     assert sorted(p.name for p in written) == [
         "alpha_curves.csv",
         "alpha_curves.png",
         "loss_adapter-a.png",
     ]
+    assert removed == []
     rows = list(csv.DictReader((tmp_path / plots.ALPHA_CSV).open()))
     assert [(r["alpha"], r["retriever"], r["nDCG@10"]) for r in rows] == [
         ("0.0", "0.6", "0.6"),
         ("0.5", "0.6", "0.65"),
         ("1.0", "0.6", "0.7"),
+    ]
+    # the sweep became one α and the adapter another: no curve of them is left standing
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"stages": {}}))
+    (tmp_path / "plots" / "notes.png").write_bytes(b"")  # not a file of ours
+    one = {k: {**v, "sweep": None} for k, v in _sweep().items() if v["alpha"] == 0.5}
+    written, removed = plots.write_plots(tmp_path, one, "nDCG@10")
+    assert [p.name for p in written] == ["alpha_curves.csv"]
+    assert [p.name for p in removed] == ["alpha_curves.png", "loss_adapter-a.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "alpha_curves.csv",
+        "notes.png",
     ]
 
 
@@ -607,12 +619,15 @@ def test_a_params_file_not_as_build_writes_it_is_named(tmp_path, params, key):
         report.load(tmp_path)
 
 
-def test_plots_of_a_metric_no_file_holds_is_an_error(tmp_path):
+def test_plots_without_metrics_or_of_a_metric_no_file_holds_are_errors(tmp_path):
     from click.testing import CliRunner
 
     from readaptir.cli import main
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"recipes": {"r-sf": {}}}))
+    result = CliRunner().invoke(main, ["plots", "--root", str(tmp_path)])
+    assert result.exit_code == 1  # as report says: not an empty CSV and exit 0
+    assert "no metrics yet: run `dvc repro` first" in result.output
     (tmp_path / "metrics").mkdir()
     m = metrics_file("r-sf", "scifact", "R", 0.745, 0.763)
     (tmp_path / "metrics" / "r-sf.json").write_text(json.dumps(m))
@@ -620,6 +635,9 @@ def test_plots_of_a_metric_no_file_holds_is_an_error(tmp_path):
     assert result.exit_code == 1
     assert "no metrics file holds 'Foo'; they hold nDCG@10" in result.output
     assert not (tmp_path / "plots").exists()
+    result = CliRunner().invoke(main, ["plots", "--root", str(tmp_path)])
+    assert result.exit_code == 0
+    assert "no α curve: no recipe is a sweep" in result.output
 
 
 @pytest.mark.parametrize("command", [["diff", "HEAD"], ["report"], ["build"], ["init"]])
