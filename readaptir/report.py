@@ -69,8 +69,9 @@ FLAGS = {
     "they are of the recipe as now built is unknown (`dvc repro` makes sure): %s",
     "stale": "%d metrics file(s)%s are of an earlier build of their recipe, left out "
     "(run `dvc repro`): %s",
-    "foreign": f"%d metrics file(s)%s are of another recipe than {ROOT_PARAMS} holds (set there by "
-    "hand or by `dvc exp run -S`?), left out (edit recipes/, `readaptir build`, `dvc repro`): %s",
+    "foreign": f"%d metrics file(s)%s are of another version of their recipe than {ROOT_PARAMS} "
+    "holds, left out: the recipe was built since and not yet run (run `dvc repro`), or set there by "
+    "hand or by `dvc exp run -S` (edit recipes/, `readaptir build`, `dvc repro`): %s",
 }
 
 
@@ -271,11 +272,6 @@ def paper_rows(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[l
     return header, rows
 
 
-def _significant(cell: dict | None, metric: str) -> bool:
-    comparison = (cell or {}).get("comparison", {}).get(metric)
-    return bool(comparison) and comparison["p_value"] < SIGNIFICANCE
-
-
 def recipe_rows(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[list]]:
     header = ["recipe", "dataset", "alpha", "beta", "Base", "RA", "change", "W/T/L", "p"]
     rows = []
@@ -391,6 +387,7 @@ def table(
     metrics: dict[str, dict], kind: str = "paper", metric: str = "nDCG@10", fmt: str = "md"
 ) -> str:
     check_metric(metric, metrics)
+    sweeps = sorted({m["sweep"] for m in metrics.values() if m.get("sweep")})
     if kind == "paper":
         if metrics and all(m.get("sweep") for m in metrics.values()):
             raise ReportError(
@@ -398,27 +395,58 @@ def table(
                 "which this table leaves out: see `readaptir report --table alpha` or "
                 "`--table recipes`"
             )
-        header, rows = paper_rows(metrics, metric)
-        _, _, cells = paper_cells(metrics, metric)
-        marks = {}
-        for i, row in enumerate(rows):
-            for j, column in enumerate(header):
-                if column.endswith(" RA") and _significant(
-                    cells.get((row[0], column[:-3])), metric
-                ):
-                    marks[(i, j)] = "†"
-        body = render(header, rows, fmt, scale=100.0 if fmt == "md" else 1.0, marks=marks)
-        if fmt == "md":
-            body += (
-                f"\n\n{metric} ×100; † RA differs from Base with p < {SIGNIFICANCE} "
-                "(paired randomisation test over queries)."
-            )
-        return body
+        if sweeps:
+            LOG.warning(
+                "the variants of %d sweep(s) are left out of this table (see `--table alpha`): %s",
+                len(sweeps), _named(sweeps),
+            )  # fmt: skip
+        return _paper_table(metrics, metric, fmt)
     if kind == "recipes":
         return render(*recipe_rows(metrics, metric), fmt)
     if kind == "alpha":
+        if not sweeps:
+            raise ReportError(
+                "no recipe with metrics is a sweep (`readapt.alpha: [...]`): see "
+                "`readaptir report` or `--table recipes`"
+            )
         return render(*alpha_rows(metrics, metric), fmt)
     raise ReportError(f"unknown table {kind!r}; expected paper, recipes or alpha")
+
+
+def _paper_table(metrics: dict[str, dict], metric: str, fmt: str) -> str:
+    """The Table 1 layout: in Markdown ×100 with † where p < ``SIGNIFICANCE``; in CSV and JSON
+    unscaled, with each RA column's p-value in a column after it."""
+    header, rows = paper_rows(metrics, metric)
+    _, _, cells = paper_cells(metrics, metric)
+
+    def p_value(row: list, column: str) -> float | None:
+        comparison = (cells.get((row[0], column[: -len(" RA")])) or {}).get("comparison", {})
+        return (comparison.get(metric) or {}).get("p_value")
+
+    ra = [j for j, column in enumerate(header) if column.endswith(" RA")]
+    if fmt != "md":
+        wide_header: list[str] = []
+        wide: list[list] = [[] for _ in rows]
+        for j, column in enumerate(header):
+            wide_header.append(column)
+            for out, row in zip(wide, rows, strict=True):
+                out.append(row[j])
+            if j in ra:
+                wide_header.append(f"{column} p")
+                for out, row in zip(wide, rows, strict=True):
+                    out.append(p_value(row, column))
+        return render(wide_header, wide, fmt)
+    marks = {
+        (i, j): "†"
+        for i, row in enumerate(rows)
+        for j in ra
+        if (p := p_value(row, header[j])) is not None and p < SIGNIFICANCE
+    }
+    body = render(header, rows, fmt, scale=100.0, marks=marks)
+    return body + (
+        f"\n\n{metric} ×100; † RA differs from Base with p < {SIGNIFICANCE} "
+        "(paired randomisation test over queries)."
+    )
 
 
 def _flatten(data, prefix: str = "") -> dict[str, object]:

@@ -361,9 +361,20 @@ def test_readapted_recipe_wins_a_cell_whatever_the_name_order():
         assert rows[0] == ["scifact", 0.7, 0.8]
 
 
-def test_paper_csv_is_unscaled_and_recipes_columns_are_in_order():
+def test_paper_csv_is_unscaled_and_recipes_columns_are_in_order(caplog):
     rows = list(csv.DictReader(io.StringIO(report.table(METRICS, "paper", fmt="csv"))))
     assert rows[1]["dataset"] == "scifact" and rows[1]["e5 RA"] == "0.733"
+    # the test behind the Markdown table's † is in the machine-readable ones too
+    assert list(rows[1])[1:4] == ["RepLLaMA Base", "RepLLaMA RA", "RepLLaMA RA p"]
+    assert rows[1]["RepLLaMA RA p"] == "0.01" and rows[2]["RepLLaMA RA p"] == ""  # the average
+    as_json = json.loads(report.table(METRICS, "paper", fmt="json"))
+    assert as_json[1]["e5 RA p"] == 0.5
+    # a sweep variant left out of the table is said to be, not silently missing
+    assert "the variants of 1 sweep(s) are left out of this table (see `--table alpha`): x" in (
+        caplog.text
+    )
+    with pytest.raises(report.ReportError, match=r"no recipe with metrics is a sweep"):
+        report.table({k: v for k, v in METRICS.items() if k != "r-sweep"}, "alpha")
     recipes = {
         r["recipe"]: r
         for r in csv.DictReader(io.StringIO(report.table(METRICS, "recipes", fmt="csv")))
@@ -495,7 +506,9 @@ def test_metrics_of_an_earlier_build_of_a_recipe_are_left_out(tmp_path, caplog):
     m = {**m, "stage": "b" * 16, "recipe_digest": recipe_digest(built)}
     (tmp_path / "metrics" / "r-sf.json").write_text(json.dumps(m))
     assert report.load(tmp_path)[1] == {}
-    assert "1 metrics file(s) are of another recipe than params.yaml holds" in caplog.text
+    assert "1 metrics file(s) are of another version of their recipe than params.yaml holds" in (
+        caplog.text
+    )
     params["recipes"]["r-sf"] = built
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert list(report.load(tmp_path)[1]) == ["r-sf"]
