@@ -70,8 +70,8 @@ FLAGS = {
     "stale": "%d metrics file(s)%s are of an earlier build of their recipe, left out "
     "(run `dvc repro`): %s",
     "foreign": f"%d metrics file(s)%s are of another version of their recipe than {ROOT_PARAMS} "
-    "holds, left out: the recipe was built since and not yet run (run `dvc repro`), or set there by "
-    "hand or by `dvc exp run -S` (edit recipes/, `readaptir build`, `dvc repro`): %s",
+    "holds, left out: the recipe was built since and not yet run (run `dvc repro`), or set there "
+    "by hand or by `dvc exp run -S` (edit recipes/, `readaptir build`, `dvc repro`): %s",
 }
 
 
