@@ -118,7 +118,7 @@ def validate(root: Path) -> None:
     "--prune",
     is_flag=True,
     help="Remove the folders under artifacts/ that no stage of the recipes makes and no recipe "
-    "reads.",
+    "reads, and the metrics files of recipes no longer built.",
 )
 @user_errors
 def build(root: Path, prune: bool) -> None:
@@ -140,6 +140,23 @@ def build(root: Path, prune: bool) -> None:
     state = state if changed else "nothing changed"
     click.echo(f"{len(recipes)} recipes -> {len(plan.stages)} stages ({summary}); {state}")
     _leftovers(root, plan.leftovers(root), prune)
+    _stale_metrics(plan.stale_metrics(root), prune)
+
+
+def _stale_metrics(files: list[Path], prune: bool) -> None:
+    """Say which metrics files no recipe writes any more, or remove them."""
+    if not files:
+        return
+    names = ", ".join(path.name for path in files[:3]) + (" …" if len(files) > 3 else "")
+    if prune:
+        for path in files:
+            path.unlink()
+        click.echo(f"removed {len(files)} metrics file(s) of recipes no longer built: {names}")
+        return
+    click.echo(
+        f"{len(files)} metrics file(s) of recipes no longer built are left in metrics/ ({names}; "
+        "report leaves them out): `readaptir build --prune` removes them"
+    )
 
 
 def _leftovers(root: Path, stale: list[Path], prune: bool) -> None:

@@ -132,6 +132,14 @@ class Plan:
                     found.append(path)
         return found
 
+    def stale_metrics(self, root: Path) -> list[Path]:
+        """Files ``metrics/*.json`` no score stage of this plan writes: of recipes removed,
+        renamed or made a sweep, which ``report`` leaves out."""
+        written = {stage.metrics_file for stage in self.stages.values()}
+        folder = Path(root) / "metrics"
+        files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+        return [path for path in files if f"metrics/{path.name}" not in written]
+
 
 def _blank(path: Path) -> bool:
     """Whether a file holds nothing but white space (and a byte-order mark): a few bytes read."""

@@ -863,14 +863,24 @@ def test_build_names_and_prunes_what_no_stage_makes_any_more(project):
     # a file linked into DVC's cache outlives its output; one linked twice within them does not
     os.link(stale[0] / "data.bin", project / ".dvc-cache-object")
     os.link(stale[1] / "data.bin", stale[2] / "again.bin")
+    metrics = project / "metrics"  # of a recipe since removed, and of one built now
+    metrics.mkdir()
+    (metrics / "gone.json").write_text("{}")
+    current = next(s.metrics_file for s in plan_of(project).stages.values() if s.kind == "score")
+    (project / current).write_text("{}")
     said = _build(project)
     assert f"{len(stale)} folders under artifacts/ are left over" in said, said
     assert f"removing them frees {2 * (len(stale) - 2):.2f} MB" in said
+    assert "1 metrics file(s) of recipes no longer built are left in metrics/ (gone.json;" in said
     assert all(path.exists() for path in kept + stale + mine)  # named, not touched
-    assert f"removed {len(stale)} of {len(stale)} folders" in _build(project, "--prune")
+    assert (metrics / "gone.json").is_file()
+    said = _build(project, "--prune")
+    assert f"removed {len(stale)} of {len(stale)} folders" in said
+    assert "removed 1 metrics file(s) of recipes no longer built: gone.json" in said
     assert not any(path.exists() or path.is_symlink() for path in stale)
     assert all(path.exists() for path in kept + mine) and elsewhere.is_dir()
-    assert "left over" not in _build(project)
+    assert [p.name for p in metrics.iterdir()] == [Path(current).name]
+    assert "left" not in _build(project)
 
 
 def test_build_waits_for_dvc_and_prune_goes_on_past_a_failure(project, monkeypatch):
