@@ -70,10 +70,18 @@ def dvc_stage(stage: Stage, plan: Plan, folder: str | None = None) -> dict:
 
 
 def _plots(plan: Plan) -> list[dict]:
-    adapters = [s for s in plan.stages.values() if s.kind == "adapter"]
-    return [
-        {f"{s.out}/training_log.csv": {"x": "step", "y": "loss", "title": s.desc}} for s in adapters
-    ] + [{ALPHA_CSV: {"x": "alpha", "title": "readapted score against alpha (readaptir plots)"}}]
+    """The adapters' loss curves, and the α curves where some recipe is a sweep (``readaptir
+    plots`` writes them; listed without one, ``dvc plots show`` fails to load them)."""
+    stages = plan.stages.values()
+    plots = [
+        {f"{s.out}/training_log.csv": {"x": "step", "y": "loss", "title": s.desc}}
+        for s in stages
+        if s.kind == "adapter"
+    ]
+    if any(s.kind == "score" and s.params.get("sweep") for s in stages):
+        title = "readapted score against alpha (readaptir plots)"
+        plots.append({ALPHA_CSV: {"x": "alpha", "title": title}})
+    return plots
 
 
 def render(plan: Plan) -> dict[str, str]:

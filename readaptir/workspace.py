@@ -15,8 +15,9 @@ from pathlib import Path
 # come first: DVC moves a stage's fresh output into the cache by hardlink only when hardlink is
 # the first type listed (with reflink first it copies, and ext4 cannot reflink).
 CACHE_TYPES = "hardlink,symlink"
-# local state, and what an interrupted stage leaves (resumable adapter checkpoints among it)
-IGNORED = (".readaptir/", "artifacts/*/.tmp-*", "artifacts/*/.work-*")
+# local state, what an interrupted stage leaves (resumable adapter checkpoints among it), and the
+# page `dvc plots show` writes
+IGNORED = (".readaptir/", "artifacts/*/.tmp-*", "artifacts/*/.work-*", "dvc_plots/")
 
 
 def tool_env() -> dict[str, str]:

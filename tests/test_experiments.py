@@ -39,6 +39,17 @@ def test_sweep_expands_to_named_variants_sharing_adapter_and_delta(project):  # 
     assert len(kinds["adapter"]) == 1 and len(kinds["delta"]) == 1
     assert len(kinds["merge"]) == 5  # α=0, β=1 is the retriever itself
     assert len(kinds["score"]) == 6
+    # dvc.yaml lists the α curves `readaptir plots` writes only where a recipe is a sweep: listed
+    # without one, `dvc plots show` fails to load them
+    from readaptir.dvcfile import render
+
+    def plotted(recipes):
+        listed = yaml.safe_load(render(plan_recipes(recipes, project))["dvc.yaml"])["plots"]
+        return {path.split("/")[0] for entry in listed for path in entry}
+
+    assert plotted(recipes) == {"plots", "artifacts"}
+    single = [r for r in recipes if r.name == "ra-half-a0p5-b1"]
+    assert plotted([r.model_copy(update={"_sweep": None}) for r in single]) == {"artifacts"}
 
 
 def test_alpha_auto_builds_the_grid_and_one_score(project):  # noqa: F811

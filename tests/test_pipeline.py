@@ -75,6 +75,8 @@ def test_init_stages_the_dvc_config_it_writes(tmp_path):
     cli("init", "--root", str(tmp_path))
     assert ".dvc/config" not in git(tmp_path, "diff", "--name-only")  # nothing left unstaged
     assert "cache" in git(tmp_path, "show", ":.dvc/config")
+    ignored = (tmp_path / ".gitignore").read_text().splitlines()
+    assert {".readaptir/", "artifacts/*/.work-*", "dvc_plots/"} <= set(ignored)
 
 
 @pytest.fixture
