@@ -17,6 +17,7 @@ import math
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from readaptir.artifacts import parse_mapping, read_text
@@ -33,6 +34,10 @@ class ReportError(ValueError):
     pass
 
 
+class NothingBuilt(ReportError):
+    """A workspace or revision with no recipes built (before the project began, say)."""
+
+
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
 
@@ -46,6 +51,8 @@ def resolve_rev(root: Path, rev: str) -> str:
     named = [ref for ref in refs if ref.rsplit("/", 1)[-1] == rev]
     if len(named) == 1:
         return _git(root, "rev-parse", named[0]).stdout.strip()
+    if _git(root, "rev-parse", "--verify", "--quiet", "HEAD").returncode:
+        raise ReportError(f"{rev!r}: the git repository of {root} has no commits yet")
     raise ReportError(f"{rev!r} is neither a git revision nor a DVC experiment of {root}")
 
 
@@ -118,7 +125,7 @@ def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, d
             )
     if not recipes:
         where = str(root) if rev == WORKSPACE else f"git revision {rev}"
-        raise ReportError(f"no built recipes in {where}: run `readaptir build` (and commit) first")
+        raise NothingBuilt(f"no built recipes in {where}: run `readaptir build` (and commit) first")
     metrics: dict[str, dict] = {}
     flagged: dict[str, list[str]] = {reason: [] for reason in FLAGS}
     for name in sorted(recipes):
@@ -367,15 +374,22 @@ def render(
     return "\n".join(lines)
 
 
-def check_metric(metric: str, *metrics: dict[str, dict]) -> None:
+def check_metric(metric: str, *metrics: dict[str, dict], at: Sequence[str] = ()) -> None:
     """A metric no metrics file holds is a typo, not an empty table; the recipes whose files
-    lack it are named, not left out of averages and tables without a word."""
+    lack it are named, not left out of averages and tables without a word (with ``at``, the
+    names of the versions ``metrics`` are of, those a recipe lacks it at)."""
     held = {name for ms in metrics for m in ms.values() for name in m.get("readapted", {})}
     if held and metric not in held:
         raise ReportError(f"no metrics file holds {metric!r}; they hold {', '.join(sorted(held))}")
-    lacking = sorted(
-        {n for ms in metrics for n, m in ms.items() if metric not in m.get("readapted", {})}
-    )
+    where: dict[str, list[str]] = {}
+    for i, ms in enumerate(metrics):
+        for n, m in ms.items():
+            if metric not in m.get("readapted", {}):
+                where.setdefault(n, []).append(at[i] if at else "")
+    lacking = [
+        n if len(revs) == len(metrics) or not at else f"{n} (at {', '.join(revs)})"
+        for n, revs in sorted(where.items())
+    ]
     if held and lacking:
         LOG.warning(
             "%d recipes have no %s (their eval.metrics leave it out), so no score here: %s",
@@ -462,9 +476,19 @@ def diff(root: Path, rev_a: str, rev_b: str = WORKSPACE, metric: str = "nDCG@10"
     """Per recipe: what changed in its parameters beside how its scores moved."""
     if WORKSPACE not in (rev_a, rev_b) and resolve_rev(root, rev_a) == resolve_rev(root, rev_b):
         LOG.warning("%s and %s are one commit: nothing can have changed", rev_a, rev_b)
-    recipes_a, metrics_a = load(root, rev_a)
-    recipes_b, metrics_b = load(root, rev_b)
-    check_metric(metric, metrics_a, metrics_b)
+    loaded: list[tuple[dict, dict] | None] = []
+    for rev in (rev_a, rev_b):
+        try:
+            loaded.append(load(root, rev))
+        except NothingBuilt:  # a revision before the project began, say
+            loaded.append(None)
+    if loaded == [None, None]:
+        raise NothingBuilt(f"no recipes built at {rev_a} nor at {rev_b}: nothing to compare")
+    for rev, got, other in ((rev_a, loaded[0], "added"), (rev_b, loaded[1], "removed")):
+        if got is None:
+            LOG.warning("no recipes built at %s: every recipe counts as %s", rev, other)
+    (recipes_a, metrics_a), (recipes_b, metrics_b) = (got or ({}, {}) for got in loaded)
+    check_metric(metric, metrics_a, metrics_b, at=(rev_a, rev_b))
     header = [
         "recipe",
         "changed parameters",

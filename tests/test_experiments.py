@@ -191,6 +191,11 @@ def test_recipes_without_the_metric_are_named(caplog):
     assert "fiqa" not in [row[0] for row in rows]  # no score to show
     assert "1 recipes have no nDCG@10 (their eval.metrics leave it out)" in caplog.text
     assert caplog.text.count("r-fiqa") == 1
+    caplog.clear()  # two versions (diff): a recipe lacking it at one of them says which
+    report.check_metric("nDCG@10", {"r-fiqa": other}, {"r-fiqa": METRICS["r-sf"]}, at=("A", "B"))
+    assert "no nDCG@10 (their eval.metrics leave it out), so no score here: r-fiqa (at A)" in (
+        caplog.text
+    )
 
 
 def test_two_recipes_in_one_cell_is_an_error():
@@ -214,8 +219,19 @@ def test_diff_between_two_committed_recipe_versions(tmp_path, caplog):
         git("-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", message)
 
     git("init", "-q")
+    with pytest.raises(report.ReportError, match="'HEAD': the git repository of .* no commits yet"):
+        report.diff(tmp_path, "HEAD")
+    (tmp_path / "README").write_text("before the project")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "start")
     commit(0.5, 0.763, "a")
     commit(0.25, 0.770, "b")
+    before = report.diff(tmp_path, "HEAD~2", "HEAD")  # from before the project: all added
+    assert "no recipes built at HEAD~2: every recipe counts as added" in caplog.text
+    assert before.splitlines()[2].replace(" ", "").startswith("|r-sf|added|-|0.7450|-|0.7700|-|")
+    with pytest.raises(report.NothingBuilt, match="nor at HEAD~2: nothing to compare"):
+        report.diff(tmp_path, "HEAD~2", "HEAD~2")
+    caplog.clear()
     text = report.diff(tmp_path, "HEAD~1", "HEAD")
     row = next(line for line in text.splitlines() if line.startswith("| r-sf"))
     assert "readapt.alpha: 0.5 -> 0.25" in row and "+0.0070" in row
