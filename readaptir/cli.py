@@ -90,7 +90,13 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@root_option
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=".",
+    show_default=True,
+    help="Project root: a folder of a git repository, made if it does not exist.",
+)
 @user_errors
 def init(root: Path) -> None:
     """Set up a git repository for readaptir: DVC, its cache links, recipes/."""

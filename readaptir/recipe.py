@@ -1,6 +1,7 @@
 """Recipe schema: YAML validated by pydantic, with ``extends`` and errors that name file and key.
 
-Defaults are the RE-AdaptIR paper's. A minimal recipe is ``base``, ``retriever`` and ``corpus``.
+Defaults are the RE-AdaptIR paper's, but for adapters trained on packed rows (``adapter.packing``).
+A minimal recipe is ``base``, ``retriever`` and ``corpus``.
 Files whose name starts with ``_`` are partial recipes: used through ``extends``, never built alone.
 Relative paths in a recipe are relative to the project root (the folder holding ``recipes/``).
 """

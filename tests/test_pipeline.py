@@ -77,6 +77,8 @@ def test_init_stages_the_dvc_config_it_writes(tmp_path):
     assert "cache" in git(tmp_path, "show", ":.dvc/config")
     ignored = (tmp_path / ".gitignore").read_text().splitlines()
     assert {".readaptir/", "artifacts/*/.work-*", "dvc_plots/"} <= set(ignored)
+    cli("init", "--root", str(tmp_path / "sub" / "project"))  # a project in a new folder
+    assert (tmp_path / "sub" / "project" / ".dvc").is_dir()
 
 
 @pytest.fixture
