@@ -1,8 +1,11 @@
 # `make demo` and `make test` work on a fresh machine: both set up .venv first.
-# TORCH picks the PyTorch build; e.g. `make demo TORCH=torch` for the newest (CUDA) release.
+# TORCH picks the PyTorch release and TORCH_INDEX where pip takes it from; e.g.
+# `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` for the CPU build where PyPI's
+# default is a CUDA one.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 
 .PHONY: setup demo test lint clean
@@ -12,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
