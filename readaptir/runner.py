@@ -222,7 +222,7 @@ def _fetch(ctx: Context, out: Path) -> dict:
     from readaptir.stages.fetch import fetch
 
     p = ctx.params
-    return fetch(p["url"], p["name"], out, sha256=p["sha256"])
+    return fetch(p["url"], p["name"], out, sha256=p["sha256"], root=ctx.root)
 
 
 def _check_recipe(root: Path, p: dict, spec_file: str) -> None:

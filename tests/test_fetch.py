@@ -120,3 +120,115 @@ def test_a_local_archive_is_known_by_its_content(project, tiny_beir, tmp_path): 
         fetch_stage()
     with pytest.raises(ValueError, match=r"^file:.*toy\.zip: .*No such file"):
         fetch(archive.as_uri(), "toy", tmp_path)
+
+
+def _members(path, members: dict[str, str]):
+    with zipfile.ZipFile(path, "w") as zipped:
+        for name, text in members.items():
+            zipped.writestr(name, text)
+    return path.as_uri()
+
+
+def test_an_archive_that_is_not_one_whole_collection_is_refused(tmp_path, tiny_beir):
+    """Kept before: the shallowest corpus.jsonl of several (a folder of that name too), or one
+    with no queries or judgments, found only when a stage read them after the GPU work."""
+    out = tmp_path / "out"
+    out.mkdir()
+    whole = {
+        name: (tiny_beir / name).read_text()
+        for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv")
+    }
+    two = {
+        f"{forum}/{name}": text for forum in ("android", "stats") for name, text in whole.items()
+    }
+    cases = [
+        (two, r"holds 2 collections \(android, stats\); a recipe's corpus is one"),
+        ({"x/corpus.jsonl": whole["corpus.jsonl"], **{f"x/y/{n}": t for n, t in whole.items()}},
+         r"holds 2 collections \(x, x/y\)"),
+        ({"s/corpus.jsonl": whole["corpus.jsonl"]}, r"s has corpus\.jsonl but no queries\.jsonl "
+         r"and no qrels/\*\.tsv"),
+        ({**whole, "corpus.jsonl": "\n  \n"}, r"its corpus\.jsonl is empty"),
+        ({"a/corpus.jsonl/readme.txt": "a folder", **{f"b/{n}": t for n, t in whole.items()}},
+         None),  # a folder named corpus.jsonl is not a collection
+    ]  # fmt: skip
+    for i, (members, refusal) in enumerate(cases):
+        url = _members(tmp_path / f"{i}.zip", members)
+        if refusal is None:
+            fetch(url, "toy", out)
+            assert (out / "toy" / "qrels" / "test.tsv").is_file()
+            continue
+        with pytest.raises(ValueError, match=refusal):
+            fetch(url, "toy", out)
+        assert list(out.iterdir()) == []
+
+
+def test_a_damaged_archive_says_how(tmp_path, tiny_beir, monkeypatch):
+    from readaptir.stages import fetch as fetch_module
+
+    out = tmp_path / "out"
+    out.mkdir()
+    archive = _zip(tmp_path / "toy.zip", tiny_beir, "toy/")
+    data = bytearray(archive.read_bytes())
+    at = data.index(b"PK\x03\x04") + 30 + len("toy/corpus.jsonl")  # the first member's bytes
+    data[at] ^= 0xFF
+    (tmp_path / "crc.zip").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"crc\.zip is not a zip archive that unpacks: BadZipFile: "
+                       r"Bad CRC-32"):  # fmt: skip
+        fetch((tmp_path / "crc.zip").as_uri(), "toy", out)
+    monkeypatch.setattr(
+        fetch_module.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 1)
+    )
+    with pytest.raises(ValueError, match=r"toy\.zip unpacks to 0\.0 GB and .* has 0\.0 GB free"):
+        fetch(archive.as_uri(), "toy", out)
+    assert list(out.iterdir()) == []
+
+
+def test_a_relative_file_url_is_under_the_project_root_wherever_the_stage_runs(
+    tmp_path, tiny_beir, monkeypatch
+):
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    _zip(root / "data" / "toy.zip", tiny_beir, "toy/")
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(tmp_path)  # not the root, which the build read the path under
+    info = fetch("file:data/toy.zip", "toy", out, root=root)
+    assert info["url"] == "file:data/toy.zip" and (out / "toy" / "corpus.jsonl").is_file()
+
+
+def test_a_download_cut_short_or_stalled_names_the_url(tmp_path, monkeypatch):
+    import http.server
+    import threading
+
+    from readaptir.stages import fetch as fetch_module
+
+    class Cut(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * 400)
+            if self.path == "/stall.zip":
+                stop.wait(5)  # then goes silent, the connection open
+
+        def log_message(self, *args):
+            pass
+
+    stop = threading.Event()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cut)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(fetch_module, "TIMEOUT", 0.5)
+    try:
+        with pytest.raises(ValueError, match=r"/cut\.zip: received 400 of 1000 bytes"):
+            fetch(f"{base}/cut.zip", "toy", out)
+        with pytest.raises(
+            ValueError, match=r"/stall\.zip: the download failed after \d+ bytes: timed out"
+        ):
+            fetch(f"{base}/stall.zip", "toy", out)
+    finally:
+        stop.set()
+        server.shutdown()
+    assert list(out.iterdir()) == []

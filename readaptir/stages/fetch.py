@@ -1,12 +1,13 @@
 """Fetch a BEIR-format collection: a zip archive downloaded (or copied) and unpacked.
 
 The public BEIR archives unpack to ``<name>/corpus.jsonl``, ``queries.jsonl``, ``qrels/``; the
-folder holding ``corpus.jsonl`` becomes ``out/<name>``. The archive's sha256 is recorded, and
-checked when the recipe pins one.
+folder holding ``corpus.jsonl`` becomes ``out/<name>``, once it holds the three. The archive's
+sha256 is recorded, and checked when the recipe pins one.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import shutil
@@ -15,59 +16,133 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from tqdm.auto import tqdm
 
 from readaptir.artifacts import write_json
+from readaptir.fingerprint import project_path
 
 LOG = logging.getLogger(__name__)
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 CHUNK = 1 << 20
 TIMEOUT = 60  # seconds without an answer before a download fails (a stalled server)
+# what unpacking an archive may fail with: a damaged one, a member name that is not UTF-8 though
+# flagged so, a compression method or an encryption zipfile lacks
+UNPACK_ERRORS = (
+    zipfile.BadZipFile,
+    EOFError,
+    UnicodeDecodeError,
+    NotImplementedError,
+    RuntimeError,
+)
 
 
 def beir_url(name: str) -> str:
     return BEIR_URL.format(name=name)
 
 
-def _download(url: str, target: Path) -> str:
+def _opened(url: str, root: Path | None) -> str:
+    """What to open for ``url``: a relative ``file:`` path lies under the project root, where the
+    build read it, whatever the working folder of the stage."""
+    if root is None or urlparse(url).scheme != "file":
+        return url
+    return project_path(root, url2pathname(urlparse(url).path)).absolute().as_uri()
+
+
+def _download(url: str, target: Path, root: Path | None = None) -> str:
     digest = hashlib.sha256()
     try:
-        response = urllib.request.urlopen(url, timeout=TIMEOUT)
+        response = urllib.request.urlopen(_opened(url, root), timeout=TIMEOUT)
     except urllib.error.URLError as err:  # a mistyped BEIR name is a 404 here
         detail = err if isinstance(err, urllib.error.HTTPError) else err.reason
         raise ValueError(f"{url}: {detail}") from None
+    received = 0
     with response, target.open("wb") as handle:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=Path(url).name) as bar:
-            while block := response.read(CHUNK):
-                handle.write(block)
-                digest.update(block)
-                bar.update(len(block))
+            try:
+                while block := response.read(CHUNK):
+                    handle.write(block)
+                    digest.update(block)
+                    received += len(block)
+                    bar.update(len(block))
+            except (TimeoutError, ConnectionError, urllib.error.URLError) as err:
+                raise ValueError(
+                    f"{url}: the download failed after {received} bytes: {err}"
+                ) from None
+    if total is not None and received != total:
+        raise ValueError(f"{url}: received {received} of {total} bytes: the connection was cut")
     return digest.hexdigest()
 
 
-def fetch(url: str, name: str, out: Path, *, sha256: str | None = None) -> dict:
-    """Download ``url`` (http(s) or file), unpack it, and leave the collection in ``out/name``."""
+def _unpack(url: str, archive: Path, into: Path) -> None:
+    """Unpack ``archive`` into ``into``, if its declared size fits the free space."""
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            size = sum(member.file_size for member in zipped.infolist())
+            into.mkdir()
+            free = shutil.disk_usage(into).free
+            if size > free:
+                raise ValueError(
+                    f"{url} unpacks to {size / 1e9:.1f} GB and {into} has {free / 1e9:.1f} GB free"
+                )
+            zipped.extractall(into)
+    except UNPACK_ERRORS as err:
+        raise ValueError(
+            f"{url} is not a zip archive that unpacks: {type(err).__name__}: {err}"
+        ) from None
+
+
+def _collection(url: str, unpacked: Path) -> Path:
+    """The one folder of ``unpacked`` holding a BEIR collection: corpus, queries and judgments."""
+    found = sorted(p.parent for p in unpacked.rglob("corpus.jsonl") if p.is_file())
+    if not found:
+        raise ValueError(f"{url}: the archive has no corpus.jsonl")
+    if len(found) > 1:
+        folders = ", ".join(str(p.relative_to(unpacked)) for p in found[:5])
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        raise ValueError(
+            f"{url}: the archive holds {len(found)} collections ({folders}{more}); a recipe's "
+            "corpus is one: unpack it and give the folder as `corpus: {path: ...}`"
+        )
+    folder = found[0]
+    missing = [
+        name
+        for name, present in (
+            ("queries.jsonl", (folder / "queries.jsonl").is_file()),
+            ("qrels/*.tsv", any((folder / "qrels").glob("*.tsv"))),
+        )
+        if not present
+    ]
+    if missing:
+        where = folder.relative_to(unpacked)
+        raise ValueError(f"{url}: {where} has corpus.jsonl but no {' and no '.join(missing)}")
+    with (folder / "corpus.jsonl").open("rb") as handle:
+        first = handle.read(CHUNK).removeprefix(codecs.BOM_UTF8)
+        if not any(block.strip() for block in (first, *iter(lambda: handle.read(CHUNK), b""))):
+            raise ValueError(f"{url}: its corpus.jsonl is empty (no passages)")
+    return folder
+
+
+def fetch(
+    url: str, name: str, out: Path, *, sha256: str | None = None, root: Path | None = None
+) -> dict:
+    """Download ``url`` (http(s) or file; a relative file path under ``root``), unpack it, and
+    leave the collection in ``out/name``."""
     with tempfile.TemporaryDirectory(dir=out) as scratch:
         archive = Path(scratch) / "archive.zip"
         LOG.info("fetching %s", url)
-        got = _download(url, archive)
+        got = _download(url, archive, root)
         if sha256 and got != sha256.lower():
             raise ValueError(
                 f"{url}: sha256 is {got}, not {sha256} (the recipe's pin, or a local archive's "
                 "content at `readaptir build`)"
             )
-        try:
-            with zipfile.ZipFile(archive) as zipped:
-                zipped.extractall(Path(scratch) / "unpacked")
-        except zipfile.BadZipFile:
-            raise ValueError(f"{url} is not a zip archive") from None
-        found = sorted(Path(scratch, "unpacked").rglob("corpus.jsonl"), key=lambda p: len(p.parts))
-        if not found:
-            raise ValueError(f"{url}: the archive has no corpus.jsonl")
-        shutil.move(str(found[0].parent), out / name)
+        _unpack(url, archive, Path(scratch) / "unpacked")
+        shutil.move(str(_collection(url, Path(scratch) / "unpacked")), out / name)
     info = {"url": url, "sha256": got, "name": name}
     write_json(out / "fetch.json", info)
     return info
