@@ -290,7 +290,7 @@ def plots_cmd(root: Path, metric: str) -> None:
     for path in written:
         click.echo(f"wrote {path}")
     if not any(path.name == "alpha_curves.png" for path in written):
-        click.echo("no α curve: no recipe is a sweep (`readapt.alpha: [...]`)")
+        click.echo("no α curve: no sweep (`readapt.alpha: [...]`) with metrics yet")
     for path in removed:
         click.echo(f"removed {path} (of no recipe as now built)")
 

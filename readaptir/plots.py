@@ -46,12 +46,25 @@ def adapter_logs(root: Path) -> dict[str, Path]:
     return logs
 
 
+def stale_plots(root: Path) -> list[Path]:
+    """PNG files of ours no stage of the built plan stands for: the α curves where no recipe is a
+    sweep, the loss curve of an adapter no recipe has (not one whose log is yet to come)."""
+    from readaptir.dvcfile import all_stage_specs
+
+    specs = all_stage_specs(root)
+    out = Path(root) / PLOTS_DIR
+    sweeps = any(s["kind"] == "score" and s["params"].get("sweep") for s in specs.values())
+    adapters = {f"loss_{name}.png" for name, spec in specs.items() if spec["kind"] == "adapter"}
+    stale = [] if sweeps else [out / "alpha_curves.png"]
+    stale += [path for path in sorted(out.glob("loss_*.png")) if path.name not in adapters]
+    return [path for path in stale if path.is_file()]
+
+
 def write_plots(
     root: Path, metrics: dict[str, dict], metric: str = "nDCG@10"
 ) -> tuple[list[Path], list[Path]]:
     """Write the α-curve CSV and the PNG files; returns the files written and those of an earlier
-    run removed (an α curve where no recipe is a sweep any more, a loss curve of an adapter no
-    recipe builds), so that plots/ shows the recipes as built."""
+    run removed (``stale_plots``), so that plots/ shows the recipes as built."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,8 +102,7 @@ def write_plots(
         fig.savefig(out / f"loss_{name}.png", dpi=120)
         plt.close(fig)
         written.append(out / f"loss_{name}.png")
-    ours = [out / "alpha_curves.png", *sorted(out.glob("loss_*.png"))]
-    removed = [path for path in ours if path.is_file() and path not in written]
+    removed = [path for path in stale_plots(root) if path not in written]
     for path in removed:
         path.unlink()
     return written, removed

@@ -15,8 +15,6 @@ import json
 import logging
 import math
 import subprocess
-import tarfile
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,6 +49,8 @@ def resolve_rev(root: Path, rev: str) -> str:
     named = [ref for ref in refs if ref.rsplit("/", 1)[-1] == rev]
     if len(named) == 1:
         return _git(root, "rev-parse", named[0]).stdout.strip()
+    if _git(root, "rev-parse", "--git-dir").returncode:
+        raise ReportError(f"{rev!r}: {root} is not in a git repository")
     if _git(root, "rev-parse", "--verify", "--quiet", "HEAD").returncode:
         raise ReportError(f"{rev!r}: the git repository of {root} has no commits yet")
     raise ReportError(f"{rev!r} is neither a git revision nor a DVC experiment of {root}")
@@ -136,52 +136,37 @@ def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, d
     for reason, names in flagged.items():
         if names:  # a hundred-variant sweep: one line, not a hundred
             LOG.warning(FLAGS[reason], len(names), at, _named(names))
-    unbuilt = _unbuilt(root, rev, recipes)
+    unbuilt = _unbuilt(root, recipes) if rev == WORKSPACE else None
     if unbuilt:
-        LOG.warning("recipes/%s %s", at, unbuilt)
+        LOG.warning("%s", unbuilt)
     return recipes, metrics
 
 
-def _unbuilt(root: Path, rev: str, built: dict[str, dict]) -> str | None:
-    """How the recipe files (of the workspace or of git revision ``rev``) differ from the recipes
-    of the last build, which ``params.yaml`` holds: a recipe edited and not built again changes
-    no stage, so `dvc repro` runs nothing and the old results would pass for the new recipe."""
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = _recipes_folder(root, rev, Path(scratch))
+def _unbuilt(root: Path, built: dict[str, dict]) -> str | None:
+    """How the workspace's recipe files and the recipes of the last build (``params.yaml``)
+    differ: a recipe edited and not built again changes no stage, so `dvc repro` runs nothing and
+    the old results would pass for the new recipe. (A revision's files are left alone: they would
+    be read with today's schema, its ``params.yaml`` was written with its own.)"""
+    folder = Path(root) / "recipes"
+    try:
         if not folder.is_dir() or not recipe_files(folder):
             return None  # nothing to compare (metrics files alone)
-        try:
-            now = {r.name: recipe_digest(r.resolved()) for r in load_recipes(folder)}
-        except (RecipeError, OSError) as err:
-            why = str(err).replace(str(folder), "recipes")
-            return f"do not load ({why}), so whether these results are theirs is unknown"
+        now = {r.name: recipe_digest(r.resolved()) for r in load_recipes(folder)}
+    except (RecipeError, OSError) as err:
+        return f"recipes/ do not load ({err}), so whether these results are theirs is unknown"
     then = {name: recipe_digest(recipe) for name, recipe in built.items()}
     changes = [
         ("changed", sorted(n for n in now.keys() & then.keys() if now[n] != then[n])),
-        ("added", sorted(now.keys() - then.keys())),
-        ("removed", sorted(then.keys() - now.keys())),
+        ("new", sorted(now.keys() - then.keys())),
+        ("gone", sorted(then.keys() - now.keys())),
     ]
-    said = [f"{what} {_named(names)}" for what, names in changes if names]
+    said = [f"{what}: {_named(names)}" for what, names in changes if names]
     if not said:
         return None
     return (
-        f"have changed since the last `readaptir build` ({'; '.join(said)}), whose results these "
-        "are: run `readaptir build`, then `dvc repro`"
+        f"recipes/ and the recipes of the last `readaptir build` ({ROOT_PARAMS}), whose results "
+        f"these are, differ ({'; '.join(said)}): run `readaptir build`, then `dvc repro`"
     )
-
-
-def _recipes_folder(root: Path, rev: str, scratch: Path) -> Path:
-    """The workspace's recipes/, or revision ``rev``'s written into ``scratch``."""
-    if rev == WORKSPACE:
-        return Path(root) / "recipes"
-    folder = scratch / "recipes"
-    folder.mkdir()
-    # ./: relative to the project, which may be a folder of its repository
-    tar = subprocess.run(["git", "archive", f"{rev}:./recipes"], cwd=root, capture_output=True)
-    if tar.returncode == 0:
-        with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as archive:
-            archive.extractall(folder, filter="data")
-    return folder
 
 
 def check_scores(m: dict, where: str) -> None:
