@@ -204,7 +204,7 @@ def test_two_recipes_in_one_cell_is_an_error():
         report.paper_rows(clash, "nDCG@10")
 
 
-def test_diff_between_two_committed_recipe_versions(tmp_path, caplog):
+def test_diff_between_two_committed_recipe_versions(tmp_path, caplog, monkeypatch):
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
 
@@ -218,6 +218,9 @@ def test_diff_between_two_committed_recipe_versions(tmp_path, caplog):
         git("add", "-A")
         git("-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", message)
 
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    with pytest.raises(report.ReportError, match="'HEAD': .* is not in a git repository"):
+        report.diff(tmp_path, "HEAD")
     git("init", "-q")
     with pytest.raises(report.ReportError, match="'HEAD': the git repository of .* no commits yet"):
         report.diff(tmp_path, "HEAD")
