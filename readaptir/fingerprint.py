@@ -1,6 +1,7 @@
 """Identity of external inputs: content hashes of local files and folders, hub ids at revisions.
 
-Hashing a multi-GB model folder takes seconds, so hashes are cached by (path, size, mtime) in
+Hashing a multi-GB model folder takes seconds, so hashes are cached by (path, size, modification
+and change times, inode) in
 ``.readaptir/fingerprints.json`` under the project root; an unchanged file is never read twice.
 """
 
@@ -26,7 +27,9 @@ def project_path(root: Path, path: str) -> Path:
 
 
 class Fingerprints:
-    """Content hashes with a persistent (path, size, mtime) cache."""
+    """Content hashes with a persistent cache, keyed by path, size, modification and change times
+    and inode: an edit that keeps the size and sets the modification time back (``cp -p``, an
+    archive's stored times) still moves the change time, which no program can set."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -44,14 +47,15 @@ class Fingerprints:
         stat = path.stat()
         key = str(path)
         hit = self._cache.get(key)
-        if isinstance(hit, list) and hit[:2] == [stat.st_size, stat.st_mtime_ns] and len(hit) == 3:
-            return hit[2]
+        state = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        if isinstance(hit, list) and len(hit) == len(state) + 1 and hit[:-1] == state:
+            return hit[-1]
         digest = hashlib.sha256()
         with path.open("rb") as handle:
             while block := handle.read(CHUNK):
                 digest.update(block)
         value = digest.hexdigest()
-        self._cache[key] = [stat.st_size, stat.st_mtime_ns, value]
+        self._cache[key] = [*state, value]
         self._dirty = True
         return value
 

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import shutil
@@ -217,6 +218,22 @@ def test_an_unreadable_fingerprint_cache_is_rebuilt(tmp_path, cache):
     else:
         cache_file.write_text(cache.replace("x", str((tmp_path / "a.bin").resolve())))
     assert Fingerprints(tmp_path).file(tmp_path / "a.bin") == want
+
+
+def test_an_edit_of_the_same_size_with_its_time_set_back_is_seen(tmp_path):
+    """A qrels fix flipping one grade, copied with `cp -p` or unpacked with stored times: the
+    size and modification time are the old ones, the content is not."""
+    path = tmp_path / "test.tsv"
+    path.write_text("q1\td1\t1\n")
+    before = Fingerprints(tmp_path)
+    old = before.file(path)
+    before.save()
+    stat = path.stat()
+    path.write_text("q1\td1\t2\n")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_size == stat.st_size
+    after = Fingerprints(tmp_path).file(path)  # through the saved cache
+    assert after != old and after == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, tokenizer):
