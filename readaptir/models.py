@@ -60,6 +60,7 @@ def local_dir(source: str, revision: str | None = None) -> Path:
         )
     except Exception as err:  # the hub's errors name no model when the network fails
         raise OSError(f"fetching {source}@{revision or 'main'} from the hub: {err}") from err
+    LOG.info("%s@%s: commit %s", source, revision or "main", Path(folder).name)  # snapshots/<sha>
     return Path(folder)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,8 @@ from readaptir.recipe import (
 from readaptir.workspace import alive
 
 # Bump a kind's version when its code changes what it writes: every stage of that kind rebuilds.
+LOG = logging.getLogger(__name__)
+
 KIND_VERSIONS = {
     "fetch": 1,
     "adapter": 5,
@@ -53,6 +56,7 @@ KIND_VERSIONS = {
     "score": 2,
 }
 DATASET_FILES = ("corpus.jsonl", "queries.jsonl")
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a hub revision that cannot move
 # what a stage leaves under artifacts/<kind>/: its output, its work folder, an unfinished output
 LEFTOVER = re.compile(r"(?:\.work-)?(?P<id>[0-9a-f]{16})|\.tmp-(?P<tmp>[0-9a-f]{16})-(?P<pid>\d+)")
 
@@ -300,6 +304,7 @@ class Planner:
         self._named: dict[tuple[str, str], str] = {}  # (kind, id) → the stage's name
         self._linear: dict[Path, list[str]] = {}  # a local base's body Linear modules
         self._configs: dict[Path, dict | None] = {}  # local models' config.json, read once
+        self.unpinned: set[str] = set()  # hub models at a branch or tag, not at a commit
 
     # -- external inputs -------------------------------------------------------------------------
 
@@ -360,7 +365,10 @@ class Planner:
             raise PlanError(key, f"model folder {spec.source!r} does not exist")
         if spec.source.count("/") > 1:
             raise PlanError(key, f"{spec.source!r} is neither a folder nor a hub id (owner/name)")
-        return {"source": spec.source, "revision": spec.revision or "main"}, ()
+        revision = spec.revision or "main"
+        if not COMMIT.fullmatch(revision):
+            self.unpinned.add(f"{spec.source}@{revision}")
+        return {"source": spec.source, "revision": revision}, ()
 
     def dataset(self, spec: CorpusSpec, key: str, with_qrels: bool = True) -> DatasetRef:
         """A collection's identity: a local folder by content, a fetched one by its stage."""
@@ -783,4 +791,12 @@ def plan_recipes(recipes: list[Recipe], root: Path) -> Plan:
         except PlanError as err:
             raise located(recipe.file, err.key, str(err)) from None
     planner.fingerprints.save()
+    if planner.unpinned:
+        LOG.warning(
+            "%d hub model(s) at a branch or tag, not a commit: %s. Their stages keep their ids "
+            "when the hub's branch moves, so results made before would stand for the new weights "
+            "(and a stage run later would mix them with earlier ones): pin `revision: <commit>`",
+            len(planner.unpinned),
+            ", ".join(sorted(planner.unpinned)),
+        )
     return planner.plan

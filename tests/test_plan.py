@@ -1039,7 +1039,7 @@ def test_a_linked_subfolder_counts_as_its_files_and_a_link_loop_is_named(tmp_pat
         fp.path(linked)
 
 
-def test_a_hub_retrievers_ids_ask_the_hub_nothing(project, monkeypatch):
+def test_a_hub_retrievers_ids_ask_the_hub_nothing(project, monkeypatch, caplog):
     """Whether a hub retriever is an adapter is not asked at build time: ids are the same on a
     machine that cannot reach the hub. It counts as one, so its baseline depends on Θ."""
     import huggingface_hub
@@ -1059,6 +1059,20 @@ def test_a_hub_retrievers_ids_ask_the_hub_nothing(project, monkeypatch):
         ]
         ids.append(baseline[0].id)
     assert ids[0] != ids[1]  # another Θ, another baseline: never one made over the other
+    # at a branch, a hub model's ids stay when the branch moves: said at every build
+    said = (
+        "2 hub model(s) at a branch or tag, not a commit: intfloat/e5-mistral-7b-instruct@main, "
+        "mistralai/Mistral-7B-v0.1@abc123. Their stages keep their ids"
+    )
+    assert said in caplog.text
+    caplog.clear()
+    commit = "b" * 40
+    pinned = f"{{source: intfloat/e5-mistral-7b-instruct, family: e5-mistral, revision: {commit}}}"
+    base = f"base: {{source: mistralai/Mistral-7B-v0.1, revision: {commit}}}"
+    for name in ("ra-half", "ra-full"):
+        edit(project, name, f"extends: _common.yaml\nretriever: {pinned}\n{base}\n")
+    plan_of(project)
+    assert "not a commit" not in caplog.text
 
 
 def test_a_hub_snapshot_leaves_other_copies_of_its_safetensors_weights(monkeypatch, tmp_path):
