@@ -42,9 +42,11 @@ from readaptir.recipe import (
 )
 from readaptir.workspace import alive
 
-# Bump a kind's version when its code changes what it writes: every stage of that kind rebuilds.
 LOG = logging.getLogger(__name__)
 
+# Bump a kind's version when its code changes what it writes: every stage of that kind rebuilds,
+# and every stage that reads one. (search 2: candidates scored again in float64, searched deeper
+# near the k-th score, so that a passage scores the same in every shard and engine.)
 KIND_VERSIONS = {
     "fetch": 1,
     "adapter": 5,
@@ -52,7 +54,7 @@ KIND_VERSIONS = {
     "merge": 3,
     "embed": 3,
     "queries": 2,
-    "search": 1,
+    "search": 2,
     "score": 2,
 }
 DATASET_FILES = ("corpus.jsonl", "queries.jsonl")
