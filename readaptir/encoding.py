@@ -207,14 +207,47 @@ def encode_texts(
     on_batch: OnBatch | None = None,
 ) -> np.ndarray:
     """Vectors [len(texts), dim] as a numpy array in the order of ``texts``."""
-    seqs = tokenize(tokenizer, texts, max_length, append_eos, lowercase)
-    log_filled([len(s) for s in seqs], max_length, "texts")
-    vecs = encode_ids(
+    seqs = tokenize_texts(tokenizer, texts, max_length, append_eos, lowercase)
+    return encode_tokens(
         model,
         seqs,
         pooling=pooling,
         normalize=normalize,
         pad_token=pad_id(tokenizer),
+        batch_tokens=batch_tokens,
+        out_dtype=out_dtype,
+        on_batch=on_batch,
+    )
+
+
+def tokenize_texts(
+    tokenizer: Any, texts: Sequence[str], max_length: int, append_eos: bool, lowercase: bool
+) -> list[list[int]]:
+    """``encode_texts``'s first half, which needs no model: token ids, and how many fill
+    ``max_length`` logged."""
+    seqs = tokenize(tokenizer, texts, max_length, append_eos, lowercase)
+    log_filled([len(s) for s in seqs], max_length, "texts")
+    return seqs
+
+
+def encode_tokens(
+    model: torch.nn.Module,
+    seqs: Sequence[Sequence[int]],
+    *,
+    pooling: Pooling,
+    normalize: bool,
+    pad_token: int,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    out_dtype: torch.dtype = torch.float32,
+    on_batch: OnBatch | None = None,
+) -> np.ndarray:
+    """``encode_texts``'s second half: vectors of token ids, in their order."""
+    vecs = encode_ids(
+        model,
+        seqs,
+        pooling=pooling,
+        normalize=normalize,
+        pad_token=pad_token,
         # Right padding whatever the tokenizer prefers: real tokens then keep the positions they
         # have unpadded (absolute position embeddings) and never see padding (causal decoders).
         padding_side="right",

@@ -470,8 +470,9 @@ def test_embed_streams_the_corpus_shard_by_shard(tiny_retriever, tiny_beir, tmp_
         shard_size=5,
     )
     assert info["shards"] == 3
-    # Each shard is written before the next one is read: passages 5, 10, 12, then the queries.
-    assert consumed_at_save == [5, 10, 12, 12]
+    # One shard is read ahead (its tokens made while the one before encodes), no more: shard 0
+    # is written once passages 6-10 are read, then shards 1 and 2, then the queries.
+    assert consumed_at_save == [10, 12, 12, 12]
 
 
 def test_embed_handles_empty_documents_and_missing_titles(tiny_retriever, tmp_path, caplog):
@@ -625,10 +626,10 @@ def test_embed_lowercases_when_the_model_says_so(tiny_retriever, tmp_path):
 def test_embed_refuses_vectors_that_are_not_finite(
     tiny_retriever, tiny_beir, tmp_path, monkeypatch, value, normalize, message
 ):
-    def broken(model, tokenizer, texts, **kw):
-        return np.full((len(texts), 8), value, dtype=np.float16)
+    def broken(model, seqs, **kw):
+        return np.full((len(seqs), 8), value, dtype=np.float16)
 
-    monkeypatch.setattr(embed_module, "encode_texts", broken)
+    monkeypatch.setattr(embed_module, "encode_tokens", broken)
     encoding = resolve_encoding("repllama", {"dtype": "float32", "normalize": normalize})
     with pytest.raises(ValueError, match=f"shard 0: {tiny_retriever} {message}"):
         embed(tiny_retriever, tiny_beir, "test", encoding, tmp_path / "emb", shard_size=5)

@@ -11,7 +11,8 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -39,7 +40,13 @@ from readaptir.distributed import (
     leave_distributed,
     rank_device,
 )
-from readaptir.encoding import DEFAULT_BATCH_TOKENS, appends_eos, encode_texts
+from readaptir.encoding import (
+    DEFAULT_BATCH_TOKENS,
+    appends_eos,
+    encode_tokens,
+    pad_id,
+    tokenize_texts,
+)
 from readaptir.families import QUERY_FIELDS, Encoding, Pooling
 from readaptir.models import is_peft_adapter, load_encoder, torch_dtype
 from readaptir.objective import is_causal
@@ -132,11 +139,15 @@ class Encoder:
     """A model loaded to encode texts the way an ``Encoding`` says (``load``): one load serves
     the passages and the queries."""
 
-    encode: Callable[..., np.ndarray]  # (texts, max_length=, on_batch=) -> float16 vectors
+    tokenize: Callable[..., list[list[int]]]  # (texts, max_length) -> token ids; no model
+    encode_tokens: Callable[..., np.ndarray]  # (token ids, on_batch=) -> float16 vectors
     resolved: Resolved
     dtype: str
     model_dir: Path
     base_dir: Path | None
+
+    def encode(self, texts: Sequence[str], *, max_length: int, on_batch=None) -> np.ndarray:
+        return self.encode_tokens(self.tokenize(texts, max_length), on_batch=on_batch)
 
     @classmethod
     def load(
@@ -179,19 +190,23 @@ class Encoder:
                 model_dir,
             )
         LOG.info("encoding on %s in %s with %s", device, model.dtype, resolved)
-        encode = functools.partial(
-            encode_texts,
-            model,
+        tokenize = functools.partial(
+            tokenize_texts,
             tokenizer,
-            pooling=resolved.pooling,
-            normalize=resolved.normalize,
             append_eos=encoding.append_eos,
             lowercase=resolved.lowercase,
+        )
+        encode = functools.partial(
+            encode_tokens,
+            model,
+            pooling=resolved.pooling,
+            normalize=resolved.normalize,
+            pad_token=pad_id(tokenizer),
             batch_tokens=batch_tokens,
             out_dtype=torch.float16,
         )
         dtype_name = str(model.dtype).removeprefix("torch.")
-        return cls(encode, resolved, dtype_name, Path(model_dir), base_dir)
+        return cls(tokenize, encode, resolved, dtype_name, Path(model_dir), base_dir)
 
 
 def _within_positions(
@@ -268,9 +283,11 @@ def embed_corpus(
 
     The corpus is read, tokenised, length-sorted and encoded one shard of ``shard_size`` passages
     at a time, so neither its text nor its vectors are ever held whole in memory: peak memory is
-    one shard's text, token ids and float16 vectors (100k x 4096 x 2 bytes = 0.8 GB for a 7B
-    model). Within a shard, batches are formed longest first under ``batch_tokens``; vectors are
-    written back in corpus order. Only the passage side of ``encoding`` is used (and recorded).
+    two shards' text and token ids (the next one is tokenised on a thread while this one encodes,
+    about 1.6 GB each for 100k passages) and one shard's float16 vectors (100k x 4096 x 2 bytes =
+    0.8 GB for a 7B model). Within a shard, batches are formed longest first under
+    ``batch_tokens``; vectors are written back in corpus order. Only the passage side of
+    ``encoding`` is used (and recorded).
 
     With ``work_dir`` the shards are written there first and a complete shard already there (made
     with the same shard size, corpus and model files) is not encoded again, so a killed run
@@ -298,22 +315,36 @@ def embed_corpus(
     order: list[str] = []  # passage ids in corpus order
     shards = empty = 0
     progress = Throughput(total, "passages", "passage", show=ranks.main)
+    max_length = encoder.resolved.max_passage_length
+
+    def finish(shard: int, path: Path, seqs: Future) -> None:
+        vecs = encoder.encode_tokens(seqs.result(), on_batch=progress)
+        save_shard(path, _finite(vecs, f"shard {shard}", model_dir, encoder.resolved.normalize))
+        LOG.info("shard %d written; so far %s", shard, progress.summary())
+        if on_shard is not None:
+            on_shard(shard)
+
+    # the next shard this process encodes is tokenised on a thread while this one encodes (the
+    # tokenizer's batch call leaves Python's lock; the device's work waits with it left too):
+    # two shards' token ids are held at once
+    pending: tuple[int, Path, Future] | None = None
     try:
-        for chunk in chunked(iter_passages(dataset_dir), shard_size):
-            shard, shards = shards, shards + 1
-            order.extend(p.id for p in chunk)
-            empty += sum(1 for p in chunk if not p.title.strip() and not p.text.strip())
-            path = shard_file(work, shard)
-            if shard % ranks.world != ranks.rank or complete_shard(path, len(chunk)):
-                progress.skip(len(chunk))  # another rank's, or encoded before an interruption
-                continue
-            texts = [passage_text(p, encoding.passage_template) for p in chunk]
-            max_length = encoder.resolved.max_passage_length
-            vecs = encoder.encode(texts, max_length=max_length, on_batch=progress)
-            save_shard(path, _finite(vecs, f"shard {shard}", model_dir, encoder.resolved.normalize))
-            LOG.info("shard %d written; so far %s", shard, progress.summary())
-            if on_shard is not None:
-                on_shard(shard)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as ahead:
+            for chunk in chunked(iter_passages(dataset_dir), shard_size):
+                shard, shards = shards, shards + 1
+                order.extend(p.id for p in chunk)
+                empty += sum(1 for p in chunk if not p.title.strip() and not p.text.strip())
+                path = shard_file(work, shard)
+                if shard % ranks.world != ranks.rank or complete_shard(path, len(chunk)):
+                    progress.skip(len(chunk))  # another rank's, or encoded before an interruption
+                    continue
+                texts = [passage_text(p, encoding.passage_template) for p in chunk]
+                tokenized = ahead.submit(encoder.tokenize, texts, max_length)
+                if pending is not None:
+                    finish(*pending)
+                pending = (shard, path, tokenized)
+            if pending is not None:
+                finish(*pending)
     finally:
         progress.close()
     if empty and ranks.main:
