@@ -1,7 +1,7 @@
 """Identity of external inputs: content hashes of local files and folders, hub ids at revisions.
 
 Hashing a multi-GB model folder takes seconds, so hashes are cached by (path, size, modification
-and change times, inode) in
+time, inode, and change time for small files) in
 ``.readaptir/fingerprints.json`` under the project root; an unchanged file is never read twice.
 """
 
@@ -26,10 +26,16 @@ def project_path(root: Path, path: str) -> Path:
     return candidate if candidate.is_absolute() else Path(root) / candidate
 
 
+# Files up to this size are hashed again when their change time moves: an edit that keeps the size
+# and sets the modification time back (``cp -p``, an archive's stored times: a qrels fix) still
+# moves it, and no program can set it. Larger ones (weights) are not: a hard link to them, made by
+# DVC's cache, or a chmod moves it too, and rereading a 7B model for that takes tens of seconds.
+CTIME_BELOW = 64 << 20
+
+
 class Fingerprints:
-    """Content hashes with a persistent cache, keyed by path, size, modification and change times
-    and inode: an edit that keeps the size and sets the modification time back (``cp -p``, an
-    archive's stored times) still moves the change time, which no program can set."""
+    """Content hashes with a persistent cache, keyed by path, size, modification time and inode,
+    and change time for files below ``CTIME_BELOW``."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -47,7 +53,8 @@ class Fingerprints:
         stat = path.stat()
         key = str(path)
         hit = self._cache.get(key)
-        state = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        ctime = stat.st_ctime_ns if stat.st_size < CTIME_BELOW else None
+        state = [stat.st_size, stat.st_mtime_ns, ctime, stat.st_ino]
         if isinstance(hit, list) and len(hit) == len(state) + 1 and hit[:-1] == state:
             return hit[-1]
         digest = hashlib.sha256()

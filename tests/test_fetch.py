@@ -175,6 +175,16 @@ def test_a_damaged_archive_says_how(tmp_path, tiny_beir, monkeypatch):
     with pytest.raises(ValueError, match=r"crc\.zip is not a zip archive that unpacks: BadZipFile: "
                        r"Bad CRC-32"):  # fmt: skip
         fetch((tmp_path / "crc.zip").as_uri(), "toy", out)
+    with zipfile.ZipFile(tmp_path / "deflated.zip", "w", zipfile.ZIP_DEFLATED) as zipped:
+        zipped.writestr("toy/corpus.jsonl", '{"_id": "d", "text": "a passage"}\n' * 2000)
+    data = bytearray((tmp_path / "deflated.zip").read_bytes())
+    at = data.index(b"PK\x03\x04") + 30 + len("toy/corpus.jsonl")
+    data[at : at + 8] = b"\xff" * 8  # the compressed stream itself broken
+    (tmp_path / "deflated.zip").write_bytes(bytes(data))
+    with pytest.raises(
+        ValueError, match=r"deflated\.zip is not a zip archive that unpacks: error: "
+    ):
+        fetch((tmp_path / "deflated.zip").as_uri(), "toy", out)
     monkeypatch.setattr(
         fetch_module.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 1)
     )
@@ -198,6 +208,7 @@ def test_a_relative_file_url_is_under_the_project_root_wherever_the_stage_runs(
 
 def test_a_download_cut_short_or_stalled_names_the_url(tmp_path, monkeypatch):
     import http.server
+    import socket
     import threading
 
     from readaptir.stages import fetch as fetch_module
@@ -225,10 +236,23 @@ def test_a_download_cut_short_or_stalled_names_the_url(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=r"/cut\.zip: received 400 of 1000 bytes"):
             fetch(f"{base}/cut.zip", "toy", out)
         with pytest.raises(
-            ValueError, match=r"/stall\.zip: the download failed after \d+ bytes: timed out"
+            ValueError,
+            match=r"/stall\.zip: the download failed after \d+ bytes: TimeoutError: timed out",
         ):
             fetch(f"{base}/stall.zip", "toy", out)
     finally:
         stop.set()
         server.shutdown()
+    hangs_up = socket.create_server(("127.0.0.1", 0))  # reads the request, closes, says nothing
+
+    def answer_nothing():
+        connection, _ = hangs_up.accept()
+        connection.recv(4096)
+        connection.close()
+
+    threading.Thread(target=answer_nothing, daemon=True).start()
+    url = f"http://127.0.0.1:{hangs_up.getsockname()[1]}/closed.zip"
+    with pytest.raises(ValueError, match=r"/closed\.zip: RemoteDisconnected: "):
+        fetch(url, "toy", out)
+    hangs_up.close()
     assert list(out.iterdir()) == []

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from readaptir import dvcfile, workspace
+from readaptir import dvcfile, fingerprint, workspace
 from readaptir import plan as plan_module
 from readaptir.artifacts import files_identity
 from readaptir.fingerprint import Fingerprints
@@ -220,7 +220,7 @@ def test_an_unreadable_fingerprint_cache_is_rebuilt(tmp_path, cache):
     assert Fingerprints(tmp_path).file(tmp_path / "a.bin") == want
 
 
-def test_an_edit_of_the_same_size_with_its_time_set_back_is_seen(tmp_path):
+def test_an_edit_of_the_same_size_with_its_time_set_back_is_seen(tmp_path, monkeypatch):
     """A qrels fix flipping one grade, copied with `cp -p` or unpacked with stored times: the
     size and modification time are the old ones, the content is not."""
     path = tmp_path / "test.tsv"
@@ -234,6 +234,14 @@ def test_an_edit_of_the_same_size_with_its_time_set_back_is_seen(tmp_path):
     assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_size == stat.st_size
     after = Fingerprints(tmp_path).file(path)  # through the saved cache
     assert after != old and after == hashlib.sha256(path.read_bytes()).hexdigest()
+    # weights are not read again for a moved change time alone (DVC's hard links, a chmod)
+    monkeypatch.setattr(fingerprint, "CTIME_BELOW", 4)
+    cached = Fingerprints(tmp_path)
+    cached.file(path)
+    cached.save()
+    path.chmod(0o444)
+    monkeypatch.setattr(hashlib, "sha256", lambda: pytest.fail("read again"))
+    assert Fingerprints(tmp_path).file(path) == after
 
 
 def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, tokenizer):

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import http.client
 import logging
+import lzma
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -33,6 +36,8 @@ TIMEOUT = 60  # seconds without an answer before a download fails (a stalled ser
 # flagged so, a compression method or an encryption zipfile lacks
 UNPACK_ERRORS = (
     zipfile.BadZipFile,
+    zlib.error,
+    lzma.LZMAError,
     EOFError,
     UnicodeDecodeError,
     NotImplementedError,
@@ -59,20 +64,26 @@ def _download(url: str, target: Path, root: Path | None = None) -> str:
     except urllib.error.URLError as err:  # a mistyped BEIR name is a 404 here
         detail = err if isinstance(err, urllib.error.HTTPError) else err.reason
         raise ValueError(f"{url}: {detail}") from None
+    except (OSError, http.client.HTTPException) as err:  # no answer, or a closed connection
+        raise ValueError(f"{url}: {type(err).__name__}: {err}") from None
     received = 0
     with response, target.open("wb") as handle:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=Path(url).name) as bar:
-            try:
-                while block := response.read(CHUNK):
-                    handle.write(block)
-                    digest.update(block)
-                    received += len(block)
-                    bar.update(len(block))
-            except (TimeoutError, ConnectionError, urllib.error.URLError) as err:
-                raise ValueError(
-                    f"{url}: the download failed after {received} bytes: {err}"
-                ) from None
+            while True:
+                try:  # the writes' errors (a full disk) are left as they are
+                    block = response.read(CHUNK)
+                except (OSError, http.client.HTTPException) as err:
+                    raise ValueError(
+                        f"{url}: the download failed after {received} bytes: "
+                        f"{type(err).__name__}: {err}"
+                    ) from None
+                if not block:
+                    break
+                handle.write(block)
+                digest.update(block)
+                received += len(block)
+                bar.update(len(block))
     if total is not None and received != total:
         raise ValueError(f"{url}: received {received} of {total} bytes: the connection was cut")
     return digest.hexdigest()
