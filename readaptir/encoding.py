@@ -207,7 +207,8 @@ def encode_texts(
     on_batch: OnBatch | None = None,
 ) -> np.ndarray:
     """Vectors [len(texts), dim] as a numpy array in the order of ``texts``."""
-    seqs = tokenize_texts(tokenizer, texts, max_length, append_eos, lowercase)
+    seqs = tokenize(tokenizer, texts, max_length, append_eos, lowercase)
+    log_filled([len(s) for s in seqs], max_length, "texts")
     return encode_tokens(
         model,
         seqs,
@@ -218,16 +219,6 @@ def encode_texts(
         out_dtype=out_dtype,
         on_batch=on_batch,
     )
-
-
-def tokenize_texts(
-    tokenizer: Any, texts: Sequence[str], max_length: int, append_eos: bool, lowercase: bool
-) -> list[list[int]]:
-    """``encode_texts``'s first half, which needs no model: token ids, and how many fill
-    ``max_length`` logged."""
-    seqs = tokenize(tokenizer, texts, max_length, append_eos, lowercase)
-    log_filled([len(s) for s in seqs], max_length, "texts")
-    return seqs
 
 
 def encode_tokens(
@@ -241,7 +232,8 @@ def encode_tokens(
     out_dtype: torch.dtype = torch.float32,
     on_batch: OnBatch | None = None,
 ) -> np.ndarray:
-    """``encode_texts``'s second half: vectors of token ids, in their order."""
+    """Vectors of token ids (``tokenize``'s), in their order: ``encode_texts`` after the
+    tokenizer."""
     vecs = encode_ids(
         model,
         seqs,

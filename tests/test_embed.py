@@ -3,7 +3,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,7 @@ from readaptir.families import Encoding, resolve_encoding
 from readaptir.models import load_encoder
 from readaptir.st_config import STConfig, read_st_config, resolve_fields
 from readaptir.stages import embed as embed_module
-from readaptir.stages.embed import embed, judged_queries
+from readaptir.stages.embed import embed, embed_corpus, judged_queries
 from readaptir.vectors import load_embeddings, load_queries_embeddings
 
 TEXTS = [
@@ -891,3 +893,48 @@ def test_texts_cut_at_max_length_are_counted_in_the_log(tiny_retriever, caplog):
     with caplog.at_level("INFO", logger="readaptir.encoding"):
         encode_texts(model, tok, texts[1:], pooling="last", normalize=True, max_length=16)
     assert "fill max_length" not in caplog.text
+
+
+def test_the_shard_read_ahead_logs_in_order_and_stops_with_an_error(
+    tiny_retriever, tiny_beir, tmp_path, monkeypatch, caplog
+):
+    """The next shard is tokenised on a thread while one encodes: its count of passages cut at
+    max_length is said with the shard it is of, in order; an error while encoding stops the
+    thread within one piece, not after the whole next shard."""
+    import threading
+
+    encoding = resolve_encoding("repllama", {**FLOAT32, "max_passage_length": 4})
+    encoder = embed_module.Encoder.load(tiny_retriever, encoding, device="cpu")
+    with caplog.at_level("INFO"):
+        embed_corpus(encoder, tiny_beir, encoding, tmp_path / "a", shard_size=5)
+    said = [r.getMessage() for r in caplog.records]
+    events = [
+        m.split(" (")[0].split(";")[0]
+        for m in said
+        if "passages of shard" in m or re.match(r"shard \d+ written", m)
+    ]
+    assert events == [
+        "5 of 5 passages of shard 0", "shard 0 written",
+        "5 of 5 passages of shard 1", "shard 1 written",
+        "2 of 2 passages of shard 2", "shard 2 written",
+    ]  # fmt: skip
+
+    calls = []
+
+    def slow(texts, max_length):
+        calls.append(len(texts))
+        threading.Event().wait(0.05)
+        return tokenize(texts, max_length)
+
+    def broken(seqs, on_batch=None):
+        raise RuntimeError("out of memory, say")
+
+    tokenize = encoder.tokenize
+    monkeypatch.setattr(embed_module, "TOKENIZE_PIECE", 1)
+    failing = replace(encoder, tokenize=slow, encode_tokens=broken)
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        embed_corpus(failing, tiny_beir, encoding, tmp_path / "b", shard_size=5)
+    for thread in threading.enumerate():
+        if thread.name.startswith("tokenize"):
+            thread.join()
+    assert 5 <= len(calls) < 10  # shard 0's five pieces, and shard 1's cut short

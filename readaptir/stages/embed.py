@@ -10,9 +10,10 @@ import functools
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -44,9 +45,10 @@ from readaptir.encoding import (
     DEFAULT_BATCH_TOKENS,
     appends_eos,
     encode_tokens,
+    log_filled,
     pad_id,
-    tokenize_texts,
 )
+from readaptir.encoding import tokenize as tokenize_ids
 from readaptir.families import QUERY_FIELDS, Encoding, Pooling
 from readaptir.models import is_peft_adapter, load_encoder, torch_dtype
 from readaptir.objective import is_causal
@@ -67,6 +69,8 @@ LOG = logging.getLogger(__name__)
 
 # the ranks wait at a barrier for the slowest one's shards: hours at MS MARCO scale
 BARRIER_TIMEOUT = timedelta(days=7)
+# passages tokenised in one call ahead of the encoding: a second or so, the most an error waits
+TOKENIZE_PIECE = 8192
 
 
 def model_dtype(dtype: str, pooling: Pooling, causal: bool) -> torch.dtype:
@@ -146,8 +150,12 @@ class Encoder:
     model_dir: Path
     base_dir: Path | None
 
-    def encode(self, texts: Sequence[str], *, max_length: int, on_batch=None) -> np.ndarray:
-        return self.encode_tokens(self.tokenize(texts, max_length), on_batch=on_batch)
+    def encode(
+        self, texts: Sequence[str], *, max_length: int, on_batch=None, what: str = "texts"
+    ) -> np.ndarray:
+        seqs = self.tokenize(texts, max_length)
+        log_filled([len(s) for s in seqs], max_length, what)
+        return self.encode_tokens(seqs, on_batch=on_batch)
 
     @classmethod
     def load(
@@ -191,7 +199,7 @@ class Encoder:
             )
         LOG.info("encoding on %s in %s with %s", device, model.dtype, resolved)
         tokenize = functools.partial(
-            tokenize_texts,
+            tokenize_ids,
             tokenizer,
             append_eos=encoding.append_eos,
             lowercase=resolved.lowercase,
@@ -316,36 +324,50 @@ def embed_corpus(
     shards = empty = 0
     progress = Throughput(total, "passages", "passage", show=ranks.main)
     max_length = encoder.resolved.max_passage_length
+    # The next shard this process encodes is tokenised on a thread while this one encodes (the
+    # tokenizer's batch call leaves Python's lock, and so does waiting for the device): two
+    # shards' token ids are held at once. In pieces, so that an error or an interrupt here stops
+    # the thread within one piece rather than waiting for a whole shard's tokens.
+    stop = threading.Event()
+
+    def tokenized(texts: list[str]) -> list[list[int]]:
+        seqs: list[list[int]] = []
+        for start in range(0, len(texts), TOKENIZE_PIECE):
+            if stop.is_set():
+                raise CancelledError
+            seqs += encoder.tokenize(texts[start : start + TOKENIZE_PIECE], max_length)
+        return seqs
 
     def finish(shard: int, path: Path, seqs: Future) -> None:
-        vecs = encoder.encode_tokens(seqs.result(), on_batch=progress)
+        ids = seqs.result()
+        log_filled([len(s) for s in ids], max_length, f"passages of shard {shard}")
+        vecs = encoder.encode_tokens(ids, on_batch=progress)
         save_shard(path, _finite(vecs, f"shard {shard}", model_dir, encoder.resolved.normalize))
         LOG.info("shard %d written; so far %s", shard, progress.summary())
         if on_shard is not None:
             on_shard(shard)
 
-    # the next shard this process encodes is tokenised on a thread while this one encodes (the
-    # tokenizer's batch call leaves Python's lock; the device's work waits with it left too):
-    # two shards' token ids are held at once
     pending: tuple[int, Path, Future] | None = None
+    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as ahead:
-            for chunk in chunked(iter_passages(dataset_dir), shard_size):
-                shard, shards = shards, shards + 1
-                order.extend(p.id for p in chunk)
-                empty += sum(1 for p in chunk if not p.title.strip() and not p.text.strip())
-                path = shard_file(work, shard)
-                if shard % ranks.world != ranks.rank or complete_shard(path, len(chunk)):
-                    progress.skip(len(chunk))  # another rank's, or encoded before an interruption
-                    continue
-                texts = [passage_text(p, encoding.passage_template) for p in chunk]
-                tokenized = ahead.submit(encoder.tokenize, texts, max_length)
-                if pending is not None:
-                    finish(*pending)
-                pending = (shard, path, tokenized)
+        for chunk in chunked(iter_passages(dataset_dir), shard_size):
+            shard, shards = shards, shards + 1
+            order.extend(p.id for p in chunk)
+            empty += sum(1 for p in chunk if not p.title.strip() and not p.text.strip())
+            path = shard_file(work, shard)
+            if shard % ranks.world != ranks.rank or complete_shard(path, len(chunk)):
+                progress.skip(len(chunk))  # another rank's, or encoded before an interruption
+                continue
+            texts = [passage_text(p, encoding.passage_template) for p in chunk]
+            tokens = ahead.submit(tokenized, texts)
             if pending is not None:
                 finish(*pending)
+            pending = (shard, path, tokens)
+        if pending is not None:
+            finish(*pending)
     finally:
+        stop.set()  # nothing is left to tokenise unless this ends in an error
+        ahead.shutdown(wait=False, cancel_futures=True)
         progress.close()
     if empty and ranks.main:
         LOG.warning(
@@ -401,7 +423,7 @@ def embed_queries(
     progress = Throughput(len(texts), "queries", "query")
     try:
         max_length = encoder.resolved.max_query_length
-        vecs = encoder.encode(texts, max_length=max_length, on_batch=progress)
+        vecs = encoder.encode(texts, max_length=max_length, on_batch=progress, what="queries")
     finally:
         progress.close()
     vecs = vecs.reshape(len(texts), -1)  # wanted is never empty
