@@ -32,8 +32,9 @@ LOG = logging.getLogger(__name__)
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 CHUNK = 1 << 20
 TIMEOUT = 60  # seconds without an answer before a download fails (a stalled server)
-# what unpacking an archive may fail with: a damaged one, a member name that is not UTF-8 though
-# flagged so, a compression method or an encryption zipfile lacks
+# what unpacking an archive may fail with: a damaged one (its index, a CRC, a compressed stream),
+# a member name that is not UTF-8 though flagged so, a compression method or an encryption
+# zipfile lacks; not OSError, which a full disk raises (and ``atomic_output`` names)
 UNPACK_ERRORS = (
     zipfile.BadZipFile,
     zlib.error,
