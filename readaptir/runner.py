@@ -19,6 +19,7 @@ from readaptir.artifacts import (
     atomic_output,
     held_alone,
     parse_mapping,
+    read_json_mapping,
     read_text,
     resolve_device,
     write_json,
@@ -66,6 +67,14 @@ class Context:
             self.device  # noqa: B018
         self.fingerprints = Fingerprints(self.root)
         self.inputs = {role: self.root / path for role, path in spec["inputs"].items()}
+        # "owner/name@revision" → the commit fetched, by this stage or one it reads: a hub branch
+        # that moved between two stages of one plan would mix two models' results
+        self.hub: dict[str, str] = {}
+        for role, path in self.inputs.items():
+            recorded = path / "stage.json"
+            if recorded.is_file():
+                for model, commit in (read_json_mapping(recorded).get("hub") or {}).items():
+                    self._fetched(model, commit, f"input {role} ({path.name})")
 
     @functools.cached_property
     def device(self) -> str:
@@ -98,7 +107,21 @@ class Context:
             return path
         from readaptir.models import local_dir
 
-        return local_dir(ident["source"], ident.get("revision"))
+        path = local_dir(ident["source"], ident.get("revision"))
+        self._fetched(
+            f"{ident['source']}@{ident.get('revision') or 'main'}", path.name, "this stage"
+        )
+        return path
+
+    def _fetched(self, model: str, commit: str, by: str) -> None:
+        """Record that ``by`` used hub ``model`` at ``commit``; another commit of it is an error."""
+        known = self.hub.setdefault(model, commit)
+        if known != commit:
+            raise StaleInputError(
+                f"{model} is commit {commit} for {by} but was {known} for the stages before: the "
+                "branch moved on the hub between them, so their results would mix two models. "
+                "Pin `revision: <commit>` in the recipe, `readaptir build`, then `dvc repro`"
+            )
 
     def retriever_dir(self, ident: dict, base: dict | None) -> Path:
         """The retriever's folder (``model_dir``); one from the hub is checked against the base it
@@ -359,7 +382,8 @@ def _run(
         # how a run went is not what it made: the output DVC hashes holds the rest, so that a
         # rerun of the stage (dvc repro -f, another machine) can be the same bytes
         run = {key: summary.pop(key) for key in RUN_FIGURES if key in (summary or {})}
-        write_json(tmp / "stage.json", {"name": name, **spec, "summary": summary})
+        hub = {"hub": dict(sorted(ctx.hub.items()))} if ctx.hub else {}
+        write_json(tmp / "stage.json", {"name": name, **spec, **hub, "summary": summary})
     if run:
         write_json(Path(root) / RUNS_DIR / f"{name}.json", {"id": spec["id"], **run})
     shutil.rmtree(ctx.work_dir, ignore_errors=True)  # what a killed run would have resumed from

@@ -846,6 +846,40 @@ def test_stages_warn_about_a_hub_peft_retriever_trained_on_another_base(
     assert said.startswith("stage merge:") and "Llama-2-7b-chat-hf" in said
 
 
+def test_a_hub_branch_that_moves_between_stages_is_refused(project, monkeypatch):
+    """Each stage records the hub commits it and the stages it reads used; a stage that fetches
+    another commit of one (the branch moved on the hub since) fails rather than mix two models'
+    results under ids that say `main`."""
+    from readaptir import models, runner
+
+    snapshots = project / "hub"
+    for commit in ("a" * 40, "b" * 40):
+        (snapshots / commit).mkdir(parents=True)
+    at = {"commit": "a" * 40}
+    monkeypatch.setattr(models, "local_dir", lambda source, revision=None: snapshots / at["commit"])
+    hub = {"source": "meta-llama/Llama-2-7b-hf", "revision": "main"}
+
+    def fetches(ctx, out):
+        ctx.model_dir(hub)
+        return {}
+
+    monkeypatch.setitem(runner.RUNNERS, "delta", fetches)
+    first = {"kind": "delta", "id": "1" * 16, "params": {}, "inputs": {}}
+    out = runner._run(project, "delta-first", first, "params.yaml", "cpu", None, rank=False)
+    recorded = json.loads((out / "stage.json").read_text())["hub"]
+    assert recorded == {"meta-llama/Llama-2-7b-hf@main": "a" * 40}
+    # a stage reading that one passes the record on, and checks its own fetch against it
+    reader = {"kind": "delta", "id": "2" * 16, "params": {}, "inputs": {"delta": str(out)}}
+    out = runner._run(project, "delta-reader", reader, "params.yaml", "cpu", None, rank=False)
+    assert json.loads((out / "stage.json").read_text())["hub"] == recorded
+    at["commit"] = "b" * 40  # main moved
+    later = {**reader, "id": "3" * 16}
+    with pytest.raises(runner.StaleInputError, match=r"meta-llama/Llama-2-7b-hf@main is commit "
+                       r"b{40} for this stage but was a{40} for the stages before"):  # fmt: skip
+        runner._run(project, "delta-later", later, "params.yaml", "cpu", None, rank=False)
+    assert not (project / "artifacts" / "delta" / ("3" * 16)).exists()
+
+
 def _build(project, *flags, code=0):
     from click.testing import CliRunner
 
