@@ -108,9 +108,9 @@ class Context:
         from readaptir.models import local_dir
 
         path = local_dir(ident["source"], ident.get("revision"))
-        self._fetched(
-            f"{ident['source']}@{ident.get('revision') or 'main'}", path.name, "this stage"
-        )
+        if path.parent.name == "snapshots":  # the hub cache's snapshots/<commit>
+            model = f"{ident['source']}@{ident.get('revision') or 'main'}"
+            self._fetched(model, path.name, "this stage")
         return path
 
     def _fetched(self, model: str, commit: str, by: str) -> None:
@@ -118,9 +118,10 @@ class Context:
         known = self.hub.setdefault(model, commit)
         if known != commit:
             raise StaleInputError(
-                f"{model} is commit {commit} for {by} but was {known} for the stages before: the "
-                "branch moved on the hub between them, so their results would mix two models. "
-                "Pin `revision: <commit>` in the recipe, `readaptir build`, then `dvc repro`"
+                f"{model} is commit {commit} for {by} but was {known} for the stages before (the "
+                "branch moved on the hub between them, or a cache held another commit), so their "
+                "results would mix two models. Pin `revision: <commit>` in the recipe, `readaptir "
+                "build`, then `dvc repro`"
             )
 
     def retriever_dir(self, ident: dict, base: dict | None) -> Path:

@@ -175,16 +175,19 @@ def test_a_damaged_archive_says_how(tmp_path, tiny_beir, monkeypatch):
     with pytest.raises(ValueError, match=r"crc\.zip is not a zip archive that unpacks: BadZipFile: "
                        r"Bad CRC-32"):  # fmt: skip
         fetch((tmp_path / "crc.zip").as_uri(), "toy", out)
-    with zipfile.ZipFile(tmp_path / "deflated.zip", "w", zipfile.ZIP_DEFLATED) as zipped:
-        zipped.writestr("toy/corpus.jsonl", '{"_id": "d", "text": "a passage"}\n' * 2000)
-    data = bytearray((tmp_path / "deflated.zip").read_bytes())
-    at = data.index(b"PK\x03\x04") + 30 + len("toy/corpus.jsonl")
-    data[at : at + 8] = b"\xff" * 8  # the compressed stream itself broken
-    (tmp_path / "deflated.zip").write_bytes(bytes(data))
-    with pytest.raises(
-        ValueError, match=r"deflated\.zip is not a zip archive that unpacks: error: "
+    for method, name, raised in (
+        (zipfile.ZIP_DEFLATED, "deflated", "error"),  # zlib's
+        (zipfile.ZIP_BZIP2, "bzip2", "OSError"),  # bz2's, with no errno
     ):
-        fetch((tmp_path / "deflated.zip").as_uri(), "toy", out)
+        with zipfile.ZipFile(tmp_path / f"{name}.zip", "w", method) as zipped:
+            zipped.writestr("toy/corpus.jsonl", '{"_id": "d", "text": "a passage"}\n' * 2000)
+        data = bytearray((tmp_path / f"{name}.zip").read_bytes())
+        at = data.index(b"PK\x03\x04") + 30 + len("toy/corpus.jsonl")
+        data[at + 4 : at + 12] = b"\xff" * 8  # the compressed stream itself broken
+        (tmp_path / f"{name}.zip").write_bytes(bytes(data))
+        said = rf"{name}\.zip is not a zip archive that unpacks: {raised}: "
+        with pytest.raises(ValueError, match=said):
+            fetch((tmp_path / f"{name}.zip").as_uri(), "toy", out)
     monkeypatch.setattr(
         fetch_module.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 1)
     )

@@ -34,7 +34,8 @@ CHUNK = 1 << 20
 TIMEOUT = 60  # seconds without an answer before a download fails (a stalled server)
 # what unpacking an archive may fail with: a damaged one (its index, a CRC, a compressed stream),
 # a member name that is not UTF-8 though flagged so, a compression method or an encryption
-# zipfile lacks; not OSError, which a full disk raises (and ``atomic_output`` names)
+# zipfile lacks; and an OSError without an errno (a damaged bz2 stream), not one with one (a full
+# disk, which ``atomic_output`` names)
 UNPACK_ERRORS = (
     zipfile.BadZipFile,
     zlib.error,
@@ -102,7 +103,9 @@ def _unpack(url: str, archive: Path, into: Path) -> None:
                     f"{url} unpacks to {size / 1e9:.1f} GB and {into} has {free / 1e9:.1f} GB free"
                 )
             zipped.extractall(into)
-    except UNPACK_ERRORS as err:
+    except (*UNPACK_ERRORS, OSError) as err:
+        if isinstance(err, OSError) and err.errno is not None:
+            raise  # a full disk (ENOSPC), named by ``atomic_output``; bz2's damage has no errno
         raise ValueError(
             f"{url} is not a zip archive that unpacks: {type(err).__name__}: {err}"
         ) from None
