@@ -280,7 +280,7 @@ def diff_cmd(rev_a: str, rev_b: str, root: Path, metric: str) -> None:
 @user_errors
 def plots_cmd(root: Path, metric: str) -> None:
     """Write α curves and adapter loss curves: plots/*.png and the CSV `dvc plots show` reads."""
-    from readaptir.plots import write_plots
+    from readaptir.plots import ALPHA_PNG, write_plots
 
     _, metrics = report.load(root)
     if not metrics:
@@ -289,7 +289,7 @@ def plots_cmd(root: Path, metric: str) -> None:
     written, removed = write_plots(root, metrics, metric)
     for path in written:
         click.echo(f"wrote {path}")
-    if not any(path.name == "alpha_curves.png" for path in written):
+    if Path(root) / ALPHA_PNG not in written:
         click.echo("no α curve: no sweep (`readapt.alpha: [...]`) with metrics yet")
     for path in removed:
         click.echo(f"removed {path} (of no recipe as now built)")

@@ -15,6 +15,7 @@ LOG = logging.getLogger(__name__)
 
 PLOTS_DIR = "plots"
 ALPHA_CSV = f"{PLOTS_DIR}/alpha_curves.csv"
+ALPHA_PNG = f"{PLOTS_DIR}/alpha_curves.png"
 
 
 def alpha_points(metrics: dict[str, dict], metric: str) -> list[dict]:
@@ -55,7 +56,7 @@ def stale_plots(root: Path) -> list[Path]:
     out = Path(root) / PLOTS_DIR
     sweeps = any(s["kind"] == "score" and s["params"].get("sweep") for s in specs.values())
     adapters = {f"loss_{name}.png" for name, spec in specs.items() if spec["kind"] == "adapter"}
-    stale = [] if sweeps else [out / "alpha_curves.png"]
+    stale = [] if sweeps else [Path(root) / ALPHA_PNG]
     stale += [path for path in sorted(out.glob("loss_*.png")) if path.name not in adapters]
     return [path for path in stale if path.is_file()]
 
@@ -90,9 +91,9 @@ def write_plots(
         ax.set(xlabel="α", ylabel=metric, title=f"{metric} against α (dotted: retriever alone)")
         ax.legend(fontsize="small")
         fig.tight_layout()
-        fig.savefig(out / "alpha_curves.png", dpi=120)
+        fig.savefig(Path(root) / ALPHA_PNG, dpi=120)
         plt.close(fig)
-        written.append(out / "alpha_curves.png")
+        written.append(Path(root) / ALPHA_PNG)
     for name, log in adapter_logs(root).items():
         rows = list(csv.DictReader(log.open()))
         fig, ax = plt.subplots(figsize=(6, 4))
