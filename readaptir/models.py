@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from readaptir.artifacts import INDEX, SINGLE, read_json_mapping
@@ -34,9 +35,12 @@ def skipped_files(files: list[str]) -> list[str]:
     return list(OTHER_WEIGHTS) if any(_LOADED_WEIGHTS.fullmatch(f) for f in files) else []
 
 
-def local_dir(source: str, revision: str | None = None) -> Path:
+def local_dir(
+    source: str, revision: str | None = None, check: Callable[[str], None] | None = None
+) -> Path:
     """A local folder holding the model: ``source`` itself, or a hub snapshot at ``revision``
-    (without ``skipped_files``)."""
+    (without ``skipped_files``). Where the hub answers, the commit ``revision`` names now is
+    passed to ``check`` before anything is downloaded, and that commit is what is fetched."""
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -48,10 +52,15 @@ def local_dir(source: str, revision: str | None = None) -> Path:
 
     LOG.info("fetching %s@%s from the hub", source, revision or "main")
     try:
-        skipped = skipped_files(HfApi().list_repo_files(source, revision=revision))
-    except Exception as err:  # offline, or the listing refused: the snapshot call says why
-        LOG.debug("listing %s: %s", source, err)
-        skipped = []
+        info = HfApi().model_info(source, revision=revision)
+    except Exception as err:  # offline, or the hub refused: the snapshot call says why
+        LOG.debug("asking the hub of %s: %s", source, err)
+        info = None
+    skipped = skipped_files([f.rfilename for f in info.siblings or []]) if info else []
+    if info is not None and info.sha:
+        if check is not None:
+            check(info.sha)
+        revision = info.sha  # what was checked is what is fetched, if the branch moves meanwhile
     if skipped:
         LOG.info("%s: not fetching other formats of its safetensors weights", source)
     try:
@@ -60,7 +69,7 @@ def local_dir(source: str, revision: str | None = None) -> Path:
         )
     except Exception as err:  # the hub's errors name no model when the network fails
         raise OSError(f"fetching {source}@{revision or 'main'} from the hub: {err}") from err
-    LOG.info("%s@%s: commit %s", source, revision or "main", Path(folder).name)  # snapshots/<sha>
+    LOG.info("%s: commit %s", source, Path(folder).name)  # snapshots/<sha>
     return Path(folder)
 
 

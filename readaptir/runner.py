@@ -107,10 +107,14 @@ class Context:
             return path
         from readaptir.models import local_dir
 
-        path = local_dir(ident["source"], ident.get("revision"))
+        model = f"{ident['source']}@{ident.get('revision') or 'main'}"
+
+        def check(commit: str) -> None:  # before the download, where the hub answers
+            self._fetched(model, commit, "this stage")
+
+        path = local_dir(ident["source"], ident.get("revision"), check=check)
         if path.parent.name == "snapshots":  # the hub cache's snapshots/<commit>
-            model = f"{ident['source']}@{ident.get('revision') or 'main'}"
-            self._fetched(model, path.name, "this stage")
+            check(path.name)
         return path
 
     def _fetched(self, model: str, commit: str, by: str) -> None:

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -833,7 +834,7 @@ def test_stages_warn_about_a_hub_peft_retriever_trained_on_another_base(
     adapter.mkdir()
     config = {"peft_type": "LORA", "base_model_name_or_path": "meta-llama/Llama-2-7b-chat-hf"}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    monkeypatch.setattr(models, "local_dir", lambda source, revision=None: adapter)
+    monkeypatch.setattr(models, "local_dir", lambda source, revision=None, check=None: adapter)
     hub = {"source": "castorini/repllama-v1-7b-lora-passage", "revision": "main"}
     local = {"source": "models/lora", "fingerprint": Fingerprints(project).path(adapter)}
     ctx = Context(project, {"kind": "merge", "params": {}, "inputs": {}}, "cpu")
@@ -856,7 +857,9 @@ def test_a_hub_branch_that_moves_between_stages_is_refused(project, monkeypatch)
     for commit in ("a" * 40, "b" * 40):
         (snapshots / commit).mkdir(parents=True)
     at = {"commit": "a" * 40}
-    monkeypatch.setattr(models, "local_dir", lambda source, revision=None: snapshots / at["commit"])
+    monkeypatch.setattr(
+        models, "local_dir", lambda source, revision=None, check=None: snapshots / at["commit"]
+    )
     hub = {"source": "meta-llama/Llama-2-7b-hf", "revision": "main"}
 
     def fetches(ctx, out):
@@ -1141,10 +1144,13 @@ def test_a_hub_snapshot_leaves_other_copies_of_its_safetensors_weights(monkeypat
         )
         return str(tmp_path)
 
+    def model_info(_, repo, revision=None):
+        return SimpleNamespace(
+            sha="c" * 40, siblings=[SimpleNamespace(rfilename=f) for f in repos[repo]]
+        )
+
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
-    monkeypatch.setattr(
-        huggingface_hub.HfApi, "list_repo_files", lambda _, repo, revision: repos[repo]
-    )
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     for repo in repos:
         assert models.local_dir(repo) == tmp_path
     assert fetched["llama"] == [*shards, "model.safetensors.index.json", *tokenizer]
@@ -1153,7 +1159,25 @@ def test_a_hub_snapshot_leaves_other_copies_of_its_safetensors_weights(monkeypat
     def offline(*args, **kwargs):
         raise huggingface_hub.errors.OfflineModeIsEnabled("offline")
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
+    # the commit the branch names now is checked before the download, and is what is fetched
+    asked = []
+
+    def download(repo_id, revision=None, ignore_patterns=None):
+        asked.append(revision)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+
+    def moved(commit):
+        raise RuntimeError(f"moved to {commit}")
+
+    with pytest.raises(RuntimeError, match="moved to c{40}"):
+        models.local_dir("llama", "main", check=moved)
+    assert asked == []  # nothing downloaded
+    models.local_dir("llama", "main", check=lambda commit: None)
+    assert asked == ["c" * 40]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", offline)
     models.local_dir("llama")  # no listing: the snapshot call takes the cache, or says why not
     assert fetched["llama"] == repos["llama"]
 
@@ -1171,7 +1195,7 @@ def test_an_embedding_stage_fetches_the_base_only_for_a_peft_retriever(project, 
 
     fetched = []
 
-    def local_dir(source, revision=None):
+    def local_dir(source, revision=None, check=None):
         fetched.append(source)
         return project / "models" / {"hub/full": "retriever", "hub/lora": "lora"}[source]
 
