@@ -40,7 +40,8 @@ def local_dir(
 ) -> Path:
     """A local folder holding the model: ``source`` itself, or a hub snapshot at ``revision``
     (without ``skipped_files``). Where the hub answers, the commit ``revision`` names now is
-    passed to ``check`` before anything is downloaded, and that commit is what is fetched."""
+    passed to ``check`` before anything is downloaded. The snapshot is fetched by ``revision``, not
+    by that commit, so that the cache records the branch (``refs/main``) for runs offline."""
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -57,10 +58,8 @@ def local_dir(
         LOG.debug("asking the hub of %s: %s", source, err)
         info = None
     skipped = skipped_files([f.rfilename for f in info.siblings or []]) if info else []
-    if info is not None and info.sha:
-        if check is not None:
-            check(info.sha)
-        revision = info.sha  # what was checked is what is fetched, if the branch moves meanwhile
+    if info is not None and info.sha and check is not None:
+        check(info.sha)
     if skipped:
         LOG.info("%s: not fetching other formats of its safetensors weights", source)
     try:
