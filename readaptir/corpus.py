@@ -129,6 +129,19 @@ def iter_passages(dataset_dir: Path) -> Iterator[Passage]:
         yield Passage(pid, _str_field(obj, "title", where), text)
 
 
+def has_passages(corpus_file: Path, block: int = 1 << 20) -> bool:
+    """Whether a corpus file holds more than white space (and a byte-order mark): its first
+    block decides for any real corpus, without the file being parsed."""
+    with Path(corpus_file).open("rb") as handle:
+        first = handle.read(block).removeprefix(codecs.BOM_UTF8)
+        if first.strip():
+            return True
+        while data := handle.read(block):
+            if data.strip():
+                return True
+    return False
+
+
 def passage_ids(dataset_dir: Path) -> set[str]:
     """The ids of ``corpus.jsonl``'s passages, every line checked as ``iter_passages`` does.
 

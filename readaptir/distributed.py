@@ -138,10 +138,15 @@ def rank_share(lay: Layout, inputs: dict[str, Any], ranks: Ranks) -> tuple[dict[
     return share, mine * ranks.world / total
 
 
+# the seeds torch.manual_seed takes (a recipe's adapter.seed is one of them)
+TORCH_SEEDS = (-(2**63), 2**64 - 1)
+
+
 def torch_seed(value: int) -> int:
-    """``value`` where ``torch.manual_seed`` takes it (-2^63 to 2^64 - 1), else reduced into that
+    """``value`` where ``torch.manual_seed`` takes it (``TORCH_SEEDS``), else reduced into that
     range mod 2^64: a seed derived from a recipe's seed may outgrow it."""
-    return value if -(2**63) <= value < 2**64 else value % 2**64
+    low, high = TORCH_SEEDS
+    return value if low <= value <= high else value % 2**64
 
 
 def seed_rank(seed: int, ranks: Ranks) -> None:

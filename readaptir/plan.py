@@ -9,7 +9,6 @@ recipes with the same retriever and corpus.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import logging
@@ -22,6 +21,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from readaptir.artifacts import INDEX, SINGLE, read_json_mapping
+from readaptir.corpus import has_passages
 from readaptir.families import QUERY_FIELDS, ignores_identical_ids, resolve_encoding
 from readaptir.fingerprint import Fingerprints, project_path
 from readaptir.models import (
@@ -145,13 +145,6 @@ class Plan:
         folder = Path(root) / "metrics"
         files = sorted(folder.glob("*.json")) if folder.is_dir() else []
         return [path for path in files if f"metrics/{path.name}" not in written]
-
-
-def _blank(path: Path) -> bool:
-    """Whether a file holds nothing but white space (and a byte-order mark): a few bytes read."""
-    if path.stat().st_size > 4096:
-        return False
-    return not path.read_bytes().removeprefix(codecs.BOM_UTF8).strip()
 
 
 def stage_output(spec: dict) -> str:
@@ -395,7 +388,7 @@ class Planner:
                 raise PlanError(key, f"{spec.path}/{name} {what}")
             prints[name] = self.fingerprints.path(folder / name)
             deps.append(f"{path}/{name}")
-        if _blank(folder / "corpus.jsonl"):
+        if not has_passages(folder / "corpus.jsonl"):
             raise PlanError(key, f"{spec.path}/corpus.jsonl is empty (no passages)")
         ident = {"path": path, "fingerprints": prints}
         if with_qrels:

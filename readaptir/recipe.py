@@ -27,13 +27,12 @@ from pydantic import (
 )
 
 from readaptir.artifacts import folder_files
+from readaptir.distributed import TORCH_SEEDS
 from readaptir.families import FAMILIES, Encoding, resolve_encoding
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch: a name is also a file and stage name
 # what a fetched collection's folder may be called (its name, or the last part of its source)
 CORPUS_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# the seeds torch.manual_seed takes (what the adapter stage seeds it with)
-TORCH_SEEDS = (-(2**63), 2**64 - 1)
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 URL_SCHEMES = ("https", "http", "ftp", "file")  # what urllib opens
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -504,9 +503,8 @@ def _no_duplicate_keys(
         for key_node, value_node in node.value:
             key = f"{prefix}{key_node.value}"
             line = key_node.start_mark.line + 1
-            if (
-                key_node.tag not in _KEY_TAGS
-            ):  # ~, 1 or true would reach the schema as None, 1, True
+            # ~, 1 or true would reach the schema as None, 1, True
+            if key_node.tag not in _KEY_TAGS:
                 kind = key_node.tag.rsplit(":", 1)[-1]
                 raise RecipeError(
                     path, key, f"a key must be a name; YAML reads this one as {kind}", line

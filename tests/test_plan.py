@@ -345,6 +345,11 @@ def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, 
     edit(project, "ra-full", "extends: _common.yaml\n")
     with pytest.raises(RecipeError, match=r"corpus: data/toy/corpus\.jsonl is empty"):
         plan_of(project)
+    corpus.write_text("\ufeff" + " \n" * 3_000_000)  # white space past the first block read
+    with pytest.raises(RecipeError, match=r"corpus: data/toy/corpus\.jsonl is empty"):
+        plan_of(project)
+    corpus.write_text(" \n" * 3_000_000 + passages)  # passages after a long blank stretch
+    assert "adapter" in {s.kind for s in plan_of(project).stages.values()}
     corpus.write_text(passages)
     shutil.copytree(project / "models" / "retriever", project / "models" / "bin-only")
     (project / "models" / "bin-only" / "model.safetensors").rename(

@@ -7,7 +7,6 @@ sha256 is recorded, and checked when the recipe pins one.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import http.client
 import logging
@@ -25,6 +24,7 @@ from urllib.request import url2pathname
 from tqdm.auto import tqdm
 
 from readaptir.artifacts import write_json
+from readaptir.corpus import has_passages
 from readaptir.fingerprint import project_path
 
 LOG = logging.getLogger(__name__)
@@ -135,10 +135,8 @@ def _collection(url: str, unpacked: Path) -> Path:
     if missing:
         where = folder.relative_to(unpacked)
         raise ValueError(f"{url}: {where} has corpus.jsonl but no {' and no '.join(missing)}")
-    with (folder / "corpus.jsonl").open("rb") as handle:
-        first = handle.read(CHUNK).removeprefix(codecs.BOM_UTF8)
-        if not any(block.strip() for block in (first, *iter(lambda: handle.read(CHUNK), b""))):
-            raise ValueError(f"{url}: its corpus.jsonl is empty (no passages)")
+    if not has_passages(folder / "corpus.jsonl"):
+        raise ValueError(f"{url}: its corpus.jsonl is empty (no passages)")
     return folder
 
 
