@@ -158,6 +158,17 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_base, tiny_beir, 
     assert not list(ckpt.iterdir())  # checkpoint, random states and tokens all gone
 
 
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, tiny_base, tiny_beir):
+    """An infinite rate makes every adapter weight inf or nan after the first update: the run
+    stops at step 2 with no adapter written, where it went on for every step left before."""
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(adapter_module.TrainingDiverged, match=r"^step 2: the training loss is nan"):
+        _train(tmp_path, "diverged", tiny_base, tiny_beir, **RESUMABLE, lr=float("inf"),
+               checkpoint_dir=ckpt, checkpoint_every=1)  # fmt: skip
+    assert not list((tmp_path / "diverged").iterdir())
+    assert torch.load(ckpt / "checkpoint.pt", weights_only=False)["progress"]["step"] == 1
+
+
 def test_saved_tokens_of_other_settings_are_made_again(tmp_path, tiny_base, tiny_beir, monkeypatch):
     ckpt = _killed_at_step_7(tmp_path, tiny_base, tiny_beir)
     calls = []

@@ -188,6 +188,20 @@ def _shared_tokens(
     return TokenStore.load(folder / TOKENS_IDS, folder / TOKENS_OFFSETS)
 
 
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def _diverged(step: int, loss: float) -> str:
+    """Why training stops at ``step``, whose loss is ``loss`` (inf or nan): its gradient, clipped
+    or not, leaves the adapter's weights nan, and the steps left would not mend them."""
+    return (
+        f"step {step}: the training loss is {loss}; the adapter's weights are no longer finite, "
+        "so no adapter is written. Lower adapter.lr or raise warmup_ratio, keep max_grad_norm, "
+        "or train in float32 (base.dtype): a rerun with the same settings takes the same steps"
+    )
+
+
 def _remove_tokens(folder: Path) -> None:
     for name in (TOKENS_MANIFEST, TOKENS_IDS, TOKENS_OFFSETS):
         (Path(folder) / name).unlink(missing_ok=True)
@@ -457,6 +471,8 @@ def train_adapter(
             max_grad_norm=max_grad_norm,
         )
         loss = mean_across_ranks(loss * scale, ranks, device)  # the step's loss over all its rows
+        if not math.isfinite(loss):  # every rank sees the mean, so all stop here alike
+            raise TrainingDiverged(_diverged(step + 1, loss))
         step, epoch_step = step + 1, epoch_step + 1
         real = lay.real_tokens
         seen += real
