@@ -180,6 +180,9 @@ def check_scores(m: dict, where: str) -> None:
             raise ReportError(f"{where}: {side}: expected scores by metric name")
         for metric, value in m[side].items():
             _expect(_is_number(value), where, f"{side}.{metric}", "a number", value)
+    for metric in sorted(m["retriever"].keys() ^ m["readapted"].keys()):
+        side = "readapted" if metric in m["retriever"] else "retriever"
+        raise ReportError(f"{where}: {side}: no {metric!r}, which the other run has")
     for key in ("alpha", "beta"):
         _expect(_is_number(m[key]), where, key, "a number", m[key])
     for key in ("dataset", "label", "sweep"):
@@ -316,15 +319,31 @@ def alpha_rows(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[l
     return header, rows
 
 
+# the columns of differences, shown with their sign (by name: others hold revisions and labels)
+SIGNED = ("change", "RA change")
+
+
 def _fmt(value, column: str, scale: float) -> str:
     if value is None:
         return "-"
-    if column in ("alpha", "beta", "p"):  # an α sweep's "a=…" columns hold scores
-        return f"{value:.3g}" if column == "p" else f"{value:g}"
+    if column == "p":
+        return _p_text(value)
+    if column in ("alpha", "beta"):  # an α sweep's "a=…" columns hold scores
+        return f"{value:g}"
     if isinstance(value, float):
         text = f"{value * scale:.1f}" if scale != 1 else f"{value:.4f}"
-        return ("+" if value >= 0 else "") + text if "change" in column else text
+        return ("+" if value >= 0 else "") + text if column in SIGNED else text
     return str(value)
+
+
+def _p_text(p: float) -> str:
+    """``p`` to 3 significant digits, or more where fewer would round it across
+    ``SIGNIFICANCE`` (0.049995 shows as 0.049995, not as 0.05 beside a †)."""
+    for digits in range(3, 17):
+        text = f"{p:.{digits}g}"
+        if (float(text) < SIGNIFICANCE) == (p < SIGNIFICANCE):
+            return text
+    return f"{p:.17g}"  # as many as a float holds
 
 
 def render(

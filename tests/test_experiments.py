@@ -383,6 +383,28 @@ def test_dagger_only_below_the_threshold():
     assert "80.0†" in report.table(below, "paper")
 
 
+def test_only_changes_are_signed_and_a_p_value_is_not_rounded_across_the_threshold(tmp_path):
+    """A label or revision holding "change" is a name, not a difference; a p just under 0.05,
+    marked †, does not print as 0.05."""
+    r = metrics_file("r", "scifact", "R unchanged", 0.745, 0.763, p=500 / 10001)
+    assert re.search(r"\| scifact +\| 74\.5 +\| 76\.3† +\|", report.table({"r": r}, "paper"))
+    row = report.table({"r": r}, "recipes").splitlines()[2]
+    assert re.search(r"\| 0\.7450 +\| 0\.7630 +\| \+0\.0180 +\| 5/3/2 +\| 0\.049995 +\|$", row)
+    assert report._p_text(0.05) == "0.05" and report._p_text(0.0123456) == "0.0123"
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "0")
+    git("branch", "alpha-change")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"recipes": {"r": {}}}))
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "r.json").write_text(json.dumps(r))
+    row = report.diff(tmp_path, "alpha-change").splitlines()[2]
+    assert re.search(r"\| added +\| - +\| 0\.7450 +\| - +\| 0\.7630 +\| - +\|$", row)
+
+
 def test_readapted_recipe_wins_a_cell_whatever_the_name_order():
     alone = metrics_file("alone", "scifact", "R", 0.7, 0.7, alpha=0.0)
     ra = metrics_file("ra", "scifact", "R", 0.7, 0.8)
@@ -630,6 +652,7 @@ def test_recipes_left_out_for_one_reason_are_one_warning(tmp_path, caplog):
             {"comparison": {"nDCG@10": {"wins": 1, "ties": 0, "losses": 0, "p_value": "x"}}},
             "comparison.nDCG@10.p_value: expected a p-value, found 'x'",
         ),
+        ({"readapted": {}}, "readapted: no 'nDCG@10', which the other run has"),
     ],
 )
 def test_a_metrics_file_not_as_the_score_stage_writes_it_is_named(tmp_path, change, message):
