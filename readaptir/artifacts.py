@@ -46,9 +46,15 @@ def atomic_output(final: Path) -> Iterator[Path]:
         if full:
             raise full from err
         raise
-    if final.exists():
-        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    if not (final.exists() or final.is_symlink()):
+        os.replace(tmp, final)
+        return
+    # the old output moves aside before the new one takes its name, and is removed after: a kill
+    # during the removal leaves a leftover the next run clears, never a half-removed `final`
+    old = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}-old"
+    os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
 @contextlib.contextmanager

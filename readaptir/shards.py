@@ -197,7 +197,7 @@ class Checkpoint:
         self._file_of: dict[str, Path] = {}
         self._data_start: dict[Path, int] = {}
         self._loaded: dict[str, torch.Tensor] = {}  # an adapter_model.bin, held in memory
-        if not (self.folder / ADAPTER).is_file() and (self.folder / ADAPTER_BIN).is_file():
+        if self._adapter_bin():
             self._load_bin(self.folder / ADAPTER_BIN)
             return
         self._files, weight_map = self._locate()
@@ -223,6 +223,15 @@ class Checkpoint:
                 "%s names %d tensors no shard holds (e.g. %s)",
                 self.folder / INDEX, len(unheld), unheld[0],
             )  # fmt: skip
+
+    def _adapter_bin(self) -> bool:
+        """Whether the weights to read are a PEFT ``adapter_model.bin``: with ``adapter``, where
+        no safetensors adapter is; else only where the folder has no model weights either (a
+        stray one beside them is not what transformers reads)."""
+        folder = self.folder
+        if (folder / ADAPTER).is_file() or not (folder / ADAPTER_BIN).is_file():
+            return False
+        return self.adapter or not ((folder / SINGLE).is_file() or (folder / INDEX).is_file())
 
     def _load_bin(self, path: Path) -> None:
         try:

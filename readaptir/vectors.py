@@ -1,6 +1,7 @@
 """The embed and queries stages' output folders: float16 vectors, with their ids.
 
-Layout (float16 halves disk and RAM; scoring happens in float32 later)::
+Layout (float16 halves disk and RAM; the search scores in float32 and rescores its candidates in
+float64, exact for float16 vectors)::
 
     corpus-00000.npy ...   at most ``shard_size`` passage vectors each, in corpus order
     corpus_ids.json        passage ids in corpus order

@@ -2,6 +2,7 @@
 
 import errno
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -34,6 +35,31 @@ UNNAMED = [
     OSError("1000000 requested and 0 written"),
     SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"),
 ]
+
+
+def _write_output(final, text):
+    with atomic_output(final) as tmp:
+        for shard in ("a", "b"):
+            (tmp / shard).write_text(text)
+
+
+def test_a_kill_while_the_old_output_is_removed_leaves_the_new_one_whole(tmp_path, monkeypatch):
+    """A rerun (``dvc repro -f``) replaces its output: interrupted while the old folder is being
+    deleted, the final name holds the new output, not an index beside half its shards."""
+    final = tmp_path / "out"
+    _write_output(final, "old")
+
+    def killed_midway(path, **kwargs):
+        next(Path(path).iterdir()).unlink()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(artifacts.shutil, "rmtree", killed_midway)
+        _write_output(final, "new")
+    assert {p.name: p.read_text() for p in final.iterdir()} == {"a": "new", "b": "new"}
+    _write_output(final, "last")  # the next run clears the half-removed old one
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert {p.read_text() for p in final.iterdir()} == {"last"}
 
 
 @pytest.mark.parametrize("err", UNNAMED, ids=["torch", "numpy", "safetensors"])

@@ -762,6 +762,11 @@ def test_lora_retriever_saved_as_bin(tmp_path, tiny_base, lora_retriever):
     (old / "adapter_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(WeightError, match=r"adapter_model\.bin: not a readable"):
         Checkpoint(old)
+    # a stray adapter_model.bin beside a model's weights: the model is read, as transformers does
+    shutil.copy(old / "adapter_model.bin", tmp_path / "new" / "adapter_model.bin")
+    assert sorted(Checkpoint(tmp_path / "new").names()) == sorted(new.names())
+    with pytest.raises(WeightError, match=r"adapter_model\.bin: not a readable"):
+        Checkpoint(tmp_path / "new", adapter=True)
 
 
 def test_a_lora_retriever_beside_merged_weights_is_read_as_the_adapter(
