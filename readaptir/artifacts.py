@@ -173,6 +173,17 @@ def _same_disk(filename: Any, target: Path) -> bool:
         return True
 
 
+def sync_tree(folder: Path) -> None:
+    """Every file and folder under ``folder``, and the entry naming it, flushed to disk: before
+    what a killed run would resume from is removed, so that a power cut cannot take both."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*"), reverse=True):  # the files before their folders
+        if not path.is_symlink():
+            _fsync(path)
+    _fsync(folder)
+    _fsync(folder.parent)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)  # a folder too: its entries are what a rename changes
     try:

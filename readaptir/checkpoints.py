@@ -77,8 +77,8 @@ def save_checkpoint(
     return path
 
 
-def _rng_files(folder: Path, rank: int | str) -> list[Path]:
-    """A rank's (``*``: every rank's) random-number states in ``folder``, by step."""
+def _rng_files(folder: Path, rank: int) -> list[Path]:
+    """A rank's random-number states in ``folder``, by step."""
     return sorted(Path(folder).glob(RNG_FILE.format(rank=rank, step="*")), key=_step_of)
 
 
@@ -152,9 +152,3 @@ def restore_checkpoint(
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"].cpu())
     return state["progress"]
-
-
-def remove_checkpoint(folder: Path) -> None:
-    for path in _rng_files(folder, "*"):
-        path.unlink(missing_ok=True)
-    (Path(folder) / CHECKPOINT_FILE).unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from readaptir.artifacts import (
     read_json_mapping,
     read_text,
     resolve_device,
+    sync_tree,
     write_json,
 )
 from readaptir.distributed import launched_ranks, processes, relaunch
@@ -391,7 +392,9 @@ def _run(
         write_json(tmp / "stage.json", {"name": name, **spec, **hub, "summary": summary})
     if run:
         write_json(Path(root) / RUNS_DIR / f"{name}.json", {"id": spec["id"], **run})
-    shutil.rmtree(ctx.work_dir, ignore_errors=True)  # what a killed run would have resumed from
+    if ctx.work_dir.exists():  # what a killed run would have resumed from, now the output's
+        sync_tree(out)
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
     if spec["kind"] == "score":  # published only once the stage's own output is complete
         # the stage's id tells a report whether the metrics are of the recipe as now built
         metrics = {

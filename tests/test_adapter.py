@@ -155,7 +155,11 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_base, tiny_beir, 
     assert summary["resumed_from"] == 6 and summary["steps"] == 12
     assert _same(whole, resumed)
     assert _log(out) == _log(whole_out)
-    assert not list(ckpt.iterdir())  # checkpoint, random states and tokens all gone
+    # the run's caller removes the checkpoint once it has kept the adapter: killed before then,
+    # the next run resumes from the last checkpoint, to the same adapter
+    summary, _, again = _train(tmp_path, "again", tiny_base, tiny_beir, **args,
+                               checkpoint_dir=ckpt, checkpoint_every=3)  # fmt: skip
+    assert summary["resumed_from"] == 9 and _same(whole, again)
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, tiny_base, tiny_beir):

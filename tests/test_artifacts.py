@@ -1,6 +1,7 @@
 """Stage outputs appear whole or not at all, and a failed write says what failed."""
 
 import errno
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,6 +61,19 @@ def test_a_kill_while_the_old_output_is_removed_leaves_the_new_one_whole(tmp_pat
     _write_output(final, "last")  # the next run clears the half-removed old one
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert {p.read_text() for p in final.iterdir()} == {"last"}
+
+
+def test_sync_tree_flushes_every_file_and_folder_and_the_name(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "a").write_text("a")
+    (out / "sub" / "b").write_text("b")
+    flushed = []
+    monkeypatch.setattr(
+        artifacts.os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+    )
+    artifacts.sync_tree(out)
+    assert flushed == [str(p) for p in (out / "sub" / "b", out / "sub", out / "a", out, tmp_path)]
 
 
 @pytest.mark.parametrize("err", UNNAMED, ids=["torch", "numpy", "safetensors"])

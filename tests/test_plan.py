@@ -768,6 +768,36 @@ def test_a_stage_run_again_writes_the_same_bytes(project):
     assert figures["id"] == adapter.id and figures["seconds"] > 0 and "tokens_per_second" in figures
 
 
+def test_a_kill_between_training_and_publishing_the_adapter_resumes(project, monkeypatch):
+    """The adapter's checkpoints outlive its training until the stage's output is in place: a
+    stage killed after its last step resumes from there, and its work folder goes after."""
+    from readaptir import runner
+
+    common_file = project / "recipes" / "_common.yaml"
+    common = yaml.safe_load(common_file.read_text())
+    common["adapter"] = {"r": 4, "packing": False, "epochs": 2, "checkpoint_every": 2}
+    common_file.write_text(yaml.safe_dump(common))  # 6 steps of 4 passages
+    plan = plan_of(project)
+    dvcfile.write(plan, project)
+    adapter = next(iter(by_kind(plan)["adapter"]))
+    publish = runner.write_json
+
+    def killed(path, data):
+        if Path(path).name == "stage.json":
+            raise KeyboardInterrupt
+        publish(path, data)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(runner, "write_json", killed)
+        runner.run_stage(project, adapter.name, device="cpu")
+    work = project / "artifacts" / "adapter" / f".work-{adapter.id}"
+    assert (work / "checkpoint.pt").is_file()
+    out = runner.run_stage(project, adapter.name, device="cpu")
+    figures = json.loads((project / runner.RUNS_DIR / f"{adapter.name}.json").read_text())
+    assert figures["resumed_from"] == 4 and (out / "adapter_model.safetensors").is_file()
+    assert not work.exists()
+
+
 def test_passage_selection_uses_the_evaluated_collections_judgments(project):
     shutil.copytree(project / "data" / "toy", project / "data" / "other")
     qrels = project / "data" / "toy" / "qrels"

@@ -34,7 +34,6 @@ import numpy as np
 from readaptir.artifacts import files_identity, read_json, write_json
 from readaptir.checkpoints import (
     load_checkpoint,
-    remove_checkpoint,
     restore_checkpoint,
     save_checkpoint,
 )
@@ -202,11 +201,6 @@ def _diverged(step: int, loss: float) -> str:
     )
 
 
-def _remove_tokens(folder: Path) -> None:
-    for name in (TOKENS_MANIFEST, TOKENS_IDS, TOKENS_OFFSETS):
-        (Path(folder) / name).unlink(missing_ok=True)
-
-
 # Arguments that do not change the numbers, or do so only through rows, steps and data (hashed).
 _NOT_RESUME_RELEVANT = {
     "base_dir", "corpus_dir", "out", "device", "qrels_dir", "checkpoint_dir", "checkpoint_every",
@@ -286,7 +280,8 @@ def train_adapter(
     passages as fit ``batch_tokens`` once padded to the step's longest; ``passages`` picks
     the passages judged (or not) in ``qrels_dir``'s ``qrels/<qrels_split>.tsv`` (``qrels_dir``
     defaults to ``corpus_dir``); ``max_grad_norm`` None does not clip; ``on_step(step)`` is
-    called after every step.
+    called after every step. ``checkpoint_dir`` keeps its last checkpoint and the tokens after
+    the run: the caller removes it once ``out`` is kept, so that a kill before then resumes.
     """
     args = dict(locals())
     import torch
@@ -510,9 +505,6 @@ def train_adapter(
         model.save_pretrained(out)
         _sort_config_lists(Path(out) / "adapter_config.json")
         _write_log(Path(out) / "training_log.csv", log_rows)
-        if checkpoint_dir:
-            remove_checkpoint(checkpoint_dir)
-            _remove_tokens(checkpoint_dir)
         LOG.info("adapter trained: %s", summary)
     del engine  # DDP's reducer goes before its process group, or freeing it later hangs
     leave_distributed(ranks)
