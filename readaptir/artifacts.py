@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -197,8 +197,16 @@ def _fsync(path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    atomic_write_texts({path: text})
+
+
+def atomic_write_texts(texts: Mapping[Path, str]) -> None:
+    """Write files that belong together (a pipeline and its params): each new text reaches a
+    temporary sibling before any file is replaced, so a failed write (a full disk) leaves every
+    one as it was."""
+    with contextlib.ExitStack() as stack:
+        for path, text in texts.items():
+            stack.enter_context(atomic_file(path)).write_text(text, encoding="utf-8")
 
 
 def require_empty(out: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from readaptir.artifacts import atomic_write_text, parse_mapping, read_text
+from readaptir.artifacts import atomic_write_texts, parse_mapping, read_text
 from readaptir.plan import Plan, Stage
 from readaptir.plots import ALPHA_CSV
 
@@ -131,11 +131,10 @@ def write(plan: Plan, root: Path) -> list[Path]:
             f"{root / foreign[0]} was not written by `readaptir build` (its first line is not "
             f"{HEADER.strip()!r}): move it away, or its stages into recipes/; nothing was written"
         )
-    changed = []
-    for rel, text in files.items():
-        if present.get(rel) != text:
-            atomic_write_text(root / rel, text)
-            changed.append(root / rel)
+    # all or none: a pipeline beside the params of another build names stages they lack
+    texts = {root / rel: text for rel, text in files.items() if present.get(rel) != text}
+    atomic_write_texts(texts)
+    changed = list(texts)
     stale = [
         p
         for p in sorted(root.glob(f"{PIPELINES}/*/*.yaml")) + [root / ROOT_PARAMS]

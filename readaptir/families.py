@@ -109,6 +109,11 @@ _ALIASES = {
 QUERY_FIELDS = ("query_template", "query_instruction", "max_query_length")
 
 
+# the most tokens, rows, steps or hits a recipe may ask for: a signed 32-bit count, which the
+# tokenizers, torch's index tensors and pytrec_eval take (2^64 and more did not even convert)
+COUNT_LIMIT = 2**31 - 1
+
+
 class Encoding(BaseModel):
     """Everything that decides the text fed to the model and how its states become a vector.
 
@@ -133,8 +138,8 @@ class Encoding(BaseModel):
     normalize: bool | None = True
     append_eos: bool = False
     # None: the model's own limit; at least 2 tokens, room for one beside an appended EOS
-    max_query_length: int | None = Field(512, gt=1)
-    max_passage_length: int | None = Field(512, gt=1)
+    max_query_length: int | None = Field(512, gt=1, le=COUNT_LIMIT)
+    max_passage_length: int | None = Field(512, gt=1, le=COUNT_LIMIT)
     lowercase: bool | None = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 

@@ -82,6 +82,16 @@ class Fingerprints:
         return "sha256:" + digest.hexdigest()
 
     def save(self) -> None:
-        if self._dirty:
+        """Keep the cache for the next run, where the project can be written: a cache that
+        cannot be kept (a read-only checkout, a full disk) is a warning, never a failed run."""
+        if not self._dirty:
+            return
+        try:
             atomic_write_text(self.cache_path, json.dumps(self._cache, sort_keys=True))
-            self._dirty = False
+        except OSError as err:
+            LOG.warning(
+                "%s not kept (%s): the next run hashes the same files again",
+                self.cache_path, err.strerror or err,
+            )  # fmt: skip
+            return
+        self._dirty = False

@@ -28,7 +28,7 @@ from pydantic import (
 
 from readaptir.artifacts import folder_files
 from readaptir.distributed import TORCH_SEEDS
-from readaptir.families import FAMILIES, Encoding, resolve_encoding
+from readaptir.families import COUNT_LIMIT, FAMILIES, Encoding, resolve_encoding
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch: a name is also a file and stage name
 # what a fetched collection's folder may be called (its name, or the last part of its source)
@@ -188,21 +188,21 @@ class AdapterSpec(_Strict):
     # the HF Trainer's defaults, as the paper trained: no weight decay, gradients clipped to norm 1
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
-    batch_size: int = Field(4, gt=0)
+    batch_size: int = Field(4, gt=0, le=COUNT_LIMIT)
     epochs: float = Field(1, gt=0)
-    max_length: int = Field(1024, gt=1)
+    max_length: int = Field(1024, gt=1, le=COUNT_LIMIT)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     seed: int = Field(0, ge=TORCH_SEEDS[0], le=TORCH_SEEDS[1])
-    max_steps: int | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0, le=COUNT_LIMIT)
     train_corpus: CorpusSpec | None = None
     # which passages of the training corpus: judged/unjudged in the evaluated split (Table 2)
     passages: Literal["all", "judged", "unjudged"] = "all"
     packing: bool = True  # false: one padded passage per sequence, as in the paper
-    batch_tokens: int | None = Field(None, gt=0)
+    batch_tokens: int | None = Field(None, gt=0, le=COUNT_LIMIT)
     # auto: on when training on a GPU; a number: that share of the layers, evenly spread
     gradient_checkpointing: Literal["auto"] | bool | float = "auto"
-    checkpoint_every: int = Field(500, gt=0)  # steps between resumable checkpoints
+    checkpoint_every: int = Field(500, gt=0, le=COUNT_LIMIT)  # steps between resumable checkpoints
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -273,7 +273,7 @@ def _check_metric(name: str) -> int | None:
 
 
 class EvalSpec(_Strict):
-    k: int = Field(100, gt=0)
+    k: int = Field(100, gt=0, le=COUNT_LIMIT)
     metrics: list[str] = Field(["nDCG@10", "Recall@100", "MRR@10"], min_length=1)
     ignore_identical_ids: Literal["auto"] | bool = "auto"
 
@@ -477,7 +477,7 @@ def _read_yaml(path: Path) -> tuple[dict, yaml.Node | None]:
         raise RecipeError(
             path, None, f"not valid YAML: {getattr(err, 'problem', err)}", line
         ) from None
-    _no_duplicate_keys(path, node)
+    _check_nodes(path, node)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -488,16 +488,36 @@ def _read_yaml(path: Path) -> tuple[dict, yaml.Node | None]:
 _KEY_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:merge")  # a name, or ``<<`` (a merge)
 
 
-def _no_duplicate_keys(
+# numbers YAML 1.1 reads in another base than they seem to be written in: 010 is 8 (octal),
+# 0b11 is 3, 1:30 is 90 (base 60); YAML 1.2 reads the first as 10 and the others as strings
+_OTHER_BASES = {
+    "tag:yaml.org,2002:int": re.compile(
+        r"[-+]?(?:0[0-7_]+|0b[01_]+|[0-9][0-9_]*(?::[0-5]?[0-9])+)"
+    ),
+    "tag:yaml.org,2002:float": re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*"),
+}
+
+
+def _check_nodes(
     path: Path, node: yaml.Node | None, prefix: str = "", done: set[int] | None = None
 ) -> None:
-    """YAML keeps the last of two equal keys silently; a recipe must not. Each node is looked at
-    once (``done``), however many aliases name it: aliases of aliases would otherwise be walked
-    as many times as they repeat, exponentially."""
+    """YAML keeps the last of two equal keys silently, and reads 010 as 8; a recipe must do
+    neither. Each node is looked at once (``done``), however many aliases name it: aliases of
+    aliases would otherwise be walked as many times as they repeat, exponentially."""
     done = set() if done is None else done
     if id(node) in done:
         return
     done.add(id(node))
+    if isinstance(node, yaml.ScalarNode) and node.style is None:
+        other = _OTHER_BASES.get(node.tag)
+        if other is not None and other.fullmatch(node.value):
+            raise RecipeError(
+                path,
+                prefix.rstrip(".") or None,
+                f"YAML 1.1 reads {node.value} as a number in base 8, 2 or 60, not as it looks: "
+                "write it in decimal, or quote it for a string",
+                node.start_mark.line + 1,
+            )
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -512,10 +532,10 @@ def _no_duplicate_keys(
             if key_node.value in seen:
                 raise RecipeError(path, key, "the same key appears twice", line)
             seen.add(key_node.value)
-            _no_duplicate_keys(path, value_node, key + ".", done)
+            _check_nodes(path, value_node, key + ".", done)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _no_duplicate_keys(path, item, prefix, done)
+            _check_nodes(path, item, prefix, done)
 
 
 def _line_of(node: yaml.Node | None, loc: tuple, exact: bool = False) -> int | None:

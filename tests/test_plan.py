@@ -1,3 +1,4 @@
+import errno
 import hashlib
 import json
 import os
@@ -188,6 +189,31 @@ def test_generated_files_are_byte_stable(project):
     assert all("desc" in s for s in dvc["stages"].values())
 
 
+def test_a_build_that_fails_to_write_one_file_replaces_none(project, monkeypatch):
+    """dvc.yaml and params.yaml change together: a full disk while writing the second left the
+    new pipeline beside the old params, whose stages it names no more."""
+    from pathlib import Path as RealPath
+
+    dvcfile.write(plan_of(project), project)
+    before = {n: (project / n).read_bytes() for n in ("dvc.yaml", "params.yaml")}
+    (project / "recipes" / "ra-half.yaml").write_text(
+        "extends: _common.yaml\nreadapt: {alpha: 0.3}\n"
+    )
+    write_text = RealPath.write_text
+
+    def full_disk(path, text, **kwargs):
+        if path.name.startswith(".tmp-params.yaml"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(path, text, **kwargs)
+
+    with monkeypatch.context() as patch, pytest.raises(OSError, match="no space left on the disk"):
+        patch.setattr(RealPath, "write_text", full_disk)
+        dvcfile.write(plan_of(project), project)
+    assert before == {n: (project / n).read_bytes() for n in ("dvc.yaml", "params.yaml")}
+    assert not list(project.glob(".tmp-*"))
+    assert {p.name for p in dvcfile.write(plan_of(project), project)} == {"dvc.yaml", "params.yaml"}
+
+
 def test_build_never_replaces_files_it_did_not_write(project, tmp_path):
     (project / "dvc.yaml").write_text("stages:\n  mine:\n    cmd: echo hi\n")
     (project / "params.yaml").write_text("")  # empty: nothing to lose
@@ -219,6 +245,20 @@ def test_an_unreadable_fingerprint_cache_is_rebuilt(tmp_path, cache):
     else:
         cache_file.write_text(cache.replace("x", str((tmp_path / "a.bin").resolve())))
     assert Fingerprints(tmp_path).file(tmp_path / "a.bin") == want
+
+
+def test_validate_in_a_read_only_checkout_warns_that_the_hash_cache_is_not_kept(
+    project, monkeypatch, caplog
+):
+    from readaptir import fingerprint
+
+    def read_only(path, text):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(fingerprint, "atomic_write_text", read_only)
+    with caplog.at_level("WARNING", logger="readaptir.fingerprint"):
+        plan = plan_of(project)  # what `readaptir validate` does, cache save included
+    assert plan.stages and "fingerprints.json not kept (Read-only file system)" in caplog.text
 
 
 def test_an_edit_of_the_same_size_with_its_time_set_back_is_seen(tmp_path, monkeypatch):

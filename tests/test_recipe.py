@@ -157,6 +157,20 @@ def test_every_problem_of_a_recipe_is_named(tmp_path):
         # the adapter stage seeds torch with it, which takes -2^63 to 2^64 - 1
         ("adapter: {seed: 18446744073709551616}\n", "adapter.seed", 4, "less than or equal"),
         ("adapter: {seed: -9223372036854775809}\n", "adapter.seed", 4, "greater than or equal"),
+        # counts past what tokenizers and torch take failed with a traceback when a stage ran
+        (
+            "retriever: {source: x, encoding: {max_query_length: 99999999999999999999}}\n",
+            "retriever.encoding.max_query_length",
+            4,
+            "less than or equal to 2147483647",
+        ),
+        ("adapter: {max_length: 4294967296}\n", "adapter.max_length", 4, "less than or equal"),
+        # YAML 1.1 numbers in other bases: read as 8, 3 and 90 before, silently
+        ("adapter: {r: 010}\n", "adapter.r", 4, "YAML 1.1 reads 010 as a number in base 8"),
+        ("adapter:\n  batch_size: 0b11\n", "adapter.batch_size", 5, "write it in decimal"),
+        ("adapter: {max_steps: 1:30}\n", "adapter.max_steps", 4, "or quote it for a string"),
+        ("readapt: {alpha: [0.5, 1:30.5]}\n", "readapt.alpha", 4, "base 8, 2 or 60"),
+        ("eval: {k: 1000000000000}\n", "eval.k", 4, "less than or equal"),
         (
             "retriever: {source: x, encoding: {query_template: '{text!z}'}}\n",
             "retriever.encoding.query_template",
