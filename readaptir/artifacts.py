@@ -196,6 +196,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def expand_home(path: str) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` made that home folder; one there is none of is
+    an error naming it (``Path.expanduser`` says only that it could not tell)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        user = path.split("/", 1)[0]
+        raise FileNotFoundError(f"{path}: {user} is not a home folder here") from None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_texts({path: text})
 

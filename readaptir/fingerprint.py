@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from readaptir.artifacts import atomic_write_text, folder_files
+from readaptir.artifacts import atomic_write_text, expand_home, folder_files
 
 LOG = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ CHUNK = 1 << 22
 
 def project_path(root: Path, path: str) -> Path:
     """A recipe's path on disk: ``~`` expanded, a relative one under the project root."""
-    candidate = Path(path).expanduser()
+    candidate = expand_home(path)
     return candidate if candidate.is_absolute() else Path(root) / candidate
 
 

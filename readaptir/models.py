@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from readaptir.artifacts import INDEX, SINGLE, read_json_mapping
+from readaptir.artifacts import INDEX, SINGLE, expand_home, read_json_mapping
 
 LOG = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def local_dir(
     (without ``skipped_files``). Where the hub answers, the commit ``revision`` names now is
     passed to ``check`` before anything is downloaded. The snapshot is fetched by ``revision``, not
     by that commit, so that the cache records the branch (``refs/main``) for runs offline."""
-    path = Path(source).expanduser()
+    path = expand_home(source)
     if path.exists():
         if not path.is_dir():
             raise FileNotFoundError(f"model {source!r} is a file; expected a model folder")

@@ -180,10 +180,10 @@ def _digest(value) -> str:
 def spec_is_intact(spec: dict) -> bool:
     """Whether a stage spec read back from its file still hashes to its id (its inputs are
     known by their output folders, named by their ids)."""
-    inputs = {role: PurePosixPath(out).name for role, out in (spec.get("inputs") or {}).items()}
     try:
+        inputs = {role: PurePosixPath(out).name for role, out in (spec.get("inputs") or {}).items()}
         return stage_id(spec["kind"], spec["params"], dict(sorted(inputs.items()))) == spec["id"]
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, AttributeError):  # a part edited into another type
         return False
 
 
@@ -785,6 +785,8 @@ def plan_recipes(recipes: list[Recipe], root: Path) -> Plan:
             planner.add_recipe(recipe)
         except PlanError as err:
             raise located(recipe.file, err.key, str(err)) from None
+        except OSError as err:  # a path no key check caught (too long, an unknown ~user)
+            raise located(recipe.file, None, str(err)) from None
     planner.fingerprints.save()
     if planner.unpinned:
         LOG.warning(

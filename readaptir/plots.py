@@ -9,6 +9,7 @@ import csv
 import logging
 from pathlib import Path
 
+from readaptir.artifacts import atomic_file
 from readaptir.plan import stage_output
 
 LOG = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def write_plots(
     out.mkdir(exist_ok=True)
     written = []
     points = alpha_points(metrics, metric)
-    with (Path(root) / ALPHA_CSV).open("w", newline="") as handle:
+    with atomic_file(Path(root) / ALPHA_CSV) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, ["curve", "alpha", "retriever", metric])
         writer.writeheader()
         writer.writerows(points)
@@ -95,9 +96,9 @@ def write_plots(
         plt.close(fig)
         written.append(Path(root) / ALPHA_PNG)
     for name, log in adapter_logs(root).items():
-        rows = list(csv.DictReader(log.open()))
+        steps, losses = loss_curve(log)
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
+        ax.plot(steps, losses)
         ax.set(xlabel="step", ylabel="loss", title=f"{name}: training loss")
         fig.tight_layout()
         fig.savefig(out / f"loss_{name}.png", dpi=120)
@@ -107,3 +108,27 @@ def write_plots(
     for path in removed:
         path.unlink()
     return written, removed
+
+
+def loss_curve(log: Path) -> tuple[list[int], list[float]]:
+    """Steps and losses of an adapter's ``training_log.csv``; a file not as the adapter stage
+    writes it is an error naming it and the line."""
+    steps: list[int] = []
+    losses: list[float] = []
+    try:
+        with log.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            if not {"step", "loss"} <= set(reader.fieldnames or ()):
+                raise ValueError(f"{log}:1: no step and loss columns, as the adapter stage writes")
+            for row in reader:
+                try:
+                    steps.append(int(row["step"]))
+                    losses.append(float(row["loss"]))
+                except (TypeError, ValueError):
+                    raise ValueError(
+                        f"{log}:{reader.line_num}: expected a step and a loss, found "
+                        f"{row.get('step')!r} and {row.get('loss')!r}"
+                    ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{log}: not UTF-8 text: not an adapter's training log") from None
+    return steps, losses

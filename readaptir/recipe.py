@@ -279,12 +279,19 @@ class EvalSpec(_Strict):
 
     @model_validator(mode="after")
     def _metrics_fit_the_run(self) -> EvalSpec:
-        if len(set(self.metrics)) != len(self.metrics):
-            raise FieldError("metrics", "a metric appears twice")
+        from readaptir.stages.score import parse_metric
+
         try:
-            cutoffs = {m: _check_metric(m) or 0 for m in self.metrics}
+            parsed = {m: parse_metric(m) for m in self.metrics}
         except ValueError as err:  # an unknown metric
             raise FieldError("metrics", str(err)) from None
+        seen: dict[str, str] = {}
+        for metric in self.metrics:  # nDCG@10, NDCG@10 and nDCG@010 are one metric
+            canonical = parsed[metric][0]
+            if canonical in seen:
+                raise FieldError("metrics", f"a metric appears twice: {seen[canonical]}, {metric}")
+            seen[canonical] = metric
+        cutoffs = {m: cutoff or 0 for m, (_, _, cutoff) in parsed.items()}
         deep = [m for m in self.metrics if cutoffs[m] > self.k]
         if not deep:
             return self
@@ -471,6 +478,10 @@ def _read_yaml(path: Path) -> tuple[dict, yaml.Node | None]:
     try:
         data = yaml.load(text, Loader=_RecipeLoader)
         node = yaml.compose(text, Loader=_RecipeLoader)
+    except yaml.reader.ReaderError as err:  # a character YAML refuses: at a position, no mark
+        line = text[: err.position].count("\n") + 1
+        char = f"#x{err.character:04x}" if isinstance(err.character, int) else err.character
+        raise RecipeError(path, None, f"not valid YAML: {err.reason} {char}", line) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark else None
@@ -810,6 +821,8 @@ def _own_line(path: Path, key: str) -> int | None:
 
 def load_recipes(recipes_dir: Path) -> list[Recipe]:
     """Every buildable recipe, corpus grids and α/β sweeps expanded; names must be unique."""
+    if Path(recipes_dir).exists() and not Path(recipes_dir).is_dir():
+        raise RecipeError(recipes_dir, None, "not a folder: recipes are the *.yaml files in one")
     files = recipe_files(recipes_dir)
     if not files:
         raise RecipeError(recipes_dir, None, "no recipes (*.yaml or *.yml) found")

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from readaptir.artifacts import atomic_file
+
 # On ext4 DVC copies outputs into its cache by default: every multi-GB model would exist twice.
 # Links keep one copy (DVC marks linked outputs read-only to protect the cache). Hardlink must
 # come first: DVC moves a stage's fresh output into the cache by hardlink only when hardlink is
@@ -79,13 +81,24 @@ def init(root: Path) -> list[str]:
     done.append(f"DVC cache links: {CACHE_TYPES} (large outputs are stored once)")
     (root / "recipes").mkdir(exist_ok=True)
     (root / "metrics").mkdir(exist_ok=True)
-    gitignore = root / ".gitignore"
-    lines = gitignore.read_text().splitlines() if gitignore.exists() else []
-    missing = [entry for entry in IGNORED if entry not in lines]
-    if missing:
-        gitignore.write_text("\n".join(lines + missing) + "\n")
+    _ignore(root / ".gitignore", IGNORED)
     done.append("recipes/ ready: write recipes/NAME.yaml, then `readaptir validate` and `build`")
     return done
+
+
+def _ignore(gitignore: Path, entries: tuple[str, ...]) -> None:
+    """Add the ``entries`` missing from ``gitignore``, its bytes kept as they are (git reads
+    patterns as bytes, in any encoding) and its line ending used; written whole or not at all."""
+    data = gitignore.read_bytes() if gitignore.exists() else b""
+    lines = data.splitlines()
+    missing = [entry.encode() for entry in entries if entry.encode() not in lines]
+    if not missing:
+        return
+    newline = b"\r\n" if b"\r\n" in data else b"\n"
+    if data and not data.endswith((b"\n", b"\r")):
+        data += newline
+    with atomic_file(gitignore) as tmp:
+        tmp.write_bytes(data + newline.join(missing) + newline)
 
 
 def alive(pid: int) -> bool:

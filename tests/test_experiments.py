@@ -480,6 +480,24 @@ def test_alpha_points_are_sorted_and_keep_ra_and_retriever_apart():
     assert {p["curve"] for p in points} == {"s (R, scifact, β=1)"}
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("step,loss\n1,2.0\nx,y\n", r"training_log\.csv:3: expected a step and a loss, found 'x'"),
+        ("steps,losses\n1,2.0\n", r"training_log\.csv:1: no step and loss columns"),
+        ("step,loss\n1,abc\n", r"training_log\.csv:2: expected a step and a loss, .* 'abc'"),
+        (b"step,loss\n1,\xff\n", r"training_log\.csv: not UTF-8 text"),
+    ],
+)
+def test_a_damaged_training_log_is_named_with_its_line(tmp_path, text, message):
+    log = tmp_path / "training_log.csv"
+    log.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=message):
+        plots.loss_curve(log)
+    log.write_text("step,epoch,loss,lr,tokens\n1,0,2.5,1e-4,10\n2,0,2.0,1e-4,20\n")
+    assert plots.loss_curve(log) == ([1, 2], [2.5, 2.0])
+
+
 def test_write_plots_csv_and_a_loss_curve_per_adapter_only(tmp_path):
     stages = {
         "adapter-a": {"kind": "adapter", "id": "aaa"},

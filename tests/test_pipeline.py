@@ -79,6 +79,16 @@ def test_init_stages_the_dvc_config_it_writes(tmp_path):
     assert {".readaptir/", "artifacts/*/.work-*", "dvc_plots/"} <= set(ignored)
     cli("init", "--root", str(tmp_path / "sub" / "project"))  # a project in a new folder
     assert (tmp_path / "sub" / "project" / ".dvc").is_dir()
+    # a .gitignore of another encoding and line ending keeps its bytes; the entries follow it
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".gitignore").write_bytes(b"caf\xe9/\r\n*.tmp")
+    cli("init", "--root", str(other))
+    written = (other / ".gitignore").read_bytes()
+    assert written.startswith(b"caf\xe9/\r\n*.tmp\r\n.readaptir/\r\n")
+    assert written.endswith(b"dvc_plots/\r\n") and written.count(b"\r\n") == 6
+    cli("init", "--root", str(other))
+    assert (other / ".gitignore").read_bytes() == written  # nothing added twice
 
 
 @pytest.fixture

@@ -296,6 +296,13 @@ def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, 
         RecipeError, match=r"'data/toy/corpus\.jsonl' is a file; give the collection"
     ):
         plan_of(project)
+    # paths no check of a key catches are still named with the recipe, not bare
+    edit(project, "ra-full", "extends: _common.yaml\ncorpus: ~no-such-user-here/sci\n")
+    with pytest.raises(RecipeError, match=r"ra-full\.yaml: .*~no-such-user-here is not a home"):
+        plan_of(project)
+    edit(project, "ra-full", f"extends: _common.yaml\nbase: models/{'b' * 5000}\n")
+    with pytest.raises(RecipeError, match=r"ra-full\.yaml: .*File name too long"):
+        plan_of(project)
     shutil.copytree(project / "data" / "toy", project / "data" / "odd")
     (project / "data" / "odd" / "queries.jsonl").unlink()
     (project / "data" / "odd" / "queries.jsonl").mkdir()
@@ -727,6 +734,12 @@ def test_generated_parameters_edited_after_the_build_are_refused(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(StaleInputError, match=rf"stages\.{merge.name} does not hash to its id"):
         run_stage(project, merge.name, device="cpu")
+    for part in ("params", "inputs"):  # a part edited into another type: the same refusal
+        params = yaml.safe_load(built)
+        params["stages"][merge.name][part] = 3
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        with pytest.raises(StaleInputError, match=r"does not hash to its id"):
+            run_stage(project, merge.name, device="cpu")
     params = yaml.safe_load(built)
     params["recipes"]["ra-half"]["readapt"]["alpha"] = 0.3
     (project / "params.yaml").write_text(yaml.safe_dump(params))

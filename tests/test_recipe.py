@@ -146,6 +146,7 @@ def test_every_problem_of_a_recipe_is_named(tmp_path):
         ("readapt:\n  alpha: auto\n  tune_metric: P@1000\n", "readapt.tune_metric", 6, "top 1000"),
         ("eval: {metrics: []}\n", "eval.metrics", 4, "at least 1 item"),
         ("eval: {metrics: [MAP, MAP]}\n", "eval.metrics", 4, "appears twice"),
+        ("eval: {metrics: [nDCG@10, NDCG@010]}\n", "eval.metrics", 4, "twice: nDCG@10, NDCG@010"),
         ("adapter: {target_modules: []}\n", "adapter.target_modules", 4, "at least 1 item"),
         ("adapter: {weight_decay: -0.1}\n", "adapter.weight_decay", 4, "greater than or equal"),
         ("adapter: {max_grad_norm: 0}\n", "adapter.max_grad_norm", 4, "greater than 0"),
@@ -322,6 +323,8 @@ def test_missing_required_key_and_broken_files(tmp_path):
         load_recipe(write(tmp_path / "a.yaml", "base: x\nretriever: y\n"))
     with pytest.raises(RecipeError, match=r"b\.yaml:2: not valid YAML"):
         load_recipe(write(tmp_path / "b.yaml", "base: x\n  retriever: [y\n"))
+    with pytest.raises(RecipeError, match=r"n\.yaml:3: not valid YAML: .* #x0000$"):
+        load_recipe(write(tmp_path / "n.yaml", "base: x\nretriever: y\ncorpus: a\x00b\n"))
     with pytest.raises(RecipeError, match=r"c\.yaml.*extends.*'nope.yaml'"):
         load_recipe(write(tmp_path / "c.yaml", "extends: nope.yaml\n"))
     write(tmp_path / "d.yaml", "extends: e.yaml\n")
@@ -329,6 +332,9 @@ def test_missing_required_key_and_broken_files(tmp_path):
         load_recipe(write(tmp_path / "e.yaml", "extends: d.yaml\n"))
     with pytest.raises(RecipeError, match="no recipes"):
         load_recipes(tmp_path / "empty")
+    (tmp_path / "file").write_text("base: x\n")
+    with pytest.raises(RecipeError, match="file: not a folder"):
+        load_recipes(tmp_path / "file")
 
 
 def test_recipe_is_immutable_and_round_trips():
