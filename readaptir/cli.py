@@ -229,7 +229,19 @@ def stage_run(
         click.echo(f"{name}: wrote {out}")
 
 
-metric_option = click.option("--metric", default="nDCG@10", show_default=True)
+def _canonical_metric(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """The metric as metrics files name it: ``ndcg@10`` is nDCG@10, as in a recipe."""
+    from readaptir.stages.score import parse_metric
+
+    try:
+        return parse_metric(value)[0]
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+metric_option = click.option(
+    "--metric", default="nDCG@10", show_default=True, callback=_canonical_metric
+)
 
 
 @main.command("report")

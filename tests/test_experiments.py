@@ -716,9 +716,9 @@ def test_plots_without_metrics_or_of_a_metric_no_file_holds_are_errors(tmp_path)
     (tmp_path / "metrics").mkdir()
     m = metrics_file("r-sf", "scifact", "R", 0.745, 0.763)
     (tmp_path / "metrics" / "r-sf.json").write_text(json.dumps(m))
-    result = CliRunner().invoke(main, ["plots", "--metric", "Foo", "--root", str(tmp_path)])
+    result = CliRunner().invoke(main, ["plots", "--metric", "map", "--root", str(tmp_path)])
     assert result.exit_code == 1
-    assert "no metrics file holds 'Foo'; they hold nDCG@10" in result.output
+    assert "no metrics file holds 'MAP'; they hold nDCG@10" in result.output
     assert not (tmp_path / "plots").exists()
     result = CliRunner().invoke(main, ["plots", "--root", str(tmp_path)])
     assert result.exit_code == 0
@@ -738,6 +738,23 @@ def test_a_root_that_is_not_a_folder_is_named(tmp_path, command):
     for root, said in cases:
         result = CliRunner().invoke(main, [*command, "--root", str(tmp_path / root)])
         assert result.exit_code == 2 and said in result.output, result.output
+
+
+def test_metric_option_takes_a_recipes_spelling(tmp_path):
+    """`--metric ndcg@10` is nDCG@10, as in a recipe's eval.metrics; an unknown one is refused."""
+    from click.testing import CliRunner
+
+    from readaptir.cli import main
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"recipes": {"r-sf": {}}}))
+    (tmp_path / "metrics").mkdir()
+    m = metrics_file("r-sf", "scifact", "R", 0.745, 0.763)
+    (tmp_path / "metrics" / "r-sf.json").write_text(json.dumps(m))
+    args = ["report", "--root", str(tmp_path), "--table", "recipes", "--format", "csv"]
+    result = CliRunner().invoke(main, [*args, "--metric", "ndcg @ 10"])
+    assert result.exit_code == 0 and "r-sf,scifact,0.5,1.0,0.745,0.763" in result.output
+    result = CliRunner().invoke(main, [*args, "--metric", "bleu@4"])
+    assert result.exit_code == 2 and "unknown metric 'bleu@4'" in result.output
 
 
 def test_a_reader_that_goes_away_ends_a_command_quietly(tmp_path):
