@@ -184,7 +184,7 @@ class AdapterSpec(_Strict):
     lora_alpha: float = Field(64, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, min_length=1)  # None: the architecture's
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(2e-4, gt=0, le=1)  # AdamW's: past 1e38 its update overflowed float32
     # the HF Trainer's defaults, as the paper trained: no weight decay, gradients clipped to norm 1
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping

@@ -137,6 +137,7 @@ def test_every_problem_of_a_recipe_is_named(tmp_path):
         ("readapt: {alpha: .nan}\n", "readapt.alpha", 4, "finite number, got nan"),
         ("readapt:\n  beta: -.inf\n", "readapt.beta", 5, "finite number"),
         ("adapter: {lr: .inf}\n", "adapter.lr", 4, "finite number"),
+        ("adapter: {lr: 1.0e+38}\n", "adapter.lr", 4, "less than or equal to 1"),
         # of a union, the member that got furthest speaks
         ("readapt:\n  alpha: [0.1, x]\n", "readapt.alpha.1", 5, "valid number, got 'x'"),
         ("readapt: {alpha: auto, alpha_grid: [0.5, 0.5]}\n", "readapt.alpha_grid", 4, "two"),
