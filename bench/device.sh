@@ -80,7 +80,7 @@ for name in "${steps[@]}"; do
     dora-tests) step dora-tests 60 $py -m pytest -q -p no:cacheprovider tests/test_dora.py ;;
     stage-tests) step stage-tests 120 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
     dora) step dora 60 $py bench/dora.py "${tiny[@]}" ;;
-    adapter) step adapter 210 $py bench/adapter.py "${tiny[@]}" ;;
+    adapter) step adapter 240 $py bench/adapter.py "${tiny[@]}" ;;
     embed) step embed 120 $py bench/embed.py "${tiny[@]}" ;;
     search) step search 60 $py bench/search.py "${tiny[@]}" ;;
     *) echo "unknown step $name (merge-tests, merge, dora-tests, dora, adapter, embed, search," \

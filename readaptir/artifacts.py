@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 import socket
+import stat
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ def atomic_output(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f"{TMP_PREFIX}{final.name}-*"):
         LOG.info("removing leftover of an interrupted run: %s", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+        remove([stale])
     tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     tmp.mkdir()
     try:
@@ -54,7 +56,37 @@ def atomic_output(final: Path) -> Iterator[Path]:
     old = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}-old"
     os.replace(final, old)
     os.replace(tmp, final)
-    shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    for failed in remove([old]):  # the new output stands: what is left is only disk used
+        LOG.warning("the output it replaced is left (%s): `build --prune` removes it", failed)
+
+
+def remove(paths: list[Path]) -> list[str]:
+    """Remove each folder (a link or a file: itself only), read-only parts included, going on
+    past one that fails; what could not be removed, and why."""
+    failed = []
+    for path in paths:
+        try:
+            if path.is_symlink() or not path.is_dir():
+                path.unlink()
+            else:
+                shutil.rmtree(path, **_ON_ERROR)
+        except OSError as err:
+            failed.append(f"{path}: {err.strerror or err}")
+    return failed
+
+
+def _writable_and_again(func, path: str, _error) -> None:
+    # a read-only folder cannot lose its entries, nor an unreadable one be listed: make the
+    # folder (and a folder that failed to list) usable and try once more; a link is not followed
+    parent = os.path.dirname(path)
+    os.chmod(parent, os.stat(parent).st_mode | stat.S_IWUSR | stat.S_IXUSR)
+    if os.path.isdir(path) and not os.path.islink(path):
+        os.chmod(path, os.stat(path).st_mode | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
+    func(path)
+
+
+# Python 3.12 renamed rmtree's error hook and deprecated the old name
+_ON_ERROR = {"onexc" if sys.version_info >= (3, 12) else "onerror": _writable_and_again}
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from readaptir import dvcfile, report, workspace
+from readaptir.artifacts import remove
 from readaptir.distributed import Ranks, launched_ranks
 from readaptir.plan import plan_recipes
 from readaptir.recipe import load_recipes
@@ -182,7 +183,7 @@ def _leftovers(root: Path, stale: list[Path], prune: bool) -> None:
             f"{size}: `readaptir build --prune`, then `dvc gc -w` for DVC's cached copies"
         )
         return
-    failed = workspace.remove(stale)
+    failed = remove(stale)
     click.echo(f"removed {len(stale) - len(failed)} of {len(stale)} {folders}: {names}")
     if failed:
         raise click.ClickException("could not remove " + "; ".join(failed))

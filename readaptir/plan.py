@@ -60,7 +60,10 @@ KIND_VERSIONS = {
 DATASET_FILES = ("corpus.jsonl", "queries.jsonl")
 COMMIT = re.compile(r"[0-9a-f]{40}")  # a hub revision that cannot move
 # what a stage leaves under artifacts/<kind>/: its output, its work folder, an unfinished output
-LEFTOVER = re.compile(r"(?:\.work-)?(?P<id>[0-9a-f]{16})|\.tmp-(?P<tmp>[0-9a-f]{16})-(?P<pid>\d+)")
+# (``-old``: the output a rerun replaced, not yet removed)
+LEFTOVER = re.compile(
+    r"(?:\.work-)?(?P<id>[0-9a-f]{16})|\.tmp-(?P<tmp>[0-9a-f]{16})-(?P<pid>\d+)(?:-old)?"
+)
 
 
 @dataclass(frozen=True)

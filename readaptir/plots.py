@@ -115,20 +115,24 @@ def loss_curve(log: Path) -> tuple[list[int], list[float]]:
     writes it is an error naming it and the line."""
     steps: list[int] = []
     losses: list[float] = []
-    try:
-        with log.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
+    with log.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        try:
             if not {"step", "loss"} <= set(reader.fieldnames or ()):
-                raise ValueError(f"{log}:1: no step and loss columns, as the adapter stage writes")
+                raise ValueError("no step and loss columns, as the adapter stage writes")
             for row in reader:
                 try:
                     steps.append(int(row["step"]))
                     losses.append(float(row["loss"]))
                 except (TypeError, ValueError):
                     raise ValueError(
-                        f"{log}:{reader.line_num}: expected a step and a loss, found "
-                        f"{row.get('step')!r} and {row.get('loss')!r}"
+                        f"expected a step and a loss, found {row.get('step')!r} and "
+                        f"{row.get('loss')!r}"
                     ) from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{log}: not UTF-8 text: not an adapter's training log") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{log}: not UTF-8 text: not an adapter's training log") from None
+        except ValueError as err:
+            raise ValueError(f"{log}:{max(reader.line_num, 1)}: {err}") from None
+        except csv.Error as err:  # a field past csv's limit, say: raised before the line counts
+            raise ValueError(f"{log}:{reader.line_num + 1}: {err}") from None
     return steps, losses

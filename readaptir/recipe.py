@@ -503,7 +503,7 @@ _KEY_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:merge")  # a name, or `
 # 0b11 is 3, 1:30 is 90 (base 60); YAML 1.2 reads the first as 10 and the others as strings
 _OTHER_BASES = {
     "tag:yaml.org,2002:int": re.compile(
-        r"[-+]?(?:0[0-7_]+|0b[01_]+|[0-9][0-9_]*(?::[0-5]?[0-9])+)"
+        r"[-+]?(?:0[0_]*[1-7]_*[0-7][0-7_]*|0b[01_]+|[0-9][0-9_]*(?::[0-5]?[0-9])+)"
     ),
     "tag:yaml.org,2002:float": re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*"),
 }

@@ -89,6 +89,7 @@ def init(root: Path) -> list[str]:
 def _ignore(gitignore: Path, entries: tuple[str, ...]) -> None:
     """Add the ``entries`` missing from ``gitignore``, its bytes kept as they are (git reads
     patterns as bytes, in any encoding) and its line ending used; written whole or not at all."""
+    gitignore = gitignore.resolve()  # a link to a shared file: that file gets the entries
     data = gitignore.read_bytes() if gitignore.exists() else b""
     lines = data.splitlines()
     missing = [entry.encode() for entry in entries if entry.encode() not in lines]
@@ -99,6 +100,8 @@ def _ignore(gitignore: Path, entries: tuple[str, ...]) -> None:
         data += newline
     with atomic_file(gitignore) as tmp:
         tmp.write_bytes(data + newline.join(missing) + newline)
+        if gitignore.exists():
+            shutil.copymode(gitignore, tmp)
 
 
 def alive(pid: int) -> bool:
@@ -140,32 +143,3 @@ def freed_bytes(folders: list[Path]) -> int:
             if stat.S_ISREG(info.st_mode):
                 seen.setdefault((info.st_dev, info.st_ino), [info, 0])[1] += 1
     return sum(info.st_size for info, links in seen.values() if links == info.st_nlink)
-
-
-def remove(folders: list[Path]) -> list[str]:
-    """Remove each folder (a link: the link only), read-only parts included, going on past one
-    that fails; what could not be removed, and why."""
-    failed = []
-    for folder in folders:
-        try:
-            if folder.is_symlink():
-                folder.unlink()
-            else:
-                shutil.rmtree(folder, **_ON_ERROR)
-        except OSError as err:
-            failed.append(f"{folder}: {err.strerror or err}")
-    return failed
-
-
-def _writable_and_again(func, path: str, _error) -> None:
-    # a read-only folder cannot lose its entries, nor an unreadable one be listed: make the
-    # folder (and a folder that failed to list) usable and try once more; a link is not followed
-    parent = os.path.dirname(path)
-    os.chmod(parent, os.stat(parent).st_mode | stat.S_IWUSR | stat.S_IXUSR)
-    if os.path.isdir(path) and not os.path.islink(path):
-        os.chmod(path, os.stat(path).st_mode | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
-    func(path)
-
-
-# Python 3.12 renamed rmtree's error hook and deprecated the old name
-_ON_ERROR = {"onexc" if sys.version_info >= (3, 12) else "onerror": _writable_and_again}

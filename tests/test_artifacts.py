@@ -63,6 +63,24 @@ def test_a_kill_while_the_old_output_is_removed_leaves_the_new_one_whole(tmp_pat
     assert {p.read_text() for p in final.iterdir()} == {"last"}
 
 
+def test_an_old_output_that_cannot_be_removed_leaves_the_new_one_standing(
+    tmp_path, monkeypatch, caplog
+):
+    final = tmp_path / "out"
+    _write_output(final, "old")
+
+    def refused(path, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as patch, caplog.at_level("WARNING", logger="readaptir.artifacts"):
+        patch.setattr(artifacts.shutil, "rmtree", refused)
+        _write_output(final, "new")  # no error: the stage's output is in place
+    assert {p.read_text() for p in final.iterdir()} == {"new"}
+    assert "the output it replaced is left" in caplog.text and "Permission denied" in caplog.text
+    _write_output(final, "last")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_sync_tree_flushes_every_file_and_folder_and_the_name(tmp_path, monkeypatch):
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)

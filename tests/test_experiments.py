@@ -396,13 +396,17 @@ def test_only_changes_are_signed_and_a_p_value_is_not_rounded_across_the_thresho
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
 
     git("init", "-q")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "0")
-    git("branch", "alpha-change")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"recipes": {"r": {}}}))
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "r.json").write_text(json.dumps(r))
-    row = report.diff(tmp_path, "alpha-change").splitlines()[2]
-    assert re.search(r"\| added +\| - +\| 0\.7450 +\| - +\| 0\.7630 +\| - +\|$", row)
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "0")
+    git("branch", "alpha-change")  # a revision whose name holds "change": its scores are scores
+    table = report.diff(tmp_path, "alpha-change").splitlines()
+    assert "| Base alpha-change " in table[0]
+    assert re.search(
+        r"\| - +\| 0\.7450 +\| 0\.7450 +\| 0\.7630 +\| 0\.7630 +\| \+0\.0000 +\|$", table[2]
+    )
 
 
 def test_readapted_recipe_wins_a_cell_whatever_the_name_order():
@@ -487,6 +491,7 @@ def test_alpha_points_are_sorted_and_keep_ra_and_retriever_apart():
         ("steps,losses\n1,2.0\n", r"training_log\.csv:1: no step and loss columns"),
         ("step,loss\n1,abc\n", r"training_log\.csv:2: expected a step and a loss, .* 'abc'"),
         (b"step,loss\n1,\xff\n", r"training_log\.csv: not UTF-8 text"),
+        ("step,loss\n1," + "9" * 200_000 + "\n", r"training_log\.csv:2: field larger than"),
     ],
 )
 def test_a_damaged_training_log_is_named_with_its_line(tmp_path, text, message):

@@ -89,6 +89,15 @@ def test_init_stages_the_dvc_config_it_writes(tmp_path):
     assert written.endswith(b"dvc_plots/\r\n") and written.count(b"\r\n") == 6
     cli("init", "--root", str(other))
     assert (other / ".gitignore").read_bytes() == written  # nothing added twice
+    shared = tmp_path / "shared-ignore"  # a link to a shared file: the file gets the entries
+    shared.write_text("*.log\n")
+    shared.chmod(0o640)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / ".gitignore").symlink_to(shared)
+    cli("init", "--root", str(linked))
+    assert (linked / ".gitignore").is_symlink() and ".readaptir/" in shared.read_text()
+    assert shared.stat().st_mode & 0o777 == 0o640
 
 
 @pytest.fixture

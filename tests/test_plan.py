@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from readaptir import dvcfile, fingerprint, workspace
+from readaptir import artifacts, dvcfile, fingerprint, workspace
 from readaptir import plan as plan_module
 from readaptir.artifacts import files_identity
 from readaptir.fingerprint import Fingerprints
@@ -995,6 +995,7 @@ def test_build_names_and_prunes_what_no_stage_makes_any_more(project):
     # what a killed run of a current stage left, once DVC restored its output from the cache
     stale.append(done.with_name(f".work-{done.name}"))
     stale.append(done.with_name(f".tmp-{done.name}-4242424242"))
+    stale.append(done.with_name(f".tmp-{done.name}-4242424242-old"))  # a replaced output, left
     running = f"{'2' * 16}"  # a stage run by hand, still going: its folders stay
     kept += [project / "artifacts" / "embed" / f"{p}{running}" for p in ("", ".work-")]
     kept.append(project / "artifacts" / "embed" / f".tmp-{running}-{os.getpid()}")
@@ -1053,14 +1054,14 @@ def test_build_waits_for_dvc_and_prune_goes_on_past_a_failure(project, monkeypat
         assert all((project / name).read_bytes() == text for name, text in written.items())
     held["pid"] = gone.pid  # a lock left by a run that is over
     lock.write_text(json.dumps({"read": {"artifacts/embed/x": [held]}}))
-    rmtree = workspace.shutil.rmtree
+    rmtree = artifacts.shutil.rmtree
 
     def fails_on_first(path, **kw):
         if path == stale[0]:
             raise PermissionError(13, "Permission denied")
         rmtree(path, **kw)
 
-    monkeypatch.setattr(workspace.shutil, "rmtree", fails_on_first)
+    monkeypatch.setattr(artifacts.shutil, "rmtree", fails_on_first)
     said = _build(project, "--prune", code=1)
     assert "removed 1 of 2 folders" in said
     assert f"could not remove {stale[0]}: Permission denied" in said
@@ -1096,9 +1097,9 @@ def test_prune_makes_a_read_only_folder_writable_to_empty_it(tmp_path):
     folder.mkdir()
     (folder / "weights").write_text("x")
     folder.chmod(0o555)  # DVC leaves outputs read-only; a user may have done so to folders
-    workspace._writable_and_again(os.unlink, str(folder / "weights"), None)
+    artifacts._writable_and_again(os.unlink, str(folder / "weights"), None)
     assert folder.stat().st_mode & 0o200 and not (folder / "weights").exists()
-    assert workspace.remove([folder]) == [] and not folder.exists()
+    assert artifacts.remove([folder]) == [] and not folder.exists()
 
 
 @pytest.mark.parametrize(

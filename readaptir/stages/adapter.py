@@ -187,8 +187,8 @@ def _shared_tokens(
     return TokenStore.load(folder / TOKENS_IDS, folder / TOKENS_OFFSETS)
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(ValueError):
+    """Not a RuntimeError, which a nearly full disk would have taken for a failed write."""
 
 
 def _diverged(step: int, loss: float) -> str:
