@@ -54,8 +54,11 @@ def user_errors(func):
         except USER_ERRORS as err:
             if logging.getLogger().isEnabledFor(logging.DEBUG):
                 raise  # -v: the whole traceback
-            message = err.args[0] if isinstance(err, KeyError) and err.args else err
-            raise click.ClickException(str(message)) from err
+            message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+            ranks = launched_ranks()
+            if ranks.world > 1:  # which rank said it: torchrun's summary may blame another
+                message = f"rank {ranks.rank} of {ranks.world}: {message}"
+            raise click.ClickException(message) from err
 
     return wrapper
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,6 +217,27 @@ def relaunch(procs: int, args: Sequence[str]) -> None:
         )
 
 
+# Run by a fresh Python on Linux: ask to be sent SIGTERM when the process that started it dies
+# (prctl's PR_SET_PDEATHSIG, kept across exec), give up if that has already happened, then
+# become the command. ARGV: the starter's pid, then the command.
+_DIE_WITH_STARTER = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(128 + signal.SIGTERM)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _dies_with_this_process(cmd: Sequence[str]) -> list[str]:
+    """``cmd``, started so that it gets SIGTERM if this process dies first (Linux; elsewhere as
+    it is): a launcher killed outright (SIGKILL, the OOM killer) cannot pass signals on."""
+    if not sys.platform.startswith("linux"):
+        return list(cmd)
+    executable = shutil.which(cmd[0]) or cmd[0]
+    return [sys.executable, "-c", _DIE_WITH_STARTER, str(os.getpid()), executable, *cmd[1:]]
+
+
 def run_forwarding_signals(cmd: Sequence[str]) -> int:
     """Run ``cmd`` to its end and return its exit code, passing it the first of the signals
     torchrun stops its ranks on (SIGTERM, SIGINT, SIGHUP, SIGQUIT) that this process gets.
@@ -227,7 +249,8 @@ def run_forwarding_signals(cmd: Sequence[str]) -> int:
     signal would cut torchrun's shutdown of its ranks short, as a terminal's Ctrl-C to the whole
     group would); this process then waits for it to stop its ranks. The handlers are in place
     before the child starts; off the main thread, where Python takes no handlers, the child runs
-    in this process's session and gets a terminal's signals itself.
+    in this process's session and gets a terminal's signals itself. Killed outright, this process
+    tells no one: there the system sends the child SIGTERM (``_dies_with_this_process``).
     """
     import threading
 
@@ -244,7 +267,7 @@ def run_forwarding_signals(cmd: Sequence[str]) -> int:
     handled = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED} if handled else {}
     try:
-        child.append(subprocess.Popen(list(cmd), start_new_session=handled))
+        child.append(subprocess.Popen(_dies_with_this_process(cmd), start_new_session=handled))
         if told:  # a signal came before the child was there to be told
             child[0].send_signal(told[0])
         code = child[0].wait()

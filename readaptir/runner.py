@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from readaptir.artifacts import (
+    TMP_PREFIX,
     atomic_output,
     held_alone,
     parse_mapping,
     read_json_mapping,
     read_text,
+    remove,
     resolve_device,
     sync_tree,
     write_json,
@@ -369,8 +371,12 @@ def _run(
         n = processes(procs, ctx.device)
         if n > 1:
             args = ["stage", "run", name, "--root", str(root), "--spec", spec_file]
-            relaunch(n, args + (["--device", device] if device else []))
-            return Path(root) / stage_output(spec)
+            out = Path(root) / stage_output(spec)
+            try:
+                relaunch(n, args + (["--device", device] if device else []))
+            finally:  # a rank that failed has torchrun stop rank 0 before it cleans up its own
+                remove(sorted(out.parent.glob(f"{TMP_PREFIX}{out.name}-*")))
+            return out
     for role, path in ctx.inputs.items():
         if not path.is_dir():
             raise FileNotFoundError(

@@ -185,6 +185,33 @@ def test_a_terminated_stage_stops_torchrun_and_waits_for_it(tmp_path, sig):
             os.kill(child, signal.SIGKILL)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_a_launcher_killed_outright_still_stops_torchrun(tmp_path):
+    """SIGKILL (the OOM killer, a scheduler's hard stop) leaves the launcher no handler to pass a
+    signal on: the system sends the child SIGTERM, so ranks do not train on and publish."""
+    (tmp_path / "child.py").write_text(_CHILD)
+    stage = (
+        "import sys; from readaptir.distributed import run_forwarding_signals; "
+        f"run_forwarding_signals([sys.executable, {str(tmp_path / 'child.py')!r}, "
+        f"{str(tmp_path)!r}])"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", stage])
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int((tmp_path / "pid").read_text())
+    try:
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "stopped").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "stopped").read_text() == "SIGTERM"
+    finally:  # never leave the stand-in running
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
 def test_a_gpu_without_an_index_is_the_current_one(monkeypatch):
     """One process on "cuda" (a one-GPU machine): torch's set_device refuses a device without an
     index, so the current one is made current; under torchrun each rank takes its LOCAL_RANK."""

@@ -851,6 +851,33 @@ def test_a_kill_between_training_and_publishing_the_adapter_resumes(project, mon
     assert not work.exists()
 
 
+def test_a_failed_relaunch_leaves_no_temporary_output_and_names_the_rank(project, monkeypatch):
+    """A rank past the first failing has torchrun stop rank 0 before it removes its unfinished
+    output; the launcher, which holds the stage's lock, removes it. A rank's error says which."""
+    from click.testing import CliRunner
+
+    from readaptir import runner
+    from readaptir.cli import main
+
+    plan = plan_of(project)
+    dvcfile.write(plan, project)
+    adapter = next(iter(by_kind(plan)["adapter"]))
+    out = project / "artifacts" / "adapter" / adapter.id
+
+    def failed(procs, args):
+        (out.parent / f".tmp-{out.name}-4242424242").mkdir(parents=True)  # rank 0's, stopped
+        raise RuntimeError(f"the {procs}-process run failed (torchrun exit code 1)")
+
+    monkeypatch.setattr(runner, "relaunch", failed)
+    with pytest.raises(RuntimeError, match="2-process run failed"):
+        runner.run_stage(project, adapter.name, device="cpu", procs=2)
+    assert not list(out.parent.glob(".tmp-*")) and not out.exists()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(main, ["stage", "run", "nope", "--root", str(project)])
+    assert result.exit_code == 1 and "Error: rank 1 of 2: no stage 'nope'" in result.output
+
+
 def test_passage_selection_uses_the_evaluated_collections_judgments(project):
     shutil.copytree(project / "data" / "toy", project / "data" / "other")
     qrels = project / "data" / "toy" / "qrels"
