@@ -35,7 +35,7 @@ def atomic_output(final: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder that becomes ``final`` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f"{TMP_PREFIX}{final.name}-*"):
+    for stale in abandoned(final):
         LOG.info("removing leftover of an interrupted run: %s", stale)
         remove([stale])
     tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
@@ -58,6 +58,30 @@ def atomic_output(final: Path) -> Iterator[Path]:
     os.replace(tmp, final)
     for failed in remove([old]):  # the new output stands: what is left is only disk used
         LOG.warning("the output it replaced is left (%s): `build --prune` removes it", failed)
+
+
+def abandoned(final: Path) -> list[Path]:
+    """The temporary outputs of ``final`` (``.tmp-<name>-<pid>``, and ``-old``: an output a rerun
+    replaced) whose process is gone, or is this one: nothing will rename them into place. One of
+    a live process is left alone, lock or no lock (a file system without locks, a rank torchrun
+    did not stop)."""
+    found = []
+    for path in sorted(final.parent.glob(f"{TMP_PREFIX}{final.name}-*")):
+        pid = path.name[len(TMP_PREFIX) + len(final.name) + 1 :].removesuffix("-old")
+        if pid.isdigit() and (int(pid) == os.getpid() or not alive(int(pid))):
+            found.append(path)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # another user's
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True
 
 
 def remove(paths: list[Path]) -> list[str]:

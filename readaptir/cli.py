@@ -55,12 +55,21 @@ def user_errors(func):
             if logging.getLogger().isEnabledFor(logging.DEBUG):
                 raise  # -v: the whole traceback
             message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
-            ranks = launched_ranks()
-            if ranks.world > 1:  # which rank said it: torchrun's summary may blame another
-                message = f"rank {ranks.rank} of {ranks.world}: {message}"
-            raise click.ClickException(message) from err
+            raise click.ClickException(_rank_said(message)) from err
 
     return wrapper
+
+
+def _rank_said(message: str) -> str:
+    """``message`` with the rank that says it, in a rank torchrun started (its summary of a
+    failed run may blame a rank that only lost its peer); elsewhere as it is."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not torchrun's: a WORLD_SIZE set for another
+        return message
+    try:
+        ranks = launched_ranks()
+    except ValueError:  # torchrun always sets them, as numbers
+        return message
+    return f"rank {ranks.rank} of {ranks.world}: {message}" if ranks.world > 1 else message
 
 
 root_option = click.option(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -222,10 +221,11 @@ def relaunch(procs: int, args: Sequence[str]) -> None:
 # become the command. ARGV: the starter's pid, then the command.
 _DIE_WITH_STARTER = """
 import ctypes, os, signal, sys
-ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) != 0:
+    sys.exit("cannot ask to be stopped with the stage: " + os.strerror(ctypes.get_errno()))
 if os.getppid() != int(sys.argv[1]):
     sys.exit(128 + signal.SIGTERM)
-os.execv(sys.argv[2], sys.argv[2:])
+os.execvp(sys.argv[2], sys.argv[2:])
 """
 
 
@@ -234,8 +234,7 @@ def _dies_with_this_process(cmd: Sequence[str]) -> list[str]:
     it is): a launcher killed outright (SIGKILL, the OOM killer) cannot pass signals on."""
     if not sys.platform.startswith("linux"):
         return list(cmd)
-    executable = shutil.which(cmd[0]) or cmd[0]
-    return [sys.executable, "-c", _DIE_WITH_STARTER, str(os.getpid()), executable, *cmd[1:]]
+    return [sys.executable, "-c", _DIE_WITH_STARTER, str(os.getpid()), *cmd]
 
 
 def run_forwarding_signals(cmd: Sequence[str]) -> int:

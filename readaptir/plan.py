@@ -20,7 +20,7 @@ from types import SimpleNamespace
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from readaptir.artifacts import INDEX, SINGLE, read_json_mapping
+from readaptir.artifacts import INDEX, SINGLE, alive, read_json_mapping
 from readaptir.corpus import has_passages
 from readaptir.families import QUERY_FIELDS, ignores_identical_ids, resolve_encoding
 from readaptir.fingerprint import Fingerprints, project_path
@@ -40,7 +40,6 @@ from readaptir.recipe import (
     located,
     slug,
 )
-from readaptir.workspace import alive
 
 LOG = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from readaptir.artifacts import (
-    TMP_PREFIX,
+    abandoned,
     atomic_output,
     held_alone,
     parse_mapping,
@@ -375,7 +375,7 @@ def _run(
             try:
                 relaunch(n, args + (["--device", device] if device else []))
             finally:  # a rank that failed has torchrun stop rank 0 before it cleans up its own
-                remove(sorted(out.parent.glob(f"{TMP_PREFIX}{out.name}-*")))
+                remove(abandoned(out))
             return out
     for role, path in ctx.inputs.items():
         if not path.is_dir():

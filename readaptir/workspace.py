@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from readaptir.artifacts import atomic_file
+from readaptir.artifacts import alive, atomic_file
 
 # On ext4 DVC copies outputs into its cache by default: every multi-GB model would exist twice.
 # Links keep one copy (DVC marks linked outputs read-only to protect the cache). Hardlink must
@@ -102,17 +102,6 @@ def _ignore(gitignore: Path, entries: tuple[str, ...]) -> None:
         tmp.write_bytes(data + newline.join(missing) + newline)
         if gitignore.exists():
             shutil.copymode(gitignore, tmp)
-
-
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (on this machine)."""
-    try:
-        os.kill(pid, 0)
-    except PermissionError:
-        return True  # another user's
-    except (ProcessLookupError, OverflowError):
-        return False
-    return True
 
 
 def dvc_running(root: Path) -> list[str]:

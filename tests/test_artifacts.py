@@ -81,6 +81,21 @@ def test_an_old_output_that_cannot_be_removed_leaves_the_new_one_standing(
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_only_temporary_outputs_of_gone_processes_are_cleared(tmp_path):
+    """A run clears what interrupted runs left, never the unfinished output of a process that
+    still runs (a rank torchrun did not stop, a file system without locks)."""
+    final = tmp_path / "out"
+    live = tmp_path / f".tmp-out-{os.getppid()}"  # a process that runs, not this one
+    gone = [tmp_path / ".tmp-out-4242424242", tmp_path / ".tmp-out-4242424242-old"]
+    mine = tmp_path / f".tmp-out-{os.getpid()}-old"
+    other = tmp_path / ".tmp-outer-4242424242"  # another output's
+    for folder in [live, *gone, mine, other]:
+        folder.mkdir()
+    assert artifacts.abandoned(final) == sorted([*gone, mine])
+    _write_output(final, "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, other.name])
+
+
 def test_sync_tree_flushes_every_file_and_folder_and_the_name(tmp_path, monkeypatch):
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)

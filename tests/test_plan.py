@@ -875,6 +875,9 @@ def test_a_failed_relaunch_leaves_no_temporary_output_and_names_the_rank(project
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = CliRunner().invoke(main, ["stage", "run", "nope", "--root", str(project)])
+    assert result.exit_code == 1 and "Error: no stage 'nope'" in result.output  # not torchrun's
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    result = CliRunner().invoke(main, ["stage", "run", "nope", "--root", str(project)])
     assert result.exit_code == 1 and "Error: rank 1 of 2: no stage 'nope'" in result.output
 
 
