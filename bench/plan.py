@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from readaptir import dvcfile, workspace  # noqa: E402
 from readaptir.plan import plan_recipes  # noqa: E402
-from readaptir.recipe import load_recipes  # noqa: E402
+from readaptir.recipe_files import load_recipes  # noqa: E402
 
 
 def timed(func, *args, **kwargs) -> tuple[float, object]:

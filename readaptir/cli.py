@@ -16,7 +16,7 @@ from readaptir import dvcfile, report, workspace
 from readaptir.artifacts import remove
 from readaptir.distributed import Ranks, launched_ranks
 from readaptir.plan import plan_recipes
-from readaptir.recipe import load_recipes
+from readaptir.recipe_files import load_recipes
 
 LOG = logging.getLogger("readaptir")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from readaptir import dvcfile, report, tiny, workspace
 from readaptir.corpus import write_collection
 from readaptir.plan import plan_recipes
-from readaptir.recipe import load_recipes
+from readaptir.recipe_files import load_recipes
 
 LOG = logging.getLogger(__name__)
 

@@ -31,15 +31,8 @@ from readaptir.models import (
     peft_config,
     warn_if_other_base,
 )
-from readaptir.recipe import (
-    RUNTIME_FIELDS,
-    CorpusSpec,
-    ModelSpec,
-    Recipe,
-    RetrieverSpec,
-    located,
-    slug,
-)
+from readaptir.recipe import RUNTIME_FIELDS, CorpusSpec, ModelSpec, Recipe, RetrieverSpec
+from readaptir.recipe_files import located, slug
 
 LOG = logging.getLogger(__name__)
 

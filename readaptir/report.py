@@ -21,7 +21,8 @@ from pathlib import Path
 from readaptir.artifacts import parse_mapping, read_text
 from readaptir.dvcfile import ROOT_PARAMS
 from readaptir.plan import recipe_digest
-from readaptir.recipe import RecipeError, load_recipes, recipe_files
+from readaptir.recipe import RecipeError
+from readaptir.recipe_files import load_recipes, recipe_files
 
 LOG = logging.getLogger(__name__)
 SIGNIFICANCE = 0.05

@@ -16,7 +16,7 @@ from test_plan import by_kind, project  # noqa: F401  (fixture)
 from readaptir import plots, report
 from readaptir.evaluation import evaluate, select_alpha
 from readaptir.plan import plan_recipes
-from readaptir.recipe import load_recipes
+from readaptir.recipe_files import load_recipes
 from readaptir.stats import compare, query_split, randomization_test
 
 
@@ -596,7 +596,7 @@ def test_metrics_of_an_earlier_build_of_a_recipe_are_left_out(tmp_path, caplog):
 def test_recipes_edited_since_the_last_build_are_named(tmp_path, caplog):
     """An edit not built changes no stage: `dvc repro` runs nothing, and the results of the
     recipes as built would pass for the edited ones (in a commit of `dvc exp run` too)."""
-    from readaptir.recipe import load_recipes
+    from readaptir.recipe_files import load_recipes
     from readaptir.report import load
 
     recipes = tmp_path / "recipes"

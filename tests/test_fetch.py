@@ -9,7 +9,8 @@ import pytest
 from test_plan import project  # noqa: F401  (fixture)
 
 from readaptir.plan import plan_recipes
-from readaptir.recipe import RecipeError, load_recipes
+from readaptir.recipe import RecipeError
+from readaptir.recipe_files import load_recipes
 from readaptir.stages.fetch import beir_url, fetch
 
 

@@ -16,7 +16,8 @@ from readaptir import plan as plan_module
 from readaptir.artifacts import files_identity
 from readaptir.fingerprint import Fingerprints
 from readaptir.plan import plan_recipes, stage_id
-from readaptir.recipe import RecipeError, load_recipes
+from readaptir.recipe import RecipeError
+from readaptir.recipe_files import load_recipes
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from readaptir.recipe import Recipe, RecipeError, expand_sweeps, load_recipe, load_recipes
+from readaptir.recipe import Recipe, RecipeError
+from readaptir.recipe_files import expand_sweeps, load_recipe, load_recipes
 
 
 def write(path: Path, text: str) -> Path:
