@@ -158,10 +158,9 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_a_terminated_stage_stops_torchrun_and_waits_for_it(tmp_path, sig):
-    """``kill`` of the stage's process, or its terminal closing, reaches the launcher (which
-    stops the ranks), once."""
+def _launch_stand_in(tmp_path) -> tuple[subprocess.Popen, int]:
+    """A stage process launching the stand-in through ``run_forwarding_signals``, and the
+    stand-in's pid once it runs."""
     (tmp_path / "child.py").write_text(_CHILD)
     stage = (
         "import sys; from readaptir.distributed import run_forwarding_signals; "
@@ -172,7 +171,14 @@ def test_a_terminated_stage_stops_torchrun_and_waits_for_it(tmp_path, sig):
     deadline = time.monotonic() + 30
     while not (tmp_path / "pid").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    child = int((tmp_path / "pid").read_text())
+    return parent, int((tmp_path / "pid").read_text())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_terminated_stage_stops_torchrun_and_waits_for_it(tmp_path, sig):
+    """``kill`` of the stage's process, or its terminal closing, reaches the launcher (which
+    stops the ranks), once."""
+    parent, child = _launch_stand_in(tmp_path)
     try:
         parent.send_signal(sig)
         parent.send_signal(sig)  # a second one does not cut the launcher's stop short
@@ -189,17 +195,7 @@ def test_a_terminated_stage_stops_torchrun_and_waits_for_it(tmp_path, sig):
 def test_a_launcher_killed_outright_still_stops_torchrun(tmp_path):
     """SIGKILL (the OOM killer, a scheduler's hard stop) leaves the launcher no handler to pass a
     signal on: the system sends the child SIGTERM, so ranks do not train on and publish."""
-    (tmp_path / "child.py").write_text(_CHILD)
-    stage = (
-        "import sys; from readaptir.distributed import run_forwarding_signals; "
-        f"run_forwarding_signals([sys.executable, {str(tmp_path / 'child.py')!r}, "
-        f"{str(tmp_path)!r}])"
-    )
-    parent = subprocess.Popen([sys.executable, "-c", stage])
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "pid").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    child = int((tmp_path / "pid").read_text())
+    parent, child = _launch_stand_in(tmp_path)
     try:
         parent.kill()
         parent.wait(timeout=30)
