@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from readaptir.artifacts import atomic_file
-from readaptir.plan import stage_output
+from readaptir.graph import stage_output
 
 LOG = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from readaptir.artifacts import parse_mapping, read_text
 from readaptir.dvcfile import ROOT_PARAMS
-from readaptir.plan import recipe_digest
+from readaptir.graph import recipe_digest
 from readaptir.recipe import RecipeError
 from readaptir.recipe_files import load_recipes, recipe_files
 

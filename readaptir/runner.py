@@ -30,7 +30,7 @@ from readaptir.artifacts import (
 from readaptir.distributed import launched_ranks, processes, relaunch
 from readaptir.dvcfile import ROOT_PARAMS, find_stage_spec, read_stage_spec
 from readaptir.fingerprint import Fingerprints, project_path
-from readaptir.plan import recipe_digest, spec_is_intact, stage_output
+from readaptir.graph import recipe_digest, spec_is_intact, stage_output
 
 if TYPE_CHECKING:
     from readaptir.families import Encoding

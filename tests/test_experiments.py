@@ -579,7 +579,7 @@ def test_metrics_of_an_earlier_build_of_a_recipe_are_left_out(tmp_path, caplog):
     assert list(report.load(tmp_path)[1]) == ["r-sf"]
     assert "1 recipe(s) built but with no metrics/<recipe>.json, left out" in caplog.text
     # α set in params.yaml after the build (`dvc exp run -S`), no stage rerun: not α=0.25's scores
-    from readaptir.plan import recipe_digest
+    from readaptir.graph import recipe_digest
 
     built = {"readapt": {"alpha": 0.5}}
     m = {**m, "stage": "b" * 16, "recipe_digest": recipe_digest(built)}

@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from readaptir import artifacts, dvcfile, fingerprint, workspace
-from readaptir import plan as plan_module
+from readaptir import artifacts, dvcfile, fingerprint, graph, workspace
 from readaptir.artifacts import files_identity
 from readaptir.fingerprint import Fingerprints
-from readaptir.plan import plan_recipes, stage_id
+from readaptir.graph import stage_id
+from readaptir.plan import plan_recipes
 from readaptir.recipe import RecipeError
 from readaptir.recipe_files import load_recipes
 
@@ -522,12 +522,12 @@ def test_the_repositorys_pipelines_are_the_build_of_its_recipes(tmp_path):
 def test_kind_version_bump_rebuilds_that_kind_and_what_reads_it(project, monkeypatch):
     before = plan_of(project)
     with monkeypatch.context() as m:
-        m.setitem(plan_module.KIND_VERSIONS, "adapter", plan_module.KIND_VERSIONS["adapter"] + 1)
+        m.setitem(graph.KIND_VERSIONS, "adapter", graph.KIND_VERSIONS["adapter"] + 1)
         assert changed_kinds(before, plan_of(project)) == {
             "adapter", "merge", "embed", "queries", "search", "score"
         }  # fmt: skip
     with monkeypatch.context() as m:
-        m.setitem(plan_module.KIND_VERSIONS, "search", plan_module.KIND_VERSIONS["search"] + 1)
+        m.setitem(graph.KIND_VERSIONS, "search", graph.KIND_VERSIONS["search"] + 1)
         assert changed_kinds(before, plan_of(project)) == {"search", "score"}
 
 
