@@ -90,7 +90,13 @@ def log_level(verbose: bool, ranks: Ranks) -> int:
 
 
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Debug logging, and a full traceback for an error (before the command: -v build).",
+)
+@click.version_option(package_name="readaptir")
 def main(verbose: bool) -> None:
     """Readapt dense retrievers with unlabeled text: recipes → DVC stages → nDCG@10."""
     logging.basicConfig(
@@ -108,13 +114,20 @@ def main(verbose: bool) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     default=".",
     show_default=True,
-    help="Project root: a folder of a git repository, made if it does not exist.",
+    help="Project root, inside a git repository (run git init first); made if it does not exist.",
 )
 @user_errors
 def init(root: Path) -> None:
-    """Set up a git repository for readaptir: DVC, its cache links, recipes/."""
+    """Set up a project in a git repository.
+
+    DVC initialised, its cache links, recipes/ and metrics/, ignore rules.
+    """
     for line in workspace.init(root):
         click.echo(line)
+
+
+def _count(items, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
 
 def _plan(root: Path):
@@ -128,7 +141,7 @@ def _plan(root: Path):
 def validate(root: Path) -> None:
     """Check every recipe: schema, paths, shapes. Errors name the file and key."""
     recipes, plan = _plan(root)
-    click.echo(f"{len(recipes)} recipes valid; {len(plan.stages)} stages")
+    click.echo(f"{_count(recipes, 'recipe')} valid; {_count(plan.stages, 'stage')}")
 
 
 @main.command()
@@ -141,8 +154,10 @@ def validate(root: Path) -> None:
 )
 @user_errors
 def build(root: Path, prune: bool) -> None:
-    """Expand the recipes (recipes/**/*.yaml or .yml; files and folders named _* are partials)
-    into dvc.yaml and params.yaml."""
+    """Expand the recipes into dvc.yaml and params.yaml.
+
+    Recipes are recipes/**/*.yaml or .yml; files and folders named _* are partials.
+    """
     running = workspace.dvc_running(root)
     if running:  # a stage still to run would read the new params.yaml beside the old dvc.yaml
         raise click.ClickException(
@@ -157,7 +172,9 @@ def build(root: Path, prune: bool) -> None:
     names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in changed]
     state = f"{', '.join(names[:4])}{' …' if len(names) > 4 else ''} ({len(names)} written)"
     state = state if changed else "nothing changed"
-    click.echo(f"{len(recipes)} recipes -> {len(plan.stages)} stages ({summary}); {state}")
+    click.echo(
+        f"{_count(recipes, 'recipe')} -> {_count(plan.stages, 'stage')} ({summary}); {state}"
+    )
     _leftovers(root, plan.leftovers(root), prune)
     _stale_metrics(plan.stale_metrics(root), prune)
 
@@ -227,7 +244,8 @@ def stage() -> None:
     type=int,
     default=None,
     envvar="READAPTIR_PROCS",
-    help="Processes for an adapter or embed stage, under torchrun (default: one per visible GPU).",
+    help="Processes for an adapter or embed stage, under torchrun (default: $READAPTIR_PROCS, "
+    "else one per visible GPU).",
 )
 @user_errors
 def stage_run(
@@ -253,7 +271,11 @@ def _canonical_metric(ctx: click.Context, param: click.Parameter, value: str) ->
 
 
 metric_option = click.option(
-    "--metric", default="nDCG@10", show_default=True, callback=_canonical_metric
+    "--metric",
+    default="nDCG@10",
+    show_default=True,
+    callback=_canonical_metric,
+    help="nDCG@k, Recall@k, MRR@k, MAP, MAP@k or P@k, spelt as in a recipe (case ignored).",
 )
 
 
@@ -270,7 +292,13 @@ metric_option = click.option(
     "with per-query win/tie/loss; alpha: sweeps, a column per α.",
 )
 @click.option(
-    "--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["md", "csv", "json"]),
+    default="md",
+    show_default=True,
+    help="md: the paper table ×100 with †; csv and json: unscaled, each RA column's p-value beside "
+    "it.",
 )
 @click.option(
     "--rev",
@@ -294,8 +322,12 @@ def report_cmd(root: Path, metric: str, kind: str, fmt: str, rev: str) -> None:
 @metric_option
 @user_errors
 def diff_cmd(rev_a: str, rev_b: str, root: Path, metric: str) -> None:
-    """Per recipe between two versions (git revisions or DVC experiments; REV_B defaults to the
-    workspace): changed parameters beside the change in scores."""
+    """Compare two versions, recipe by recipe.
+
+    Changed parameters beside the change in scores.
+
+    REV_A and REV_B are git revisions or DVC experiments; REV_B defaults to the workspace.
+    """
     click.echo(report.diff(root, rev_a, rev_b, metric=metric))
 
 
@@ -304,7 +336,10 @@ def diff_cmd(rev_a: str, rev_b: str, root: Path, metric: str) -> None:
 @metric_option
 @user_errors
 def plots_cmd(root: Path, metric: str) -> None:
-    """Write α curves and adapter loss curves: plots/*.png and the CSV `dvc plots show` reads."""
+    """Write α curves and adapter loss curves.
+
+    plots/*.png, and plots/alpha_curves.csv, which `dvc plots show` reads.
+    """
     from readaptir.plots import ALPHA_PNG, write_plots
 
     _, metrics = report.load(root)
@@ -324,10 +359,17 @@ def plots_cmd(root: Path, metric: str) -> None:
 @click.argument(
     "directory", type=click.Path(file_okay=False, path_type=Path), default="demo-workspace"
 )
-@click.option("--force", is_flag=True, help="Replace DIRECTORY if it exists.")
+@click.option(
+    "--force", is_flag=True, help="Replace DIRECTORY if it is a demo workspace (nothing else)."
+)
 @user_errors
 def demo(directory: Path, force: bool) -> None:
-    """Build and run the offline demo workspace end to end (tiny models, generated data)."""
+    """Run the offline demo end to end.
+
+    Tiny models and generated data, built and run with DVC.
+
+    DIRECTORY defaults to demo-workspace.
+    """
     from readaptir.demo import run_demo
 
     click.echo(run_demo(directory, force=force))

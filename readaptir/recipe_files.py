@@ -433,6 +433,10 @@ def load_recipes(recipes_dir: Path) -> list[Recipe]:
     """Every buildable recipe, corpus grids and α/β sweeps expanded; names must be unique."""
     if Path(recipes_dir).exists() and not Path(recipes_dir).is_dir():
         raise RecipeError(recipes_dir, None, "not a folder: recipes are the *.yaml files in one")
+    if not Path(recipes_dir).exists():
+        raise RecipeError(
+            recipes_dir, None, "no such folder: not a project (`readaptir init`, or --root)"
+        )
     files = recipe_files(recipes_dir)
     if not files:
         raise RecipeError(recipes_dir, None, "no recipes (*.yaml or *.yml) found")

@@ -125,8 +125,9 @@ def load(root: Path, rev: str = WORKSPACE) -> tuple[dict[str, dict], dict[str, d
                 f"{'settings' if held is dict else 'score stages'}): run `readaptir build` again"
             )
     if not recipes:
-        where = str(root) if rev == WORKSPACE else f"git revision {rev}"
-        raise NothingBuilt(f"no built recipes in {where}: run `readaptir build` (and commit) first")
+        if rev == WORKSPACE:
+            raise NothingBuilt(f"no built recipes in {root}: run `readaptir build` first")
+        raise NothingBuilt(f"no built recipes at git revision {rev}: none was built and committed")
     metrics: dict[str, dict] = {}
     flagged: dict[str, list[str]] = {reason: [] for reason in FLAGS}
     for name in sorted(recipes):

@@ -59,7 +59,13 @@ def git_root(path: Path) -> Path:
 def init(root: Path) -> list[str]:
     """Idempotent: DVC initialised, cache links set, recipes/ and ignore rules present."""
     root = Path(root)
-    top = git_root(next(p for p in [root, *root.absolute().parents] if p.is_dir()))  # no mkdir yet
+    try:
+        top = git_root(next(p for p in [root, *root.absolute().parents] if p.is_dir()))  # no mkdir
+    except RuntimeError:  # named by the folder asked for, not the nearest that exists
+        raise RuntimeError(
+            f"{root.absolute()} is not inside a git repository: `git init` there or above it, "
+            "then `readaptir init`"
+        ) from None
     # checked before anything is changed: what init makes must be free to be made
     for name, folder in (("recipes", True), ("metrics", True), (".gitignore", False)):
         path = root / name

@@ -225,7 +225,8 @@ def test_build_never_replaces_files_it_did_not_write(project, tmp_path):
     (project / "dvc.yaml").unlink()
     assert {p.name for p in dvcfile.write(plan_of(project), project)} == {"dvc.yaml", "params.yaml"}
     outside = tmp_path / "no-git" / "new" / "project"
-    with pytest.raises(RuntimeError, match="not inside a git repository"):
+    said = rf"{outside} is not inside a git repository: `git init`"  # the folder asked for
+    with pytest.raises(RuntimeError, match=said):
         workspace.init(outside)
     assert not (tmp_path / "no-git").exists()  # nothing made on the way to the error
     subprocess.run(["git", "init", "-q", str(tmp_path / "repo")], check=True)

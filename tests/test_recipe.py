@@ -332,8 +332,11 @@ def test_missing_required_key_and_broken_files(tmp_path):
     write(tmp_path / "d.yaml", "extends: e.yaml\n")
     with pytest.raises(RecipeError, match="circular extends"):
         load_recipe(write(tmp_path / "e.yaml", "extends: d.yaml\n"))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(RecipeError, match="no recipes"):
         load_recipes(tmp_path / "empty")
+    with pytest.raises(RecipeError, match=r"missing: no such folder: not a project .*init"):
+        load_recipes(tmp_path / "missing")
     (tmp_path / "file").write_text("base: x\n")
     with pytest.raises(RecipeError, match="file: not a folder"):
         load_recipes(tmp_path / "file")
