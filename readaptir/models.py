@@ -264,11 +264,14 @@ def _with_adapter(model, adapter_dir: Path, stored: set[str]):
             f"{adapter_dir}: PEFT cannot load the adapter onto its base ({' '.join(first[:3])}): "
             "check its adapter_config.json (r, target_modules) against its tensors and base"
         ) from None
-    # as saved: whole embedding layers only where the file has them (PEFT's "auto" would look
-    # the base up on the hub)
-    embeddings = any(k.endswith(("embed_tokens.weight", "lm_head.weight")) for k in stored)
-    state = get_peft_model_state_dict(model, save_embedding_layers=embeddings)
-    applied = {_peft_key(n) for n in state}
+    # as saved: with whole embedding layers or without (PEFT's "auto" would look the base up on
+    # the hub), whichever gives the file's keys; a file's own copies of a trained embedding
+    # (modules_to_save) or of one LoRA wraps look alike by name, so both are tried
+    applied_as = [
+        {_peft_key(n) for n in get_peft_model_state_dict(model, save_embedding_layers=embeddings)}
+        for embeddings in (False, True)
+    ]
+    applied = next((keys for keys in applied_as if keys == stored), applied_as[0])
     for names, what in ((stored - applied, "are not applied"), (applied - stored, "are missing")):
         if names:
             raise ValueError(

@@ -871,6 +871,18 @@ def test_a_peft_retriever_is_applied_whole_or_refused(tiny_base, tmp_path):
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), causal)
     want = merged.merge_and_unload().model.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    # a retriever that trained its embeddings: saved whole (modules_to_save), or LoRA on them
+    for name, extra in (
+        ("saved-embeddings", dict(modules_to_save=["embed_tokens"])),
+        ("lora-embeddings", dict(target_modules=["q_proj", "embed_tokens"])),
+    ):
+        trained = make_adapter(
+            AutoModel.from_pretrained(tiny_base), tmp_path / name, dora=False, seed=7, **extra
+        )
+        model, _ = load_encoder(trained, tiny_base)
+        expected = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_base), trained)
+        want = expected.merge_and_unload().state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items()), name
     no_type = adapter(lora, "no-type", peft_type=None)
     with pytest.raises(ValueError, match=r"no-type/adapter_config\.json: no peft_type"):
         load_encoder(no_type, tiny_base)

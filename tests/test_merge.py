@@ -925,6 +925,15 @@ def test_the_merged_tokenizer_is_the_one_the_retriever_alone_encodes_with(
     run_merge(out, tiny_base, retriever, alpha=0.0, beta=0.5)
     assert (out / "tokenizer.json").read_bytes() == (tiny_base / "tokenizer.json").read_bytes()
     assert len(load_tokenizer(out)) == len(load_tokenizer(tiny_base))
+    # the vocabulary files of slow tokenizers travel too: PhoBERT's bpe.codes, DeBERTa's spm.model
+    own = tmp_path / "own-vocabulary"
+    shutil.copytree(tiny_retriever, own)
+    for name in ("bpe.codes", "spm.model"):
+        (own / name).write_bytes(name.encode())
+    run_merge(tmp_path / "merged-own", tiny_base, own, alpha=0.0, beta=1.0)
+    assert all(
+        (tmp_path / "merged-own" / n).read_bytes() == n.encode() for n in ("bpe.codes", "spm.model")
+    )
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -976,6 +985,11 @@ def test_a_pooler_on_one_side_only_is_the_retrievers(tmp_path, tokenizer):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     delta = compute_delta(bare, tmp_path / "no-pooler", tmp_path / "delta-dropped")
     assert set(pooler) <= set(delta["dropped"]["base"])
+    stored = tmp_path / "dropped-stored"  # merged with that Δ: the same output
+    run_merge(stored, bare, tmp_path / "no-pooler", alpha=0.0, beta=1.0,
+              delta_dir=tmp_path / "delta-dropped")  # fmt: skip
+    got = _tensors(stored)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def _theta_and_retriever(tmp_path: Path, tokenizer, kind: str) -> tuple[Path, Path]:

@@ -65,6 +65,9 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "chat_template.jinja",
+    "bpe.codes",  # PhoBERT's BPE
+    "spm.model",  # DeBERTa-v2/v3's SentencePiece
+    "sentencepiece.model",
 )
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
@@ -200,6 +203,7 @@ def _open_delta(delta_dir: Path, base: Body) -> Checkpoint:
                 f"but {base.shape(name)} in {base.folder}"
             )
     known = set(delta.names()) | set(meta.get("zero", [])) | set(meta.get("buffers", []))
+    known |= set(meta.get("dropped", {}).get("base", []))  # a pooler Θ alone holds, say
     for name in base.names():
         if name not in known and not is_buffer(name):
             raise WeightError(f"{delta_dir} has no Δ for tensor {name} of {base.folder}")
