@@ -96,7 +96,7 @@ def log_level(verbose: bool, ranks: Ranks) -> int:
     is_flag=True,
     help="Debug logging, and a full traceback for an error (before the command: -v build).",
 )
-@click.version_option(package_name="readaptir")
+@click.version_option(package_name="readaptir", prog_name="readaptir")
 def main(verbose: bool) -> None:
     """Readapt dense retrievers with unlabeled text: recipes → DVC stages → nDCG@10."""
     logging.basicConfig(
@@ -297,8 +297,8 @@ metric_option = click.option(
     type=click.Choice(["md", "csv", "json"]),
     default="md",
     show_default=True,
-    help="md: the paper table ×100 with †; csv and json: unscaled, each RA column's p-value beside "
-    "it.",
+    help="md: the paper table ×100 with †, the others unscaled; csv and json: unscaled, each RA "
+    "column's p-value beside it.",
 )
 @click.option(
     "--rev",
@@ -360,7 +360,7 @@ def plots_cmd(root: Path, metric: str) -> None:
     "directory", type=click.Path(file_okay=False, path_type=Path), default="demo-workspace"
 )
 @click.option(
-    "--force", is_flag=True, help="Replace DIRECTORY if it is a demo workspace (nothing else)."
+    "--force", is_flag=True, help="Replace DIRECTORY if it is a demo workspace (or empty)."
 )
 @user_errors
 def demo(directory: Path, force: bool) -> None:

@@ -254,6 +254,7 @@ def _with_adapter(model, adapter_dir: Path, stored: set[str]):
     and ignores tensors its config does not name)."""
     from peft import PeftConfig, PeftModel, get_peft_model_state_dict
 
+    _same_base_copies(model, adapter_dir, stored)
     config = PeftConfig.from_pretrained(adapter_dir)
     config.task_type = None  # no task wrapper: CAUSAL_LM's would want generation hooks
     try:
@@ -271,7 +272,9 @@ def _with_adapter(model, adapter_dir: Path, stored: set[str]):
         {_peft_key(n) for n in get_peft_model_state_dict(model, save_embedding_layers=embeddings)}
         for embeddings in (False, True)
     ]
-    applied = next((keys for keys in applied_as if keys == stored), applied_as[0])
+    # neither: measured against the one the file's keys lean to, so the error names what is wrong
+    leaning = applied_as[1] if stored & (applied_as[1] - applied_as[0]) else applied_as[0]
+    applied = next((keys for keys in applied_as if keys == stored), leaning)
     for names, what in ((stored - applied, "are not applied"), (applied - stored, "are missing")):
         if names:
             raise ValueError(
@@ -280,6 +283,27 @@ def _with_adapter(model, adapter_dir: Path, stored: set[str]):
                 f"{', '.join(sorted(names)[:2])}): check its target_modules, use_dora and keys"
             )
     return model
+
+
+def _same_base_copies(model, adapter_dir: Path, stored: set[str]) -> None:
+    """A file's copies of its base's layers (``base_layer.weight`` of LoRA on an embedding) must
+    be its base's: PEFT loads them into the model, while the merge reads the base's own."""
+    import torch
+
+    from readaptir.shards import Checkpoint
+
+    copies = sorted(k for k in stored if k.endswith(".base_layer.weight"))
+    if not copies:
+        return
+    own = model.state_dict()
+    ckpt = Checkpoint(adapter_dir, adapter=True)
+    for key in copies:
+        name = key.removeprefix(PEFT_LEAD).replace(".base_layer.weight", ".weight")
+        if name in own and not torch.equal(ckpt.get(key).to(own[name].dtype), own[name]):
+            raise ValueError(
+                f"{adapter_dir}: its copy of {name} ({key}) is not its base's: the baseline would "
+                "encode with the copy and the merge with the base's"
+            )
 
 
 def _peft_key(name: str) -> str:

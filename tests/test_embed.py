@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_ranks, write_beir
+from safetensors.torch import load_file, save_file
 from tokenizers import processors
 from transformers import AutoModel
 
@@ -883,6 +884,15 @@ def test_a_peft_retriever_is_applied_whole_or_refused(tiny_base, tmp_path):
         expected = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_base), trained)
         want = expected.merge_and_unload().state_dict()
         assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items()), name
+    # LoRA on the embeddings saves a copy of the base's: one that is not the base's is refused
+    # (the baseline would encode with it, the merge with the base's)
+    stale = adapter(trained, "stale-copy")
+    tensors = load_file(stale / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("embed_tokens.base_layer.weight"))
+    tensors[key] = tensors[key] + 1.0
+    save_file(tensors, stale / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"its copy of embed_tokens\.weight .* is not its base's"):
+        load_encoder(stale, tiny_base)
     no_type = adapter(lora, "no-type", peft_type=None)
     with pytest.raises(ValueError, match=r"no-type/adapter_config\.json: no peft_type"):
         load_encoder(no_type, tiny_base)

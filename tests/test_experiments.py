@@ -760,6 +760,8 @@ def test_metric_option_takes_a_recipes_spelling(tmp_path):
     assert result.exit_code == 0 and "r-sf,scifact,0.5,1.0,0.745,0.763" in result.output
     result = CliRunner().invoke(main, [*args, "--metric", "bleu@4"])
     assert result.exit_code == 2 and "unknown metric 'bleu@4'" in result.output
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("readaptir, version ")
 
 
 def test_a_reader_that_goes_away_ends_a_command_quietly(tmp_path):
