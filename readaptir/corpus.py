@@ -133,12 +133,11 @@ def has_passages(corpus_file: Path, block: int = 1 << 20) -> bool:
     """Whether a corpus file holds more than white space (and a byte-order mark): its first
     block decides for any real corpus, without the file being parsed."""
     with Path(corpus_file).open("rb") as handle:
-        first = handle.read(block).removeprefix(codecs.BOM_UTF8)
-        if first.strip():
-            return True
-        while data := handle.read(block):
+        data = handle.read(block).removeprefix(codecs.BOM_UTF8)
+        while data:
             if data.strip():
                 return True
+            data = handle.read(block)
     return False
 
 

@@ -122,6 +122,11 @@ class Plan:
         return [path for path in files if f"metrics/{path.name}" not in written]
 
 
+def scores_a_sweep(kind: str, params: dict) -> bool:
+    """Whether a stage is the score stage of a sweep's variant: α curves exist only then."""
+    return kind == "score" and bool(params.get("sweep"))
+
+
 def stage_output(spec: dict) -> str:
     """A stage's output folder, relative to the project root, named by the stage's id."""
     return f"artifacts/{spec['kind']}/{spec['id']}"

@@ -13,8 +13,6 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 from readaptir.artifacts import INDEX, SINGLE, read_json_mapping
 from readaptir.corpus import has_passages
@@ -232,12 +230,12 @@ class Planner:
         return DatasetRef(ident, tuple(deps), {})
 
     def add_fetch(self, spec: CorpusSpec, key: str) -> Stage:
-        from readaptir.stages.fetch import beir_url
+        from readaptir.stages.fetch import beir_url, file_url_path
 
         url, sha256, deps = spec.url or beir_url(spec.beir), spec.sha256, ()
-        if url.startswith("file:"):
+        where = file_url_path(url)
+        if where is not None:
             # a local archive is known by its content, as a corpus folder is, and DVC watches it
-            where = url2pathname(urlparse(url).path)  # a relative one: under the project root
             archive = project_path(self.root, where)
             if not archive.is_file():
                 raise PlanError(f"{key}.url", f"{url}: {archive} does not exist")

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from readaptir.artifacts import atomic_file
-from readaptir.graph import stage_output
+from readaptir.graph import scores_a_sweep, stage_output
 
 LOG = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def stale_plots(root: Path) -> list[Path]:
 
     specs = all_stage_specs(root)
     out = Path(root) / PLOTS_DIR
-    sweeps = any(s["kind"] == "score" and s["params"].get("sweep") for s in specs.values())
+    sweeps = any(scores_a_sweep(s["kind"], s.get("params") or {}) for s in specs.values())
     adapters = {f"loss_{name}.png" for name, spec in specs.items() if spec["kind"] == "adapter"}
     stale = [] if sweeps else [Path(root) / ALPHA_PNG]
     stale += [path for path in sorted(out.glob("loss_*.png")) if path.name not in adapters]

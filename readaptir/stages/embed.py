@@ -154,6 +154,12 @@ class Encoder:
         self, texts: Sequence[str], *, max_length: int, on_batch=None, what: str = "texts"
     ) -> np.ndarray:
         seqs = self.tokenize(texts, max_length)
+        return self.encode_tokenized(seqs, max_length=max_length, on_batch=on_batch, what=what)
+
+    def encode_tokenized(
+        self, seqs: list[list[int]], *, max_length: int, on_batch=None, what: str = "texts"
+    ) -> np.ndarray:
+        """Vectors of ``tokenize``'s ids, after saying how many filled ``max_length``."""
         log_filled([len(s) for s in seqs], max_length, what)
         return self.encode_tokens(seqs, on_batch=on_batch)
 
@@ -339,9 +345,10 @@ def embed_corpus(
         return seqs
 
     def finish(shard: int, path: Path, seqs: Future) -> None:
-        ids = seqs.result()
-        log_filled([len(s) for s in ids], max_length, f"passages of shard {shard}")
-        vecs = encoder.encode_tokens(ids, on_batch=progress)
+        what = f"passages of shard {shard}"
+        vecs = encoder.encode_tokenized(
+            seqs.result(), max_length=max_length, on_batch=progress, what=what
+        )
         save_shard(path, _finite(vecs, f"shard {shard}", model_dir, encoder.resolved.normalize))
         LOG.info("shard %d written; so far %s", shard, progress.summary())
         if on_shard is not None:

@@ -51,12 +51,19 @@ def beir_url(name: str) -> str:
     return BEIR_URL.format(name=name)
 
 
+def file_url_path(url: str) -> str | None:
+    """The path a ``file:`` URL names, as written (a relative one lies under the project root);
+    None for another scheme."""
+    return url2pathname(urlparse(url).path) if urlparse(url).scheme == "file" else None
+
+
 def _opened(url: str, root: Path | None) -> str:
     """What to open for ``url``: a relative ``file:`` path lies under the project root, where the
     build read it, whatever the working folder of the stage."""
-    if root is None or urlparse(url).scheme != "file":
+    path = file_url_path(url)
+    if root is None or path is None:
         return url
-    return project_path(root, url2pathname(urlparse(url).path)).absolute().as_uri()
+    return project_path(root, path).absolute().as_uri()
 
 
 def _download(url: str, target: Path, root: Path | None = None) -> str:
