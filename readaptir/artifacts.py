@@ -25,6 +25,7 @@ import yaml
 LOG = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
+OLD_SUFFIX = "-old"
 # a model folder's weights: one safetensors file, or shards listed by an index
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -53,7 +54,7 @@ def atomic_output(final: Path) -> Iterator[Path]:
         return
     # the old output moves aside before the new one takes its name, and is removed after: a kill
     # during the removal leaves a leftover the next run clears, never a half-removed `final`
-    old = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}-old"
+    old = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}{OLD_SUFFIX}"
     os.replace(final, old)
     os.replace(tmp, final)
     for failed in remove([old]):  # the new output stands: what is left is only disk used
@@ -67,10 +68,21 @@ def abandoned(final: Path) -> list[Path]:
     did not stop)."""
     found = []
     for path in sorted(final.parent.glob(f"{TMP_PREFIX}{final.name}-*")):
-        pid = path.name[len(TMP_PREFIX) + len(final.name) + 1 :].removesuffix("-old")
-        if pid.isdigit() and (int(pid) == os.getpid() or not alive(int(pid))):
+        owner = tmp_owner(path.name)
+        if owner and owner[0] == final.name and (owner[1] == os.getpid() or not alive(owner[1])):
             found.append(path)
     return found
+
+
+def tmp_owner(name: str) -> tuple[str, int] | None:
+    """The output and the process of a temporary output's name (``.tmp-<output>-<pid>``, or that
+    with ``-old``), or None for any other name."""
+    if not name.startswith(TMP_PREFIX):
+        return None
+    output, _, pid = name[len(TMP_PREFIX) :].removesuffix(OLD_SUFFIX).rpartition("-")
+    if not (output and pid.isdigit() and pid.isascii()):
+        return None
+    return output, int(pid)
 
 
 def alive(pid: int) -> bool:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from readaptir.artifacts import alive
+from readaptir.artifacts import alive, tmp_owner
 from readaptir.fingerprint import project_path
 
 # Bump a kind's version when its code changes what it writes: every stage of that kind rebuilds,
@@ -31,11 +31,9 @@ KIND_VERSIONS = {
     "search": 2,
     "score": 2,
 }
-# what a stage leaves under artifacts/<kind>/: its output, its work folder, an unfinished output
-# (``-old``: the output a rerun replaced, not yet removed)
-LEFTOVER = re.compile(
-    r"(?:\.work-)?(?P<id>[0-9a-f]{16})|\.tmp-(?P<tmp>[0-9a-f]{16})-(?P<pid>\d+)(?:-old)?"
-)
+# what a stage leaves under artifacts/<kind>/: its output and its work folder (and unfinished
+# outputs, named as ``artifacts.tmp_owner`` reads them)
+STAGE_FOLDER = re.compile(r"(?:\.work-)?(?P<id>[0-9a-f]{16})")
 
 
 @dataclass(frozen=True)
@@ -93,17 +91,16 @@ class Plan:
         for kind in KIND_VERSIONS:
             folder = Path(root) / "artifacts" / kind
             made = [
-                (path, m)
+                (path, *parsed)
                 for path in (sorted(folder.iterdir()) if folder.is_dir() else [])
-                if (m := LEFTOVER.fullmatch(path.name)) and path.is_dir()
+                if path.is_dir() and (parsed := _stage_folder(path.name))
             ]
-            running = {m["tmp"] for _, m in made if m["pid"] and alive(int(m["pid"]))}
-            for path, m in made:
-                ident = m["id"] or m["tmp"]
+            running = {ident for _, ident, pid in made if pid is not None and alive(pid)}
+            for path, ident, pid in made:
                 full = Path(os.path.normpath(path.absolute()))
                 if ident in running or any(r.is_relative_to(full) for r in read):
                     continue
-                if m["tmp"]:  # its process is gone: nothing will rename it into place
+                if pid is not None:  # its process is gone: nothing will rename it into place
                     found.append(path)
                 elif path.name.startswith(".work-"):
                     done = (folder / ident).is_dir()
@@ -120,6 +117,17 @@ class Plan:
         folder = Path(root) / "metrics"
         files = sorted(folder.glob("*.json")) if folder.is_dir() else []
         return [path for path in files if f"metrics/{path.name}" not in written]
+
+
+def _stage_folder(name: str) -> tuple[str, int | None] | None:
+    """The stage id of a folder a stage leaves, with the process of an unfinished output (None
+    for the output or the work folder), or None for a folder no stage makes."""
+    if m := STAGE_FOLDER.fullmatch(name):
+        return m["id"], None
+    owner = tmp_owner(name)
+    if owner and re.fullmatch(r"[0-9a-f]{16}", owner[0]):
+        return owner
+    return None
 
 
 def scores_a_sweep(kind: str, params: dict) -> bool:

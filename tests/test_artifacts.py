@@ -44,6 +44,32 @@ def _write_output(final, text):
             (tmp / shard).write_text(text)
 
 
+@pytest.mark.parametrize(
+    ("name", "owner"),
+    [
+        (".tmp-0123456789abcdef-42", ("0123456789abcdef", 42)),
+        (".tmp-0123456789abcdef-42-old", ("0123456789abcdef", 42)),
+        (".tmp-checkpoint.pt-7", ("checkpoint.pt", 7)),
+        (".tmp-run-1-99", ("run-1", 99)),  # an output whose name has a dash
+        (".tmp-0123456789abcdef-x", None),
+        (".tmp--42", None),
+        (".tmp-out-\u0663", None),  # a digit, but not an ASCII one
+        (".work-0123456789abcdef", None),
+    ],
+)
+def test_a_temporary_output_names_its_output_and_process(name, owner):
+    assert artifacts.tmp_owner(name) == owner
+
+
+def test_only_gone_processes_temporary_outputs_are_abandoned(tmp_path):
+    final = tmp_path / "out"
+    gone, live = tmp_path / ".tmp-out-4242424242", tmp_path / f".tmp-out-{os.getppid()}-old"
+    other = tmp_path / ".tmp-out-1-4242424242"  # of the output "out-1"
+    for path in (gone, live, other):
+        path.mkdir()
+    assert artifacts.abandoned(final) == [gone]
+
+
 def test_a_kill_while_the_old_output_is_removed_leaves_the_new_one_whole(tmp_path, monkeypatch):
     """A rerun (``dvc repro -f``) replaces its output: interrupted while the old folder is being
     deleted, the final name holds the new output, not an index beside half its shards."""
