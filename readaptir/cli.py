@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,9 @@ def user_errors(func):
             # the reader of our output went away (`| head`): it has what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error
             sys.exit(1)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGINT passed on to torchrun's ranks: 128 + 2,
+            click.echo("Aborted!", err=True)  # as a shell reports it (click's own gives 1)
+            sys.exit(128 + signal.SIGINT)
         except USER_ERRORS as err:
             if logging.getLogger().isEnabledFor(logging.DEBUG):
                 raise  # -v: the whole traceback

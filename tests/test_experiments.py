@@ -794,3 +794,18 @@ def test_a_broken_pipe_other_than_the_output_is_an_error():
 
     with pytest.raises(click.ClickException, match="Broken pipe"):
         writes_to_a_worker()
+
+
+def test_ctrl_c_exits_as_a_shell_reports_an_interrupt(tmp_path, monkeypatch):
+    """128 + SIGINT, as for any program a terminal interrupts (click's own Abort gives 1); the
+    multi-process launcher turns a passed-on Ctrl-C into the same KeyboardInterrupt."""
+    from click.testing import CliRunner
+
+    from readaptir import cli
+
+    def interrupted(root):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_plan", interrupted)
+    result = CliRunner().invoke(cli.main, ["validate", "--root", str(tmp_path)])
+    assert result.exit_code == 130 and "Aborted!" in result.output
