@@ -44,7 +44,7 @@ def atomic_output(final: Path) -> Iterator[Path]:
     try:
         yield tmp
     except BaseException as err:
-        full = _full_disk(err, final)
+        full = _named_write_error(err, final)
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
             raise full from err
@@ -173,7 +173,7 @@ def atomic_file(path: Path, fsync: bool = False) -> Iterator[Path]:
         if fsync:
             _fsync(tmp)
     except BaseException as err:
-        full = _full_disk(err, path)
+        full = _named_write_error(err, path)
         tmp.unlink(missing_ok=True)
         if full:
             raise full from err
@@ -193,12 +193,22 @@ class DiskFullError(OSError):
     """A write that failed for want of space, naming what was being written."""
 
 
-def _full_disk(err: BaseException, target: Path) -> OSError | None:
-    """The error to raise instead of ``err`` when it came of a full disk (or quota): one that names
-    what was being written and keeps ``err``'s own words; None otherwise (checked before the
-    partial output is removed, which frees space)."""
-    if not isinstance(err, Exception) or isinstance(err, DiskFullError):
+class FileTooLargeError(OSError):
+    """A write past the largest file allowed (``ulimit -f``), naming what was being written."""
+
+
+def _named_write_error(err: BaseException, target: Path) -> OSError | None:
+    """The error to raise instead of ``err`` when it came of a full disk (or quota) or of a file
+    grown past the largest allowed: one that names what was being written and keeps ``err``'s own
+    words; None otherwise (checked before the partial output is removed, which frees space)."""
+    if not isinstance(err, Exception) or isinstance(err, (DiskFullError, FileTooLargeError)):
         return None  # Ctrl-C and exits stay what they are, and so does an inner write's report
+    if isinstance(err, OSError) and err.errno == errno.EFBIG:
+        return FileTooLargeError(
+            errno.EFBIG,
+            f"a file of {target} grew past the largest this process may write ({err}): see "
+            "`ulimit -f`, and the file system's own limit (FAT32's is 4 GiB)",
+        )
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         if not _same_disk(err.filename, target):
             return None  # another disk (/tmp, /dev/shm) filled up: its own error names it

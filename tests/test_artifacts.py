@@ -196,3 +196,27 @@ def test_an_interrupt_stays_an_interrupt_and_an_inner_report_is_not_wrapped_twic
             raise OSError(errno.ENOSPC, "No space left on device")
     assert str(raised.value).count("no space left on the disk of") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_past_the_size_limit_names_the_output_and_leaves_nothing(tmp_path):
+    """`ulimit -f` (or FAT32's 4 GiB): the write's own error (EFBIG) names no file."""
+    import resource
+    import subprocess
+    import sys
+
+    write = (
+        "import sys; from pathlib import Path; from readaptir.artifacts import atomic_output\n"
+        "with atomic_output(Path(sys.argv[1])) as tmp:\n"
+        "    (tmp / 'vectors.npy').write_bytes(b'x' * 100_000)\n"
+    )
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, resource.RLIM_INFINITY))
+
+    out = tmp_path / "artifacts" / "embed" / "0123abcd"
+    done = subprocess.run(
+        [sys.executable, "-c", write, str(out)], preexec_fn=limit, capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert f"FileTooLargeError: [Errno {errno.EFBIG}] a file of {out} grew past" in done.stderr
+    assert "ulimit -f" in done.stderr and list(out.parent.iterdir()) == []
