@@ -127,8 +127,11 @@ def write(plan: Plan, root: Path) -> list[Path]:
     present = {rel: _text(root / rel) for rel in files if (root / rel).exists()}
     foreign = [rel for rel, text in present.items() if text is None or not _ours(text)]
     if foreign:  # checked before anything is written
+        path = root / foreign[0]
+        if present[foreign[0]] is None:
+            raise FileExistsError(f"{path} is not a file: move it away; nothing was written")
         raise FileExistsError(
-            f"{root / foreign[0]} was not written by `readaptir build` (its first line is not "
+            f"{path} was not written by `readaptir build` (its first line is not "
             f"{HEADER.strip()!r}): move it away, or its stages into recipes/; nothing was written"
         )
     # all or none: a pipeline beside the params of another build names stages they lack

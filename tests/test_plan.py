@@ -224,6 +224,10 @@ def test_build_never_replaces_files_it_did_not_write(project, tmp_path):
     assert "mine" in (project / "dvc.yaml").read_text()
     assert (project / "params.yaml").read_text() == ""  # nothing was written
     (project / "dvc.yaml").unlink()
+    (project / "dvc.yaml").mkdir()
+    with pytest.raises(FileExistsError, match=r"dvc\.yaml is not a file: move it away; nothing"):
+        dvcfile.write(plan_of(project), project)
+    (project / "dvc.yaml").rmdir()
     assert {p.name for p in dvcfile.write(plan_of(project), project)} == {"dvc.yaml", "params.yaml"}
     outside = tmp_path / "no-git" / "new" / "project"
     said = rf"{re.escape(str(outside))} is not inside a git repository: `git init`"  # as asked
