@@ -143,10 +143,10 @@ def _last_token(model, tokenizer, texts: list[str]):
 def finetune_retriever(base: Path, out: Path, tokenizer, pairs, steps: int = 120, seed: int = 0):
     """A retriever from Θ: in-batch-negative contrastive training on domain-A pairs."""
     import torch
-    from transformers import LlamaModel
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaModel.from_pretrained(base)
+    model = LlamaForCausalLM.from_pretrained(base).model  # Θ's body: a retriever has no LM head
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rng = random.Random(seed)
     model.train()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -59,7 +60,9 @@ def attach_adapter(
         task_type="CAUSAL_LM" if objective == CAUSAL else None,
     )
     fresh = getattr(model, "head_to_train", [])
-    wrapped = get_peft_model(model, config, autocast_adapter_dtype=True)
+    with warnings.catch_warnings():  # PEFT asks by transformers' old name, which warns
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+        wrapped = get_peft_model(model, config, autocast_adapter_dtype=True)
     for name, param in wrapped.named_parameters():
         if any(matches(name, f) for f in fresh):
             param.data = param.data.float()
