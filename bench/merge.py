@@ -391,7 +391,7 @@ def merge_lines(args, sizes, runs: list[dict], floor: dict[str, float], device: 
     times = ", ".join(f"{r['seconds']:.2f}" for r in runs)
     lines = [
         f"(a) on {device}: merge Θ + {ALPHA}·Ψ + {args.beta:g}·Δ, Δ read from R: "
-        f"{merge['seconds']:.2f} s (runs: {times}); "
+        f"median {merged:.2f} s, best {merge['seconds']:.2f} s (runs: {times}); "
         f"read {_gb(merge['read'])}, wrote {_gb(merge['written'])}; "
         f"{min(r['cpu'] for r in runs):.2f} CPU-s; before it, {merge['imports']:.2f} s "
         "importing transformers' model code (and making a CUDA context: once per process)",
