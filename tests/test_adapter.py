@@ -19,7 +19,7 @@ from readaptir.objective import CAUSAL, MASKED, load_model, objective_for
 from readaptir.packing import TokenStore
 from readaptir.stages import adapter as adapter_module
 from readaptir.stages.adapter import passage_filter, train_adapter
-from readaptir.targets import DEFAULT_TARGETS, base_linear_modules, resolve_targets, unmatched
+from readaptir.targets import base_linear_modules, resolve_targets, unmatched
 from readaptir.training import (
     Meter,
     attach_adapter,
@@ -68,7 +68,8 @@ def test_dora_adapter_trains_logs_and_loads(tmp_path, tiny_base, tiny_beir, monk
     # PEFT holds target_modules as a set, in the order of the process's string hashing: sorted,
     # a retrained adapter is the same bytes, which DVC takes for the same output
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["target_modules"] == sorted(DEFAULT_TARGETS[CAUSAL])
+    # the paper's targets for a Llama-style base: attention's q/k/v and the MLP's up/down
+    assert config["target_modules"] == ["down_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
 
     # packed rows carry the same real tokens in fewer steps
     packed, out, _ = _train(tmp_path, "packed", tiny_base, tiny_beir, **args)

@@ -1339,3 +1339,35 @@ def test_an_embedding_stage_fetches_the_base_only_for_a_peft_retriever(project, 
 
     _encoder(spec("hub/full", {"source": "hub/base"}), "query")
     assert fetched == ["hub/full"]  # a full retriever encodes without Θ: it is never fetched
+
+
+def test_one_adapter_trained_elsewhere_serves_every_collection(project):
+    """The paper's Table 3: Ψ trained once on one collection (MS MARCO there) and merged for every
+    evaluated set: one adapter and one merged model, embedded and scored per collection."""
+    for name in ("marco", "other"):
+        shutil.copytree(project / "data" / "toy", project / "data" / name)
+    corpus = project / "data" / "other" / "corpus.jsonl"
+    corpus.write_text(corpus.read_text().replace('"text": "', '"text": "other ', 1))
+    for name in ("ra-half", "ra-full"):
+        (project / "recipes" / f"{name}.yaml").unlink()
+    edit(
+        project,
+        "transfer",
+        "extends: _common.yaml\ncorpus: [data/toy, data/other]\n"
+        "adapter: {train_corpus: data/marco}\n",
+    )
+    kinds = by_kind(plan_of(project))
+    (adapter,) = kinds["adapter"]
+    assert sorted(adapter.deps) == ["data/marco/corpus.jsonl", "models/base"]
+    assert len(kinds["merge"]) == 1 and len(kinds["score"]) == 2
+    assert {s.params["recipe"] for s in kinds["score"]} == {"transfer-toy", "transfer-other"}
+    merged = kinds["merge"][0].name
+    readapted = [s for s in kinds["embed"] if s.inputs.get("model") == merged]
+    assert len(readapted) == 2  # the one merged model, embedded for each collection
+    # the training collection's passages make another adapter; an evaluated one's do not
+    before = plan_of(project)
+    corpus.write_text(corpus.read_text().replace('"text": "other ', '"text": "more ', 1))
+    assert "adapter" not in changed_kinds(before, plan_of(project))
+    marco = project / "data" / "marco" / "corpus.jsonl"
+    marco.write_text(marco.read_text().replace('"text": "', '"text": "edited ', 1))
+    assert "adapter" in changed_kinds(before, plan_of(project))
