@@ -201,6 +201,14 @@ class AdapterSpec(_Strict):
     gradient_checkpointing: Literal["auto"] | bool | float = "auto"
     checkpoint_every: int = Field(500, gt=0, le=COUNT_LIMIT)  # steps between resumable checkpoints
 
+    @field_validator("target_modules")
+    @classmethod
+    def _distinct_targets(cls, value: list[str] | None) -> list[str] | None:
+        twice = sorted({name for name in value or [] if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"a module name appears twice: {twice[0]}")
+        return value
+
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
     def _checkpointing(cls, value: Any) -> Any:

@@ -395,7 +395,8 @@ def _run(
         # rerun of the stage (dvc repro -f, another machine) can be the same bytes
         run = {key: summary.pop(key) for key in RUN_FIGURES if key in (summary or {})}
         hub = {"hub": dict(sorted(ctx.hub.items()))} if ctx.hub else {}
-        write_json(tmp / "stage.json", {"name": name, **spec, **hub, "summary": summary})
+        made = {key: value for key, value in spec.items() if key != "runtime"}  # how, not what
+        write_json(tmp / "stage.json", {"name": name, **made, **hub, "summary": summary})
     if run:
         write_json(Path(root) / RUNS_DIR / f"{name}.json", {"id": spec["id"], **run})
     if ctx.work_dir.exists():  # what a killed run would have resumed from, now the output's

@@ -66,19 +66,21 @@ def resolve_targets(
     body: list[str], head: list[str], targets: list[str], every: bool = True
 ) -> list[str]:
     """The head modules that ``targets`` would also wrap (to exclude). Fails when a target names
-    no body module (see ``unmatched``); with ``every`` False (an architecture's default names),
-    only when none does, and warns of the others."""
+    no body module (see ``unmatched``); ``every`` False: the names are an architecture's
+    defaults, which the error then asks the recipe to replace. Defaults some of which match
+    (Phi-3's fused qkv_proj, MPNet's q/k/v) would adapt part of what the paper adapts: the
+    attention without the MLP, or the reverse."""
     problem = unmatched(targets, body)
-    matched = [t for t in targets if any(matches(n, t) for n in body)]
     if problem and every:
         raise ValueError(f"adapter target_modules {problem}")
-    if problem and not matched:
-        raise ValueError(
-            f"the default adapter target_modules {problem}; set adapter.target_modules in the "
-            "recipe to the ones to adapt"
-        )
     if problem:
-        LOG.warning("default adapter target_modules %s: the adapter covers %s", problem, matched)
+        matched = [t for t in targets if any(matches(n, t) for n in body)]
+        covered = f"; they would adapt {matched} alone" if matched else ""
+        raise ValueError(
+            f"the default adapter target_modules {problem}{covered}: set adapter.target_modules "
+            "in the recipe to the ones to adapt (the paper's: the attention's query, key and "
+            "value projections and the MLP's up and down ones)"
+        )
     return [n for n in head if any(matches(n, t) for t in targets)]
 
 

@@ -144,6 +144,13 @@ def test_build_repro_noop_and_alpha_change(ws):
     git(ws, "add", "-A")
     git(ws, "commit", "-qm", "first")
     assert repro(ws) == []  # nothing changed: nothing runs
+    # hidden files are no part of a model, to DVC as to readaptir's fingerprints: a Finder's
+    # .DS_Store, the .cache/ folder `huggingface-cli download --local-dir` leaves
+    (ws / "models" / "base" / ".DS_Store").write_bytes(b"\0")
+    (ws / "models" / "retriever" / ".cache" / "huggingface").mkdir(parents=True)
+    (ws / "models" / "retriever" / ".cache" / "huggingface" / "x.metadata").write_text("x")
+    assert "nothing changed" in cli("build", "--root", str(ws))
+    assert repro(ws) == []
 
     set_alpha(ws, 0.25)
     # built but not yet run: α=0.5's scores are not shown as α=0.25's

@@ -178,10 +178,11 @@ def test_retriever_alone_needs_no_merge(project):
 
 def test_generated_files_are_byte_stable(project):
     plan = plan_of(project)
-    assert {p.name for p in dvcfile.write(plan, project)} == {"dvc.yaml", "params.yaml"}
-    before = {n: (project / n).read_bytes() for n in ("dvc.yaml", "params.yaml")}
+    written = {p.name for p in dvcfile.write(plan, project)}
+    assert written == {"dvc.yaml", "params.yaml", ".dvcignore"}
+    before = {n: (project / n).read_bytes() for n in ("dvc.yaml", "params.yaml", ".dvcignore")}
     assert dvcfile.write(plan_of(project), project) == []
-    assert before == {n: (project / n).read_bytes() for n in ("dvc.yaml", "params.yaml")}
+    assert before == {n: (project / n).read_bytes() for n in before}
     dvc = yaml.safe_load(before["dvc.yaml"])
     score = dvc["stages"]["score-ra-half"]
     assert score["metrics"] == [{"metrics/ra-half.json": {"cache": False}}]
@@ -228,7 +229,8 @@ def test_build_never_replaces_files_it_did_not_write(project, tmp_path):
     with pytest.raises(FileExistsError, match=r"dvc\.yaml is not a file: move it away; nothing"):
         dvcfile.write(plan_of(project), project)
     (project / "dvc.yaml").rmdir()
-    assert {p.name for p in dvcfile.write(plan_of(project), project)} == {"dvc.yaml", "params.yaml"}
+    written = {p.name for p in dvcfile.write(plan_of(project), project)}
+    assert written == {"dvc.yaml", "params.yaml", ".dvcignore"}
     outside = tmp_path / "no-git" / "new" / "project"
     said = rf"{re.escape(str(outside))} is not inside a git repository: `git init`"  # as asked
     with pytest.raises(RuntimeError, match=said):
@@ -815,11 +817,12 @@ def test_a_stage_run_again_writes_the_same_bytes(project):
     would otherwise run every stage after it again: its run times are kept beside it."""
     from readaptir.runner import RUNS_DIR, run_stage
 
-    plan = plan_of(project)
-    dvcfile.write(plan, project)
-    adapter = next(iter(by_kind(plan)["adapter"]))
     runs = []
-    for _ in range(2):
+    for every in (500, 2):  # how it runs (checkpoints) is no part of what it makes
+        _adapter_with(project, checkpoint_every=every)
+        plan = plan_of(project)
+        dvcfile.write(plan, project)
+        adapter = next(iter(by_kind(plan)["adapter"]))
         out = run_stage(project, adapter.name, device="cpu")
         runs.append({p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()})
         shutil.rmtree(out)
@@ -1371,3 +1374,50 @@ def test_one_adapter_trained_elsewhere_serves_every_collection(project):
     marco = project / "data" / "marco" / "corpus.jsonl"
     marco.write_text(marco.read_text().replace('"text": "', '"text": "edited ', 1))
     assert "adapter" in changed_kinds(before, plan_of(project))
+
+
+def test_target_modules_are_the_same_adapter_in_any_order_and_as_the_defaults(project):
+    """PEFT takes the names as a set: reordering them, or writing out the local base's own
+    defaults, trains the same adapter, which must not be trained again (hours at 7B)."""
+    default = _adapter_with(project)
+    assert default.params["hyper"]["target_modules"] is None
+    some = _adapter_with(project, target_modules=["v_proj", "q_proj"])
+    assert some.params["hyper"]["target_modules"] == ["q_proj", "v_proj"]
+    assert _adapter_with(project, target_modules=["q_proj", "v_proj"]).id == some.id
+    assert some.id != default.id
+    paper = ["down_proj", "up_proj", "v_proj", "k_proj", "q_proj"]  # the Llama base's defaults
+    assert _adapter_with(project, target_modules=paper).id == default.id
+    assert _adapter_with(project, target_modules=[*paper, "o_proj"]).id != default.id
+
+
+def _adapter_with(project, **keys):
+    """The adapter stage once ``keys`` are set under ``adapter:`` in ``_common.yaml``."""
+    path = project / "recipes" / "_common.yaml"
+    common = yaml.safe_load(path.read_text())
+    common["adapter"] = {key: value for key, value in common["adapter"].items() if key == "r"}
+    path.write_text(yaml.safe_dump({**common, "adapter": {**common["adapter"], **keys}}))
+    return by_kind(plan_of(project))["adapter"][0]
+
+
+def test_build_keeps_dvc_from_hidden_files_of_the_folders_stages_read(project):
+    """DVC hashes a folder dependency with its hidden files, which readaptir's fingerprints leave
+    out: build writes the same rule into .dvcignore, in a block of its own beside the user's."""
+    ignore = project / ".dvcignore"
+    ignore.write_text("# mine\n*.tmp")  # no final newline
+    dvcfile.write(plan_of(project), project)
+    text = ignore.read_text()
+    assert text.startswith("# mine\n*.tmp\n" + dvcfile.IGNORE_BEGIN + "\n")
+    assert "/models/base/**/.*\n/models/retriever/**/.*\n" + dvcfile.IGNORE_END + "\n" in text
+    assert ignore not in dvcfile.write(plan_of(project), project)  # unchanged: not written
+    ignore.write_text(text + "build/\n")  # the user's lines after the block stay too
+    common_file = project / "recipes" / "_common.yaml"
+    common = yaml.safe_load(common_file.read_text())
+    (project / "models" / "my base [v1]").mkdir()
+    shutil.copytree(project / "models" / "base", project / "models" / "my base [v1]" / "x")
+    common["base"] = "models/my base [v1]/x"
+    common_file.write_text(yaml.safe_dump(common))
+    dvcfile.write(plan_of(project), project)
+    entries = ignore.read_text().splitlines()
+    assert entries[0:2] == ["# mine", "*.tmp"] and entries[-1] == "build/"
+    assert r"/models/my\ base\ \[v1\]/x/**/.*" in entries and "/models/base/**/.*" not in entries
+    assert entries.count(dvcfile.IGNORE_BEGIN) == 1 and entries.count(dvcfile.IGNORE_END) == 1

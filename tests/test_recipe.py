@@ -150,6 +150,7 @@ def test_every_problem_of_a_recipe_is_named(tmp_path):
         ("eval: {metrics: [MAP, MAP]}\n", "eval.metrics", 4, "appears twice"),
         ("eval: {metrics: [nDCG@10, NDCG@010]}\n", "eval.metrics", 4, "twice: nDCG@10, NDCG@010"),
         ("adapter: {target_modules: []}\n", "adapter.target_modules", 4, "at least 1 item"),
+        ("adapter: {target_modules: [v, q, v]}\n", "adapter.target_modules", 4, "twice: v"),
         ("adapter: {weight_decay: -0.1}\n", "adapter.weight_decay", 4, "greater than or equal"),
         ("adapter: {max_grad_norm: 0}\n", "adapter.max_grad_norm", 4, "greater than 0"),
         ('name: "abc\\n"\n', "name", 4, "letters, digits"),
