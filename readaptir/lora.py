@@ -209,8 +209,9 @@ class Adapter:
         head update would be lost with the head while reaching the body through tied weights."""
         if self.heads and ties_embeddings(base.folder):
             raise WeightError(
-                f"{self.folder} updates {self.heads[0]}, which {base.folder} ties to its input "
-                "embeddings: the update would change the body too; train the adapter without "
+                f"{self.folder} updates the head tensor {self.heads[0]}, and {base.folder} ties "
+                "its head to its input embeddings: no head update of such a base is merged (one "
+                "of the tied matrix would change the body too); train the adapter without "
                 "targeting the head"
             )
         foreign = [h for h in self.heads if h not in base.heads]

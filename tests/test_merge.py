@@ -588,7 +588,7 @@ def test_head_update_through_tied_embeddings_is_refused(tmp_path, tokenizer):
         AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter", dora=False, seed=8,
         target_modules=["q_proj", "lm_head"],
     )  # fmt: skip
-    with pytest.raises(WeightError, match=r"updates lm_head\.weight, which .* ties"):
+    with pytest.raises(WeightError, match=r"updates the head tensor lm_head\.weight, and .* ties"):
         run_merge(tmp_path / "out", base, retriever, alpha=1.0, beta=0.0, adapter_dir=adapter)
 
 
