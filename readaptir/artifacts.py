@@ -44,7 +44,7 @@ def atomic_output(final: Path) -> Iterator[Path]:
     try:
         yield tmp
     except BaseException as err:
-        full = _named_write_error(err, final)
+        full = _named_write_error(err, final, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
             raise full from err
@@ -173,7 +173,7 @@ def atomic_file(path: Path, fsync: bool = False) -> Iterator[Path]:
         if fsync:
             _fsync(tmp)
     except BaseException as err:
-        full = _named_write_error(err, path)
+        full = _named_write_error(err, path, tmp)
         tmp.unlink(missing_ok=True)
         if full:
             raise full from err
@@ -197,18 +197,26 @@ class FileTooLargeError(OSError):
     """A write past the largest file allowed (``ulimit -f``), naming what was being written."""
 
 
-def _named_write_error(err: BaseException, target: Path) -> OSError | None:
+def _named_write_error(err: BaseException, target: Path, written: Path) -> OSError | None:
     """The error to raise instead of ``err`` when it came of a full disk (or quota) or of a file
-    grown past the largest allowed: one that names what was being written and keeps ``err``'s own
-    words; None otherwise (checked before the partial output is removed, which frees space)."""
+    grown past the largest allowed: one that names what was being written (``target``, by way of
+    ``written``, its temporary file or folder) and keeps ``err``'s own words; None otherwise
+    (checked before the partial output is removed, which frees space)."""
     if not isinstance(err, Exception) or isinstance(err, (DiskFullError, FileTooLargeError)):
         return None  # Ctrl-C and exits stay what they are, and so does an inner write's report
-    if isinstance(err, OSError) and err.errno == errno.EFBIG:
+    too_large = isinstance(err, OSError) and err.errno == errno.EFBIG
+    # safetensors reports the OS's error in its own words: "... (os error 27)"
+    said = f"(os error {errno.EFBIG})" in str(err) and type(err).__name__ == "SafetensorError"
+    if (too_large and _same_disk(err.filename, target)) or said or (
+        _a_failed_write(err) and _reached_size_limit(written)
+    ):
         return FileTooLargeError(
             errno.EFBIG,
             f"a file of {target} grew past the largest this process may write ({err}): see "
             "`ulimit -f`, and the file system's own limit (FAT32's is 4 GiB)",
         )
+    if too_large:
+        return None  # a file on another disk: its own error names it
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         if not _same_disk(err.filename, target):
             return None  # another disk (/tmp, /dev/shm) filled up: its own error names it
@@ -225,6 +233,21 @@ def _named_write_error(err: BaseException, target: Path) -> OSError | None:
         f"no space left on the disk of {target} ({err}); free some (`readaptir build --prune`"
         " removes outputs no stage makes any more, `dvc gc -w` then frees DVC's cache) and rerun",
     )
+
+
+def _reached_size_limit(written: Path) -> bool:
+    """Whether a file of ``written`` (a file or a folder) is as large as this process may write
+    (``ulimit -f``): numpy, torch.save and safetensors report the refused write without EFBIG."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit == resource.RLIM_INFINITY:
+            return False
+        files = [written] if written.is_file() else [p for p in written.rglob("*") if p.is_file()]
+        return any(p.stat().st_size >= limit for p in files)
+    except (ImportError, OSError):  # no such limits here, or the files went
+        return False
 
 
 def _a_failed_write(err: Exception) -> bool:

@@ -468,25 +468,6 @@ class Planner:
         if problem:
             raise PlanError("adapter.target_modules", problem)
 
-    def _targets_in_id(self, recipe: Recipe) -> list[str] | None:
-        """``adapter.target_modules`` as the adapter's id holds them: by name (PEFT takes them as
-        a set), and None where they are a local base's default ones, which train the adapter
-        None trains (every name of them matches: ``_check_base_for_adapter``)."""
-        targets = recipe.adapter.target_modules
-        if not targets:
-            return None
-        folder = self._local(recipe.base.source)
-        config = self._config(folder, "base") if folder is not None else None
-        if config and isinstance(config.get("model_type"), str):
-            from readaptir.targets import targets_for
-
-            try:
-                if set(targets) == set(targets_for(SimpleNamespace(**config))):
-                    return None
-            except ValueError:  # neither LM architecture: the check before has said so
-                pass
-        return sorted(targets)
-
     def embed_and_search(
         self, recipe: Recipe, src: Sources, model: dict, inputs: dict, deps: tuple, who: str
     ) -> Stage:
@@ -601,7 +582,6 @@ class Planner:
         hyper = recipe.adapter.model_dump(
             mode="json", exclude={"train_corpus", "passages", *runtime_keys, *unused}
         )
-        hyper["target_modules"] = self._targets_in_id(recipe)
         runtime = recipe.adapter.model_dump(include=runtime_keys)
         explicit = {k: f"adapter.{k}" for k in runtime_keys & recipe.adapter.model_fields_set}
         params = {

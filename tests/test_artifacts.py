@@ -198,16 +198,29 @@ def test_an_interrupt_stays_an_interrupt_and_an_inner_report_is_not_wrapped_twic
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_file_past_the_size_limit_names_the_output_and_leaves_nothing(tmp_path):
-    """`ulimit -f` (or FAT32's 4 GiB): the write's own error (EFBIG) names no file."""
+@pytest.mark.parametrize(
+    "save",
+    [
+        "(tmp / 'run.trec').write_bytes(b'x' * 100_000)",  # EFBIG itself
+        "np.save(tmp / 'vectors.npy', np.zeros(100_000, np.float16))",  # "... requested and ..."
+        "save_file({'w': torch.zeros(100_000)}, tmp / 'adapter_model.safetensors')",
+        "torch.save(torch.zeros(100_000), tmp / 'checkpoint.pt')",  # torch's RuntimeError
+    ],
+    ids=["python", "numpy", "safetensors", "torch"],
+)
+def test_a_file_past_the_size_limit_names_the_output_and_leaves_nothing(tmp_path, save):
+    """`ulimit -f` (or FAT32's 4 GiB): the writers' own errors name no file, and only Python's
+    own writes say EFBIG."""
     import resource
     import subprocess
     import sys
 
     write = (
-        "import sys; from pathlib import Path; from readaptir.artifacts import atomic_output\n"
+        "import sys; from pathlib import Path; import numpy as np, torch\n"
+        "from safetensors.torch import save_file\n"
+        "from readaptir.artifacts import atomic_output\n"
         "with atomic_output(Path(sys.argv[1])) as tmp:\n"
-        "    (tmp / 'vectors.npy').write_bytes(b'x' * 100_000)\n"
+        f"    {save}\n"
     )
 
     def limit():

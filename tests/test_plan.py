@@ -1376,20 +1376,6 @@ def test_one_adapter_trained_elsewhere_serves_every_collection(project):
     assert "adapter" in changed_kinds(before, plan_of(project))
 
 
-def test_target_modules_are_the_same_adapter_in_any_order_and_as_the_defaults(project):
-    """PEFT takes the names as a set: reordering them, or writing out the local base's own
-    defaults, trains the same adapter, which must not be trained again (hours at 7B)."""
-    default = _adapter_with(project)
-    assert default.params["hyper"]["target_modules"] is None
-    some = _adapter_with(project, target_modules=["v_proj", "q_proj"])
-    assert some.params["hyper"]["target_modules"] == ["q_proj", "v_proj"]
-    assert _adapter_with(project, target_modules=["q_proj", "v_proj"]).id == some.id
-    assert some.id != default.id
-    paper = ["down_proj", "up_proj", "v_proj", "k_proj", "q_proj"]  # the Llama base's defaults
-    assert _adapter_with(project, target_modules=paper).id == default.id
-    assert _adapter_with(project, target_modules=[*paper, "o_proj"]).id != default.id
-
-
 def _adapter_with(project, **keys):
     """The adapter stage once ``keys`` are set under ``adapter:`` in ``_common.yaml``."""
     path = project / "recipes" / "_common.yaml"
@@ -1399,7 +1385,7 @@ def _adapter_with(project, **keys):
     return by_kind(plan_of(project))["adapter"][0]
 
 
-def test_build_keeps_dvc_from_hidden_files_of_the_folders_stages_read(project):
+def test_build_keeps_dvc_from_hidden_files_of_the_folders_stages_read(project, caplog):
     """DVC hashes a folder dependency with its hidden files, which readaptir's fingerprints leave
     out: build writes the same rule into .dvcignore, in a block of its own beside the user's."""
     ignore = project / ".dvcignore"
@@ -1409,15 +1395,37 @@ def test_build_keeps_dvc_from_hidden_files_of_the_folders_stages_read(project):
     assert text.startswith("# mine\n*.tmp\n" + dvcfile.IGNORE_BEGIN + "\n")
     assert "/models/base/**/.*\n/models/retriever/**/.*\n" + dvcfile.IGNORE_END + "\n" in text
     assert ignore not in dvcfile.write(plan_of(project), project)  # unchanged: not written
-    ignore.write_text(text + "build/\n")  # the user's lines after the block stay too
+    # the block stays where it is: a negation of the user's after it keeps its meaning
+    ignore.write_bytes((text + "!keep\n").replace("\n", "\r\n").encode())
     common_file = project / "recipes" / "_common.yaml"
     common = yaml.safe_load(common_file.read_text())
-    (project / "models" / "my base [v1]").mkdir()
-    shutil.copytree(project / "models" / "base", project / "models" / "my base [v1]" / "x")
-    common["base"] = "models/my base [v1]/x"
+    shutil.copytree(project / "models" / "base", project / "models" / "my base [v1]")
+    common["base"] = "models/my base [v1]"
     common_file.write_text(yaml.safe_dump(common))
     dvcfile.write(plan_of(project), project)
-    entries = ignore.read_text().splitlines()
-    assert entries[0:2] == ["# mine", "*.tmp"] and entries[-1] == "build/"
-    assert r"/models/my\ base\ \[v1\]/x/**/.*" in entries and "/models/base/**/.*" not in entries
-    assert entries.count(dvcfile.IGNORE_BEGIN) == 1 and entries.count(dvcfile.IGNORE_END) == 1
+    data = ignore.read_bytes()
+    assert data.count(b"\r\n") == data.count(b"\n")  # the file's own line endings
+    entries = data.decode().splitlines()
+    assert entries[0:2] == ["# mine", "*.tmp"] and entries[-1] == "!keep"
+    assert r"/models/my\ base\ \[v1\]/**/.*" in entries and "/models/base/**/.*" not in entries
+
+    # a folder DVC recorded with hidden files keeps them to DVC: its stages would run again
+    lock = {"stages": {"adapter-x": {"deps": [{"path": "models/retriever", "md5": "0.dir"}]}}}
+    (project / "dvc.lock").write_text(yaml.safe_dump(lock))
+    ignore.write_text("")
+    (project / "models" / "retriever" / ".cache").mkdir()
+    with caplog.at_level("WARNING", logger="readaptir.dvcfile"):
+        dvcfile.write(plan_of(project), project)
+    assert "/models/retriever/**/.*" not in ignore.read_text()
+    assert "models/retriever: DVC recorded it with hidden files" in caplog.text
+    # added by the user among build's entries, it stays there
+    text = ignore.read_text().replace(
+        dvcfile.IGNORE_END, "/models/retriever/**/.*\n" + dvcfile.IGNORE_END
+    )
+    ignore.write_text(text)
+    assert ignore not in dvcfile.write(plan_of(project), project)
+
+    ignore.write_text(f"*.tmp\n{dvcfile.IGNORE_BEGIN}\n/models/base/**/.*\n/mine\n")
+    with pytest.raises(ValueError, match=r"\.dvcignore:2: readaptir build's entries .* never end"):
+        dvcfile.write(plan_of(project), project)
+    assert ignore.read_text().endswith("/mine\n")  # nothing of the user's lost
