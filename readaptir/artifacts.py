@@ -207,8 +207,10 @@ def _named_write_error(err: BaseException, target: Path, written: Path) -> OSErr
     too_large = isinstance(err, OSError) and err.errno == errno.EFBIG
     # safetensors reports the OS's error in its own words: "... (os error 27)"
     said = f"(os error {errno.EFBIG})" in str(err) and type(err).__name__ == "SafetensorError"
-    if (too_large and _same_disk(err.filename, target)) or said or (
-        _a_failed_write(err) and _reached_size_limit(written)
+    if (
+        (too_large and _same_disk(err.filename, target))
+        or said
+        or (_a_failed_write(err) and _reached_size_limit(written))
     ):
         return FileTooLargeError(
             errno.EFBIG,
