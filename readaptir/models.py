@@ -49,9 +49,10 @@ def local_dir(
         return path.resolve()
     if source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder {source!r} does not exist")
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
 
-    LOG.info("fetching %s@%s from the hub", source, revision or "main")
+    where = "the local hub cache (offline)" if constants.HF_HUB_OFFLINE else "the hub"
+    LOG.info("fetching %s@%s from %s", source, revision or "main", where)
     try:
         info = HfApi().model_info(source, revision=revision)
     except Exception as err:  # offline, or the hub refused: the snapshot call says why
@@ -67,7 +68,7 @@ def local_dir(
             repo_id=source, revision=revision, ignore_patterns=skipped or None
         )
     except Exception as err:  # the hub's errors name no model when the network fails
-        raise OSError(f"fetching {source}@{revision or 'main'} from the hub: {err}") from err
+        raise OSError(f"fetching {source}@{revision or 'main'} from {where}: {err}") from err
     LOG.info("%s: commit %s", source, Path(folder).name)  # snapshots/<sha>
     return Path(folder)
 

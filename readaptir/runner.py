@@ -73,11 +73,14 @@ class Context:
         # "owner/name@revision" → the commit fetched, by this stage or one it reads: a hub branch
         # that moved between two stages of one plan would mix two models' results
         self.hub: dict[str, str] = {}
+        self._hub_by: dict[str, str] = {}  # who recorded each commit first
         for role, path in self.inputs.items():
             recorded = path / "stage.json"
             if recorded.is_file():
-                for model, commit in (read_json_mapping(recorded).get("hub") or {}).items():
-                    self._fetched(model, commit, f"input {role} ({path.name})")
+                made = read_json_mapping(recorded)
+                by = f"stage {made.get('name') or path.name} (input {role})"
+                for model, commit in (made.get("hub") or {}).items():
+                    self._fetched(model, commit, by)
 
     @functools.cached_property
     def device(self) -> str:
@@ -123,12 +126,15 @@ class Context:
     def _fetched(self, model: str, commit: str, by: str) -> None:
         """Record that ``by`` used hub ``model`` at ``commit``; another commit of it is an error."""
         known = self.hub.setdefault(model, commit)
+        first = self._hub_by.setdefault(model, by)
         if known != commit:
             raise StaleInputError(
-                f"{model} is commit {commit} for {by} but was {known} for the stages before (the "
-                "branch moved on the hub between them, or a cache held another commit), so their "
-                "results would mix two models. Pin `revision: <commit>` in the recipe, `readaptir "
-                "build`, then `dvc repro`"
+                f"{model} is commit {commit} for {by} but was {known} for {first} (the branch "
+                "moved on the hub between them, or a cache held another commit), so their results "
+                "would mix two models. Pin `revision: <commit>` in the recipe, `readaptir build`, "
+                "then `dvc repro` (new ids: what reads the model runs again), or run again the "
+                "stage made at the commit you do not want: `dvc repro -f -s STAGE` (a plain "
+                "`dvc repro` may restore it from DVC's run cache)"
             )
 
     def retriever_dir(self, ident: dict, base: dict | None) -> Path:

@@ -198,38 +198,51 @@ def test_an_interrupt_stays_an_interrupt_and_an_inner_report_is_not_wrapped_twic
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(
-    "save",
-    [
-        "(tmp / 'run.trec').write_bytes(b'x' * 100_000)",  # EFBIG itself
-        "np.save(tmp / 'vectors.npy', np.zeros(100_000, np.float16))",  # "... requested and ..."
-        "save_file({'w': torch.zeros(100_000)}, tmp / 'adapter_model.safetensors')",
-        "torch.save(torch.zeros(100_000), tmp / 'checkpoint.pt')",  # torch's RuntimeError
-    ],
-    ids=["python", "numpy", "safetensors", "torch"],
-)
-def test_a_file_past_the_size_limit_names_the_output_and_leaves_nothing(tmp_path, save):
+# each writer's way to fill a file, under a 10 kB size limit
+WRITERS = {
+    "python": "(tmp / 'run.trec').write_bytes(b'x' * 100_000)",  # EFBIG itself
+    "numpy": "np.save(tmp / 'vectors.npy', np.zeros(100_000, np.float16))",  # "... requested"
+    "safetensors": "save_file({'w': torch.zeros(100_000)}, tmp / 'adapter_model.safetensors')",
+    "torch": "torch.save(torch.zeros(100_000), tmp / 'checkpoint.pt')",  # torch's RuntimeError
+}
+
+
+def test_a_file_past_the_size_limit_names_the_output_and_leaves_nothing(tmp_path):
     """`ulimit -f` (or FAT32's 4 GiB): the writers' own errors name no file, and only Python's
-    own writes say EFBIG."""
+    own writes say EFBIG. One process tries each writer, in an output of its own."""
     import resource
     import subprocess
     import sys
 
-    write = (
-        "import sys; from pathlib import Path; import numpy as np, torch\n"
-        "from safetensors.torch import save_file\n"
-        "from readaptir.artifacts import atomic_output\n"
-        "with atomic_output(Path(sys.argv[1])) as tmp:\n"
-        f"    {save}\n"
-    )
+    lines = [
+        "import sys; from pathlib import Path; import numpy as np, torch",
+        "from safetensors.torch import save_file",
+        "from readaptir.artifacts import atomic_output",
+    ]
+    for name, save in WRITERS.items():
+        lines += [
+            "try:",
+            f"    with atomic_output(Path(sys.argv[1]) / {name!r}) as tmp:",
+            f"        {save}",
+            "except Exception as err:",
+            f"    print({name!r}, type(err).__name__, err)",
+        ]
 
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, resource.RLIM_INFINITY))
 
-    out = tmp_path / "artifacts" / "embed" / "0123abcd"
+    out = tmp_path / "artifacts" / "embed"
     done = subprocess.run(
-        [sys.executable, "-c", write, str(out)], preexec_fn=limit, capture_output=True, text=True
+        [sys.executable, "-c", "\n".join(lines), str(out)],
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
     )
-    assert done.returncode != 0
-    assert f"FileTooLargeError: [Errno {errno.EFBIG}] a file of {out} grew past" in done.stderr
-    assert "ulimit -f" in done.stderr and list(out.parent.iterdir()) == []
+    said = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert sorted(said) == sorted(WRITERS), done.stderr
+    for name, error in said.items():
+        assert error.startswith(
+            f"FileTooLargeError [Errno {errno.EFBIG}] a file of {out / name} grew past"
+        ), error
+        assert "ulimit -f" in error
+    assert list(out.iterdir()) == []

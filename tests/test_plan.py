@@ -1005,7 +1005,10 @@ def test_a_hub_branch_that_moves_between_stages_is_refused(project, monkeypatch)
     assert json.loads((out / "stage.json").read_text())["hub"] == recorded
     at["commit"] = "b" * 40  # main moved
     later = {**reader, "id": "3" * 16}
-    moved = r"Llama-2-7b-hf@main is commit b{40} for this stage but was a{40} for the stages before"
+    moved = (
+        r"Llama-2-7b-hf@main is commit b{40} for this stage but was a{40} for stage delta-first "
+        r"\(input delta\) .* `dvc repro -f -s STAGE`"
+    )
     with pytest.raises(runner.StaleInputError, match=moved):
         runner._run(project, "delta-later", later, "params.yaml", "cpu", None, rank=False)
     assert not (project / "artifacts" / "delta" / ("3" * 16)).exists()
@@ -1315,8 +1318,12 @@ def test_a_hub_snapshot_leaves_other_copies_of_its_safetensors_weights(monkeypat
         raise ConnectionError("ConnectError: [Errno -2] Name or service not known")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(OSError, match=r"fetching llama@v2 from the hub: ConnectError"):
         models.local_dir("llama", "v2")  # the error names the model
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match=r"fetching llama@v2 from the local hub cache \(offline\)"):
+        models.local_dir("llama", "v2")  # and where it was looked for
 
 
 def test_an_embedding_stage_fetches_the_base_only_for_a_peft_retriever(project, monkeypatch):
