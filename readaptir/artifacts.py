@@ -247,7 +247,8 @@ def _reached_size_limit(written: Path) -> bool:
         if limit == resource.RLIM_INFINITY:
             return False
         files = [written] if written.is_file() else [p for p in written.rglob("*") if p.is_file()]
-        return any(p.stat().st_size >= limit for p in files)
+        # a refused write stops its file at the limit exactly (a file moved in may be larger)
+        return limit > 0 and any(p.stat().st_size == limit for p in files)
     except (ImportError, OSError):  # no such limits here, or the files went
         return False
 

@@ -171,8 +171,9 @@ def _dvcignore(plan: Plan, root: Path) -> dict[Path, str]:
     folder inside the project a stage reads (a local model) without its hidden files and
     folders, which its fingerprint leaves out (``.DS_Store``, the ``.cache/`` of
     ``huggingface-cli download --local-dir``), so that DVC does not run a stage again for them.
-    A folder a ``dvc.lock`` recorded with hidden files in it before the block named it is left
-    out: DVC would take its stages for changed and run them again, an adapter for days."""
+    A folder a ``dvc.lock`` recorded with hidden files in it (more files than it now holds
+    without them) before the block named it is left out: DVC would take its stages for changed
+    and run them again, an adapter for days."""
     path = root / DVCIGNORE
     if path.is_symlink():  # a link to a shared file: that file gets the entries
         if not path.exists():
@@ -185,7 +186,9 @@ def _dvcignore(plan: Plan, root: Path) -> dict[Path, str]:
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not UTF-8 text ({err}); nothing was written") from None
     lines = text.splitlines(keepends=True)
-    bare = [line.rstrip("\r\n") for line in lines]
+    bare = [line.strip() for line in lines]
+    if bare:
+        bare[0] = bare[0].removeprefix("\ufeff")  # a byte order mark
     before, after, previous = lines, [], set()
     if IGNORE_BEGIN in bare:
         start = bare.index(IGNORE_BEGIN)
@@ -203,27 +206,30 @@ def _dvcignore(plan: Plan, root: Path) -> dict[Path, str]:
         if not inside or not (root / folder).is_dir():
             continue
         entry = f"/{_pattern(folder)}/**/.*"
-        if entry in previous or folder not in recorded or not _has_hidden(root / folder):
+        files = recorded.get(folder)
+        if entry in previous or files is None or files <= _visible_files(root / folder):
             entries.append(entry)
         else:
             LOG.warning(
-                "%s: DVC recorded it with hidden files, which it goes on counting (readaptir's "
-                "fingerprint does not): to have DVC leave them out, add %s to %s among readaptir's "
-                "entries, then `dvc commit -f` the stages that read it if nothing else changed",
-                folder, entry, DVCIGNORE,
+                "%s: a dvc.lock recorded it with %d files, its hidden ones among them, which DVC "
+                "goes on counting (readaptir's fingerprint does not): to have DVC leave them out, "
+                "add %s to %s among readaptir's entries, then `dvc commit -f` the stages that "
+                "read it if nothing else changed",
+                folder, files, entry, DVCIGNORE,
             )  # fmt: skip
-    eol = "\r\n" if "\r\n" in text else "\n"
+    eol = "\r\n" if "\r\n" in text else "\r" if "\r" in text and "\n" not in text else "\n"
     block = eol.join([IGNORE_BEGIN, *entries, IGNORE_END]) + eol if entries else ""
     new = "".join(before)
-    new += eol if new and not new.endswith("\n") and block else ""
+    new += eol if new and not new.endswith(("\n", "\r")) and block else ""
     new += block + "".join(after)
     return {} if new == text else {path: new}
 
 
-def _locked_deps(root: Path) -> set[str]:
+def _locked_deps(root: Path) -> dict[str, int]:
     """The dependency paths the project's ``dvc.lock`` files record (relative to the root, as
-    build writes them); a lock that does not parse records none."""
-    found: set[str] = set()
+    build writes them), with the files DVC counted in each (0 where it says not: a file); a lock
+    that does not parse records none."""
+    found: dict[str, int] = {}
     for lock in [root / "dvc.lock", *sorted(root.glob(f"{PIPELINES}/*/dvc.lock"))]:
         try:
             stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages")
@@ -231,12 +237,21 @@ def _locked_deps(root: Path) -> set[str]:
             continue
         for stage in (stages or {}).values() if isinstance(stages, dict) else []:
             deps = stage.get("deps") if isinstance(stage, dict) else None
-            found.update(d["path"] for d in deps or [] if isinstance(d, dict) and "path" in d)
+            for dep in deps if isinstance(deps, list) else []:
+                if isinstance(dep, dict) and isinstance(dep.get("path"), str):
+                    files = dep.get("nfiles")
+                    found[dep["path"]] = max(files if isinstance(files, int) else 0, 0)
     return found
 
 
-def _has_hidden(folder: Path) -> bool:
-    return next(folder.rglob(".*"), None) is not None
+def _visible_files(folder: Path) -> int:
+    """The files under ``folder`` outside hidden files and folders (as readaptir counts them)."""
+    return sum(
+        1
+        for path in folder.rglob("*")
+        if path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
 
 
 def _pattern(path: str) -> str:

@@ -129,12 +129,13 @@ class Context:
         first = self._hub_by.setdefault(model, by)
         if known != commit:
             raise StaleInputError(
-                f"{model} is commit {commit} for {by} but was {known} for {first} (the branch "
-                "moved on the hub between them, or a cache held another commit), so their results "
-                "would mix two models. Pin `revision: <commit>` in the recipe, `readaptir build`, "
-                "then `dvc repro` (new ids: what reads the model runs again), or run again the "
-                "stage made at the commit you do not want: `dvc repro -f -s STAGE` (a plain "
-                "`dvc repro` may restore it from DVC's run cache)"
+                f"{model} is commit {commit} for {by} but was {known} for {first} or a stage "
+                "it reads (the branch moved on the hub between them, or a cache held another "
+                "commit), so their results would mix two models. Pin `revision: <commit>` in the "
+                "recipe, `readaptir build`, then `dvc repro` (new ids: what reads the model runs "
+                "again); or, to go on at the commit the branch names now, run again the stages "
+                "made at the other: `dvc repro -f -s STAGE`, from the first that fetched it (a "
+                "plain `dvc repro` may restore them from DVC's run cache)"
             )
 
     def retriever_dir(self, ident: dict, base: dict | None) -> Path:

@@ -5,7 +5,6 @@ checked against the tensors Θ stores, which the merge adds Ψ to.
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,6 @@ import torch
 
 from readaptir.models import PEFT_LEAD
 from readaptir.objective import CAUSAL, MASKED, lm_class, objective_for
-
-LOG = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = {
     CAUSAL: ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),

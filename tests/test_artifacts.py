@@ -246,3 +246,23 @@ def test_a_file_past_the_size_limit_names_the_output_and_leaves_nothing(tmp_path
         ), error
         assert "ulimit -f" in error
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("limit", "size", "named"),
+    [(10_000, 10_000, True), (10_000, 20_000, False), (0, 0, False)],
+    ids=["stopped-at-the-limit", "moved-in-larger", "no-limit-of-zero"],
+)
+def test_only_a_file_stopped_at_the_size_limit_makes_an_error_a_size_limit_one(
+    tmp_path, monkeypatch, limit, size, named
+):
+    """A write refused by `ulimit -f` leaves its file at the limit exactly (torch then says only
+    "unexpected pos"); the same kind of error beside a larger file (a finished shard moved in),
+    or under a limit of 0, is no size limit's."""
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (limit, resource.RLIM_INFINITY))
+    with pytest.raises(RuntimeError if not named else artifacts.FileTooLargeError):
+        with atomic_output(tmp_path / "out") as tmp:
+            (tmp / "shard.npy").write_bytes(b"x" * size)
+            raise RuntimeError("unexpected pos 576 vs 534")

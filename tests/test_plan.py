@@ -1007,7 +1007,7 @@ def test_a_hub_branch_that_moves_between_stages_is_refused(project, monkeypatch)
     later = {**reader, "id": "3" * 16}
     moved = (
         r"Llama-2-7b-hf@main is commit b{40} for this stage but was a{40} for stage delta-first "
-        r"\(input delta\) .* `dvc repro -f -s STAGE`"
+        r"\(input delta\) or a stage it reads .* `dvc repro -f -s STAGE`"
     )
     with pytest.raises(runner.StaleInputError, match=moved):
         runner._run(project, "delta-later", later, "params.yaml", "cpu", None, rank=False)
@@ -1416,15 +1416,23 @@ def test_build_keeps_dvc_from_hidden_files_of_the_folders_stages_read(project, c
     assert entries[0:2] == ["# mine", "*.tmp"] and entries[-1] == "!keep"
     assert r"/models/my\ base\ \[v1\]/**/.*" in entries and "/models/base/**/.*" not in entries
 
-    # a folder DVC recorded with hidden files keeps them to DVC: its stages would run again
-    lock = {"stages": {"adapter-x": {"deps": [{"path": "models/retriever", "md5": "0.dir"}]}}}
-    (project / "dvc.lock").write_text(yaml.safe_dump(lock))
-    ignore.write_text("")
-    (project / "models" / "retriever" / ".cache").mkdir()
-    with caplog.at_level("WARNING", logger="readaptir.dvcfile"):
-        dvcfile.write(plan_of(project), project)
-    assert "/models/retriever/**/.*" not in ignore.read_text()
-    assert "models/retriever: DVC recorded it with hidden files" in caplog.text
+    # a folder a dvc.lock (here a split project's) recorded with its hidden files keeps them to
+    # DVC: its stages would run again; one recorded without them gets its entry
+    retriever = project / "models" / "retriever"
+    visible = len([p for p in retriever.rglob("*") if p.is_file()])
+    (retriever / ".cache").mkdir()
+    (retriever / ".cache" / "x.metadata").write_text("x")
+    for files, entered in ((visible, True), (visible + 1, False)):
+        lock = {"stages": {"a": {"deps": [{"path": "models/retriever", "nfiles": files}]}}}
+        (project / "pipelines" / "toy").mkdir(parents=True, exist_ok=True)
+        (project / "pipelines" / "toy" / "dvc.lock").write_text(yaml.safe_dump(lock))
+        ignore.write_text("")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="readaptir.dvcfile"):
+            dvcfile.write(plan_of(project), project)
+        assert ("/models/retriever/**/.*" in ignore.read_text()) == entered
+        said = f"models/retriever: a dvc.lock recorded it with {files} files, its hidden ones"
+        assert (said in caplog.text) != entered
     # added by the user among build's entries, it stays there
     text = ignore.read_text().replace(
         dvcfile.IGNORE_END, "/models/retriever/**/.*\n" + dvcfile.IGNORE_END
