@@ -160,7 +160,8 @@ def validate(root: Path) -> None:
 def build(root: Path, prune: bool) -> None:
     """Expand the recipes into dvc.yaml and params.yaml.
 
-    Recipes are recipes/**/*.yaml or .yml; files and folders named _* are partials.
+    Recipes are recipes/**/*.yaml or .yml; files and folders named _* are partials. A block of
+    .dvcignore keeps DVC from the hidden files of the local folders stages read.
     """
     running = workspace.dvc_running(root)
     if running:  # a stage still to run would read the new params.yaml beside the old dvc.yaml
