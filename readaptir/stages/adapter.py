@@ -63,7 +63,7 @@ from readaptir.packing import (
     plan_epoch,
     total_steps,
 )
-from readaptir.targets import check_stored_targets, targets_for
+from readaptir.targets import check_stored_targets, linear_modules, resolve_targets, targets_for
 from readaptir.training import (
     Meter,
     attach_adapter,
@@ -303,6 +303,8 @@ def train_adapter(
     targets = list(target_modules or targets_for(config))
 
     model = load_model(base_dir, objective, torch_dtype(dtype))
+    # refused targets stop the stage before the corpus is tokenised (minutes at MS MARCO's size)
+    resolve_targets(*linear_modules(model), targets, every=not target_modules)
     offset = position_offset(model)
     rows = model.get_input_embeddings().num_embeddings
     # random replacement tokens: a tokenizer may hold more tokens than the embedding has rows
