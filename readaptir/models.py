@@ -108,9 +108,12 @@ def check_mergeable_adapter(config: dict, adapter_dir: Path) -> None:
         )
 
 
-def warn_if_other_base(retriever_dir: Path, base: dict, where: str) -> None:
+def warn_if_other_base(
+    retriever_dir: Path, base: dict, where: str, retriever: str | None = None
+) -> None:
     """Warn when a PEFT retriever says it was trained on another hub model than the recipe's
-    ``base`` (its identity: a hub id, or a local folder, which is not compared).
+    ``base`` (its identity: a hub id, or a local folder, which is not compared); ``retriever``
+    names it (a hub id) where its folder is a snapshot of the hub's cache.
 
     Θ + Ψ_R is only the retriever on the model it was trained from; another one of the same
     shapes (a chat variant, another size's sibling) would pass every check and give a retriever
@@ -125,7 +128,7 @@ def warn_if_other_base(retriever_dir: Path, base: dict, where: str) -> None:
             "Θ must be the model the retriever was trained from (ignore this if %r holds the "
             "same weights)",
             where,
-            retriever_dir,
+            retriever or retriever_dir,
             named,
             base["source"],
             base["source"],

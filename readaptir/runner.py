@@ -146,7 +146,7 @@ class Context:
         path = self.model_dir(ident)
         assert path is not None
         if base is not None and "fingerprint" not in ident:
-            warn_if_other_base(path, base, f"stage {self.spec['kind']}")
+            warn_if_other_base(path, base, f"stage {self.spec['kind']}", ident["source"])
         return path
 
     def dataset_dir(self, ident: dict) -> Path:

@@ -972,7 +972,8 @@ def test_stages_warn_about_a_hub_peft_retriever_trained_on_another_base(
         assert not caplog.records
         ctx.retriever_dir(hub, {"source": "meta-llama/Llama-2-7b-hf", "revision": "main"})
     said = caplog.records[0].getMessage()
-    assert said.startswith("stage merge:") and "Llama-2-7b-chat-hf" in said
+    assert said.startswith("stage merge: the retriever castorini/repllama-v1-7b-lora-passage is")
+    assert "Llama-2-7b-chat-hf" in said
 
 
 def test_a_hub_branch_that_moves_between_stages_is_refused(project, monkeypatch):
