@@ -356,7 +356,12 @@ def render(
     marks: dict[tuple[int, int], str] | None = None,
 ) -> str:
     if fmt == "json":
-        return json.dumps([dict(zip(header, row, strict=True)) for row in rows], indent=2)
+        records = [dict(zip(header, row, strict=True)) for row in rows]
+        for record in records:  # the counts as numbers too, for scripts
+            if isinstance(record.get("W/T/L"), str):
+                counts = map(int, record["W/T/L"].split("/"))
+                record.update(zip(("wins", "ties", "losses"), counts, strict=True))
+        return json.dumps(records, indent=2)
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")

@@ -436,6 +436,9 @@ def test_paper_csv_is_unscaled_and_recipes_columns_are_in_order(caplog):
         for r in csv.DictReader(io.StringIO(report.table(METRICS, "recipes", fmt="csv")))
     }
     assert recipes["r-sf"]["W/T/L"] == "5/3/2"  # wins/ties/losses
+    as_json = {r["recipe"]: r for r in json.loads(report.table(METRICS, "recipes", fmt="json"))}
+    counts = {k: as_json["r-sf"][k] for k in ("W/T/L", "wins", "ties", "losses")}
+    assert counts == {"W/T/L": "5/3/2", "wins": 5, "ties": 3, "losses": 2}  # numbers for scripts
     assert float(recipes["r-sf"]["change"]) == pytest.approx(0.763 - 0.745)
     assert float(recipes["e-marco"]["change"]) == pytest.approx(0.42 - 0.43)  # a loss is negative
     assert float(recipes["r-sf"]["p"]) == 0.01
