@@ -199,15 +199,19 @@ def _dvcignore(plan: Plan, root: Path) -> dict[Path, str]:
             )
         end = bare.index(IGNORE_END, start)
         before, after, previous = lines[:start], lines[end + 1 :], set(bare[start + 1 : end])
-    recorded = _locked_deps(root)
+    recorded: dict[str, int] | None = None  # the locks are read only for a folder not yet named
     entries = []
     for folder in sorted({dep for stage in plan.stages.values() for dep in stage.deps}):
         inside = not Path(folder).is_absolute() and ".." not in Path(folder).parts
         if not inside or not (root / folder).is_dir():
             continue
         entry = f"/{_pattern(folder)}/**/.*"
+        if entry in previous:
+            entries.append(entry)
+            continue
+        recorded = _locked_deps(root) if recorded is None else recorded
         files = recorded.get(folder)
-        if entry in previous or files is None or files <= _visible_files(root / folder):
+        if files is None or files <= _visible_files(root / folder):
             entries.append(entry)
         else:
             LOG.warning(

@@ -33,7 +33,8 @@ KIND_VERSIONS = {
 }
 # what a stage leaves under artifacts/<kind>/: its output and its work folder (and unfinished
 # outputs, named as ``artifacts.tmp_owner`` reads them)
-STAGE_FOLDER = re.compile(r"(?:\.work-)?(?P<id>[0-9a-f]{16})")
+STAGE_ID = "[0-9a-f]{16}"
+STAGE_FOLDER = re.compile(rf"(?:\.work-)?(?P<id>{STAGE_ID})")
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def _stage_folder(name: str) -> tuple[str, int | None] | None:
     if m := STAGE_FOLDER.fullmatch(name):
         return m["id"], None
     owner = tmp_owner(name)
-    if owner and re.fullmatch(r"[0-9a-f]{16}", owner[0]):
+    if owner and re.fullmatch(STAGE_ID, owner[0]):
         return owner
     return None
 
