@@ -317,10 +317,29 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_texts(texts: Mapping[Path, str]) -> None:
     """Write files that belong together (a pipeline and its params): each new text reaches a
     temporary sibling before any file is replaced, so a failed write (a full disk) leaves every
-    one as it was."""
+    one as it was. A file replaced keeps its permissions."""
     with contextlib.ExitStack() as stack:
         for path, text in texts.items():
-            stack.enter_context(atomic_file(path)).write_text(text, encoding="utf-8")
+            tmp = stack.enter_context(atomic_file(path))
+            tmp.write_text(text, encoding="utf-8")
+            if Path(path).is_file():
+                shutil.copymode(path, tmp)
+
+
+def user_file(path: Path) -> Path:
+    """Where to write ``path``, a file of the user's that a command adds lines to (an ignore
+    file): a link's target, so that a shared file gets them and the link stays. A link to nothing
+    or something not a file is an error, raised before anything is written."""
+    path = Path(path)
+    if path.is_symlink():
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is a link to nothing: mend or remove it; nothing was written"
+            )
+        path = path.resolve()
+    if path.exists() and not path.is_file():
+        raise FileExistsError(f"{path} is not a file: move it away; nothing was written")
+    return path
 
 
 def require_empty(out: Path) -> None:

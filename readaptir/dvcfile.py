@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from readaptir.artifacts import atomic_write_texts, parse_mapping, read_text
+from readaptir.artifacts import atomic_write_texts, parse_mapping, read_text, user_file
 from readaptir.graph import Plan, Stage, scores_a_sweep
 from readaptir.plots import ALPHA_CSV
 
@@ -174,13 +174,7 @@ def _dvcignore(plan: Plan, root: Path) -> dict[Path, str]:
     A folder a ``dvc.lock`` recorded with hidden files in it (more files than it now holds
     without them) before the block named it is left out: DVC would take its stages for changed
     and run them again, an adapter for days."""
-    path = root / DVCIGNORE
-    if path.is_symlink():  # a link to a shared file: that file gets the entries
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is a link to nothing: mend or remove it")
-        path = path.resolve()
-    if path.exists() and not path.is_file():
-        raise FileExistsError(f"{path} is not a file: move it away; nothing was written")
+    path = user_file(root / DVCIGNORE)
     try:
         text = path.read_bytes().decode("utf-8") if path.exists() else ""
     except UnicodeDecodeError as err:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from readaptir.artifacts import alive, atomic_file
+from readaptir.artifacts import alive, atomic_file, user_file
 
 # On ext4 DVC copies outputs into its cache by default: every multi-GB model would exist twice.
 # Links keep one copy (DVC marks linked outputs read-only to protect the cache). Hardlink must
@@ -67,11 +67,13 @@ def init(root: Path) -> list[str]:
             "then `readaptir init`"
         ) from None
     # checked before anything is changed: what init makes must be free to be made
-    for name, folder in (("recipes", True), ("metrics", True), (".gitignore", False)):
+    for name in ("recipes", "metrics"):
         path = root / name
-        if (path.exists() or path.is_symlink()) and path.is_dir() != folder:
-            kind = "not a folder" if folder else "a folder"
-            raise FileExistsError(f"{path} exists and is {kind}: move it away, then init again")
+        if (path.exists() or path.is_symlink()) and not path.is_dir():
+            raise FileExistsError(
+                f"{path} exists and is not a folder: move it away, then init again"
+            )
+    gitignore = user_file(root / ".gitignore")
     root.mkdir(parents=True, exist_ok=True)
     done = []
     if not (root / ".dvc").is_dir():
@@ -87,15 +89,15 @@ def init(root: Path) -> list[str]:
     done.append(f"DVC cache links: {CACHE_TYPES} (large outputs are stored once)")
     (root / "recipes").mkdir(exist_ok=True)
     (root / "metrics").mkdir(exist_ok=True)
-    _ignore(root / ".gitignore", IGNORED)
+    _ignore(gitignore, IGNORED)
     done.append("recipes/ ready: write recipes/NAME.yaml, then `readaptir validate` and `build`")
     return done
 
 
 def _ignore(gitignore: Path, entries: tuple[str, ...]) -> None:
-    """Add the ``entries`` missing from ``gitignore``, its bytes kept as they are (git reads
-    patterns as bytes, in any encoding) and its line ending used; written whole or not at all."""
-    gitignore = gitignore.resolve()  # a link to a shared file: that file gets the entries
+    """Add the ``entries`` missing from ``gitignore`` (``user_file``'s), its bytes kept as they
+    are (git reads patterns as bytes, in any encoding) and its line ending used; written whole or
+    not at all."""
     data = gitignore.read_bytes() if gitignore.exists() else b""
     lines = data.splitlines()
     missing = [entry.encode() for entry in entries if entry.encode() not in lines]

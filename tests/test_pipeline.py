@@ -98,6 +98,17 @@ def test_init_stages_the_dvc_config_it_writes(tmp_path):
     cli("init", "--root", str(linked))
     assert (linked / ".gitignore").is_symlink() and ".readaptir/" in shared.read_text()
     assert shared.stat().st_mode & 0o777 == 0o640
+    # a link to nothing (a shared file moved) or a folder: refused before DVC is set up
+    for name, make in (
+        ("dangling", lambda p: p.symlink_to(tmp_path / "moved")),
+        ("dir", Path.mkdir),
+    ):
+        (tmp_path / name).mkdir()
+        make(tmp_path / name / ".gitignore")
+        result = CliRunner().invoke(main, ["init", "--root", str(tmp_path / name)])
+        said = "is a link to nothing" if name == "dangling" else "is not a file: move it away"
+        assert result.exit_code == 1 and said in result.output
+        assert not (tmp_path / name / ".dvc").exists() and not (tmp_path / "moved").exists()
 
 
 @pytest.fixture

@@ -1441,6 +1441,23 @@ def test_build_keeps_dvc_from_hidden_files_of_the_folders_stages_read(project, c
     ignore.write_text(text)
     assert ignore not in dvcfile.write(plan_of(project), project)
 
+    # a link to a shared file: that file gets the block and keeps its permissions; a link to
+    # nothing is refused, nothing written
+    shared = project.parent / "shared-dvcignore"
+    shared.write_text("*.log\n")
+    shared.chmod(0o640)
+    ignore.unlink()
+    ignore.symlink_to(shared)
+    dvcfile.write(plan_of(project), project)
+    assert ignore.is_symlink() and dvcfile.IGNORE_BEGIN in shared.read_text()
+    assert shared.stat().st_mode & 0o777 == 0o640
+    shared.unlink()
+    before = (project / "dvc.yaml").read_bytes()
+    with pytest.raises(FileNotFoundError, match=r"\.dvcignore is a link to nothing: mend or"):
+        dvcfile.write(plan_of(project), project)
+    assert (project / "dvc.yaml").read_bytes() == before and not shared.exists()
+    ignore.unlink()
+
     ignore.write_text(f"*.tmp\n{dvcfile.IGNORE_BEGIN}\n/models/base/**/.*\n/mine\n")
     with pytest.raises(ValueError, match=r"\.dvcignore:2: readaptir build's entries .* never end"):
         dvcfile.write(plan_of(project), project)
