@@ -344,6 +344,9 @@ def test_randomization_test_is_two_sided_and_never_zero():
     assert randomization_test(better, base, samples=1000) == pytest.approx(1 / 1001)
     noise = np.random.default_rng(1).normal(0, 0.1, 30)
     assert randomization_test(base[:30], noise) == randomization_test(noise, base[:30])
+    # flips whose mean ties the observed one count: with three queries better by 1 each, two of
+    # the eight sign patterns (all +, all −) reach it, so p is about 1/4
+    assert randomization_test(np.zeros(3), np.ones(3)) == pytest.approx(0.25, abs=0.02)
 
 
 def test_a_missing_query_scores_zero_and_float_noise_is_a_tie():
@@ -448,8 +451,8 @@ def test_diff_row_lists_only_changed_parameters_and_keeps_a_before_b(tmp_path):
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
 
-    def commit(alpha, base, ra, message):
-        params = {"recipes": {"r-sf": {"readapt": {"alpha": alpha, "beta": 1.0}}}}
+    def commit(alpha, base, ra, message, **added):
+        params = {"recipes": {"r-sf": {"readapt": {"alpha": alpha, "beta": 1.0, **added}}}}
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
         (tmp_path / "metrics").mkdir(exist_ok=True)
         (tmp_path / "metrics" / "r-sf.json").write_text(
@@ -460,12 +463,15 @@ def test_diff_row_lists_only_changed_parameters_and_keeps_a_before_b(tmp_path):
 
     git("init", "-q")
     commit(0.5, 0.745, 0.763, "a")
-    commit(0.25, 0.750, 0.770, "b")
+    commit(0.25, 0.750, 0.770, "b", delta="stored")  # a key one version has, the other not
     text = report.diff(tmp_path, "HEAD~1", "HEAD")
     header = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
     row = next(line for line in text.splitlines() if line.startswith("| r-sf"))
     cells = dict(zip(header, (c.strip() for c in row.strip("|").split("|")), strict=True))
-    assert cells["changed parameters"] == "readapt.alpha: 0.5 -> 0.25"  # beta did not change
+    # beta did not change
+    assert (
+        cells["changed parameters"] == "readapt.alpha: 0.5 -> 0.25, readapt.delta: None -> stored"
+    )
     assert (cells["Base HEAD~1"], cells["Base HEAD"]) == ("0.7450", "0.7500")
     assert (cells["RA HEAD~1"], cells["RA HEAD"]) == ("0.7630", "0.7700")
     assert cells["RA change"] == "+0.0070"

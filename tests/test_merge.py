@@ -353,14 +353,17 @@ def test_lora_retriever(tmp_path, tiny_base, lora_retriever):
     for name in delta.names():
         want = merged[name].double() - theta[name].double()
         torch.testing.assert_close(delta.get(name).double(), want, atol=1e-6, rtol=0)
+    base = load_state(tiny_base)
     for route, stored in [("delta", delta_dir), ("retriever", None)]:
-        out = tmp_path / f"merged-{route}"
-        run_merge(out, tiny_base, lora_retriever, alpha=0.0, beta=1.0, delta_dir=stored)
-        got = load_state(out)
-        assert got.keys() == merged.keys()
-        for k in merged:
-            torch.testing.assert_close(got[k], merged[k], atol=1e-6, rtol=0, msg=k)
-        assert (out / "tokenizer.json").is_file()  # the adapter has none: the base's
+        for beta in (1.0, 0.5):  # β scales the retriever's change on either route
+            out = tmp_path / f"merged-{route}-{beta}"
+            run_merge(out, tiny_base, lora_retriever, alpha=0.0, beta=beta, delta_dir=stored)
+            got = load_state(out)
+            assert got.keys() == merged.keys()
+            for k in merged:
+                want = base[k].double() + beta * (merged[k].double() - base[k].double())
+                torch.testing.assert_close(got[k].double(), want, atol=1e-6, rtol=0, msg=k)
+            assert (out / "tokenizer.json").is_file()  # the adapter has none: the base's
 
 
 def test_adapter_over_bare_or_causal_model_agree(tiny_base, dora_adapter, lora_retriever):
@@ -369,6 +372,20 @@ def test_adapter_over_bare_or_causal_model_agree(tiny_base, dora_adapter, lora_r
     assert "layers.1.mlp.down_proj.weight" in causal.targets()
     assert causal.scaling("layers.0.self_attn.q_proj.weight") == 2.0
     causal.check(Body(tiny_base))
+
+
+def test_adapter_config_defaults_and_ranks(tmp_path, tiny_base, lora_retriever):
+    """A config without r or lora_alpha takes PEFT's defaults (8 and 8: scaling 1); factors of
+    another rank than the config's are refused, since lora_alpha / r would scale them wrongly."""
+    bare = tmp_path / "bare"
+    shutil.copytree(lora_retriever, bare)
+    config = json.loads((bare / "adapter_config.json").read_text())
+    del config["r"], config["lora_alpha"]
+    (bare / "adapter_config.json").write_text(json.dumps(config))
+    adapter = Adapter(bare, "model")
+    assert adapter.scaling("layers.0.self_attn.q_proj.weight") == 1.0
+    with pytest.raises(WeightError, match=r"bare: layers\.0\.\S+ has rank 4/4, config says 8"):
+        adapter.check(Body(tiny_base))
 
 
 # -- mismatches: each fails before anything is written ------------------------------------------

@@ -116,14 +116,17 @@ def _tiny_encoder(config_class, model_class, tokenizer, positions: int) -> torch
 def test_packed_bert_with_block_mask_equals_passages_run_alone(tokenizer):
     model = _tiny_encoder(BertConfig, BertForMaskedLM, tokenizer, positions=128)
     passages = _passages(4, seed=4, lo=3, hi=12, vocab=len(tokenizer))
-    lay = layout([passages], tokenizer.pad_token_id)
+    rows = [passages, passages[2:]]  # the second row is padded: no passage sees its padding
+    lay = layout(rows, tokenizer.pad_token_id)
     mask = block_mask(lay.segments, torch.float32)
     logits = _forward(model, input_ids=lay.ids, position_ids=lay.positions, attention_mask=mask)
-    at = 0
-    for passage in passages:
-        alone = _forward(model, input_ids=torch.tensor([passage]))[0]
-        torch.testing.assert_close(logits[0, at : at + len(passage)], alone, atol=1e-5, rtol=0)
-        at += len(passage)
+    for r, row in enumerate(rows):
+        at = 0
+        for passage in row:
+            alone = _forward(model, input_ids=torch.tensor([passage]))[0]
+            got = logits[r, at : at + len(passage)]
+            torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
+            at += len(passage)
 
 
 def test_packed_roberta_numbers_positions_from_its_padding_index(tokenizer):

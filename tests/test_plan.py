@@ -290,8 +290,17 @@ def test_an_edit_of_the_same_size_with_its_time_set_back_is_seen(tmp_path, monke
     cached.file(path)
     cached.save()
     path.chmod(0o444)
+    sha256 = hashlib.sha256
     monkeypatch.setattr(hashlib, "sha256", lambda: pytest.fail("read again"))
     assert Fingerprints(tmp_path).file(path) == after
+    # but a file put in its place (a new download renamed over it: another inode) is read again,
+    # even of the same size and modification time
+    monkeypatch.setattr(hashlib, "sha256", sha256)
+    download = path.with_name("download.tmp")
+    download.write_text("q1\td1\t3\n")
+    os.utime(download, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(download, path)
+    assert Fingerprints(tmp_path).file(path) == sha256(path.read_bytes()).hexdigest() != after
 
 
 def test_missing_corpus_and_shape_mismatch_name_file_and_key(project, tmp_path, tokenizer):

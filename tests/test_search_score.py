@@ -314,7 +314,7 @@ def test_parse_metric():
     assert parse_metric("map") == ("MAP", "map", None)
     assert parse_metric("Map@5") == ("MAP@5", "map_cut", 5)
     assert parse_metric("p@5") == ("P@5", "P", 5)
-    for bad in ("bleu@4", "ndcg", "ndcg@0", "ndcg@ten"):
+    for bad in ("bleu@4", "ndcg", "ndcg@0", "ndcg@ten", "mrr", "recall", "p"):
         with pytest.raises(ValueError, match="supported: nDCG@k"):
             parse_metric(bad)
 
@@ -325,11 +325,21 @@ def test_run_file_errors(tmp_path):
         read_run(tmp_path / "bad.trec")
 
 
+def test_a_run_repeating_a_pair_keeps_its_best_score(tmp_path, caplog):
+    run = tmp_path / "run.trec"
+    run.write_text("q1 Q0 d1 1 0.5 t\nq1 Q0 d2 2 0.4 t\nq1 Q0 d1 3 0.9 t\nq1 Q0 d2 4 0.1 t\n")
+    with caplog.at_level("WARNING"):
+        assert read_run(run) == {"q1": {"d1": 0.9, "d2": 0.4}}
+    assert "2 repeated (query, document) pairs; kept the best score" in caplog.text
+
+
 def test_depth_cuts_after_the_query_itself_is_dropped(toy, tmp_path):
     # qa's run: qa (itself), d2, d1, d4, d3; judged d1 = 1, d3 = 2
     run = tmp_path / "run.trec"
     dropped = score(run, toy, "test", ["MAP"], ignore_identical_ids=True, depth=3)
     assert dropped["per_query"]["qa"]["MAP"] == pytest.approx((1 / 2) / 2)  # d2, d1, d4
+    deeper = score(run, toy, "test", ["MAP"], ignore_identical_ids=True, depth=4)
+    assert deeper["per_query"]["qa"]["MAP"] == pytest.approx((1 / 2 + 2 / 4) / 2)  # ... d3
     kept = score(run, toy, "test", ["MAP"], depth=3)
     assert kept["per_query"]["qa"]["MAP"] == pytest.approx((1 / 3) / 2)  # qa, d2, d1
 

@@ -415,6 +415,21 @@ def test_add_psi_equals_the_reference_maths(kind):
         torch.testing.assert_close(got, want[rows])
 
 
+def test_add_psi_of_a_saved_module_or_bias_is_its_change_from_theta():
+    """A saved module or trained bias R gives Ψ = R − Θ, scaled by the coefficient as a whole; a
+    LoRA bias on top adds scaling · b."""
+    from readaptir.lora import TargetUpdate, add_psi
+
+    torch.manual_seed(2)
+    theta, r, b = (torch.randn(4, 3, dtype=torch.float64) for _ in range(3))
+    saved = TargetUpdate(scaling=0.5, replacement=r)
+    got = add_psi(torch.ones_like(theta), 0.3, saved, theta, ...)
+    torch.testing.assert_close(got, 1 + 0.3 * (r - theta))
+    both = TargetUpdate(scaling=0.5, replacement=r, added=b)
+    got = add_psi(torch.ones_like(theta), 0.3, both, theta, ...)
+    torch.testing.assert_close(got, 1 + 0.3 * (r - theta) + 0.3 * 0.5 * b)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
