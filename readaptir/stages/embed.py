@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -297,9 +297,9 @@ def embed_corpus(
 
     The corpus is read, tokenised, length-sorted and encoded one shard of ``shard_size`` passages
     at a time, so neither its text nor its vectors are ever held whole in memory: peak memory is
-    two shards' text and token ids (the next one is tokenised on a thread while this one encodes,
-    about 1.6 GB each for 100k passages) and one shard's float16 vectors (100k x 4096 x 2 bytes =
-    0.8 GB for a 7B model). Within a shard, batches are formed longest first under
+    two shards' text and token ids (the next one is read and tokenised on a thread while this one
+    encodes, about 1.6 GB each for 100k passages) and one shard's float16 vectors (100k x 4096 x 2
+    bytes = 0.8 GB for a 7B model). Within a shard, batches are formed longest first under
     ``batch_tokens``; vectors are written back in corpus order. Only the passage side of
     ``encoding`` is used (and recorded).
 
@@ -330,50 +330,60 @@ def embed_corpus(
     shards = empty = 0
     progress = Throughput(total, "passages", "passage", show=ranks.main)
     max_length = encoder.resolved.max_passage_length
-    # The next shard this process encodes is tokenised on a thread while this one encodes (the
-    # tokenizer's batch call leaves Python's lock, and so does waiting for the device): two
-    # shards' token ids are held at once. In pieces, so that an error or an interrupt here stops
-    # the thread within one piece rather than waiting for a whole shard's tokens.
+    # The corpus is read, templated and tokenised up to the next shard this process encodes on a
+    # thread while one shard encodes (the tokenizer's batch call leaves Python's lock, and so does
+    # waiting for the device), so the device waits for none of it, nor for the other ranks'
+    # shards read past: two shards' text and token ids are held at once. The thread checks
+    # ``stop`` per shard read and per piece tokenised, so that an error or an interrupt here
+    # stops it within one piece rather than after a whole shard.
+    chunks = chunked(iter_passages(dataset_dir), shard_size)
     stop = threading.Event()
 
-    def tokenized(texts: list[str]) -> list[list[int]]:
-        seqs: list[list[int]] = []
-        for start in range(0, len(texts), TOKENIZE_PIECE):
+    def next_shard() -> tuple[int, Path, list[list[int]] | None, int]:
+        """Read on to this process's next shard to encode: its index, file and token ids, and
+        the passages read past it (ids None: the corpus has ended)."""
+        nonlocal shards, empty
+        past = 0
+        for chunk in chunks:
             if stop.is_set():
                 raise CancelledError
-            seqs += encoder.tokenize(texts[start : start + TOKENIZE_PIECE], max_length)
-        return seqs
-
-    def finish(shard: int, path: Path, seqs: Future) -> None:
-        what = f"passages of shard {shard}"
-        vecs = encoder.encode_tokenized(
-            seqs.result(), max_length=max_length, on_batch=progress, what=what
-        )
-        save_shard(path, _finite(vecs, f"shard {shard}", model_dir, encoder.resolved.normalize))
-        LOG.info("shard %d written; so far %s", shard, progress.summary())
-        if on_shard is not None:
-            on_shard(shard)
-
-    pending: tuple[int, Path, Future] | None = None
-    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
-    try:
-        for chunk in chunked(iter_passages(dataset_dir), shard_size):
             shard, shards = shards, shards + 1
             order.extend(p.id for p in chunk)
             empty += sum(1 for p in chunk if not p.title.strip() and not p.text.strip())
             path = shard_file(work, shard)
             if shard % ranks.world != ranks.rank or complete_shard(path, len(chunk)):
-                progress.skip(len(chunk))  # another rank's, or encoded before an interruption
+                past += len(chunk)  # another rank's, or encoded before an interruption
                 continue
             texts = [passage_text(p, encoding.passage_template) for p in chunk]
-            tokens = ahead.submit(tokenized, texts)
-            if pending is not None:
-                finish(*pending)
-            pending = (shard, path, tokens)
-        if pending is not None:
-            finish(*pending)
+            seqs: list[list[int]] = []
+            for begin in range(0, len(texts), TOKENIZE_PIECE):
+                if stop.is_set():
+                    raise CancelledError
+                seqs += encoder.tokenize(texts[begin : begin + TOKENIZE_PIECE], max_length)
+            return shard, path, seqs, past
+        return shards, work, None, past
+
+    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
+    try:
+        upcoming = ahead.submit(next_shard)
+        while True:
+            shard, path, seqs, past = upcoming.result()
+            progress.skip(past)
+            if seqs is None:
+                break
+            upcoming = ahead.submit(next_shard)
+            what = f"passages of shard {shard}"
+            vecs = encoder.encode_tokenized(
+                seqs, max_length=max_length, on_batch=progress, what=what
+            )
+            del seqs  # a shard's token ids: gone before its vectors are checked and written
+            vecs = _finite(vecs, f"shard {shard}", model_dir, encoder.resolved.normalize)
+            save_shard(path, vecs)
+            LOG.info("shard %d written; so far %s", shard, progress.summary())
+            if on_shard is not None:
+                on_shard(shard)
     finally:
-        stop.set()  # nothing is left to tokenise unless this ends in an error
+        stop.set()  # nothing is left to read unless this ends in an error
         ahead.shutdown(wait=False, cancel_futures=True)
         progress.close()
     if empty and ranks.main:
