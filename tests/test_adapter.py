@@ -46,6 +46,24 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize(
+    ("schedule", "rates"),
+    [
+        ({"warmup_ratio": 0.5}, [1 / 3, 2 / 3, 1, 2 / 3, 1 / 3, 0]),  # 3 of 6 steps warm up
+        ({"scheduler": "cosine"}, [0.9330, 0.75, 0.5, 0.25, 0.0670, 0]),
+        ({"scheduler": "constant"}, [1] * 6),
+    ],
+    ids=["warm-up", "cosine", "constant"],
+)
+def test_the_recipe_schedule_sets_each_step_rate(tmp_path, tiny_base, tiny_beir, schedule, rates):
+    """The rate after each step's update, as the log gives it (lr 1e-3, 6 steps)."""
+    _, out, _ = _train(
+        tmp_path, "s", tiny_base, tiny_beir, packing=False, max_length=128, **schedule
+    )
+    got = [float(r["lr"]) for r in _log(out)]
+    assert got == pytest.approx([1e-3 * rate for rate in rates], abs=1e-7)
+
+
 def test_dora_adapter_trains_logs_and_loads(tmp_path, tiny_base, tiny_beir, monkeypatch):
     args = dict(max_length=128)  # no passage truncated: packed or not, the same tokens
     metered: list[int] = []  # what tokens/s counts

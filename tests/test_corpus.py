@@ -85,6 +85,7 @@ def test_passage_text_strips_empty_title():
         ('{"_id": "a", "text": ', r"corpus\.jsonl line 3: not valid JSON"),
         ('["a", "b"]', r"corpus\.jsonl line 3: expected a JSON object"),
         ('{"title": "t", "text": "no id"}', r"corpus\.jsonl line 3: missing or empty '_id'"),
+        ('{"_id": true, "text": "t"}', r"corpus\.jsonl line 3: missing or empty '_id'"),
         ('{"_id": "a", "text": "again"}', r"corpus\.jsonl line 3: duplicate id 'a'"),
         ('{"_id": "c", "text": 5}', r"corpus\.jsonl line 3: 'text' must be a string"),
         (  # a collection that names its text otherwise is not read as empty passages
@@ -135,6 +136,7 @@ def test_missing_and_empty_files(tmp_path, beir):
     ("line", "message"),
     [
         ("q1\td1", "line 3: expected"),
+        ("q1\t\t1", "line 3: empty query or document id"),  # else a judgment no run can meet
         ("q1\td1\thigh", "line 3: score 'high' is not a number"),
         # pytrec_eval holds grades as C ints: past them it scored other queries wrongly, or crashed
         ("q1\td1\t4294967296", r"line 3: score '4294967296' is past ±2147483647"),

@@ -480,6 +480,18 @@ def test_embed_streams_the_corpus_shard_by_shard(tiny_retriever, tiny_beir, tmp_
     assert 10 <= consumed_at_save[1] <= 12 and consumed_at_save[2:] == [12, 12]
 
 
+def test_a_last_shard_of_one_passage_is_encoded(tiny_retriever, tiny_beir, tmp_path):
+    encoding = resolve_encoding("repllama", FLOAT32)
+    info = embed(tiny_retriever, tiny_beir, "test", encoding, tmp_path / "e", shard_size=11)
+    shards = list(load_embeddings(tmp_path / "e"))
+    assert info["passages"] == 12 and [len(vecs) for _, vecs in shards] == [11, 1]
+    embed(tiny_retriever, tiny_beir, "test", encoding, tmp_path / "whole")  # one shard
+    ((ids, vecs),) = load_embeddings(tmp_path / "whole")
+    assert [i for part, _ in shards for i in part] == ids
+    got = np.concatenate([v for _, v in shards]).astype(np.float32)
+    np.testing.assert_allclose(got, vecs.astype(np.float32), atol=2e-3)
+
+
 def test_embed_handles_empty_documents_and_missing_titles(tiny_retriever, tmp_path, caplog):
     corpus = [
         {"_id": "0042", "title": "", "text": ""},
@@ -796,6 +808,14 @@ def test_auto_precision_is_bfloat16_for_a_decoder_and_float32_for_an_encoder(
         (tiny_retriever, resolve_encoding("custom", {"dtype": "float32"}), "float32"),
     ):
         assert embed_module.Encoder.load(model, encoding, device="cpu").dtype == expected, model
+    # a PEFT retriever over that decoder takes its base's sentence-transformers settings
+    from test_merge import make_adapter
+    from transformers import AutoModel
+
+    lora = make_adapter(AutoModel.from_pretrained(decoder), tmp_path / "lora", dora=False, seed=5)
+    st = resolve_encoding("sentence-transformers")
+    encoder = embed_module.Encoder.load(lora, st, base_dir=decoder, device="cpu")
+    assert (encoder.resolved.pooling, encoder.dtype) == ("last", "bfloat16")
 
 
 def test_cls_pooling_on_a_causal_decoder_is_refused(tiny_retriever, tmp_path):

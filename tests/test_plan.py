@@ -76,6 +76,17 @@ def test_sweep_shares_adapter_delta_and_baseline(project):
     assert len(baselines) == 1  # one baseline for both recipes
 
 
+def test_a_negative_alpha_has_its_adapter_and_beta_zero_no_stored_delta(project):
+    """α < 0 subtracts the adapter, so it is trained as for α > 0; with β = 0 Δ has no term, and
+    no model-sized Δ is stored for it."""
+    edit(project, "ra-half", "extends: _common.yaml\nreadapt: {alpha: -0.5, beta: 0}\n")
+    edit(project, "ra-full", "extends: _common.yaml\nreadapt: {alpha: 0.5, beta: 0}\n")
+    kinds = by_kind(plan_of(project))
+    assert "delta" not in kinds and len(kinds["adapter"]) == 1
+    adapter = kinds["adapter"][0].name
+    assert [m.inputs.get("adapter") for m in kinds["merge"]] == [adapter, adapter]
+
+
 def test_stage_names_are_readable_and_ids_stable(project):
     first, second = plan_of(project), plan_of(project)
     assert list(first.stages) == list(second.stages)

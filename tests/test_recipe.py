@@ -125,6 +125,14 @@ def test_every_problem_of_a_recipe_is_named(tmp_path):
         ("corpus: other\n", "corpus", 4, "appears twice"),
         ("eval: {metrics: [nDCG@10, Bleu@4]}\n", "eval.metrics", 4, "unknown metric 'Bleu@4'"),
         ("eval: {k: 10, metrics: [Recall@100]}\n", "eval.metrics", 4, "eval.k is 10"),
+        (
+            "eval: {k: 100, metrics: [Recall@101]}\n",
+            "eval.metrics",
+            4,
+            "top 101 of each run, but eval.k is 100",
+        ),
+        ("readapt: {alpha: auto, tune_fraction: 1}\n", "readapt.tune_fraction", 4, "less than 1"),
+        ("readapt: {alpha: auto, tune_fraction: 0}\n", "readapt.tune_fraction", 4, "greater"),
         # the default metrics hold Recall@100: a top-5 run would score it silently wrong
         ("eval: {k: 5}\n", "eval.k", 4, "nDCG@10, Recall@100, MRR@10 need the top 100"),
         ("readapt: {alpha: auto, tune_metric: ndcg}\n", "readapt.tune_metric", 4, "cutoff"),
@@ -369,6 +377,13 @@ def test_corpus_list_makes_a_grid_and_extends_takes_several_parents(tmp_path):
     marco = recipes[2]
     assert (marco.corpus.split, marco.corpus.in_domain, marco.label) == ("dev", True, "R")
     assert marco.sweep == "grid-msmarco" and marco.file.endswith("grid.yaml")
+    # where parents set one key, the later one wins
+    write(tmp_path / "_r8.yaml", "adapter: {r: 8, lora_alpha: 8}\n")
+    write(tmp_path / "_r16.yaml", "adapter: {r: 16}\n")
+    write(tmp_path / "grid.yaml", "extends: [_model.yaml, _sets.yaml, _r8.yaml, _r16.yaml]\n")
+    assert {(r.adapter.r, r.adapter.lora_alpha) for r in load_recipes(tmp_path)} == {(16, 8)}
+    write(tmp_path / "grid.yaml", "extends: [_model.yaml, _sets.yaml, _r16.yaml, _r8.yaml]\n")
+    assert {r.adapter.r for r in load_recipes(tmp_path)} == {8}
 
 
 def test_a_string_or_list_that_would_drop_a_parents_settings_is_refused(tmp_path):

@@ -344,6 +344,15 @@ def test_depth_cuts_after_the_query_itself_is_dropped(toy, tmp_path):
     assert kept["per_query"]["qa"]["MAP"] == pytest.approx((1 / 3) / 2)  # qa, d2, d1
 
 
+def test_an_embed_folder_whose_ids_and_vectors_disagree_is_refused(tmp_path):
+    """Else every id after the gap would be paired with another passage's vector."""
+    corpus = np.eye(4, dtype=np.float16)[:2]
+    _write_embeddings(tmp_path / "emb", corpus, corpus[:1], shard_size=2, doc_ids=list("abc"))
+    with pytest.raises(ValueError, match=r"shards hold 2 vectors but corpus_ids\.json has 3"):
+        search(tmp_path / "emb", tmp_path / "run", k=1, device="cpu")
+    assert not (tmp_path / "run" / "run.trec").exists()
+
+
 def test_one_shard_keeps_k_and_orders_ties_by_doc_id(tmp_path):
     corpus = np.eye(4, dtype=np.float16)
     corpus = np.concatenate([corpus, corpus[:1]])  # rows 0 and 4: the same vector

@@ -210,6 +210,26 @@ def test_shard_writer_files_read_by_safetensors(tmp_path, streamed):
         assert torch.equal(ours.get(name), tensor)
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["buffered", "layout"])
+def test_a_shard_filled_exactly_is_not_split_and_tensor_bytes_are_aligned(tmp_path, streamed):
+    """Both writers cut shards alike (a layout's plan as tensors come), at max_shard_bytes
+    inclusive; every header is padded so that tensor bytes start 8-byte aligned, as safetensors
+    and memory-mapping loaders expect."""
+    import struct
+
+    from safetensors.torch import load_file
+
+    tensors = {name: torch.full((4,), float(i)) for i, name in enumerate("abc")}  # 16 B each
+    layout = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()] if streamed else None
+    with ShardWriter(tmp_path, max_shard_bytes=32, layout=layout) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+    files = sorted(tmp_path.glob("model-*.safetensors"))
+    assert [sorted(load_file(f)) for f in files] == [["a", "b"], ["c"]]
+    for f in files:
+        assert struct.unpack("<Q", f.read_bytes()[:8])[0] % 8 == 0
+
+
 def test_shard_writer_holds_to_its_layout(tmp_path):
     layout = [("a", (2,), torch.float32), ("b", (3,), torch.float32)]
     with pytest.raises(WeightError, match="layout has"):
