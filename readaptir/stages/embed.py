@@ -363,6 +363,15 @@ def embed_corpus(
             return shard, path, seqs, past
         return shards, work, None, past
 
+    def encode_shard(shard: int, path: Path, seqs: list[list[int]]) -> None:
+        """Encode and write one shard; its vectors go with the call, before the next encodes."""
+        what = f"passages of shard {shard}"
+        vecs = encoder.encode_tokenized(seqs, max_length=max_length, on_batch=progress, what=what)
+        save_shard(path, _finite(vecs, f"shard {shard}", model_dir, encoder.resolved.normalize))
+        LOG.info("shard %d written; so far %s", shard, progress.summary())
+        if on_shard is not None:
+            on_shard(shard)
+
     ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
     try:
         upcoming = ahead.submit(next_shard)
@@ -372,16 +381,8 @@ def embed_corpus(
             if seqs is None:
                 break
             upcoming = ahead.submit(next_shard)
-            what = f"passages of shard {shard}"
-            vecs = encoder.encode_tokenized(
-                seqs, max_length=max_length, on_batch=progress, what=what
-            )
-            del seqs  # a shard's token ids: gone before its vectors are checked and written
-            vecs = _finite(vecs, f"shard {shard}", model_dir, encoder.resolved.normalize)
-            save_shard(path, vecs)
-            LOG.info("shard %d written; so far %s", shard, progress.summary())
-            if on_shard is not None:
-                on_shard(shard)
+            encode_shard(shard, path, seqs)
+            del seqs  # its token ids, while the next shard's are awaited
     finally:
         stop.set()  # nothing is left to read unless this ends in an error
         ahead.shutdown(wait=False, cancel_futures=True)
