@@ -23,6 +23,7 @@ from readaptir.targets import base_linear_modules, resolve_targets, unmatched
 from readaptir.training import (
     Meter,
     attach_adapter,
+    autocast_dtype,
     checkpointed,
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
@@ -351,6 +352,11 @@ def test_encoder_base_trains_masked_lm_adapter(tmp_path, tokenizer, tiny_beir, c
     fresh = {n: p for n, p in model.named_parameters() if p.requires_grad and "lora" not in n}
     assert fresh and all(".cls.predictions." in n for n in fresh)  # the random head trains too
     assert {p.dtype for p in fresh.values()} == {torch.float32}
+    assert autocast_dtype(model) is torch.bfloat16  # the frozen bf16 weights compute in bf16
+    plain = attach_adapter(load_model(base, MASKED, torch.float32), objective=MASKED,
+                           method="dora", r=4, lora_alpha=8, dropout=0.0,
+                           target_modules=["query"])  # fmt: skip
+    assert autocast_dtype(plain) is None  # a float32 base computes in float32
     assert summary["objective"] == MASKED and summary["steps"] == 3
     targets = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors}
     assert targets == {"query", "key", "value", "dense"}

@@ -450,14 +450,27 @@ def test_add_psi_of_a_saved_module_or_bias_is_its_change_from_theta():
     torch.testing.assert_close(got, 1 + 0.3 * (r - theta) + 0.3 * 0.5 * b)
 
 
+def _safetensors(spans: list[tuple[int, int]], data: int) -> bytes:
+    """A safetensors file of float32 tensors t0, t1, ... at ``spans`` of ``data`` bytes."""
+    header = {
+        f"t{i}": {"dtype": "F32", "shape": [(end - begin) // 4], "data_offsets": [begin, end]}
+        for i, (begin, end) in enumerate(spans)
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + bytes(data)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
+        (_safetensors([(0, 8), (12, 20)], 20), r"t1 starts at byte 12 of the tensor data, not 8"),
+        (_safetensors([(0, 8)], 12), r"describes 8 bytes of tensor data, the file holds 12"),
         (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n", "git-lfs pointer"),
         (b"abc", "not a safetensors file"),
         (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json here!}", "unreadable safetensors header"),
     ],
-    ids=["lfs-pointer", "truncated", "bad-json"],
+    ids=["gap", "trailing-bytes", "lfs-pointer", "truncated", "bad-json"],
 )
 def test_broken_safetensors_name_the_file(tmp_path, content, message):
     (tmp_path / "model.safetensors").write_bytes(content)
