@@ -376,6 +376,16 @@ def folder_files(folder: Path) -> list[Path]:
     return sorted(files)
 
 
+def visible_files(folder: Path) -> list[Path]:
+    """The files under ``folder`` (``folder_files``) outside hidden files and folders (``.*``):
+    what readaptir counts of a model or collection folder."""
+    return [
+        path
+        for path in filter(Path.is_file, folder_files(folder))
+        if not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    ]
+
+
 def files_identity(*folders: Path | None) -> list[list]:
     """Name, size and modification time of every file under ``folders``: cheap, and changed by a
     rebuilt model (whose content-addressed id stays the same)."""

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import yaml
 
-from readaptir.artifacts import atomic_write_texts, parse_mapping, read_text, user_file
+from readaptir.artifacts import (
+    atomic_write_texts,
+    parse_mapping,
+    read_text,
+    user_file,
+    visible_files,
+)
 from readaptir.graph import Plan, Stage, scores_a_sweep
 from readaptir.plots import ALPHA_CSV
 
@@ -205,7 +211,7 @@ def _dvcignore(plan: Plan, root: Path) -> dict[Path, str]:
             continue
         recorded = _locked_deps(root) if recorded is None else recorded
         files = recorded.get(folder)
-        if files is None or files <= _visible_files(root / folder):
+        if files is None or files <= len(visible_files(root / folder)):
             entries.append(entry)
         else:
             LOG.warning(
@@ -240,16 +246,6 @@ def _locked_deps(root: Path) -> dict[str, int]:
                     files = dep.get("nfiles")
                     found[dep["path"]] = max(files if isinstance(files, int) else 0, 0)
     return found
-
-
-def _visible_files(folder: Path) -> int:
-    """The files under ``folder`` outside hidden files and folders (as readaptir counts them)."""
-    return sum(
-        1
-        for path in folder.rglob("*")
-        if path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    )
 
 
 def _pattern(path: str) -> str:

@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from readaptir.artifacts import atomic_write_text, expand_home, folder_files
+from readaptir.artifacts import atomic_write_text, expand_home, visible_files
 
 LOG = logging.getLogger(__name__)
 
@@ -74,11 +74,9 @@ class Fingerprints:
         if not path.is_dir():
             raise FileNotFoundError(f"{path} does not exist")
         digest = hashlib.sha256()
-        for child in filter(Path.is_file, folder_files(path)):
-            rel = child.relative_to(path)
-            if any(part.startswith(".") for part in rel.parts):
-                continue
-            digest.update(f"{rel.as_posix()}\0{self.file(child)}\n".encode())
+        for child in visible_files(path):
+            rel = child.relative_to(path).as_posix()
+            digest.update(f"{rel}\0{self.file(child)}\n".encode())
         return "sha256:" + digest.hexdigest()
 
     def save(self) -> None:
