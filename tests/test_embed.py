@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import re
@@ -27,6 +28,7 @@ from readaptir.corpus import (
 )
 from readaptir.encoding import (
     appends_eos,
+    encode_ids,
     encode_texts,
     last_token_index,
     pad_batch,
@@ -839,6 +841,35 @@ def test_auto_precision_is_bfloat16_for_a_decoder_and_float32_for_an_encoder(
     st = resolve_encoding("sentence-transformers")
     encoder = embed_module.Encoder.load(lora, st, base_dir=decoder, device="cpu")
     assert (encoder.resolved.pooling, encoder.dtype) == ("last", "bfloat16")
+
+
+@pytest.mark.parametrize(
+    "dtype, pooling, causal, expected",
+    [
+        ("auto", "mean", True, torch.bfloat16),
+        ("auto", "last", False, torch.bfloat16),  # last-token pooling: a decoder's habit
+        ("auto", "mean", False, torch.float32),
+        ("auto", "cls", False, torch.float32),
+        ("float16", "last", True, torch.float16),
+        ("float32", "mean", True, torch.float32),
+    ],
+)
+def test_auto_precision_follows_the_architecture_or_the_pooling(dtype, pooling, causal, expected):
+    assert embed_module.model_dtype(dtype, pooling, causal) == expected
+
+
+def test_texts_that_tokenize_to_nothing_get_a_vector(tiny_retriever):
+    """A tokenizer adding no special tokens turns an empty text into no tokens at all: such a
+    text still gets a finite vector, also in a batch of nothing else."""
+    model = AutoModel.from_pretrained(tiny_retriever)
+    width = model.config.hidden_size
+    for pooling in ("last", "mean"):
+        encode = functools.partial(encode_ids, model, pooling=pooling, normalize=True, pad_token=0)
+        for seqs in ([[], []], [[], [5, 6, 7]]):
+            vecs = encode(seqs)
+            assert vecs.shape == (len(seqs), width) and torch.isfinite(vecs).all()
+            assert torch.allclose(vecs.norm(dim=-1), torch.ones(len(seqs)))
+        torch.testing.assert_close(vecs[1:], encode([[5, 6, 7]]))  # its neighbour unchanged
 
 
 def test_cls_pooling_on_a_causal_decoder_is_refused(tiny_retriever, tmp_path):
