@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,17 +69,28 @@ def _config(model_dir: Path | str) -> Any:
     return _read_config(_config_key(model_dir))
 
 
-def auto_model_class(model_dir: Path) -> type:
+def auto_model_class(model_dir: Path) -> Any:
     """The bare ``AutoModel`` class for the folder's config.json."""
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     config = _config(model_dir)
     try:
-        return MODEL_MAPPING[type(config)]
+        return one_class(MODEL_MAPPING[type(config)], config)
     except KeyError:
         raise WeightError(
             f"{model_dir}: no AutoModel class for model_type {config.model_type!r}"
         ) from None
+
+
+def one_class(found: Any, config: Any) -> Any:
+    """The class a transformers auto mapping gives for ``config``: where it lists several (Funnel's
+    bare model and base model), the one config.json's ``architectures`` names, else the first,
+    as the auto classes choose."""
+    if not isinstance(found, (tuple, list)):
+        return found
+    named = {cls.__name__: cls for cls in found}
+    chosen = (named[a] for a in getattr(config, "architectures", None) or () if a in named)
+    return next(chosen, found[0])
 
 
 def ties_embeddings(model_dir: Path) -> bool:
@@ -149,7 +161,7 @@ def _architecture(key: tuple[str, int]) -> Architecture:
         MODEL_FOR_PRETRAINING_MAPPING,
     ):
         try:
-            cls = mapping[type(config)]
+            cls = one_class(mapping[type(config)], config)
             with torch.device("meta"):
                 model = cls(config)
         except Exception:  # no such class, or one that cannot be built bare: HEADS serve
@@ -208,7 +220,7 @@ def split_head(
     names: list[str],
     prefix: str,
     where: Path | str = "checkpoint",
-    heads: set[str] | None = None,
+    heads: AbstractSet[str] | None = None,
 ) -> tuple[dict[str, str], list[str]]:
     """Canonical name → stored name for body tensors, and the stored names of head tensors.
 

@@ -1056,3 +1056,25 @@ def test_heads_and_tensors_transformers_ignores_are_set_aside(tmp_path, tokenize
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     delta = compute_delta(theta, retriever, tmp_path / "delta")
     assert set(set_aside) <= set(delta["dropped"]["base"])
+
+
+def test_a_model_type_with_two_bare_classes_merges(tmp_path, tokenizer):
+    """transformers lists two bare classes for Funnel (FunnelModel, FunnelBaseModel): the one
+    config.json names is taken, as AutoModel does, and the masked-LM Θ and bare retriever merge."""
+    from transformers import FunnelConfig, FunnelForMaskedLM, FunnelModel
+
+    config = FunnelConfig(vocab_size=len(tokenizer), block_sizes=[1, 1], d_model=32, n_head=2,
+                          d_head=16, d_inner=64, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    for cls, folder, seed in ((FunnelForMaskedLM, "base", 0), (FunnelModel, "retr", 1)):
+        torch.manual_seed(seed)
+        cls(config).save_pretrained(tmp_path / folder)
+        tokenizer.save_pretrained(tmp_path / folder)
+    base, retriever = tmp_path / "base", tmp_path / "retr"
+    assert set(Body(retriever).names()) == set(load_file(retriever / "model.safetensors"))
+    want = load_file(retriever / "model.safetensors")
+    run_merge(tmp_path / "out", base, retriever, alpha=0.0, beta=1.0)
+    got = _tensors(tmp_path / "out")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [
+        "FunnelModel"
+    ]
