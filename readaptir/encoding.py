@@ -64,7 +64,7 @@ def tokenize(
     return [_ends_with_eos(list(ids), eos, max_length) for ids in enc["input_ids"]]
 
 
-def log_filled(lengths: Sequence[int], max_length: int, what: str) -> None:
+def log_filled(lengths: Sequence[int] | np.ndarray, max_length: int, what: str) -> None:
     """Says how many sequences fill ``max_length`` tokens (those that were longer were cut there:
     a collection of long documents loses their tails)."""
     filled = int(np.count_nonzero(np.asarray(lengths) >= max_length))

@@ -154,7 +154,7 @@ def stage_id(kind: str, params: dict, input_ids: dict[str, str]) -> str:
     return _digest(payload)
 
 
-def recipe_digest(resolved: dict) -> str:
+def recipe_digest(resolved: dict | None) -> str:
     """A resolved recipe's hash: its score stage holds it, so that a recipe in ``params.yaml``
     edited after the build (``dvc exp run -S``) is refused rather than credited with the scores
     of the recipe as built."""

@@ -191,7 +191,7 @@ class Adapter:
     def targets(self) -> list[str]:
         return list(self._targets)
 
-    def _rank(self, name: str) -> int:
+    def _rank(self, name: str) -> float:
         return _pattern_value(
             self.config.get("rank_pattern") or {}, self._paths[name], self.config["r"]
         )

@@ -46,7 +46,7 @@ def is_causal(config: Any) -> bool:
         return False
 
 
-def lm_class(objective: str) -> type:
+def lm_class(objective: str) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     return AutoModelForCausalLM if objective == CAUSAL else AutoModelForMaskedLM

@@ -165,7 +165,9 @@ def total_steps(plans: Sequence[EpochPlan], epochs: float, max_steps: int | None
     return steps if max_steps is None else min(steps, max_steps)
 
 
-def pack_row(passages: Sequence[Sequence[int]]) -> tuple[list[int], list[int], list[int]]:
+def pack_row(
+    passages: Sequence[Sequence[int] | np.ndarray],
+) -> tuple[list[int], list[int], list[int]]:
     """Token ids end to end, positions restarting at 0 per passage, each token's passage index."""
     ids: list[int] = []
     positions: list[int] = []
@@ -191,7 +193,7 @@ class Layout:
         return int(self.real.sum())
 
 
-def layout(rows: Sequence[Sequence[Sequence[int]]], pad_id: int) -> Layout:
+def layout(rows: Sequence[Sequence[Sequence[int] | np.ndarray]], pad_id: int) -> Layout:
     """Rows of passages laid out right-padded to the longest row."""
     packed = [pack_row(row) for row in rows]
     width = max(len(ids) for ids, _, _ in packed)
@@ -212,7 +214,7 @@ def layout(rows: Sequence[Sequence[Sequence[int]]], pad_id: int) -> Layout:
     return Layout(ids, positions, segments, real)
 
 
-def causal_inputs(lay: Layout, packed: bool) -> dict[str, torch.Tensor]:
+def causal_inputs(lay: Layout, packed: bool) -> dict[str, torch.Tensor | bool]:
     """Next-token inputs; a passage's first token is no target (nothing of its passage precedes it).
 
     Packed rows pass no attention mask but position ids that restart per passage: sdpa and eager

@@ -46,7 +46,8 @@ LOG = logging.getLogger(__name__)
 # that the few 2-4 MiB temporaries stay in cache (measured best of 2^14…2^22).
 BLOCK_ELEMENTS = 1 << 19
 
-T, R = TypeVar("T"), TypeVar("R")
+T = TypeVar("T")
+R = TypeVar("R")
 Dense = list[tuple[float, torch.Tensor]]  # coefficient, a stored tensor (R or Δ)
 Updates = list[tuple[float, TargetUpdate]]  # coefficient, an adapter's tensors (Ψ or Ψ_R)
 
@@ -60,7 +61,7 @@ class Scratch:
     _threads = threading.local()
 
     def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     @classmethod
     def of_thread(cls) -> Scratch:

@@ -186,8 +186,8 @@ def resolve_data(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, Chain]
     """The recipe's data with its ``extends`` chain merged in, and the files that gave it."""
     path = path.resolve()
     if path in _seen:
-        chain = " -> ".join(p.name for p in (*_seen, path))
-        raise RecipeError(path, "extends", f"circular extends: {chain}")
+        cycle = " -> ".join(p.name for p in (*_seen, path))
+        raise RecipeError(path, "extends", f"circular extends: {cycle}")
     data, node = _read_yaml(path)
     refs = data.pop("extends", None)
     if refs is None:

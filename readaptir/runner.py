@@ -314,7 +314,7 @@ def _score(ctx: Context, out: Path) -> dict:
 
 
 DISTRIBUTED_KINDS = ("adapter", "embed")  # the stages that use every GPU of the machine
-RUNNERS: dict[str, Callable[[Context, Path], object]] = {
+RUNNERS: dict[str, Callable[[Context, Path], dict | None]] = {
     "fetch": _fetch,
     "adapter": _adapter,
     "delta": _delta,

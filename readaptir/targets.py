@@ -35,7 +35,8 @@ def targets_for(config: Any) -> tuple[str, ...]:
 def linear_modules(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     """Names of the Linear modules in the body and in the head (outside the base-model prefix)."""
     prefix = getattr(model, "base_model_prefix", "") + "."
-    body, head = [], []
+    body: list[str] = []
+    head: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             (body if name.startswith(prefix) else head).append(name)

@@ -256,7 +256,7 @@ def float32_output(device_type: str) -> bool:
 
 
 def shard_topk(
-    queries: np.ndarray, doc_ids: np.ndarray, shard: ShardSearch, k: int
+    queries: np.ndarray, doc_ids: np.ndarray | Sequence[str], shard: ShardSearch, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, doc ids) [queries, min(k + 1, n)] of one shard of ``n`` documents, among them its
     top ``k`` in trec_eval's order, for ``merge_topk`` to pick.
