@@ -24,7 +24,7 @@ from readaptir.stages import delta as delta_stage
 from readaptir.stages import merge as merge_stage
 from readaptir.stages.delta import compute_delta, storage_dtype, tensor_delta
 from readaptir.stages.merge import merge
-from readaptir.weights import Body, compute_dtype
+from readaptir.weights import Body, auto_model_class, compute_dtype
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -1061,7 +1061,7 @@ def test_heads_and_tensors_transformers_ignores_are_set_aside(tmp_path, tokenize
 def test_a_model_type_with_two_bare_classes_merges(tmp_path, tokenizer):
     """transformers lists two bare classes for Funnel (FunnelModel, FunnelBaseModel): the one
     config.json names is taken, as AutoModel does, and the masked-LM Θ and bare retriever merge."""
-    from transformers import FunnelConfig, FunnelForMaskedLM, FunnelModel
+    from transformers import FunnelBaseModel, FunnelConfig, FunnelForMaskedLM, FunnelModel
 
     config = FunnelConfig(vocab_size=len(tokenizer), block_sizes=[1, 1], d_model=32, n_head=2,
                           d_head=16, d_inner=64, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
@@ -1078,3 +1078,5 @@ def test_a_model_type_with_two_bare_classes_merges(tmp_path, tokenizer):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [
         "FunnelModel"
     ]
+    FunnelBaseModel(config).save_pretrained(tmp_path / "pooled")  # the second class, named
+    assert auto_model_class(tmp_path / "pooled") is FunnelBaseModel
