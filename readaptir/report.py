@@ -17,6 +17,7 @@ import math
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from readaptir.artifacts import parse_mapping, read_text
 from readaptir.dvcfile import ROOT_PARAMS
@@ -269,6 +270,17 @@ def paper_rows(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[l
     return header, rows
 
 
+class WinsTiesLosses(NamedTuple):
+    """Queries the readapted model scores better on, the same on, worse on; shown as w/t/l."""
+
+    wins: int
+    ties: int
+    losses: int
+
+    def __str__(self) -> str:
+        return "/".join(map(str, self))
+
+
 def recipe_rows(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[list]]:
     header = ["recipe", "dataset", "alpha", "beta", "Base", "RA", "change", "W/T/L", "p"]
     rows = []
@@ -276,7 +288,7 @@ def recipe_rows(metrics: dict[str, dict], metric: str) -> tuple[list[str], list[
         base, ra = m.get("retriever", {}).get(metric), m.get("readapted", {}).get(metric)
         comparison = m.get("comparison", {}).get(metric, {})
         wtl = (
-            f"{comparison['wins']}/{comparison['ties']}/{comparison['losses']}"
+            WinsTiesLosses(comparison["wins"], comparison["ties"], comparison["losses"])
             if comparison
             else None
         )
@@ -357,10 +369,10 @@ def render(
 ) -> str:
     if fmt == "json":
         records = [dict(zip(header, row, strict=True)) for row in rows]
-        for record in records:  # the counts as numbers too, for scripts
-            if isinstance(record.get("W/T/L"), str):
-                counts = map(int, record["W/T/L"].split("/"))
-                record.update(zip(("wins", "ties", "losses"), counts, strict=True))
+        for record in records:
+            counts = record.get("W/T/L")
+            if isinstance(counts, WinsTiesLosses):  # the counts as numbers too, for scripts
+                record |= {"W/T/L": str(counts), **counts._asdict()}
         return json.dumps(records, indent=2)
     if fmt == "csv":
         buffer = io.StringIO()
